@@ -1,0 +1,61 @@
+# One-command workflows. `make run` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
+TOOLS := .tools
+NODE_STAMP := $(TOOLS)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: run test lint install install-test tools system-deps clean bench
+
+$(STAMP): requirements/runtime.txt pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements/runtime.txt
+	$(BIN)/pip install -q --no-deps -e .
+	# xds-protos ships an old opentelemetry/proto and google/rpc that shadow the owners' files;
+	# reinstalling the owners last restores them (see docs/dependencies.md).
+	$(BIN)/pip install -q --force-reinstall --no-deps \
+	  opentelemetry-proto==$$(sed -n 's/^opentelemetry-sdk==//p' requirements/runtime.txt) \
+	  googleapis-common-protos==1.76.0
+	touch $@
+
+install: $(STAMP)
+
+$(TEST_STAMP): $(STAMP) requirements/test.txt
+	$(BIN)/pip install -q -r requirements/test.txt
+	$(BIN)/pip install -q --force-reinstall --no-deps googleapis-common-protos==1.76.0
+	touch $@
+
+install-test: $(TEST_STAMP)
+
+# Node 22 (from the npm registry) and the official MCP conformance suite, local to the checkout.
+$(NODE_STAMP): tests/conformance/package.json
+	mkdir -p $(TOOLS)
+	cp tests/conformance/package.json $(TOOLS)/package.json
+	cd $(TOOLS) && npm install --no-audit --no-fund --loglevel=error
+	touch $@
+
+tools: $(NODE_STAMP)
+
+# Debian packages the tests start for real (Redis for shared rate limits).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+
+run: $(STAMP)
+	$(BIN)/mcp-gateway up
+
+test: $(TEST_STAMP) tools system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(TEST_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache

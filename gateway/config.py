@@ -1,0 +1,273 @@
+"""The gateway config file: one YAML document that every component reads its part of.
+
+Loaded and validated once at the edge (CLI / ``__main__``); inner code takes the typed objects.
+Unknown keys and contradictions are rejected at load time with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    name: str
+    module: str  # started as `python -m <module> --host H --port P [extra args]`
+    instances: tuple[Instance, ...]
+    args: tuple[str, ...] = ()
+    # Envoy retries/affinity need to know whether the server keeps sessions.
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None = None  # set to require client certificates (mTLS)
+    min_version: str = "TLSv1_2"
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    jwks_url: str
+    audiences: tuple[str, ...]
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    leeway_seconds: int = 30
+    max_token_bytes: int = 8192
+    jwks_cooldown_seconds: float = 30.0
+    jwks_timeout_seconds: float = 5.0
+    token_cache_size: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    engine: str = "embedded"  # "embedded" (regopy) | "opa" (remote OPA REST API)
+    dir: str = "policies"
+    entrypoint: str = "mcp/authz/decision"
+    opa_url: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RateSpec:
+    rate_per_second: float
+    burst: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    backend: str = "memory"  # "memory" | "redis"
+    redis_url: str | None = None
+    per_user: RateSpec | None = RateSpec(50.0, 100)
+    per_tool: RateSpec | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """A Python gRPC service run as several processes (ext_authz, ext_proc)."""
+
+    instances: tuple[Instance, ...]
+    timeout_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listen: Instance
+    public_url: str
+    admin: Instance
+    tls: TlsConfig
+    issuers: tuple[IssuerConfig, ...]
+    auth: AuthConfig
+    policy: PolicyConfig
+    rate_limits: RateLimitConfig
+    ext_authz: ServiceConfig
+    ext_proc: ServiceConfig
+    servers: tuple[ServerConfig, ...]
+    state_dir: str = ".run"
+    max_request_bytes: int = 1024 * 1024
+    source: str = field(default="", compare=False)
+
+    def server(self, name: str) -> ServerConfig:
+        for server in self.servers:
+            if server.name == name:
+                return server
+        raise KeyError(name)
+
+    def resource_url(self, server: str) -> str:
+        """The RFC 8707 resource identifier (token audience) of one MCP server."""
+        return f"{self.public_url.rstrip('/')}/mcp/{server}"
+
+
+def _take(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+          default: Any = ...) -> Any:
+    if key not in data:
+        if default is ...:
+            raise ConfigError(f"{where}.{key} is required")
+        return default
+    value = data[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise ConfigError(f"{where}.{key} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def _only(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+def _instance(data: Any, where: str, default_host: str = "127.0.0.1") -> Instance:
+    data = _only(data, {"host", "port"}, where)
+    port = _take(data, "port", int, where)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{where}.port must be 1-65535, got {port}")
+    return Instance(_take(data, "host", str, where, default_host), port)
+
+
+def _instances(data: Any, where: str, minimum: int) -> tuple[Instance, ...]:
+    if not isinstance(data, list) or len(data) < minimum:
+        raise ConfigError(f"{where} must be a list of at least {minimum} instance(s)")
+    return tuple(_instance(item, f"{where}[{i}]") for i, item in enumerate(data))
+
+
+def _rate(data: Any, where: str) -> RateSpec | None:
+    if data is None:
+        return None
+    data = _only(data, {"rate_per_second", "burst"}, where)
+    rate = float(_take(data, "rate_per_second", (int, float), where))
+    burst = _take(data, "burst", int, where)
+    if rate <= 0 or burst < 1:
+        raise ConfigError(f"{where}: rate_per_second must be > 0 and burst >= 1")
+    return RateSpec(rate, burst)
+
+
+def _service(data: Any, where: str) -> ServiceConfig:
+    data = _only(data, {"instances", "timeout_ms"}, where)
+    return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1),
+                         _take(data, "timeout_ms", int, where, 500))
+
+
+def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
+    top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
+                      "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
+                      "max_request_bytes"}, "config")
+
+    def path(p: str) -> str:
+        return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
+
+    listen = _instance(top.get("listen", {"port": 8443}), "listen")
+    public_url = _take(top, "public_url", str, "config", f"https://127.0.0.1:{listen.port}")
+    tls_raw = _only(top.get("tls"), {"cert_file", "key_file", "client_ca_file", "min_version"}, "tls")
+    min_version = _take(tls_raw, "min_version", str, "tls", "TLSv1_2")
+    if min_version not in ("TLSv1_2", "TLSv1_3"):
+        raise ConfigError("tls.min_version must be TLSv1_2 or TLSv1_3 (older versions are unsafe)")
+    ca = _take(tls_raw, "client_ca_file", (str, type(None)), "tls", None)
+    tls = TlsConfig(path(_take(tls_raw, "cert_file", str, "tls")),
+                    path(_take(tls_raw, "key_file", str, "tls")),
+                    path(ca) if ca else None, min_version)
+
+    servers_raw = top.get("servers")
+    if not isinstance(servers_raw, dict) or not servers_raw:
+        raise ConfigError("servers must be a non-empty mapping of name -> server")
+    servers = []
+    for name, sdata in servers_raw.items():
+        where = f"servers.{name}"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: a server name is letters, digits, '-' and '_'")
+        sdata = _only(sdata, {"module", "instances", "args", "description"}, where)
+        args = _take(sdata, "args", list, where, [])
+        servers.append(ServerConfig(name, _take(sdata, "module", str, where),
+                                    _instances(sdata.get("instances"), f"{where}.instances", 1),
+                                    tuple(str(a) for a in args),
+                                    _take(sdata, "description", str, where, "")))
+    names = [s.name for s in servers]
+
+    issuers = []
+    for i, idata in enumerate(_take(top, "issuers", list, "config")):
+        where = f"issuers[{i}]"
+        idata = _only(idata, {"issuer", "jwks_url", "audiences", "algorithms"}, where)
+        algs = tuple(_take(idata, "algorithms", list, where, ["RS256", "ES256"]))
+        bad = [a for a in algs if a not in {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
+                                            "PS256", "PS384", "PS512", "EdDSA"}]
+        if bad or not algs:
+            raise ConfigError(f"{where}.algorithms: only asymmetric algorithms are allowed, got {bad}")
+        audiences = tuple(_take(idata, "audiences", list, where,
+                                [f"{public_url.rstrip('/')}/mcp/{n}" for n in names]))
+        issuers.append(IssuerConfig(_take(idata, "issuer", str, where),
+                                    _take(idata, "jwks_url", str, where), audiences, algs))
+    if not issuers:
+        raise ConfigError("issuers must name at least one token issuer")
+
+    auth_raw = _only(top.get("auth", {}), {f for f in AuthConfig.__slots__}, "auth")
+    auth = AuthConfig(**auth_raw)
+    pol_raw = _only(top.get("policy", {}), {"engine", "dir", "entrypoint", "opa_url", "dry_run"}, "policy")
+    policy = PolicyConfig(**{**pol_raw, "dir": path(pol_raw.get("dir", "policies"))})
+    if policy.engine not in ("embedded", "opa"):
+        raise ConfigError("policy.engine must be 'embedded' or 'opa'")
+    if policy.engine == "opa" and not policy.opa_url:
+        raise ConfigError("policy.opa_url is required when policy.engine is 'opa'")
+
+    rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool"}, "rate_limits")
+    rate_limits = RateLimitConfig(
+        backend=_take(rl_raw, "backend", str, "rate_limits", "memory"),
+        redis_url=_take(rl_raw, "redis_url", (str, type(None)), "rate_limits", None),
+        per_user=_rate(rl_raw.get("per_user", {"rate_per_second": 50, "burst": 100}), "rate_limits.per_user"),
+        per_tool=_rate(rl_raw.get("per_tool"), "rate_limits.per_tool"),
+    )
+    if rate_limits.backend not in ("memory", "redis"):
+        raise ConfigError("rate_limits.backend must be 'memory' or 'redis'")
+    if rate_limits.backend == "redis" and not rate_limits.redis_url:
+        raise ConfigError("rate_limits.redis_url is required when rate_limits.backend is 'redis'")
+
+    return GatewayConfig(
+        listen=listen, public_url=public_url,
+        admin=_instance(top.get("admin", {"port": 9901}), "admin"),
+        tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
+        ext_authz=_service(top.get("ext_authz"), "ext_authz"),
+        ext_proc=_service(top.get("ext_proc"), "ext_proc"),
+        servers=tuple(servers),
+        state_dir=path(_take(top, "state_dir", str, "config", ".run")),
+        max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
+        source=source,
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> GatewayConfig:
+    """Load the gateway config (the embedded default when no path is given)."""
+    p = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {p}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
+    # Relative paths in the embedded default resolve against the working directory (the
+    # checkout); in a user's file, against the file's folder.
+    base = Path.cwd() if path is None else p.resolve().parent
+    return parse_config(raw, base_dir=base, source=str(p))
