@@ -1,0 +1,233 @@
+"""Audit trail: entries, group commit, rotation, torn tails, fail-closed behaviour, digest, export."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from prometheus_client import REGISTRY
+
+from gateway.telemetry.audit import (
+    AuditCorrupt,
+    AuditEntry,
+    AuditFileReport,
+    AuditUnavailable,
+    AuditWriter,
+    OtlpAuditExporter,
+    args_digest,
+    audit_files,
+    iter_audit,
+    iter_audit_all,
+)
+from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
+
+
+def entry(n: int, **overrides: object) -> AuditEntry:
+    fields: dict[str, object] = dict(
+        method="tools/call", server="files", target="read_file", sub="alice", client_id="vscode",
+        tenant="acme", decision="allow", reason=None, status="ok", latency_ms=1.5,
+        request_id=f"r{n}", decision_id=f"d{n}", args_digest=args_digest({"n": n}))
+    fields.update(overrides)
+    return AuditEntry(**fields)  # type: ignore[arg-type]
+
+
+def commits() -> float:
+    return REGISTRY.get_sample_value("mcp_gateway_audit_commit_duration_seconds_count") or 0.0
+
+
+async def test_entries_round_trip_with_stable_schema(tmp_path: Path) -> None:
+    """Written entries read back with every field, the schema version and an RFC 3339 UTC ts."""
+    path = tmp_path / "audit.jsonl"
+    async with AuditWriter(path) as writer:
+        await writer.write(entry(1, decision="deny", reason="tool_not_allowed", status="denied"))
+    (got,) = list(iter_audit(path))
+    assert got["v"] == 1 and got["request_id"] == "r1" and got["decision"] == "deny"
+    assert got["reason"] == "tool_not_allowed" and got["sub"] == "alice" and got["tenant"] == "acme"
+    assert got["args_digest"].startswith("sha256:") and got["ts"].endswith("Z")
+    assert set(got) >= {"method", "server", "target", "client_id", "status", "latency_ms", "decision_id"}
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
+    """Concurrent writers are group-committed: fewer fsync'ed batches than entries, none lost."""
+    before = commits()
+    async with AuditWriter(tmp_path / "a.jsonl") as writer:
+        await asyncio.gather(*(writer.write(entry(n)) for n in range(200)))
+    assert commits() - before < 200
+    assert [e["request_id"] for e in iter_audit(tmp_path / "a.jsonl")] == [f"r{n}" for n in range(200)]
+
+
+async def test_rotation_keeps_n_files_and_newest_entries(tmp_path: Path) -> None:
+    """Size rotation renames to .1..N, drops older files, and keeps a contiguous newest tail in order."""
+    path = tmp_path / "audit.jsonl"
+    line_len = len(entry(100).to_line())
+    async with AuditWriter(path, max_bytes=line_len * 5, keep=3) as writer:
+        for n in range(100, 200):
+            await writer.write(entry(n))
+    assert [p.name for p in audit_files(path)] == ["audit.jsonl.3", "audit.jsonl.2", "audit.jsonl.1",
+                                                    "audit.jsonl"]
+    assert not (tmp_path / "audit.jsonl.4").exists()
+    for p in audit_files(path):
+        assert 0 < p.stat().st_size <= line_len * 5 + 10
+    ids = [e["request_id"] for e in iter_audit_all(path)]
+    assert ids == [f"r{n}" for n in range(200 - len(ids), 200)]
+    assert len(ids) > 15
+
+
+async def test_reopen_appends_and_drops_torn_tail(tmp_path: Path) -> None:
+    """A torn tail left by a crash is skipped by the reader and truncated before new appends."""
+    path = tmp_path / "audit.jsonl"
+    async with AuditWriter(path) as writer:
+        await writer.write(entry(1))
+    with path.open("ab") as f:
+        f.write(entry(2).to_line()[:40])
+    report = AuditFileReport()
+    assert [e["request_id"] for e in iter_audit(path, report)] == ["r1"]
+    assert report.torn_tail and report.entries == 1
+    async with AuditWriter(path) as writer:
+        await writer.write(entry(3))
+    report = AuditFileReport()
+    assert [e["request_id"] for e in iter_audit(path, report)] == ["r1", "r3"]
+    assert not report.torn_tail
+
+
+def test_reader_rejects_corruption_before_last_line(tmp_path: Path) -> None:
+    """A bad line that is not the last one is corruption, not a crash artefact."""
+    path = tmp_path / "audit.jsonl"
+    path.write_bytes(entry(1).to_line() + b"{not json\n" + entry(2).to_line())
+    with pytest.raises(AuditCorrupt, match="line 2"):
+        list(iter_audit(path))
+    path.write_bytes(entry(1).to_line() + b"{torn but terminated\n")
+    report = AuditFileReport()
+    assert len(list(iter_audit(path, report))) == 1 and report.torn_tail
+
+
+async def test_second_writer_on_same_file_refused(tmp_path: Path) -> None:
+    """Two writers on one file would clobber each other's rotation, so the second is refused."""
+    path = tmp_path / "audit.jsonl"
+    async with AuditWriter(path):
+        other = AuditWriter(path)
+        with pytest.raises(AuditUnavailable, match="in use"):
+            await other.start()
+
+
+class _StuckDisk(AuditWriter):
+    """Fault injection: fsync blocks until released, like a hung disk or NFS server."""
+
+    release = threading.Event()
+
+    def _sync(self, fd: int) -> None:
+        if not self.release.wait(timeout=10):
+            raise OSError(errno.EIO, "stuck")
+        os.fsync(fd)
+
+
+async def test_stuck_disk_fails_closed_with_backpressure(tmp_path: Path) -> None:
+    """With fsync stuck, writes time out with AuditUnavailable and a full queue pushes back."""
+    _StuckDisk.release.clear()
+    writer = _StuckDisk(tmp_path / "a.jsonl", max_queue=2, timeout=0.2)
+    await writer.start()
+    try:
+        results = await asyncio.gather(*(writer.write(entry(n)) for n in range(6)), return_exceptions=True)
+        assert all(isinstance(r, AuditUnavailable) and r.http_status == 503 for r in results)
+    finally:
+        _StuckDisk.release.set()
+        await writer.close()
+    # Entries that were queued still land once the disk recovers; the callers never saw success.
+    assert {e["request_id"] for e in iter_audit(tmp_path / "a.jsonl")} <= {f"r{n}" for n in range(6)}
+
+
+class _FailingDisk(AuditWriter):
+    """Fault injection: fsync reports EIO."""
+
+    def _sync(self, fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+
+async def test_fsync_failure_fails_closed_for_good(tmp_path: Path) -> None:
+    """After an fsync error the writer refuses every later entry instead of retrying blindly."""
+    writer = _FailingDisk(tmp_path / "a.jsonl")
+    await writer.start()
+    try:
+        with pytest.raises(AuditUnavailable):
+            await writer.write(entry(1))
+        with pytest.raises(AuditUnavailable):
+            await writer.write(entry(2))
+    finally:
+        await writer.close()
+    with pytest.raises(AuditUnavailable):
+        await writer.write(entry(3))
+
+
+def test_digest_ignores_key_order_and_tracks_arguments() -> None:
+    """The digest is canonical (key order irrelevant) and changes with non-secret arguments."""
+    a = args_digest({"path": "/etc/motd", "opts": {"a": 1, "b": [1, 2.5, None, True]}})
+    b = args_digest({"opts": {"b": [1, 2.5, None, True], "a": 1}, "path": "/etc/motd"})
+    assert a == b and a.startswith("sha256:") and len(a) == len("sha256:") + 64
+    assert args_digest({"path": "/etc/passwd"}) != a
+    assert args_digest({"n": 1}) != args_digest({"n": 1.0}) != args_digest({"n": "1"})
+
+
+JWT_A = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+JWT_B = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJib2IifQ.b3RoZXJzaWc"
+
+
+@pytest.mark.parametrize(("one", "other"), [
+    ({"password": "hunter2"}, {"password": "letmein"}),
+    ({"DB_Password": "hunter2"}, {"DB_Password": "letmein"}),
+    ({"x-api-key": "k1"}, {"x-api-key": "k2"}),
+    ({"refreshToken": "t1"}, {"refreshToken": "t2"}),
+    ({"nested": [{"client_secret": "s1"}]}, {"nested": [{"client_secret": "s2"}]}),
+    ({"header": "Bearer abc"}, {"header": "Bearer xyz"}),
+    ({"q": JWT_A}, {"q": JWT_B}),
+    ({"q": "ghp_" + "a" * 36}, {"q": "ghp_" + "b" * 36}),
+    ({"q": "AKIAABCDEFGHIJKLMNOP"}, {"q": "AKIAPONMLKJIHGFEDCBA"}),
+])
+def test_digest_excludes_secrets(one: dict[str, object], other: dict[str, object]) -> None:
+    """Secret keys and token-shaped values are redacted before hashing: the digest ignores their value."""
+    assert args_digest({"path": "/x", **one}) == args_digest({"path": "/x", **other})
+    assert args_digest({"path": "/x", **one}) != args_digest({"path": "/y", **one})
+
+
+async def test_entry_never_contains_secret_argument_values(tmp_path: Path) -> None:
+    """An audited call with a password and a bearer token leaves neither in the audit file."""
+    path = tmp_path / "audit.jsonl"
+    digest = args_digest({"user": "bob", "password": "s3cr3t-pw", "token": "Bearer abc.def.ghi"})
+    async with AuditWriter(path) as writer:
+        await writer.write(entry(1, args_digest=digest))
+    raw = path.read_bytes()
+    assert b"s3cr3t-pw" not in raw and b"abc.def.ghi" not in raw and b"bob" not in raw
+
+
+def test_keyed_digest_and_deep_arguments() -> None:
+    """A key turns the digest into an HMAC; 2000-deep arguments hash without recursion errors."""
+    plain = args_digest({"ssn": "078-05-1120"})
+    keyed = args_digest({"ssn": "078-05-1120"}, key=b"k1")
+    assert keyed.startswith("hmac-sha256:") and keyed != plain
+    assert keyed != args_digest({"ssn": "078-05-1120"}, key=b"k2")
+    deep: object = "leaf"
+    for _ in range(2000):
+        deep = {"a": [deep]}
+    assert args_digest(deep) != args_digest({"a": [{"a": ["leaf"]}]})
+    with pytest.raises(TypeError):
+        args_digest({"x": object()})
+
+
+async def test_otlp_export_after_commit(tmp_path: Path, otlp_receiver: OtlpReceiver) -> None:
+    """With an OTLP exporter, committed entries also reach a real OTLP logs receiver."""
+    exporter = OtlpAuditExporter(otlp_receiver.endpoint, "ext_authz-test")
+    writer = AuditWriter(tmp_path / "a.jsonl", exporter=exporter)
+    await writer.start()
+    await asyncio.gather(*(writer.write(entry(n)) for n in range(3)))
+    await asyncio.to_thread(exporter.flush)
+    await otlp_receiver.wait_for(lambda: len(otlp_receiver.logs) >= 3)
+    await writer.close()
+    got = {next(a.value.string_value for a in rec.attributes if a.key == "audit.request_id")
+           for rec in otlp_receiver.logs}
+    assert got == {"r0", "r1", "r2"}
+    assert all(rec.event_name == "mcp.audit" for rec in otlp_receiver.logs)
+
