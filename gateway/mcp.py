@@ -81,8 +81,8 @@ def extract_context(msg: Message, headers: Mapping[str, str]) -> McpContext:
     name: str | None = None
     tool = prompt = uri = None
     arguments: dict[str, Any] = {}
-    if method in NAME_PARAM:
-        key = NAME_PARAM[method]
+    key = NAME_PARAM.get(method) if method is not None else None
+    if key is not None:
         value = params.get(key)
         if value is not None and not isinstance(value, str):
             raise InvalidRequest(f'"params.{key}" must be a string')

@@ -1,0 +1,3 @@
+from mcp_servers.erp_demo.serve import main
+
+main()
