@@ -233,7 +233,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if policy.engine == "opa" and not policy.opa_url:
         raise ConfigError("policy.opa_url is required when policy.engine is 'opa'")
 
-    rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool"}, "rate_limits")
+    rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool"},
+                   "rate_limits")
     rate_limits = RateLimitConfig(
         backend=_take(rl_raw, "backend", str, "rate_limits", "memory"),
         redis_url=_take(rl_raw, "redis_url", (str, type(None)), "rate_limits", None),
