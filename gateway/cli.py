@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = (
     "gateway.cli_stack",   # up, down, status, token, config
     "gateway.cli_policy",  # policy test, policy eval
+    "gateway.cli_catalog",  # catalog list, approve, refresh
 )
 
 

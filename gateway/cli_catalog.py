@@ -1,0 +1,193 @@
+"""``mcp-gateway catalog list|approve|refresh``: inspect and manage the pinned tool catalog."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.catalog import Catalog, CatalogError, Entry, default_db_path
+from gateway.catalog.client import FetchError, fetch_listing
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+# The identity the gateway itself presents to MCP servers when it lists their tools (servers trust
+# these headers only from the gateway; Envoy overwrites them on client traffic).
+CATALOG_IDENTITY = {"x-mcp-user": "system:mcp-gateway-catalog", "x-mcp-roles": "gateway-catalog",
+                    "x-mcp-client-id": "mcp-gateway"}
+REFRESH_TIMEOUT_S = 30.0
+
+# Hook for "which roles may call each tool": (config, entries) -> {(server, tool): [roles]}.
+# TODO(lead): wire to gateway.policy once build_engine/query land (helper H4); until then the
+# column shows "(policy not wired)".
+RolesResolver = Callable[[GatewayConfig | None, list[Entry]], dict[tuple[str, str], list[str]] | None]
+
+
+def _no_roles(cfg: GatewayConfig | None, entries: list[Entry]) -> dict[tuple[str, str], list[str]] | None:
+    return None
+
+
+roles_resolver: RolesResolver = _no_roles
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("catalog", help="inspect and approve pinned tool definitions")
+    sub = parser.add_subparsers(dest="catalog_command", required=True)
+
+    def db_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--db", help="catalog database (default: <state_dir>/catalog.sqlite)")
+
+    p_list = sub.add_parser("list", help="servers, tools, pins, state and findings")
+    db_arg(p_list)
+    p_list.add_argument("--json", action="store_true", help="machine-readable output")
+    p_list.add_argument("--kind", choices=("tool", "resource", "prompt", "all"), default="tool")
+    p_list.set_defaults(func=cmd_list)
+
+    p_approve = sub.add_parser("approve", help="approve the current definition of <server>/<tool>")
+    db_arg(p_approve)
+    p_approve.add_argument("target", help="<server>/<tool>")
+    p_approve.add_argument("--kind", choices=("tool", "resource", "prompt"), default="tool")
+    p_approve.set_defaults(func=cmd_approve)
+
+    p_refresh = sub.add_parser("refresh", help="fetch tools/resources/prompts from every server")
+    db_arg(p_refresh)
+    p_refresh.add_argument("--server", action="append", help="only this server (repeatable)")
+    p_refresh.add_argument("--protocol-version", default="2025-11-25")
+    p_refresh.add_argument("--mode", choices=("tofu", "require_approval"), default="tofu",
+                           help="first sight: trust (tofu, default) or wait for approval")
+    p_refresh.set_defaults(func=cmd_refresh)
+
+
+def _config(args: argparse.Namespace, *, required: bool) -> GatewayConfig | None:
+    try:
+        return load_config(getattr(args, "config", None))
+    except ConfigError:
+        if required:
+            raise
+        return None
+
+
+def _open(args: argparse.Namespace, cfg: GatewayConfig | None, mode: str = "tofu") -> Catalog:
+    if args.db:
+        path = Path(args.db)
+    elif cfg is not None:
+        path = default_db_path(cfg.state_dir)
+    else:
+        raise CatalogError("no --db given and the gateway config cannot be loaded")
+    return Catalog(path, mode=mode)
+
+
+def _fail(message: str) -> int:
+    print(f"mcp-gateway catalog: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    cfg = _config(args, required=False)
+    try:
+        catalog = _open(args, cfg)
+    except CatalogError as exc:
+        return _fail(exc.message)
+    with catalog:
+        kind = None if args.kind == "all" else args.kind
+        entries = catalog.entries(kind=kind)
+        shadowed = catalog.shadowed_names()
+        roles = roles_resolver(cfg, entries)
+    rows = []
+    for e in entries:
+        findings = [f"hidden chars {','.join(f['chars'])} in {f['field']}" for f in e.findings]
+        if e.kind == "tool" and e.name in shadowed:
+            others = [s for s in shadowed[e.name] if s != e.server]
+            findings.append(f"same name on {', '.join(others)}")
+        rows.append({**e.as_dict(), "findings": findings,
+                     "roles": None if roles is None else roles.get((e.server, e.name), [])})
+    if args.json:
+        sys.stdout.write(orjson.dumps({"items": rows, "shadowed": shadowed,
+                                       "roles_wired": roles is not None},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    header = ("SERVER", "KIND", "NAME", "HASH", "STATE", "ROLES", "FINDINGS")
+    table = [header]
+    for r in rows:
+        state = r["state"] if r["present"] else f"{r['state']} (gone)"
+        roles_text = "(policy not wired)" if r["roles"] is None else (",".join(r["roles"]) or "-")
+        table.append((r["server"], r["kind"], r["name"], r["hash"][:12], state, roles_text,
+                      "; ".join(r["findings"]) or "-"))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        cells = [str(c).ljust(widths[i]) for i, c in enumerate(row[:-1])]
+        print("  ".join([*cells, str(row[-1])]))
+    if len(table) == 1:
+        print("(catalog is empty: run `mcp-gateway catalog refresh`)")
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    server, sep, name = args.target.partition("/")
+    if not sep or not server or not name:
+        return _fail("approve takes <server>/<tool>")
+    try:
+        catalog = _open(args, _config(args, required=False))
+        with catalog:
+            entry = catalog.approve(server, name, kind=args.kind, actor=f"cli:{getpass.getuser()}")
+    except CatalogError as exc:
+        return _fail(exc.message)
+    print(f"approved {entry.server}/{entry.name} ({entry.kind}) at {entry.hash[:12]}")
+    return 0
+
+
+async def _refresh(cfg: GatewayConfig, catalog: Catalog, servers: list[str] | None,
+                   version: str) -> int:
+    failures = 0
+    timeout = aiohttp.ClientTimeout(total=REFRESH_TIMEOUT_S)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        for server in cfg.servers:
+            if servers and server.name not in servers:
+                continue
+            listing = None
+            errors = []
+            for inst in server.instances:
+                url = f"http://{inst.host}:{inst.port}/mcp"
+                try:
+                    listing = await fetch_listing(http, url, headers=CATALOG_IDENTITY,
+                                                  protocol_version=version)
+                    break
+                except FetchError as exc:
+                    errors.append(f"{url}: {exc.message}")
+                except TimeoutError:
+                    errors.append(f"{url}: timed out after {REFRESH_TIMEOUT_S:.0f}s")
+            if listing is None:
+                failures += 1
+                print(f"{server.name}: FAILED ({'; '.join(errors)})", file=sys.stderr)
+                continue
+            summary = []
+            for kind, items in (("tool", listing.tools), ("resource", listing.resources),
+                                ("prompt", listing.prompts)):
+                report = catalog.refresh(server.name, items, kind=kind, actor="cli:refresh")
+                summary.append(f"{len(items)} {kind}s (+{len(report.added)} ~{len(report.changed)} "
+                               f"-{len(report.removed)})")
+                for name in report.changed:
+                    print(f"{server.name}/{name}: definition changed -> quarantined "
+                          f"(approve with `mcp-gateway catalog approve {server.name}/{name}`)")
+            print(f"{server.name}: {', '.join(summary)}")
+    return 1 if failures else 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args, required=True)
+        assert cfg is not None
+        catalog = _open(args, cfg, mode=args.mode)
+    except (ConfigError, CatalogError) as exc:
+        return _fail(str(exc))
+    unknown = set(args.server or ()) - {s.name for s in cfg.servers}
+    if unknown:
+        return _fail(f"unknown server(s): {', '.join(sorted(unknown))}")
+    with catalog:
+        return asyncio.run(_refresh(cfg, catalog, args.server, args.protocol_version))
