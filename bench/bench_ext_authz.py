@@ -1,0 +1,257 @@
+"""ext_authz benchmark (not a test): Python CPU per allowed tools/call decision and latency.
+
+    .venv/bin/python bench/bench_ext_authz.py [--requests N] [--concurrency 16]
+
+1. In-process: CPU (time.process_time) per ``Check`` of an allowed ``tools/call`` with a cached
+   token and the real embedded Rego policy from ``policies/``, split into stages.
+2. Over the wire: ``python -m ext_authz`` in a subprocess, 16 concurrent in-flight Check calls
+   from a grpc.aio client; the server's CPU per request (from /proc) and client-side p50/p99.
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import orjson
+import yaml
+from aiohttp import web
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ext_authz.jwks import JwksClient  # noqa: E402
+from ext_authz.jwt import TokenVerifier  # noqa: E402
+from ext_authz.ratelimit import MemoryRateLimiter  # noqa: E402
+from ext_authz.request import http_request, policy_input  # noqa: E402
+from ext_authz.servicer import AuthorizationServicer  # noqa: E402
+from ext_authz.settings import Settings  # noqa: E402
+from gateway.config import GatewayConfig, parse_config  # noqa: E402
+from gateway.jsonrpc import parse_message  # noqa: E402
+from gateway.mcp import extract_context  # noqa: E402
+from gateway.policy import Decision, build_engine  # noqa: E402
+from gateway.tokens import SigningKey, generate_key, mint_token  # noqa: E402
+
+ISSUER = "https://bench-issuer.example"
+PUBLIC_URL = "https://gw.example.test"
+BODY = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+    "name": "read_file", "arguments": {"path": "shared/reports/q3.txt"}}})
+
+
+def raw_config(jwks_url: str) -> dict[str, Any]:
+    return {
+        "public_url": PUBLIC_URL,
+        "tls": {"cert_file": "server.pem", "key_file": "server.key"},
+        "issuers": [{"issuer": ISSUER, "jwks_url": jwks_url}],
+        "policy": {"dir": str(ROOT / "policies")},
+        # Realistic: a per-user bucket is consulted, but high enough never to refuse.
+        "rate_limits": {"per_user": {"rate_per_second": 1e9, "burst": 10**9}},
+        "ext_authz": {"instances": [{"port": 9101}]},
+        "ext_proc": {"instances": [{"port": 9111}]},
+        "servers": {"files": {"module": "m", "instances": [{"port": 9201}]}},
+    }
+
+
+def check_request(token: str) -> pb.CheckRequest:
+    req = pb.CheckRequest()
+    sock = req.attributes.source.address.socket_address
+    sock.address, sock.port_value = "10.0.0.7", 51234
+    http = req.attributes.request.http
+    http.id, http.method, http.path = "1234567890", "POST", "/mcp/files"
+    http.host, http.scheme, http.protocol = "gw.example.test", "https", "HTTP/2"
+    http.headers.update({
+        ":method": "POST", ":path": "/mcp/files", ":authority": "gw.example.test",
+        ":scheme": "https", "content-type": "application/json",
+        "accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25",
+        "mcp-session-id": "3f1c2d9e8b7a4c56", "user-agent": "claude-code/2.1",
+        "x-request-id": "673e035f-618a-4067-b8fc-d852dcbabfb1", "x-forwarded-proto": "https",
+        "content-length": str(len(BODY)), "x-envoy-auth-partial-body": "false",
+        "authorization": f"Bearer {token}",
+    })
+    http.raw_body = BODY
+    http.size = len(BODY)
+    return req
+
+
+async def jwks_app(key: SigningKey) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+
+    async def handle(_: web.Request) -> web.Response:
+        return web.json_response(key.jwks())
+
+    app.router.add_get("/jwks.json", handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}/jwks.json"
+
+
+class _ConstantAllow:
+    """Isolates ext_authz's own cost from the policy's (same obligations as the real policy)."""
+
+    async def decide(self, policy_input: dict[str, Any]) -> Decision:
+        return Decision(True, "method_allowed", 200, {}, {"mask_pii": ["email", "phone"]})
+
+
+def per_call_us(total_cpu: float, n: int) -> float:
+    return total_cpu / n * 1e6
+
+
+async def in_process(cfg: GatewayConfig, token: str, n: int) -> dict[str, float]:
+    settings = Settings.from_config(cfg, port=0)
+    engine = build_engine(cfg.policy)
+    await engine.start()
+    out: dict[str, float] = {}
+    async with aiohttp.ClientSession() as session:
+        issuer = cfg.issuers[0]
+        jwks = JwksClient(issuer.jwks_url, session, cooldown=30, timeout=5, max_bytes=1 << 18)
+        verifier = TokenVerifier({ISSUER: (issuer, jwks)}, cfg.auth)
+        servicer = AuthorizationServicer(settings, verifier, MemoryRateLimiter(), engine)
+        wire = check_request(token).SerializeToString()
+        first = await servicer.Check(pb.CheckRequest.FromString(wire), None)
+        if not first.HasField("ok_response"):
+            raise SystemExit(f"the benchmark request is not allowed by the policy: {first}")
+        resource = settings.resource_url("files")
+
+        t = time.process_time()
+        for _ in range(n):
+            resp = await servicer.Check(pb.CheckRequest.FromString(wire), None)
+            resp.SerializeToString()
+        out["full Check (decode + decide + encode)"] = per_call_us(time.process_time() - t, n)
+
+        trivial = AuthorizationServicer(settings, verifier, MemoryRateLimiter(), _ConstantAllow())
+        t = time.process_time()
+        for _ in range(n):
+            resp = await trivial.Check(pb.CheckRequest.FromString(wire), None)
+            resp.SerializeToString()
+        out["full Check, constant-allow engine (ext_authz's own cost)"] = \
+            per_call_us(time.process_time() - t, n)
+
+        msg = pb.CheckRequest.FromString(wire)
+        t = time.process_time()
+        for _ in range(n):
+            pb.CheckRequest.FromString(wire)
+        out["CheckRequest decode"] = per_call_us(time.process_time() - t, n)
+        t = time.process_time()
+        for _ in range(n):
+            req = http_request(msg)
+        out["request view (headers, body)"] = per_call_us(time.process_time() - t, n)
+        t = time.process_time()
+        for _ in range(n):
+            await verifier.verify(token, resource)
+        out["token (cached)"] = per_call_us(time.process_time() - t, n)
+        t = time.process_time()
+        for _ in range(n):
+            parsed = parse_message(req.body)
+            ctx = extract_context(parsed, req.headers)
+        out["JSON-RPC parse + MCP context"] = per_call_us(time.process_time() - t, n)
+        claims = await verifier.verify(token, resource)
+        doc = policy_input(req, parsed_body=parsed.raw, mcp=ctx, claims=claims, server="files",
+                           resource=resource, now=time.time())
+        t = time.process_time()
+        for _ in range(n):
+            await engine.decide(doc)
+        out["policy decide (embedded Rego)"] = per_call_us(time.process_time() - t, n)
+    await engine.close()
+    return out
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def over_the_wire(config_path: Path, token: str, n: int, concurrency: int
+                        ) -> tuple[float, float, float, float]:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "ext_authz", "--config", str(config_path), "--port", str(port),
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health: Any = health_pb2_grpc.HealthStub(channel)
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+            stub = pb_grpc.AuthorizationStub(channel)
+            req = check_request(token)
+            for _ in range(200):  # warm-up: caches, policy, connection
+                await stub.Check(req, timeout=5)
+            latencies: list[float] = []
+            per_worker = n // concurrency
+
+            async def worker() -> None:
+                for _ in range(per_worker):
+                    t0 = time.perf_counter()
+                    resp = await stub.Check(req, timeout=5)
+                    latencies.append(time.perf_counter() - t0)
+                    if not resp.HasField("ok_response"):
+                        raise RuntimeError("denied during the benchmark")
+
+            cpu0 = proc_cpu_seconds(proc.pid)
+            wall0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            wall = time.perf_counter() - wall0
+            cpu = proc_cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 15)
+    done = len(latencies)
+    qs = statistics.quantiles(latencies, n=100)
+    return cpu / done * 1e6, qs[49] * 1e3, qs[98] * 1e3, done / wall
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    args = parser.parse_args()
+    key = generate_key("RSA")
+    runner, jwks_url = await jwks_app(key)
+    try:
+        raw = raw_config(jwks_url)
+        cfg = parse_config(raw, base_dir=ROOT)
+        token = mint_token(key, issuer=ISSUER, audience=f"{PUBLIC_URL}/mcp/files", sub="alice",
+                           roles=["engineer"], scopes=["tools:call:files/read_file"],
+                           tenant="acme", ttl=3600)
+        stages = await in_process(cfg, token, args.requests)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "gateway.yaml"
+            path.write_text(yaml.safe_dump(raw))
+            cpu_us, p50, p99, rps = await over_the_wire(path, token, args.requests, args.concurrency)
+    finally:
+        await runner.cleanup()
+    print(f"## ext_authz: allowed tools/call, cached RS256 token, embedded Rego policy "
+          f"({args.requests} requests)\n")
+    print("| measure | value |")
+    print("|---|---|")
+    for name, us in stages.items():
+        print(f"| in-process CPU: {name} | {us:.1f} us |")
+    print(f"| server CPU per request over gRPC ({args.concurrency} concurrent) | {cpu_us:.0f} us |")
+    print(f"| latency p50 / p99 ({args.concurrency} concurrent) | {p50:.2f} ms / {p99:.2f} ms |")
+    print(f"| throughput (one ext_authz process) | {rps:.0f} req/s |")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,30 @@
+"""``python -m ext_authz [--config FILE] [--port N] [--host H]``: run one ext_authz instance."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from ext_authz.app import serve
+from ext_authz.decision_log import configure_stdout
+from ext_authz.settings import Settings
+from gateway.config import load_config
+from gateway.policy import build_engine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m ext_authz", description=__doc__)
+    parser.add_argument("--config", help="gateway config file (default: the embedded dev config)")
+    parser.add_argument("--port", type=int, help="listen port (default: first ext_authz instance)")
+    parser.add_argument("--host", help="listen address (default: from the config)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_stdout()
+    cfg = load_config(args.config)
+    settings = Settings.from_config(cfg, port=args.port, host=args.host)
+    asyncio.run(serve(settings, build_engine(cfg.policy)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Envoy CheckRequest -> the facts ext_authz needs and the policy input (pure functions).
+
+The policy input shape is documented in ``policies/README.md``; it follows opa-envoy-plugin's
+(``attributes.request.http``, ``parsed_body``) and adds ``mcp``, ``token`` and ``server``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
+from gateway.mcp import McpContext
+
+# Never shown to the policy (or anything it logs): credentials.
+HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+# Set by Envoy when the body was cut at max_request_bytes (allow_partial_message).
+PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
+MCP_PATH_PREFIX = "/mcp/"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """The parts of the Envoy HTTP request attributes ext_authz reads."""
+
+    id: str
+    method: str
+    path: str
+    host: str
+    scheme: str
+    headers: dict[str, str]  # lower-case names, as Envoy sends them
+    body: bytes
+    source_address: str
+
+
+def http_request(req: Any) -> HttpRequest:
+    """Read a ``CheckRequest`` (xds-protos message) into an :class:`HttpRequest`."""
+    attrs = req.attributes
+    http = attrs.request.http
+    headers = dict(http.headers)
+    if not headers and len(http.header_map.headers):
+        # Envoy sends header_map instead when encode_raw_headers is on; values may be raw bytes.
+        for hv in http.header_map.headers:
+            value = hv.value or hv.raw_value.decode("utf-8", "replace")
+            key = hv.key.lower()
+            headers[key] = f"{headers[key]},{value}" if key in headers else value
+    body = http.raw_body or http.body.encode("utf-8")
+    sock = attrs.source.address.socket_address
+    return HttpRequest(http.id, http.method, http.path, http.host, http.scheme, headers, body,
+                       sock.address)
+
+
+def server_of(path: str) -> str | None:
+    """The server name of ``/mcp/<server>`` (optionally followed by ``/...`` or a query)."""
+    if not path.startswith(MCP_PATH_PREFIX):
+        return None
+    rest = path[len(MCP_PATH_PREFIX):]
+    end = len(rest)
+    for sep in ("?", "/", "#"):
+        i = rest.find(sep)
+        if i != -1 and i < end:
+            end = i
+    return rest[:end] or None
+
+
+def check_query(path: str) -> None:
+    """Refuse a bearer token in the query string (RFC 6750 section 2.3 is not supported)."""
+    q = path.find("?")
+    if q == -1:
+        return
+    for name, _ in parse_qsl(path[q + 1:].split("#", 1)[0], keep_blank_values=True):
+        if name == "access_token":
+            raise TokenInQuery("send the access token in the Authorization header, never in the URL")
+
+
+def bearer_token(headers: dict[str, str]) -> str:
+    """The token of ``Authorization: Bearer <token>``; raise MissingToken / InvalidToken."""
+    value = headers.get("authorization")
+    if value is None or not value.strip():
+        raise MissingToken("this resource needs a bearer token in the Authorization header")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise InvalidToken("the Authorization header must use the Bearer scheme", code="invalid_scheme")
+    token = token.strip()
+    # Envoy joins repeated headers with ","; a token never contains "," or spaces.
+    if not token or " " in token or "," in token:
+        raise InvalidToken("the Authorization header must carry exactly one bearer token",
+                           code="malformed_token")
+    return token
+
+
+def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
+                 claims: dict[str, Any], server: str, resource: str, now: float) -> dict[str, Any]:
+    """The document the policy decides on."""
+    headers = {k: v for k, v in req.headers.items() if k not in HIDDEN_HEADERS}
+    return {
+        "attributes": {
+            "request": {"http": {
+                "id": req.id, "method": req.method, "path": req.path, "host": req.host,
+                "scheme": req.scheme, "headers": headers,
+            }},
+            "source": {"address": req.source_address},
+        },
+        "parsed_body": parsed_body,
+        "mcp": mcp.as_policy_input() if mcp is not None else _no_message(req.headers),
+        "token": claims,
+        "server": {"name": server, "resource": resource},
+        "now": int(now),
+    }
+
+
+def _no_message(headers: dict[str, str]) -> dict[str, Any]:
+    # GET (SSE stream) and DELETE (end of session) carry no JSON-RPC message.
+    return {
+        "kind": None, "method": None, "id": None, "name": None, "tool": None, "arguments": {},
+        "resource_uri": None, "prompt": None,
+        "protocol_version": headers.get("mcp-protocol-version"),
+        "session_id": headers.get("mcp-session-id"),
+    }

@@ -1,0 +1,120 @@
+"""Decision -> Envoy CheckResponse (pure functions)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as pb
+
+from gateway.errors import GatewayError
+from gateway.jsonrpc import error_response
+
+# google.rpc.Code values: Envoy only needs "not OK" plus the HTTP status of the denied answer.
+_RPC_OK = 0
+_RPC_PERMISSION_DENIED = 7
+_RPC_UNAUTHENTICATED = 16
+# Replace whatever the client sent under the same name; never append next to it.
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+# Headers the gateway sets for upstream servers. Any of them that a request does not get a value
+# for is removed, so a client can never smuggle its own identity claims upstream.
+IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
+                    "x-mcp-decision-id")
+# The client's credentials stop at the gateway (MCP: no token passthrough).
+STRIPPED_HEADERS = ("authorization",)
+_JSON = "application/json"
+# Printable ASCII except "%" passes through unchanged; anything else is percent-encoded so a
+# claim can never inject a header line or an invalid header value.
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_value(value: str) -> str:
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return quote(value, safe=_SAFE)
+
+
+def identity_headers(claims: Mapping[str, Any], tool: str | None,
+                     decision_id: str) -> dict[str, str]:
+    """The identity headers for the upstream, from verified claims (absent ones left out)."""
+    out = {"x-mcp-user": header_value(str(claims["sub"])), "x-mcp-decision-id": decision_id}
+    tenant = claims.get("tenant")
+    if isinstance(tenant, str) and tenant:
+        out["x-mcp-tenant"] = header_value(tenant)
+    client_id = claims.get("client_id") or claims.get("azp")
+    if isinstance(client_id, str) and client_id:
+        out["x-mcp-client-id"] = header_value(client_id)
+    roles = claims.get("roles")
+    if isinstance(roles, list):
+        names = [r for r in roles if isinstance(r, str) and r]
+        if names:
+            out["x-mcp-roles"] = header_value(",".join(names))
+    if tool:
+        out["x-mcp-tool"] = header_value(tool)
+    return out
+
+
+def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None
+            ) -> pb.CheckResponse:
+    """OK: overwrite the given headers, remove the token and unset identity headers."""
+    resp = pb.CheckResponse()
+    resp.status.code = _RPC_OK
+    ok = resp.ok_response
+    for name, value in set_headers.items():
+        opt = ok.headers.add()
+        opt.header.key = name
+        opt.header.value = value
+        opt.append_action = OVERWRITE
+    ok.headers_to_remove.extend(STRIPPED_HEADERS)
+    ok.headers_to_remove.extend(h for h in IDENTITY_HEADERS if h not in set_headers)
+    if metadata:
+        resp.dynamic_metadata.update(metadata)
+    return resp
+
+
+def denied(http_status: int, body: bytes, headers: Mapping[str, str] | None = None
+           ) -> pb.CheckResponse:
+    """A denied answer that Envoy sends to the client as-is."""
+    resp = pb.CheckResponse()
+    resp.status.code = _RPC_UNAUTHENTICATED if http_status == 401 else _RPC_PERMISSION_DENIED
+    d = resp.denied_response
+    d.status.code = http_status  # envoy.type.v3.StatusCode values are the HTTP codes
+    d.body = body.decode("utf-8")
+    opt = d.headers.add()
+    opt.header.key = "content-type"
+    opt.header.value = _JSON
+    opt.append_action = OVERWRITE
+    for name, value in (headers or {}).items():
+        opt = d.headers.add()
+        opt.header.key = name
+        opt.header.value = value
+        opt.append_action = OVERWRITE
+    return resp
+
+
+def error_body(rid: str | int | None, err: GatewayError) -> bytes:
+    """A JSON-RPC error answer echoing the request id."""
+    return orjson.dumps(error_response(rid, err.to_rpc_error()))
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def bearer_challenge(resource_metadata: str | None, error: str | None,
+                     description: str | None = None, scope: str | None = None) -> str:
+    """A ``WWW-Authenticate: Bearer`` value (RFC 6750 section 3, RFC 9728 section 5.1)."""
+    parts = []
+    if resource_metadata is not None:
+        parts.append(f"resource_metadata={_quoted(resource_metadata)}")
+    if error is not None:
+        parts.append(f"error={_quoted(error)}")
+    if description is not None:
+        parts.append(f"error_description={_quoted(header_value(description))}")
+    if scope is not None:
+        parts.append(f"scope={_quoted(scope)}")
+    return "Bearer " + ", ".join(parts) if parts else "Bearer"

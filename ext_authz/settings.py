@@ -1,0 +1,60 @@
+"""Typed settings of the ext_authz service, derived once from the gateway config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.config import (
+    AuthConfig,
+    ConfigError,
+    GatewayConfig,
+    Instance,
+    IssuerConfig,
+    PolicyConfig,
+    RateLimitConfig,
+)
+
+# Envoy must never wait on us longer than its own ext_authz timeout; these stay well below the
+# default 500 ms so that a slow dependency is answered (closed) instead of timing out in Envoy.
+REDIS_TIMEOUT_SECONDS = 0.2
+JWKS_MAX_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    issuers: tuple[IssuerConfig, ...]
+    auth: AuthConfig
+    policy: PolicyConfig
+    rate_limits: RateLimitConfig
+    public_url: str
+    servers: frozenset[str]
+    listen: Instance
+    max_request_bytes: int
+    redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS
+    jwks_max_bytes: int = JWKS_MAX_BYTES
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig, *, port: int | None = None,
+                    host: str | None = None) -> Settings:
+        first = cfg.ext_authz.instances[0]
+        seen: set[str] = set()
+        for issuer in cfg.issuers:
+            if issuer.issuer in seen:
+                # Issuers are selected by `iss`; two entries for one issuer would be ambiguous.
+                raise ConfigError(f"issuers: {issuer.issuer!r} is configured twice")
+            seen.add(issuer.issuer)
+        return cls(
+            issuers=cfg.issuers, auth=cfg.auth, policy=cfg.policy, rate_limits=cfg.rate_limits,
+            public_url=cfg.public_url.rstrip("/"),
+            servers=frozenset(s.name for s in cfg.servers),
+            listen=Instance(host or first.host, first.port if port is None else port),
+            max_request_bytes=cfg.max_request_bytes,
+        )
+
+    def resource_url(self, server: str) -> str:
+        """The RFC 8707 resource identifier of a server: the audience its tokens must carry."""
+        return f"{self.public_url}/mcp/{server}"
+
+    def resource_metadata_url(self, server: str) -> str:
+        """The RFC 9728 protected resource metadata URL named in 401 challenges."""
+        return f"{self.public_url}/.well-known/oauth-protected-resource/mcp/{server}"

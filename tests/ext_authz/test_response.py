@@ -1,0 +1,64 @@
+"""Pure decision -> CheckResponse translation."""
+
+from __future__ import annotations
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+
+from ext_authz.errors import MissingToken
+from ext_authz.response import (
+    IDENTITY_HEADERS,
+    allowed,
+    bearer_challenge,
+    denied,
+    error_body,
+    header_value,
+    identity_headers,
+)
+
+
+def test_allowed_overwrites_and_removes() -> None:
+    """Set headers use OVERWRITE_IF_EXISTS_OR_ADD; token and unset identity headers are removed."""
+    resp = allowed({"x-mcp-user": "alice", "x-mcp-decision-id": "d1"})
+    assert resp.status.code == 0
+    assert all(h.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+               for h in resp.ok_response.headers)
+    removed = set(resp.ok_response.headers_to_remove)
+    assert removed == {"authorization"} | (set(IDENTITY_HEADERS) - {"x-mcp-user", "x-mcp-decision-id"})
+
+
+def test_identity_headers_from_claims() -> None:
+    """sub, tenant, client_id (or azp), roles and tool become headers; junk claims are skipped."""
+    h = identity_headers({"sub": "alice", "tenant": "acme", "azp": "vscode", "roles": ["a", 3, "b"]},
+                         "read_file", "d1")
+    assert h == {"x-mcp-user": "alice", "x-mcp-tenant": "acme", "x-mcp-client-id": "vscode",
+                 "x-mcp-roles": "a,b", "x-mcp-tool": "read_file", "x-mcp-decision-id": "d1"}
+    assert identity_headers({"sub": "bob", "tenant": 5, "roles": "admin"}, None, "d") == \
+        {"x-mcp-user": "bob", "x-mcp-decision-id": "d"}
+
+
+def test_header_values_cannot_inject() -> None:
+    """Control characters and non-ASCII in claims are percent-encoded."""
+    assert header_value("alice") == "alice"
+    assert header_value("a\r\nx-mcp-roles: admin") == "a%0D%0Ax-mcp-roles: admin"
+    assert header_value("jos\u00e9") == "jos%C3%A9"
+    assert header_value("100%") == "100%25"
+
+
+def test_denied_response_has_status_body_and_headers() -> None:
+    """Denied answers carry the HTTP status, a JSON content type and the given headers."""
+    body = error_body(5, MissingToken("no token"))
+    resp = denied(401, body, {"www-authenticate": "Bearer"})
+    assert resp.status.code == 16 and resp.denied_response.status.code == 401
+    headers = {h.header.key: h.header.value for h in resp.denied_response.headers}
+    assert headers == {"content-type": "application/json", "www-authenticate": "Bearer"}
+    assert orjson.loads(resp.denied_response.body)["id"] == 5
+    assert denied(403, b"{}").status.code == 7
+
+
+def test_bearer_challenge_forms() -> None:
+    """RFC 6750 / RFC 9728 challenge parameters, quoted."""
+    assert bearer_challenge("https://g/prm", None) == 'Bearer resource_metadata="https://g/prm"'
+    assert bearer_challenge("https://g/prm", "insufficient_scope", scope="a b") == \
+        'Bearer resource_metadata="https://g/prm", error="insufficient_scope", scope="a b"'
+    assert bearer_challenge(None, None) == "Bearer"
