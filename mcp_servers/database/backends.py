@@ -1,0 +1,323 @@
+"""Read-only database access for the ``database`` MCP server.
+
+Read-only is enforced by the database engine, never by inspecting SQL text:
+
+* SQLite: each call opens the file with ``mode=ro`` (the library refuses every write), sets
+  ``PRAGMA query_only``, and installs an authorizer that denies ATTACH/DETACH (which could read
+  other database files on disk) and every PRAGMA outside a short list of schema readers. The
+  ``sqlite3`` driver itself refuses more than one statement per ``execute``.
+* PostgreSQL: each call runs in ``BEGIN READ ONLY``, takes a snapshot first (so ``SET TRANSACTION
+  READ WRITE`` can no longer flip it), is prepared as one statement (the extended protocol rejects
+  several), must describe a row-returning statement (so COMMIT/SET cannot end or change the
+  transaction), and is always rolled back.
+
+Use a database role with only SELECT grants in production as well; these layers protect the data
+but a read-only transaction can still call functions with side effects outside the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import decimal
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote
+
+logger = logging.getLogger(__name__)
+
+Params = Sequence[Any] | dict[str, Any] | None
+
+# Schema readers that cannot change anything; all other pragmas are denied by the authorizer.
+_READ_PRAGMAS = frozenset({"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
+                           "foreign_key_list"})
+_PROGRESS_OPS = 1000
+_READ_ONLY_HINT = "the database is read-only; only SELECT queries are allowed"
+_NOT_A_QUERY = "the statement returns no rows; only queries (SELECT, WITH, VALUES) are allowed"
+_TIMEOUT_HINT = "it ran longer than the time limit; narrow it (WHERE, LIMIT) or use an index"
+_PARAMS_HINT = "parameters do not match the placeholders"
+
+
+class DatabaseError(Exception):
+    """A failed database call; ``code`` is stable, the message tells the caller what to change."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"columns": self.columns, "rows": self.rows, "rowCount": len(self.rows),
+                "truncated": self.truncated}
+
+
+class Backend(Protocol):
+    kind: str
+
+    async def list_tables(self) -> list[dict[str, Any]]: ...
+
+    async def describe_table(self, table: str) -> dict[str, Any]: ...
+
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult: ...
+
+    async def close(self) -> None: ...
+
+
+def jsonable(value: Any) -> Any:
+    """Map driver values onto JSON: bytes as base64, exact numbers and times as strings."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, dt.datetime | dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return str(value)
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# -- SQLite ---------------------------------------------------------------------------------------
+
+
+def _authorize(action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None) -> int:
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        return sqlite3.SQLITE_DENY
+    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _READ_PRAGMAS:
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+def _sqlite_error(err: sqlite3.Error, stopped: str | None) -> DatabaseError:
+    text = str(err)
+    if stopped is not None:
+        return DatabaseError(stopped, "the query was stopped: " + (
+            _TIMEOUT_HINT
+            if stopped == "timeout" else "the request was cancelled"))
+    if isinstance(err, sqlite3.ProgrammingError) and "one statement" in text:
+        return DatabaseError("multiple_statements", "only one SQL statement per call is allowed")
+    if "readonly" in text.replace("-", "").replace(" ", "") or "query_only" in text:
+        return DatabaseError("read_only", f"{_READ_ONLY_HINT} ({text})")
+    if "not authorized" in text:
+        return DatabaseError(
+            "not_authorized",
+            f"statement not allowed ({text}): ATTACH, DETACH and PRAGMAs other than "
+            f"{', '.join(sorted(_READ_PRAGMAS))} are disabled")
+    if isinstance(err, sqlite3.ProgrammingError | sqlite3.InterfaceError) and "binding" in text.lower():
+        return DatabaseError("bad_parameters", f"{_PARAMS_HINT}: {text}")
+    return DatabaseError("sql_error", f"SQL error: {text}")
+
+
+class SQLiteBackend:
+    """Per-call read-only connections to one SQLite file, run in worker threads."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(Path(path).resolve())
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"SQLite database {self.path} does not exist")
+        self._uri = f"file:{quote(self.path)}?mode=ro"
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA query_only = ON")
+        conn.set_authorizer(_authorize)
+        return conn
+
+    def _run(self, sql: str, params: Params, max_rows: int, time_limit: float,
+             stop: threading.Event) -> QueryResult:
+        deadline = time.monotonic() + time_limit
+        stopped: list[str] = []
+
+        def progress() -> int:
+            if stop.is_set():
+                stopped.append("cancelled")
+                return 1
+            if time.monotonic() > deadline:
+                stopped.append("timeout")
+                return 1
+            return 0
+
+        conn = self._connect()
+        try:
+            conn.set_progress_handler(progress, _PROGRESS_OPS)
+            try:
+                cur = conn.execute(sql, params if params is not None else ())
+                if cur.description is None:
+                    raise DatabaseError("not_a_query", _NOT_A_QUERY)
+                columns = [d[0] for d in cur.description]
+                fetched = cur.fetchmany(max_rows + 1)
+            except sqlite3.Error as err:
+                raise _sqlite_error(err, stopped[0] if stopped else None) from None
+        finally:
+            conn.close()
+        rows = [[jsonable(v) for v in row] for row in fetched[:max_rows]]
+        return QueryResult(columns=columns, rows=rows, truncated=len(fetched) > max_rows)
+
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
+        stop = threading.Event()
+        try:
+            return await asyncio.to_thread(self._run, sql, params, max_rows, time_limit, stop)
+        except asyncio.CancelledError:
+            stop.set()  # the worker thread keeps running until the progress handler sees this
+            raise
+
+    async def list_tables(self) -> list[dict[str, Any]]:
+        names = await self.query(
+            "SELECT name, type FROM sqlite_schema WHERE type IN ('table', 'view') "
+            "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name", None, 10_000, 10.0)
+        tables = []
+        for name, kind in names.rows:
+            count = await self.query(f"SELECT count(*) FROM {quote_identifier(name)}",  # noqa: S608
+                                     None, 1, 10.0)
+            tables.append({"name": name, "type": kind, "rows": count.rows[0][0]})
+        return tables
+
+    async def describe_table(self, table: str) -> dict[str, Any]:
+        known = {t["name"] for t in await self.list_tables()}
+        if table not in known:
+            raise DatabaseError("unknown_table",
+                                f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+        cols = await self.query("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(?)",
+                                [table], 10_000, 10.0)
+        fks = await self.query('SELECT "from", "table", "to" FROM pragma_foreign_key_list(?)',
+                               [table], 10_000, 10.0)
+        ref = {r[0]: f"{r[1]}({r[2]})" for r in fks.rows}
+        columns = [{"name": n, "type": t or "", "nullable": not nn, "default": d, "primaryKey": bool(pk),
+                    "references": ref.get(n)} for n, t, nn, d, pk in cols.rows]
+        return {"table": table, "columns": columns}
+
+    async def close(self) -> None:
+        return None
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+
+class PostgresBackend:
+    """asyncpg pool; every call is one statement in a READ ONLY transaction that is rolled back."""
+
+    kind = "postgresql"
+
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4) -> None:
+        self.dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: Any = None
+
+    async def start(self) -> None:
+        import asyncpg  # imported lazily: SQLite-only deployments never load it
+
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min_size, max_size=self._max_size)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
+        import asyncpg
+
+        if isinstance(params, dict):
+            raise DatabaseError("bad_parameters",
+                                "PostgreSQL takes positional parameters: use $1, $2, ... and pass a list")
+        if self._pool is None:
+            raise DatabaseError("unavailable", "the database connection pool is not started")
+        args = list(params or ())
+        async with self._pool.acquire() as conn:
+            tr = conn.transaction(readonly=True)
+            await tr.start()
+            try:
+                # A query before the user's statement takes the snapshot, after which the
+                # transaction can no longer be switched to READ WRITE.
+                await conn.fetchval("SELECT set_config('statement_timeout', $1, true)",
+                                    str(int(time_limit * 1000)))
+                stmt = await conn.prepare(sql)
+                attributes = stmt.get_attributes()
+                if not attributes:
+                    raise DatabaseError("not_a_query", _NOT_A_QUERY)
+                cursor = await stmt.cursor(*args)
+                fetched = await cursor.fetch(max_rows + 1)
+            except asyncpg.exceptions.ReadOnlySQLTransactionError as err:
+                raise DatabaseError("read_only", f"{_READ_ONLY_HINT} ({err})") from None
+            except asyncpg.exceptions.QueryCanceledError:
+                raise DatabaseError("timeout", "the query was stopped: " + _TIMEOUT_HINT) from None
+            except asyncpg.exceptions.PostgresSyntaxError as err:
+                if "multiple commands" in str(err):
+                    raise DatabaseError("multiple_statements",
+                                        "only one SQL statement per call is allowed") from None
+                raise DatabaseError("sql_error", f"SQL syntax error: {err}") from None
+            except (asyncpg.exceptions.InterfaceError, asyncpg.exceptions.DataError) as err:
+                # DataError is asyncpg's client-side check of argument values against the types.
+                raise DatabaseError("bad_parameters", f"{_PARAMS_HINT}: {err}") from None
+            except asyncpg.exceptions.PostgresError as err:
+                raise DatabaseError("sql_error", f"SQL error: {err}") from None
+            finally:
+                if not conn.is_closed():
+                    await tr.rollback()
+        columns = [a.name for a in attributes]
+        rows = [[jsonable(v) for v in row.values()] for row in fetched[:max_rows]]
+        return QueryResult(columns=columns, rows=rows, truncated=len(fetched) > max_rows)
+
+    async def list_tables(self) -> list[dict[str, Any]]:
+        res = await self.query(
+            "SELECT table_name, CASE table_type WHEN 'VIEW' THEN 'view' ELSE 'table' END "
+            "FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY table_name",
+            None, 10_000, 10.0)
+        tables = []
+        for name, kind in res.rows:
+            count = await self.query(f"SELECT count(*) FROM {quote_identifier(name)}",  # noqa: S608
+                                     None, 1, 10.0)
+            tables.append({"name": name, "type": kind, "rows": count.rows[0][0]})
+        return tables
+
+    async def describe_table(self, table: str) -> dict[str, Any]:
+        known = {t["name"] for t in await self.list_tables()}
+        if table not in known:
+            raise DatabaseError("unknown_table",
+                                f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+        cols = await self.query(
+            "SELECT c.column_name, c.data_type, c.is_nullable = 'YES', c.column_default, "
+            "EXISTS (SELECT 1 FROM information_schema.table_constraints tc "
+            "  JOIN information_schema.key_column_usage k USING (constraint_schema, constraint_name) "
+            "  WHERE tc.constraint_type = 'PRIMARY KEY' AND tc.table_schema = c.table_schema "
+            "  AND tc.table_name = c.table_name AND k.column_name = c.column_name), "
+            "(SELECT ccu.table_name || '(' || ccu.column_name || ')' "
+            "  FROM information_schema.table_constraints tc "
+            "  JOIN information_schema.key_column_usage k USING (constraint_schema, constraint_name) "
+            "  JOIN information_schema.constraint_column_usage ccu "
+            "    USING (constraint_schema, constraint_name) "
+            "  WHERE tc.constraint_type = 'FOREIGN KEY' AND tc.table_schema = c.table_schema "
+            "  AND tc.table_name = c.table_name AND k.column_name = c.column_name LIMIT 1) "
+            "FROM information_schema.columns c WHERE c.table_schema = current_schema() AND c.table_name = $1 "
+            "ORDER BY c.ordinal_position", [table], 10_000, 10.0)
+        columns = [{"name": n, "type": t, "nullable": bool(nullable), "default": d, "primaryKey": bool(pk),
+                    "references": ref} for n, t, nullable, d, pk, ref in cols.rows]
+        return {"table": table, "columns": columns}
