@@ -41,11 +41,17 @@ $(NODE_STAMP): tests/conformance/package.json
 
 tools: $(NODE_STAMP)
 
-# Debian packages the tests start for real (Redis for shared rate limits).
+# Debian packages the tests start for real: Redis (shared rate limits), PostgreSQL (database
+# server backend), wrk (benchmarks only, see bench target).
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@need=""; \
+	command -v redis-server >/dev/null || need="$$need redis-server"; \
+	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
+	if [ -n "$$need" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; }
+	  echo "installing Debian packages:$$need"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$need; \
+	fi
 
 run: $(STAMP)
 	$(BIN)/mcp-gateway up
