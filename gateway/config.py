@@ -93,6 +93,29 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4317; tracing is off when unset
+    log_level: str = "INFO"
+    # gRPC services serve Prometheus /metrics on their gRPC port + this offset (127.0.0.1).
+    metrics_port_offset: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    dir: str = ".run/audit"  # each process appends to <dir>/<service>-<port>.jsonl
+    max_bytes: int = 100 * 1024 * 1024
+    keep: int = 10
+    otlp_export: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogConfig:
+    path: str = ".run/catalog.sqlite"
+    mode: str = "tofu"  # "tofu" (trust on first use) | "require_approval"
+    refresh_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Instance
     public_url: str
@@ -105,6 +128,9 @@ class GatewayConfig:
     ext_authz: ServiceConfig
     ext_proc: ServiceConfig
     servers: tuple[ServerConfig, ...]
+    telemetry: TelemetryConfig = TelemetryConfig()
+    audit: AuditConfig = AuditConfig()
+    catalog: CatalogConfig = CatalogConfig()
     state_dir: str = ".run"
     max_request_bytes: int = 1024 * 1024
     source: str = field(default="", compare=False)
@@ -176,7 +202,7 @@ def _service(data: Any, where: str) -> ServiceConfig:
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
-                      "max_request_bytes"}, "config")
+                      "max_request_bytes", "telemetry", "audit", "catalog"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -246,8 +272,21 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if rate_limits.backend == "redis" and not rate_limits.redis_url:
         raise ConfigError("rate_limits.redis_url is required when rate_limits.backend is 'redis'")
 
+    tel_raw = _only(top.get("telemetry", {}), set(TelemetryConfig.__slots__), "telemetry")
+    telemetry = TelemetryConfig(**tel_raw)
+    if telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("telemetry.log_level must be DEBUG, INFO, WARNING or ERROR")
+    audit_raw = _only(top.get("audit", {}), set(AuditConfig.__slots__), "audit")
+    audit = AuditConfig(**{**audit_raw, "dir": path(audit_raw.get("dir", ".run/audit"))})
+    if audit.max_bytes < 4096 or audit.keep < 1:
+        raise ConfigError("audit.max_bytes must be >= 4096 and audit.keep >= 1")
+    cat_raw = _only(top.get("catalog", {}), set(CatalogConfig.__slots__), "catalog")
+    catalog = CatalogConfig(**{**cat_raw, "path": path(cat_raw.get("path", ".run/catalog.sqlite"))})
+    if catalog.mode not in ("tofu", "require_approval"):
+        raise ConfigError("catalog.mode must be 'tofu' or 'require_approval'")
+
     return GatewayConfig(
-        listen=listen, public_url=public_url,
+        listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
         admin=_instance(top.get("admin", {"port": 9901}), "admin"),
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
         ext_authz=_service(top.get("ext_authz"), "ext_authz"),
