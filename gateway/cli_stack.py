@@ -1,0 +1,189 @@
+"""``mcp-gateway up|down|status|token|config``: the dev stack and the Envoy config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+
+from gateway import devstack, envoy_config
+from gateway.config import ConfigError, GatewayConfig, load_config
+
+# Exit codes: 0 ok, 1 failure, 2 usage (argparse), 3 the stack is not running.
+NOT_RUNNING = 3
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    return load_config(args.config)
+
+
+def _fail(message: str) -> int:
+    print(f"mcp-gateway: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    stack = devstack.Stack(config, startup_timeout=args.timeout)
+    stop = threading.Event()
+    starting = True
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+        if starting:
+            raise KeyboardInterrupt  # abort start-up; Stack.start stops what already runs
+
+    if not args.detach:
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+    print(f"starting the dev stack (state in {config.state_dir}) ...", flush=True)
+    try:
+        stack.start(detach=args.detach)
+        starting = False
+        print(devstack.banner(config, devstack.dev_token(config), stack.ca_file, detach=args.detach),
+              flush=True)
+        if args.detach:
+            print(f"PIDs: {devstack.paths(config).pid_file}")
+            return 0
+        stack.supervise(stop)
+        return 0
+    except KeyboardInterrupt:
+        return 130 if starting else 0
+    except (devstack.StackError, envoy_config.EnvoyConfigError) as exc:
+        return _fail(str(exc))
+    finally:
+        if not args.detach:
+            print("\nstopping ...", file=sys.stderr, flush=True)
+            stack.stop()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        stopped = devstack.down(_config(args))
+    except (ConfigError, devstack.StackError) as exc:
+        return _fail(str(exc))
+    print(f"stopped {len(stopped)} process(es)" if stopped else "no dev stack is running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+        rows = devstack.status(config)
+    except (ConfigError, devstack.StackError) as exc:
+        return _fail(str(exc))
+    running = any(r["alive"] for r in rows)
+    healthy = bool(rows) and all(r["healthy"] for r in rows)
+    if args.json:
+        print(json.dumps({"state_dir": config.state_dir, "running": running, "healthy": healthy,
+                          "components": rows}, indent=2))
+    elif not rows:
+        print("no dev stack is running")
+    else:
+        print(f"{'COMPONENT':<14}{'INST':>5}  {'ADDRESS':<22}{'PID':>8}  HEALTH")
+        for r in rows:
+            health = "healthy" if r["healthy"] else ("unhealthy" if r["alive"] else "stopped")
+            print(f"{r['component']:<14}{r['instance']:>5}  {r['address']:<22}{r['pid']:>8}  {health}")
+    if not running:
+        return NOT_RUNNING
+    return 0 if healthy else 1
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    try:
+        config = _config(args)
+        token = devstack.mint(config, sub=args.sub, roles=tuple(args.role),
+                              scopes=tuple(args.scope) if args.scope is not None else None,
+                              tenant=args.tenant, ttl=args.ttl, server=args.server)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    except KeyError as exc:
+        return _fail(f"no server named {exc.args[0]!r} in the config")
+    print(token)
+    return 0
+
+
+def _render(config: GatewayConfig, ext_proc: str = "auto", relative_to: str | None = None) -> str:
+    with_ext_proc = envoy_config.ext_proc_available() if ext_proc == "auto" else ext_proc == "on"
+    return envoy_config.render(config, envoy_config.RenderOptions(
+        ext_proc=with_ext_proc, relative_to=Path(relative_to) if relative_to else None))
+
+
+def cmd_config_render(args: argparse.Namespace) -> int:
+    try:
+        text = _render(_config(args), args.ext_proc, args.relative_to)
+    except (ConfigError, envoy_config.EnvoyConfigError) as exc:
+        return _fail(str(exc))
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_config_validate(args: argparse.Namespace) -> int:
+    try:
+        if args.file:
+            output = envoy_config.validate(args.file)
+            print(output or f"{args.file}: OK")
+            return 0
+        config = _config(args)
+        # The dev certificates are created the way `up` does, so a fresh clone validates too.
+        devstack.ensure_tls(config)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as fh:
+            fh.write(_render(config))
+            fh.flush()
+            envoy_config.validate(fh.name)
+        print(f"Envoy config rendered from {config.source} is valid")
+        return 0
+    except (ConfigError, envoy_config.EnvoyConfigError, devstack.StackError) as exc:
+        return _fail(str(exc))
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = subparsers.add_parser("up", help="start the local dev stack (Ctrl-C stops it)")
+    up.add_argument("--detach", action="store_true",
+                    help="return once every component is healthy, leaving the stack running")
+    up.add_argument("--timeout", type=float, default=devstack.STARTUP_TIMEOUT_SECONDS,
+                    help="seconds to wait for every component to become healthy")
+    up.set_defaults(func=cmd_up)
+
+    down = subparsers.add_parser("down", help="stop a detached dev stack")
+    down.set_defaults(func=cmd_down)
+
+    st = subparsers.add_parser("status", help="show each process of the dev stack")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=cmd_status)
+
+    tok = subparsers.add_parser("token", help="print a token the dev stack accepts")
+    tok.add_argument("--sub", default=devstack.DEV_TOKEN_SUB, help="subject (user id)")
+    tok.add_argument("--role", action="append", default=[], help="a role (repeatable)")
+    tok.add_argument("--scope", action="append", default=None,
+                     help="a scope (repeatable; default: tools:call:<server>/* for each server)")
+    tok.add_argument("--tenant", help="tenant claim")
+    tok.add_argument("--ttl", type=int, default=3600,
+                     help="lifetime in seconds; negative mints an already-expired token")
+    tok.add_argument("--server", help="audience: only this server (default: every server)")
+    tok.set_defaults(func=cmd_token)
+
+    cfg = subparsers.add_parser("config", help="render or validate the Envoy config")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True)
+    render = cfg_sub.add_parser("render", help="print the Envoy config rendered from the gateway config")
+    render.add_argument("-o", "--output", help="write to this file instead of stdout")
+    render.add_argument("--ext-proc", choices=("auto", "on", "off"), default="auto",
+                        help="render the ext_proc filter and cluster (auto: when ext_proc is installed)")
+    render.add_argument("--relative-to", metavar="DIR",
+                        help="write file paths under DIR relative to it (for checked-in examples)")
+    render.set_defaults(func=cmd_config_render)
+    validate = cfg_sub.add_parser("validate", help="run `envoy --mode validate` on the Envoy config")
+    validate.add_argument("file", nargs="?",
+                          help="an Envoy YAML file (default: render the gateway config and check it)")
+    validate.set_defaults(func=cmd_config_validate)

