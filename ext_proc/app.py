@@ -1,0 +1,103 @@
+"""Assemble and run the ext_proc gRPC server: policy engine, catalog, the ExternalProcessor
+servicer and a standard gRPC health service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ext_proc.inspect import Inspector, ListPolicy
+from ext_proc.servicer import ExternalProcessorServicer
+from ext_proc.settings import Settings
+from gateway.catalog import Catalog
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+SHUTDOWN_GRACE_SECONDS = 2.0
+
+
+class ManagedPolicy(ListPolicy, Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+@dataclass
+class Service:
+    """A running ext_proc server; ``stop()`` releases everything ``start_service`` made."""
+
+    server: grpc.aio.Server
+    port: int
+    servicer: ExternalProcessorServicer
+    health: health.aio.HealthServicer
+    _policy: ManagedPolicy | None
+    _catalog: Catalog | None
+    _stopped: bool = field(default=False)
+
+    async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self._policy is not None:
+            await self._policy.close()
+        if self._catalog is not None:
+            self._catalog.close()
+
+
+async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
+                        catalog: Catalog | None = None) -> Service:
+    """Start serving on ``settings.listen`` (port 0 picks a free port; see ``Service.port``).
+
+    ``catalog``: defaults to the one at ``settings.catalog_path`` (None there: no pinning).
+    """
+    if catalog is None and settings.catalog_path is not None:
+        catalog = Catalog(settings.catalog_path)
+    try:
+        inspector = Inspector(policy=policy, list_entrypoints=settings.list_entrypoints,
+                              catalog=catalog, replacement=settings.replacement,
+                              phone_region=settings.phone_region)
+        servicer = ExternalProcessorServicer(settings, inspector)
+        health_servicer = health.aio.HealthServicer()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # so_reuseport off: a second instance on a taken port must fail, not silently share it.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
+        if port == 0:
+            raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}")
+        if policy is not None:
+            await policy.start()
+        await server.start()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    except BaseException:
+        if catalog is not None:
+            catalog.close()
+        raise
+    logger.info("ext_proc serving on %s:%d (catalog %s, list filters %s)", settings.listen.host,
+                port, settings.catalog_path, dict(settings.list_entrypoints))
+    return Service(server, port, servicer, health_servicer, policy, catalog)
+
+
+async def serve(settings: Settings, policy: ManagedPolicy | None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    service = await start_service(settings, policy)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()

@@ -1,0 +1,209 @@
+"""What to do with one response, and doing it (pure apart from the awaited policy query).
+
+* ``tools/list``, ``prompts/list``, ``resources/list``, ``resources/templates/list``: keep the
+  items the caller's policy allows (one query for the whole page) whose pinned definition the
+  catalog approves; every other key of the result (``nextCursor`` included) is left alone.
+* ``tools/call``, ``resources/read``, ``prompts/get``: mask the PII types the policy obligation
+  names (``gateway.pii``) in the result, an error's message and data, and the params of any
+  notification or request the server sends in the same SSE stream.
+* Anything else: nothing to do, the body is not even sent to ext_proc.
+
+Inspected bodies are always re-serialized from what was parsed (orjson), so what the client
+parses is exactly what was inspected, duplicate keys included.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import orjson
+
+from ext_proc.errors import InvalidUpstreamResponse, ListPolicyError
+from ext_proc.metadata import CallerContext
+from gateway.catalog import Catalog
+from gateway.pii import DEFAULT_REPLACEMENT, Masker, mask_mcp_result
+from gateway.policy.errors import PolicyError
+from gateway.sse import DEFAULT_MAX_BUFFER, SseParser, serialize
+
+MASK_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+
+
+@dataclass(frozen=True, slots=True)
+class ListSpec:
+    method: str
+    key: str  # the list in the result
+    id_field: str  # what names an item (for the policy and the catalog)
+    catalog_kind: str | None  # resource templates are not pinned by the catalog
+
+
+LIST_SPECS: Mapping[str, ListSpec] = {
+    s.method: s for s in (
+        ListSpec("tools/list", "tools", "name", "tool"),
+        ListSpec("prompts/list", "prompts", "name", "prompt"),
+        ListSpec("resources/list", "resources", "uri", "resource"),
+        ListSpec("resources/templates/list", "resourceTemplates", "uriTemplate", None),
+    )
+}
+
+
+class ListPolicy(Protocol):
+    """The part of ``gateway.policy.PolicyEngine`` used here."""
+
+    async def query(self, entrypoint: str, policy_input: Any) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """``masker`` set: mask; ``list_spec`` set: filter; neither: pass the body untouched."""
+
+    masker: Masker | None = None
+    list_spec: ListSpec | None = None
+
+    @property
+    def inspects(self) -> bool:
+        return self.masker is not None or self.list_spec is not None
+
+
+NOTHING = Plan()
+
+
+@functools.lru_cache(maxsize=64)
+def masker_for(types: tuple[str, ...], replacement: str = DEFAULT_REPLACEMENT,
+               phone_region: str = "US") -> Masker:
+    """One compiled masker per type set (the caller passes canonical, sorted type tuples)."""
+    return Masker(types, replacement=replacement, phone_region=phone_region)
+
+
+def mask_message(msg: dict[str, Any], masker: Masker) -> tuple[dict[str, Any], Counter[str]]:
+    """Mask one JSON-RPC message from a server: result as MCP content, error, and params."""
+    counts: Counter[str] = Counter()
+    out = dict(msg)
+    if "result" in out:
+        out["result"], c = mask_mcp_result(out["result"], masker)
+        counts.update(c)
+    if "error" in out:
+        out["error"], c = masker.mask_json(out["error"])
+        counts.update(c)
+    if "params" in out:
+        out["params"], c = masker.mask_json(out["params"])
+        counts.update(c)
+    return out, counts
+
+
+class Inspector:
+    """Decides per response and transforms parsed JSON-RPC messages. One per process."""
+
+    def __init__(self, *, policy: ListPolicy | None, list_entrypoints: Mapping[str, str],
+                 catalog: Catalog | None, replacement: str = DEFAULT_REPLACEMENT,
+                 phone_region: str = "US") -> None:
+        unknown = set(list_entrypoints) - {s.key for s in LIST_SPECS.values()}
+        if unknown:
+            raise ValueError(f"list entrypoints for unknown list kinds: {', '.join(sorted(unknown))}")
+        if list_entrypoints and policy is None:
+            raise ValueError("list entrypoints are configured but there is no policy engine")
+        self._policy = policy
+        self._entrypoints = dict(list_entrypoints)
+        self._catalog = catalog
+        self._replacement = replacement
+        self._region = phone_region
+
+    def plan(self, ctx: CallerContext) -> Plan:
+        spec = LIST_SPECS.get(ctx.mcp_method)
+        if spec is not None:
+            return Plan(list_spec=spec)
+        if ctx.mcp_method in MASK_METHODS and ctx.mask:
+            return Plan(masker=masker_for(ctx.mask, self._replacement, self._region))
+        return NOTHING
+
+    async def transform(self, msg: Any, ctx: CallerContext, plan: Plan
+                        ) -> tuple[dict[str, Any], Counter[str]]:
+        """The inspected message and the masked counts; raises InspectionError subclasses."""
+        if not isinstance(msg, dict):
+            raise InvalidUpstreamResponse("the upstream answer is not a JSON-RPC message object")
+        if plan.list_spec is not None:
+            return await self.filter_list(msg, ctx, plan.list_spec), Counter()
+        if plan.masker is not None:
+            return mask_message(msg, plan.masker)
+        return msg, Counter()
+
+    async def filter_list(self, msg: dict[str, Any], ctx: CallerContext, spec: ListSpec
+                          ) -> dict[str, Any]:
+        result = msg.get("result")
+        if result is None:
+            return msg  # an error answer, a notification or a server request: nothing is listed
+        if not isinstance(result, dict) or not isinstance(result.get(spec.key), list):
+            raise InvalidUpstreamResponse(f"a {spec.method} result without a {spec.key!r} list")
+        # Items that cannot be named cannot be decided on: they are dropped.
+        items: list[Mapping[str, Any]] = [
+            i for i in result[spec.key] if isinstance(i, dict) and isinstance(i.get(spec.id_field), str)]
+        if self._catalog is not None and spec.catalog_kind is not None and items:
+            items = self._catalog.visible(ctx.server, items, kind=spec.catalog_kind)
+        entrypoint = self._entrypoints.get(spec.key)
+        if entrypoint is not None and items:
+            allowed = await self._allowed(entrypoint, ctx, spec, [i[spec.id_field] for i in items])
+            items = [i for i in items if i[spec.id_field] in allowed]
+        out = dict(msg)
+        out["result"] = {**result, spec.key: items}
+        return out
+
+    async def _allowed(self, entrypoint: str, ctx: CallerContext, spec: ListSpec,
+                       names: list[str]) -> frozenset[str]:
+        assert self._policy is not None
+        token: dict[str, Any] = {"sub": ctx.sub, "roles": list(ctx.roles)}
+        if ctx.tenant is not None:
+            token["tenant"] = ctx.tenant
+        if ctx.scope is not None:
+            token["scope"] = ctx.scope
+        policy_input = {"mcp": {"method": spec.method}, "token": token,
+                        "server": {"name": ctx.server}, "kind": spec.key, "items": names}
+        try:
+            value = await self._policy.query(entrypoint, policy_input)
+        except PolicyError as exc:
+            raise ListPolicyError(f"the list policy {entrypoint} failed: {exc}") from None
+        if value is None:
+            return frozenset()  # undefined rule: nothing is visible
+        if not isinstance(value, list) or not all(isinstance(n, str) for n in value):
+            raise ListPolicyError(f"the list policy {entrypoint} must return a list of names, "
+                                  f"got {type(value).__name__}")
+        return frozenset(value)
+
+
+def loads_response(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidUpstreamResponse(f"the upstream answer is not valid JSON: {exc}") from None
+
+
+MessageTransform = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+class SseInspector:
+    """Streams ``text/event-stream`` through a per-message transform, event by event.
+
+    Complete events are parsed, transformed and re-serialized as soon as their blank line
+    arrives; the incomplete tail stays buffered (bounded). An event still unterminated when the
+    stream ends is dropped, as every SSE client drops it: emitting it with a terminator would
+    make the client act on an event the server never finished.
+    """
+
+    def __init__(self, transform: MessageTransform, *, max_buffer: int = DEFAULT_MAX_BUFFER) -> None:
+        self._parser = SseParser(max_buffer=max_buffer)
+        self._transform = transform
+        self.dropped_tail = False
+
+    async def feed(self, chunk: bytes) -> bytes:
+        out = bytearray()
+        for event in self._parser.feed(chunk):
+            if event.data is not None and event.data.strip():
+                msg = await self._transform(loads_response(event.data.encode("utf-8")))
+                event.data = orjson.dumps(msg).decode("utf-8")
+            out += serialize(event)
+        return bytes(out)
+
+    def close(self) -> None:
+        self.dropped_tail = self._parser.close() is not None

@@ -1,0 +1,92 @@
+"""The caller context ext_authz hands to ext_proc as dynamic metadata (pure parsing).
+
+ext_authz puts one struct into its CheckResponse ``dynamic_metadata``; Envoy stores it under the
+filter namespace ``envoy.filters.http.ext_authz`` and, with ``metadata_options
+.forwarding_namespaces.untyped`` naming that namespace, sends it to ext_proc in
+``ProcessingRequest.metadata_context``. Anything missing or of the wrong type is an error: the
+caller fails closed rather than inspect with a guessed context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import struct_pb2
+
+from ext_proc.errors import MetadataInvalid, MetadataMissing
+from gateway.pii import UnknownPiiType, normalize_types
+
+NAMESPACE = "envoy.filters.http.ext_authz"
+MAX_LIST_ITEMS = 64  # roles / mask types; a longer list is a bug upstream, not a real caller
+
+
+@dataclass(frozen=True, slots=True)
+class CallerContext:
+    mcp_method: str
+    server: str
+    sub: str
+    roles: tuple[str, ...]
+    mask: tuple[str, ...]  # canonical PII type names (gateway.pii), possibly empty
+    decision_id: str
+    tool: str | None = None
+    tenant: str | None = None
+    scope: str | None = None
+    request_id: str | None = None
+
+
+def _string(fields: Any, key: str, *, required: bool) -> str | None:
+    if key not in fields:
+        if required:
+            raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
+        return None
+    value = fields[key]
+    if value.WhichOneof("kind") == "null_value" and not required:
+        return None
+    if value.WhichOneof("kind") != "string_value":
+        raise MetadataInvalid(f"ext_authz metadata {key!r} must be a string", data={"field": key})
+    text: str = value.string_value
+    return text
+
+
+def _strings(fields: Any, key: str) -> tuple[str, ...]:
+    if key not in fields:
+        raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
+    value = fields[key]
+    if value.WhichOneof("kind") != "list_value":
+        raise MetadataInvalid(f"ext_authz metadata {key!r} must be a list", data={"field": key})
+    items = value.list_value.values
+    if len(items) > MAX_LIST_ITEMS:
+        raise MetadataInvalid(f"ext_authz metadata {key!r} is too long", data={"field": key})
+    out: list[str] = []
+    for item in items:
+        if item.WhichOneof("kind") != "string_value":
+            raise MetadataInvalid(f"ext_authz metadata {key!r} must hold strings", data={"field": key})
+        out.append(item.string_value)
+    return tuple(out)
+
+
+def parse_caller_context(filter_metadata: Any) -> CallerContext:
+    """The caller context from ``metadata_context.filter_metadata`` (a map of Structs)."""
+    if NAMESPACE not in filter_metadata:
+        raise MetadataMissing(f"no {NAMESPACE} metadata: the caller context is unknown")
+    struct: struct_pb2.Struct = filter_metadata[NAMESPACE]
+    fields = struct.fields
+    method = _string(fields, "mcp_method", required=True)
+    server = _string(fields, "server", required=True)
+    sub = _string(fields, "sub", required=True)
+    decision_id = _string(fields, "decision_id", required=True)
+    assert method is not None and server is not None and sub is not None and decision_id is not None
+    if not server:
+        raise MetadataInvalid("ext_authz metadata 'server' is empty", data={"field": "server"})
+    try:
+        mask = normalize_types(_strings(fields, "mask"))
+    except UnknownPiiType as exc:
+        raise MetadataInvalid(str(exc), data={"field": "mask"}) from None
+    return CallerContext(
+        mcp_method=method, server=server, sub=sub, roles=_strings(fields, "roles"), mask=mask,
+        decision_id=decision_id, tool=_string(fields, "tool", required=False) or None,
+        tenant=_string(fields, "tenant", required=False) or None,
+        scope=_string(fields, "scope", required=False),
+        request_id=_string(fields, "request_id", required=False) or None,
+    )

@@ -1,0 +1,110 @@
+"""Wire tests: a real grpc.aio ext_proc server on port 0 and a real gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ext_proc.app import SERVICE_NAME, Service, start_service
+from ext_proc.settings import Settings
+from gateway.catalog import Catalog
+from gateway.config import load_config
+from tests.ext_proc.conftest import (
+    CARD,
+    EMAIL,
+    TOOLS,
+    StandinPolicy,
+    caller,
+    jsonrpc_result,
+    make_settings,
+    request_headers,
+    response_body,
+    response_headers,
+    tool_result,
+)
+
+WAIT = 10.0  # bound on every RPC wait
+
+
+@pytest.fixture
+async def service(policy: StandinPolicy, tmp_path: Path) -> AsyncIterator[Service]:
+    catalog = Catalog(tmp_path / "catalog.sqlite")
+    catalog.refresh("files", TOOLS)
+    svc = await start_service(make_settings(), policy, catalog=catalog)
+    try:
+        yield svc
+    finally:
+        await svc.stop(grace=None)
+
+
+@pytest.fixture
+async def channel(service: Service) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as ch:
+        yield ch
+
+
+async def test_health_is_serving(service: Service, channel: grpc.aio.Channel,
+                                 policy: StandinPolicy) -> None:
+    """The standard health service reports SERVING once started; the policy was started."""
+    stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs omit the RPCs
+    for name in ("", SERVICE_NAME):
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=WAIT)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    assert policy.started
+
+
+async def test_masking_over_the_wire(channel: grpc.aio.Channel) -> None:
+    """A bidi Process stream over real gRPC masks a JSON tool result."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    await call.write(request_headers(caller()))
+    assert (await call.read()).WhichOneof("response") == "request_headers"
+    await call.write(response_headers())
+    assert (await call.read()).HasField("mode_override")
+    await call.write(response_body(jsonrpc_result(tool_result(f"{EMAIL} {CARD}"))))
+    body = (await call.read()).response_body.response.body_mutation.body
+    assert EMAIL.encode() not in body and b"4111" not in body
+    assert orjson.loads(body)["result"]["content"][0]["text"] == "[REDACTED:email] [REDACTED:card]"
+    await call.done_writing()
+    assert await call.read() == grpc.aio.EOF
+
+
+async def test_filtering_over_the_wire(channel: grpc.aio.Channel, policy: StandinPolicy) -> None:
+    """tools/list through the real server: policy and catalog filter in one pass."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    await call.write(request_headers(caller(mcp_method="tools/list")))
+    await call.read()
+    await call.write(response_headers())
+    await call.read()
+    await call.write(response_body(jsonrpc_result({"tools": TOOLS})))
+    body = (await call.read()).response_body.response.body_mutation.body
+    assert [t["name"] for t in orjson.loads(body)["result"]["tools"]] == ["read_file", "stat"]
+    assert len(policy.queries) == 1
+    await call.done_writing()
+
+
+async def test_failure_is_an_immediate_response_then_end(channel: grpc.aio.Channel) -> None:
+    """Missing metadata: an ImmediateResponse, then the server ends the stream."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    await call.write(request_headers(None))
+    resp = await call.read()
+    assert resp.immediate_response.status.code == 500
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+def test_settings_from_the_default_config() -> None:
+    """The embedded config yields the first ext_proc instance, the catalog in state_dir and a
+    per-message budget below Envoy's timeout."""
+    cfg = load_config(None)
+    settings = Settings.from_config(cfg, port=0)
+    assert settings.listen.port == 0 and settings.listen.host == cfg.ext_proc.instances[0].host
+    assert settings.catalog_path is not None and settings.catalog_path.name == "catalog.sqlite"
+    assert 0 < settings.message_timeout_seconds < cfg.ext_proc.timeout_ms / 1000
+    assert dict(settings.list_entrypoints) == {"tools": "mcp/authz/visible_tools"}
