@@ -1,0 +1,152 @@
+"""``mcp-gateway policy test|eval``: run the Rego unit tests; explain one decision."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, load_config
+from gateway.errors import GatewayError
+from gateway.jsonrpc import parse_message
+from gateway.mcp import NAME_PARAM, extract_context
+from gateway.policy.decision import ContractViolation, check_decision
+from gateway.policy.errors import PolicyError
+from gateway.policy.input import build_policy_input
+from gateway.policy.rego import CompiledPolicy, load_sources
+from gateway.policy.testing import discover_and_run
+
+
+def register(subparsers: Any) -> None:
+    policy = subparsers.add_parser("policy", help="test and explain Rego policies")
+    sub = policy.add_subparsers(dest="policy_command", required=True)
+
+    test = sub.add_parser("test", help="run every test_* rule of the policy folder")
+    test.add_argument("--dir", help="policy folder (default: policy.dir of the config)")
+    test.add_argument("-v", "--verbose", action="store_true", help="list every test, not only failures")
+    test.set_defaults(func=cmd_test)
+
+    ev = sub.add_parser("eval", help="decide one request as the gateway would, and explain it")
+    ev.add_argument("--claims", required=True, help="token claims: JSON or @file")
+    ev.add_argument("--request", required=True, help="JSON-RPC request body: JSON or @file")
+    ev.add_argument("--server", default="files", help="target MCP server (default: files)")
+    ev.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                    help="an HTTP request header (repeatable)")
+    ev.add_argument("--dir", help="policy folder (default: policy.dir of the config)")
+    ev.add_argument("--explain", action="store_true", help="show the value of every rule of the package")
+    ev.set_defaults(func=cmd_eval)
+
+
+def _policy_settings(args: argparse.Namespace) -> tuple[str, str, str]:
+    """(policy dir, entrypoint, public url) from the flags and the config."""
+    cfg = load_config(args.config)
+    return args.dir or cfg.policy.dir, cfg.policy.entrypoint, cfg.public_url
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    try:
+        policy_dir, _, _ = _policy_settings(args)
+        results = discover_and_run(policy_dir)
+    except (PolicyError, ConfigError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    if not results:
+        print(f"no test_* rules found in {policy_dir}", file=sys.stderr)
+        return 1
+    for r in results:
+        if args.verbose or not r.passed:
+            line = f"{r.status:5} {r.file}: data.{r.package}.{r.name}"
+            if r.detail:
+                line += f" ({r.detail})"
+            if args.verbose:
+                line += f" [{r.duration_us / 1000:.1f} ms]"
+            print(line)
+    failed = sum(not r.passed for r in results)
+    print("-" * 60)
+    print(f"PASS: {len(results) - failed}/{len(results)}" + (f"  FAIL: {failed}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _json_arg(value: str, what: str) -> Any:
+    text = Path(value[1:]).read_text(encoding="utf-8") if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--{what} is not valid JSON: {exc}") from None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        policy_dir, entrypoint, public_url = _policy_settings(args)
+        claims = _json_arg(args.claims, "claims")
+        if not isinstance(claims, dict):
+            raise ValueError("--claims must be a JSON object")
+        req = args.request
+        body_text = Path(req[1:]).read_bytes() if req.startswith("@") else req.encode()
+        headers: dict[str, str] = {}
+        for item in args.header:
+            name, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"--header {item!r}: expected NAME:VALUE")
+            headers[name.strip().lower()] = value.strip()
+        msg = parse_message(body_text)
+        # A simulated request: supply the SEP-2243 headers a conforming client would send.
+        if msg.method is not None:
+            headers.setdefault("mcp-method", msg.method)
+            key = NAME_PARAM.get(msg.method)
+            if key and isinstance(msg.params.get(key), str):
+                headers.setdefault("mcp-name", msg.params[key])
+        ctx = extract_context(msg, headers)
+    except (OSError, ValueError, ConfigError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 2
+    except GatewayError as exc:
+        print(f"ERROR: the gateway would refuse this request before the policy: "
+              f"{exc.code} (HTTP {exc.http_status}): {exc.message}", file=sys.stderr)
+        return 2
+    resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
+    policy_input = build_policy_input(
+        ctx, claims=claims, server_name=args.server, server_resource=resource, body=msg.raw,
+        headers=headers, path=f"/mcp/{args.server}", host=resource.split("/")[2],
+    )
+    package_path = entrypoint.rsplit("/", 1)[0]
+    try:
+        sources = load_sources(policy_dir, include_tests=False)
+        rules = _package_rules(sources, package_path.replace("/", "."))
+        explain = [f"{package_path}/{r}" for r in rules] if args.explain else []
+        compiled = CompiledPolicy(sources, [entrypoint, *explain])
+        defined, value = compiled.evaluate(entrypoint, policy_input)
+    except PolicyError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    try:
+        decision = check_decision(value, defined=defined)
+        verdict = "ALLOW" if decision.allow else "DENY"
+        print(f"{verdict}  reason={decision.reason}  http_status={decision.http_status}"
+              + (f"  missing_scope={decision.missing_scope}" if decision.missing_scope else ""))
+    except ContractViolation as exc:
+        print(f"DENY  reason=policy_contract_error ({exc})")
+    print(json.dumps({"decision": value if defined else "<undefined>"}, indent=2, sort_keys=True))
+    if args.explain:
+        print(f"\nrules of data.{package_path.replace('/', '.')} for this input:")
+        for rule, ep in zip(rules, explain, strict=True):
+            try:
+                rdef, rval = compiled.evaluate(ep, policy_input)
+            except PolicyError as exc:
+                print(f"  {rule} = <error: {exc}>")
+                continue
+            shown = json.dumps(rval, sort_keys=True) if rdef else "<undefined>"
+            print(f"  {rule} = {shown if len(shown) <= 160 else shown[:157] + '...'}")
+        print("\npolicy input:")
+        print(json.dumps(policy_input, indent=2, sort_keys=True))
+    return 0
+
+
+def _package_rules(sources: Any, package: str) -> list[str]:
+    names: list[str] = []
+    for module in sources.modules:
+        if module.package == package:
+            names.extend(n for n in module.rule_names() if n not in names)
+    return names

@@ -1,0 +1,81 @@
+"""The engine interface every backend implements, and the factory that picks one from config."""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any
+
+from gateway.config import PolicyConfig
+from gateway.policy.decision import ContractViolation, Decision, check_decision, contract_error, engine_error
+from gateway.policy.errors import PolicyError
+from gateway.policy.rego import ENTRYPOINT_RE
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RELOAD_INTERVAL_SECONDS = 2.0
+DEFAULT_OPA_TIMEOUT_SECONDS = 0.25
+
+
+class PolicyEngine(abc.ABC):
+    """Decides requests by evaluating the configured entrypoint with a policy input.
+
+    ``decide`` never raises for a policy problem: it returns a deny (fail closed) whose
+    ``error_code`` says why. ``query`` returns the raw value of any rule (None when undefined)
+    and raises PolicyError on engine failures; callers must treat that as a deny.
+    """
+
+    def __init__(self, entrypoint: str) -> None:
+        if not ENTRYPOINT_RE.match(entrypoint):
+            raise PolicyError(f"invalid policy entrypoint {entrypoint!r}: "
+                              "expected a path like mcp/authz/decision")
+        self.entrypoint = entrypoint
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load / connect. Raises PolicyError when the policy cannot serve at all."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release resources; idempotent."""
+
+    @abc.abstractmethod
+    async def evaluate(self, entrypoint: str, policy_input: Any) -> tuple[bool, Any]:
+        """(defined, value) of one rule; raises PolicyError."""
+
+    async def decide(self, policy_input: Any) -> Decision:
+        try:
+            defined, value = await self.evaluate(self.entrypoint, policy_input)
+        except PolicyError as exc:
+            logger.error("policy engine error on %s: %s", self.entrypoint, exc)
+            return engine_error()
+        try:
+            return check_decision(value, defined=defined)
+        except ContractViolation as exc:
+            logger.error("policy contract error on %s: %s", self.entrypoint, exc)
+            return contract_error()
+
+    async def query(self, entrypoint: str, policy_input: Any) -> Any:
+        if not ENTRYPOINT_RE.match(entrypoint):
+            raise PolicyError(f"invalid entrypoint {entrypoint!r}: "
+                              "expected a path like mcp/authz/visible_tools")
+        defined, value = await self.evaluate(entrypoint, policy_input)
+        return value if defined else None
+
+
+def build_engine(cfg: PolicyConfig, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
+                 opa_timeout: float = DEFAULT_OPA_TIMEOUT_SECONDS,
+                 extra_entrypoints: tuple[str, ...] = ()) -> PolicyEngine:
+    """The backend ``cfg.engine`` names. Nothing is loaded or connected until ``start()``."""
+    if cfg.engine == "embedded":
+        from gateway.policy.embedded import EmbeddedEngine
+
+        return EmbeddedEngine(cfg.dir, cfg.entrypoint, reload_interval=reload_interval,
+                              extra_entrypoints=extra_entrypoints)
+    if cfg.engine == "opa":
+        from gateway.policy.opa import OpaEngine
+
+        if not cfg.opa_url:
+            raise PolicyError("policy.opa_url is required when policy.engine is 'opa'")
+        return OpaEngine(cfg.opa_url, cfg.entrypoint, timeout=opa_timeout)
+    raise PolicyError(f"unknown policy engine {cfg.engine!r}: expected 'embedded' or 'opa'")

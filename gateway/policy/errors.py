@@ -1,0 +1,29 @@
+"""Errors of the policy engine. ``code`` is stable: it labels metrics and decision logs."""
+
+from __future__ import annotations
+
+
+class PolicyError(Exception):
+    """The policy could not produce a decision (engine, compile or transport failure)."""
+
+    code = "policy_error"
+
+
+class PolicyCompileError(PolicyError):
+    """The policy folder does not compile; the message names file:line:col where known."""
+
+    code = "policy_compile_error"
+
+
+class PolicyEvalError(PolicyError):
+    """Evaluation failed at run time (Rego runtime error, OPA unreachable, timeout, 5xx)."""
+
+
+class PolicyInputError(PolicyError):
+    """The policy input is not JSON-shaped data the engine can pass on."""
+
+
+class PolicyContractError(PolicyError):
+    """The policy answered, but not with a value the decision contract allows."""
+
+    code = "policy_contract_error"

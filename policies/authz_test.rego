@@ -1,0 +1,236 @@
+# Unit tests of authz.rego. Run them with `mcp-gateway policy test` (or `opa test policies/`).
+package mcp.authz_test
+
+import rego.v1
+
+import data.mcp.authz
+
+token(roles, scope) := {"sub": "alice", "roles": roles, "scope": scope, "tenant": "acme"}
+
+call(server, tool, args, roles, scope) := {
+	"mcp": {"kind": "request", "method": "tools/call", "name": tool, "tool": tool, "arguments": args},
+	"token": token(roles, scope),
+	"server": {"name": server},
+}
+
+files(tool, args, roles) := call("files", tool, args, roles, "tools:call:files/*")
+
+db(tool, args, roles) := call("database", tool, args, roles, "tools:call:database/*")
+
+rpc(method, roles) := {
+	"mcp": {"kind": "request", "method": method},
+	"token": token(roles, ""),
+	"server": {"name": "files"},
+}
+
+# Two rego-cpp 1.5.2 quirks shape this helper (see README.md): `with input as x` fails to
+# compile, so each top-level field is replaced on its own; and a value built by function calls
+# is mis-evaluated under `with` unless it is first normalized by a JSON round trip.
+decide(raw) := d if {
+	inp := json.unmarshal(json.marshal(raw))
+	d := authz.decision with input.mcp as object.get(inp, "mcp", null)
+		with input.token as object.get(inp, "token", null)
+		with input.server as object.get(inp, "server", null)
+		with input.session as object.get(inp, "session", null)
+}
+
+denied_with(inp, reason) if {
+	d := decide(inp)
+	d.allow == false
+	d.reason == reason
+	d.http_status == 403
+}
+
+allowed(inp) if {
+	d := decide(inp)
+	d.allow == true
+}
+
+# ---------------------------------------------------------------- non-tool methods
+
+test_open_methods_allowed_for_any_role if {
+	allowed(rpc("initialize", ["viewer"]))
+	allowed(rpc("tools/list", ["analyst"]))
+	allowed(rpc("ping", ["conformance"]))
+	allowed(rpc("notifications/initialized", ["viewer"]))
+}
+
+test_no_known_role_is_denied if {
+	denied_with(rpc("tools/list", []), "no_role")
+	denied_with(rpc("tools/list", ["intern"]), "no_role")
+}
+
+test_unknown_method_denied if {
+	denied_with(rpc("sampling/createMessage", ["admin"]), "method_not_allowed")
+}
+
+test_unknown_server_denied if {
+	inp := object.union(rpc("tools/list", ["admin"]), {"server": {"name": "payroll"}})
+	denied_with(inp, "unknown_server")
+}
+
+test_missing_token_denied if {
+	d := decide({"mcp": {"method": "tools/list"}, "server": {"name": "files"}})
+	d.allow == false
+}
+
+# ---------------------------------------------------------------- RBAC and scopes
+
+test_rbac_allows_role_tool if {
+	allowed(files("read_file", {"path": "shared/a.txt"}, ["viewer"]))
+}
+
+test_rbac_denies_tool_outside_role if {
+	denied_with(files("write_file", {"path": "shared/a.txt"}, ["viewer"]), "tool_not_allowed")
+	denied_with(files("search", {"path": "shared"}, ["viewer"]), "tool_not_allowed")
+}
+
+test_missing_scope_named if {
+	inp := call("files", "read_file", {"path": "shared/a.txt"}, ["viewer"], "tools:call:database/*")
+	d := decide(inp)
+	d.allow == false
+	d.reason == "insufficient_scope"
+	d.missing_scope == "tools:call:files/read_file"
+}
+
+test_exact_scope_suffices if {
+	allowed(call("files", "read_file", {"path": "shared/a.txt"}, ["viewer"], "openid tools:call:files/read_file"))
+}
+
+test_scope_does_not_widen_role if {
+	inp := call("files", "write_file", {"path": "shared/a"}, ["viewer"], "tools:call:files/write_file")
+	denied_with(inp, "tool_not_allowed")
+}
+
+test_conformance_role_and_scope if {
+	allowed(call("conformance", "test_simple_text", {}, ["conformance"], "tools:call:conformance/*"))
+	denied_with(call("conformance", "test_simple_text", {}, ["viewer"], "tools:call:conformance/*"), "tool_not_allowed")
+	denied_with(call("files", "read_file", {"path": "shared/a"}, ["conformance"], "tools:call:files/*"), "tool_not_allowed")
+}
+
+# ---------------------------------------------------------------- file paths
+
+test_path_prefix_by_role if {
+	allowed(files("read_file", {"path": "reports/q3.txt"}, ["analyst"]))
+	denied_with(files("read_file", {"path": "projects/x.py"}, ["analyst"]), "path_not_allowed")
+	allowed(files("read_file", {"path": "projects/x.py"}, ["engineer"]))
+}
+
+test_path_prefix_is_segment_based if {
+	denied_with(files("read_file", {"path": "shared-secrets/a"}, ["viewer"]), "path_not_allowed")
+	allowed(files("read_file", {"path": "./shared//a"}, ["viewer"]))
+}
+
+test_path_traversal_denied if {
+	denied_with(files("read_file", {"path": "shared/../secret"}, ["admin"]), "path_invalid")
+	denied_with(files("read_file", {"path": "/etc/passwd"}, ["admin"]), "path_invalid")
+}
+
+# Backslashes and non-string paths are covered by tests/policies/test_authz_policy.py: rego-cpp
+# 1.5.2 fails on them inside the JSON round trip that decide() needs.
+
+test_missing_path_means_root if {
+	denied_with(files("list_directory", {}, ["viewer"]), "path_not_allowed")
+	allowed(files("list_directory", {}, ["admin"]))
+}
+
+test_write_needs_write_prefix if {
+	allowed(files("write_file", {"path": "projects/a.txt", "content": "x"}, ["engineer"]))
+	denied_with(files("write_file", {"path": "shared/a.txt", "content": "x"}, ["engineer"]), "path_not_allowed")
+}
+
+test_every_path_argument_checked if {
+	denied_with(files("search", {"path": "shared", "root": "secret"}, ["analyst"]), "path_not_allowed")
+}
+
+# ---------------------------------------------------------------- tenant isolation
+
+test_own_tenant_folder_allowed if {
+	allowed(files("read_file", {"path": "tenants/acme/reports/a.csv"}, ["analyst"]))
+}
+
+test_other_tenant_folder_denied_even_for_admin if {
+	denied_with(files("read_file", {"path": "tenants/globex/a.csv"}, ["admin"]), "path_other_tenant")
+	denied_with(files("list_directory", {"path": "tenants"}, ["admin"]), "path_other_tenant")
+}
+
+test_tenant_claim_required_for_tools if {
+	inp := files("read_file", {"path": "shared/a"}, ["viewer"])
+	no_tenant := {"sub": "a", "roles": ["viewer"], "scope": "tools:call:files/*"}
+	denied_with(object.union(object.remove(inp, ["token"]), {"token": no_tenant}), "tenant_required")
+}
+
+test_tenant_argument_must_match if {
+	denied_with(db("list_tables", {"tenant": "globex"}, ["analyst"]), "tenant_mismatch")
+	allowed(db("list_tables", {"tenant": "acme"}, ["analyst"]))
+}
+
+test_session_never_crosses_tenants if {
+	inp := object.union(rpc("tools/list", ["admin"]), {"session": {"tenant": "globex"}})
+	denied_with(inp, "session_tenant_mismatch")
+	allowed(object.union(rpc("tools/list", ["admin"]), {"session": {"tenant": "acme"}}))
+}
+
+# ---------------------------------------------------------------- database
+
+test_tables_by_role if {
+	allowed(db("query", {"sql": "SELECT id, total FROM orders WHERE total > 10"}, ["analyst"]))
+	allowed(db("query", {"sql": "select * from orders o join customers c on o.customer_id = c.id"}, ["analyst"]))
+	denied_with(db("query", {"sql": "SELECT * FROM customers"}, ["engineer"]), "table_not_allowed")
+	denied_with(db("query", {"sql": "SELECT * FROM orders WHERE id IN (SELECT id FROM salaries)"}, ["analyst"]), "table_not_allowed")
+}
+
+test_unclear_sql_denied if {
+	denied_with(db("query", {"sql": "SELECT * FROM orders; DROP TABLE orders"}, ["admin"]), "sql_not_understood")
+	denied_with(db("query", {"sql": "SELECT * FROM orders -- x"}, ["admin"]), "sql_not_understood")
+	denied_with(db("query", {"sql": "DELETE FROM orders"}, ["admin"]), "sql_not_understood")
+	denied_with(db("query", {"sql": "SELECT * FROM orders, customers"}, ["analyst"]), "sql_not_understood")
+	denied_with(db("query", {"sql": "SELECT * FROM sqlite_master"}, ["admin"]), "sql_not_understood")
+	denied_with(db("query", {"sql": "SELECT 1"}, ["admin"]), "table_not_allowed")
+	denied_with(db("query", {"sql": "SELECT * FROM \"customers\""}, ["analyst"]), "table_not_allowed")
+	denied_with(db("query", {}, ["admin"]), "sql_not_understood")
+}
+
+test_describe_table_by_role if {
+	allowed(db("describe_table", {"table": "Products"}, ["viewer"]))
+	denied_with(db("describe_table", {"table": "orders"}, ["viewer"]), "table_not_allowed")
+}
+
+# ---------------------------------------------------------------- resources
+
+resource_read(uri) := {
+	"mcp": {"kind": "request", "method": "resources/read", "name": uri, "resource_uri": uri},
+	"token": token(["viewer"], ""),
+	"server": {"name": "files"},
+}
+
+test_resource_read_inside_prefix_allowed if {
+	allowed(resource_read("file:///shared/a.txt"))
+}
+
+test_resource_read_outside_prefix_denied if {
+	denied_with(resource_read("file:///secret/a.txt"), "path_not_allowed")
+}
+
+# ---------------------------------------------------------------- obligations and lists
+
+test_mask_pii_obligation_by_role if {
+	d := decide(files("read_file", {"path": "shared/a"}, ["viewer"]))
+	d.obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+	d2 := decide(files("read_file", {"path": "shared/a"}, ["viewer", "admin"]))
+	d2.obligations.mask_pii == []
+}
+
+test_visible_tools_filters_one_query if {
+	inp := {
+		"mcp": {"method": "tools/list"},
+		"token": {"sub": "a", "roles": ["viewer"], "tenant": "acme", "scope": "tools:call:files/read_file tools:call:files/stat"},
+		"server": {"name": "files"},
+		"items": ["read_file", {"name": "write_file"}, {"name": "stat"}, {"name": "list_directory"}],
+	}
+	v := authz.visible_tools with input.mcp as inp.mcp
+		with input.token as inp.token
+		with input.server as inp.server
+		with input.items as inp.items
+	v == {"read_file", "stat"}
+}

@@ -1,0 +1,200 @@
+"""The embedded regopy backend: decisions, fail-closed errors, hot reload, extra entrypoints."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import PolicyConfig
+from gateway.policy import PolicyCompileError, PolicyError, build_engine
+from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.opa import OpaEngine
+
+REPO_POLICIES = Path(__file__).resolve().parents[3] / "policies"
+
+SIMPLE = """package mcp.authz
+import rego.v1
+default decision := {"allow": false, "reason": "default_deny"}
+decision := {"allow": true, "reason": "%s"} if input.token.sub == "alice"
+"""
+
+
+def write(d: Path, name: str, text: str) -> None:
+    (d / name).write_text(text, encoding="utf-8")
+
+
+@pytest.fixture
+async def simple(tmp_path: Path) -> AsyncIterator[EmbeddedEngine]:
+    write(tmp_path, "authz.rego", SIMPLE % "first")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+def tool_call(path: str, roles: list[str] | None = None) -> dict[str, Any]:
+    return {"mcp": {"kind": "request", "method": "tools/call", "tool": "read_file",
+                    "arguments": {"path": path}},
+            "token": {"sub": "alice", "roles": roles or ["viewer"], "scope": "tools:call:files/*",
+                      "tenant": "acme"},
+            "server": {"name": "files"}}
+
+
+async def test_repo_policy_allows_and_denies() -> None:
+    """The shipped policy allows a viewer's read under shared/ and denies one elsewhere."""
+    engine = build_engine(PolicyConfig(dir=str(REPO_POLICIES)), reload_interval=0)
+    await engine.start()
+    try:
+        ok = await engine.decide(tool_call("shared/a.txt"))
+        assert ok.allow and ok.reason == "tool_allowed"
+        assert ok.obligations["mask_pii"]
+        no = await engine.decide(tool_call("secret/a.txt"))
+        assert not no.allow and no.reason == "path_not_allowed" and no.http_status == 403
+    finally:
+        await engine.close()
+
+
+async def test_visible_tools_one_query() -> None:
+    """query() returns the raw value of another rule, compiling its plan on first use."""
+    engine = build_engine(PolicyConfig(dir=str(REPO_POLICIES)), reload_interval=0)
+    await engine.start()
+    try:
+        inp = {"mcp": {"method": "tools/list"}, "server": {"name": "files"},
+               "token": {"sub": "a", "roles": ["viewer"], "tenant": "acme", "scope": "tools:call:files/*"},
+               "items": [{"name": "read_file"}, {"name": "write_file"}, "stat"]}
+        assert await engine.query("mcp/authz/visible_tools", inp) == ["read_file", "stat"]
+        with pytest.raises(PolicyError):
+            await engine.query("not a path", inp)
+    finally:
+        await engine.close()
+
+
+async def test_undefined_rule_query_is_none(simple: EmbeddedEngine) -> None:
+    """A rule that is undefined for this input answers None."""
+    write_dir = Path(simple.policy_dir)
+    write(write_dir, "extra.rego", "package mcp.authz\nimport rego.v1\nmaybe := 1 if input.x == 1\n")
+    assert simple.reload_if_changed()
+    assert await simple.query("mcp/authz/maybe", {"x": 2}) is None
+    assert await simple.query("mcp/authz/maybe", {"x": 1}) == 1
+
+
+@pytest.mark.parametrize("body", [
+    'decision := "allow"',
+    'decision := {"allow": "yes"}',
+    'decision := {"reason": "x"}',
+    'decision := 1',
+    'decision := null',
+    'decision := {"allow": false, "http_status": 200}',
+    'x := 1',  # decision undefined
+])
+async def test_contract_violation_fails_closed(tmp_path: Path, body: str) -> None:
+    """A decision outside the contract is a deny with error_code policy_contract_error."""
+    write(tmp_path, "authz.rego", f"package mcp.authz\nimport rego.v1\n{body}\n")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    await engine.start()
+    try:
+        d = await engine.decide({})
+        assert not d.allow
+        assert d.error_code == "policy_contract_error" and d.reason == "policy_contract_error"
+        assert d.http_status == 500
+    finally:
+        await engine.close()
+
+
+async def test_runtime_error_fails_closed(tmp_path: Path) -> None:
+    """A Rego runtime error (conflicting values of a complete rule) is a 503 policy_error deny."""
+    write(tmp_path, "authz.rego", "package mcp.authz\nimport rego.v1\n"
+          "decision := true if input.a\ndecision := false if input.b\n")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    await engine.start()
+    try:
+        assert (await engine.decide({"a": True})).allow
+        d = await engine.decide({"a": True, "b": True})
+        assert not d.allow and d.error_code == "policy_error" and d.http_status == 503
+    finally:
+        await engine.close()
+
+
+async def test_non_json_input_fails_closed(simple: EmbeddedEngine) -> None:
+    """An input the engine cannot pass on (a set, a huge int) is a policy_error deny."""
+    assert (await simple.decide({"token": {"sub": {1, 2}}})).error_code == "policy_error"
+    assert (await simple.decide({"token": {"sub": 2**70}})).error_code == "policy_error"
+
+
+async def test_compile_error_at_start_names_file_and_line(tmp_path: Path) -> None:
+    """A policy that does not compile stops start-up with file:line:col."""
+    write(tmp_path, "authz.rego", "package mcp.authz\nimport rego.v1\ny := 1 if {\n  input.x ==\n}\n")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    with pytest.raises(PolicyCompileError, match=r"authz\.rego:4:\d+"):
+        await engine.start()
+
+
+async def test_reload_swaps_bundle(simple: EmbeddedEngine) -> None:
+    """An edit is picked up by the change check and the new bundle decides."""
+    assert (await simple.decide({"token": {"sub": "alice"}})).reason == "first"
+    assert not simple.reload_if_changed()
+    write(Path(simple.policy_dir), "authz.rego", SIMPLE % "second_version")
+    assert simple.reload_if_changed()
+    assert (await simple.decide({"token": {"sub": "alice"}})).reason == "second_version"
+
+
+async def test_broken_edit_keeps_last_good_bundle(simple: EmbeddedEngine) -> None:
+    """A broken edit is logged and the previous bundle keeps serving (neither open nor closed)."""
+    rev = simple.revision
+    write(Path(simple.policy_dir), "authz.rego", "package mcp.authz\nimport rego.v1\ndecision := {\n")
+    assert not simple.reload_if_changed()
+    assert simple.last_error and "authz.rego" in simple.last_error
+    assert simple.revision == rev
+    assert (await simple.decide({"token": {"sub": "alice"}})).allow
+    assert not (await simple.decide({"token": {"sub": "bob"}})).allow
+
+
+async def test_watcher_task_reloads(tmp_path: Path) -> None:
+    """The background watcher notices an edit without anyone asking (bounded poll)."""
+    write(tmp_path, "authz.rego", SIMPLE % "first")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0.02)
+    await engine.start()
+    try:
+        write(tmp_path, "authz.rego", SIMPLE % "watched_edit")
+        async with asyncio.timeout(10):
+            while (await engine.decide({"token": {"sub": "alice"}})).reason != "watched_edit":
+                await asyncio.sleep(0.02)
+    finally:
+        await engine.close()
+
+
+async def test_data_json_is_placed_by_folder(tmp_path: Path) -> None:
+    """data.json files load like an OPA bundle: a sub-folder names the data path."""
+    (tmp_path / "cfg").mkdir()
+    write(tmp_path / "cfg", "data.json", '{"allowed": ["alice"]}')
+    write(tmp_path, "authz.rego", "package mcp.authz\nimport rego.v1\n"
+          "default decision := false\ndecision := true if input.sub in data.cfg.allowed\n")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    await engine.start()
+    try:
+        assert (await engine.decide({"sub": "alice"})).allow
+        assert not (await engine.decide({"sub": "bob"})).allow
+    finally:
+        await engine.close()
+
+
+def test_build_engine_picks_backend(tmp_path: Path) -> None:
+    """build_engine returns the configured backend and rejects unknown ones."""
+    assert isinstance(build_engine(PolicyConfig(dir=str(tmp_path))), EmbeddedEngine)
+    assert isinstance(build_engine(PolicyConfig(engine="opa", opa_url="http://127.0.0.1:8181")), OpaEngine)
+    with pytest.raises(PolicyError):
+        build_engine(PolicyConfig(engine="nope"))
+    with pytest.raises(PolicyError):
+        build_engine(PolicyConfig(engine="opa", opa_url="http://127.0.0.1:8181/v1/data"))
+
+
+async def test_not_started_fails_closed(tmp_path: Path) -> None:
+    """Deciding before start() is a deny, not a crash."""
+    shutil.copy(REPO_POLICIES / "authz.rego", tmp_path / "authz.rego")
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    assert (await engine.decide({})).error_code == "policy_error"

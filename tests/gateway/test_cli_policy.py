@@ -1,0 +1,97 @@
+"""`mcp-gateway policy test|eval`, in-process and once as the installed console script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+POLICIES = ROOT / "policies"
+CLAIMS = json.dumps({"sub": "alice", "roles": ["analyst"], "scope": "tools:call:files/*", "tenant": "acme"})
+
+
+def call(path: str) -> str:
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "read_file", "arguments": {"path": path}}})
+
+
+def test_policy_test_passes_on_shipped_policies(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every shipped Rego unit test passes and each is listed with -v."""
+    assert main(["policy", "test", "--dir", str(POLICIES), "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  authz_test.rego: data.mcp.authz_test.test_missing_scope_named" in out
+    assert "FAIL" not in out.replace("FAIL: ", "")
+
+
+def test_policy_test_fails_on_failing_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A failing test rule makes `policy test` exit 1 and names the rule."""
+    (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nx := 1\n")
+    (tmp_path / "p_test.rego").write_text("package p_test\nimport rego.v1\n"
+                                          "test_ok if data.p.x == 1\ntest_wrong if data.p.x == 2\n")
+    assert main(["policy", "test", "--dir", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  p_test.rego: data.p_test.test_wrong (undefined)" in out
+    assert "test_ok" not in out  # passing tests only with -v
+    assert "PASS: 1/2  FAIL: 1" in out
+
+
+def test_policy_test_compile_error_names_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A compile error exits 1 with file:line:col."""
+    (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nx := 1 if {\n  input.a ==\n}\n")
+    assert main(["policy", "test", "--dir", str(tmp_path)]) == 1
+    assert "p.rego:4:" in capsys.readouterr().err
+
+
+def test_policy_eval_explains(capsys: pytest.CaptureFixture[str]) -> None:
+    """eval prints the decision and, with --explain, the value of each rule."""
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", CLAIMS,
+                 "--request", call("secret/x"), "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("DENY  reason=path_not_allowed  http_status=403")
+    assert '  roles = ["analyst"]' in out
+    assert "  granted = <undefined>" in out
+
+
+def test_policy_eval_from_files_allow(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """@file arguments work and an allowed call shows its obligations."""
+    (tmp_path / "claims.json").write_text(CLAIMS)
+    (tmp_path / "req.json").write_text(call("shared/a.txt"))
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", f"@{tmp_path / 'claims.json'}",
+                 "--request", f"@{tmp_path / 'req.json'}", "--server", "files"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ALLOW  reason=tool_allowed")
+    assert '"mask_pii"' in out
+
+
+def test_policy_eval_missing_scope(capsys: pytest.CaptureFixture[str]) -> None:
+    """A denial for lack of scope shows the scope to ask for."""
+    claims = json.dumps({"sub": "a", "roles": ["viewer"], "scope": "openid", "tenant": "acme"})
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", claims,
+                 "--request", call("shared/a")]) == 0
+    assert "missing_scope=tools:call:files/read_file" in capsys.readouterr().out
+
+
+def test_policy_eval_bad_request(capsys: pytest.CaptureFixture[str]) -> None:
+    """A body the gateway would reject before the policy is reported as such (exit 2)."""
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", CLAIMS,
+                 "--request", '{"jsonrpc":"2.0","id":1,"method":"a","method":"b"}']) == 2
+    assert "before the policy" in capsys.readouterr().err
+
+
+def test_console_script_subprocess(tmp_path: Path) -> None:
+    """The installed `mcp-gateway policy test` reports each test and exits 1 on a failure."""
+    (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nx := 1\n")
+    (tmp_path / "p_test.rego").write_text("package p_test\nimport rego.v1\n"
+                                          "test_ok if data.p.x == 1\ntest_bad if data.p.x == 3\n")
+    exe = Path(sys.executable).with_name("mcp-gateway")
+    proc = subprocess.run([str(exe), "policy", "test", "--dir", str(tmp_path), "-v"], capture_output=True,
+                          text=True, timeout=60, cwd=ROOT, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "PASS  p_test.rego: data.p_test.test_ok" in proc.stdout
+    assert "FAIL  p_test.rego: data.p_test.test_bad" in proc.stdout
