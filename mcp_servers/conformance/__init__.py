@@ -1,0 +1,1 @@
+"""The fixtures the official MCP conformance suite (@modelcontextprotocol/conformance) expects."""

@@ -1,0 +1,57 @@
+"""The one settings object of an MCP server, validated once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.jsonrpc import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
+
+LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]", "::1")
+LOG_LEVELS: tuple[str, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
+                               "emergency")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Transport and runtime limits.
+
+    ``allowed_hosts`` are host names (without port) this server answers to; ``"*"`` disables the
+    Host check (only behind a proxy that sets Host itself). ``allowed_origins`` are exact
+    origins (``https://app.example``); an Origin whose host is an allowed host is also accepted.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    path: str = "/mcp"
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
+    allowed_origins: tuple[str, ...] = ()
+    max_body_bytes: int = DEFAULT_MAX_BYTES
+    max_depth: int = DEFAULT_MAX_DEPTH
+    page_size: int = 50
+    client_request_timeout: float = 60.0
+    cancel_grace: float = 2.0
+    session_idle_timeout: float = 3600.0
+    max_sessions: int = 10_000
+    max_buffered_events: int = 1_000
+    sse_retry_ms: int = 1_000
+    sse_keepalive: float = 15.0
+    shutdown_timeout: float = 30.0
+    drain_seconds: float = 0.0
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.path.startswith("/"):
+            raise ValueError(f"path must start with '/': {self.path!r}")
+        if self.path in ("/health", "/ready"):
+            raise ValueError(f"path {self.path!r} collides with the health endpoints")
+        for name in ("max_body_bytes", "max_depth", "page_size", "max_sessions", "max_buffered_events"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("client_request_timeout", "session_idle_timeout", "sse_keepalive",
+                     "shutdown_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port out of range: {self.port}")
+        if not self.allowed_hosts:
+            raise ValueError("allowed_hosts is empty: no request could be served (use '*' to disable)")

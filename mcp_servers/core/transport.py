@@ -1,0 +1,545 @@
+"""Streamable HTTP on one endpoint: POST, GET and DELETE.
+
+Order of checks on every request: Host and Origin (DNS rebinding), then media types, body size,
+strict parsing, protocol version, session, headers against body. Each failure answers with an
+HTTP status and a JSON-RPC error, and nothing after it runs.
+
+Two eras share the endpoint:
+- 2025-06-18 / 2025-11-25: ``initialize`` creates a session (``MCP-Session-Id``); requests may be
+  answered as SSE, on which the server also sends its own requests (sampling, elicitation);
+  ``GET`` opens the session's standalone stream; ``DELETE`` ends the session.
+- 2026-07-28: no handshake and no session; every request carries its protocol version and client
+  capabilities in ``params._meta``, and ``Mcp-Method`` / ``Mcp-Name`` must match the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import web
+
+from gateway.errors import (
+    HEADER_MISMATCH,
+    INVALID_PARAMS,
+    INVALID_REQUEST,
+    METHOD_NOT_FOUND,
+    PARSE_ERROR,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+)
+from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
+from gateway.mcp import extract_context
+from mcp_servers.core.context import LOG_OFF, Channel, Identity, ToolContext, new_request_id
+from mcp_servers.core.errors import (
+    BadTransportRequest,
+    ClientRequestFailed,
+    InvalidParams,
+    RequestCancelled,
+)
+from mcp_servers.core.logs import request_id_var
+from mcp_servers.core.server import MCPServer
+from mcp_servers.core.session import InFlight, Session, SessionStore
+from mcp_servers.core.settings import LOG_LEVELS, ServerSettings
+from mcp_servers.core.streams import EventStream, new_token
+
+logger = logging.getLogger(__name__)
+
+MODERN_VERSION = "2026-07-28"
+HANDSHAKE_VERSIONS = ("2025-06-18", "2025-11-25")
+LATEST_HANDSHAKE_VERSION = "2025-11-25"
+# What a client may put in MCP-Protocol-Version. 2025-03-26 is what the spec tells clients to
+# assume when nothing was negotiated, and SDK clients send it on some requests.
+SUPPORTED_HEADER_VERSIONS = ("2025-03-26", *HANDSHAKE_VERSIONS, MODERN_VERSION)
+
+UNSUPPORTED_PROTOCOL_VERSION = -32022
+MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
+META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
+META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+
+# 2026-07-28 maps JSON-RPC error codes onto HTTP statuses; older versions answer errors with 200.
+MODERN_ERROR_STATUS = {
+    PARSE_ERROR: 400, INVALID_REQUEST: 400, INVALID_PARAMS: 400, HEADER_MISMATCH: 400,
+    MISSING_REQUIRED_CLIENT_CAPABILITY: 400, UNSUPPORTED_PROTOCOL_VERSION: 400, METHOD_NOT_FOUND: 404,
+}
+CACHEABLE_METHODS = frozenset({"server/discover", "tools/list", "prompts/list", "resources/list",
+                               "resources/templates/list", "resources/read"})
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
+               "X-Accel-Buffering": "no"}
+
+
+class UnsupportedVersion(GatewayError):
+    code = "unsupported_protocol_version"
+    rpc_code = UNSUPPORTED_PROTOCOL_VERSION
+    http_status = 400
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    session: Session | None
+    method: str
+
+
+def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _error(rid: str | int | None, exc: GatewayError, status: int | None = None) -> web.Response:
+    return _json(error_response(rid, exc.to_rpc_error()), status or exc.http_status)
+
+
+def _media_types(header: str) -> set[str]:
+    return {part.split(";", 1)[0].strip().lower() for part in header.split(",") if part.strip()}
+
+
+def _hostname(host: str) -> str:
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class Transport:
+    """The per-application protocol state: sessions, in-flight requests, pending client requests."""
+
+    def __init__(self, server: MCPServer, settings: ServerSettings) -> None:
+        self.server = server
+        self.settings = settings
+        self.sessions = SessionStore(idle_timeout=settings.session_idle_timeout,
+                                     max_sessions=settings.max_sessions,
+                                     max_buffered_events=settings.max_buffered_events)
+        self.pending: dict[str, _Pending] = {}
+        self.ready = True
+        self._allowed_hosts = {h.lower() for h in settings.allowed_hosts}
+        self._allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._stateless: set[asyncio.Task[Any]] = set()
+
+    # ---- entry point ----------------------------------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        rid = request.headers.get("x-request-id") or new_token(8)
+        token = request_id_var.set(rid)
+        try:
+            self._check_host_and_origin(request)
+            if request.method == "POST":
+                return await self._post(request)
+            if request.method == "GET":
+                return await self._get(request)
+            if request.method == "DELETE":
+                return await self._delete(request)
+            raise BadTransportRequest(f"method {request.method} is not allowed; use POST, GET or DELETE",
+                                      http_status=405)
+        except GatewayError as exc:
+            logger.info("rejected %s: %s", request.method, exc.message,
+                        extra={"reason": exc.code, "status": exc.http_status})
+            response = _error(None, exc)
+            if exc.http_status == 405:
+                response.headers["Allow"] = "GET, POST, DELETE"
+            return response
+        finally:
+            request_id_var.reset(token)
+
+    def _check_host_and_origin(self, request: web.Request) -> None:
+        if "*" not in self._allowed_hosts:
+            host = _hostname(request.headers.get("Host", ""))
+            if host not in self._allowed_hosts:
+                raise BadTransportRequest(f"Host {host!r} is not allowed", code="host_not_allowed",
+                                          http_status=421)
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return
+        normalized = origin.strip().lower().rstrip("/")
+        if normalized in self._allowed_origins or "*" in self._allowed_origins:
+            return
+        parts = urlsplit(normalized)
+        if parts.scheme in ("http", "https") and parts.hostname is not None:
+            name = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+            if name in self._allowed_hosts:
+                return
+        raise BadTransportRequest(f"Origin {origin!r} is not allowed", code="origin_not_allowed",
+                                  http_status=403)
+
+    def _identity(self, request: web.Request) -> Identity:
+        roles = request.headers.get("x-mcp-roles")
+        return Identity(
+            user=request.headers.get("x-mcp-user"),
+            tenant=request.headers.get("x-mcp-tenant"),
+            client_id=request.headers.get("x-mcp-client-id"),
+            roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles is not None else None,
+        )
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}",
+                                  data={"limit": limit})
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", data={"limit": limit})
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # ---- POST -----------------------------------------------------------------------------------
+
+    async def _post(self, request: web.Request) -> web.StreamResponse:
+        ctype = request.headers.get("Content-Type", "")
+        if ctype.split(";", 1)[0].strip().lower() != "application/json":
+            raise BadTransportRequest("Content-Type must be application/json", http_status=415)
+        accept = _media_types(request.headers.get("Accept", "application/json"))
+        json_ok = bool(accept & {"application/json", "application/*", "*/*"})
+        sse_ok = bool(accept & {"text/event-stream", "text/*", "*/*"})
+        if not (json_ok or sse_ok):
+            raise BadTransportRequest("Accept must include application/json and text/event-stream",
+                                      http_status=406)
+        try:
+            body = await self._read_body(request)
+        except PayloadTooLarge as exc:
+            response = _error(None, exc)
+            response.force_close()
+            return response
+        try:
+            msg = parse_message(body, max_bytes=self.settings.max_body_bytes,
+                                max_depth=self.settings.max_depth)
+        except GatewayError as exc:
+            return _error(best_effort_id(body), exc)
+        try:
+            return await self._post_message(request, msg, sse_ok=sse_ok)
+        except GatewayError as exc:
+            return _error(msg.id, exc)
+
+    async def _post_message(self, request: web.Request, msg: Message, *, sse_ok: bool) -> web.StreamResponse:
+        identity = self._identity(request)
+        header_version = request.headers.get("MCP-Protocol-Version")
+        if header_version is not None and header_version not in SUPPORTED_HEADER_VERSIONS:
+            raise UnsupportedVersion(f"unsupported MCP-Protocol-Version {header_version!r}",
+                                     data={"supported": list(SUPPORTED_HEADER_VERSIONS),
+                                           "requested": header_version})
+        sid = request.headers.get("Mcp-Session-Id")
+        if msg.kind == "response":
+            self._client_response(msg, self.sessions.get(sid, identity.user) if sid is not None else None)
+            return web.Response(status=202)
+        mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
+        if msg.method == "initialize":
+            if msg.kind != "request":
+                raise InvalidRequest("initialize must be a request with an id")
+            return await self._initialize(msg, identity)
+        session: Session | None = None
+        modern = False
+        if sid is not None:
+            session = self.sessions.get(sid, identity.user)
+            version = header_version or session.protocol_version
+            capabilities = session.client_capabilities
+        elif mcp_ctx.protocol_version is not None and mcp_ctx.protocol_version >= MODERN_VERSION:
+            modern = True
+            if msg.kind == "notification":
+                # 2026-07-28 defines no client-to-server notifications on this wire; cancellation is
+                # closing the response stream.
+                return web.Response(status=202)
+            version, capabilities = self._modern_envelope(msg, header_version)
+        elif msg.method == "server/discover" and msg.kind == "request":
+            version = header_version or LATEST_HANDSHAKE_VERSION
+            capabilities = {}
+        else:
+            raise BadTransportRequest("missing Mcp-Session-Id header: send initialize first, or use "
+                                      f"protocol {MODERN_VERSION} with params._meta on every request",
+                                      code="session_required")
+        if msg.kind == "notification":
+            await self._notification(msg, session)
+            return web.Response(status=202)
+        if session is not None and not session.initialized and msg.method not in ("ping",):
+            # Clients send notifications/initialized first; SDKs racing it are tolerated.
+            session.initialized = True
+        return await self._run_request(request, msg, session=session, version=version, modern=modern,
+                                       identity=identity, capabilities=capabilities, sse_ok=sse_ok)
+
+    def _modern_envelope(self, msg: Message, header_version: str | None) -> tuple[str, dict[str, Any]]:
+        meta = msg.params.get("_meta")
+        if not isinstance(meta, dict) or META_PROTOCOL_VERSION not in meta \
+                or META_CLIENT_CAPABILITIES not in meta:
+            raise InvalidParams(f"params._meta must carry {META_PROTOCOL_VERSION!r} and "
+                                f"{META_CLIENT_CAPABILITIES!r} (protocol {MODERN_VERSION})",
+                                http_status=400)
+        version = meta[META_PROTOCOL_VERSION]
+        if header_version is None or header_version != version:
+            raise GatewayError("MCP-Protocol-Version header does not match params._meta protocol version",
+                               code="header_mismatch", rpc_code=HEADER_MISMATCH, http_status=400)
+        if version not in SUPPORTED_HEADER_VERSIONS:
+            raise UnsupportedVersion(f"unsupported protocol version {version!r}",
+                                     data={"supported": list(SUPPORTED_HEADER_VERSIONS),
+                                           "requested": version})
+        caps = meta[META_CLIENT_CAPABILITIES]
+        if not isinstance(caps, dict):
+            raise InvalidParams(f"params._meta[{META_CLIENT_CAPABILITIES!r}] must be an object",
+                                http_status=400)
+        return version, caps
+
+    async def _initialize(self, msg: Message, identity: Identity) -> web.Response:
+        params = msg.params
+        requested = params.get("protocolVersion")
+        if not isinstance(requested, str):
+            raise InvalidParams("params.protocolVersion must be a string", http_status=400)
+        caps = params.get("capabilities")
+        info = params.get("clientInfo")
+        version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
+        session = await self.sessions.create(
+            user=identity.user, protocol_version=version,
+            client_capabilities=caps if isinstance(caps, dict) else {},
+            client_info=info if isinstance(info, dict) else {})
+        logger.info("session created", extra={"session": session.id[:8], "protocol_version": version,
+                                               "user": identity.user})
+        return _json(result_response(msg.id, self.server.initialize_result(version)),
+                     headers={"Mcp-Session-Id": session.id})
+
+    async def _notification(self, msg: Message, session: Session | None) -> None:
+        if msg.method == "notifications/initialized" and session is not None:
+            session.initialized = True
+        elif msg.method == "notifications/cancelled" and session is not None:
+            rid = msg.params.get("requestId")
+            flight = session.inflight.get(rid) if isinstance(rid, (str, int)) else None
+            if flight is not None:
+                flight.cancelled.set()
+                loop = asyncio.get_running_loop()
+                flight.cancel_timer = loop.call_later(self.settings.cancel_grace, flight.task.cancel)
+                logger.info("request cancelled by client", extra={"rpc_id": rid})
+
+    def _client_response(self, msg: Message, session: Session | None) -> None:
+        rid = msg.id
+        pending = self.pending.get(rid) if isinstance(rid, str) else None
+        if pending is None or pending.session is not session or pending.future.done():
+            # Late (after a timeout) or unknown: nothing waits for it. Not an error for the client.
+            logger.info("ignored a response to an unknown or finished server request", extra={"rpc_id": rid})
+            return
+        if "error" in msg.raw:
+            err = msg.raw["error"]
+            pending.future.set_exception(ClientRequestFailed(
+                f"the client answered {pending.method} with error {err.get('code')}: {err.get('message')}",
+                err))
+        else:
+            result = msg.raw.get("result")
+            pending.future.set_result(result if isinstance(result, dict) else {})
+
+    async def _run_request(self, request: web.Request, msg: Message, *, session: Session | None,
+                           version: str, modern: bool, identity: Identity, capabilities: dict[str, Any],
+                           sse_ok: bool) -> web.StreamResponse:
+        assert msg.method is not None
+        rid = msg.id
+        assert rid is not None
+        if session is not None and sse_ok:
+            stream = session.new_stream()
+        else:
+            stream = EventStream(max_buffered=self.settings.max_buffered_events)
+        fallback = session.standalone if session is not None and not sse_ok else None
+        channel = Channel(stream, sse_allowed=sse_ok, fallback=fallback, back_channel=not modern)
+        meta = msg.params.get("_meta")
+        meta = meta if isinstance(meta, dict) else {}
+        log_level: str | None = None
+        if modern:
+            requested_level = meta.get(META_LOG_LEVEL)
+            log_level = requested_level if requested_level in LOG_LEVELS else LOG_OFF
+        cancelled = asyncio.Event()
+        ctx = ToolContext(request_id=msg.id, identity=identity, protocol_version=version, session=session,
+                          client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
+                          log_level=log_level, cancelled=cancelled)
+        task = asyncio.create_task(self._answer(msg, ctx, modern))
+        if session is not None:
+            flight = InFlight(task=task, cancelled=cancelled)
+            session.inflight[rid] = flight
+            task.add_done_callback(lambda _t: self._forget(session, rid, flight))
+        else:
+            self._stateless.add(task)
+            task.add_done_callback(self._stateless.discard)
+        first = asyncio.create_task(stream.wait_first())
+        try:
+            await asyncio.wait({task, first}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            first.cancel()
+        headers = {"Mcp-Session-Id": session.id} if session is not None else {}
+        if task.done() and not stream.has_events:
+            if task.cancelled() or cancelled.is_set():
+                return _error(msg.id, RequestCancelled("request cancelled"))
+            body, status = task.result()
+            return _json(body, status, headers)
+        finisher = asyncio.create_task(self._finish_stream(task, stream, cancelled))
+        self._background.add(finisher)
+        finisher.add_done_callback(self._background.discard)
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **headers})
+        await response.prepare(request)
+        resumable = session is not None
+        if resumable:
+            await response.write(f"id: {stream.event_id(0)}\nretry: {self.settings.sse_retry_ms}\n"
+                                 "data: \n\n".encode())
+        delivered = await self._pump(response, stream, 0)
+        if not delivered and not resumable and not task.done():
+            # 2026-07-28: closing the response stream is how a client cancels.
+            cancelled.set()
+            task.cancel()
+        return response
+
+    def _forget(self, session: Session, rid: str | int, flight: InFlight) -> None:
+        if session.inflight.get(rid) is flight:
+            del session.inflight[rid]
+        if flight.cancel_timer is not None:
+            flight.cancel_timer.cancel()
+
+    async def _finish_stream(self, task: asyncio.Task[tuple[dict[str, Any], int]],
+                             stream: EventStream, cancelled: asyncio.Event) -> None:
+        try:
+            body, _status = await task
+        except asyncio.CancelledError:
+            body = None
+        # A cancelled request gets no answer on its stream: the client already moved on.
+        if body is not None and not cancelled.is_set():
+            await stream.publish(body)
+        await stream.finish()
+
+    async def _pump(self, response: web.StreamResponse, stream: EventStream, after: int) -> bool:
+        """Copy stream events to the HTTP response; False if the client went away."""
+        try:
+            async for item in stream.follow(after, self.settings.sse_keepalive):
+                if item is None:
+                    await response.write(b": keep-alive\n\n")
+                    continue
+                seq, data = item
+                await response.write(b"id: " + stream.event_id(seq).encode() + b"\nevent: message\ndata: "
+                                     + data + b"\n\n")
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            logger.info("client disconnected from an SSE stream", extra={"stream": stream.id})
+            return False
+        return True
+
+    async def _answer(self, msg: Message, ctx: ToolContext, modern: bool) -> tuple[dict[str, Any], int]:
+        assert msg.method is not None
+        try:
+            result = await self.server.dispatch(msg.method, msg.params, ctx, self.settings.page_size)
+        except GatewayError as exc:
+            status = MODERN_ERROR_STATUS.get(exc.rpc_code, 200) if modern else 200
+            err = exc.to_rpc_error()
+            if modern and err["code"] == -32002:
+                # -32002 is retired from 2026-07-28 on; a missing resource is invalid params there.
+                err["code"] = INVALID_PARAMS
+                status = 400
+            return error_response(msg.id, err), status
+        except ClientRequestFailed as exc:
+            return error_response(msg.id, {"code": INVALID_REQUEST, "message": exc.message}), 200
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - top-level handler of one request: log, answer, live on.
+            logger.exception("internal error answering %s", msg.method)
+            return error_response(msg.id, {"code": -32603, "message": "internal error"}), 200
+        if modern:
+            result = {**result}
+            result.setdefault("resultType", "complete")
+            if msg.method in CACHEABLE_METHODS:
+                # SEP-2549: required on these results; 0 + private never lets a cache share them.
+                result.setdefault("ttlMs", 0)
+                result.setdefault("cacheScope", "private")
+            meta = result.get("_meta")
+            result["_meta"] = {**(meta if isinstance(meta, dict) else {}),
+                               META_SERVER_INFO: self.server.server_info()}
+        return result_response(msg.id, result), 200
+
+    # ---- GET / DELETE ---------------------------------------------------------------------------
+
+    async def _get(self, request: web.Request) -> web.StreamResponse:
+        if "text/event-stream" not in _media_types(request.headers.get("Accept", "")):
+            raise BadTransportRequest("GET needs Accept: text/event-stream", http_status=406)
+        sid = request.headers.get("Mcp-Session-Id")
+        if sid is None:
+            raise BadTransportRequest("GET needs an Mcp-Session-Id header (no GET stream in protocol "
+                                      f"{MODERN_VERSION})", http_status=405)
+        session = self.sessions.get(sid, self._identity(request).user)
+        last = request.headers.get("Last-Event-ID")
+        found = session.find_stream(last) if last else None
+        if found is not None:
+            stream, after = found
+        else:
+            stream, after = session.standalone_stream(), 0
+        if stream.attached:
+            raise BadTransportRequest("this stream already has a listener", http_status=409)
+        if not self.ready and stream.standalone:
+            raise BadTransportRequest("server is shutting down", http_status=503)
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
+        await response.prepare(request)
+        await response.write(f"id: {stream.event_id(after)}\nretry: {self.settings.sse_retry_ms}\n"
+                             "data: \n\n".encode())
+        await self._pump(response, stream, after)
+        return response
+
+    async def _delete(self, request: web.Request) -> web.StreamResponse:
+        sid = request.headers.get("Mcp-Session-Id")
+        if sid is None:
+            raise BadTransportRequest("DELETE needs an Mcp-Session-Id header")
+        session = self.sessions.get(sid, self._identity(request).user)
+        await self.sessions.remove(session)
+        logger.info("session ended by client", extra={"session": session.id[:8]})
+        return web.Response(status=200)
+
+    # ---- ServerHooks (used by ToolContext) -------------------------------------------------------
+
+    async def client_request(self, channel: Channel, session: Session | None, method: str,
+                             params: dict[str, Any]) -> dict[str, Any]:
+        if not channel.can_request:
+            raise ClientRequestFailed(
+                f"cannot send {method}: this exchange has no back-channel to the client "
+                "(needs protocol 2025-06-18/2025-11-25 and Accept: text/event-stream)")
+        rid = new_request_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending[rid] = _Pending(future=future, session=session, method=method)
+        try:
+            await channel.send({"jsonrpc": "2.0", "id": rid, "method": method, "params": params})
+            return await asyncio.wait_for(future, self.settings.client_request_timeout)
+        except TimeoutError:
+            raise ClientRequestFailed(f"the client did not answer {method} within "
+                                      f"{self.settings.client_request_timeout:g} s") from None
+        finally:
+            self.pending.pop(rid, None)
+
+    async def resource_updated(self, uri: str, origin: Session | None, channel: Channel) -> None:
+        message = {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": uri}}
+        for session in self.sessions.all():
+            if uri in session.subscriptions:
+                if session is origin:
+                    await channel.send(message)
+                else:
+                    await session.standalone_stream().publish(message)
+
+    async def list_changed(self, kind: str, origin: Session | None, channel: Channel) -> None:
+        message = {"jsonrpc": "2.0", "method": f"notifications/{kind}/list_changed"}
+        if origin is not None:
+            await channel.send(message)
+        await self.broadcast(message, exclude=origin)
+
+    async def broadcast(self, message: dict[str, Any], exclude: Session | None = None) -> None:
+        """Send a notification to every session's standalone stream."""
+        for session in self.sessions.all():
+            if session is not exclude:
+                await session.standalone_stream().publish(message)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def begin_shutdown(self) -> None:
+        """Stop being ready and close standalone streams; in-flight requests keep running."""
+        self.ready = False
+        for session in self.sessions.all():
+            if session.standalone is not None:
+                await session.standalone.finish()
+
+    async def close(self) -> None:
+        for task in list(self._stateless) + list(self._background):
+            task.cancel()
+        await self.sessions.close_all()
