@@ -46,7 +46,16 @@ def _reject_constant(name: str) -> Any:
     raise ParseError(f"invalid JSON: {name} is not allowed")
 
 
-_decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+def _bounded_int(text: str) -> int:
+    # Every component re-serializes with orjson, which stops at 64 bits: refuse what it can't write.
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ParseError("invalid JSON: integer outside the 64-bit range")
+    return value
+
+
+_decoder = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant,
+                            parse_int=_bounded_int)
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
