@@ -243,7 +243,9 @@ def _iban_spans(text: str) -> Iterator[Span]:
 # Found from each "@": the local part is matched backwards over at most 64 characters, the domain
 # forwards. Linear in the text, never a scan from every character of every word.
 _EMAIL_LOCAL = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]{1,64}\Z")
-_EMAIL_DOMAIN = re.compile(r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}(?![\w-])")
+# No lookahead after the TLD: "a@example.com_" or "a@example.com2024" must still be masked (a
+# masker errs towards masking); the greedy TLD takes every letter that follows.
+_EMAIL_DOMAIN = re.compile(r"(?:[^\W_](?:[\w-]{0,61}[^\W_])?\.)+[^\W\d_]{2,63}")
 
 
 def _email_spans(text: str) -> Iterator[Span]:
@@ -465,7 +467,7 @@ def _mask_blob(item: dict[str, Any], masker: Masker, counts: Counter[str]) -> No
         return
     try:
         text = base64.b64decode(blob, validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, UnicodeDecodeError, ValueError):  # ValueError: non-ASCII base64 text
         return  # not text: binary payloads are passed as they are (documented limitation)
     masked, c = masker.mask_text(text)
     if c:
