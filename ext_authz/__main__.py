@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 
 from ext_authz.app import serve
 from ext_authz.decision_log import configure_stdout
 from ext_authz.settings import Settings
 from gateway.config import load_config
 from gateway.policy import build_engine
+from gateway.telemetry import configure_logging
 
 
 def main() -> None:
@@ -19,9 +19,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, help="listen port (default: first ext_authz instance)")
     parser.add_argument("--host", help="listen address (default: from the config)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    configure_stdout()
     cfg = load_config(args.config)
+    configure_logging("ext_authz", cfg.telemetry.log_level)  # JSON lines on stderr
+    configure_stdout()
     settings = Settings.from_config(cfg, port=args.port, host=args.host)
     asyncio.run(serve(settings, build_engine(cfg.policy)))
 

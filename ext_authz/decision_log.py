@@ -26,6 +26,7 @@ class DecisionRecord:
     latency_ms: float
     dry_run: bool = False
     policy_allow: bool | None = None  # what the policy said (differs from allow in dry-run)
+    trace_id: str | None = None
 
 
 def log_decision(record: DecisionRecord) -> None:
@@ -36,7 +37,7 @@ def log_decision(record: DecisionRecord) -> None:
         "method": record.method, "tool": record.tool, "server": record.server,
         "allow": record.allow, "reason": record.reason, "http_status": record.http_status,
         "latency_ms": round(record.latency_ms, 3), "dry_run": record.dry_run,
-        "policy_allow": record.policy_allow,
+        "policy_allow": record.policy_allow, "trace_id": record.trace_id,
     }).decode()
     logger.info("%s", line)
 

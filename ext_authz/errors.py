@@ -3,7 +3,14 @@ answer Envoy sends, and the JSON-RPC error the client reads."""
 
 from __future__ import annotations
 
-from gateway.errors import FORBIDDEN, INTERNAL_ERROR, RATE_LIMITED, UNAUTHORIZED, GatewayError
+from gateway.errors import (
+    FORBIDDEN,
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    GatewayError,
+)
 
 
 class AuthError(GatewayError):
@@ -73,3 +80,41 @@ class RateLimitUnavailable(GatewayError):
     code = "rate_limit_unavailable"
     rpc_code = INTERNAL_ERROR
     http_status = 503
+
+
+class CatalogNotLoaded(GatewayError):
+    """The server's tool catalog has not been fetched yet: no tool of it is callable (fail closed)."""
+
+    code = "catalog_not_loaded"
+    rpc_code = INTERNAL_ERROR
+    http_status = 503
+
+
+class CatalogUnavailable(GatewayError):
+    """The catalog database cannot be read: calls are refused rather than unchecked."""
+
+    code = "catalog_unavailable"
+    rpc_code = INTERNAL_ERROR
+    http_status = 503
+
+
+class ToolUnknown(GatewayError):
+    """The tool is not in the server's catalog. -32602 is MCP's code for an unknown tool."""
+
+    code = "tool_unknown"
+    rpc_code = INVALID_PARAMS
+    http_status = 403
+
+
+class ToolQuarantined(GatewayError):
+    """The tool's definition changed since it was approved; an operator must approve it again."""
+
+    code = "tool_quarantined"
+    rpc_code = FORBIDDEN
+    http_status = 403
+
+
+class ToolNotApproved(ToolQuarantined):
+    """``catalog.mode: require_approval`` and nobody approved the tool yet."""
+
+    code = "tool_not_approved"

@@ -22,6 +22,7 @@ from jwt import PyJWK
 from jwt.exceptions import PyJWKError
 
 from ext_authz.errors import InvalidToken, KeysUnavailable
+from gateway.telemetry import metrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ class JwksClient:
 
     def __init__(self, url: str, session: aiohttp.ClientSession, *, cooldown: float,
                  timeout: float, max_bytes: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, issuer: str | None = None) -> None:
         self.url = url
+        self.issuer = issuer or url  # the metrics label
         self._session = session
         self._cooldown = cooldown
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -109,20 +111,27 @@ class JwksClient:
     async def _fetch(self) -> None:
         self._last_attempt = self._clock()
         self.fetch_count += 1
+        outcome = "unreachable"
         try:
             async with self._session.get(self.url, timeout=self._timeout,
                                          allow_redirects=False) as resp:
                 if resp.status != 200:
+                    outcome = "http_error"
                     raise ValueError(f"HTTP {resp.status}")
                 body = await resp.content.read(self._max_bytes + 1)
+            outcome = "invalid"
             if len(body) > self._max_bytes:
                 raise ValueError(f"JWKS larger than {self._max_bytes} bytes")
             keys = parse_jwks(orjson.loads(body))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # orjson.JSONDecodeError is a ValueError.
+            if isinstance(exc, TimeoutError):
+                outcome = "timeout"
+            metrics.JWKS_FETCHES.labels(self.issuer, outcome).inc()
             self._last_failed = True
             logger.warning("JWKS fetch from %s failed: %s", self.url, exc)
             raise KeysUnavailable(f"the signing keys of {self.url} are unavailable") from None
+        metrics.JWKS_FETCHES.labels(self.issuer, "ok").inc()
         self._last_failed = False
         self._last_success = self._last_attempt
         added = set(keys) - set(self._keys)

@@ -9,6 +9,7 @@ from urllib.parse import quote
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import struct_pb2
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import error_response
@@ -24,6 +25,16 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 # for is removed, so a client can never smuggle its own identity claims upstream.
 IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
                     "x-mcp-decision-id")
+# Set on allowed requests whose answer ext_proc must see; Envoy routes on it (ext_authz
+# clear_route_cache) so that only those requests pay for an ext_proc stream.
+INSPECT_HEADER = "x-mcp-inspect"
+# Every header the gateway owns towards the upstream: a client-sent copy never survives.
+GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+# List answers are filtered per caller, always; these answers only when the policy masks PII.
+LIST_METHODS = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
+MASKABLE_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
+# The PII type name ext_proc's masker expands to every type it knows.
+MASK_ALL = "all"
 # The client's credentials stop at the gateway (MCP: no token passthrough).
 STRIPPED_HEADERS = ("authorization",)
 _JSON = "application/json"
@@ -58,9 +69,81 @@ def identity_headers(claims: Mapping[str, Any], tool: str | None,
     return out
 
 
+def mask_types(obligations: Mapping[str, Any]) -> list[str]:
+    """The PII types to mask from the policy's ``mask_pii`` obligation.
+
+    A list of names passes through; ``true`` or a value of any other shape means every type:
+    an obligation the gateway cannot read must never turn masking off.
+    """
+    value = obligations.get("mask_pii")
+    if value is None or value is False:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return [MASK_ALL]
+
+
+def needs_inspection(method: str | None, mask: list[str]) -> bool:
+    """Whether ext_proc must see the answer to a request of ``method``."""
+    return method in LIST_METHODS or (bool(mask) and method in MASKABLE_METHODS)
+
+
+def ext_proc_metadata(*, method: str | None, server: str, tool: str | None,
+                      claims: Mapping[str, Any], mask: list[str], decision_id: str,
+                      request_id: str | None, obligations: Mapping[str, Any]) -> dict[str, Any]:
+    """The dynamic metadata ext_proc reads (Envoy files it under envoy.filters.http.ext_authz)."""
+    roles = claims.get("roles")
+    tenant = claims.get("tenant")
+    return {
+        "mcp_method": method, "server": server, "tool": tool, "sub": str(claims["sub"]),
+        "tenant": tenant if isinstance(tenant, str) else None,
+        "roles": [r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
+        "mask": mask, "decision_id": decision_id, "request_id": request_id,
+        "obligations": obligations,
+    }
+
+
+_OBLIGATIONS_CACHE_SIZE = 256
+_obligations_cache: dict[bytes, bytes] = {}
+
+
+def _fill_struct(struct: struct_pb2.Struct, values: Mapping[str, Any]) -> None:
+    # Struct.update() goes through a generic, recursive setter that costs ~25 us for this
+    # document; typed setters for the flat fields and a cache of serialized obligations (they
+    # repeat per role) keep it to a few.
+    fields = struct.fields
+    for key, value in values.items():
+        if isinstance(value, str):
+            fields[key].string_value = value
+        elif value is None:
+            fields[key].null_value = struct_pb2.NULL_VALUE
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            list_value = fields[key].list_value
+            list_value.SetInParent()  # an empty list stays a list, not an unset value
+            items = list_value.values
+            for v in value:
+                items.add().string_value = v
+        elif isinstance(value, Mapping):
+            fields[key].struct_value.MergeFromString(_obligations_bytes(value))
+        else:
+            struct.update({key: value})
+
+
+def _obligations_bytes(value: Mapping[str, Any]) -> bytes:
+    key = orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    cached = _obligations_cache.get(key)
+    if cached is None:
+        doc = struct_pb2.Struct()
+        doc.update(value)
+        cached = doc.SerializeToString()
+        if len(_obligations_cache) < _OBLIGATIONS_CACHE_SIZE:
+            _obligations_cache[key] = cached
+    return cached
+
+
 def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None
             ) -> pb.CheckResponse:
-    """OK: overwrite the given headers, remove the token and unset identity headers."""
+    """OK: overwrite the given headers, remove the token and unset gateway-owned headers."""
     resp = pb.CheckResponse()
     resp.status.code = _RPC_OK
     ok = resp.ok_response
@@ -70,9 +153,9 @@ def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | Non
         opt.header.value = value
         opt.append_action = OVERWRITE
     ok.headers_to_remove.extend(STRIPPED_HEADERS)
-    ok.headers_to_remove.extend(h for h in IDENTITY_HEADERS if h not in set_headers)
+    ok.headers_to_remove.extend(h for h in GATEWAY_HEADERS if h not in set_headers)
     if metadata:
-        resp.dynamic_metadata.update(metadata)
+        _fill_struct(resp.dynamic_metadata, metadata)
     return resp
 
 

@@ -1,7 +1,9 @@
 """The Envoy ``envoy.service.auth.v3.Authorization`` servicer (grpc.aio).
 
 Order of checks, cheapest refusal first: known server -> token (401) -> body (400/413) -> rate
-limit (429) -> policy (403). Every path ends in exactly one decision log line. Anything
+limit (429) -> policy (403) -> tool catalog for ``tools/call`` (quarantine 403, arguments 400,
+catalog not loaded 503) -> audit entry on disk for audited methods (503 if it cannot be written).
+Every path ends in exactly one decision log line, one metrics update and one span. Anything
 unexpected is answered 500 (deny): the service fails closed and keeps running.
 """
 
@@ -11,15 +13,21 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+from opentelemetry.trace import INVALID_SPAN, Span
 
+from ext_authz.catalog import CatalogGate
 from ext_authz.decision_log import DecisionRecord, log_decision
 from ext_authz.errors import (
     AuthError,
+    CatalogNotLoaded,
+    CatalogUnavailable,
     KeysUnavailable,
     PolicyDenied,
     RateLimited,
@@ -38,21 +46,42 @@ from ext_authz.request import (
     server_of,
 )
 from ext_authz.response import (
+    INSPECT_HEADER,
     allowed,
     bearer_challenge,
     denied,
     error_body,
+    ext_proc_metadata,
     identity_headers,
+    mask_types,
+    needs_inspection,
 )
 from ext_authz.settings import Settings
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.jsonrpc import best_effort_id, parse_message
 from gateway.mcp import McpContext, extract_context
+from gateway.telemetry import (
+    AuditEntry,
+    AuditUnavailable,
+    AuditWriter,
+    args_digest,
+    bind,
+    current_trace_ids,
+    metrics,
+    start_server_span,
+    unbind,
+)
+from gateway.telemetry.audit import AUDITED_METHODS
 
 logger = logging.getLogger(__name__)
 
 # Methods that carry a JSON-RPC message; GET (SSE stream) and DELETE (session end) do not.
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_TRACE_HEADERS = ("traceparent", "tracestate")
+SPAN_NAME = "ext_authz.check"
+# Bounded well below Envoy's ext_authz timeout (500 ms by default).
+CATALOG_WAIT_SECONDS = 0.25
+SERVICE = "ext_authz"
 
 
 class PolicyDecision(Protocol):
@@ -81,38 +110,74 @@ class PolicyEngine(Protocol):
 
 
 class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc]  # generated stubs are untyped
+    """``catalog`` and ``audit`` are optional so the decision core can be exercised alone;
+    ``start_service`` always passes both."""
+
     def __init__(self, settings: Settings, verifier: TokenVerifier, limiter: RateLimiter,
-                 engine: PolicyEngine, *, clock: Callable[[], float] = time.time) -> None:
+                 engine: PolicyEngine, *, clock: Callable[[], float] = time.time,
+                 catalog: CatalogGate | None = None, audit: AuditWriter | None = None,
+                 tracing: bool = False) -> None:
         self._settings = settings
         self._verifier = verifier
         self._limiter = limiter
         self._engine = engine
         self._dry_run = settings.policy.dry_run
         self._clock = clock
+        self._catalog = catalog
+        self._audit = audit
+        self._tracing = tracing
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:
         start = time.perf_counter()
-        rec = DecisionRecord(decision_id=uuid.uuid4().hex, request_id=None, sub=None, method=None,
-                             tool=None, server=None, allow=False, reason="internal_error",
-                             http_status=500, latency_ms=0.0, dry_run=self._dry_run)
+        trace_headers, request_id = _early_headers(request)
+        rec = DecisionRecord(decision_id=uuid.uuid4().hex, request_id=request_id, sub=None,
+                             method=None, tool=None, server=None, allow=False,
+                             reason="internal_error", http_status=500, latency_ms=0.0,
+                             dry_run=self._dry_run)
+        facts = _Facts()
+        # Every log line of this check carries its ids, whichever module writes it.
+        log_fields = bind(request_id=request_id, decision_id=rec.decision_id)
+        # Without an exporter and without a caller's trace there is nothing a span could add
+        # (no ids for log lines either): skip its cost.
+        span_cm: AbstractContextManager[Span] = \
+            start_server_span(SPAN_NAME, trace_headers, tracer_name=__name__) \
+            if self._tracing or trace_headers else nullcontext(INVALID_SPAN)
         try:
-            response = await self._check(request, rec)
-        except Exception:  # top-level handler: whatever broke, the request is denied
-            logger.exception("authorization check failed; denying (decision %s)", rec.decision_id)
-            rec.allow, rec.reason, rec.http_status = False, "internal_error", 500
-            err = GatewayError("internal error in the authorization service",
-                               data={"decision_id": rec.decision_id})
-            response = denied(500, error_body(None, err))
-        rec.latency_ms = (time.perf_counter() - start) * 1000.0
+            with span_cm as span:
+                rec.trace_id = current_trace_ids()[0] if trace_headers or self._tracing else None
+                try:
+                    response = await self._check(request, rec, facts)
+                    rec.latency_ms = (time.perf_counter() - start) * 1000.0
+                    if self._audit is not None and facts.ctx is not None \
+                            and facts.ctx.method in AUDITED_METHODS:
+                        response = await self._write_audit(response, rec, facts)
+                except Exception:  # top-level handler: whatever broke, the request is denied
+                    logger.exception("authorization check failed; denying (decision %s)",
+                                     rec.decision_id)
+                    rec.allow, rec.reason, rec.http_status = False, "internal_error", 500
+                    err = GatewayError("internal error in the authorization service",
+                                       data={"decision_id": rec.decision_id})
+                    response = denied(500, error_body(None, err))
+                if span.is_recording():
+                    span.set_attributes({
+                        "mcp.method": rec.method or "", "mcp.tool": rec.tool or "",
+                        "mcp.server": rec.server or "", "decision": "allow" if rec.allow else "deny",
+                        "decision.reason": rec.reason, "decision.id": rec.decision_id,
+                        "http.response.status_code": rec.http_status})
+        finally:
+            unbind(log_fields)
+        elapsed = time.perf_counter() - start
+        rec.latency_ms = elapsed * 1000.0
         log_decision(rec)
+        _count(rec, elapsed)
         return response
 
-    async def _check(self, request: pb.CheckRequest, rec: DecisionRecord) -> pb.CheckResponse:
+    async def _check(self, request: pb.CheckRequest, rec: DecisionRecord, facts: _Facts
+                     ) -> pb.CheckResponse:
         settings = self._settings
-        req = http_request(request)
+        req = facts.req = http_request(request)
         headers = req.headers
-        rec.request_id = headers.get("x-request-id")
         server = server_of(req.path)
         if server is None or server not in settings.servers:
             return self._deny(rec, UnknownServer("no MCP server is served at this path"), req)
@@ -129,6 +194,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         except KeysUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
         rec.sub = claims["sub"]
+        facts.claims = claims
 
         ctx: McpContext | None = None
         parsed: dict[str, Any] | None = None
@@ -140,16 +206,22 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
                 ctx = extract_context(msg, headers)
             except GatewayError as err:
                 return self._deny(rec, err, req)
-            parsed = msg.raw
+            parsed = facts.parsed = msg.raw
+            facts.ctx = ctx
             rec.method, rec.tool = ctx.method, ctx.tool
+        # Undone with the bind in Check (unbind restores what was there before that one).
+        bind(sub=str(rec.sub), tenant=_str_claim(claims, "tenant"), client_id=_client_id(claims),
+             server=server, method=rec.method, tool=rec.tool)
 
         try:
             await self._limiter.acquire(limits_for(
                 settings.rate_limits, issuer=claims["iss"], sub=rec.sub, server=server,
                 tool=ctx.tool if ctx is not None else None))
         except RateLimited as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
             return self._deny(rec, err, req, {"retry-after": str(err.retry_after)})
         except RateLimitUnavailable as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
             return self._deny(rec, err, req, {"retry-after": "1"})
 
         decision = await self._engine.decide(policy_input(
@@ -167,15 +239,66 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             refusal = PolicyDenied(f"request denied by policy ({code})", code=code, http_status=status)
             return self._deny(rec, refusal, req, deny_headers)
 
+        # After the policy: a caller the policy refuses learns nothing about the catalog.
+        if self._catalog is not None and ctx is not None and ctx.method == "tools/call":
+            try:
+                if ctx.tool is None:
+                    raise InvalidRequest('tools/call needs "params.name"')
+                try:
+                    self._catalog.check_call(server, ctx.tool, ctx.arguments)
+                except CatalogNotLoaded:
+                    # check_call kicked a fetch; right after start-up it is often about to land.
+                    if not await self._catalog.wait_loaded(server, CATALOG_WAIT_SECONDS):
+                        raise
+                    self._catalog.check_call(server, ctx.tool, ctx.arguments)
+            except (CatalogNotLoaded, CatalogUnavailable) as err:
+                return self._deny(rec, err, req, {"retry-after": "1"})
+            except GatewayError as err:
+                return self._deny(rec, err, req)
+
         rec.allow, rec.http_status = True, 200
         rec.reason = decision.reason or "allowed"
         if not decision.allow:
             rec.reason = f"dry_run:{decision.error_code or decision.reason or 'policy_denied'}"
-        # Identity headers win over policy-provided headers of the same name.
+        mask = mask_types(decision.obligations)
+        # Identity headers win over policy-provided headers of the same name, and only the
+        # gateway decides about inspection.
         upstream = {**decision.headers, **identity_headers(claims, rec.tool, rec.decision_id)}
-        metadata = {"decision_id": rec.decision_id, "obligations": decision.obligations} \
-            if decision.obligations else None
+        upstream.pop(INSPECT_HEADER, None)
+        if needs_inspection(rec.method, mask):
+            upstream[INSPECT_HEADER] = "1"
+        metadata = ext_proc_metadata(
+            method=rec.method, server=server, tool=rec.tool, claims=claims, mask=mask,
+            decision_id=rec.decision_id, request_id=rec.request_id, obligations=decision.obligations)
         return allowed(upstream, metadata=metadata)
+
+    async def _write_audit(self, response: pb.CheckResponse, rec: DecisionRecord, facts: _Facts
+                           ) -> pb.CheckResponse:
+        """Put the entry on disk before the answer leaves; no entry, no answer (503)."""
+        assert self._audit is not None and facts.ctx is not None and facts.req is not None
+        ctx, claims = facts.ctx, facts.claims or {}
+        digest = None
+        if ctx.method == "tools/call":
+            digest = args_digest(ctx.arguments)
+        elif ctx.method == "prompts/get" and facts.parsed is not None:
+            params = facts.parsed.get("params")
+            if isinstance(params, dict) and params.get("arguments") is not None:
+                digest = args_digest(params["arguments"])
+        entry = AuditEntry(
+            method=str(ctx.method), server=rec.server or "", target=ctx.name,
+            sub=rec.sub, client_id=_client_id(claims), tenant=_str_claim(claims, "tenant"),
+            decision="allow" if rec.allow else "deny", reason=rec.reason,
+            status="allowed" if rec.allow else "denied", latency_ms=round(rec.latency_ms, 3),
+            request_id=rec.request_id, decision_id=rec.decision_id, args_digest=digest,
+            trace_id=rec.trace_id, service=SERVICE)
+        try:
+            await self._audit.write(entry)
+        except AuditUnavailable as err:
+            logger.error("audit entry not written (%s); refusing the request", err.message)
+            if not rec.allow:
+                return response  # refused either way
+            return self._deny(rec, err, facts.req, {"retry-after": "1"})
+        return response
 
     def _deny(self, rec: DecisionRecord, err: GatewayError, req: HttpRequest,
               headers: dict[str, str] | None = None) -> pb.CheckResponse:
@@ -184,3 +307,64 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         err.data = {**data, "decision_id": rec.decision_id}
         rid = best_effort_id(req.body) if req.body else None
         return denied(err.http_status, error_body(rid, err), headers)
+
+
+@dataclass(slots=True)
+class _Facts:
+    """What one check learnt, for the audit entry after the decision."""
+
+    req: HttpRequest | None = None
+    claims: dict[str, Any] | None = None
+    ctx: McpContext | None = None
+    parsed: dict[str, Any] | None = None
+
+
+def _early_headers(request: pb.CheckRequest) -> tuple[dict[str, str], str | None]:
+    """The W3C trace context Envoy's tracer put in the request headers, and x-request-id."""
+    http = request.attributes.request.http
+    headers = http.headers
+    if headers:
+        trace = {name: headers[name] for name in _TRACE_HEADERS if name in headers}
+        return trace, headers.get("x-request-id")
+    trace = {}
+    request_id = None
+    for hv in http.header_map.headers:
+        key = hv.key.lower()
+        if key in _TRACE_HEADERS or key == "x-request-id":
+            value = hv.value or hv.raw_value.decode("utf-8", "replace")
+            if key == "x-request-id":
+                request_id = value
+            else:
+                trace[key] = value
+    return trace, request_id
+
+
+# Label children are looked up once per distinct label set (labels() costs a lock and a tuple
+# per call); metrics.bounded() still decides each label value the first time it is seen.
+_MAX_CACHED_SERIES = 4096
+_request_series: dict[tuple[str, str, str | None, str], Any] = {}
+_latency_series = {True: metrics.DECISION_LATENCY.labels("allow"),
+                   False: metrics.DECISION_LATENCY.labels("deny")}
+
+
+def _count(rec: DecisionRecord, seconds: float) -> None:
+    decision = "allow" if rec.allow else rec.reason
+    key = (rec.server or "", rec.method or "", rec.tool, decision)
+    series = _request_series.get(key)
+    if series is None:
+        series = metrics.REQUESTS.labels(
+            metrics.bounded("server", key[0]), metrics.bounded("method", key[1]),
+            metrics.bounded("tool", key[2]), metrics.bounded("decision", decision))
+        if len(_request_series) < _MAX_CACHED_SERIES:
+            _request_series[key] = series
+    series.inc()
+    _latency_series[rec.allow].observe(seconds)
+
+
+def _str_claim(claims: dict[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    return value if isinstance(value, str) and value else None
+
+
+def _client_id(claims: dict[str, Any]) -> str | None:
+    return _str_claim(claims, "client_id") or _str_claim(claims, "azp")

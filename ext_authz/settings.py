@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.config import (
+    AuditConfig,
     AuthConfig,
+    CatalogConfig,
     ConfigError,
     GatewayConfig,
     Instance,
     IssuerConfig,
     PolicyConfig,
     RateLimitConfig,
+    TelemetryConfig,
 )
 
 # Envoy must never wait on us longer than its own ext_authz timeout; these stay well below the
@@ -30,6 +35,11 @@ class Settings:
     servers: frozenset[str]
     listen: Instance
     max_request_bytes: int
+    telemetry: TelemetryConfig = TelemetryConfig()
+    audit: AuditConfig = AuditConfig()
+    catalog: CatalogConfig = CatalogConfig()
+    # server name -> the MCP endpoint URL of each of its instances (catalog refresh goes direct).
+    server_urls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS
     jwks_max_bytes: int = JWKS_MAX_BYTES
 
@@ -49,7 +59,14 @@ class Settings:
             servers=frozenset(s.name for s in cfg.servers),
             listen=Instance(host or first.host, first.port if port is None else port),
             max_request_bytes=cfg.max_request_bytes,
+            telemetry=cfg.telemetry, audit=cfg.audit, catalog=cfg.catalog,
+            server_urls={s.name: tuple(f"http://{i.host}:{i.port}/mcp" for i in s.instances)
+                         for s in cfg.servers},
         )
+
+    def audit_path(self, port: int) -> Path:
+        """The audit file of the instance on ``port``: one writer per file, so one per port."""
+        return Path(self.audit.dir) / f"ext_authz-{port}.jsonl"
 
     def resource_url(self, server: str) -> str:
         """The RFC 8707 resource identifier of a server: the audience its tokens must carry."""

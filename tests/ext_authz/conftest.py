@@ -1,28 +1,48 @@
-"""Shared fixtures: signing keys, a real aiohttp JWKS server, configs, CheckRequest fixtures and a
-tiny stand-in policy engine (the real one lives in gateway.policy)."""
+"""Shared fixtures: signing keys, a real aiohttp JWKS server, a tiny real MCP server (catalog
+refresh), configs, CheckRequest fixtures and a tiny stand-in policy engine (the real one lives in
+gateway.policy)."""
 
 from __future__ import annotations
 
 import copy
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import orjson
 import pytest
 from aiohttp import web
+from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import json_format
 
+from ext_authz.catalog import CatalogGate
+from ext_authz.jwks import JwksClient
+from ext_authz.jwt import TokenVerifier
+from ext_authz.ratelimit import MemoryRateLimiter
+from ext_authz.servicer import AuthorizationServicer
 from ext_authz.settings import Settings
 from gateway.config import GatewayConfig, parse_config
+from gateway.telemetry import AuditWriter
 from gateway.tokens import SigningKey, generate_key, mint_token
+from tests.gateway.catalog import mcp_stub
 
 ISSUER = "https://idp.example.test"
 PUBLIC_URL = "https://gw.example.test"
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "check_requests"
 TOKEN_PLACEHOLDER = "__TOKEN__"
+# Where make_config puts the catalog database and audit files: the running test's tmp_path.
+_STATE: dict[str, Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _isolated_state(tmp_path: Path) -> Iterator[None]:
+    _STATE["dir"] = tmp_path
+    yield
+    _STATE.pop("dir", None)
 
 
 def resource(server: str) -> str:
@@ -92,7 +112,26 @@ async def jwks_server(rsa_key: SigningKey, ec_key: SigningKey) -> AsyncIterator[
         await server.stop()
 
 
-def make_config(jwks_url: str, **sections: Any) -> GatewayConfig:
+@dataclass
+class McpServer:
+    """A real aiohttp MCP server (tests.gateway.catalog.mcp_stub) the catalog refresh reads."""
+
+    stub: mcp_stub.Stub
+    port: int
+
+
+@pytest.fixture
+async def mcp_server() -> AsyncIterator[McpServer]:
+    stub = mcp_stub.Stub()
+    runner, port = await mcp_stub.start(stub)
+    try:
+        yield McpServer(stub, port)
+    finally:
+        await runner.cleanup()
+
+
+def make_config(jwks_url: str, *, files_port: int = 9201, **sections: Any) -> GatewayConfig:
+    state = _STATE["dir"]
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,
         "tls": {"cert_file": "server.pem", "key_file": "server.key"},
@@ -100,15 +139,18 @@ def make_config(jwks_url: str, **sections: Any) -> GatewayConfig:
         "auth": {"leeway_seconds": 5, "max_token_bytes": 4096, "jwks_cooldown_seconds": 30},
         "ext_authz": {"instances": [{"port": 9101}]},
         "ext_proc": {"instances": [{"port": 9111}]},
-        "servers": {"files": {"module": "m", "instances": [{"port": 9201}]},
+        "servers": {"files": {"module": "m", "instances": [{"port": files_port}]},
                     "database": {"module": "m", "instances": [{"port": 9211}]}},
+        "audit": {"dir": str(state / "audit")},
+        "catalog": {"path": str(state / "catalog.sqlite"), "refresh_seconds": 60},
     }
     raw.update(sections)
     return parse_config(raw, base_dir=Path("/tmp"))
 
 
-def make_settings(jwks_url: str, **sections: Any) -> Settings:
-    return Settings.from_config(make_config(jwks_url, **sections), port=0, host="127.0.0.1")
+def make_settings(jwks_url: str, *, files_port: int = 9201, **sections: Any) -> Settings:
+    return Settings.from_config(make_config(jwks_url, files_port=files_port, **sections), port=0,
+                                host="127.0.0.1")
 
 
 def check_request(name: str, token: str | None = None, *,
@@ -171,3 +213,47 @@ class StubEngine:
         if tool in self.deny_tools:
             return StubDecision(False, reason="tool_not_allowed", missing_scope=self.missing_scope)
         return StubDecision(True, reason="allowed", obligations=self.obligations)
+
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+@dataclass
+class Harness:
+    servicer: AuthorizationServicer
+    engine: StubEngine
+    jwks: JwksClient
+
+    async def check(self, req: pb.CheckRequest) -> pb.CheckResponse:
+        return await self.servicer.Check(req, None)
+
+
+def build(settings: Settings, session: aiohttp.ClientSession, engine: StubEngine, *,
+          catalog: CatalogGate | None = None, audit: AuditWriter | None = None) -> Harness:
+    issuer = settings.issuers[0]
+    jwks = JwksClient(issuer.jwks_url, session, cooldown=30, timeout=2, max_bytes=65536,
+                      issuer=issuer.issuer)
+    verifier = TokenVerifier({ISSUER: (issuer, jwks)}, settings.auth)
+    servicer = AuthorizationServicer(settings, verifier, MemoryRateLimiter(), engine,
+                                     catalog=catalog, audit=audit)
+    return Harness(servicer, engine, jwks)
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def denial(resp: pb.CheckResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
+    assert resp.HasField("denied_response"), resp
+    d = resp.denied_response
+    headers = {h.header.key: h.header.value for h in d.headers}
+    return d.status.code, headers, orjson.loads(d.body)
+
+
+def upstream(resp: pb.CheckResponse) -> tuple[dict[str, str], list[str]]:
+    assert resp.HasField("ok_response") and resp.status.code == 0, resp
+    ok = resp.ok_response
+    assert all(h.append_action == OVERWRITE for h in ok.headers)
+    return {h.header.key: h.header.value for h in ok.headers}, list(ok.headers_to_remove)

@@ -10,32 +10,39 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 import yaml
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.app import SERVICE_NAME, Service, start_service
+from gateway.telemetry import iter_audit
 from gateway.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,
     PUBLIC_URL,
     JwksServer,
+    McpServer,
     StubEngine,
     check_request,
     make_settings,
     token_for,
 )
+from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-async def service(jwks_server: JwksServer) -> AsyncIterator[tuple[Service, StubEngine]]:
+async def service(jwks_server: JwksServer, mcp_server: McpServer
+                  ) -> AsyncIterator[tuple[Service, StubEngine]]:
     engine = StubEngine(deny_tools={"delete_file"})
-    svc = await start_service(make_settings(jwks_server.url), engine)
+    svc = await start_service(make_settings(jwks_server.url, files_port=mcp_server.port), engine)
     try:
         yield svc, engine
     finally:
@@ -140,3 +147,86 @@ def test_duplicate_issuer_rejected_at_start() -> None:
         {"issuer": ISSUER, "jwks_url": "http://a/jwks"}, {"issuer": ISSUER, "jwks_url": "http://b/jwks"}])
     with pytest.raises(ConfigError):
         Settings.from_config(cfg)
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+async def _scrape(port: int) -> str:
+    async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        assert resp.status == 200
+        return await resp.text()
+
+
+async def test_metrics_endpoint_moves(service: tuple[Service, StubEngine], rsa_key: SigningKey) -> None:
+    """/metrics on the metrics port shows request, latency and catalog series that move."""
+    svc, _ = service
+    key = (("decision", "allow"), ("method", "tools/call"), ("server", "files"),
+           ("tool", "read_file"))
+    before = _samples(await _scrape(svc.metrics_port), "mcp_gateway_requests_total").get(key, 0.0)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        stub = pb_grpc.AuthorizationStub(channel)
+        for _ in range(3):
+            ok = await stub.Check(check_request("post_tools_call_files", token_for(rsa_key)), timeout=5)
+            assert ok.HasField("ok_response")
+    text = await _scrape(svc.metrics_port)
+    assert _samples(text, "mcp_gateway_requests_total")[key] == before + 3
+    assert _samples(text, "mcp_gateway_decision_duration_seconds_count")[(("decision", "allow"),)] >= 3
+    assert _samples(text, "mcp_gateway_quarantined_tools")[(("server", "files"),)] == 0
+    assert _samples(text, "mcp_gateway_jwks_fetches_total")[(("issuer", ISSUER), ("outcome", "ok"))] >= 1
+    assert _samples(text, "mcp_gateway_audit_entries_total")[(("outcome", "written"),)] >= 3
+
+
+async def test_audit_file_holds_the_entry_when_the_answer_arrives(
+        service: tuple[Service, StubEngine], rsa_key: SigningKey) -> None:
+    """Over the wire: once the client has the answer, its entry is in <audit.dir>/ext_authz-<port>.jsonl."""
+    svc, _ = service
+    assert svc.audit.path.name == f"ext_authz-{svc.port}.jsonl"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+        stub = pb_grpc.AuthorizationStub(channel)
+        ok = await stub.Check(check_request("post_tools_call_files", token_for(rsa_key)), timeout=5)
+        decision_id = {h.header.key: h.header.value for h in ok.ok_response.headers}["x-mcp-decision-id"]
+        entries = [e for e in iter_audit(svc.audit.path) if e["decision_id"] == decision_id]
+    assert len(entries) == 1 and entries[0]["status"] == "allowed"
+
+
+async def test_span_continues_the_callers_trace(jwks_server: JwksServer, mcp_server: McpServer,
+                                                rsa_key: SigningKey) -> None:
+    """With an OTLP endpoint, each Check exports a SERVER span whose parent is the traceparent's."""
+    receiver = OtlpReceiver()
+    await receiver.start()
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        settings = make_settings(jwks_server.url, files_port=mcp_server.port,
+                                 telemetry={"otlp_endpoint": f"http://{receiver.endpoint}"})
+        svc = await start_service(settings, StubEngine())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+                stub = pb_grpc.AuthorizationStub(channel)
+                req = check_request("post_tools_call_files", token_for(rsa_key),
+                                    headers={"traceparent": f"00-{trace_id}-{parent_id}-01"})
+                assert (await stub.Check(req, timeout=5)).HasField("ok_response")
+            audited = list(iter_audit(svc.audit.path))
+        finally:
+            await svc.stop(grace=None)  # flushes the span processor
+
+        def ours() -> list[Span]:
+            return [s for svc_name, s in receiver.spans
+                    if svc_name == "ext_authz" and s.trace_id.hex() == trace_id]
+
+        await receiver.wait_for(lambda: bool(ours()))
+    finally:
+        await receiver.stop()
+    span = ours()[0]
+    assert span.name == "ext_authz.check" and span.kind == Span.SPAN_KIND_SERVER
+    assert span.parent_span_id.hex() == parent_id
+    attrs = {a.key: a.value.string_value for a in span.attributes}
+    assert attrs["mcp.method"] == "tools/call" and attrs["mcp.tool"] == "read_file"
+    assert attrs["decision"] == "allow"
+    assert audited[-1]["trace_id"] == trace_id

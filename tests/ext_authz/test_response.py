@@ -7,24 +7,59 @@ from envoy.config.core.v3 import base_pb2
 
 from ext_authz.errors import MissingToken
 from ext_authz.response import (
+    GATEWAY_HEADERS,
     IDENTITY_HEADERS,
+    INSPECT_HEADER,
     allowed,
     bearer_challenge,
     denied,
     error_body,
+    ext_proc_metadata,
     header_value,
     identity_headers,
+    mask_types,
+    needs_inspection,
 )
 
 
 def test_allowed_overwrites_and_removes() -> None:
-    """Set headers use OVERWRITE_IF_EXISTS_OR_ADD; token and unset identity headers are removed."""
+    """Set headers use OVERWRITE_IF_EXISTS_OR_ADD; token and unset gateway headers are removed."""
     resp = allowed({"x-mcp-user": "alice", "x-mcp-decision-id": "d1"})
     assert resp.status.code == 0
     assert all(h.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
                for h in resp.ok_response.headers)
     removed = set(resp.ok_response.headers_to_remove)
-    assert removed == {"authorization"} | (set(IDENTITY_HEADERS) - {"x-mcp-user", "x-mcp-decision-id"})
+    assert removed == {"authorization"} | (set(GATEWAY_HEADERS) - {"x-mcp-user", "x-mcp-decision-id"})
+    assert set(IDENTITY_HEADERS) < set(GATEWAY_HEADERS) and INSPECT_HEADER in removed
+
+
+def test_mask_types_fail_closed() -> None:
+    """mask_pii lists pass through; true or a malformed value masks every type, absent none."""
+    assert mask_types({"mask_pii": ["email", "card"]}) == ["email", "card"]
+    assert mask_types({"mask_pii": []}) == [] and mask_types({}) == []
+    assert mask_types({"mask_pii": False}) == []
+    for odd in (True, "email", {"email": True}, ["email", 3]):
+        assert mask_types({"mask_pii": odd}) == ["all"]
+
+
+def test_needs_inspection() -> None:
+    """Lists always go through ext_proc; results only when something is masked."""
+    for method in ("tools/list", "prompts/list", "resources/list", "resources/templates/list"):
+        assert needs_inspection(method, [])
+    for method in ("tools/call", "resources/read", "prompts/get"):
+        assert needs_inspection(method, ["email"]) and not needs_inspection(method, [])
+    assert not needs_inspection("ping", ["email"]) and not needs_inspection(None, ["email"])
+
+
+def test_ext_proc_metadata_shape() -> None:
+    """The metadata struct names everything ext_proc needs; odd claim types are dropped."""
+    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file",
+                           claims={"sub": "alice", "tenant": 7, "roles": ["a", 1, "b"]},
+                           mask=["email"], decision_id="d1", request_id="r1",
+                           obligations={"mask_pii": ["email"]})
+    assert md == {"mcp_method": "tools/call", "server": "files", "tool": "read_file",
+                  "sub": "alice", "tenant": None, "roles": ["a", "b"], "mask": ["email"],
+                  "decision_id": "d1", "request_id": "r1", "obligations": {"mask_pii": ["email"]}}
 
 
 def test_identity_headers_from_claims() -> None:

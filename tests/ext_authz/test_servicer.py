@@ -2,59 +2,41 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
+from google.protobuf import json_format
+from prometheus_client import REGISTRY
 
 from ext_authz.decision_log import LOGGER_NAME
 from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
-from ext_authz.ratelimit import MemoryRateLimiter
 from ext_authz.servicer import AuthorizationServicer
-from ext_authz.settings import Settings
 from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED, UNAUTHORIZED
+from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
 from gateway.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,
+    Harness,
     JwksServer,
     StubEngine,
+    build,
     check_request,
+    denial,
     make_settings,
     token_for,
+    upstream,
 )
 
 PRM_FILES = "https://gw.example.test/.well-known/oauth-protected-resource/mcp/files"
-OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-
-
-@dataclass
-class Harness:
-    servicer: AuthorizationServicer
-    engine: StubEngine
-    jwks: JwksClient
-
-    async def check(self, req: pb.CheckRequest) -> pb.CheckResponse:
-        return await self.servicer.Check(req, None)
-
-
-def build(settings: Settings, session: aiohttp.ClientSession, engine: StubEngine) -> Harness:
-    issuer = settings.issuers[0]
-    jwks = JwksClient(issuer.jwks_url, session, cooldown=30, timeout=2, max_bytes=65536)
-    verifier = TokenVerifier({ISSUER: (issuer, jwks)}, settings.auth)
-    return Harness(AuthorizationServicer(settings, verifier, MemoryRateLimiter(), engine), engine, jwks)
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture
@@ -65,20 +47,6 @@ def authz(jwks_server: JwksServer, session: aiohttp.ClientSession) -> Harness:
 @pytest.fixture
 def token(rsa_key: SigningKey) -> str:
     return token_for(rsa_key)
-
-
-def denial(resp: pb.CheckResponse) -> tuple[int, dict[str, str], dict[str, Any]]:
-    assert resp.HasField("denied_response"), resp
-    d = resp.denied_response
-    headers = {h.header.key: h.header.value for h in d.headers}
-    return d.status.code, headers, orjson.loads(d.body)
-
-
-def upstream(resp: pb.CheckResponse) -> tuple[dict[str, str], list[str]]:
-    assert resp.HasField("ok_response") and resp.status.code == 0, resp
-    ok = resp.ok_response
-    assert all(h.append_action == OVERWRITE for h in ok.headers)
-    return {h.header.key: h.header.value for h in ok.headers}, list(ok.headers_to_remove)
 
 
 async def test_allowed_tools_call_sets_identity_and_strips_token(authz: Harness, token: str) -> None:
@@ -363,3 +331,182 @@ async def test_rate_limit_store_down_is_503(jwks_server: JwksServer, session: ai
         assert body["error"]["data"]["reason"] == "rate_limit_unavailable"
     finally:
         await limiter.close()
+
+
+# --- issue 5: what ext_proc needs ---------------------------------------------------------------
+
+def _metadata(resp: pb.CheckResponse) -> dict[str, Any]:
+    return json_format.MessageToDict(resp.dynamic_metadata)
+
+
+async def test_ext_proc_metadata_and_inspect_header(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey) -> None:
+    """An allowed call whose policy masks PII carries the ext_proc metadata and x-mcp-inspect."""
+    engine = StubEngine(obligations={"mask_pii": ["email", "card"]})
+    authz = build(make_settings(jwks_server.url), session, engine)
+    token = token_for(rsa_key, roles=["analyst", "auditor"], extra_claims={"client_id": "vscode"})
+    resp = await authz.check(check_request("post_tools_call_files", token))
+    headers, _ = upstream(resp)
+    assert headers["x-mcp-inspect"] == "1"
+    assert _metadata(resp) == {
+        "mcp_method": "tools/call", "server": "files", "tool": "read_file", "sub": "alice",
+        "tenant": "acme", "roles": ["analyst", "auditor"], "mask": ["email", "card"],
+        "decision_id": headers["x-mcp-decision-id"],
+        "request_id": "673e035f-618a-4067-b8fc-d852dcbabfb1",
+        "obligations": {"mask_pii": ["email", "card"]},
+    }
+
+
+async def test_inspect_header_only_where_needed(authz: Harness, token: str) -> None:
+    """Lists are always inspected; a call with nothing to mask is not, and a client-sent
+    x-mcp-inspect never survives."""
+    listed = await authz.check(check_request("post_tools_list_no_token", token))
+    headers, _ = upstream(listed)
+    assert headers["x-mcp-inspect"] == "1" and _metadata(listed)["mcp_method"] == "tools/list"
+    assert _metadata(listed)["mask"] == [] and _metadata(listed)["tool"] is None
+    req = check_request("post_tools_call_files", token, headers={"x-mcp-inspect": "1"})
+    headers, removed = upstream(await authz.check(req))
+    assert "x-mcp-inspect" not in headers and "x-mcp-inspect" in removed
+    headers, removed = upstream(await authz.check(check_request("get_sse_stream", token)))
+    assert "x-mcp-inspect" in removed
+
+
+# --- issue 6: logs, metrics, audit ---------------------------------------------------------------
+
+class _LoggingEngine(StubEngine):
+    async def decide(self, policy_input: dict[str, Any]) -> Any:
+        logging.getLogger("tests.policy").warning("deciding")
+        return await super().decide(policy_input)
+
+
+async def test_every_log_line_of_a_check_carries_its_ids(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey) -> None:
+    """Log lines written during a check, by any module, carry request_id, decision_id, sub, tool."""
+    stream = io.StringIO()
+    root = logging.getLogger()
+    level = root.level
+    handler = configure_logging("ext_authz", "INFO", stream=stream)
+    try:
+        authz = build(make_settings(jwks_server.url), session, _LoggingEngine())
+        headers, _ = upstream(await authz.check(check_request("post_tools_call_files",
+                                                              token_for(rsa_key))))
+        logging.getLogger("tests.policy").warning("after the check")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    lines = [orjson.loads(line) for line in stream.getvalue().splitlines()]
+    deciding = next(x for x in lines if x["message"] == "deciding")
+    assert deciding["service"] == "ext_authz"
+    assert deciding["request_id"] == "673e035f-618a-4067-b8fc-d852dcbabfb1"
+    assert deciding["decision_id"] == headers["x-mcp-decision-id"]
+    assert (deciding["sub"], deciding["tenant"], deciding["server"], deciding["method"],
+            deciding["tool"]) == ("alice", "acme", "files", "tools/call", "read_file")
+    jwks_line = next(x for x in lines if x["logger"] == "ext_authz.jwks")
+    assert jwks_line["decision_id"] == headers["x-mcp-decision-id"]
+    after = next(x for x in lines if x["message"] == "after the check")
+    assert "decision_id" not in after and "request_id" not in after
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_move(jwks_server: JwksServer, session: aiohttp.ClientSession,
+                            rsa_key: SigningKey) -> None:
+    """Requests by decision, decision latency, JWKS fetches and rate-limit rejections are counted."""
+    settings = make_settings(jwks_server.url, rate_limits={
+        "per_user": {"rate_per_second": 0.01, "burst": 1}})
+    authz = build(settings, session, StubEngine())
+    labels = {"server": "files", "method": "tools/call", "tool": "read_file"}
+    before = (_sample("mcp_gateway_requests_total", **labels, decision="allow"),
+              _sample("mcp_gateway_requests_total", **labels, decision="rate_limited"),
+              _sample("mcp_gateway_decision_duration_seconds_count", decision="allow"),
+              _sample("mcp_gateway_jwks_fetches_total", issuer=ISSUER, outcome="ok"),
+              _sample("mcp_gateway_rate_limit_rejections_total", scope="user"))
+    req = check_request("post_tools_call_files", token_for(rsa_key))
+    upstream(await authz.check(req))
+    denial(await authz.check(req))
+    after = (_sample("mcp_gateway_requests_total", **labels, decision="allow"),
+             _sample("mcp_gateway_requests_total", **labels, decision="rate_limited"),
+             _sample("mcp_gateway_decision_duration_seconds_count", decision="allow"),
+             _sample("mcp_gateway_jwks_fetches_total", issuer=ISSUER, outcome="ok"),
+             _sample("mcp_gateway_rate_limit_rejections_total", scope="user"))
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 1, 1, 1]
+
+
+class _CountingWriter(AuditWriter):
+    """Counts fsyncs (the seam AuditWriter offers), optionally failing them like a bad disk."""
+
+    def __init__(self, *args: Any, fail: bool = False, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.synced = 0
+        self.fail = fail
+
+    def _sync(self, fd: int) -> None:
+        if self.fail:
+            raise OSError(errno.EIO, "injected I/O error")
+        super()._sync(fd)
+        self.synced += 1
+
+
+@pytest.fixture
+async def audit(tmp_path: Path) -> AsyncIterator[_CountingWriter]:
+    writer = _CountingWriter(tmp_path / "audit" / "ext_authz-1.jsonl", timeout=5)
+    await writer.start()
+    try:
+        yield writer
+    finally:
+        await writer.close()
+
+
+async def test_audit_entry_is_on_disk_before_the_answer(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey,
+        audit: _CountingWriter) -> None:
+    """tools/call (allowed or denied) is audited and fsync'ed before Check returns; lists are not."""
+    authz = build(make_settings(jwks_server.url), session, StubEngine(deny_tools={"delete_file"}),
+                  audit=audit)
+    token = token_for(rsa_key, extra_claims={"client_id": "vscode"})
+    headers, _ = upstream(await authz.check(check_request("post_tools_call_files", token)))
+    assert audit.synced >= 1
+    entries = list(iter_audit(audit.path))  # read while the writer is still open
+    assert len(entries) == 1
+    e = entries[0]
+    assert (e["method"], e["server"], e["target"]) == ("tools/call", "files", "read_file")
+    assert (e["sub"], e["client_id"], e["tenant"]) == ("alice", "vscode", "acme")
+    assert (e["decision"], e["status"], e["reason"]) == ("allow", "allowed", "allowed")
+    assert e["decision_id"] == headers["x-mcp-decision-id"]
+    assert e["request_id"] == "673e035f-618a-4067-b8fc-d852dcbabfb1"
+    assert e["args_digest"] == args_digest({"path": "/srv/files/reports/q3.txt"})
+    assert e["service"] == "ext_authz" and e["latency_ms"] >= 0
+    assert token not in audit.path.read_text() and "q3.txt" not in audit.path.read_text()
+
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                         "params": {"name": "delete_file", "arguments": {"path": "x"}}})
+    denial(await authz.check(check_request("post_tools_call_files", token, body=body)))
+    upstream(await authz.check(check_request("post_tools_list_no_token", token)))
+    denial(await authz.check(check_request("post_tools_call_files")))  # no token: no "who"
+    entries = list(iter_audit(audit.path))
+    assert len(entries) == 2
+    assert (entries[1]["target"], entries[1]["status"], entries[1]["reason"]) == \
+        ("delete_file", "denied", "tool_not_allowed")
+
+
+async def test_audit_failure_fails_closed(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey,
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """When the entry cannot be written the call is refused with 503, never allowed."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    writer = _CountingWriter(tmp_path / "bad.jsonl", fail=True, timeout=5)
+    await writer.start()
+    try:
+        authz = build(make_settings(jwks_server.url), session, StubEngine(), audit=writer)
+        req = check_request("post_tools_call_files", token_for(rsa_key))
+        for _ in range(2):  # the failed write, then the writer that refuses everything after it
+            status, headers, body = denial(await authz.check(req))
+            assert status == 503 and headers["retry-after"] == "1"
+            assert body["error"]["data"]["reason"] == "audit_unavailable" and body["id"] == 7
+        line = orjson.loads([r for r in caplog.records if r.name == LOGGER_NAME][-1].getMessage())
+        assert line["allow"] is False and line["reason"] == "audit_unavailable"
+        upstream(await authz.check(check_request("post_tools_list_no_token", token_for(rsa_key))))
+    finally:
+        await writer.close()
