@@ -93,7 +93,8 @@ def bearer_token(headers: dict[str, str]) -> str:
 def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
                  claims: dict[str, Any], server: str, resource: str, now: float) -> dict[str, Any]:
     """The document the policy decides on."""
-    headers = {k: v for k, v in req.headers.items() if k not in HIDDEN_HEADERS}
+    # Envoy lower-cases names, but a hand-built CheckRequest need not: compare case-insensitively.
+    headers = {k: v for k, v in req.headers.items() if k.lower() not in HIDDEN_HEADERS}
     return {
         "attributes": {
             "request": {"http": {

@@ -94,9 +94,12 @@ def ext_proc_metadata(*, method: str | None, server: str, tool: str | None,
     """The dynamic metadata ext_proc reads (Envoy files it under envoy.filters.http.ext_authz)."""
     roles = claims.get("roles")
     tenant = claims.get("tenant")
+    scope = claims.get("scope")
     return {
         "mcp_method": method, "server": server, "tool": tool, "sub": str(claims["sub"]),
         "tenant": tenant if isinstance(tenant, str) else None,
+        # List filtering in ext_proc asks the policy again, and scopes decide visibility there too.
+        "scope": scope if isinstance(scope, str) else None,
         "roles": [r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
         "mask": mask, "decision_id": decision_id, "request_id": request_id,
         "obligations": obligations,

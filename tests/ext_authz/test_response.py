@@ -54,11 +54,13 @@ def test_needs_inspection() -> None:
 def test_ext_proc_metadata_shape() -> None:
     """The metadata struct names everything ext_proc needs; odd claim types are dropped."""
     md = ext_proc_metadata(method="tools/call", server="files", tool="read_file",
-                           claims={"sub": "alice", "tenant": 7, "roles": ["a", 1, "b"]},
+                           claims={"sub": "alice", "tenant": 7, "roles": ["a", 1, "b"],
+                                   "scope": "tools:call:files/*"},
                            mask=["email"], decision_id="d1", request_id="r1",
                            obligations={"mask_pii": ["email"]})
     assert md == {"mcp_method": "tools/call", "server": "files", "tool": "read_file",
-                  "sub": "alice", "tenant": None, "roles": ["a", "b"], "mask": ["email"],
+                  "sub": "alice", "tenant": None, "scope": "tools:call:files/*",
+                  "roles": ["a", "b"], "mask": ["email"],
                   "decision_id": "d1", "request_id": "r1", "obligations": {"mask_pii": ["email"]}}
 
 
