@@ -348,7 +348,9 @@ async def test_ext_proc_metadata_and_inspect_header(
     resp = await authz.check(check_request("post_tools_call_files", token))
     headers, _ = upstream(resp)
     assert headers["x-mcp-inspect"] == "1"
-    assert _metadata(resp) == {
+    md = _metadata(resp)
+    assert isinstance(md.pop("scope"), str)
+    assert md == {
         "mcp_method": "tools/call", "server": "files", "tool": "read_file", "sub": "alice",
         "tenant": "acme", "roles": ["analyst", "auditor"], "mask": ["email", "card"],
         "decision_id": headers["x-mcp-decision-id"],
