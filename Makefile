@@ -65,3 +65,12 @@ lint: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
+
+# Benchmarks side by side with ContextForge (bench/, docs/benchmarks.md); QUICK=1 for a short run.
+bench: $(STAMP)
+	@command -v wrk >/dev/null || { \
+	  echo "wrk (the load generator) is missing; installing it: apt-get install wrk" >&2; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }
+	$(BIN)/pip install -q -r requirements/bench.txt
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)

@@ -1,0 +1,97 @@
+"""Load from wrk (C, HTTP/1.1, TLS where the configuration has it) driven by ``wrk_mcp.lua``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.payloads import echo_arguments_json
+
+LUA = Path(__file__).resolve().parent / "wrk_mcp.lua"
+MAX_THREADS = 2  # a 2-core machine: more wrk threads only steal CPU from what is measured
+PROTOCOL = "2026-07-28"
+
+
+class LoadError(RuntimeError):
+    """wrk is missing or did not produce its summary line."""
+
+
+def find_wrk() -> str:
+    found = shutil.which("wrk")
+    if found is None:
+        raise LoadError("wrk is not installed: `sudo apt-get install wrk` (Debian/Ubuntu) or build it "
+                        "from https://github.com/wg/wrk")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    name: str
+    method: str
+    tool: str | None
+    arguments: str = "{}"
+    description: str = ""
+
+
+WORKLOADS: dict[str, Workload] = {
+    "echo": Workload("echo", "tools/call", "echo", echo_arguments_json(),
+                     "tools/call echo, ~1 KB arguments"),
+    "list": Workload("list", "tools/list", None, description="tools/list"),
+    "report": Workload("report", "tools/call", "report", "{}",
+                       "tools/call report, 10 KB result with PII"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where and how to send MCP requests to one configuration."""
+
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    token: str | None = None
+    session: str | None = None
+    protocol: str | None = PROTOCOL
+    meta: dict[str, Any] | None = None  # params._meta on every request (2026-07-28 needs it)
+    tool_names: dict[str, str] = field(default_factory=dict)  # workload tool -> name here
+
+
+def run_wrk(target: Target, workload: Workload, *, connections: int, seconds: float,
+            delay_ms: float | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """One wrk run; returns the WRK_JSON summary plus wrk's own CPU seconds."""
+    threads = max(1, min(MAX_THREADS, connections))
+    tool = target.tool_names.get(workload.tool, workload.tool) if workload.tool else ""
+    env = {**os.environ, "MCP_METHOD": workload.method, "MCP_TOOL": tool,
+           "MCP_META": json.dumps(target.meta, separators=(",", ":")) if target.meta else "",
+           "MCP_ARGS": workload.arguments, "MCP_TOKEN": target.token or "",
+           "MCP_SESSION": target.session or "", "MCP_PROTOCOL": target.protocol or "",
+           "MCP_EXTRA_HEADERS": "|".join(f"{k}: {v}" for k, v in target.headers.items()),
+           "MCP_DELAY_MS": f"{delay_ms:g}" if delay_ms else ""}
+    argv = [find_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
+            "--timeout", f"{timeout_s:g}s", "-s", str(LUA), target.url]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=seconds + timeout_s + 30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise LoadError(f"wrk did not finish: {' '.join(argv)}") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    line = next((x for x in out.decode().splitlines() if x.startswith("WRK_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise LoadError(f"wrk failed ({proc.returncode}): {err.decode()[-800:]}{out.decode()[-800:]}")
+    summary: dict[str, Any] = json.loads(line[len("WRK_JSON "):])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # Only wrk is reaped in this window, so the children's usage delta is wrk's own CPU.
+    summary["wrk_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 3)
+    summary["stderr"] = err.decode(errors="replace")[-600:]
+    return summary

@@ -1,0 +1,369 @@
+"""Turn one run's raw results into ``docs/benchmarks.md``, its charts and the targets verdict."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RSS_LIMIT_MB = 150.0
+TARGET_THROUGHPUT_RATIO = 0.6
+TARGET_ADDED_P50_MS = 1.0
+TARGET_ADDED_P99_MS = 5.0
+TARGET_VS_CF = 30.0
+COLORS = {"direct": "#555555", "envoy_tls": "#1f77b4", "gateway": "#d62728",
+          "contextforge": "#9467bd", "contextforge_stateful": "#2ca02c"}
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = ""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in
+                    Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "")
+    except OSError:
+        pass
+    envoy = ""
+    try:
+        from gateway import envoy_config
+        envoy = subprocess.run([str(envoy_config.find_envoy()), "--version"], capture_output=True,
+                               text=True, timeout=30, check=False).stdout
+        found = re.search(r"/(\d+\.\d+\.\d+)/", envoy)
+        envoy = found.group(1) if found else envoy.strip()
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError):
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": cpu, "python": platform.python_version(),
+            "kernel": platform.release(), "envoy": envoy,
+            "loadavg_at_start": os.getloadavg()}
+
+
+# --------------------------------------------------------------------------------- helpers
+
+def _confs(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["key"]: c for c in result["configurations"]}
+
+
+def _runs(conf: dict[str, Any] | None, workload: str) -> list[dict[str, Any]]:
+    if conf is None:
+        return []
+    return [r for r in conf.get("runs", []) if r["workload"] == workload]
+
+
+def _peak(conf: dict[str, Any] | None, workload: str = "echo") -> dict[str, Any] | None:
+    runs = _runs(conf, workload)
+    return max(runs, key=lambda r: r["rps"]) if runs else None
+
+
+def _at(conf: dict[str, Any] | None, workload: str, connections: int) -> dict[str, Any] | None:
+    return next((r for r in _runs(conf, workload) if r["connections"] == connections), None)
+
+
+def _cpu_total(run: dict[str, Any]) -> float:
+    return sum(p["cpu_us_per_req"] or 0.0 for p in run["processes"].values())
+
+
+def _bound(run: dict[str, Any], cpus: int) -> str:
+    parts = sorted(((role, p["cpu_us_per_req"] or 0.0) for role, p in run["processes"].items()),
+                   key=lambda x: -x[1])
+    total = _cpu_total(run) + run["wrk_cpu_s"] / max(run["ok"], 1) * 1e6
+    detail = ", ".join(f"{role} {us:.0f} us" for role, us in parts)
+    return (f"CPU per request {_cpu_total(run):.0f} us ({detail}) plus wrk "
+            f"{run['wrk_cpu_s'] / max(run['ok'], 1) * 1e6:.0f} us on {cpus} shared cores: at most "
+            f"~{cpus * 1e6 / total:.0f} req/s if the cores did nothing else")
+
+
+# --------------------------------------------------------------------------------- targets
+
+def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target of issue 9 as measured in this run: value, met (True/False/None), bound."""
+    confs = _confs(result)
+    cpus = int(result["machine"].get("cpus") or 2)
+    gw, envoy = confs.get("gateway"), confs.get("envoy_tls")
+    rows: list[dict[str, Any]] = []
+    gw_peak, envoy_peak = _peak(gw), _peak(envoy)
+
+    row: dict[str, Any] = {"target": f"full gateway >= {TARGET_THROUGHPUT_RATIO}x Envoy-TLS-only "
+                                     "throughput at saturation (tools/call echo)"}
+    if gw_peak is not None and gw_peak["rps"] == 0:
+        row.update(value="0 OK responses", met=False,
+                   bound="the full gateway answered no request OK; first errors: "
+                         + (gw_peak.get("error_sample") or "")[:200].replace("\n", " ").replace("|", "/"))
+    elif gw_peak and envoy_peak and envoy_peak["rps"]:
+        ratio = gw_peak["rps"] / envoy_peak["rps"]
+        row.update(value=f"{ratio:.2f}x ({gw_peak['rps']:.0f} vs {envoy_peak['rps']:.0f} req/s)",
+                   met=ratio >= TARGET_THROUGHPUT_RATIO,
+                   bound=_bound(gw_peak, cpus) if ratio < TARGET_THROUGHPUT_RATIO else "")
+    else:
+        row.update(value="not measured", met=None, bound=_missing(confs, "gateway", "envoy_tls"))
+    rows.append(row)
+
+    row = {"target": f"added latency at half saturation <= {TARGET_ADDED_P50_MS:g} ms p50, "
+                     f"<= {TARGET_ADDED_P99_MS:g} ms p99 (gateway over Envoy-TLS-only)"}
+    gp, ep = (gw or {}).get("paced"), (envoy or {}).get("paced")
+    if gp and ep:
+        d50, d99 = gp["p50_ms"] - ep["p50_ms"], gp["p99_ms"] - ep["p99_ms"]
+        met = d50 <= TARGET_ADDED_P50_MS and d99 <= TARGET_ADDED_P99_MS
+        row.update(value=f"+{d50:.2f} ms p50, +{d99:.2f} ms p99 (at {gp['rps']:.0f} and "
+                         f"{ep['rps']:.0f} req/s offered ~{gp.get('paced_target_rps', 0):.0f})",
+                   met=met,
+                   bound="" if met else (
+                       "the Python hops on the path: ext_authz "
+                       f"{gp['processes'].get('ext_authz', {}).get('cpu_us_per_req') or 0:.0f} us CPU per "
+                       "request (gRPC Check with body, JWT, Rego), plus queueing on 2 shared cores"))
+    else:
+        row.update(value="not measured", met=None, bound=_missing(confs, "gateway", "envoy_tls"))
+    rows.append(row)
+
+    cfs = [c for k, c in confs.items() if k.startswith("contextforge") and _peak(c)]
+    row = {"target": f">= {TARGET_VS_CF:g}x ContextForge's throughput (better mode), lower p99"}
+    if gw_peak and cfs:
+        best = max(cfs, key=lambda c: _peak(c)["rps"])  # type: ignore[index]
+        best_peak = _peak(best)
+        assert best_peak is not None
+        ratio = gw_peak["rps"] / best_peak["rps"] if best_peak["rps"] else float("inf")
+        same = _at(gw, "echo", best_peak["connections"])
+        p99_ok = same is not None and same["p99_ms"] < best_peak["p99_ms"]
+        row.update(value=f"{ratio:.0f}x ({gw_peak['rps']:.0f} vs {best_peak['rps']:.1f} req/s, "
+                         f"{best['key']}); p99 at c={best_peak['connections']}: "
+                         f"{same['p99_ms'] if same else float('nan'):.1f} vs {best_peak['p99_ms']:.1f} ms",
+                   met=ratio >= TARGET_VS_CF and p99_ok, bound="")
+    else:
+        row.update(value="not measured", met=None, bound=_missing(confs, "gateway", "contextforge"))
+    rows.append(row)
+
+    row = {"target": f"each Python service <= {RSS_LIMIT_MB:g} MB RSS under load (full gateway)"}
+    if gw and gw.get("runs"):
+        peaks: dict[str, float] = {}
+        for run in gw["runs"] + ([gw["paced"]] if gw.get("paced") else []):
+            for role, p in run["processes"].items():
+                if role in gw["python_roles"]:
+                    peaks[role] = max(peaks.get(role, 0.0), p["peak_rss_mb"])
+        worst = max(peaks.values(), default=0.0)
+        row.update(value=", ".join(f"{r} {mb:.0f} MB" for r, mb in sorted(peaks.items())),
+                   met=worst <= RSS_LIMIT_MB,
+                   bound="" if worst <= RSS_LIMIT_MB else "largest process over the limit")
+    else:
+        row.update(value="not measured", met=None, bound=_missing(confs, "gateway"))
+    rows.append(row)
+
+    errs = {c["key"]: sum(r["errors"] for r in c.get("runs", []) + ([c["paced"]] if c.get("paced") else []))
+            for c in result["configurations"] if not c["key"].startswith("contextforge")}
+    failed = [c["key"] for c in result["configurations"] if c.get("failed")]
+    row = {"target": "zero errors in every run (ours: configurations 1-3)",
+           "value": ", ".join(f"{k} {v}" for k, v in errs.items()) + (
+               f"; failed: {', '.join(failed)}" if failed else ""),
+           "met": (sum(errs.values()) == 0 and not [f for f in failed if f in errs]) if errs else None,
+           "bound": ""}
+    rows.append(row)
+    return rows
+
+
+def _missing(confs: dict[str, dict[str, Any]], *keys: str) -> str:
+    why = [f"{k}: {confs[k]['failed'][:200]}" for k in keys if k in confs and confs[k].get("failed")]
+    absent = [k for k in keys if k not in confs]
+    return "; ".join(why + ([f"not run: {', '.join(absent)}"] if absent else []))
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "**not met**", None: "not measured"}[met]
+
+
+def targets_text(result: dict[str, Any]) -> str:
+    lines = ["targets:"]
+    for row in evaluate(result):
+        lines.append(f"  [{_verdict(row['met']).replace('*', '')}] {row['target']}: {row['value']}")
+        if row["bound"]:
+            lines.append(f"      bound: {row['bound']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- charts
+
+def _charts(result: dict[str, Any], out: Path) -> list[tuple[str, str]]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    confs = [c for c in result["configurations"] if c.get("runs")]
+    made: list[tuple[str, str]] = []
+    workloads = [w for w in ("echo", "list", "report") if any(_runs(c, w) for c in confs)]
+
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads, strict=True):
+        for c in confs:
+            runs = sorted(_runs(c, w), key=lambda r: r["connections"])
+            if runs:
+                ax.plot([r["connections"] for r in runs], [r["rps"] for r in runs], marker="o",
+                        label=c["key"], color=COLORS.get(c["key"]))
+        ax.set(title=result["workloads"][w]["description"], xlabel="concurrent connections",
+               ylabel="OK responses / s", xscale="log", yscale="log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+    made.append(("Throughput by concurrency (log scales)", "throughput.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in confs:
+        runs = _runs(c, "echo")
+        if not runs:
+            continue
+        run = max(runs, key=lambda r: r["connections"])
+        xs = [max(ms, 1e-3) for _, ms in run["cdf_ms"]]
+        ys = [q for q, _ in run["cdf_ms"]]
+        ax.plot(xs, ys, label=f"{c['key']} (c={run['connections']})", color=COLORS.get(c["key"]))
+        if c.get("paced"):
+            p = c["paced"]
+            ax.plot([max(ms, 1e-3) for _, ms in p["cdf_ms"]], [q for q, _ in p["cdf_ms"]],
+                    linestyle="--", color=COLORS.get(c["key"]),
+                    label=f"{c['key']} paced ~{p['rps']:.0f} req/s")
+    ax.set(title="tools/call echo: latency CDF", xlabel="latency (ms, log)", ylabel="percentile",
+           xscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency_cdf.png", dpi=110)
+    plt.close(fig)
+    made.append(("Latency CDF, tools/call echo (highest concurrency; dashed: paced at half "
+                 "saturation)", "latency_cdf.png"))
+
+    # Linear scales (stacked bars on a log axis hide the bottom segments); ContextForge is ~100x
+    # costlier, so it gets its own panel.
+    groups = [[c for c in confs if not c["key"].startswith("contextforge")],
+              [c for c in confs if c["key"].startswith("contextforge")]]
+    groups = [g for g in groups if any(_peak(c) for c in g)]
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 4.5),
+                             squeeze=False)
+    roles = sorted({role for c in confs for r in _runs(c, "echo") for role in r["processes"]} | {"wrk"})
+    for ax, group in zip(axes[0], groups, strict=False):
+        labels: list[str] = []
+        bars: dict[str, list[float]] = {role: [] for role in roles}
+        for c in group:
+            peak = _peak(c)
+            if peak is None:
+                continue
+            run = peak
+            labels.append(c["key"])
+            for role in roles:
+                if role == "wrk":
+                    bars[role].append(run["wrk_cpu_s"] / max(run["ok"], 1) * 1e6)
+                else:
+                    bars[role].append(run["processes"].get(role, {}).get("cpu_us_per_req") or 0.0)
+        bottoms = [0.0] * len(labels)
+        for role in roles:
+            if any(bars[role]):
+                ax.bar(labels, bars[role], bottom=bottoms, label=role)
+                bottoms = [b + v for b, v in zip(bottoms, bars[role], strict=True)]
+        ax.set(ylabel="CPU microseconds / request")
+        ax.legend(fontsize=8)
+    fig.suptitle("CPU per tools/call echo request, by process (at peak throughput)")
+    fig.tight_layout()
+    fig.savefig(out / "cpu_breakdown.png", dpi=110)
+    plt.close(fig)
+    made.append(("Overhead breakdown: CPU per request by process", "cpu_breakdown.png"))
+    return made
+
+
+# ---------------------------------------------------------------------------------- markdown
+
+def _table(result: dict[str, Any]) -> list[str]:
+    lines = ["| configuration | workload | conns | req/s | p50 ms | p99 ms | errors "
+             "| CPU us/req by process | peak RSS MB |",
+             "|---|---|---:|---:|---:|---:|---:|---|---|"]
+    for c in result["configurations"]:
+        runs = c.get("runs", []) + ([c["paced"]] if c.get("paced") else [])
+        if c.get("failed"):
+            lines.append(f"| {c['key']} | failed | | | | | | {c['failed'][:150]} | |")
+        for r in runs:
+            cpu = ", ".join(f"{role} {p['cpu_us_per_req']:.0f}" for role, p in r["processes"].items()
+                            if p["cpu_us_per_req"] is not None)
+            rss = ", ".join(f"{role} {p['peak_rss_mb']:.0f}" for role, p in r["processes"].items())
+            conns = f"{r['connections']} paced" if r.get("paced_delay_ms") else str(r["connections"])
+            lines.append(f"| {c['key']} | {r['workload']} | {conns} | {r['rps']:.1f} | "
+                         f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['errors']} | {cpu} | {rss} |")
+    return lines
+
+
+def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> str:
+    m = result["machine"]
+    plan = result["plan"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`make bench QUICK=1` for a short run) from `bench/`; do not edit",
+        "by hand. Raw numbers of this run: [`benchmarks.json`](benchmarks.json).",
+        "",
+        f"Run {result['started']} ({result['mode']} mode, {result.get('elapsed_s', 0):.0f} s) on "
+        f"{m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}, Envoy {m['envoy'] or '?'}, "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])}. "
+        "Everything (load generator included) shares these cores, so absolute numbers are low and "
+        "noisy; the ratios between configurations measured in the same run are what the targets use.",
+        "",
+        "## What is measured",
+        "",
+        "- Same backend everywhere: `bench/backend.py` on `mcp_servers.core` (one process), tools",
+        "  `echo` (returns its ~1 KB arguments) and `report` (a ~10 KB text with emails, phone and card",
+        "  numbers).",
+        "- Configurations: (1) the backend directly over HTTP; (2) Envoy with TLS and a router only;",
+        "  (3) the full gateway from the dev stack (TLS, JWT, Rego policy, per-user rate limit, access",
+        "  log, ext_proc when installed) with the default config, on fresh ports, with the bench server",
+        "  added to the policy data for the `engineer` role (the example policy masks PII for it);",
+        "  (4) IBM ContextForge 1.1.0 with JWT auth in front of the same backend, default mode and",
+        "  `USE_STATEFUL_SESSIONS=true` (one MCP session shared by the connections).",
+        f"- Load: wrk (HTTP/1.1, TLS where the configuration has it), {plan['levels']} connections "
+        f"for {plan['seconds']:g} s each after a {plan['warmup']:g} s warm-up per workload; "
+        f"ContextForge {plan['cf_levels']} connections for {plan['cf_seconds']:g} s. At most 2 wrk "
+        "threads. Every request has a unique JSON-RPC id; a response is OK only when it is HTTP 200 "
+        "with a JSON-RPC result for that id (not an error, not `isError`). req/s counts OK "
+        "responses only; errors count everything else (including timeouts and socket errors).",
+        "- Our configurations speak protocol 2026-07-28 (stateless, `_meta` in each request);",
+        "  ContextForge gets 2025-06-18.",
+        "- CPU per request: utime+stime from `/proc/<pid>/stat` of every process of the",
+        "  configuration (children included) before and after the window, divided by OK responses.",
+        "  Peak RSS: `VmHWM` of the largest process of that role.",
+        "- Half saturation: wrk paced (exponential pauses per connection) to about half of the full",
+        "  gateway's peak tools/call throughput, the same pacing for Envoy-TLS-only.",
+        "",
+        "## Targets (issue 9)",
+        "",
+        "| target | measured | verdict | what bounds it |",
+        "|---|---|---|---|",
+    ]
+    for row in evaluate(result):
+        lines.append(f"| {row['target']} | {row['value']} | {_verdict(row['met'])} | {row['bound']} |")
+    lines += ["", "## Charts", ""]
+    for title, name in charts:
+        lines += [f"### {title}", "", f"![{title}](benchmarks/{name})", ""]
+    lines += ["## All runs", ""] + _table(result)
+    for c in result["configurations"]:
+        if c.get("facts"):
+            lines += ["", f"- {c['key']}: started in {c.get('startup_s', '?')} s; "
+                          f"{json.dumps(c['facts'])}"]
+    micro = result.get("micro") or {}
+    if micro:
+        lines += ["", "## Micro-benchmarks", ""]
+        for script, res in micro.items():
+            lines += [f"### `bench/{script}`", ""]
+            if res.get("failed") or res.get("returncode"):
+                lines += [f"failed: {res.get('failed') or res.get('stderr', '')[-500:]}", ""]
+            else:
+                lines += [res["stdout"].strip(), ""]
+    lines += ["", "## Reproduce", "", "```", "make bench            # < 15 min",
+              "make bench QUICK=1    # < 3 min", "```",
+              "Needs `wrk` (`sudo apt-get install wrk`); ContextForge is installed on first use into "
+              "`.bench/cf-venv` with Python 3.12 (set `CF_PYTHON` to another 3.12/3.13 interpreter).",
+              ""]
+    return "\n".join(lines)
+
+
+def write_docs(result: dict[str, Any], docs: Path) -> Path:
+    charts = _charts(result, docs / "benchmarks")
+    (docs / "benchmarks.json").write_text(json.dumps(result, indent=1))
+    md = docs / "benchmarks.md"
+    md.write_text(render_markdown(result, charts))
+    return md

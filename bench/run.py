@@ -1,0 +1,213 @@
+"""``make bench`` / ``python -m bench.run [--quick] [--only KEY,...]``: every configuration in turn.
+
+For each configuration: start it, warm up, then for each workload and concurrency level run wrk
+for a fixed time while reading CPU time and peak RSS of each of its processes from /proc. The
+full gateway and Envoy-with-TLS-only also get a paced run at half of the gateway's saturation
+throughput (the latency target). Writes ``bench/results/<timestamp>.json``, then
+``docs/benchmarks.json``, ``docs/benchmarks.md`` and the charts in ``docs/benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import report
+from bench.configs import CONFIGURATIONS, Configuration, RunContext, ensure_certs
+from bench.loadgen import WORKLOADS, Workload, find_wrk, run_wrk
+from bench.procs import Meter
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent
+# The gateway runs before Envoy-only so the paced run of both can use the gateway's saturation.
+ORDER = ("direct", "gateway", "envoy_tls", "contextforge", "contextforge_stateful")
+PACED = ("gateway", "envoy_tls")
+MICRO = ("bench_ext_authz.py", "bench_pii.py", "bench_audit.py")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    levels: tuple[int, ...]
+    seconds: float
+    warmup: float
+    workloads: tuple[str, ...]
+    cf_levels: tuple[int, ...]
+    cf_seconds: float
+    cf_workloads: tuple[str, ...]
+    paced_connections: int
+    micro_args: dict[str, list[str]]
+    micro_timeout: float
+
+
+FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
+            cf_levels=(1, 4), cf_seconds=6, cf_workloads=("echo", "list", "report"),
+            paced_connections=8, micro_args={}, micro_timeout=120)
+QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "report"),
+             cf_levels=(4,), cf_seconds=3, cf_workloads=("echo",), paced_connections=4,
+             micro_args={"bench_pii.py": ["--repeat", "3"],
+                         "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
+             micro_timeout=40)
+
+
+def measure(conf: Configuration, workload: Workload, connections: int, seconds: float,
+            delay_ms: float | None = None) -> dict[str, Any]:
+    meter = Meter(conf.roles)
+    meter.start()
+    res = run_wrk(conf.target(), workload, connections=connections, seconds=seconds,
+                  delay_ms=delay_ms)
+    usage = meter.stop()
+    ok = int(res["ok"])
+    duration = res["duration_us"] / 1e6
+    errors = int(res["bad"]) + sum(int(res[k]) for k in (
+        "errors_connect", "errors_read", "errors_write", "errors_timeout"))
+    rec: dict[str, Any] = {
+        "workload": workload.name, "connections": connections, "paced_delay_ms": delay_ms,
+        "seconds": round(duration, 2), "requests": res["requests"], "ok": ok, "errors": errors,
+        "rps": round(ok / duration, 1) if duration else 0.0,
+        "p50_ms": res["p50_us"] / 1000, "p90_ms": res["p90_us"] / 1000,
+        "p99_ms": res["p99_us"] / 1000, "p999_ms": res["p999_us"] / 1000,
+        "mean_ms": round(res["lat_mean_us"] / 1000, 3), "max_ms": res["lat_max_us"] / 1000,
+        "cdf_ms": [[q, us / 1000] for q, us in res["cdf"]],
+        "wrk_cpu_s": res["wrk_cpu_s"],
+        "processes": {role: {**u, "cpu_us_per_req": round(u["cpu_s"] / ok * 1e6, 1) if ok else None}
+                      for role, u in usage.items()},
+    }
+    if errors:
+        rec["error_sample"] = res["stderr"]
+    print(f"    {workload.name:<7} c={connections:<3} {rec['rps']:>9.1f} req/s  p50 {rec['p50_ms']:8.2f} ms"
+          f"  p99 {rec['p99_ms']:8.2f} ms  errors {errors}"
+          + (f"  (paced {delay_ms:.1f} ms)" if delay_ms else ""), flush=True)
+    return rec
+
+
+def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> dict[str, Any]:
+    is_cf = conf.key.startswith("contextforge")
+    levels = plan.cf_levels if is_cf else plan.levels
+    seconds = plan.cf_seconds if is_cf else plan.seconds
+    workloads = plan.cf_workloads if is_cf else plan.workloads
+    out: dict[str, Any] = {"key": conf.key, "title": conf.title, "tls": conf.tls,
+                           "python_roles": list(conf.python_roles), "runs": []}
+    print(f"== {conf.title}", flush=True)
+    started = time.monotonic()
+    try:
+        conf.start()
+        out["startup_s"] = round(time.monotonic() - started, 1)
+        out["facts"] = conf.facts()
+        for name in workloads:
+            # Warm-up: connections, caches, JIT-free Python's lazy imports; not recorded.
+            run_wrk(conf.target(), WORKLOADS[name], connections=min(4, max(levels)),
+                    seconds=plan.warmup)
+            for c in levels:
+                out["runs"].append(measure(conf, WORKLOADS[name], c, seconds))
+        if conf.key in PACED:
+            if "delay_ms" not in half:
+                peak = max((r["rps"] for r in out["runs"] if r["workload"] == "echo"), default=0.0)
+                low = next((r for r in out["runs"] if r["workload"] == "echo"), None)
+                if peak > 0 and low is not None:
+                    half["rate"] = peak / 2
+                    half["from"] = conf.key
+                    # Each connection: its request's latency plus the pause, so subtract the
+                    # latency seen at low load to land near the wanted rate.
+                    half["delay_ms"] = max(0.0, 1000 * plan.paced_connections / half["rate"]
+                                           - low["mean_ms"])
+            if "delay_ms" in half:
+                rec = measure(conf, WORKLOADS["echo"], plan.paced_connections, seconds,
+                              delay_ms=half["delay_ms"])
+                rec["paced_target_rps"] = round(half["rate"], 1)
+                out["paced"] = rec
+        out["final"] = {role: {"procs": len(pids)} for role, pids in conf.roles().items()}
+    except Exception as exc:  # one configuration failing must not lose the others' numbers
+        logger.exception("configuration %s failed", conf.key)
+        out["failed"] = f"{type(exc).__name__}: {exc}"[:2000]
+        print(f"  !! {conf.key} failed: {out['failed'][:500]}", flush=True)
+    finally:
+        conf.stop()
+    return out
+
+
+def run_micro(plan: Plan) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for script in MICRO:
+        path = ROOT / "bench" / script
+        if not path.exists():
+            continue
+        print(f"== micro-benchmark {script}", flush=True)
+        try:
+            proc = subprocess.run([sys.executable, str(path), *plan.micro_args.get(script, [])],
+                                  capture_output=True, text=True, timeout=plan.micro_timeout,
+                                  cwd=ROOT, check=False)
+        except subprocess.TimeoutExpired:
+            out[script] = {"failed": f"timed out after {plan.micro_timeout:g} s"}
+            continue
+        out[script] = {"returncode": proc.returncode, "stdout": proc.stdout[-6000:],
+                       "stderr": proc.stderr[-1500:] if proc.returncode else ""}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 3 min)")
+    parser.add_argument("--only", help=f"comma-separated configurations of {', '.join(ORDER)}")
+    parser.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    parser.add_argument("--no-docs", action="store_true",
+                        help="write only bench/results/, not docs/benchmarks*")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    plan = QUICK if args.quick else FULL
+    keys = [k for k in ORDER if not args.only or k in args.only.split(",")]
+    find_wrk()
+
+    # SIGTERM (e.g. from make's parent) unwinds like Ctrl-C so every `finally` stops its processes.
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    work = ROOT / ".bench" / f"run-{stamp}"
+    work.mkdir(parents=True)
+    (ROOT / ".bench" / ".gitignore").write_text("*\n")
+    ctx = RunContext(work)
+    ensure_certs(ctx)
+    began = time.monotonic()
+    result: dict[str, Any] = {
+        "started": stamp, "mode": "quick" if args.quick else "full", "plan": asdict(plan),
+        "machine": report.machine_facts(), "configurations": [], "workloads": {
+            k: {"method": w.method, "tool": w.tool, "description": w.description,
+                "argument_bytes": len(w.arguments)} for k, w in WORKLOADS.items()}}
+    half: dict[str, Any] = {}
+    try:
+        for key in keys:
+            result["configurations"].append(run_configuration(CONFIGURATIONS[key](ctx), plan, half))
+        result["half_saturation"] = half
+        if not args.no_micro:
+            result["micro"] = run_micro(plan)
+    except KeyboardInterrupt:
+        print("\ninterrupted: every started process was stopped", file=sys.stderr)
+        return 130
+    result["elapsed_s"] = round(time.monotonic() - began, 1)
+    results_dir = ROOT / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    raw = results_dir / f"{stamp}.json"
+    raw.write_text(json.dumps(result, indent=1))
+    print(f"raw results: {raw}")
+    if not args.no_docs:
+        md = report.write_docs(result, ROOT / "docs")
+        print(f"report: {md}")
+    print(report.targets_text(result))
+    print(f"elapsed {result['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
