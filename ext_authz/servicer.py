@@ -57,7 +57,7 @@ from ext_authz.response import (
     needs_inspection,
 )
 from ext_authz.settings import Settings
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.jsonrpc import best_effort_id, parse_message
 from gateway.mcp import McpContext, extract_context
 from gateway.telemetry import (
@@ -202,6 +202,11 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             try:
                 if headers.get(PARTIAL_BODY_HEADER) == "true":
                     raise PayloadTooLarge("the request body exceeds the gateway's limit")
+                encoding = headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise UnsupportedEncoding(
+                        f"Content-Encoding {encoding!r} is not accepted; send the JSON-RPC body "
+                        "uncompressed")
                 msg = parse_message(req.body, max_bytes=settings.max_request_bytes)
                 ctx = extract_context(msg, headers)
             except GatewayError as err:

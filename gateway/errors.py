@@ -72,3 +72,11 @@ class HeaderMismatch(GatewayError):
     code = "header_mismatch"
     rpc_code = HEADER_MISMATCH
     http_status = 400
+
+
+class UnsupportedEncoding(GatewayError):
+    """A compressed request body: what the gateway inspects must be what the server reads."""
+
+    code = "unsupported_content_encoding"
+    rpc_code = INVALID_REQUEST
+    http_status = 415

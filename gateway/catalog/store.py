@@ -272,7 +272,7 @@ class Catalog:
                                    isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._enable_wal()
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self._write():
             for statement in _split_sql(_SCHEMA):
@@ -280,6 +280,22 @@ class Catalog:
         self._snapshot: dict[tuple[str, str, str], Entry] = {}
         self._version: int | None = None
         self._validators: dict[str, Any] = {}  # inputSchema hash -> compiled validator
+
+    def _enable_wal(self) -> None:
+        # Switching a new database to WAL takes a lock that the busy handler does not wait for,
+        # so processes opening a fresh catalog together (ext_authz and ext_proc at start-up)
+        # can see "database is locked": retry with a bounded back-off. WAL persists in the file.
+        delay = 0.01
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.2)
 
     def close(self) -> None:
         with self._lock:

@@ -228,12 +228,7 @@ CASES: dict[str, Case] = {
     "body_over_max_request_bytes": Case(lambda g: raw(
         g, call_text(args='{"id":"' + "x" * (1024 * 1024 + 10) + '"}')), 413, NO_RPC),
     "body_gzip_encoded": Case(lambda g: raw(g, gzip.compress(call_text().encode()),
-                                            extra={"content-encoding": "gzip"}), 415, NO_RPC,
-                           (pytest.mark.xfail(strict=True, reason=(
-                               "ext_authz/Envoy do not refuse Content-Encoding: the compressed "
-                               "bytes fail the JSON parse (400 -32700), which is safe for gzip "
-                               "but relies on luck for encodings without magic bytes; expected "
-                               "415 at the edge")),)),
+                                            extra={"content-encoding": "gzip"}), 415, INVALID),
     "mcp_method_header_mismatch": Case(lambda g: raw(g, call_text(), method="tools/list", name=None),
                                        400, MISMATCH),
     "mcp_name_header_mismatch": Case(lambda g: raw(g, call_text(), name="whoami"), 400, MISMATCH),
