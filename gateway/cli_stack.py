@@ -48,8 +48,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         stack.start(detach=args.detach)
         starting = False
-        print(devstack.banner(config, devstack.dev_token(config), stack.ca_file, detach=args.detach),
-              flush=True)
+        print(devstack.banner(config, devstack.dev_token(config), stack.ca_file, detach=args.detach,
+                              components=stack.components), flush=True)
         if args.detach:
             print(f"PIDs: {devstack.paths(config).pid_file}")
             return 0

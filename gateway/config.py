@@ -7,6 +7,7 @@ Unknown keys and contradictions are rejected at load time with a message naming 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,22 @@ class ServerConfig:
     args: tuple[str, ...] = ()
     # Envoy retries/affinity need to know whether the server keeps sessions.
     description: str = ""
+    # Names from `secrets` this server's processes receive as environment variables.
+    env: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """An auxiliary service the dev stack runs for an MCP server (e.g. the demo ERP behind the
+    integration server). Not routed by Envoy; started before the MCP servers, which may read
+    from it at start-up."""
+
+    name: str
+    module: str  # started as `python -m <module> --host H --port P [extra args]`
+    instance: Instance
+    args: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
+    health_path: str = "/health"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +99,8 @@ class RateLimitConfig:
     redis_url: str | None = None
     per_user: RateSpec | None = RateSpec(50.0, 100)
     per_tool: RateSpec | None = None
+    # Envoy's coarse per-process flood guard in front of ext_authz (None: no edge limit).
+    edge: RateSpec | None = RateSpec(1000.0, 2000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +117,9 @@ class TelemetryConfig:
     log_level: str = "INFO"
     # gRPC services serve Prometheus /metrics on their gRPC port + this offset (127.0.0.1).
     metrics_port_offset: int = 1000
+    # Share of requests Envoy starts a trace for (when otlp_endpoint is set); a client's sampled
+    # traceparent is always honoured.
+    trace_sample_percent: float = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +153,10 @@ class GatewayConfig:
     telemetry: TelemetryConfig = TelemetryConfig()
     audit: AuditConfig = AuditConfig()
     catalog: CatalogConfig = CatalogConfig()
+    backends: tuple[BackendConfig, ...] = ()
+    # Names of secrets (environment variables) the dev stack hands to the processes that list
+    # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
+    secrets: tuple[str, ...] = ()
     state_dir: str = ".run"
     max_request_bytes: int = 1024 * 1024
     source: str = field(default="", compare=False)
@@ -193,6 +219,26 @@ def _rate(data: Any, where: str) -> RateSpec | None:
     return RateSpec(rate, burst)
 
 
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+_URL = re.compile(r"^https?://(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):(?P<port>[0-9]{1,5})/?$")
+
+
+def _env(data: dict[str, Any], where: str, secrets: tuple[str, ...]) -> tuple[str, ...]:
+    names = _take(data, "env", list, where, [])
+    for name in names:
+        if name not in secrets:
+            raise ConfigError(f"{where}.env: {name!r} is not listed in secrets")
+    return tuple(names)
+
+
+def otlp_target(endpoint: str) -> Instance:
+    """host and port of an OTLP/gRPC endpoint URL (``http://host:port``)."""
+    match = _URL.match(endpoint)
+    if match is None or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(f"telemetry.otlp_endpoint must be http(s)://host:port, got {endpoint!r}")
+    return Instance(match["host"].strip("[]"), int(match["port"]))
+
+
 def _service(data: Any, where: str) -> ServiceConfig:
     data = _only(data, {"instances", "timeout_ms"}, where)
     return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1),
@@ -202,7 +248,8 @@ def _service(data: Any, where: str) -> ServiceConfig:
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
-                      "max_request_bytes", "telemetry", "audit", "catalog"}, "config")
+                      "max_request_bytes", "telemetry", "audit", "catalog", "backends",
+                      "secrets"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -218,6 +265,12 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                     path(_take(tls_raw, "key_file", str, "tls")),
                     path(ca) if ca else None, min_version)
 
+    secrets = tuple(_take(top, "secrets", list, "config", []))
+    for name in secrets:
+        if not isinstance(name, str) or not _ENV_NAME.match(name):
+            raise ConfigError(f"secrets: {name!r} is not an environment variable name "
+                              f"(upper-case letters, digits and '_')")
+
     servers_raw = top.get("servers")
     if not isinstance(servers_raw, dict) or not servers_raw:
         raise ConfigError("servers must be a non-empty mapping of name -> server")
@@ -226,13 +279,33 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         where = f"servers.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: a server name is letters, digits, '-' and '_'")
-        sdata = _only(sdata, {"module", "instances", "args", "description"}, where)
+        sdata = _only(sdata, {"module", "instances", "args", "description", "env"}, where)
         args = _take(sdata, "args", list, where, [])
         servers.append(ServerConfig(name, _take(sdata, "module", str, where),
                                     _instances(sdata.get("instances"), f"{where}.instances", 1),
                                     tuple(str(a) for a in args),
-                                    _take(sdata, "description", str, where, "")))
+                                    _take(sdata, "description", str, where, ""),
+                                    _env(sdata, where, secrets)))
     names = [s.name for s in servers]
+
+    backends = []
+    backends_raw = _take(top, "backends", dict, "config", {})
+    for name, bdata in backends_raw.items():
+        where = f"backends.{name}"
+        if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: a backend name is letters, digits, '-' and '_'")
+        bdata = _only(bdata, {"module", "instance", "args", "env", "health_path"}, where)
+        health_path = _take(bdata, "health_path", str, where, "/health")
+        if not health_path.startswith("/"):
+            raise ConfigError(f"{where}.health_path must start with '/'")
+        backends.append(BackendConfig(
+            name, _take(bdata, "module", str, where),
+            _instance(_take(bdata, "instance", dict, where), f"{where}.instance"),
+            tuple(str(a) for a in _take(bdata, "args", list, where, [])),
+            _env(bdata, where, secrets), health_path))
+    clash = {b.name for b in backends} & set(names)
+    if clash:
+        raise ConfigError(f"backends: {', '.join(sorted(clash))} is also a server name")
 
     issuers = []
     for i, idata in enumerate(_take(top, "issuers", list, "config")):
@@ -259,14 +332,19 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if policy.engine == "opa" and not policy.opa_url:
         raise ConfigError("policy.opa_url is required when policy.engine is 'opa'")
 
-    rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool"},
-                   "rate_limits")
+    rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool",
+                                                "edge"}, "rate_limits")
     rate_limits = RateLimitConfig(
         backend=_take(rl_raw, "backend", str, "rate_limits", "memory"),
         redis_url=_take(rl_raw, "redis_url", (str, type(None)), "rate_limits", None),
         per_user=_rate(rl_raw.get("per_user", {"rate_per_second": 50, "burst": 100}), "rate_limits.per_user"),
         per_tool=_rate(rl_raw.get("per_tool"), "rate_limits.per_tool"),
+        edge=_rate(rl_raw.get("edge", {"rate_per_second": 1000, "burst": 2000}), "rate_limits.edge"),
     )
+    # Envoy's token bucket refills a whole number of tokens per second.
+    if rate_limits.edge is not None and not rate_limits.edge.rate_per_second.is_integer():
+        raise ConfigError("rate_limits.edge.rate_per_second must be a whole number (Envoy refills "
+                          "whole tokens once a second)")
     if rate_limits.backend not in ("memory", "redis"):
         raise ConfigError("rate_limits.backend must be 'memory' or 'redis'")
     if rate_limits.backend == "redis" and not rate_limits.redis_url:
@@ -274,6 +352,13 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
 
     tel_raw = _only(top.get("telemetry", {}), set(TelemetryConfig.__slots__), "telemetry")
     telemetry = TelemetryConfig(**tel_raw)
+    if telemetry.otlp_endpoint is not None:
+        otlp_target(telemetry.otlp_endpoint)
+    if not isinstance(telemetry.trace_sample_percent, (int, float)) or \
+            not 0 <= telemetry.trace_sample_percent <= 100:
+        raise ConfigError("telemetry.trace_sample_percent must be a number from 0 to 100")
+    if not 0 < telemetry.metrics_port_offset < 65535:
+        raise ConfigError("telemetry.metrics_port_offset must be 1-65534")
     if telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level must be DEBUG, INFO, WARNING or ERROR")
     audit_raw = _only(top.get("audit", {}), set(AuditConfig.__slots__), "audit")
@@ -291,7 +376,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
         ext_authz=_service(top.get("ext_authz"), "ext_authz"),
         ext_proc=_service(top.get("ext_proc"), "ext_proc"),
-        servers=tuple(servers),
+        servers=tuple(servers), backends=tuple(backends), secrets=secrets,
         state_dir=path(_take(top, "state_dir", str, "config", ".run")),
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,

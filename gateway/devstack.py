@@ -1,9 +1,11 @@
 """The local dev stack: every gateway process on one machine, supervised.
 
-``mcp-gateway up`` starts, in order: a JWKS server for the dev signing key, the ext_authz
-processes, ext_proc (once that service exists), two or more instances of each MCP server, and
-Envoy last (its health checks need the upstreams). It waits until each one answers its health
-check, then prints endpoints, a token and client snippets.
+``mcp-gateway up`` starts, in order: the auxiliary backends (``backends``: e.g. the demo ERP that
+the integration server reads its OpenAPI document from at start-up); then, in parallel, a JWKS
+server for the dev signing key, the ext_authz processes, ext_proc (when installed) and two or
+more instances of each MCP server; and Envoy last (its health checks need the upstreams). It
+waits until each one answers its health check, then prints endpoints, a token, client snippets,
+and where traces, metrics and audit files are.
 
 Process handling, and why:
 * Every child gets its own session (``start_new_session=True``): a Ctrl-C in the terminal
@@ -28,6 +30,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import ssl
@@ -105,6 +108,10 @@ class Paths:
     @property
     def envoy_yaml(self) -> Path:
         return self.state_dir / "envoy.yaml"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.state_dir / "secrets"
 
 
 def paths(config: GatewayConfig) -> Paths:
@@ -249,6 +256,27 @@ def mint(config: GatewayConfig, *, sub: str, roles: tuple[str, ...] = (),
                              sub=sub, roles=roles, scopes=scopes, tenant=tenant, ttl=ttl)
 
 
+def ensure_secrets(config: GatewayConfig) -> dict[str, str]:
+    """The value of every configured secret: from this process's environment when set there
+    (an operator's real key), else a random dev value generated once into state_dir/secrets."""
+    out: dict[str, str] = {}
+    folder = paths(config).secrets_dir
+    for name in config.secrets:
+        if os.environ.get(name):
+            out[name] = os.environ[name]
+            continue
+        path = folder / name
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            value = ""
+        if not value:
+            value = secrets.token_urlsafe(32)
+            _write_private(path, value.encode("ascii") + b"\n")
+        out[name] = value
+    return out
+
+
 # ------------------------------------------------------------------------------ the processes
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +295,9 @@ class Component:
     port: int
     argv: tuple[str, ...]
     probe: Probe
+    env: tuple[str, ...] = ()  # secrets this process receives
+    wave: int = 1  # 0: backends, 1: gateway services and MCP servers, 2: Envoy
+    metrics_url: str | None = None  # where Prometheus scrapes this process
 
     @property
     def label(self) -> str:
@@ -293,6 +324,14 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     # without --config they load the embedded default, relative to the same working directory.
     config_args = config_arguments(config)
     out: list[Component] = []
+    offset = config.telemetry.metrics_port_offset
+    for backend in config.backends:
+        inst = backend.instance
+        out.append(Component(backend.name, 0, inst.host, inst.port,
+                             (py, "-m", backend.module, "--host", inst.host, "--port", str(inst.port),
+                              *backend.args),
+                             Probe("http", inst.host, inst.port, backend.health_path),
+                             env=backend.env, wave=0))
     local = _local_jwks_issuer(config)
     if local is not None:
         port, url_path = local
@@ -303,22 +342,26 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
-                             Probe("grpc", inst.host, inst.port)))
+                             Probe("grpc", inst.host, inst.port),
+                             metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     if ext_proc if ext_proc is not None else envoy_config.ext_proc_available():
         for i, inst in enumerate(config.ext_proc.instances):
             out.append(Component("ext_proc", i, inst.host, inst.port,
                                  (py, "-m", mods["ext_proc"], *config_args, "--port", str(inst.port)),
-                                 Probe("grpc", inst.host, inst.port)))
+                                 Probe("grpc", inst.host, inst.port),
+                                 metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     for server in config.servers:
         for i, inst in enumerate(server.instances):
             out.append(Component(server.name, i, inst.host, inst.port,
                                  (py, "-m", server.module, "--host", inst.host,
                                   "--port", str(inst.port), *server.args),
-                                 Probe("http", inst.host, inst.port, "/ready")))
+                                 Probe("http", inst.host, inst.port, "/ready"), env=server.env,
+                                 metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
                   "--disable-hot-restart", "--concurrency", "2")
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
-                         Probe("envoy", config.admin.host, config.admin.port, "/ready")))
+                         Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,
+                         metrics_url=f"http://{config.admin.host}:{config.admin.port}/stats/prometheus"))
     return out
 
 
@@ -326,6 +369,9 @@ def listening_ports(config: GatewayConfig, components: list[Component]) -> list[
     """(what, host, port) of every socket the stack binds."""
     ports = [(c.label, c.host, c.port) for c in components]
     ports.append(("envoy admin", config.admin.host, config.admin.port))
+    offset = config.telemetry.metrics_port_offset
+    ports += [(f"{c.label} /metrics", c.host, c.port + offset) for c in components
+              if c.name in SERVICE_MODULES]
     return ports
 
 
@@ -453,6 +499,7 @@ class Stack:
     components: list[Component] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ca_file: Path | None = None
+    secrets: dict[str, str] = field(default_factory=dict)
 
     def prepare(self) -> None:
         """Certificates, keys, effective config and Envoy config; fails before starting anything."""
@@ -465,6 +512,7 @@ class Stack:
         check_ports(listening_ports(self.config, self.components))
         p.logs.mkdir(parents=True, exist_ok=True)
         self.ca_file = ensure_tls(self.config)
+        self.secrets = ensure_secrets(self.config)
         signing_key(self.config)
         with_ext_proc = any(c.name == "ext_proc" for c in self.components)
         p.envoy_yaml.write_text(envoy_config.render(
@@ -475,15 +523,17 @@ class Stack:
         self.prepare()
         hook = None if detach else _die_with_parent_hook()
         cwd = base_dir(self.config)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        # The Python processes boot in parallel; Envoy starts once they answer, so its first
-        # round of active health checks finds them up instead of marking them failed.
-        waves = [[c for c in self.components if c.name != "envoy"],
-                 [c for c in self.components if c.name == "envoy"]]
+        # A secret reaches only the processes that list it, whatever the parent environment holds.
+        env = {k: v for k, v in os.environ.items() if k not in self.config.secrets}
+        env["PYTHONUNBUFFERED"] = "1"
+        # Backends first (servers may read from them at start-up); then the Python processes in
+        # parallel; Envoy once they answer, so its first round of active health checks finds
+        # them up instead of marking them failed.
+        waves = [[c for c in self.components if c.wave == w] for w in (0, 1, 2)]
         try:
             for wave in waves:
                 for comp in wave:
-                    self._spawn(comp, hook, cwd, env)
+                    self._spawn(comp, hook, cwd, {**env, **{n: self.secrets[n] for n in comp.env}})
                     self._write_pid_file(supervisor=None if detach else os.getpid())
                 self.wait_healthy(wave)
             self._write_pid_file(supervisor=None if detach else os.getpid(), ready=True)
@@ -643,7 +693,41 @@ def down(config: GatewayConfig, timeout: float = STOP_TIMEOUT_SECONDS) -> list[i
 
 # ------------------------------------------------------------------------------------- banner
 
-def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: bool = False) -> str:
+def serves_metrics(url: str) -> bool:
+    """Whether a /metrics URL answers 200 (services grow their endpoints issue by issue)."""
+    parts = urlsplit(url)
+    try:
+        return _http_status(parts.hostname or "127.0.0.1", parts.port or 80, parts.path) == 200
+    except (OSError, http.client.HTTPException):
+        return False
+
+
+def observability_lines(config: GatewayConfig, components: list[Component], *,
+                        live: Callable[[str], bool] = lambda url: True) -> list[str]:
+    """Where traces, metrics, audit files and auxiliary backends of the stack are; ``live``
+    selects the metrics URLs worth printing (the running stack passes :func:`serves_metrics`)."""
+    tel = config.telemetry
+    lines = ["Traces: " + (f"OTLP/gRPC to {tel.otlp_endpoint} (Envoy samples "
+                           f"{tel.trace_sample_percent:g}%)" if tel.otlp_endpoint else
+                           "off (set telemetry.otlp_endpoint to an OTLP/gRPC collector, e.g. "
+                           "http://127.0.0.1:4317 from `docker compose up jaeger`)"),
+             "Metrics (Prometheus text):"]
+    scraped = [c for c in components if c.metrics_url and live(c.metrics_url)]
+    width = max((len(c.label) for c in components), default=0)
+    lines += [f"  {c.label:<{width}}  {c.metrics_url}" for c in scraped]
+    lines.append(f"Audit trail (JSON lines, one file per process): {config.audit.dir}/")
+    if config.backends:
+        lines.append("Backends (not behind the gateway):")
+        lines += [f"  {b.name:<{width}}  http://{b.instance.host}:{b.instance.port}"
+                  for b in config.backends]
+    if config.secrets:
+        lines.append(f"Dev secrets ({', '.join(config.secrets)}): {paths(config).secrets_dir}/ "
+                     f"(or exported in the environment of `up`)")
+    return lines
+
+
+def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: bool = False,
+           components: list[Component] | None = None) -> str:
     """What a user needs to talk to the running stack: endpoints, token, CA and snippets."""
     host = config.public_url.rstrip("/")
     first = config.servers[0].name
@@ -656,6 +740,7 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         f"Envoy admin (loopback only): http://{config.admin.host}:{config.admin.port}",
         f"CA certificate: {ca}",
         f"Logs: {paths(config).logs}",
+        *observability_lines(config, components or [], live=serves_metrics),
         "",
         f"Token ({DEV_TOKEN_SUB}, roles {','.join(DEV_TOKEN_ROLES)}, every server, "
         f"{DEV_TOKEN_TTL // 3600} h):",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from gateway.config import GatewayConfig, Instance, ServerConfig
+from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 
@@ -35,15 +35,18 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 BUFFER_LIMIT_BYTES = 32 * 1024
 MAX_HEAP_BYTES = 1024 * 1024 * 1024
 MAX_DOWNSTREAM_CONNECTIONS = 10_000
-# Coarse per-Envoy flood guard in front of ext_authz; fair per-user limits live in ext_authz.
-EDGE_RATE_PER_SECOND = 1000
-EDGE_BURST = 2000
 HEALTH_INTERVAL = "2s"
 # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
 HEALTH_NO_TRAFFIC_INTERVAL = "5s"
 # Headers only ext_authz may set (see docs/configuration.md); a client's copies are dropped.
 IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
                     "x-mcp-decision-id")
+# Set by ext_authz alone on requests whose answer ext_proc must inspect; routes match on it, so a
+# client's copy would let it force (or, through ext_authz removing it, nothing else) inspection.
+INSPECT_HEADER = "x-mcp-inspect"
+GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+# ext_authz files its dynamic metadata (the caller context ext_proc needs) under this namespace.
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 VALIDATE_TIMEOUT_SECONDS = 60.0
 
 
@@ -131,6 +134,50 @@ def _path(value: str, options: RenderOptions) -> str:
     return value
 
 
+_INSPECTED_COMMENT = """\
+# The MCP endpoint (Streamable HTTP: POST + GET, JSON or SSE answers; servers serve /mcp), for
+# requests whose answer must be inspected: ext_authz set x-mcp-inspect (lists, and results the
+# policy masks), so ext_proc is switched on here. Clients cannot send x-mcp-inspect (removed at
+# the edge), and the upstream does not see it either."""
+_PLAIN_COMMENT = """\
+# The MCP endpoint for every other request (Streamable HTTP: POST + GET, JSON or SSE answers;
+# servers serve /mcp)."""
+_HEADER_PRESENT = f"headers:\n- name: {INSPECT_HEADER}\n  present_match: true\n"
+_EXT_PROC_ON = """\
+typed_per_filter_config:
+  envoy.filters.http.ext_proc:
+    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+    disabled: false
+    config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+      overrides: {}
+"""
+_EXT_PROC_OFF = """\
+typed_per_filter_config:
+  envoy.filters.http.ext_proc:
+    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+    disabled: true
+"""
+
+
+def _mcp_routes(name: str, options: RenderOptions) -> str:
+    """The route(s) of one server's MCP endpoint: with ext_proc, an inspected route matching
+    x-mcp-inspect (first: routes match in order) and a plain one with ext_proc off."""
+    tmpl = _template("mcp_route.yaml.tmpl")
+    plain = _fill(tmpl, {"route_comment": _PLAIN_COMMENT if options.ext_proc else
+                         "# The MCP endpoint (Streamable HTTP: POST + GET, JSON or SSE answers). "
+                         "Servers serve /mcp.",
+                         "header_match": "", "ext_proc_per_route": _EXT_PROC_OFF if options.ext_proc else ""},
+                  {"name": name, "route_suffix": "mcp", "headers_to_remove": "authorization"})
+    if not options.ext_proc:
+        return plain
+    inspected = _fill(tmpl, {"route_comment": _INSPECTED_COMMENT, "header_match": _HEADER_PRESENT,
+                             "ext_proc_per_route": _EXT_PROC_ON},
+                      {"name": name, "route_suffix": "mcp_inspected",
+                       "headers_to_remove": f"authorization, {INSPECT_HEADER}"})
+    return inspected + plain
+
+
 def _check(config: GatewayConfig) -> None:
     if config.admin.host not in ("127.0.0.1", "::1", "localhost"):
         raise EnvoyConfigError(f"admin.host must be a loopback address (the admin interface can "
@@ -155,7 +202,8 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     cluster_tmpl = _template("server_cluster.yaml.tmpl")
     for server in config.servers:
         metadata = json.dumps(resource_metadata(config, server), indent=2)
-        routes.append(_fill(route_tmpl, {"ext_proc_per_route": "", "metadata_json": metadata},
+        routes.append(_fill(route_tmpl, {"metadata_json": metadata,
+                                         "mcp_routes": _mcp_routes(server.name, options)},
                             {"name": server.name}))
         clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances)},
                               {"name": server.name, "instance_count": len(server.instances),
@@ -180,12 +228,31 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
                                  {"ext_proc_endpoints": _endpoints(config.ext_proc.instances)},
                                  {"ext_proc_discovery": _discovery(config.ext_proc.instances), **health})
 
-    removals = "".join(f"- remove: {_q(h)}\n" for h in IDENTITY_HEADERS)
+    edge_filter = ""
+    if config.rate_limits.edge is not None:
+        edge_filter = _fill(_template("edge_rate_limit.yaml.tmpl"), {},
+                            {"edge_rate": int(config.rate_limits.edge.rate_per_second),
+                             "edge_burst": config.rate_limits.edge.burst})
+    tracing = otel_cluster = ""
+    if config.telemetry.otlp_endpoint is not None:
+        collector = otlp_target(config.telemetry.otlp_endpoint)
+        tracing = _fill(_template("tracing.yaml.tmpl"), {},
+                        {"trace_sample_percent": f"{config.telemetry.trace_sample_percent:g}"})
+        otel_cluster = _fill(_template("otel_cluster.yaml.tmpl"),
+                             {"otel_endpoints": _endpoints((collector,))},
+                             {"otel_discovery": _discovery((collector,))})
+        if config.telemetry.otlp_endpoint.startswith("https:"):
+            otel_cluster += _fill(_template("otel_tls.yaml.tmpl"), {}, {"sni": _q(collector.host)})
+
+    removals = "".join(f"- remove: {_q(h)}\n" for h in GATEWAY_HEADERS)
     blocks = {
         "client_validation": client_validation,
         "client_cert_details": client_cert_details,
         "identity_header_removals": removals,
         "ext_proc_filter": ext_proc_filter,
+        "edge_rate_limit_filter": edge_filter,
+        "tracing": tracing,
+        "otel_cluster": otel_cluster,
         "ext_proc_cluster": ext_proc_cluster,
         "server_routes": "".join(routes),
         "server_clusters": "".join(clusters),
@@ -204,7 +271,6 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "key_file": _q(_path(config.tls.key_file, options)),
         "forward_client_cert_details": "SANITIZE_SET" if mtls else "SANITIZE",
         "max_request_headers_kb": 32,
-        "edge_burst": EDGE_BURST, "edge_rate": EDGE_RATE_PER_SECOND,
         "ext_authz_timeout": f"{config.ext_authz.timeout_ms / 1000:g}s",
         "max_request_bytes": config.max_request_bytes,
         "ext_authz_count": len(config.ext_authz.instances),

@@ -1,15 +1,13 @@
 """End to end through the real Envoy over TLS, the real ext_authz and the real MCP servers, with
-the official `mcp` SDK as the client. One stack (free ports, temp state dir) serves the module."""
+the official `mcp` SDK as the client (the session's stack: tests/e2e/conftest.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import ssl
 import urllib.request
-from collections.abc import Iterator
 
 import httpx2
 import pytest
@@ -17,39 +15,18 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from gateway import devstack
-from gateway.config import GatewayConfig, load_config
-from tests.e2e.helpers import stack_config
+from gateway.config import GatewayConfig
 
 # A tool each server has and the example policy lets an admin call, with arguments.
 CALLS = {
     "files": ("list_directory", {"path": "."}),
     "database": ("list_tables", {}),
 }
-SERVERS = {
-    "files": {"module": "mcp_servers.files", "args": ["--seed-demo"]},
-    "database": {"module": "mcp_servers.database", "args": ["--seed-demo"]},
-}
 HEADERS = {"content-type": "application/json", "accept": "application/json, text/event-stream",
            "mcp-protocol-version": "2025-11-25"}
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
         "params": {"protocolVersion": "2025-11-25", "capabilities": {},
                    "clientInfo": {"name": "e2e", "version": "1"}}}
-
-pytestmark = pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("ext_authz.__main__", "mcp_servers.files.__main__",
-                                                       "mcp_servers.database.__main__")),
-    reason="needs ext_authz and the MCP servers")
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    (tmp / "files-root").mkdir()
-    servers = {k: dict(v) for k, v in SERVERS.items()}
-    servers["files"]["args"] = ["--root", str(tmp / "files-root"), "--seed-demo"]
-    config = load_config(stack_config(tmp, servers=servers))
-    with devstack.running(config, ext_proc=False) as running:
-        yield running
 
 
 def tls(stack: devstack.Stack) -> ssl.SSLContext:

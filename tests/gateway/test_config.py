@@ -19,7 +19,7 @@ def _default() -> dict[str, Any]:
 def test_default_config_loads() -> None:
     """The embedded default has every server with two instances and audiences per server."""
     cfg = load_config()
-    assert [s.name for s in cfg.servers] == ["files", "database", "conformance"]
+    assert [s.name for s in cfg.servers] == ["files", "database", "conformance", "erp"]
     assert all(len(s.instances) == 2 for s in cfg.servers)
     assert cfg.resource_url("files") == "https://127.0.0.1:8443/mcp/files"
     assert cfg.resource_url("files") in cfg.issuers[0].audiences
@@ -38,6 +38,16 @@ def test_default_config_loads() -> None:
         ({"listen": {"port": 70000}}, "listen.port must be 1-65535"),
         ({"servers": {}}, "servers must be a non-empty mapping"),
         ({"catalog": {"mode": "yolo"}}, "catalog.mode"),
+        ({"rate_limits": {"edge": {"rate_per_second": 2.5, "burst": 5}}}, "rate_limits.edge.rate_per_second"),
+        ({"rate_limits": {"edge": {"rate_per_second": 0, "burst": 5}}}, "rate_limits.edge: rate_per_second"),
+        ({"secrets": ["erp-key"]}, "secrets: 'erp-key' is not an environment variable name"),
+        ({"secrets": []}, "servers.erp.env: 'ERP_API_KEY' is not listed in secrets"),
+        ({"backends": {"erp_demo": {"module": "m"}}}, "backends.erp_demo.instance is required"),
+        ({"backends": {"erp": {"module": "m", "instance": {"port": 1}}}}, "erp is also a server name"),
+        ({"backends": {"b": {"module": "m", "instance": {"port": 1}, "health_path": "x"}}},
+         "backends.b.health_path must start with '/'"),
+        ({"telemetry": {"otlp_endpoint": "collector:4317"}}, "telemetry.otlp_endpoint"),
+        ({"telemetry": {"trace_sample_percent": 150}}, "telemetry.trace_sample_percent"),
     ],
 )
 def test_invalid_configs_are_rejected_with_the_key_named(patch: dict[str, Any], message: str) -> None:
@@ -51,3 +61,20 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     """A missing config file is reported, not a traceback."""
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_dev_stack_sections_parse() -> None:
+    """The default config runs the ERP backend with its secret, and an edge limit Envoy enforces."""
+    cfg = load_config()
+    (erp,) = cfg.backends
+    assert erp.module == "mcp_servers.erp_demo" and erp.instance.port == 9230 and erp.env == ("ERP_API_KEY",)
+    assert cfg.secrets == ("ERP_API_KEY",) and cfg.server("erp").env == ("ERP_API_KEY",)
+    assert cfg.rate_limits.edge is not None and cfg.rate_limits.edge.burst == 2000
+    assert cfg.telemetry.otlp_endpoint is None
+
+
+def test_edge_limit_can_be_switched_off() -> None:
+    """rate_limits.edge: null removes Envoy's edge limiter."""
+    raw = _default()
+    raw["rate_limits"] = {**raw["rate_limits"], "edge": None}
+    assert parse_config(raw, base_dir=Path.cwd()).rate_limits.edge is None

@@ -203,7 +203,9 @@ def test_token_command_is_accepted_by_the_stack(detached: Path) -> None:
     token = run_cli(detached, "token", "--sub", "alice", "--role", "admin", "--server", "files")
     assert token.returncode == 0, token.stderr
     ctx = ssl.create_default_context(cafile=str(devstack.paths(config).ca_cert))
-    body = b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}'
+    # ping: an answer ext_proc does not inspect (the stand-in's echo is no real tools/list answer,
+    # which ext_proc would refuse with a 502).
+    body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
     headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
                "mcp-protocol-version": "2025-11-25"}
     conn = http.client.HTTPSConnection("127.0.0.1", config.listen.port, context=ctx, timeout=10)
@@ -263,3 +265,37 @@ def test_cli_port_in_use_fails_fast(config_file: Path) -> None:
         result = run_cli(config_file, "up", "--detach")
     assert result.returncode == 1
     assert f"port {config.listen.port}" in result.stderr and "already in use" in result.stderr
+
+
+def test_backends_start_first_and_secrets_go_only_where_listed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backends are wave 0; a dev secret is generated once (0600), reused, overridable from the
+    environment, and only components that list it receive it."""
+    extra = {"secrets": ["ERP_API_KEY"],
+             "backends": {"erp_demo": {"module": "mcp_servers.erp_demo", "instance": {"port": 9230},
+                                       "env": ["ERP_API_KEY"]}}}
+    servers: dict[str, dict[str, Any]] = {
+        "erp": {"module": "tests.e2e.standin_upstream", "env": ["ERP_API_KEY"]},
+               "files": {"module": "tests.e2e.standin_upstream"}}
+    config = load_config(stack_config(tmp_path, servers=servers, extra=extra))
+    comps = devstack.plan(config, ext_proc=False)
+    assert comps[0].name == "erp_demo" and comps[0].wave == 0 and comps[-1].wave == 2
+    assert {c.name for c in comps if c.env} == {"erp_demo", "erp"}
+    monkeypatch.delenv("ERP_API_KEY", raising=False)
+    first = devstack.ensure_secrets(config)
+    stored = devstack.paths(config).secrets_dir / "ERP_API_KEY"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert devstack.ensure_secrets(config) == first and len(first["ERP_API_KEY"]) >= 32
+    monkeypatch.setenv("ERP_API_KEY", "from-the-operator")
+    assert devstack.ensure_secrets(config) == {"ERP_API_KEY": "from-the-operator"}
+
+
+def test_banner_says_where_traces_metrics_and_audit_are(config_file: Path) -> None:
+    """The banner names the tracing state, each live /metrics URL and the audit folder."""
+    config = load_config(config_file)
+    comps = devstack.plan(config, ext_proc=False)
+    lines = "\n".join(devstack.observability_lines(config, comps, live=lambda url: "stats" in url))
+    assert "Traces: off" in lines
+    assert f"http://{config.admin.host}:{config.admin.port}/stats/prometheus" in lines
+    assert "/metrics" not in lines  # none of the stand-ins serves one
+    assert f"Audit trail (JSON lines, one file per process): {config.audit.dir}/" in lines

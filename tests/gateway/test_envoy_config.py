@@ -13,6 +13,8 @@ import yaml
 
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
 from gateway.envoy_config import (
+    EXT_AUTHZ_NAMESPACE,
+    GATEWAY_HEADERS,
     IDENTITY_HEADERS,
     EnvoyConfigError,
     RenderOptions,
@@ -115,9 +117,9 @@ def test_mtls_and_ext_proc_variants_validate(certs: Certs, tmp_path: Path) -> No
 
 def test_checked_in_dev_example_is_current_and_valid(certs: Certs, tmp_path: Path) -> None:
     """envoy/envoy.dev.yaml is exactly what the default config renders to, and Envoy accepts it."""
-    expected = render(default_config(), RenderOptions(relative_to=REPO))
+    expected = render(default_config(), RenderOptions(ext_proc=True, relative_to=REPO))
     assert DEV_EXAMPLE.read_text(encoding="utf-8") == expected, (
-        "re-render: mcp-gateway config render -o envoy/envoy.dev.yaml (see envoy/README.md)")
+        "re-render: mcp-gateway config render --ext-proc on --relative-to . -o envoy/envoy.dev.yaml")
     # Its certificate paths are relative to the checkout: give Envoy a checkout-like cwd.
     tls = tmp_path / ".run" / "tls"
     tls.mkdir(parents=True)
@@ -190,7 +192,7 @@ def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
     assert session["typed_config"]["header"] == {"name": "mcp-session-id"}
     removed = {m["remove"] for m in
                filters(doc)["envoy.filters.http.header_mutation"]["typed_config"]["mutations"]["request_mutations"]}
-    assert removed == set(IDENTITY_HEADERS)
+    assert removed == set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-inspect"}
 
 
 def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
@@ -294,3 +296,83 @@ def test_render_is_deterministic() -> None:
 def test_load_config_default_renders() -> None:
     """The embedded default config, as the CLI loads it, renders."""
     assert "mcp_gateway_https" in render(load_config())
+
+
+# ------------------------------------------------------------ ext_proc, edge limit, tracing
+
+def test_ext_proc_runs_only_on_the_inspected_route() -> None:
+    """Per server, a route matching x-mcp-inspect (first) switches ext_proc on and hides the
+    header from the upstream; the plain route switches it off; the filter itself is off."""
+    doc = yaml.safe_load(render(default_config(), RenderOptions(ext_proc=True)))
+    names = [r["name"] for r in hcm(doc)["route_config"]["virtual_hosts"][0]["routes"]]
+    table = routes(doc)
+    for server in default_config().servers:
+        inspected, plain = table[f"{server.name}_mcp_inspected"], table[f"{server.name}_mcp"]
+        assert names.index(inspected["name"]) + 1 == names.index(plain["name"])
+        assert inspected["match"] == {"path": f"/mcp/{server.name}",
+                                      "headers": [{"name": "x-mcp-inspect", "present_match": True}]}
+        assert plain["match"] == {"path": f"/mcp/{server.name}"}
+        on = inspected["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        assert on["@type"].endswith("config.route.v3.FilterConfig") and on["disabled"] is False
+        off = plain["typed_per_filter_config"]["envoy.filters.http.ext_proc"]
+        assert off["@type"].endswith("ExtProcPerRoute") and off["disabled"] is True
+        assert set(inspected["request_headers_to_remove"]) == {"authorization", "x-mcp-inspect"}
+        assert inspected["route"] == plain["route"]
+    assert filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]["clear_route_cache"] is True
+
+
+def test_ext_proc_filter_fails_closed_and_sees_the_caller_context() -> None:
+    """ext_proc sits after ext_authz, sees request and response headers (bodies only when it
+    asks for them), gets ext_authz's metadata, and never fails open or runs fire-and-forget."""
+    doc = yaml.safe_load(render(default_config(), RenderOptions(ext_proc=True)))
+    names = [f["name"] for f in hcm(doc)["http_filters"]]
+    assert names.index("envoy.filters.http.ext_authz") + 1 == names.index("envoy.filters.http.ext_proc")
+    assert names[-1] == "envoy.filters.http.router"
+    ext_proc = filters(doc)["envoy.filters.http.ext_proc"]
+    assert ext_proc["disabled"] is True
+    cfg = ext_proc["typed_config"]
+    assert cfg["failure_mode_allow"] is False and cfg["observability_mode"] is False
+    assert cfg["send_body_without_waiting_for_header_response"] is False
+    assert cfg["allow_mode_override"] is True and cfg["disable_immediate_response"] is False
+    assert cfg["processing_mode"] == {
+        "request_header_mode": "SEND", "request_body_mode": "NONE", "request_trailer_mode": "SKIP",
+        "response_header_mode": "SEND", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
+    assert cfg["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ_NAMESPACE]
+    assert cfg["message_timeout"] == "0.5s"
+    cluster = clusters(doc)["ext_proc"]
+    assert len(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
+    assert cluster["health_checks"][0]["grpc_health_check"] == {}
+    assert "http2_protocol_options" in json.dumps(cluster["typed_extension_protocol_options"])
+
+
+def test_edge_rate_limit_comes_from_the_config(certs: Certs, tmp_path: Path) -> None:
+    """rate_limits.edge sets Envoy's token bucket; null removes the filter (still valid Envoy)."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["rate_limits"]["edge"] = {"rate_per_second": 7, "burst": 9}
+    doc = yaml.safe_load(render(parse_config(raw, base_dir=REPO)))
+    bucket = filters(doc)["envoy.filters.http.local_ratelimit"]["typed_config"]["token_bucket"]
+    assert bucket == {"max_tokens": 9, "tokens_per_fill": 7, "fill_interval": "1s"}
+    raw["rate_limits"]["edge"] = None
+    config = with_certs(parse_config(raw, base_dir=REPO), certs)
+    text = render(config)
+    names = {f["name"] for f in hcm(yaml.safe_load(text))["http_filters"]}
+    assert "envoy.filters.http.local_ratelimit" not in names
+    validate_text(text, tmp_path)
+
+
+def test_tracing_only_with_an_otlp_endpoint(certs: Certs, tmp_path: Path) -> None:
+    """No tracer by default; with telemetry.otlp_endpoint, an OpenTelemetry tracer exporting to
+    an otel_collector cluster at that address (HTTP/2), accepted by Envoy."""
+    assert "tracing" not in hcm(yaml.safe_load(render(default_config())))
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["telemetry"]["otlp_endpoint"] = "http://127.0.0.1:4317"
+    raw["telemetry"]["trace_sample_percent"] = 25
+    text = render(with_certs(parse_config(raw, base_dir=REPO), certs), RenderOptions(ext_proc=True))
+    validate_text(text, tmp_path)
+    doc = yaml.safe_load(text)
+    tracing = hcm(doc)["tracing"]
+    assert tracing["random_sampling"] == {"value": 25} and tracing["spawn_upstream_span"] is True
+    provider = tracing["provider"]["typed_config"]
+    assert provider["grpc_service"]["envoy_grpc"]["cluster_name"] == "otel_collector"
+    address = clusters(doc)["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert address["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 4317}

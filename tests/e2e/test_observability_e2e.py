@@ -1,0 +1,44 @@
+"""Metrics through the running stack (issue 6): Envoy's /stats/prometheus on the admin port and
+ext_authz's /metrics move as requests are made."""
+
+from __future__ import annotations
+
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway import devstack
+from tests.e2e.helpers import bearer, stateless_call
+
+
+def scrape(url: str, sample: str, **labels: str) -> float:
+    """The sum of the samples named ``sample`` whose labels include ``labels``."""
+    with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310  (loopback URL)
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == sample and labels.items() <= s.labels.items())
+
+
+def urls(stack: devstack.Stack) -> dict[str, str]:
+    return {c.label: c.metrics_url for c in stack.components if c.metrics_url}
+
+
+async def test_envoy_and_ext_authz_counters_move(stack: devstack.Stack) -> None:
+    """An allowed and a denied tools/call raise Envoy's upstream and downstream counters and
+    ext_authz's request counter (allow, and the denial reason)."""
+    envoy, authz = urls(stack)["envoy[0]"], urls(stack)["ext_authz[0]"]
+    upstream = {"envoy_cluster_name": "mcp_pii"}
+    before = (scrape(envoy, "envoy_cluster_upstream_rq_total", **upstream),
+              scrape(envoy, "envoy_http_downstream_rq_total", envoy_http_conn_manager_prefix="mcp_gateway"),
+              scrape(authz, "mcp_gateway_requests_total", server="pii", decision="allow"),
+              scrape(authz, "mcp_gateway_requests_total", server="pii", decision="tool_not_allowed"))
+    allowed = await stateless_call(stack, "pii", bearer(stack.config, "admin"), "echo")
+    denied = await stateless_call(stack, "pii", bearer(stack.config, "viewer"), "echo")
+    assert (allowed.status_code, denied.status_code) == (200, 403)
+    after = (scrape(envoy, "envoy_cluster_upstream_rq_total", **upstream),
+             scrape(envoy, "envoy_http_downstream_rq_total", envoy_http_conn_manager_prefix="mcp_gateway"),
+             scrape(authz, "mcp_gateway_requests_total", server="pii", decision="allow"),
+             scrape(authz, "mcp_gateway_requests_total", server="pii", decision="tool_not_allowed"))
+    assert after[0] > before[0]
+    assert after[1] >= before[1] + 2
+    assert after[2] == before[2] + 1 and after[3] == before[3] + 1
