@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from gateway.catalog import default_db_path
 from gateway.config import ConfigError, GatewayConfig, Instance, PolicyConfig
 from gateway.pii import DEFAULT_REPLACEMENT
 
@@ -47,6 +46,6 @@ class Settings:
         return cls(
             listen=Instance(host or first.host, first.port if port is None else port),
             policy=cfg.policy,
-            catalog_path=default_db_path(cfg.state_dir),
+            catalog_path=Path(cfg.catalog.path),
             message_timeout_seconds=cfg.ext_proc.timeout_ms * TIMEOUT_SHARE / 1000.0,
         )

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from gateway.catalog import Catalog, CatalogError, Entry, default_db_path
+from gateway.catalog import Catalog, CatalogError, Entry
 from gateway.catalog.client import FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
 
@@ -77,7 +77,7 @@ def _open(args: argparse.Namespace, cfg: GatewayConfig | None, mode: str = "tofu
     if args.db:
         path = Path(args.db)
     elif cfg is not None:
-        path = default_db_path(cfg.state_dir)
+        path = Path(cfg.catalog.path)  # the same file ext_authz and ext_proc use
     else:
         raise CatalogError("no --db given and the gateway config cannot be loaded")
     return Catalog(path, mode=mode)

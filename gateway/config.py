@@ -361,12 +361,16 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         raise ConfigError("telemetry.metrics_port_offset must be 1-65534")
     if telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level must be DEBUG, INFO, WARNING or ERROR")
+    # Files that belong to one running gateway live under state_dir unless placed elsewhere.
+    state_dir = path(_take(top, "state_dir", str, "config", ".run"))
     audit_raw = _only(top.get("audit", {}), set(AuditConfig.__slots__), "audit")
-    audit = AuditConfig(**{**audit_raw, "dir": path(audit_raw.get("dir", ".run/audit"))})
+    audit_dir = path(audit_raw["dir"]) if "dir" in audit_raw else str(Path(state_dir) / "audit")
+    audit = AuditConfig(**{**audit_raw, "dir": audit_dir})
     if audit.max_bytes < 4096 or audit.keep < 1:
         raise ConfigError("audit.max_bytes must be >= 4096 and audit.keep >= 1")
     cat_raw = _only(top.get("catalog", {}), set(CatalogConfig.__slots__), "catalog")
-    catalog = CatalogConfig(**{**cat_raw, "path": path(cat_raw.get("path", ".run/catalog.sqlite"))})
+    cat_path = path(cat_raw["path"]) if "path" in cat_raw else str(Path(state_dir) / "catalog.sqlite")
+    catalog = CatalogConfig(**{**cat_raw, "path": cat_path})
     if catalog.mode not in ("tofu", "require_approval"):
         raise ConfigError("catalog.mode must be 'tofu' or 'require_approval'")
 
@@ -377,7 +381,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_authz=_service(top.get("ext_authz"), "ext_authz"),
         ext_proc=_service(top.get("ext_proc"), "ext_proc"),
         servers=tuple(servers), backends=tuple(backends), secrets=secrets,
-        state_dir=path(_take(top, "state_dir", str, "config", ".run")),
+        state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,
     )
