@@ -1,56 +1,58 @@
 # The enterprise example policy of the MCP gateway.
 #
-# Entrypoint: data.mcp.authz.decision (the decision contract is in README.md).
+# Entrypoint: data.mcp.authz.decision (the decision contract is in README.md). List filters:
+# data.mcp.authz.visible_tools, visible_prompts, visible_resources.
 # Role, server and PII settings live in data.json (data.gateway); this file holds only logic.
 #
 # Shape: a request is allowed only when a positive grant for its method holds (`granted`).
 # Denials are evaluated only for refused requests and exist to name the reason; since the grant
 # alone opens the door, a rule left undefined by an unexpected input shape can only ever deny.
 # The unit tests check that every denial case is also refused by the grants.
+#
+# Written for rego-cpp's cost model (README.md): input fields are referenced where they are used
+# (a rule that aliases an input object copies it), alternatives are `else` chains (every body of
+# a multi-body rule is evaluated), and the allowed tools/call path is a handful of lookups.
 package mcp.authz
 
 import rego.v1
 
-
-claims := input.token
-
-mcp := input.mcp
-
-method := mcp.method
+method := input.mcp.method
 
 server_name := input.server.name
 
-server_cfg := data.gateway.servers[server_name]
+tool := input.mcp.tool if is_string(input.mcp.tool)
 
-arguments := mcp.arguments if {
-	is_object(mcp.arguments)
+arguments := input.mcp.arguments if {
+	is_object(input.mcp.arguments)
 } else := {}
 
 # ---------------------------------------------------------------- identity
 
 # Roles the token carries that this policy knows; unknown role names grant nothing.
 roles contains r if {
-	some r in claims.roles
+	some r in input.token.roles
 	data.gateway.roles[r]
 }
 
-scopes contains s if {
-	is_string(claims.scope)
-	some s in split(claims.scope, " ")
-	s != ""
+scope_list := split(input.token.scope, " ") if {
+	is_string(input.token.scope)
+} else := []
+
+scopes := {s | some s in scope_list; s != ""}
+
+tenant := input.token.tenant if {
+	is_string(input.token.tenant)
+	input.token.tenant != ""
 }
 
-tenant := claims.tenant if {
-	is_string(claims.tenant)
-	claims.tenant != ""
-}
+known_server if data.gateway.servers[server_name]
 
 # ---------------------------------------------------------------- method classes
 
 is_notification if startswith(method, "notifications/")
 
 # The client answering a server request (sampling, elicitation, roots) carries no method.
-is_response if mcp.kind == "response"
+is_response if input.mcp.kind == "response"
 
 is_open_method if method in data.gateway.open_methods
 
@@ -66,54 +68,79 @@ is_resource_method if method in resource_methods
 
 is_prompt_method if method == "prompts/get"
 
+# GET (the SSE stream of a session) and DELETE (the end of a session) carry no JSON-RPC message.
+bodyless_grants := {"GET": "stream_allowed", "DELETE": "session_end_allowed"}
+
+bodyless_grant := bodyless_grants[input.attributes.request.http.method] if {
+	input.mcp.method == null
+	input.mcp.kind == null
+}
+
+is_bodyless_request if bodyless_grant
+
 # ---------------------------------------------------------------- tools: RBAC and scopes
 
 # A pattern is an exact tool name, "*", or a prefix ending in "*" ("test_*").
-pattern_matches(pattern, name) if pattern == name
+role_grants_tool(server, name) if {
+	some r in roles
+	name in data.gateway.roles[r].tools[server]
+}
 
-pattern_matches(pattern, name) if {
+role_grants_tool(server, name) if {
+	some r in roles
+	some pattern in data.gateway.roles[r].tools[server]
 	endswith(pattern, "*")
 	startswith(name, trim_suffix(pattern, "*"))
 }
 
-role_grants_tool(server, tool) if {
+# The tool of this request: exact names first, patterns only when no exact name matched.
+role_grants_call if {
 	some r in roles
-	some pattern in data.gateway.roles[r].tools[server]
-	pattern_matches(pattern, tool)
+	tool in data.gateway.roles[r].tools[server_name]
+} else := true if {
+	some r in roles
+	some pattern in data.gateway.roles[r].tools[server_name]
+	endswith(pattern, "*")
+	startswith(tool, trim_suffix(pattern, "*"))
 }
 
-required_scope(server, tool) := sprintf("tools:call:%s/%s", [server, tool])
+required_scope := concat("", ["tools:call:", server_name, "/", tool])
 
-scope_grants_tool(server, tool) if required_scope(server, tool) in scopes
+server_scope := concat("", ["tools:call:", server_name, "/*"])
 
-scope_grants_tool(server, _) if sprintf("tools:call:%s/*", [server]) in scopes
+scope_grants_call if {
+	required_scope in scope_list
+} else := true if {
+	server_scope in scope_list
+}
 
-tool := mcp.tool if is_string(mcp.tool)
+scope_grants_tool(_, _) if server_scope in scope_list
+
+scope_grants_tool(server, name) if concat("", ["tools:call:", server, "/", name]) in scope_list
 
 # ---------------------------------------------------------------- tenant isolation
 
-server_admits_tenant if "*" in server_cfg.tenants
-
-server_admits_tenant if tenant in server_cfg.tenants
+server_admits_tenant if {
+	"*" in data.gateway.servers[server_name].tenants
+} else := true if {
+	tenant in data.gateway.servers[server_name].tenants
+}
 
 # A session created by one tenant is never used by another (the gateway fills input.session
 # from its session store when it knows the session).
-session_tenant := input.session.tenant
-
 session_crosses_tenant if {
-	session_tenant
+	input.session.tenant
 	not tenant
 }
 
-session_crosses_tenant if session_tenant != tenant
+session_crosses_tenant if input.session.tenant != tenant
 
 # Any argument named like a tenant must name the caller's tenant.
 tenant_argument_names := {"tenant", "tenant_id"}
 
 foreign_tenant_argument if {
 	some key in tenant_argument_names
-	value := arguments[key]
-	value != tenant
+	arguments[key] != tenant
 }
 
 tenant_ok if {
@@ -132,12 +159,10 @@ write_tools := {"write_file"}
 path_argument_names := {"path", "root", "directory", "source", "destination", "target"}
 
 # Paths are relative to the files server's sandbox root; "" and "." name the root. A tool call
-# with no path argument works on the root, so it is checked as the root. Everything below is a
-# rule over the few paths of this request (rules are evaluated once per query; functions are
-# re-evaluated on every call, which rego-cpp makes expensive).
+# with no path argument works on the root, so it is checked as the root.
 file_paths contains p if {
-	some key in path_argument_names
-	p := arguments[key]
+	some key, p in arguments
+	key in path_argument_names
 }
 
 checked_file_paths := {resource_path} if {
@@ -155,17 +180,8 @@ path_well_formed(p) if {
 
 normalize_path(p) := concat("/", [part | some part in split(p, "/"); part != ""; part != "."])
 
-malformed_paths contains p if {
-	some p in checked_file_paths
-	not path_well_formed(p)
-}
-
-# Well-formed paths, normalized: "./shared//a" -> "shared/a".
-normalized_paths := {p: normalize_path(p) | some p in checked_file_paths; path_well_formed(p)}
-
 # "tenants/<t>/..." belongs to tenant <t>, whatever the role (admin included).
-foreign_tenant_paths contains n if {
-	some n in normalized_paths
+foreign_tenant_path(n) if {
 	parts := split(n, "/")
 	parts[0] == "tenants"
 	not parts[1] == tenant
@@ -175,31 +191,52 @@ path_access := "write" if {
 	tool in write_tools
 } else := "read"
 
-allowed_prefixes contains normalize_path(replace(pfx, "{tenant}", tenant)) if {
+# Prefixes in data.json are written normalized (a unit test checks it), so only the {tenant}
+# placeholder needs filling in here.
+allowed_prefixes contains replace(pfx, "{tenant}", tenant) if {
 	some r in roles
 	some pfx in data.gateway.roles[r].files[path_access]
 }
 
-under_prefix(n, "")
-
-under_prefix(n, pfx) if n == pfx
-
-under_prefix(n, pfx) if startswith(n, concat("", [pfx, "/"]))
-
-paths_outside_prefixes contains n if {
-	some n in normalized_paths
-	not path_under_some_prefix(n)
+path_under_prefix(n) if {
+	"" in allowed_prefixes
+} else := true if {
+	n in allowed_prefixes
+} else := true if {
+	some pfx in allowed_prefixes
+	startswith(n, concat("", [pfx, "/"]))
 }
 
-path_under_some_prefix(n) if {
-	some pfx in allowed_prefixes
-	under_prefix(n, pfx)
+# One well-formed path inside the caller's tenant and prefixes.
+file_path_ok(p) if {
+	path_well_formed(p)
+	n := normalize_path(p)
+	not foreign_tenant_path(n)
+	path_under_prefix(n)
 }
 
 file_paths_ok if {
-	count(malformed_paths) == 0
-	count(foreign_tenant_paths) == 0
-	count(paths_outside_prefixes) == 0
+	every p in checked_file_paths {
+		file_path_ok(p)
+	}
+}
+
+# Why a path was refused (denials only).
+malformed_paths contains p if {
+	some p in checked_file_paths
+	not path_well_formed(p)
+}
+
+normalized_paths := {p: normalize_path(p) | some p in checked_file_paths; path_well_formed(p)}
+
+foreign_tenant_paths contains n if {
+	some n in normalized_paths
+	foreign_tenant_path(n)
+}
+
+paths_outside_prefixes contains n if {
+	some n in normalized_paths
+	not path_under_prefix(n)
 }
 
 files_arguments_ok if {
@@ -250,28 +287,24 @@ database_arguments_ok if {
 	tool == "query"
 	sql_shape_ok
 	sql_tables_ok
-}
-
-database_arguments_ok if {
+} else := true if {
 	tool == "describe_table"
 	table_allowed(arguments.table)
+} else := true if {
+	tool == "list_tables"
 }
-
-database_arguments_ok if tool == "list_tables"
 
 # ---------------------------------------------------------------- argument constraints by server
 
 arguments_ok if {
 	server_name == "files"
 	files_arguments_ok
-}
-
-arguments_ok if {
+} else := true if {
 	server_name == "database"
 	database_arguments_ok
+} else := true if {
+	not server_name in {"files", "database"}
 }
-
-arguments_ok if not server_name in {"files", "database"}
 
 # ---------------------------------------------------------------- resources and prompts
 
@@ -281,18 +314,18 @@ role_grants_server(kind, server) if {
 }
 
 # "file:///shared/a.txt" -> "shared/a.txt"; a URI of any other form is refused.
-resource_path := trim_left(regex.replace(mcp.resource_uri, `^[a-z][a-z0-9+.-]*://`, ""), "/") if {
-	is_string(mcp.resource_uri)
-	regex.match(`^[a-z][a-z0-9+.-]*://`, mcp.resource_uri)
+uri_path(uri) := trim_left(regex.replace(uri, `^[a-z][a-z0-9+.-]*://`, ""), "/") if {
+	is_string(uri)
+	regex.match(`^[a-z][a-z0-9+.-]*://`, uri)
 } else := "/" # not well formed: refused
+
+resource_path := uri_path(input.mcp.resource_uri)
 
 resource_ok if {
 	server_name == "files"
 	role_grants_server("resources", server_name)
 	file_paths_ok
-}
-
-resource_ok if {
+} else := true if {
 	server_name != "files"
 	role_grants_server("resources", server_name)
 }
@@ -301,39 +334,42 @@ resource_ok if {
 
 # Arguments are an object or absent (the gateway's parser already insists; the policy does not
 # rely on it).
-arguments_well_formed if not mcp.arguments
+arguments_well_formed if not input.mcp.arguments
 
-arguments_well_formed if mcp.arguments == null
+arguments_well_formed if input.mcp.arguments == null
 
-arguments_well_formed if is_object(mcp.arguments)
+arguments_well_formed if is_object(input.mcp.arguments)
 
 tool_call_ok if {
 	arguments_well_formed
-	role_grants_tool(server_name, tool)
-	scope_grants_tool(server_name, tool)
+	role_grants_call
+	scope_grants_call
 	tenant_ok
 	arguments_ok
 }
 
-granted := "method_allowed" if {
-	is_open_method
+# Any known role may use the protocol itself on a known server.
+caller_may_connect if {
 	count(roles) > 0
-	server_cfg
+	known_server
 	not session_crosses_tenant
 }
 
+# The common case first: the chain stops at the first grant that holds.
 granted := "tool_allowed" if {
 	is_tool_call
 	tool_call_ok
-}
-
-granted := "resource_allowed" if {
+} else := "method_allowed" if {
+	is_open_method
+	caller_may_connect
+} else := bodyless_grant if {
+	is_bodyless_request
+	caller_may_connect
+} else := "resource_allowed" if {
 	is_resource_method
 	tenant_ok
 	resource_ok
-}
-
-granted := "prompt_allowed" if {
+} else := "prompt_allowed" if {
 	is_prompt_method
 	tenant_ok
 	role_grants_server("prompts", server_name)
@@ -343,17 +379,19 @@ granted := "prompt_allowed" if {
 
 denials contains [10, "no_role", ""] if count(roles) == 0
 
-denials contains [20, "unknown_server", ""] if not server_cfg
+denials contains [20, "unknown_server", ""] if not known_server
 
 denials contains [30, "session_tenant_mismatch", ""] if session_crosses_tenant
 
 denials contains [31, "tenant_required", ""] if {
 	not is_open_method
+	not is_bodyless_request
 	not tenant
 }
 
 denials contains [32, "tenant_not_admitted", ""] if {
 	not is_open_method
+	not is_bodyless_request
 	tenant
 	not server_admits_tenant
 }
@@ -368,6 +406,7 @@ denials contains [40, "method_not_allowed", ""] if {
 	not is_tool_call
 	not is_resource_method
 	not is_prompt_method
+	not is_bodyless_request
 }
 
 denials contains [49, "tool_missing", ""] if {
@@ -383,14 +422,14 @@ denials contains [50, "arguments_invalid", ""] if {
 denials contains [51, "tool_not_allowed", ""] if {
 	is_tool_call
 	tool
-	not role_grants_tool(server_name, tool)
+	not role_grants_call
 }
 
 # Only when the role would allow the tool: asking the user for more scope must be able to help.
-denials contains [52, "insufficient_scope", required_scope(server_name, tool)] if {
+denials contains [52, "insufficient_scope", required_scope] if {
 	is_tool_call
-	role_grants_tool(server_name, tool)
-	not scope_grants_tool(server_name, tool)
+	role_grants_call
+	not scope_grants_call
 }
 
 # Path denials apply to tools/call and resources/* on the files server alike.
@@ -465,18 +504,29 @@ first_denial := min(denials)
 # ---------------------------------------------------------------- obligations
 
 # A PII kind stays masked only if every role of the caller masks it: the most trusted role wins.
-# (The one-role case is the common one and is a plain lookup.)
-mask_pii := data.gateway.roles[r].mask_pii if {
+# A server may override what a role masks there (data.gateway.servers.<s>.mask_pii.<role>).
+# The one-role case is the common one and is plain lookups (functions cost far more in rego-cpp).
+single_role := r if {
 	count(roles) == 1
 	some r in roles
+}
+
+mask_pii := data.gateway.servers[server_name].mask_pii[single_role] if {
+	data.gateway.servers[server_name].mask_pii[single_role]
+} else := data.gateway.roles[single_role].mask_pii if {
+	single_role
 } else := sort([kind |
 	some kind in data.gateway.pii_kinds
 	every r in roles {
-		kind in data.gateway.roles[r].mask_pii
+		kind in role_mask_pii(r)
 	}
 ]) if {
 	count(roles) > 0
 } else := data.gateway.pii_kinds
+
+role_mask_pii(r) := data.gateway.servers[server_name].mask_pii[r] if {
+	data.gateway.servers[server_name].mask_pii[r]
+} else := data.gateway.roles[r].mask_pii
 
 obligations := {"mask_pii": mask_pii}
 
@@ -498,9 +548,7 @@ decision := {
 	"obligations": obligations,
 } if {
 	granted
-}
-
-decision := {
+} else := {
 	"allow": false,
 	"reason": first_denial[1],
 	"http_status": 403,
@@ -508,36 +556,84 @@ decision := {
 	"obligations": {},
 	"missing_scope": first_denial[2],
 } if {
-	not granted
 	first_denial[2] != ""
-}
-
-decision := {
+} else := {
 	"allow": false,
 	"reason": first_denial[1],
 	"http_status": 403,
 	"headers": {},
 	"obligations": {},
 } if {
-	not granted
-	first_denial[2] == ""
+	first_denial
 }
 
 # ---------------------------------------------------------------- list filtering (one query for a whole list)
 
-# input.items: tool names or tool objects with a "name" (a tools/list result). Arguments are
-# unknown at listing time, so visibility is RBAC + scope + tenant only.
+# input.items: names (URIs for resources) or the listed objects themselves. Arguments are unknown
+# at listing time, so visibility is RBAC + scope + tenant (+ the path of a files resource).
 item_name(item) := item if is_string(item)
 
 item_name(item) := item.name if is_string(item.name)
 
-visible_tools contains name if {
+item_uri(item) := item if is_string(item)
+
+item_uri(item) := item.uri if is_string(item.uri)
+
+item_uri(item) := item.uriTemplate if is_string(item.uriTemplate)
+
+list_caller_ok if {
 	count(roles) > 0
 	tenant
 	server_admits_tenant
 	not session_crosses_tenant
+}
+
+# Set algebra over the whole page instead of one function call per item: rego-cpp charges per
+# call, and a page can hold hundreds of tools.
+listed_names := {i | some i in input.items; is_string(i)} | {i.name | some i in input.items; is_string(i.name)}
+
+role_tool_patterns := {p | some r in roles; some p in data.gateway.roles[r].tools[server_name]}
+
+role_visible_tools := (listed_names & role_tool_patterns) | {n |
+	some p in role_tool_patterns
+	endswith(p, "*")
+	some n in listed_names
+	startswith(n, trim_suffix(p, "*"))
+}
+
+scope_prefix := concat("", ["tools:call:", server_name, "/"])
+
+scope_visible_tools := role_visible_tools if {
+	server_scope in scope_list
+} else := role_visible_tools & {trim_prefix(s, scope_prefix) | some s in scope_list; startswith(s, scope_prefix)}
+
+default visible_tools := set()
+
+visible_tools := scope_visible_tools if list_caller_ok
+
+visible_prompts contains name if {
+	list_caller_ok
+	role_grants_server("prompts", server_name)
 	some item in input.items
 	name := item_name(item)
-	role_grants_tool(server_name, name)
-	scope_grants_tool(server_name, name)
+}
+
+# A files resource is listed only where resources/read of it would be allowed; templates (and
+# other servers' resources) by role alone.
+resource_item_visible(_) if server_name != "files"
+
+resource_item_visible(_) if input.kind == "resourceTemplates"
+
+resource_item_visible(uri) if {
+	server_name == "files"
+	not input.kind == "resourceTemplates"
+	file_path_ok(uri_path(uri))
+}
+
+visible_resources contains uri if {
+	list_caller_ok
+	role_grants_server("resources", server_name)
+	some item in input.items
+	uri := item_uri(item)
+	resource_item_visible(uri)
 }

@@ -234,3 +234,141 @@ test_visible_tools_filters_one_query if {
 		with input.items as inp.items
 	v == {"read_file", "stat"}
 }
+
+test_visible_tools_patterns_and_denied_caller if {
+	inp := {"sub": "a", "roles": ["conformance"], "tenant": "acme", "scope": "tools:call:conformance/*"}
+	v := authz.visible_tools with input.mcp as {"method": "tools/list"}
+		with input.token as inp
+		with input.server as {"name": "conformance"}
+		with input.items as ["test_a", "other", {"name": "test_b"}]
+	v == {"test_a", "test_b"}
+	none := authz.visible_tools with input.mcp as {"method": "tools/list"}
+		with input.token as {"sub": "a", "roles": ["conformance"], "scope": "tools:call:conformance/*"}
+		with input.server as {"name": "conformance"}
+		with input.items as ["test_a"]
+	none == set()
+}
+
+# ---------------------------------------------------------------- bodyless requests (GET stream, DELETE session)
+
+bodyless(http_method, roles) := {
+	"mcp": {"kind": null, "method": null, "arguments": {}},
+	"token": token(roles, ""),
+	"server": {"name": "files"},
+	"http_method": http_method,
+}
+
+decide_http(raw) := d if {
+	inp := json.unmarshal(json.marshal(raw))
+	d := authz.decision with input.mcp as inp.mcp
+		with input.token as inp.token
+		with input.server as inp.server
+		with input.attributes.request.http.method as inp.http_method
+}
+
+test_get_stream_and_delete_session_allowed_for_known_roles if {
+	d := decide_http(bodyless("GET", ["viewer"]))
+	d.allow == true
+	d.reason == "stream_allowed"
+	d2 := decide_http(bodyless("DELETE", ["conformance"]))
+	d2.allow == true
+	d2.reason == "session_end_allowed"
+}
+
+test_bodyless_requests_need_a_known_role_and_method if {
+	d := decide_http(bodyless("GET", ["intern"]))
+	d.allow == false
+	d.reason == "no_role"
+	d2 := decide_http(bodyless("PUT", ["admin"]))
+	d2.allow == false
+	d2.reason == "method_not_allowed"
+}
+
+test_get_with_a_message_is_judged_by_the_message if {
+	raw := object.union(bodyless("GET", ["viewer"]), {"mcp": {"kind": "request", "method": "sampling/createMessage"}})
+	d := decide_http(raw)
+	d.allow == false
+	d.reason == "method_not_allowed"
+}
+
+# ---------------------------------------------------------------- erp (OpenAPI integration)
+
+erp(tool, roles) := call("erp", tool, {"customerId": 1}, roles, "tools:call:erp/*")
+
+test_erp_reads_by_role if {
+	allowed(erp("listCustomers", ["analyst"]))
+	allowed(erp("salesReport", ["viewer"]))
+	denied_with(erp("getCustomer", ["viewer"]), "tool_not_allowed")
+}
+
+test_erp_writes_need_engineer_or_admin if {
+	denied_with(erp("createOrder", ["analyst"]), "tool_not_allowed")
+	denied_with(erp("cancelOrder", ["viewer"]), "tool_not_allowed")
+	allowed(erp("createOrder", ["engineer"]))
+	allowed(erp("cancelOrder", ["admin"]))
+	denied_with(erp("updateOrderNotes", ["engineer"]), "tool_not_allowed")
+}
+
+test_erp_masks_all_pii_below_admin if {
+	decide(erp("getCustomer", ["analyst"])).obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+	decide(erp("listOrders", ["viewer"])).obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+	decide(erp("getCustomer", ["admin"])).obligations.mask_pii == []
+	decide(erp("getCustomer", ["analyst", "admin"])).obligations.mask_pii == []
+
+	# elsewhere the analyst role keeps its own, narrower mask
+	decide(files("read_file", {"path": "shared/a"}, ["analyst"])).obligations.mask_pii == ["card", "iban", "ssn"]
+}
+
+# ---------------------------------------------------------------- prompt and resource lists
+
+list_token(roles) := {"sub": "a", "roles": roles, "tenant": "acme", "scope": ""}
+
+test_visible_prompts_by_role if {
+	v := authz.visible_prompts with input.mcp as {"method": "prompts/list"}
+		with input.token as list_token(["analyst"])
+		with input.server as {"name": "database"}
+		with input.items as ["summarize", {"name": "explain"}]
+	v == {"summarize", "explain"}
+	none := authz.visible_prompts with input.mcp as {"method": "prompts/list"}
+		with input.token as list_token(["viewer"])
+		with input.server as {"name": "database"}
+		with input.items as ["summarize"]
+	none == set()
+}
+
+test_visible_resources_follow_file_prefixes if {
+	v := authz.visible_resources with input.mcp as {"method": "resources/list"}
+		with input.token as list_token(["viewer"])
+		with input.server as {"name": "files"}
+		with input.kind as "resources"
+		with input.items as ["file:///shared/a.txt", {"uri": "file:///secret/b.txt"}, "file:///tenants/globex/x", "ftp:/bad"]
+	v == {"file:///shared/a.txt"}
+}
+
+test_visible_resource_templates_by_role if {
+	v := authz.visible_resources with input.mcp as {"method": "resources/templates/list"}
+		with input.token as list_token(["viewer"])
+		with input.server as {"name": "files"}
+		with input.kind as "resourceTemplates"
+		with input.items as ["file:///{path}"]
+	v == {"file:///{path}"}
+	none := authz.visible_resources with input.mcp as {"method": "resources/list"}
+		with input.token as list_token(["viewer"])
+		with input.server as {"name": "database"}
+		with input.kind as "resources"
+		with input.items as ["db://orders"]
+	none == set()
+}
+
+# ---------------------------------------------------------------- data.json invariants
+
+# authz.rego compares prefixes without normalizing them: they must be written normalized.
+test_data_file_prefixes_are_normalized if {
+	every r, role in data.gateway.roles {
+		every access, prefixes in role.files {
+			every pfx in prefixes {
+				pfx == authz.normalize_path(pfx)
+			}
+		}
+	}
+}

@@ -6,8 +6,11 @@ mutable per-query state (the input), so it must not be shared across threads any
 per process, used from the loop thread only, needs no lock.
 
 The folder is re-read when a cheap (path, mtime, size) fingerprint changes, checked every
-``reload_interval`` seconds by a background task. A new bundle replaces the old one only once it
-compiled; a broken edit is logged and the last good bundle keeps serving.
+``reload_interval`` seconds by a background task. Every version of the folder (the first one
+included) is first built and queried in a child process (``gateway.policy.check``), because
+rego-cpp can abort the process on some policies; only then is it built here. A new bundle
+replaces the old one only once it compiled; a broken or crashing edit is logged and the last
+good bundle keeps serving.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import os
 from typing import Any
 
+from gateway.policy.check import DEFAULT_CHECK_TIMEOUT_SECONDS, check_in_subprocess
 from gateway.policy.engine import DEFAULT_RELOAD_INTERVAL_SECONDS, PolicyEngine
 from gateway.policy.errors import PolicyCompileError, PolicyError
 from gateway.policy.rego import ENTRYPOINT_RE, CompiledPolicy, fingerprint, load_sources
@@ -27,8 +31,10 @@ logger = logging.getLogger(__name__)
 class EmbeddedEngine(PolicyEngine):
     def __init__(self, policy_dir: str | os.PathLike[str], entrypoint: str, *,
                  reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
-                 extra_entrypoints: tuple[str, ...] = ()) -> None:
+                 extra_entrypoints: tuple[str, ...] = (),
+                 check_timeout: float = DEFAULT_CHECK_TIMEOUT_SECONDS) -> None:
         super().__init__(entrypoint)
+        self.check_timeout = check_timeout
         self.policy_dir = os.fspath(policy_dir)
         self.reload_interval = reload_interval
         self._entrypoints = list(dict.fromkeys((entrypoint, *extra_entrypoints)))
@@ -44,6 +50,7 @@ class EmbeddedEngine(PolicyEngine):
 
     async def start(self) -> None:
         self._fingerprint = fingerprint(self.policy_dir)
+        await check_in_subprocess(self.policy_dir, self._entrypoints, limit_seconds=self.check_timeout)
         self._compiled = self._compile()
         logger.info("policy loaded from %s (revision %s)", self.policy_dir, self.revision)
         if self.reload_interval > 0 and self._task is None:
@@ -63,13 +70,14 @@ class EmbeddedEngine(PolicyEngine):
         sources = load_sources(self.policy_dir, include_tests=False)
         return CompiledPolicy(sources, self._entrypoints)
 
-    def reload_if_changed(self) -> bool:
-        """Recompile if the folder changed; True when a new bundle now serves."""
+    async def reload_if_changed(self) -> bool:
+        """Check and rebuild if the folder changed; True when a new bundle now serves."""
         current = fingerprint(self.policy_dir)
         if current == self._fingerprint:
             return False
         self._fingerprint = current
         try:
+            await check_in_subprocess(self.policy_dir, self._entrypoints, limit_seconds=self.check_timeout)
             compiled = self._compile()
         except PolicyCompileError as exc:
             self.last_error = str(exc)
@@ -85,7 +93,7 @@ class EmbeddedEngine(PolicyEngine):
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.reload_interval)
-            self.reload_if_changed()
+            await self.reload_if_changed()
 
     async def evaluate(self, entrypoint: str, policy_input: Any) -> tuple[bool, Any]:
         return self.evaluate_sync(entrypoint, policy_input)

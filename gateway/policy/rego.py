@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -231,6 +232,7 @@ class CompiledPolicy:
             raise PolicyCompileError("the policy bundle failed to build")
         self._bundle = bundle
         self._interp = _quiet_interpreter()
+        self.input_projection = input_projection(modules)
         self._ep_bytes = {ep: ep.encode() for ep in self.entrypoints}
 
     def evaluate(self, entrypoint: str, value: Any) -> tuple[bool, Any]:
@@ -238,7 +240,7 @@ class CompiledPolicy:
         ep = self._ep_bytes.get(entrypoint)
         if ep is None:
             raise PolicyEvalError(f"entrypoint {entrypoint!r} is not compiled into the bundle")
-        set_input(self._interp, value)
+        set_input(self._interp, project_input(value, self.input_projection))
         out = _query_entrypoint(self._interp._impl, self._bundle._impl, ep)
         if not out:
             raise PolicyEvalError(f"rego-cpp returned no output for {entrypoint}")
@@ -293,6 +295,97 @@ def run_query(interp: regopy.Interpreter, query: str, value: Any = None) -> tupl
     finally:
         _free_output(out)
     return parse_output(text, ok, query)
+
+
+# ----------------------------------------------------------------------------- input pruning
+
+# Handing a JSON node to rego-cpp costs ~1-3 us, so the full gateway input (every header, the
+# parsed body duplicating mcp.arguments, all token claims) costs more than most rule evaluation.
+# A policy can only observe the input paths it names, so the engine passes only those: each
+# `input.a.b` (or `input["a"]["b"]`) reference keeps the whole subtree under a.b, and a reference
+# that is not a static path (`input`, `input[k]`, `object.get(input, ...)`) keeps everything at
+# that level. Comments and string contents are ignored; anything the scanner cannot read keeps
+# more input, never less.
+
+ALL: Mapping[str, Any] = MappingProxyType({})  # sentinel: keep the whole subtree (identity-compared)
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _code_only(source: str) -> str:
+    """The source with comments removed and string literals emptied (same token boundaries)."""
+    out: list[str] = []
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "#":
+            j = source.find("\n", i)
+            i = n if j == -1 else j
+        elif c == '"':
+            j = i + 1
+            while j < n and source[j] != '"' and source[j] != "\n":
+                j += 2 if source[j] == "\\" else 1
+            out.append('""')
+            i = j + 1
+        elif c == "`":
+            j = source.find("`", i + 1)
+            out.append('""')
+            i = n if j == -1 else j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def _ref_path(code: str, pos: int) -> list[str] | None:
+    """The static path after ``input`` at ``pos``; None when the reference is dynamic/bare."""
+    path: list[str] = []
+    n = len(code)
+    while pos < n:
+        if code[pos] == ".":
+            m = _IDENT_RE.match(code, pos + 1)
+            if not m:
+                break
+            path.append(m.group(0))
+            pos = m.end()
+        elif code.startswith('[""]', pos):
+            # A string key: its text was emptied, so the reference is kept at this level.
+            break
+        else:
+            break
+    return path
+
+
+def input_projection(modules: Iterable[PolicyModule]) -> Mapping[str, Any]:
+    """A trie of the input paths the modules reference (``ALL`` where a subtree is kept whole)."""
+    root: dict[str, Any] = {}
+    for module in modules:
+        code = _code_only(module.source)
+        for m in re.finditer(r"(?<![A-Za-z0-9_.])input(?![A-Za-z0-9_])", code):
+            path = _ref_path(code, m.end())
+            if not path:
+                return ALL
+            node = root
+            for key in path[:-1]:
+                child = node.get(key)
+                if child is ALL:
+                    break
+                if child is None:
+                    child = node[key] = {}
+                node = child
+            else:
+                node[path[-1]] = ALL
+    return root
+
+
+def project_input(value: Any, projection: Mapping[str, Any]) -> Any:
+    """``value`` restricted to the projection (values that are not objects pass unchanged)."""
+    if projection is ALL or type(value) is not dict:
+        return value
+    out = {}
+    for key, sub in projection.items():
+        if key in value:
+            out[key] = project_input(value[key], sub)
+    return out
 
 
 # ----------------------------------------------------------------------------- input

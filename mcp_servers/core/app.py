@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
+import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
+from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
+from gateway.telemetry.metrics import add_metrics_route
+from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_servers.core.logs import configure_logging
-from mcp_servers.core.server import MCPServer
+from mcp_servers.core.server import Lifespan, MCPServer
 from mcp_servers.core.settings import ServerSettings
 from mcp_servers.core.transport import Transport
 
@@ -21,8 +26,19 @@ TRANSPORT_KEY = web.AppKey("mcp_transport", Transport)
 SETTINGS_KEY = web.AppKey("mcp_settings", ServerSettings)
 
 
+def _app_lifespan(fn: Lifespan) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(_app: web.Application) -> AsyncIterator[None]:
+        async with contextlib.asynccontextmanager(fn)():
+            yield
+    return ctx
+
+
 def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.Application:
-    """An application serving ``server`` on ``settings.path`` plus ``/health`` and ``/ready``."""
+    """An application serving ``server`` on ``settings.path`` plus ``/health``, ``/ready``, ``/metrics``.
+
+    Start-up order: audit trail, the server's lifespans, then requests; clean-up runs the other way
+    round once in-flight requests finished (sessions and streams closed first, the audit file last).
+    """
     settings = settings or ServerSettings()
     transport = Transport(server, settings)
     app = web.Application(handler_args={"max_field_size": 16384})
@@ -40,14 +56,31 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
     async def on_shutdown(_app: web.Application) -> None:
         await transport.begin_shutdown()
 
-    async def on_cleanup(_app: web.Application) -> None:
+    async def transport_ctx(_app: web.Application) -> AsyncIterator[None]:
+        yield
         await transport.close()
 
+    if settings.audit_file is not None:
+        audit_file = settings.audit_file
+
+        async def audit_ctx(_app: web.Application) -> AsyncIterator[None]:
+            exporter = None
+            if settings.audit_otlp_export and settings.otlp_endpoint:
+                exporter = OtlpAuditExporter(settings.otlp_endpoint, server.name)
+            writer = AuditWriter(audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
+                                 timeout=settings.audit_timeout, exporter=exporter)
+            async for _ in transport.recorder.run_audit(writer):
+                yield
+
+        app.cleanup_ctx.append(audit_ctx)
+    for lifespan in server.lifespans:
+        app.cleanup_ctx.append(_app_lifespan(lifespan))
+    app.cleanup_ctx.append(transport_ctx)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    add_metrics_route(app)
     app.router.add_route("*", settings.path, transport.handle)
     app.on_shutdown.append(on_shutdown)
-    app.on_cleanup.append(on_cleanup)
     return app
 
 
@@ -67,6 +100,18 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
     parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
     parser.add_argument("--log-level", default=defaults.log_level)
+    parser.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                        help="OTLP/gRPC collector for traces (default $OTEL_EXPORTER_OTLP_ENDPOINT; "
+                             "none: no export)")
+    parser.add_argument("--audit-file", default=None, metavar="PATH",
+                        help="append an audit entry per tools/call, resources/read and prompts/get "
+                             "result to this JSON-lines file before answering (one process per file)")
+    parser.add_argument("--audit-max-bytes", type=int, default=defaults.audit_max_bytes,
+                        help="rotate the audit file at this size")
+    parser.add_argument("--audit-keep", type=int, default=defaults.audit_keep,
+                        help="rotated audit files to keep")
+    parser.add_argument("--audit-otlp-export", action="store_true",
+                        help="also ship audit entries as OTLP logs to --otlp-endpoint")
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -75,12 +120,16 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(host=args.host, port=args.port, path=args.path,
                           allowed_origins=split(args.allowed_origins),
                           allowed_hosts=split(args.allowed_hosts), max_body_bytes=args.max_body_bytes,
-                          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+                          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                          otlp_endpoint=args.otlp_endpoint or None, audit_file=args.audit_file,
+                          audit_max_bytes=args.audit_max_bytes, audit_keep=args.audit_keep,
+                          audit_otlp_export=args.audit_otlp_export)
 
 
 async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain: not ready, finish in-flight calls, close."""
-    app = make_app(server, settings)
+    # The method, not the module function: a server class may extend its app.
+    app = server.make_app(settings)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, access_log=None,
                            handle_signals=False)
     await runner.setup()
@@ -116,8 +165,12 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
         settings = settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    # Logging first, so what build() logs (seeding, backend choice) is not lost; the service name is
+    # refined once the server knows its own.
+    configure_logging(_service_name(build), settings.log_level)
     server = build(args)
     configure_logging(server.name, settings.log_level)
+    setup_tracing(server.name, settings.otlp_endpoint)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -126,4 +179,16 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
             loop.add_signal_handler(sig, stop.set)
         await run_server(server, settings, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except Exception:  # noqa: BLE001 - the process's top-level handler: one JSON line, exit 1.
+        logger.exception("server %s failed", server.name)
+        raise SystemExit(1) from None
+    finally:
+        shutdown_tracing()
+
+
+def _service_name(build: Callable[..., object]) -> str:
+    """``files`` for ``mcp_servers.files.server.build_server``: a name for lines logged by build()."""
+    parts = [p for p in build.__module__.split(".") if p not in ("mcp_servers", "server", "__main__")]
+    return parts[0] if parts else "mcp_server"

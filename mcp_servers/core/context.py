@@ -86,8 +86,12 @@ class ToolContext:
     def __init__(self, *, request_id: str | int | None, identity: Identity, protocol_version: str,
                  session: Session | None, client_capabilities: dict[str, Any],
                  channel: Channel, hooks: ServerHooks, meta: dict[str, Any],
-                 log_level: str | None, cancelled: asyncio.Event | None = None) -> None:
+                 log_level: str | None, cancelled: asyncio.Event | None = None,
+                 http_request_id: str | None = None, decision_id: str | None = None) -> None:
         self.request_id = request_id
+        # x-request-id (Envoy's) and the gateway's x-mcp-decision-id: what logs and audit join on.
+        self.http_request_id = http_request_id
+        self.decision_id = decision_id
         self.identity = identity
         self.protocol_version = protocol_version
         self.session = session

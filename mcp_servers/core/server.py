@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
@@ -37,6 +37,12 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_COMPLETIONS = 100
+
+Hook = Callable[[], Awaitable[None]]
+# An async generator function: code before ``yield`` runs at start-up, code after it at clean-up.
+Lifespan = Callable[[], AsyncIterator[None]]
+H = TypeVar("H", bound=Hook)
+L = TypeVar("L", bound=Lifespan)
 
 
 def encode_cursor(kind: str, offset: int) -> str:
@@ -89,6 +95,9 @@ class MCPServer:
         self.prompts: dict[str, Prompt] = {}
         self.resource_listers: list[Callable[[ToolContext], Awaitable[list[dict[str, Any]]]]] = []
         self.completion_handler: Callable[..., Awaitable[list[str]]] | None = None
+        # Start-up / clean-up of resources that need the event loop (pools, client sessions), in
+        # registration order; clean-up runs in reverse order, after in-flight requests finished.
+        self.lifespans: list[Lifespan] = []
 
     # ---- registration -------------------------------------------------------------------------
 
@@ -153,6 +162,33 @@ class MCPServer:
 
     def completion(self, fn: F) -> F:
         self.completion_handler = fn
+        return fn
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def lifespan(self, fn: L) -> L:
+        """Register an async generator function: set-up before ``yield``, tear-down after it.
+
+        Runs when the app starts (before the first request is accepted) and, after the drain, when
+        it stops. A failing set-up stops the start-up; tear-downs of earlier lifespans still run.
+        """
+        self.lifespans.append(fn)
+        return fn
+
+    def on_startup(self, fn: H) -> H:
+        """Register ``async def fn() -> None`` to run when the app starts."""
+        async def startup() -> AsyncIterator[None]:
+            await fn()
+            yield
+        self.lifespans.append(startup)
+        return fn
+
+    def on_cleanup(self, fn: H) -> H:
+        """Register ``async def fn() -> None`` to run when the app stops (after in-flight calls)."""
+        async def cleanup() -> AsyncIterator[None]:
+            yield
+            await fn()
+        self.lifespans.append(cleanup)
         return fn
 
     def make_app(self, settings: ServerSettings | None = None) -> web.Application:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from gateway.jsonrpc import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
 
 LOOPBACK_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "[::1]", "::1")
+RESERVED_PATHS: tuple[str, ...] = ("/health", "/ready", "/metrics")
 LOG_LEVELS: tuple[str, ...] = ("debug", "info", "notice", "warning", "error", "critical", "alert",
                                "emergency")
 
@@ -38,20 +39,34 @@ class ServerSettings:
     shutdown_timeout: float = 30.0
     drain_seconds: float = 0.0
     log_level: str = "INFO"
+    # Observability: OTLP/gRPC collector for spans (None: no export), the audit trail file of
+    # tools/call, resources/read and prompts/get results (None: no server-side audit).
+    otlp_endpoint: str | None = None
+    audit_file: str | None = None
+    audit_max_bytes: int = 64 * 1024 * 1024
+    audit_keep: int = 10
+    audit_timeout: float = 5.0
+    audit_otlp_export: bool = False
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
             raise ValueError(f"path must start with '/': {self.path!r}")
-        if self.path in ("/health", "/ready"):
-            raise ValueError(f"path {self.path!r} collides with the health endpoints")
+        if self.path in RESERVED_PATHS:
+            raise ValueError(f"path {self.path!r} collides with the health or metrics endpoints")
         for name in ("max_body_bytes", "max_depth", "page_size", "max_sessions", "max_buffered_events"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("client_request_timeout", "session_idle_timeout", "sse_keepalive",
-                     "shutdown_timeout"):
+                     "shutdown_timeout", "audit_max_bytes", "audit_timeout"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port out of range: {self.port}")
+        if self.audit_keep < 0:
+            raise ValueError("audit_keep must be >= 0")
+        if self.audit_file is not None and not self.audit_file.strip():
+            raise ValueError("audit_file is empty")
+        if self.audit_otlp_export and not (self.audit_file and self.otlp_endpoint):
+            raise ValueError("audit OTLP export needs an audit file and an OTLP endpoint")
         if not self.allowed_hosts:
             raise ValueError("allowed_hosts is empty: no request could be served (use '*' to disable)")

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from gateway.errors import (
     HEADER_MISMATCH,
@@ -35,6 +38,9 @@ from gateway.errors import (
 )
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
 from gateway.mcp import extract_context
+from gateway.telemetry.audit import AuditUnavailable
+from gateway.telemetry.logs import bind_request
+from gateway.telemetry.tracing import start_server_span
 from mcp_servers.core.context import LOG_OFF, Channel, Identity, ToolContext, new_request_id
 from mcp_servers.core.errors import (
     BadTransportRequest,
@@ -42,7 +48,7 @@ from mcp_servers.core.errors import (
     InvalidParams,
     RequestCancelled,
 )
-from mcp_servers.core.logs import request_id_var
+from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
 from mcp_servers.core.session import InFlight, Session, SessionStore
 from mcp_servers.core.settings import LOG_LEVELS, ServerSettings
@@ -71,6 +77,12 @@ MODERN_ERROR_STATUS = {
 }
 CACHEABLE_METHODS = frozenset({"server/discover", "tools/list", "prompts/list", "resources/list",
                                "resources/templates/list", "resources/read"})
+# Envoy sets x-request-id (a client's own is replaced); the gateway's ext_authz sets the rest.
+REQUEST_ID_HEADER = "x-request-id"
+DECISION_ID_HEADER = "x-mcp-decision-id"
+REQUEST_ID_KEY = web.RequestKey("mcp_request_id", str)
+MAX_REQUEST_ID_LEN = 128
+TRACER = "mcp_servers"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                "X-Accel-Buffering": "no"}
 
@@ -120,6 +132,7 @@ class Transport:
                                      max_buffered_events=settings.max_buffered_events)
         self.pending: dict[str, _Pending] = {}
         self.ready = True
+        self.recorder = CallRecorder(server.name)
         self._allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self._allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins}
         self._background: set[asyncio.Task[Any]] = set()
@@ -128,8 +141,26 @@ class Transport:
     # ---- entry point ----------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        rid = request.headers.get("x-request-id") or new_token(8)
-        token = request_id_var.set(rid)
+        headers = request.headers
+        # Capped: without Envoy in front a client picks this value, and it lands in logs and audit.
+        rid = (headers.get(REQUEST_ID_HEADER) or new_token(8))[:MAX_REQUEST_ID_LEN]
+        request[REQUEST_ID_KEY] = rid
+        # Every log line of this request (handlers included) carries these ids and the trace ids.
+        with bind_request(request_id=rid, decision_id=headers.get(DECISION_ID_HEADER),
+                          sub=headers.get("x-mcp-user"), tenant=headers.get("x-mcp-tenant"),
+                          client_id=headers.get("x-mcp-client-id")):
+            if request.method == "POST":
+                # The parent is Envoy's span (W3C traceparent), joining this server to the trace.
+                with start_server_span("mcp", headers, tracer_name=TRACER,
+                                       attributes={"mcp.server": self.server.name}) as span:
+                    response = await self._handle(request)
+                    span.set_attribute("http.response.status_code", response.status)
+                    if response.status >= 500:
+                        span.set_status(Status(StatusCode.ERROR))
+                    return response
+            return await self._handle(request)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             self._check_host_and_origin(request)
             if request.method == "POST":
@@ -147,8 +178,6 @@ class Transport:
             if exc.http_status == 405:
                 response.headers["Allow"] = "GET, POST, DELETE"
             return response
-        finally:
-            request_id_var.reset(token)
 
     def _check_host_and_origin(self, request: web.Request) -> None:
         if "*" not in self._allowed_hosts:
@@ -216,6 +245,10 @@ class Transport:
                                 max_depth=self.settings.max_depth)
         except GatewayError as exc:
             return _error(best_effort_id(body), exc)
+        if msg.method is not None:
+            span = trace.get_current_span()
+            span.update_name(msg.method)
+            span.set_attribute("mcp.method", msg.method)
         try:
             return await self._post_message(request, msg, sse_ok=sse_ok)
         except GatewayError as exc:
@@ -233,6 +266,10 @@ class Transport:
             self._client_response(msg, self.sessions.get(sid, identity.user) if sid is not None else None)
             return web.Response(status=202)
         mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
+        if mcp_ctx.tool is not None:
+            span = trace.get_current_span()
+            span.update_name(f"{msg.method} {mcp_ctx.tool}")
+            span.set_attribute("mcp.tool", mcp_ctx.tool)
         if msg.method == "initialize":
             if msg.kind != "request":
                 raise InvalidRequest("initialize must be a request with an id")
@@ -353,7 +390,9 @@ class Transport:
         cancelled = asyncio.Event()
         ctx = ToolContext(request_id=msg.id, identity=identity, protocol_version=version, session=session,
                           client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
-                          log_level=log_level, cancelled=cancelled)
+                          log_level=log_level, cancelled=cancelled,
+                          http_request_id=request.get(REQUEST_ID_KEY),
+                          decision_id=request.headers.get(DECISION_ID_HEADER))
         task = asyncio.create_task(self._answer(msg, ctx, modern))
         if session is not None:
             flight = InFlight(task=task, cancelled=cancelled)
@@ -423,6 +462,30 @@ class Transport:
         return True
 
     async def _answer(self, msg: Message, ctx: ToolContext, modern: bool) -> tuple[dict[str, Any], int]:
+        """The answer to one request, released only after its result is counted and audited."""
+        assert msg.method is not None
+        started = time.perf_counter()
+        try:
+            body, http_status, outcome = await self._dispatch(msg, ctx, modern)
+        except asyncio.CancelledError:
+            self.recorder.cancelled(msg.method, msg.params, ctx, time.perf_counter() - started)
+            raise
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.set_attribute("mcp.outcome", outcome)
+            if outcome != OK and outcome != IS_ERROR:
+                span.set_status(Status(StatusCode.ERROR, outcome))
+        try:
+            await self.recorder.finish(msg.method, msg.params, ctx, outcome, time.perf_counter() - started)
+        except AuditUnavailable as exc:
+            # Fail closed: a result whose audit entry may be lost is never released.
+            logger.error("withholding the answer to %s: %s", msg.method, exc.message)
+            return error_response(msg.id, exc.to_rpc_error()), exc.http_status
+        return body, http_status
+
+    async def _dispatch(self, msg: Message, ctx: ToolContext,
+                        modern: bool) -> tuple[dict[str, Any], int, str]:
+        """(JSON-RPC answer, HTTP status, outcome): ok, is_error or the error's code."""
         assert msg.method is not None
         try:
             result = await self.server.dispatch(msg.method, msg.params, ctx, self.settings.page_size)
@@ -433,14 +496,17 @@ class Transport:
                 # -32002 is retired from 2026-07-28 on; a missing resource is invalid params there.
                 err["code"] = INVALID_PARAMS
                 status = 400
-            return error_response(msg.id, err), status
+            return error_response(msg.id, err), status, exc.code
         except ClientRequestFailed as exc:
-            return error_response(msg.id, {"code": INVALID_REQUEST, "message": exc.message}), 200
+            return (error_response(msg.id, {"code": INVALID_REQUEST, "message": exc.message}), 200,
+                    "client_request_failed")
         except asyncio.CancelledError:
             raise
         except Exception:  # noqa: BLE001 - top-level handler of one request: log, answer, live on.
             logger.exception("internal error answering %s", msg.method)
-            return error_response(msg.id, {"code": -32603, "message": "internal error"}), 200
+            internal = {"code": -32603, "message": "internal error"}
+            return error_response(msg.id, internal), 200, "internal_error"
+        outcome = IS_ERROR if result.get("isError") is True else OK
         if modern:
             result = {**result}
             result.setdefault("resultType", "complete")
@@ -451,7 +517,7 @@ class Transport:
             meta = result.get("_meta")
             result["_meta"] = {**(meta if isinstance(meta, dict) else {}),
                                META_SERVER_INFO: self.server.server_info()}
-        return result_response(msg.id, result), 200
+        return result_response(msg.id, result), 200, outcome
 
     # ---- GET / DELETE ---------------------------------------------------------------------------
 

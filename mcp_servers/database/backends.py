@@ -75,7 +75,11 @@ class Backend(Protocol):
 
     async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult: ...
 
-    async def close(self) -> None: ...
+    async def start(self) -> None:
+        """Acquire what needs the event loop (pools); called once when the server starts."""
+
+    async def close(self) -> None:
+        """Release everything; later calls fail with DatabaseError("unavailable")."""
 
 
 def jsonable(value: Any) -> Any:
@@ -144,6 +148,9 @@ class SQLiteBackend:
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"SQLite database {self.path} does not exist")
         self._uri = f"file:{quote(self.path)}?mode=ro"
+        # Stop flags of queries running in worker threads, so close() can end them.
+        self._running: set[threading.Event] = set()
+        self._closed = False
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self._uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
@@ -182,12 +189,17 @@ class SQLiteBackend:
         return QueryResult(columns=columns, rows=rows, truncated=len(fetched) > max_rows)
 
     async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
+        if self._closed:
+            raise DatabaseError("unavailable", "the database is closed (the server is shutting down)")
         stop = threading.Event()
+        self._running.add(stop)
         try:
             return await asyncio.to_thread(self._run, sql, params, max_rows, time_limit, stop)
         except asyncio.CancelledError:
             stop.set()  # the worker thread keeps running until the progress handler sees this
             raise
+        finally:
+            self._running.discard(stop)
 
     async def list_tables(self) -> list[dict[str, Any]]:
         names = await self.query(
@@ -214,8 +226,14 @@ class SQLiteBackend:
                     "references": ref.get(n)} for n, t, nn, d, pk in cols.rows]
         return {"table": table, "columns": columns}
 
-    async def close(self) -> None:
+    async def start(self) -> None:
         return None
+
+    async def close(self) -> None:
+        """Refuse new queries and stop the ones still running in worker threads."""
+        self._closed = True
+        for stop in list(self._running):
+            stop.set()
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------
@@ -232,15 +250,21 @@ class PostgresBackend:
         self._max_size = max_size
         self._pool: Any = None
 
+    @property
+    def started(self) -> bool:
+        return self._pool is not None
+
     async def start(self) -> None:
         import asyncpg  # imported lazily: SQLite-only deployments never load it
 
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min_size, max_size=self._max_size)
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min_size,
+                                                   max_size=self._max_size)
 
     async def close(self) -> None:
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            await pool.close()
 
     async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
         import asyncpg

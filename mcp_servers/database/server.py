@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from pathlib import Path
@@ -57,35 +56,13 @@ QUERY_OUTPUT: dict[str, Any] = {
 }
 
 
-class LazyBackend:
-    """Starts a backend that needs the event loop (asyncpg's pool) on first use."""
+def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,
+                  query_timeout: float = DEFAULT_QUERY_TIMEOUT, seed_demo: bool = False) -> MCPServer:
+    """The server over ``backend``, whose pool opens when the app starts and closes when it stops.
 
-    def __init__(self, backend: PostgresBackend, *, seed: bool) -> None:
-        self._backend = backend
-        self._seed = seed
-        self._ready = False
-        self._lock = asyncio.Lock()
-        self.kind = backend.kind
-
-    async def get(self) -> PostgresBackend:
-        if not self._ready:
-            async with self._lock:
-                if not self._ready:
-                    await self._backend.start()
-                    if self._seed:
-                        import asyncpg
-
-                        conn = await asyncpg.connect(self._backend.dsn)
-                        try:
-                            await seed_postgres(conn)
-                        finally:
-                            await conn.close()
-                    self._ready = True
-        return self._backend
-
-
-def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX_ROWS,
-                  query_timeout: float = DEFAULT_QUERY_TIMEOUT) -> MCPServer:
+    ``seed_demo`` creates the demo tables in PostgreSQL at start-up (SQLite files are seeded by
+    :func:`build_server` before the read-only backend opens them).
+    """
     placeholders = "$1, $2" if backend.kind == "postgresql" else "? or :name"
     server = MCPServer(
         "database", version="0.1.0",
@@ -95,10 +72,23 @@ def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX
             f"and returns at most {max_rows} rows. Table schemas are resources at db://schema/<table>."),
     )
 
-    async def db() -> Backend:
-        if isinstance(backend, LazyBackend):
-            return await backend.get()
-        return backend
+    @server.on_startup
+    async def open_backend() -> None:
+        await backend.start()
+        if seed_demo and isinstance(backend, PostgresBackend):
+            import asyncpg
+
+            conn = await asyncpg.connect(backend.dsn)
+            try:
+                await seed_postgres(conn)
+            finally:
+                await conn.close()
+        logger.info("database: %s backend ready", backend.kind)
+
+    @server.on_cleanup
+    async def close_backend() -> None:
+        await backend.close()
+        logger.info("database: %s backend closed", backend.kind)
 
     @server.tool(name="list_tables", title="List tables",
                  description="Tables and views of the database with their row counts.",
@@ -106,7 +96,7 @@ def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX
                  output_schema=LIST_TABLES_OUTPUT, annotations=READ_ONLY)
     async def list_tables(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            return {"backend": backend.kind, "tables": await (await db()).list_tables()}
+            return {"backend": backend.kind, "tables": await backend.list_tables()}
         except DatabaseError as err:
             raise ToolError(f"{err.message} [{err.code}]") from None
 
@@ -119,7 +109,7 @@ def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX
                  output_schema=DESCRIBE_OUTPUT, annotations=READ_ONLY)
     async def describe_table(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         try:
-            return await (await db()).describe_table(args["table"])
+            return await backend.describe_table(args["table"])
         except DatabaseError as err:
             raise ToolError(f"{err.message} [{err.code}]") from None
 
@@ -140,7 +130,7 @@ def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX
     async def query(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         limit = min(int(args.get("max_rows", max_rows)), max_rows)
         try:
-            result = await (await db()).query(args["sql"], args.get("params"), limit, query_timeout)
+            result = await backend.query(args["sql"], args.get("params"), limit, query_timeout)
         except DatabaseError as err:
             raise ToolError(f"{err.message} [{err.code}]") from None
         return result.as_dict()
@@ -151,14 +141,14 @@ def create_server(backend: Backend | LazyBackend, *, max_rows: int = DEFAULT_MAX
         import json
 
         try:
-            described = await (await db()).describe_table(params.get("table", ""))
+            described = await backend.describe_table(params.get("table", ""))
         except DatabaseError as err:
             raise ResourceNotFound(uri, f"{err.message} [{err.code}]") from None
         return json.dumps(described, indent=2), "application/json"
 
     @server.resource_lister
     async def list_schemas(ctx: ToolContext) -> list[dict[str, Any]]:
-        tables = await (await db()).list_tables()
+        tables = await backend.list_tables()
         return [{"uri": f"db://schema/{t['name']}", "name": f"{t['name']} schema",
                  "mimeType": "application/json",
                  "description": f"Columns of {t['type']} {t['name']} ({t['rows']} rows)"} for t in tables]
@@ -192,8 +182,8 @@ def build_server(ns: argparse.Namespace) -> MCPServer:
         if not dsn.startswith(("postgresql://", "postgres://")):
             raise SystemExit("database: --dsn must be a postgresql:// URL")
         logger.info("database: PostgreSQL backend")
-        return create_server(LazyBackend(PostgresBackend(dsn), seed=ns.seed_demo), max_rows=ns.max_rows,
-                             query_timeout=ns.query_timeout)
+        return create_server(PostgresBackend(dsn), max_rows=ns.max_rows, query_timeout=ns.query_timeout,
+                             seed_demo=ns.seed_demo)
     path: Path = ns.sqlite_path or default_sqlite_path()
     if ns.seed_demo or not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from gateway.telemetry.tracing import inject_headers
 from mcp_servers.integration.breaker import CircuitBreaker
 from mcp_servers.integration.cache import TTLCache
 from mcp_servers.integration.credentials import (
@@ -146,10 +147,6 @@ class BackendClient:
         return url
 
     async def request(self, req: HttpRequest) -> BackendResponse:
-        if self._session is None:
-            # The core's serve_main builds its own app, so the cleanup_ctx start-up of
-            # IntegrationServer.make_app may not have run: open the pool on first use instead.
-            await self.start()
         url = self.url_for(req)
         cacheable = req.method == "GET" and self.cache.enabled
         if cacheable:
@@ -229,6 +226,8 @@ class BackendClient:
     async def _send_once(self, req: HttpRequest, url: str, attempt: int) -> BackendResponse:
         headers = {k: v for k, v in req.headers.items() if k.lower() not in self._blocked_headers}
         headers["Accept"] = "application/json"
+        # The backend call joins the request's trace (the MCP server's span is the parent).
+        inject_headers(headers)
         try:
             headers.update(await self.credentials.headers(self.session))
         except CredentialError as e:

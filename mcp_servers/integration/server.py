@@ -7,19 +7,13 @@ explicit arguments. The backend's pooled session lives exactly as long as the ai
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp import web
-
-from mcp_servers.core import MCPServer, ServerSettings, ToolContext, ToolError, ToolResult, run_server
-from mcp_servers.core.app import add_common_arguments, settings_from_args
-from mcp_servers.core.logs import configure_logging
+from mcp_servers.core import MCPServer, ToolContext, ToolError, ToolResult, serve_main
 from mcp_servers.integration.client import BackendClient, BackendError, ClientSettings
 from mcp_servers.integration.credentials import ApiKey, Credentials, NoCredentials, OAuthClientCredentials
 from mcp_servers.integration.openapi import (
@@ -38,31 +32,22 @@ logger = logging.getLogger(__name__)
 
 
 class IntegrationServer(MCPServer):
-    """An MCPServer whose app also owns the backend client's lifetime.
+    """An MCPServer whose lifetime also bounds the backend client's pooled session.
 
-    The core has no start-up/shutdown hook of its own, so the client rides on the app's
-    ``cleanup_ctx``: created when the app starts, closed on graceful shutdown. (The core's
-    ``run_server`` calls the module-level ``make_app``, not this method; :func:`main` therefore
-    closes the client itself after ``run_server`` returns, and the client opens on first use.)
+    The session opens when the app starts (before the first request) and closes after the drain,
+    through the core's lifecycle hooks.
     """
 
     def __init__(self, *args: Any, client: BackendClient, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.client = client
+        self.on_startup(self._open_backend)
+        self.on_cleanup(client.close)
 
-    def make_app(self, settings: ServerSettings | None = None) -> web.Application:
-        app = super().make_app(settings)
-        client = self.client
-
-        async def backend_session(app: web.Application) -> AsyncIterator[None]:
-            await client.start()
-            logger.info("backend %s: %s (%d tools)", client.settings.name, client.settings.base_url,
-                        len(self.tools))
-            yield
-            await client.close()
-
-        app.cleanup_ctx.append(backend_session)
-        return app
+    async def _open_backend(self) -> None:
+        await self.client.start()
+        logger.info("backend %s: %s (%d tools)", self.client.settings.name, self.client.settings.base_url,
+                    len(self.tools))
 
 
 @dataclass(frozen=True)
@@ -204,27 +189,4 @@ def build_server(ns: argparse.Namespace) -> IntegrationServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """serve_main of the core, plus closing the backend's pooled session after the drain."""
-    parser = argparse.ArgumentParser(prog="python -m mcp_servers.integration",
-                                     description="Expose an OpenAPI backend's operations as MCP tools")
-    add_common_arguments(parser)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    server = build_server(args)
-    configure_logging(server.name, settings.log_level)
-
-    async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await run_server(server, settings, stop)
-        finally:
-            await server.client.close()
-
-    asyncio.run(serve())
+    serve_main(build_server, add_arguments, argv)

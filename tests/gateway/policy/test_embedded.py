@@ -78,7 +78,7 @@ async def test_undefined_rule_query_is_none(simple: EmbeddedEngine) -> None:
     """A rule that is undefined for this input answers None."""
     write_dir = Path(simple.policy_dir)
     write(write_dir, "extra.rego", "package mcp.authz\nimport rego.v1\nmaybe := 1 if input.x == 1\n")
-    assert simple.reload_if_changed()
+    assert await simple.reload_if_changed()
     assert await simple.query("mcp/authz/maybe", {"x": 2}) is None
     assert await simple.query("mcp/authz/maybe", {"x": 1}) == 1
 
@@ -137,9 +137,9 @@ async def test_compile_error_at_start_names_file_and_line(tmp_path: Path) -> Non
 async def test_reload_swaps_bundle(simple: EmbeddedEngine) -> None:
     """An edit is picked up by the change check and the new bundle decides."""
     assert (await simple.decide({"token": {"sub": "alice"}})).reason == "first"
-    assert not simple.reload_if_changed()
+    assert not await simple.reload_if_changed()
     write(Path(simple.policy_dir), "authz.rego", SIMPLE % "second_version")
-    assert simple.reload_if_changed()
+    assert await simple.reload_if_changed()
     assert (await simple.decide({"token": {"sub": "alice"}})).reason == "second_version"
 
 
@@ -147,7 +147,7 @@ async def test_broken_edit_keeps_last_good_bundle(simple: EmbeddedEngine) -> Non
     """A broken edit is logged and the previous bundle keeps serving (neither open nor closed)."""
     rev = simple.revision
     write(Path(simple.policy_dir), "authz.rego", "package mcp.authz\nimport rego.v1\ndecision := {\n")
-    assert not simple.reload_if_changed()
+    assert not await simple.reload_if_changed()
     assert simple.last_error and "authz.rego" in simple.last_error
     assert simple.revision == rev
     assert (await simple.decide({"token": {"sub": "alice"}})).allow
@@ -198,3 +198,44 @@ async def test_not_started_fails_closed(tmp_path: Path) -> None:
     shutil.copy(REPO_POLICIES / "authz.rego", tmp_path / "authz.rego")
     engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
     assert (await engine.decide({})).error_code == "policy_error"
+
+
+# rego-cpp 1.5.2 aborts the process (uncaught std::runtime_error) when it builds this.
+CRASHING = """package mcp.authz
+import rego.v1
+x := {"a": 1}
+decision := true if {
+\ty := input.a with input as x
+\ty == 1
+}
+"""
+
+
+async def test_crashing_edit_keeps_old_bundle_and_logs(simple: EmbeddedEngine,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """An edit that crashes rego-cpp is caught in the checker child; the old bundle keeps serving."""
+    rev = simple.revision
+    write(Path(simple.policy_dir), "authz.rego", CRASHING)
+    with caplog.at_level("ERROR", logger="gateway.policy.embedded"):
+        assert not await simple.reload_if_changed()
+    assert simple.last_error and "crashes rego-cpp" in simple.last_error
+    assert any("policy reload failed" in r.getMessage() for r in caplog.records)
+    assert simple.revision == rev
+    assert (await simple.decide({"token": {"sub": "alice"}})).reason == "first"
+
+
+async def test_crashing_policy_fails_start(tmp_path: Path) -> None:
+    """Start-up refuses a policy that crashes the checker, with a clear error (the process lives)."""
+    write(tmp_path, "authz.rego", CRASHING)
+    engine = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    with pytest.raises(PolicyCompileError, match="crashes rego-cpp"):
+        await engine.start()
+
+
+async def test_checker_timeout_is_a_compile_error(tmp_path: Path) -> None:
+    """A checker that cannot finish in time counts as a failed check (fail closed)."""
+    from gateway.policy.check import check_in_subprocess
+
+    write(tmp_path, "authz.rego", SIMPLE % "first")
+    with pytest.raises(PolicyCompileError, match="did not finish"):
+        await check_in_subprocess(str(tmp_path), ["mcp/authz/decision"], limit_seconds=0.001)

@@ -44,7 +44,7 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             port = None
             while port is None and proc.poll() is None and time.monotonic() < deadline:
                 for line in log_path.read_text(errors="replace").splitlines():
-                    if '"msg":"listening"' in line:
+                    if '"message":"listening"' in line:
                         port = json.loads(line)["port"]
                 if port is None:
                     time.sleep(0.05)  # poll interval for the log file, bounded by the deadline

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from tests.mcp_servers.core.conftest import Served
+from mcp_servers.core import ServerSettings
+from mcp_servers.core.settings import LOOPBACK_HOSTS
+from tests.mcp_servers.core.conftest import Served, start
 
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
 
@@ -76,6 +78,28 @@ async def test_bad_host_is_rejected(served: Served) -> None:
     assert status == 421
     assert body["error"]["data"]["reason"] == "host_not_allowed"
     assert await served.client.ping_ok()
+
+
+async def test_host_forwarded_by_the_dev_gateway_is_accepted(served: Served) -> None:
+    """Envoy forwards the public Host (127.0.0.1:8443 in the dev stack): loopback names pass by default."""
+    await served.client.initialize()
+    for host in ("127.0.0.1:8443", "localhost:8443", "[::1]:8443"):
+        status, _ = await served.client.raw(PING, served.client.headers({"Host": host}))
+        assert status == 200, host
+
+
+async def test_allowed_hosts_admits_a_public_gateway_name() -> None:
+    """--allowed-hosts adds the gateway's public name (port ignored); other names still get 421."""
+    s = await start(ServerSettings(allowed_hosts=(*LOOPBACK_HOSTS, "mcp.example.com")))
+    try:
+        await s.client.initialize()
+        status, _ = await s.client.raw(PING, s.client.headers({"Host": "mcp.example.com:443"}))
+        assert status == 200
+        status, _ = await s.client.raw(PING, s.client.headers({"Host": "evil.example.com"}))
+        assert status == 421
+    finally:
+        await s.http.close()
+        await s.runner.cleanup()
 
 
 async def test_unsupported_protocol_version_gets_400(served: Served) -> None:

@@ -213,3 +213,21 @@ async def test_postgres_statement_timeout(pg: PostgresBackend) -> None:
     with pytest.raises(DatabaseError) as ei:
         await pg.query("SELECT pg_sleep(10)", None, 1, 0.2)
     assert ei.value.code == "timeout"
+
+
+async def test_sqlite_close_stops_running_queries_and_refuses_new_ones(sqlite_path: str) -> None:
+    """close() ends a query still running in its worker thread; later calls fail as unavailable."""
+    db = SQLiteBackend(sqlite_path)
+    endless = asyncio.create_task(db.query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT count(*) FROM n",
+        None, 1, 60.0))
+    async with asyncio.timeout(10):
+        while not db._running:  # the query has started once its stop flag is registered
+            await asyncio.sleep(0.01)
+    await db.close()
+    with pytest.raises(DatabaseError) as stopped:
+        await asyncio.wait_for(endless, 10)
+    assert stopped.value.code == "cancelled"
+    with pytest.raises(DatabaseError) as refused:
+        await db.query("SELECT 1", None, 1, 1.0)
+    assert refused.value.code == "unavailable"

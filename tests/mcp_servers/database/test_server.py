@@ -131,13 +131,14 @@ async def test_schema_resources(url: str) -> None:
 
 
 async def test_postgres_backend_through_the_server(postgres_dsn: str) -> None:
-    """With a DSN the same tools run on PostgreSQL (pool started and demo seeded on first use)."""
+    """With a DSN the tools run on PostgreSQL: pool opened (demo seeded) at start-up, closed at stop."""
     from mcp_servers.database.backends import PostgresBackend
-    from mcp_servers.database.server import LazyBackend
 
-    lazy = LazyBackend(PostgresBackend(postgres_dsn), seed=True)
+    backend = PostgresBackend(postgres_dsn)
     try:
-        async with serve(create_server(lazy, max_rows=3)) as url, Client(url, mode="legacy") as c:
+        async with serve(create_server(backend, max_rows=3, seed_demo=True)) as url, \
+                Client(url, mode="legacy") as c:
+            assert backend.started
             listed = await c.call_tool("list_tables", {})
             assert (listed.structured_content or {})["backend"] == "postgresql"
             res = await c.call_tool("query", {"sql": "SELECT email FROM customers WHERE tenant = $1",
@@ -147,8 +148,9 @@ async def test_postgres_backend_through_the_server(postgres_dsn: str) -> None:
             assert write.is_error is True and "read-only" in text_of(write)
             count = await c.call_tool("query", {"sql": "SELECT count(*) FROM orders"})
             assert (count.structured_content or {})["rows"] == [[30]]
+        assert not backend.started
     finally:
-        await (await lazy.get()).close()
+        await backend.close()
 
 
 def test_build_server_seeds_default_sqlite(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:

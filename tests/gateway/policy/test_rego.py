@@ -1,0 +1,65 @@
+"""Input pruning: the engine passes rego-cpp only the input paths the policy references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from gateway.policy.rego import (
+    ALL,
+    CompiledPolicy,
+    PolicyModule,
+    input_projection,
+    load_sources,
+    project_input,
+)
+
+POLICIES = Path(__file__).resolve().parents[3] / "policies"
+
+
+def proj(source: str) -> Any:
+    return input_projection([PolicyModule("a.rego", "package a\nimport rego.v1\n" + source)])
+
+
+def test_static_references_form_a_trie() -> None:
+    """input.a.b and input.a.c keep only a.b and a.c; an index ends the static path."""
+    p = proj("x := input.a.b\ny := input.a.c[0]\n")
+    assert set(p) == {"a"} and p["a"]["b"] is ALL and p["a"]["c"] is ALL
+
+
+def test_dynamic_or_bare_reference_keeps_everything() -> None:
+    """input[k], input["k"] and a bare input keep the whole input."""
+    assert proj('x := input["a"]') is ALL
+    assert proj("x := object.get(input, \"a\", 1)") is ALL
+    assert proj("x := input[k] if some k in {\"a\"}") is ALL
+
+
+def test_comments_and_strings_are_not_references() -> None:
+    """'input' inside a comment or string neither widens nor narrows the projection."""
+    p = proj('# the whole input\nx := "input" \ny := `input`\nz := input.a\n')
+    assert set(p) == {"a"}
+
+
+def test_projection_keeps_non_objects_as_they_are() -> None:
+    """A value that is not an object where the trie expects one passes unchanged."""
+    p = proj("x := input.mcp.method\ny := input.token.roles\n")
+    value = {"mcp": None, "token": {"roles": ["a"], "iss": "x"}, "attributes": {"h": 1}}
+    assert project_input(value, p) == {"mcp": None, "token": {"roles": ["a"]}}
+
+
+def test_pruned_and_full_input_decide_alike() -> None:
+    """The shipped policy decides the same with the pruned and the full gateway input."""
+    policy = CompiledPolicy(load_sources(POLICIES, include_tests=False), ["mcp/authz/decision"])
+    base = {"attributes": {"request": {"http": {"method": "POST", "headers": {"a": "b"}}}},
+            "parsed_body": {"jsonrpc": "2.0"}, "now": 1,
+            "token": {"sub": "a", "roles": ["viewer"], "tenant": "acme", "iss": "i",
+                      "scope": "tools:call:files/*"},
+            "server": {"name": "files", "resource": "r"}}
+    for path in ("shared/a.txt", "secret/a", "tenants/globex/a", "../x"):
+        inp = {**base, "mcp": {"kind": "request", "method": "tools/call", "tool": "read_file",
+                               "arguments": {"path": path}, "id": 1}}
+        pruned = policy.evaluate("mcp/authz/decision", inp)
+        saved, policy.input_projection = policy.input_projection, ALL
+        full = policy.evaluate("mcp/authz/decision", inp)
+        policy.input_projection = saved
+        assert pruned == full
