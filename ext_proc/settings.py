@@ -15,7 +15,12 @@ from gateway.pii import DEFAULT_REPLACEMENT
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_SSE_EVENT_BYTES = 4 * 1024 * 1024
 # Which list kinds the policy filters, and with which rule (one query per page).
-DEFAULT_LIST_ENTRYPOINTS: Mapping[str, str] = MappingProxyType({"tools": "mcp/authz/visible_tools"})
+DEFAULT_LIST_ENTRYPOINTS: Mapping[str, str] = MappingProxyType({
+    "tools": "mcp/authz/visible_tools",
+    "prompts": "mcp/authz/visible_prompts",
+    "resources": "mcp/authz/visible_resources",
+    "resourceTemplates": "mcp/authz/visible_resources",
+})
 # Share of Envoy's per-message timeout this service allows itself: an answer (even an error)
 # must reach Envoy before Envoy gives up on the stream.
 TIMEOUT_SHARE = 0.8
@@ -32,6 +37,9 @@ class Settings:
     list_entrypoints: Mapping[str, str] = field(default_factory=lambda: DEFAULT_LIST_ENTRYPOINTS)
     replacement: str = DEFAULT_REPLACEMENT
     phone_region: str = "US"
+    # /metrics on the gRPC port + metrics_port_offset (a free port when listening on port 0).
+    metrics_host: str = "127.0.0.1"
+    metrics_port_offset: int = 1000
 
     def __post_init__(self) -> None:
         if self.message_timeout_seconds <= 0:
@@ -48,4 +56,6 @@ class Settings:
             policy=cfg.policy,
             catalog_path=Path(cfg.catalog.path),
             message_timeout_seconds=cfg.ext_proc.timeout_ms * TIMEOUT_SHARE / 1000.0,
+            metrics_host=cfg.telemetry.metrics_host,
+            metrics_port_offset=cfg.telemetry.metrics_port_offset,
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from ext_proc.app import SERVICE_NAME, Service, start_service
 from ext_proc.settings import Settings
@@ -99,6 +102,25 @@ async def test_failure_is_an_immediate_response_then_end(channel: grpc.aio.Chann
     assert await call.code() == grpc.StatusCode.OK
 
 
+def masked_total(port: int) -> float:
+    """Sum of mcp_gateway_masked_values_total over all types, read from a /metrics endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT) as reply:  # noqa: S310
+        text = reply.read().decode()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == "mcp_gateway_masked_values_total")
+
+
+async def test_metrics_endpoint_counts_masked_values(service: Service, channel: grpc.aio.Channel) -> None:
+    """The service serves Prometheus /metrics on loopback; masking a result raises the masked
+    values counter by the number of values masked (an email and a card, in text and structured
+    content)."""
+    assert service.metrics.host == "127.0.0.1" and service.metrics.port != service.port
+    before = await asyncio.to_thread(masked_total, service.metrics.port)
+    await test_masking_over_the_wire(channel)
+    after = await asyncio.to_thread(masked_total, service.metrics.port)
+    assert after == before + 4
+
+
 def test_settings_from_the_default_config() -> None:
     """The embedded config yields the first ext_proc instance, the catalog in state_dir and a
     per-message budget below Envoy's timeout."""
@@ -108,3 +130,5 @@ def test_settings_from_the_default_config() -> None:
     assert settings.catalog_path is not None and settings.catalog_path.name == "catalog.sqlite"
     assert 0 < settings.message_timeout_seconds < cfg.ext_proc.timeout_ms / 1000
     assert dict(settings.list_entrypoints) == {"tools": "mcp/authz/visible_tools"}
+    assert (settings.metrics_host, settings.metrics_port_offset) == (
+        cfg.telemetry.metrics_host, cfg.telemetry.metrics_port_offset)
