@@ -129,7 +129,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         metrics_port = port + settings.telemetry.metrics_port_offset if settings.listen.port else 0
-        metrics_server = start_metrics_server("127.0.0.1", metrics_port)
+        metrics_server = start_metrics_server(settings.telemetry.metrics_host, metrics_port)
         cleanup.append(_async(metrics_server.close))
         tracing = setup_tracing("ext_authz", settings.telemetry.otlp_endpoint)
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
@@ -150,9 +150,9 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
             await close()
         raise
     logger.info("ext_authz serving on %s:%d (policy %s, rate limits %s, dry_run=%s, metrics on "
-                "127.0.0.1:%d, audit %s, catalog %s)", settings.listen.host, port,
+                "%s:%d, audit %s, catalog %s)", settings.listen.host, port,
                 settings.policy.engine, settings.rate_limits.backend, settings.policy.dry_run,
-                metrics_server.port, audit.path, settings.catalog.path)
+                metrics_server.host, metrics_server.port, audit.path, settings.catalog.path)
     return Service(server, port, servicer, health_servicer, jwks, gate, refresher, audit,
                    metrics_server, session, limiter, engine, writer, tracing)
 

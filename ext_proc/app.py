@@ -1,5 +1,5 @@
 """Assemble and run the ext_proc gRPC server: policy engine, catalog, the ExternalProcessor
-servicer and a standard gRPC health service."""
+servicer, a standard gRPC health service and Prometheus /metrics."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ext_proc.inspect import Inspector, ListPolicy
 from ext_proc.servicer import ExternalProcessorServicer
 from ext_proc.settings import Settings
 from gateway.catalog import Catalog
+from gateway.telemetry.metrics import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Service:
     port: int
     servicer: ExternalProcessorServicer
     health: health.aio.HealthServicer
+    metrics: MetricsServer
     _policy: ManagedPolicy | None
     _catalog: Catalog | None
     _stopped: bool = field(default=False)
@@ -47,6 +49,7 @@ class Service:
         self._stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await asyncio.to_thread(self.metrics.close)
         if self._policy is not None:
             await self._policy.close()
         if self._catalog is not None:
@@ -61,6 +64,7 @@ async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
     """
     if catalog is None and settings.catalog_path is not None:
         catalog = Catalog(settings.catalog_path)
+    metrics: MetricsServer | None = None
     try:
         inspector = Inspector(policy=policy, list_entrypoints=settings.list_entrypoints,
                               catalog=catalog, replacement=settings.replacement,
@@ -76,18 +80,24 @@ async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
         port = server.add_insecure_port(f"{settings.listen.host}:{settings.listen.port}")
         if port == 0:
             raise OSError(f"cannot listen on {settings.listen.host}:{settings.listen.port}")
+        # A fixed port pair in deployments (Prometheus targets are static); any free one in tests.
+        metrics_port = port + settings.metrics_port_offset if settings.listen.port else 0
+        metrics = start_metrics_server(settings.metrics_host, metrics_port)
         if policy is not None:
             await policy.start()
         await server.start()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
+        if metrics is not None:
+            metrics.close()
         if catalog is not None:
             catalog.close()
         raise
-    logger.info("ext_proc serving on %s:%d (catalog %s, list filters %s)", settings.listen.host,
-                port, settings.catalog_path, dict(settings.list_entrypoints))
-    return Service(server, port, servicer, health_servicer, policy, catalog)
+    logger.info("ext_proc serving on %s:%d (metrics on %s:%d, catalog %s, list filters %s)",
+                settings.listen.host, port, metrics.host, metrics.port, settings.catalog_path,
+                dict(settings.list_entrypoints))
+    return Service(server, port, servicer, health_servicer, metrics, policy, catalog)
 
 
 async def serve(settings: Settings, policy: ManagedPolicy | None) -> None:

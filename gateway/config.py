@@ -115,8 +115,13 @@ class ServiceConfig:
 class TelemetryConfig:
     otlp_endpoint: str | None = None  # e.g. http://127.0.0.1:4317; tracing is off when unset
     log_level: str = "INFO"
-    # gRPC services serve Prometheus /metrics on their gRPC port + this offset (127.0.0.1).
+    # gRPC services serve Prometheus /metrics on their gRPC port + this offset, bound to
+    # metrics_host (loopback by default; 0.0.0.0 in containers, where Prometheus is another host).
     metrics_port_offset: int = 1000
+    metrics_host: str = "127.0.0.1"
+    # An Envoy listener on listen.host serving only GET /stats/prometheus (proxied to the loopback
+    # admin interface), for a Prometheus that cannot reach loopback; None: no such listener.
+    envoy_stats_port: int | None = None
     # Share of requests Envoy starts a trace for (when otlp_endpoint is set); a client's sampled
     # traceparent is always honoured.
     trace_sample_percent: float = 100.0
@@ -359,6 +364,12 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         raise ConfigError("telemetry.trace_sample_percent must be a number from 0 to 100")
     if not 0 < telemetry.metrics_port_offset < 65535:
         raise ConfigError("telemetry.metrics_port_offset must be 1-65534")
+    if not isinstance(telemetry.metrics_host, str) or not telemetry.metrics_host:
+        raise ConfigError("telemetry.metrics_host must be a host name or address")
+    if telemetry.envoy_stats_port is not None and (
+            isinstance(telemetry.envoy_stats_port, bool) or not isinstance(telemetry.envoy_stats_port, int)
+            or not 0 < telemetry.envoy_stats_port < 65536):
+        raise ConfigError("telemetry.envoy_stats_port must be a port number (1-65535) or null")
     if telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level must be DEBUG, INFO, WARNING or ERROR")
     # Files that belong to one running gateway live under state_dir unless placed elsewhere.

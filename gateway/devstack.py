@@ -526,6 +526,10 @@ class Stack:
         # A secret reaches only the processes that list it, whatever the parent environment holds.
         env = {k: v for k, v in os.environ.items() if k not in self.config.secrets}
         env["PYTHONUNBUFFERED"] = "1"
+        if self.config.telemetry.otlp_endpoint:
+            # MCP servers take their collector from the standard OpenTelemetry variable (a server
+            # module need not accept a flag for it); ext_authz and ext_proc read the config.
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.telemetry.otlp_endpoint
         # Backends first (servers may read from them at start-up); then the Python processes in
         # parallel; Envoy once they answer, so its first round of active health checks finds
         # them up instead of marking them failed.

@@ -182,6 +182,10 @@ def _check(config: GatewayConfig) -> None:
     if config.admin.host not in ("127.0.0.1", "::1", "localhost"):
         raise EnvoyConfigError(f"admin.host must be a loopback address (the admin interface can "
                                f"stop Envoy), got {config.admin.host!r}")
+    stats_port = config.telemetry.envoy_stats_port
+    if stats_port is not None and stats_port in (config.listen.port, config.admin.port):
+        raise EnvoyConfigError(f"telemetry.envoy_stats_port {stats_port} is already the listen or "
+                               f"admin port")
     headers_kb = 32
     if config.auth.max_token_bytes > (headers_kb - 8) * 1024:
         raise EnvoyConfigError(f"auth.max_token_bytes {config.auth.max_token_bytes} does not fit "
@@ -244,6 +248,14 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         if config.telemetry.otlp_endpoint.startswith("https:"):
             otel_cluster += _fill(_template("otel_tls.yaml.tmpl"), {}, {"sni": _q(collector.host)})
 
+    stats_listener = stats_cluster = ""
+    if config.telemetry.envoy_stats_port is not None:
+        stats_listener = _fill(_template("stats_listener.yaml.tmpl"), {},
+                               {"listen_host": _q(config.listen.host),
+                                "stats_port": config.telemetry.envoy_stats_port})
+        stats_cluster = _fill(_template("stats_cluster.yaml.tmpl"),
+                              {"admin_endpoint": _endpoints((config.admin,))}, {})
+
     removals = "".join(f"- remove: {_q(h)}\n" for h in GATEWAY_HEADERS)
     blocks = {
         "client_validation": client_validation,
@@ -253,6 +265,8 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "edge_rate_limit_filter": edge_filter,
         "tracing": tracing,
         "otel_cluster": otel_cluster,
+        "stats_listener": stats_listener,
+        "stats_cluster": stats_cluster,
         "ext_proc_cluster": ext_proc_cluster,
         "server_routes": "".join(routes),
         "server_clusters": "".join(clusters),

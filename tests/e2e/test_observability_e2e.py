@@ -1,14 +1,19 @@
 """Metrics through the running stack (issue 6): Envoy's /stats/prometheus on the admin port and
-ext_authz's /metrics move as requests are made."""
+ext_authz's and ext_proc's /metrics move as requests are made; the Grafana dashboard's Envoy series
+exist."""
 
 from __future__ import annotations
 
+import json
+import re
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import devstack
-from tests.e2e.helpers import bearer, stateless_call
+from tests.e2e.conftest import HAS_EXT_PROC
+from tests.e2e.helpers import REPO, bearer, stateless_call
 
 
 def scrape(url: str, sample: str, **labels: str) -> float:
@@ -42,3 +47,37 @@ async def test_envoy_and_ext_authz_counters_move(stack: devstack.Stack) -> None:
     assert after[0] > before[0]
     assert after[1] >= before[1] + 2
     assert after[2] == before[2] + 1 and after[3] == before[3] + 1
+
+
+def families(url: str) -> set[str]:
+    """Names of every series a /metrics or /stats/prometheus endpoint exposes, as written (the
+    client parser would add ``_total`` to Envoy's counters; Prometheus does not)."""
+    with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310  (loopback URL)
+        text = reply.read().decode()
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+@pytest.mark.skipif(not HAS_EXT_PROC, reason="needs ext_proc")
+async def test_ext_proc_masking_counter_moves(stack: devstack.Stack) -> None:
+    """A masked tools/call answer raises ext_proc's masked values counter on its /metrics."""
+    url = urls(stack)["ext_proc[0]"]
+    before = sum(scrape(u, "mcp_gateway_masked_values_total", type="email")
+                 for label, u in urls(stack).items() if label.startswith("ext_proc["))
+    reply = await stateless_call(stack, "pii", bearer(stack.config, "viewer"), "contact")
+    assert reply.status_code == 200 and "[REDACTED:email]" in reply.text
+    after = sum(scrape(u, "mcp_gateway_masked_values_total", type="email")
+                for label, u in urls(stack).items() if label.startswith("ext_proc["))
+    assert after > before
+    assert "mcp_gateway_masked_values_total" in families(url)
+
+
+async def test_dashboard_envoy_metrics_exist(stack: devstack.Stack) -> None:
+    """Every envoy_* series the Grafana dashboard queries is exposed by the real Envoy once a
+    request went through."""
+    reply = await stateless_call(stack, "pii", bearer(stack.config, "admin"), "echo")
+    assert reply.status_code == 200
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/mcp-gateway.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    wanted = {n for e in exprs for n in re.findall(r"\b(envoy_[a-z0-9_]+)\s*[{\[]", e)}
+    assert wanted and wanted <= families(urls(stack)["envoy[0]"])

@@ -129,6 +129,6 @@ def test_settings_from_the_default_config() -> None:
     assert settings.listen.port == 0 and settings.listen.host == cfg.ext_proc.instances[0].host
     assert settings.catalog_path is not None and settings.catalog_path.name == "catalog.sqlite"
     assert 0 < settings.message_timeout_seconds < cfg.ext_proc.timeout_ms / 1000
-    assert dict(settings.list_entrypoints) == {"tools": "mcp/authz/visible_tools"}
+    assert settings.list_entrypoints["tools"] == "mcp/authz/visible_tools"
     assert (settings.metrics_host, settings.metrics_port_offset) == (
         cfg.telemetry.metrics_host, cfg.telemetry.metrics_port_offset)
