@@ -131,6 +131,13 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
                     ) -> pb.CheckResponse:
         start = time.perf_counter()
         trace_headers, request_id = _early_headers(request)
+        # Envoy's span for this Check travels in the gRPC metadata; the checked request's headers
+        # carry only what the client sent. Prefer Envoy's so the span joins the request's trace.
+        if context is not None:
+            grpc_trace = {k: v for k, v in (context.invocation_metadata() or ())
+                          if k in _TRACE_HEADERS and isinstance(v, str)}
+            if grpc_trace:
+                trace_headers = grpc_trace
         rec = DecisionRecord(decision_id=uuid.uuid4().hex, request_id=request_id, sub=None,
                              method=None, tool=None, server=None, allow=False,
                              reason="internal_error", http_status=500, latency_ms=0.0,

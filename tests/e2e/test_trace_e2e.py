@@ -94,9 +94,6 @@ async def test_tools_call_is_one_trace(traced: tuple[devstack.Stack, OtlpReceive
                for span in server_spans for attr in span.attributes)
 
 
-@pytest.mark.xfail(strict=True, reason="ext_authz takes the trace context from the checked request "
-                   "headers, which carry only a client's traceparent; Envoy's own context for the "
-                   "Check call is in the gRPC metadata (fix pending in ext_authz/servicer.py)")
 async def test_trace_without_client_context(traced: tuple[devstack.Stack, OtlpReceiver]) -> None:
     """Without a client traceparent, Envoy's ingress span is the root and ext_authz and the MCP
     server still report spans in that trace."""
