@@ -50,7 +50,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import envoy_config, tokens
-from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig
+from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance
 
 logger = logging.getLogger(__name__)
 
@@ -311,6 +311,16 @@ class Component:
 SERVICE_MODULES = {"ext_authz": "ext_authz", "ext_proc": "ext_proc"}
 
 
+def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tuple[str, ...]:
+    """Flags every server built on mcp_servers.core takes: its own audit file (the writer locks
+    it, so one per instance) and the log level. Tracing reaches servers through the
+    OTEL_EXPORTER_OTLP_ENDPOINT environment variable."""
+    audit = config.audit
+    return ("--audit-file", str(Path(audit.dir) / f"{name}-{inst.port}.jsonl"),
+            "--audit-max-bytes", str(audit.max_bytes), "--audit-keep", str(audit.keep),
+            "--log-level", config.telemetry.log_level)
+
+
 def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
          modules: dict[str, str] | None = None) -> list[Component]:
     """Every process the stack runs, in start order (pure: starts nothing).
@@ -354,7 +364,8 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
         for i, inst in enumerate(server.instances):
             out.append(Component(server.name, i, inst.host, inst.port,
                                  (py, "-m", server.module, "--host", inst.host,
-                                  "--port", str(inst.port), *server.args),
+                                  "--port", str(inst.port), *_server_common_args(config, server.name, inst),
+                                  *server.args),
                                  Probe("http", inst.host, inst.port, "/ready"), env=server.env,
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
@@ -758,7 +769,7 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         "    -d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":"
         "\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"curl\",\"version\":\"1\"}}}'",
         "",
-        "Python (official mcp SDK):",
+        "Python (official mcp SDK: `pip install mcp==2.3.0`; `make test` installs it in .venv):",
         "  import asyncio, os, ssl, httpx2",
         "  from mcp import ClientSession",
         "  from mcp.client.streamable_http import streamable_http_client",
