@@ -4,7 +4,9 @@
 
 Measures, in one run, the shipped ``policies/`` and optionally a baseline folder (e.g. the
 previous policy), each with the input pruned to what the policy references and with the full
-ext_authz input (every header, parsed_body, all claims). Prints a markdown table.
+ext_authz input (every header, parsed_body, all claims). The request input carries the path facts
+ext_authz adds (``input.mcp.facts``); a baseline policy that does not read them never gets them.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gateway.policy.decision import check_decision  # noqa: E402
+from gateway.policy.facts import with_facts  # noqa: E402
 from gateway.policy.rego import ALL, CompiledPolicy, load_sources  # noqa: E402
 
 HEADERS = {
@@ -39,9 +42,10 @@ DECIDE_INPUT: dict[str, Any] = {
                    "source": {"address": "10.0.0.7"}},
     "parsed_body": {"jsonrpc": "2.0", "id": 7, "method": "tools/call",
                     "params": {"name": "read_file", "arguments": ARGS}},
-    "mcp": {"kind": "request", "method": "tools/call", "id": 7, "name": "read_file",
-            "tool": "read_file", "arguments": ARGS, "resource_uri": None, "prompt": None,
-            "protocol_version": "2025-11-25", "session_id": "3f1c2d9e8b7a4c56"},
+    # As ext_authz builds it, facts included (a policy that does not read them never gets them).
+    "mcp": with_facts({"kind": "request", "method": "tools/call", "id": 7, "name": "read_file",
+                       "tool": "read_file", "arguments": ARGS, "resource_uri": None, "prompt": None,
+                       "protocol_version": "2025-11-25", "session_id": "3f1c2d9e8b7a4c56"}),
     "token": CLAIMS,
     "server": {"name": "files", "resource": "https://gw.example.test/mcp/files"},
     "now": 1700000001,

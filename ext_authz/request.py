@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 
 from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
 from gateway.mcp import McpContext
+from gateway.policy.facts import with_facts
 
 # Never shown to the policy (or anything it logs): credentials.
 HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
@@ -104,7 +105,7 @@ def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: M
             "source": {"address": req.source_address},
         },
         "parsed_body": parsed_body,
-        "mcp": mcp.as_policy_input() if mcp is not None else _no_message(req.headers),
+        "mcp": with_facts(mcp.as_policy_input()) if mcp is not None else _no_message(req.headers),
         "token": claims,
         "server": {"name": server, "resource": resource},
         "now": int(now),

@@ -28,10 +28,13 @@ arguments := input.mcp.arguments if {
 
 # ---------------------------------------------------------------- identity
 
-# Roles the token carries that this policy knows; unknown role names grant nothing.
+# Roles the token carries that this policy knows; unknown role names grant nothing. (A key
+# test: looking up data.gateway.roles[r] would copy the whole role object, ~40 us.)
+known_role_names := object.keys(data.gateway.roles)
+
 roles contains r if {
 	some r in input.token.roles
-	data.gateway.roles[r]
+	r in known_role_names
 }
 
 scope_list := split(input.token.scope, " ") if {
@@ -81,18 +84,6 @@ is_bodyless_request if bodyless_grant
 # ---------------------------------------------------------------- tools: RBAC and scopes
 
 # A pattern is an exact tool name, "*", or a prefix ending in "*" ("test_*").
-role_grants_tool(server, name) if {
-	some r in roles
-	name in data.gateway.roles[r].tools[server]
-}
-
-role_grants_tool(server, name) if {
-	some r in roles
-	some pattern in data.gateway.roles[r].tools[server]
-	endswith(pattern, "*")
-	startswith(name, trim_suffix(pattern, "*"))
-}
-
 # The tool of this request: exact names first, patterns only when no exact name matched.
 role_grants_call if {
 	some r in roles
@@ -113,10 +104,6 @@ scope_grants_call if {
 } else := true if {
 	server_scope in scope_list
 }
-
-scope_grants_tool(_, _) if server_scope in scope_list
-
-scope_grants_tool(server, name) if concat("", ["tools:call:", server, "/", name]) in scope_list
 
 # ---------------------------------------------------------------- tenant isolation
 
@@ -160,16 +147,30 @@ path_argument_names := {"path", "root", "directory", "source", "destination", "t
 
 # Paths are relative to the files server's sandbox root; "" and "." name the root. A tool call
 # with no path argument works on the root, so it is checked as the root.
+#
+# Each checked path is judged through its facts: {"well_formed": bool, "prefixes": [...],
+# "tenant": ...} (README.md, "Path facts"). The gateway computes them in Python
+# (input.mcp.facts, gateway/policy/facts.py) because string work costs far more in rego-cpp; an
+# input without them (unit tests, list filtering) gets the same facts from path_facts() below.
+# Python tests check that both give the same decisions.
 file_paths contains p if {
 	some key, p in arguments
 	key in path_argument_names
 }
 
-checked_file_paths := {resource_path} if {
+checked_path_facts := [input.mcp.facts.resource] if {
 	is_resource_method
-} else := file_paths if {
+	input.mcp.facts.resource
+} else := [path_facts(resource_path)] if {
+	is_resource_method
+} else := input.mcp.facts.arguments if {
+	count(input.mcp.facts.arguments) > 0
+} else := [path_facts(p) | some p in file_paths] if {
+	not input.mcp.facts
 	count(file_paths) > 0
-} else := {""}
+} else := [root_facts]
+
+root_facts := {"well_formed": true, "prefixes": [""]}
 
 path_well_formed(p) if {
 	is_string(p)
@@ -178,65 +179,92 @@ path_well_formed(p) if {
 	not ".." in split(p, "/")
 }
 
+# (Also what the data.json invariant test compares prefixes against.)
 normalize_path(p) := concat("/", [part | some part in split(p, "/"); part != ""; part != "."])
 
-# "tenants/<t>/..." belongs to tenant <t>, whatever the role (admin included).
-foreign_tenant_path(n) if {
-	parts := split(n, "/")
+# prefixes: "" and every leading run of segments of the normalized path ("a/b" -> "", "a",
+# "a/b"), so "under a prefix" is plain membership. tenant: the second segment of a path under
+# "tenants/" ("" for "tenants" itself); absent elsewhere.
+path_facts(p) := object.union(
+	{"well_formed": true, "prefixes": [concat("/", array.slice(parts, 0, i)) | some i in numbers.range(0, count(parts))]},
+	path_tenant_fact(parts),
+) if {
+	path_well_formed(p)
+	parts := [part | some part in split(p, "/"); part != ""; part != "."]
+} else := {"well_formed": false}
+
+path_tenant_fact(parts) := {"tenant": parts[1]} if {
 	parts[0] == "tenants"
-	not parts[1] == tenant
-}
+} else := {"tenant": ""} if {
+	parts[0] == "tenants"
+} else := {}
+
+# "tenants/<t>/..." belongs to tenant <t>, whatever the role (admin included).
+foreign_tenant_fact(f) if not object.get(f, "tenant", tenant) == tenant
 
 path_access := "write" if {
 	tool in write_tools
 } else := "read"
 
 # Prefixes in data.json are written normalized (a unit test checks it), so only the {tenant}
-# placeholder needs filling in here.
+# placeholder needs filling in here; "" (the root) admits every path.
 allowed_prefixes contains replace(pfx, "{tenant}", tenant) if {
 	some r in roles
 	some pfx in data.gateway.roles[r].files[path_access]
 }
 
-path_under_prefix(n) if {
-	"" in allowed_prefixes
-} else := true if {
-	n in allowed_prefixes
-} else := true if {
-	some pfx in allowed_prefixes
-	startswith(n, concat("", [pfx, "/"]))
+# The prefixes without a placeholder, which need no replace() (a subset of allowed_prefixes).
+plain_allowed_prefixes contains pfx if {
+	some r in roles
+	some pfx in data.gateway.roles[r].files[path_access]
+	not contains(pfx, "{tenant}")
 }
 
-# One well-formed path inside the caller's tenant and prefixes.
-file_path_ok(p) if {
-	path_well_formed(p)
-	n := normalize_path(p)
-	not foreign_tenant_path(n)
-	path_under_prefix(n)
+path_under_prefix(f) if {
+	some q in f.prefixes
+	q in allowed_prefixes
 }
 
+path_fact_ok(f) if {
+	f.well_formed == true
+	not foreign_tenant_fact(f)
+	path_under_prefix(f)
+}
+
+# The common case first, read straight from input (a rule whose value is an input object copies
+# it): a tool call whose path facts came from the gateway, every path under a plain prefix.
+# Whenever that does not hold, the general check decides.
 file_paths_ok if {
-	every p in checked_file_paths {
-		file_path_ok(p)
+	not is_resource_method
+	count(input.mcp.facts.arguments) > 0
+	every f in input.mcp.facts.arguments {
+		f.well_formed == true
+		object.get(f, "tenant", tenant) == tenant
+		some q in f.prefixes
+		q in plain_allowed_prefixes
+	}
+} else := true if {
+	every f in checked_path_facts {
+		path_fact_ok(f)
 	}
 }
 
 # Why a path was refused (denials only).
-malformed_paths contains p if {
-	some p in checked_file_paths
-	not path_well_formed(p)
+malformed_paths contains f if {
+	some f in checked_path_facts
+	not f.well_formed == true
 }
 
-normalized_paths := {p: normalize_path(p) | some p in checked_file_paths; path_well_formed(p)}
-
-foreign_tenant_paths contains n if {
-	some n in normalized_paths
-	foreign_tenant_path(n)
+foreign_tenant_paths contains f if {
+	some f in checked_path_facts
+	f.well_formed == true
+	foreign_tenant_fact(f)
 }
 
-paths_outside_prefixes contains n if {
-	some n in normalized_paths
-	not path_under_prefix(n)
+paths_outside_prefixes contains f if {
+	some f in checked_path_facts
+	f.well_formed == true
+	not path_under_prefix(f)
 }
 
 files_arguments_ok if {
@@ -334,11 +362,13 @@ resource_ok if {
 
 # Arguments are an object or absent (the gateway's parser already insists; the policy does not
 # rely on it).
-arguments_well_formed if not input.mcp.arguments
-
-arguments_well_formed if input.mcp.arguments == null
-
-arguments_well_formed if is_object(input.mcp.arguments)
+arguments_well_formed if {
+	is_object(input.mcp.arguments)
+} else := true if {
+	input.mcp.arguments == null
+} else := true if {
+	not input.mcp.arguments
+}
 
 tool_call_ok if {
 	arguments_well_formed
@@ -511,10 +541,10 @@ single_role := r if {
 	some r in roles
 }
 
-mask_pii := data.gateway.servers[server_name].mask_pii[single_role] if {
-	data.gateway.servers[server_name].mask_pii[single_role]
-} else := data.gateway.roles[single_role].mask_pii if {
-	single_role
+mask_pii := m if {
+	m := data.gateway.servers[server_name].mask_pii[single_role]
+} else := m if {
+	m := data.gateway.roles[single_role].mask_pii
 } else := sort([kind |
 	some kind in data.gateway.pii_kinds
 	every r in roles {
@@ -594,11 +624,13 @@ listed_names := {i | some i in input.items; is_string(i)} | {i.name | some i in 
 
 role_tool_patterns := {p | some r in roles; some p in data.gateway.roles[r].tools[server_name]}
 
+# The wildcard patterns first, so the page is walked once per wildcard, not once per pattern.
+role_wildcard_prefixes := {trim_suffix(p, "*") | some p in role_tool_patterns; endswith(p, "*")}
+
 role_visible_tools := (listed_names & role_tool_patterns) | {n |
-	some p in role_tool_patterns
-	endswith(p, "*")
+	some w in role_wildcard_prefixes
 	some n in listed_names
-	startswith(n, trim_suffix(p, "*"))
+	startswith(n, w)
 }
 
 scope_prefix := concat("", ["tools:call:", server_name, "/"])
@@ -627,7 +659,7 @@ resource_item_visible(_) if input.kind == "resourceTemplates"
 resource_item_visible(uri) if {
 	server_name == "files"
 	not input.kind == "resourceTemplates"
-	file_path_ok(uri_path(uri))
+	path_fact_ok(path_facts(uri_path(uri)))
 }
 
 visible_resources contains uri if {

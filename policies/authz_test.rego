@@ -143,6 +143,33 @@ test_every_path_argument_checked if {
 	denied_with(files("search", {"path": "shared", "root": "secret"}, ["analyst"]), "path_not_allowed")
 }
 
+# The gateway passes the facts of each path (input.mcp.facts, README.md "Path facts"); the policy
+# judges those instead of re-deriving them.
+with_path_facts(inp, facts) := object.union(inp, {"mcp": object.union(inp.mcp, {"facts": {"arguments": facts}})})
+
+test_gateway_path_facts_are_used if {
+	inp := files("read_file", {"path": "shared/a.txt"}, ["viewer"])
+	allowed(with_path_facts(inp, [{"well_formed": true, "prefixes": ["", "shared", "shared/a.txt"]}]))
+	denied_with(with_path_facts(inp, [{"well_formed": false}]), "path_invalid")
+	denied_with(with_path_facts(inp, [{"well_formed": true, "prefixes": ["", "secret"]}]), "path_not_allowed")
+}
+
+test_gateway_path_facts_tenant_folders if {
+	inp := files("read_file", {"path": "tenants/acme/reports/a"}, ["analyst"])
+	own := {"well_formed": true, "prefixes": ["", "tenants", "tenants/acme", "tenants/acme/reports", "tenants/acme/reports/a"], "tenant": "acme"}
+	allowed(with_path_facts(inp, [own]))
+	other := {"well_formed": true, "prefixes": ["", "tenants", "tenants/globex"], "tenant": "globex"}
+	denied_with(with_path_facts(inp, [other]), "path_other_tenant")
+	denied_with(with_path_facts(files("list_directory", {}, ["admin"]), [{"well_formed": true, "prefixes": [""], "tenant": ""}]), "path_other_tenant")
+}
+
+test_every_gateway_path_fact_must_pass if {
+	inp := files("search", {"path": "shared", "root": "x"}, ["analyst"])
+	ok := {"well_formed": true, "prefixes": ["", "shared"]}
+	allowed(with_path_facts(inp, [ok, ok]))
+	denied_with(with_path_facts(inp, [ok, {"well_formed": true, "prefixes": ["", "secret"]}]), "path_not_allowed")
+}
+
 # ---------------------------------------------------------------- tenant isolation
 
 test_own_tenant_folder_allowed if {

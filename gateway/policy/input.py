@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gateway.mcp import McpContext
+from gateway.policy.facts import with_facts
 
 # Credentials never reach the policy (nor, through it, the decision log): the policy sees the
 # verified claims instead.
@@ -59,7 +60,7 @@ def build_policy_input(
             "source": {"address": source_address},
         },
         "parsed_body": dict(body) if body is not None else None,
-        "mcp": ctx.as_policy_input(),
+        "mcp": with_facts(ctx.as_policy_input()),
         "token": dict(claims),
         "server": {"name": server_name, "resource": server_resource},
         "now": int(time.time()) if now is None else now,

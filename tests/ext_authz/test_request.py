@@ -60,3 +60,19 @@ def test_policy_input_hides_credentials_and_handles_bodyless_requests() -> None:
     assert doc["mcp"]["method"] is None and doc["mcp"]["session_id"] == "3f1c2d9e8b7a4c56"
     assert doc["mcp"]["protocol_version"] == "2025-11-25"
     assert doc["parsed_body"] is None and doc["now"] == 12
+
+
+def test_policy_input_carries_path_facts() -> None:
+    """A tools/call with a path argument reaches the policy with mcp.facts for that path."""
+    from gateway.jsonrpc import parse_message
+    from gateway.mcp import extract_context
+    from gateway.policy.facts import path_facts
+
+    req = http_request(check_request("post_tools_call_files", "tok"))
+    msg = parse_message(req.body)
+    ctx = extract_context(msg, req.headers)
+    doc = policy_input(req, parsed_body=msg.raw, mcp=ctx, claims={"sub": "a"}, server="files",
+                       resource="https://gw/mcp/files", now=1)
+    args = doc["mcp"]["arguments"]
+    assert isinstance(args, dict) and "path" in args
+    assert doc["mcp"]["facts"] == {"arguments": [path_facts(args["path"])]}

@@ -27,3 +27,14 @@ def test_input_shape_and_no_credentials() -> None:
     assert inp["parsed_body"]["id"] == 3
     assert inp["now"] == 1764000000
     assert "session" not in inp
+
+
+def test_input_carries_path_facts() -> None:
+    """mcp.facts holds the facts of the path arguments (the same builder as ext_authz)."""
+    body = (b'{"jsonrpc":"2.0","id":3,"method":"tools/call",'
+            b'"params":{"name":"stat","arguments":{"path":"a/b"}}}')
+    msg = parse_message(body)
+    ctx = extract_context(msg, {})
+    inp = build_policy_input(ctx, claims={"sub": "alice"}, server_name="files",
+                             server_resource="https://gw/mcp/files", body=msg.raw, now=1)
+    assert inp["mcp"]["facts"] == {"arguments": [{"well_formed": True, "prefixes": ["", "a", "a/b"]}]}
