@@ -100,6 +100,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_token(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
+        key_file = devstack.paths(config).signing_key
+        if not key_file.exists():
+            # Minting with a key made on the spot would print a token no running stack accepts.
+            return _fail(f"no dev signing key at {key_file}: start the stack first (`mcp-gateway up`, "
+                         "run from the checkout) or pass the --config the stack was started with")
         token = devstack.mint(config, sub=args.sub, roles=tuple(args.role),
                               scopes=tuple(args.scope) if args.scope is not None else None,
                               tenant=args.tenant, ttl=args.ttl, server=args.server)

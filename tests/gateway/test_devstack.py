@@ -299,3 +299,13 @@ def test_banner_says_where_traces_metrics_and_audit_are(config_file: Path) -> No
     assert f"http://{config.admin.host}:{config.admin.port}/stats/prometheus" in lines
     assert "/metrics" not in lines  # none of the stand-ins serves one
     assert f"Audit trail (JSON lines, one file per process): {config.audit.dir}/" in lines
+
+
+def test_token_without_a_stack_key_is_refused(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`token` refuses to mint when the stack's signing key does not exist, instead of making one."""
+    from gateway.cli import main
+
+    assert not devstack.paths(load_config(config_file)).signing_key.exists()
+    assert main(["--config", str(config_file), "token", "--sub", "alice"]) != 0
+    assert "no dev signing key" in capsys.readouterr().err
+    assert not devstack.paths(load_config(config_file)).signing_key.exists()
