@@ -1,5 +1,5 @@
 """Assemble and run the ext_proc gRPC server: policy engine, catalog, the ExternalProcessor
-servicer, a standard gRPC health service and Prometheus /metrics."""
+servicer, a standard gRPC health service, Prometheus /metrics and OTLP tracing."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from ext_proc.inspect import Inspector, ListPolicy
 from ext_proc.servicer import ExternalProcessorServicer
 from ext_proc.settings import Settings
 from gateway.catalog import Catalog
+from gateway.telemetry import setup_tracing, shutdown_tracing
 from gateway.telemetry.metrics import MetricsServer, start_metrics_server
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Service:
     metrics: MetricsServer
     _policy: ManagedPolicy | None
     _catalog: Catalog | None
+    _tracing: bool = False
     _stopped: bool = field(default=False)
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
@@ -54,6 +56,8 @@ class Service:
             await self._policy.close()
         if self._catalog is not None:
             self._catalog.close()
+        if self._tracing:
+            await asyncio.to_thread(shutdown_tracing)  # flushes the spans still batched
 
 
 async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
@@ -65,11 +69,13 @@ async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
     if catalog is None and settings.catalog_path is not None:
         catalog = Catalog(settings.catalog_path)
     metrics: MetricsServer | None = None
+    tracing = False
     try:
         inspector = Inspector(policy=policy, list_entrypoints=settings.list_entrypoints,
                               catalog=catalog, replacement=settings.replacement,
                               phone_region=settings.phone_region)
-        servicer = ExternalProcessorServicer(settings, inspector)
+        tracing = setup_tracing("ext_proc", settings.otlp_endpoint)
+        servicer = ExternalProcessorServicer(settings, inspector, tracing=tracing)
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -89,15 +95,18 @@ async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
     except BaseException:
+        if tracing:
+            shutdown_tracing()
         if metrics is not None:
             metrics.close()
         if catalog is not None:
             catalog.close()
         raise
-    logger.info("ext_proc serving on %s:%d (metrics on %s:%d, catalog %s, list filters %s)",
-                settings.listen.host, port, metrics.host, metrics.port, settings.catalog_path,
-                dict(settings.list_entrypoints))
-    return Service(server, port, servicer, health_servicer, metrics, policy, catalog)
+    logger.info("ext_proc serving on %s:%d (metrics on %s:%d, catalog %s, list filters %s, "
+                "traces to %s)", settings.listen.host, port, metrics.host, metrics.port,
+                settings.catalog_path, dict(settings.list_entrypoints),
+                settings.otlp_endpoint if tracing else "nowhere")
+    return Service(server, port, servicer, health_servicer, metrics, policy, catalog, tracing)
 
 
 async def serve(settings: Settings, policy: ManagedPolicy | None) -> None:

@@ -8,6 +8,12 @@ Fail closed: any error, a timeout or an oversized body ends the exchange with an
 ImmediateResponse carrying a JSON-RPC error. The stream is only ever left by answering every
 message or by such an ImmediateResponse, never by closing it early, because Envoy treats a
 cleanly closed stream as "continue unprocessed".
+
+Observability: every log line written while a stream's message is handled carries that stream's
+ids (request, decision, caller, server, method, tool), and each stream is one ``ext_proc.process``
+span in the request's trace. Both are bound per message, not per stream, so nothing bound for one
+stream is ever visible between its messages (grpc.aio's task, or a test driving several
+generators from one task, runs other code there).
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from ext_proc import response as out
 from ext_proc.errors import (
@@ -34,12 +43,15 @@ from ext_proc.inspect import NOTHING, Inspector, Plan, SseInspector, loads_respo
 from ext_proc.metadata import CallerContext, parse_caller_context
 from ext_proc.settings import Settings
 from gateway.errors import GatewayError
+from gateway.telemetry import bind, extract_context, get_tracer, unbind
 from gateway.telemetry.metrics import MASKED_VALUES
 
 logger = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _SSE = "text/event-stream"
+_TRACE_HEADERS = ("traceparent", "tracestate")
+SPAN_NAME = "ext_proc.process"
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
@@ -54,6 +66,37 @@ def media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
+def grpc_trace_headers(context: Any) -> dict[str, str]:
+    """The W3C trace context in the call's gRPC metadata: Envoy's span for this ext_proc call."""
+    if context is None:
+        return {}
+    return {k: v for k, v in (context.invocation_metadata() or ())
+            if k in _TRACE_HEADERS and isinstance(v, str)}
+
+
+def request_ids(req: pb.ProcessingRequest) -> tuple[dict[str, str], str | None]:
+    """The trace context and ``x-request-id`` of the HTTP request (request-headers messages only)."""
+    trace_headers: dict[str, str] = {}
+    request_id = None
+    if req.WhichOneof("request") != "request_headers":
+        return trace_headers, request_id
+    for h in req.request_headers.headers.headers:
+        key = h.key.lower()
+        if key == "x-request-id" or key in _TRACE_HEADERS:
+            value = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            if key == "x-request-id":
+                request_id = value
+            else:
+                trace_headers[key] = value
+    return trace_headers, request_id
+
+
+def _listed(msg: Any, key: str) -> int:
+    result = msg.get("result") if isinstance(msg, dict) else None
+    items = result.get(key) if isinstance(result, dict) else None
+    return len(items) if isinstance(items, list) else 0
+
+
 class Exchange:
     """The state of one HTTP request's processing stream."""
 
@@ -66,6 +109,34 @@ class Exchange:
         self._body = bytearray()
         self._sse: SseInspector | None = None
         self.counts: Counter[str] = Counter()
+        self.filtered = 0  # list items removed
+        self.request_id: str | None = None  # x-request-id, until ext_authz's metadata says
+        self.error_code: str | None = None  # the fail-closed code once the answer is withheld
+        self.cancelled = False
+        self.complete = False  # the whole answer went through (or needed no inspection)
+        self._fields: dict[str, str | None] | None = None
+
+    def log_fields(self) -> dict[str, str | None]:
+        """What every log line of this stream carries (more once the caller context is known)."""
+        ctx = self.ctx
+        if ctx is None:
+            return {"request_id": self.request_id}
+        if self._fields is None:
+            self._fields = {"request_id": ctx.request_id or self.request_id,
+                            "decision_id": ctx.decision_id, "sub": ctx.sub, "tenant": ctx.tenant,
+                            "server": ctx.server, "method": ctx.mcp_method, "tool": ctx.tool}
+        return self._fields
+
+    def outcome(self) -> str:
+        if self.error_code is not None:
+            return "withheld"
+        if self.cancelled or not self.complete:
+            return "cancelled"  # reset, or closed by Envoy before the answer was through
+        if self.plan.list_spec is not None and self.mode is not None:
+            return "filtered"
+        if self.plan.masker is not None and self.mode is not None:
+            return "masked"
+        return "passed"
 
     def _context(self, req: pb.ProcessingRequest) -> CallerContext:
         if self.ctx is None:
@@ -92,6 +163,7 @@ class Exchange:
     def _response_headers(self, req: pb.ProcessingRequest, ctx: CallerContext) -> pb.ProcessingResponse:
         self.plan = self._inspector.plan(ctx)
         if not self.plan.inspects or req.response_headers.end_of_stream:
+            self.complete = True
             return out.continue_response_headers()
         headers = header_map(req.response_headers)
         encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -112,6 +184,9 @@ class Exchange:
     async def _transform(self, msg: Any) -> dict[str, Any]:
         assert self.ctx is not None
         result, counts = await self._inspector.transform(msg, self.ctx, self.plan)
+        spec = self.plan.list_spec
+        if spec is not None:
+            self.filtered += _listed(msg, spec.key) - _listed(result, spec.key)
         if counts:
             self.counts.update(counts)
             for kind, n in counts.items():
@@ -119,6 +194,11 @@ class Exchange:
         return result
 
     async def _response_body(self, body: pb.HttpBody, ctx: CallerContext) -> pb.ProcessingResponse:
+        resp = await self._body_answer(body, ctx)
+        self.complete = body.end_of_stream
+        return resp
+
+    async def _body_answer(self, body: pb.HttpBody, ctx: CallerContext) -> pb.ProcessingResponse:
         if self.mode == "sse":
             assert self._sse is not None
             data = await self._sse.feed(body.body)
@@ -144,35 +224,73 @@ class Exchange:
 
 
 class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # untyped stubs
-    def __init__(self, settings: Settings, inspector: Inspector) -> None:
+    """``tracing``: spans are exported (setup_tracing succeeded). Without it a span is only made
+    when the call carries a trace context, for the trace id on log lines."""
+
+    def __init__(self, settings: Settings, inspector: Inspector, *, tracing: bool = False) -> None:
         self._settings = settings
         self._inspector = inspector
+        self._tracing = tracing
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: Any) -> AsyncIterator[pb.ProcessingResponse]:
         exchange = Exchange(self._inspector, self._settings)
+        span: Span | None = None
+        first = True
+        try:
+            async for req in request_iterator:
+                if first:
+                    first = False
+                    trace_headers, exchange.request_id = request_ids(req)
+                    span = self._start_span(grpc_trace_headers(context) or trace_headers)
+                resp, done = await self._step(exchange, req, span)
+                yield resp
+                if done:
+                    return
+        except (asyncio.CancelledError, GeneratorExit):  # Envoy reset the stream, or gRPC left it
+            exchange.cancelled = True
+            raise
+        finally:
+            if span is not None:
+                _end_span(span, exchange)
+            if logger.isEnabledFor(logging.DEBUG):
+                with _scope(exchange, span):
+                    logger.debug("stream ended: %s (masked %d, filtered %d)", exchange.outcome(),
+                                 sum(exchange.counts.values()), exchange.filtered)
+
+    def _start_span(self, trace_headers: dict[str, str]) -> Span | None:
+        # Without an exporter and without a caller's trace there is nothing a span could add
+        # (no ids for log lines either): skip its cost.
+        if not self._tracing and not trace_headers:
+            return None
+        return get_tracer(__name__).start_span(SPAN_NAME, context=extract_context(trace_headers),
+                                               kind=SpanKind.SERVER)
+
+    async def _step(self, exchange: Exchange, req: pb.ProcessingRequest, span: Span | None
+                    ) -> tuple[pb.ProcessingResponse, bool]:
+        """One message's answer, and whether it ends the exchange (an ImmediateResponse)."""
         timeout = self._settings.message_timeout_seconds
-        async for req in request_iterator:
+        known = exchange.ctx is not None
+        with _scope(exchange, span):
             try:
                 async with asyncio.timeout(timeout):
-                    resp = await exchange.handle(req)
+                    return await exchange.handle(req), False
             except GatewayError as err:  # SseError included
-                yield self._fail(exchange, err)
-                return
+                failure = err
             except TimeoutError:
-                yield self._fail(exchange, InspectionTimeout(
-                    f"inspection took longer than {timeout * 1000:.0f} ms"))
-                return
+                failure = InspectionTimeout(f"inspection took longer than {timeout * 1000:.0f} ms")
             except Exception:  # top-level handler: whatever broke, the answer is withheld
+                known = _rebind(exchange, known)
                 logger.exception("ext_proc failed; withholding the answer (decision %s)",
                                  exchange.ctx.decision_id if exchange.ctx else None)
-                yield self._fail(exchange, InspectionError("internal error in response inspection"))
-                return
-            yield resp
+                failure = InspectionError("internal error in response inspection")
+            _rebind(exchange, known)
+            return self._fail(exchange, failure), True
 
     @staticmethod
     def _fail(exchange: Exchange, err: GatewayError) -> pb.ProcessingResponse:
         ctx = exchange.ctx
+        exchange.error_code = err.code
         data = err.data if isinstance(err.data, dict) else {}
         if ctx is not None:
             err.data = {**data, "decision_id": ctx.decision_id}
@@ -180,3 +298,41 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
                        err.message, ctx.mcp_method if ctx else None, ctx.server if ctx else None,
                        ctx.decision_id if ctx else None)
         return out.immediate_error(err)
+
+
+@contextmanager
+def _scope(exchange: Exchange, span: Span | None) -> Iterator[None]:
+    """The stream's log fields and span, current for one message only."""
+    token = bind(**exchange.log_fields())
+    try:
+        if span is None:
+            yield
+        else:
+            with trace.use_span(span, end_on_exit=False, record_exception=False,
+                                set_status_on_exception=False):
+                yield
+    finally:
+        unbind(token)
+
+
+def _rebind(exchange: Exchange, known: bool) -> bool:
+    """Add the caller context parsed during this message; _scope's unbind undoes it too."""
+    if not known and exchange.ctx is not None:
+        bind(**exchange.log_fields())
+        return True
+    return known
+
+
+def _end_span(span: Span, exchange: Exchange) -> None:
+    if span.is_recording():
+        ctx = exchange.ctx
+        span.set_attributes({
+            "mcp.method": ctx.mcp_method if ctx else "", "mcp.tool": (ctx.tool if ctx else None) or "",
+            "mcp.server": ctx.server if ctx else "", "decision.id": ctx.decision_id if ctx else "",
+            "ext_proc.outcome": exchange.outcome(),
+            "ext_proc.masked_values": sum(exchange.counts.values()),
+            "ext_proc.filtered_items": exchange.filtered})
+        if exchange.error_code is not None:
+            span.set_attribute("error.type", exchange.error_code)
+            span.set_status(Status(StatusCode.ERROR, exchange.error_code))
+    span.end()

@@ -40,6 +40,7 @@ class Settings:
     # /metrics on the gRPC port + metrics_port_offset (a free port when listening on port 0).
     metrics_host: str = "127.0.0.1"
     metrics_port_offset: int = 1000
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for spans; None: tracing off
 
     def __post_init__(self) -> None:
         if self.message_timeout_seconds <= 0:
@@ -58,4 +59,5 @@ class Settings:
             message_timeout_seconds=cfg.ext_proc.timeout_ms * TIMEOUT_SHARE / 1000.0,
             metrics_host=cfg.telemetry.metrics_host,
             metrics_port_offset=cfg.telemetry.metrics_port_offset,
+            otlp_endpoint=cfg.telemetry.otlp_endpoint,
         )

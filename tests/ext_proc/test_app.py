@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -132,3 +133,12 @@ def test_settings_from_the_default_config() -> None:
     assert settings.list_entrypoints["tools"] == "mcp/authz/visible_tools"
     assert (settings.metrics_host, settings.metrics_port_offset) == (
         cfg.telemetry.metrics_host, cfg.telemetry.metrics_port_offset)
+    assert settings.otlp_endpoint == cfg.telemetry.otlp_endpoint
+
+
+def test_settings_take_the_otlp_endpoint() -> None:
+    """telemetry.otlp_endpoint in the config is where ext_proc exports its spans."""
+    cfg = load_config(None)
+    cfg = dataclasses.replace(cfg, telemetry=dataclasses.replace(
+        cfg.telemetry, otlp_endpoint="http://127.0.0.1:4317"))
+    assert Settings.from_config(cfg).otlp_endpoint == "http://127.0.0.1:4317"
