@@ -94,6 +94,29 @@ async def test_tools_call_is_one_trace(traced: tuple[devstack.Stack, OtlpReceive
                for span in server_spans for attr in span.attributes)
 
 
+
+@pytest.mark.skipif(not HAS_EXT_PROC, reason="ext_proc is not installed")
+async def test_masked_call_trace_includes_ext_proc(traced: tuple[devstack.Stack, OtlpReceiver]) -> None:
+    """A call whose answer is masked also yields an ext_proc span in the client's trace, a child of
+    Envoy's span for the ext_proc stream."""
+    stack, receiver = traced
+    trace_id, client_span = secrets.token_bytes(16), secrets.token_bytes(8)
+    reply = await stateless_call(stack, "pii", bearer(stack.config, "viewer"), "contact",
+                                 headers={"traceparent": f"00-{trace_id.hex()}-{client_span.hex()}-01"})
+    assert reply.status_code == 200, reply.text
+    wanted = {ENVOY_SERVICE, "ext_authz", "ext_proc", "pii"}
+    await receiver.wait_for(lambda: wanted <= {svc for svc, _ in of_trace(receiver, trace_id)},
+                            timeout=EXPORT_WAIT_SECONDS)
+    spans = of_trace(receiver, trace_id)
+    by_id = {span.span_id: (svc, span) for svc, span in spans}
+    assert not [(svc, s.name) for svc, s in spans if s.parent_span_id not in set(by_id) | {client_span}]
+    ext_proc_spans = [span for svc, span in spans if svc == "ext_proc"]
+    assert ext_proc_spans
+    for span in ext_proc_spans:
+        parent_service, parent = by_id[span.parent_span_id]
+        assert parent_service == ENVOY_SERVICE and "ExternalProcessor" in parent.name
+
+
 async def test_trace_without_client_context(traced: tuple[devstack.Stack, OtlpReceiver]) -> None:
     """Without a client traceparent, Envoy's ingress span is the root and ext_authz and the MCP
     server still report spans in that trace."""
