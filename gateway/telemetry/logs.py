@@ -36,16 +36,21 @@ _bound: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "gateway_log_fields", default=_EMPTY)
 
 
+_BINDABLE = frozenset(BINDABLE_FIELDS)
+
+
 def bind(**fields: str | None) -> contextvars.Token[Mapping[str, str]]:
     """Add fields to the current context's log lines; undo with :func:`unbind`.
 
     ``None`` values are ignored, so callers can pass optional ids without branching.
     """
-    unknown = set(fields) - set(BINDABLE_FIELDS)
-    if unknown:
+    if not fields.keys() <= _BINDABLE:
+        unknown = set(fields) - _BINDABLE
         raise ValueError(f"unknown log field(s): {', '.join(sorted(unknown))}")
-    merged = dict(_bound.get())
-    merged.update({k: v for k, v in fields.items() if v is not None})
+    # Called several times per request on the hot path: one dict build, no set rebuilds.
+    current = _bound.get()
+    merged = {**current, **{k: v for k, v in fields.items() if v is not None}} if current else \
+        {k: v for k, v in fields.items() if v is not None}
     return _bound.set(MappingProxyType(merged))
 
 
