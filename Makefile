@@ -67,6 +67,8 @@ clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 
 # Benchmarks side by side with ContextForge (bench/, docs/benchmarks.md); QUICK=1 for a short run.
+# make bench [QUICK=1] [SOAK=1]: side-by-side benchmarks (docs/benchmarks.md); SOAK=1 adds the
+# 10-minute soak of the full gateway (docs/soak.md), 1 minute with QUICK=1.
 bench: $(STAMP)
 	@command -v wrk >/dev/null || { \
 	  echo "wrk (the load generator) is missing; installing it: apt-get install wrk" >&2; \
@@ -74,3 +76,4 @@ bench: $(STAMP)
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq wrk; }
 	$(BIN)/pip install -q -r requirements/bench.txt
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+	$(if $(SOAK),$(BIN)/python -m bench.soak $(if $(QUICK),--minutes 1))
