@@ -22,27 +22,12 @@ REPORT_SCHEMA: dict[str, Any] = {
     "properties": {"size": {"type": "integer", "minimum": 1, "maximum": 1_000_000}},
     "additionalProperties": False,
 }
-# 2026-07-28 requires ttlMs/cacheScope freshness hints on these results; clients built on the SDK
-# (ContextForge among them) reject a tools/list without them. Until mcp_servers.core adds them
-# itself, the bench backend does, so every configuration sees a conforming server.
-CACHEABLE = frozenset({"server/discover", "tools/list", "resources/list",
-                       "resources/templates/list", "resources/read", "prompts/list"})
-CACHE_HINTS = {"ttlMs": 0, "cacheScope": "private"}
 READ_ONLY = {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True,
              "openWorldHint": False}
 
 
-class BenchServer(MCPServer):
-    async def dispatch(self, method: str, params: dict[str, Any], ctx: ToolContext,
-                       page_size: int) -> dict[str, Any]:
-        result = await super().dispatch(method, params, ctx, page_size)
-        if method in CACHEABLE and ctx.protocol_version >= "2026-07-28":
-            result = {**CACHE_HINTS, **result}
-        return result
-
-
 def build_server(args: argparse.Namespace | None = None) -> MCPServer:
-    server = BenchServer("bench", version="1.0.0",
+    server = MCPServer("bench", version="1.0.0",
                        instructions="Benchmark backend: echo and a PII-laden report.")
     default_report = report_text()
 

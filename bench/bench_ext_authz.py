@@ -6,6 +6,8 @@
    token and the real embedded Rego policy from ``policies/``, split into stages.
 2. Over the wire: ``python -m ext_authz`` in a subprocess, 16 concurrent in-flight Check calls
    from a grpc.aio client; the server's CPU per request (from /proc) and client-side p50/p99.
+   Its tool catalog is fetched from a real MCP server (``mcp_servers.core``, in this process)
+   serving ``read_file``: without a loaded catalog every tools/call is refused (fail closed).
 Prints a markdown table.
 """
 
@@ -35,17 +37,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ext_authz.catalog import CatalogGate  # noqa: E402
 from ext_authz.jwks import JwksClient  # noqa: E402
 from ext_authz.jwt import TokenVerifier  # noqa: E402
 from ext_authz.ratelimit import MemoryRateLimiter  # noqa: E402
 from ext_authz.request import http_request, policy_input  # noqa: E402
 from ext_authz.servicer import AuthorizationServicer  # noqa: E402
 from ext_authz.settings import Settings  # noqa: E402
+from gateway.catalog import Catalog  # noqa: E402
 from gateway.config import GatewayConfig, parse_config  # noqa: E402
 from gateway.jsonrpc import parse_message  # noqa: E402
 from gateway.mcp import extract_context  # noqa: E402
 from gateway.policy import Decision, build_engine  # noqa: E402
+from gateway.telemetry import AuditWriter  # noqa: E402
 from gateway.tokens import SigningKey, generate_key, mint_token  # noqa: E402
+from mcp_servers.core import MCPServer, ToolContext  # noqa: E402
+from mcp_servers.core.app import make_app  # noqa: E402
 
 ISSUER = "https://bench-issuer.example"
 PUBLIC_URL = "https://gw.example.test"
@@ -53,9 +60,17 @@ BODY = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params"
     "name": "read_file", "arguments": {"path": "shared/reports/q3.txt"}}})
 
 
-def raw_config(jwks_url: str) -> dict[str, Any]:
+READ_FILE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"path": {"type": "string"}},
+                                    "required": ["path"], "additionalProperties": False}
+
+
+def raw_config(jwks_url: str, state: Path, files_port: int = 9201) -> dict[str, Any]:
     return {
         "public_url": PUBLIC_URL,
+        # Audit and catalog in a private folder: never the dev stack's .run/.
+        "state_dir": str(state),
+        "audit": {"dir": str(state / "audit")},
+        "catalog": {"path": str(state / "catalog.sqlite")},
         "tls": {"cert_file": "server.pem", "key_file": "server.key"},
         "issuers": [{"issuer": ISSUER, "jwks_url": jwks_url}],
         "policy": {"dir": str(ROOT / "policies")},
@@ -63,7 +78,7 @@ def raw_config(jwks_url: str) -> dict[str, Any]:
         "rate_limits": {"per_user": {"rate_per_second": 1e9, "burst": 10**9}},
         "ext_authz": {"instances": [{"port": 9101}]},
         "ext_proc": {"instances": [{"port": 9111}]},
-        "servers": {"files": {"module": "m", "instances": [{"port": 9201}]}},
+        "servers": {"files": {"module": "m", "instances": [{"port": files_port}]}},
     }
 
 
@@ -86,6 +101,21 @@ def check_request(token: str) -> pb.CheckRequest:
     http.raw_body = BODY
     http.size = len(BODY)
     return req
+
+
+async def files_server() -> tuple[web.AppRunner, int]:
+    """A real MCP server listing ``read_file``: what ext_authz loads its tool catalog from."""
+    server = MCPServer("files", version="1.0.0")
+
+    @server.tool(name="read_file", description="Read a file", input_schema=READ_FILE_SCHEMA)
+    async def read_file(ctx: ToolContext, arguments: dict[str, Any]) -> str:
+        return ""
+
+    runner = web.AppRunner(make_app(server), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
 
 
 async def jwks_app(key: SigningKey) -> tuple[web.AppRunner, str]:
@@ -142,6 +172,29 @@ async def in_process(cfg: GatewayConfig, token: str, n: int) -> dict[str, float]
             resp.SerializeToString()
         out["full Check, constant-allow engine (ext_authz's own cost)"] = \
             per_call_us(time.process_time() - t, n)
+
+        catalog = Catalog(settings.catalog.path)
+        catalog.refresh("files", [{"name": "read_file", "description": "Read a file",
+                                   "inputSchema": READ_FILE_SCHEMA}])
+        gate = CatalogGate(catalog, ["files"], refresh_seconds=60)
+        with_catalog = AuthorizationServicer(settings, verifier, MemoryRateLimiter(),
+                                             _ConstantAllow(), catalog=gate)
+        await with_catalog.Check(pb.CheckRequest.FromString(wire), None)
+        t = time.process_time()
+        for _ in range(n):
+            resp = await with_catalog.Check(pb.CheckRequest.FromString(wire), None)
+            resp.SerializeToString()
+        out["full Check, constant-allow + catalog/argument check"] = \
+            per_call_us(time.process_time() - t, n)
+        async with AuditWriter(Path(settings.audit.dir) / "bench.jsonl") as audit:
+            with_audit = AuthorizationServicer(settings, verifier, MemoryRateLimiter(),
+                                               _ConstantAllow(), catalog=gate, audit=audit)
+            t = time.process_time()
+            for _ in range(n):
+                resp = await with_audit.Check(pb.CheckRequest.FromString(wire), None)
+                resp.SerializeToString()
+            out["full Check, constant-allow + catalog + audit entry (one fsync each)"] = \
+                per_call_us(time.process_time() - t, n)
 
         msg = pb.CheckRequest.FromString(wire)
         t = time.process_time()
@@ -229,8 +282,10 @@ async def main() -> None:
     args = parser.parse_args()
     key = generate_key("RSA")
     runner, jwks_url = await jwks_app(key)
+    files_runner, files_port = await files_server()
+    state = tempfile.TemporaryDirectory(prefix="bench-ext-authz-")
     try:
-        raw = raw_config(jwks_url)
+        raw = raw_config(jwks_url, Path(state.name), files_port)
         cfg = parse_config(raw, base_dir=ROOT)
         token = mint_token(key, issuer=ISSUER, audience=f"{PUBLIC_URL}/mcp/files", sub="alice",
                            roles=["engineer"], scopes=["tools:call:files/read_file"],
@@ -241,7 +296,9 @@ async def main() -> None:
             path.write_text(yaml.safe_dump(raw))
             cpu_us, p50, p99, rps = await over_the_wire(path, token, args.requests, args.concurrency)
     finally:
+        await files_runner.cleanup()
         await runner.cleanup()
+        state.cleanup()
     print(f"## ext_authz: allowed tools/call, cached RS256 token, embedded Rego policy "
           f"({args.requests} requests)\n")
     print("| measure | value |")

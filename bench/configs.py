@@ -80,8 +80,12 @@ class Configuration:
 
     def _start_backend(self) -> int:
         port = free_port()
+        # The same backend as the dev stack runs for configuration 3: with its fsync'ed result
+        # audit, so every configuration pays for it and the comparison is of the fronts only.
+        audit = self.ctx.work / "audit" / f"{self.key}-bench-{port}.jsonl"
         child = self.procs.start("backend", [sys.executable, "-m", "bench.backend", "--host",
                                              "127.0.0.1", "--port", str(port),
+                                             "--audit-file", str(audit),
                                              "--log-level", "warning"], cwd=ROOT)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=START_TIMEOUT,
                    what="bench backend", alive=lambda: child.proc.poll() is None,
@@ -202,7 +206,11 @@ def gateway_config_raw(ctx: RunContext) -> dict[str, Any]:
     raw["listen"] = {"host": "127.0.0.1", "port": port}
     raw["public_url"] = f"https://127.0.0.1:{port}"
     raw["admin"] = {"host": "127.0.0.1", "port": free_port()}
-    raw["state_dir"] = str(ctx.work / "state")
+    state = ctx.work / "state"
+    raw["state_dir"] = str(state)
+    # Every path absolute: the services run in the config file's folder, not the checkout.
+    raw["audit"] = {**raw.get("audit", {}), "dir": str(state / "audit")}
+    raw["catalog"] = {**raw.get("catalog", {}), "path": str(state / "catalog.sqlite")}
     raw["tls"] = {**raw["tls"], "cert_file": str(ctx.cert_file), "key_file": str(ctx.key_file)}
     raw["issuers"][0]["jwks_url"] = f"http://127.0.0.1:{free_port()}/jwks.json"
     raw["policy"] = {**raw.get("policy", {}), "dir": str(bench_policies(ctx.work / "policies"))}
@@ -223,8 +231,19 @@ def gateway_config_raw(ctx: RunContext) -> dict[str, Any]:
 
 
 def load_gateway_config(ctx: RunContext) -> Any:
-    from gateway.config import parse_config
-    return parse_config(gateway_config_raw(ctx), base_dir=ROOT)
+    """The bench config, written to a file and loaded from it.
+
+    The services read their config from ``--config FILE``; a config parsed from memory has no
+    file, so the dev stack would start them on the default config (no ``bench`` server: every
+    request denied ``unknown_server``)."""
+    from gateway.config import load_config
+    path = ctx.work / "gateway.yaml"
+    if not path.exists():
+        path.write_text(yaml.safe_dump(gateway_config_raw(ctx), sort_keys=False))
+    config = load_config(path)
+    if not config.source:
+        raise RuntimeError(f"{path} loaded without its source: the services would not see it")
+    return config
 
 
 def ensure_certs(ctx: RunContext) -> None:
@@ -241,8 +260,10 @@ class FullGateway(Configuration):
     def start(self) -> None:
         from gateway import devstack
         self.config = load_gateway_config(self.ctx)
-        # Children run from the checkout so `python -m bench.backend` resolves.
-        os.chdir(ROOT)
+        # Children run in the config file's folder: the checkout on their path lets
+        # `python -m bench.backend` (and the services) resolve.
+        path = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{path}" if path else str(ROOT)
         stack = devstack.Stack(self.config, startup_timeout=START_TIMEOUT)
         stack.start(detach=False)  # stops what it started if start-up fails
         self.stack: devstack.Stack | None = stack

@@ -62,8 +62,11 @@ class Target:
 
 
 def run_wrk(target: Target, workload: Workload, *, connections: int, seconds: float,
-            delay_ms: float | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
-    """One wrk run; returns the WRK_JSON summary plus wrk's own CPU seconds."""
+            rate: float | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """One wrk run; returns the WRK_JSON summary plus wrk's own CPU seconds.
+
+    ``rate``: offer that many requests per second in all (open-loop schedule) instead of as many
+    as the connections can carry."""
     threads = max(1, min(MAX_THREADS, connections))
     tool = target.tool_names.get(workload.tool, workload.tool) if workload.tool else ""
     env = {**os.environ, "MCP_METHOD": workload.method, "MCP_TOOL": tool,
@@ -71,7 +74,7 @@ def run_wrk(target: Target, workload: Workload, *, connections: int, seconds: fl
            "MCP_ARGS": workload.arguments, "MCP_TOKEN": target.token or "",
            "MCP_SESSION": target.session or "", "MCP_PROTOCOL": target.protocol or "",
            "MCP_EXTRA_HEADERS": "|".join(f"{k}: {v}" for k, v in target.headers.items()),
-           "MCP_DELAY_MS": f"{delay_ms:g}" if delay_ms else ""}
+           "MCP_THREAD_RATE": f"{rate / threads:g}" if rate else ""}
     argv = [find_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
             "--timeout", f"{timeout_s:g}s", "-s", str(LUA), target.url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -13,6 +13,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from bench import report
 from bench.configs import CONFIGURATIONS, Configuration, RunContext, ensure_certs
 from bench.loadgen import WORKLOADS, Workload, find_wrk, run_wrk
 from bench.procs import Meter
+from bench.profile import profile_gateway
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # The gateway runs before Envoy-only so the paced run of both can use the gateway's saturation.
 ORDER = ("direct", "gateway", "envoy_tls", "contextforge", "contextforge_stateful")
 PACED = ("gateway", "envoy_tls")
-MICRO = ("bench_ext_authz.py", "bench_pii.py", "bench_audit.py")
+# Issue 3 and 5 figures: ext_authz decision CPU, Rego per query, PII masking, ext_proc exchange
+# (masking and filtered tools/list), audit group commit.
+MICRO = ("bench_ext_authz.py", "bench_policy.py", "bench_pii.py", "bench_ext_proc.py",
+         "bench_audit.py")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,33 +51,41 @@ class Plan:
     cf_seconds: float
     cf_workloads: tuple[str, ...]
     paced_connections: int
+    profile_seconds: int
+    profile_workloads: tuple[str, ...]
     micro_args: dict[str, list[str]]
     micro_timeout: float
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
             cf_levels=(1, 4), cf_seconds=6, cf_workloads=("echo", "list", "report"),
-            paced_connections=8, micro_args={}, micro_timeout=120)
+            paced_connections=16, profile_seconds=10, profile_workloads=("echo", "report"),
+            micro_args={}, micro_timeout=120)
 QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "report"),
-             cf_levels=(4,), cf_seconds=3, cf_workloads=("echo",), paced_connections=4,
-             micro_args={"bench_pii.py": ["--repeat", "3"],
+             cf_levels=(4,), cf_seconds=3, cf_workloads=("echo",), paced_connections=16,
+             profile_seconds=4, profile_workloads=("echo",),
+             micro_args={"bench_ext_authz.py": ["--requests", "1000"],
+                         "bench_policy.py": ["--requests", "300"],
+                         "bench_pii.py": ["--repeat", "3"],
+                         "bench_ext_proc.py": ["--requests", "150"],
                          "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
              micro_timeout=40)
 
 
 def measure(conf: Configuration, workload: Workload, connections: int, seconds: float,
-            delay_ms: float | None = None) -> dict[str, Any]:
+            rate: float | None = None) -> dict[str, Any]:
     meter = Meter(conf.roles)
     meter.start()
     res = run_wrk(conf.target(), workload, connections=connections, seconds=seconds,
-                  delay_ms=delay_ms)
+                  rate=rate)
     usage = meter.stop()
     ok = int(res["ok"])
     duration = res["duration_us"] / 1e6
     errors = int(res["bad"]) + sum(int(res[k]) for k in (
         "errors_connect", "errors_read", "errors_write", "errors_timeout"))
     rec: dict[str, Any] = {
-        "workload": workload.name, "connections": connections, "paced_delay_ms": delay_ms,
+        "workload": workload.name, "connections": connections,
+        "paced_rps": round(rate, 1) if rate else None,
         "seconds": round(duration, 2), "requests": res["requests"], "ok": ok, "errors": errors,
         "rps": round(ok / duration, 1) if duration else 0.0,
         "p50_ms": res["p50_us"] / 1000, "p90_ms": res["p90_us"] / 1000,
@@ -87,7 +100,7 @@ def measure(conf: Configuration, workload: Workload, connections: int, seconds: 
         rec["error_sample"] = res["stderr"]
     print(f"    {workload.name:<7} c={connections:<3} {rec['rps']:>9.1f} req/s  p50 {rec['p50_ms']:8.2f} ms"
           f"  p99 {rec['p99_ms']:8.2f} ms  errors {errors}"
-          + (f"  (paced {delay_ms:.1f} ms)" if delay_ms else ""), flush=True)
+          + (f"  (paced at {rate:.0f} req/s)" if rate else ""), flush=True)
     return rec
 
 
@@ -111,19 +124,16 @@ def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> 
             for c in levels:
                 out["runs"].append(measure(conf, WORKLOADS[name], c, seconds))
         if conf.key in PACED:
-            if "delay_ms" not in half:
+            if "rate" not in half:
                 peak = max((r["rps"] for r in out["runs"] if r["workload"] == "echo"), default=0.0)
-                low = next((r for r in out["runs"] if r["workload"] == "echo"), None)
-                if peak > 0 and low is not None:
+                if peak > 0:
                     half["rate"] = peak / 2
                     half["from"] = conf.key
-                    # Each connection: its request's latency plus the pause, so subtract the
-                    # latency seen at low load to land near the wanted rate.
-                    half["delay_ms"] = max(0.0, 1000 * plan.paced_connections / half["rate"]
-                                           - low["mean_ms"])
-            if "delay_ms" in half:
+            if "rate" in half:
+                # The same offered rate for both (wrk's clock schedule, not a closed loop), so
+                # the latency difference is the gateway's, not a difference in load.
                 rec = measure(conf, WORKLOADS["echo"], plan.paced_connections, seconds,
-                              delay_ms=half["delay_ms"])
+                              rate=half["rate"])
                 rec["paced_target_rps"] = round(half["rate"], 1)
                 out["paced"] = rec
         out["final"] = {role: {"procs": len(pids)} for role, pids in conf.roles().items()}
@@ -134,6 +144,15 @@ def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> 
     finally:
         conf.stop()
     return out
+
+
+def run_profile(ctx: RunContext, plan: Plan) -> dict[str, Any]:
+    try:
+        return profile_gateway(ctx, seconds=plan.profile_seconds, connections=8,
+                               workloads=plan.profile_workloads)
+    except Exception as exc:  # the profile is an extra: its failure must not lose the run
+        logger.exception("profile failed")
+        return {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
 def run_micro(plan: Plan) -> dict[str, Any]:
@@ -160,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 3 min)")
     parser.add_argument("--only", help=f"comma-separated configurations of {', '.join(ORDER)}")
     parser.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    parser.add_argument("--no-profile", action="store_true",
+                        help="skip the py-spy profile of the full gateway")
     parser.add_argument("--no-docs", action="store_true",
                         help="write only bench/results/, not docs/benchmarks*")
     args = parser.parse_args(argv)
@@ -190,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         for key in keys:
             result["configurations"].append(run_configuration(CONFIGURATIONS[key](ctx), plan, half))
         result["half_saturation"] = half
+        if "gateway" in keys and not args.no_profile:
+            print("== py-spy profile of the full gateway", flush=True)
+            result["profile"] = run_profile(ctx, plan)
         if not args.no_micro:
             result["micro"] = run_micro(plan)
     except KeyboardInterrupt:
         print("\ninterrupted: every started process was stopped", file=sys.stderr)
         return 130
     result["elapsed_s"] = round(time.monotonic() - began, 1)
+    result["machine"]["loadavg_at_end"] = list(os.getloadavg())
     results_dir = ROOT / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
     raw = results_dir / f"{stamp}.json"

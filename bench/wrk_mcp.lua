@@ -7,8 +7,9 @@
 --   MCP_PROTOCOL (protocol version header), MCP_EXTRA_HEADERS ("Name: value|Name2: value"),
 --   MCP_META (JSON object text sent as params._meta, e.g. the protocol version and client
 --   capabilities that 2026-07-28 requests carry; optional),
---   MCP_DELAY_MS (optional: mean pause in ms before each request on a connection, exponentially
---   distributed, to offer a fixed load below saturation instead of a closed loop at full speed).
+--   MCP_THREAD_RATE (optional: requests per second this wrk thread offers, with exponential gaps
+--   on a clock schedule, so the offered load does not depend on the answers' latency; the
+--   connections only bound how many are in flight. Without it: a closed loop at full speed).
 -- done() prints one line `WRK_JSON {...}` with counts, percentiles and a latency CDF (microseconds).
 
 local threads = {}
@@ -68,11 +69,31 @@ function request()
   return wrk.format(nil, nil, nil, body)
 end
 
-local delay_ms = tonumber(os.getenv("MCP_DELAY_MS") or "")
-if delay_ms and delay_ms > 0 then
-  -- wrk only paces when a global `delay` function exists, so define it only when asked.
+local thread_rate = tonumber(os.getenv("MCP_THREAD_RATE") or "")
+if thread_rate and thread_rate > 0 then
+  local ffi = require("ffi")
+  ffi.cdef[[
+    typedef struct { long tv_sec; long tv_nsec; } mcp_timespec;
+    int clock_gettime(int clk_id, mcp_timespec *tp);
+  ]]
+  local ts = ffi.new("mcp_timespec")
+  local function now_ms()
+    ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+    return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+  end
+  local gap_ms = 1000 / thread_rate
+  local next_ms = nil
+  -- wrk only paces when a global `delay` function exists, so define it only when asked. Each
+  -- call books the next slot of this thread's schedule and waits until it comes.
   function delay()
-    return math.floor(-math.log(1 - math.random()) * delay_ms + 0.5)
+    local now = now_ms()
+    if next_ms == nil or next_ms < now - 1000 then
+      next_ms = now  -- start, or fell more than a second behind: do not burst to catch up
+    end
+    next_ms = next_ms + -math.log(1 - math.random()) * gap_ms
+    local wait = next_ms - now
+    if wait <= 0 then return 0 end
+    return math.floor(wait + 0.5)
   end
 end
 
