@@ -23,17 +23,62 @@ CATALOG_IDENTITY = {"x-mcp-user": "system:mcp-gateway-catalog", "x-mcp-roles": "
                     "x-mcp-client-id": "mcp-gateway"}
 REFRESH_TIMEOUT_S = 30.0
 
-# Hook for "which roles may call each tool": (config, entries) -> {(server, tool): [roles]}.
-# TODO(lead): wire to gateway.policy once build_engine/query land (helper H4); until then the
-# column shows "(policy not wired)".
+# "Which roles may call each tool": (config, entries) -> {(server, tool): [roles]}, or None when
+# the policy cannot be asked (no config, or no role list in its data).
 RolesResolver = Callable[[GatewayConfig | None, list[Entry]], dict[tuple[str, str], list[str]] | None]
+LIST_ENTRYPOINT = "mcp/authz/visible_tools"
+# A listing identity per role: a tenant every server admits in the example policy, and the
+# server-wide scope, so what remains is the role's grant.
+PROBE_TENANT = "catalog-probe"
 
 
-def _no_roles(cfg: GatewayConfig | None, entries: list[Entry]) -> dict[tuple[str, str], list[str]] | None:
-    return None
+def _policy_roles(cfg: GatewayConfig) -> list[str]:
+    data_file = Path(cfg.policy.dir) / "data.json"
+    try:
+        data = orjson.loads(data_file.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return []
+    roles = data.get("gateway", {}).get("roles", {}) if isinstance(data, dict) else {}
+    return sorted(roles) if isinstance(roles, dict) else []
 
 
-roles_resolver: RolesResolver = _no_roles
+async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: list[str]
+                      ) -> dict[tuple[str, str], list[str]]:
+    from gateway.policy import build_engine  # imported here: only `catalog list` needs it
+
+    engine = build_engine(cfg.policy)
+    await engine.start()
+    out: dict[tuple[str, str], list[str]] = {}
+    try:
+        # One query per (server, role) for all of that server's tools, as ext_proc filters lists.
+        for server, names in tools.items():
+            for role in roles:
+                visible = await engine.query(LIST_ENTRYPOINT, {
+                    "token": {"sub": "catalog-probe", "roles": [role], "tenant": PROBE_TENANT,
+                              "scope": f"tools:call:{server}/*"},
+                    "server": {"name": server}, "kind": "tools", "items": names})
+                for name in visible or ():
+                    out.setdefault((server, name), []).append(role)
+    finally:
+        await engine.close()
+    return out
+
+
+def _roles_from_policy(cfg: GatewayConfig | None, entries: list[Entry]
+                       ) -> dict[tuple[str, str], list[str]] | None:
+    if cfg is None:
+        return None
+    roles = _policy_roles(cfg)
+    if not roles:
+        return None
+    tools: dict[str, list[str]] = {}
+    for e in entries:
+        if e.kind == "tool":
+            tools.setdefault(e.server, []).append(e.name)
+    return asyncio.run(_ask_policy(cfg, tools, roles))
+
+
+roles_resolver: RolesResolver = _roles_from_policy
 
 
 def register(subparsers: Any) -> None:
@@ -116,7 +161,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     table = [header]
     for r in rows:
         state = r["state"] if r["present"] else f"{r['state']} (gone)"
-        roles_text = "(policy not wired)" if r["roles"] is None else (",".join(r["roles"]) or "-")
+        roles_text = "(no policy roles)" if r["roles"] is None else (",".join(r["roles"]) or "-")
         table.append((r["server"], r["kind"], r["name"], r["hash"][:12], state, roles_text,
                       "; ".join(r["findings"]) or "-"))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header) - 1)]

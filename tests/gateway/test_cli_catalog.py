@@ -46,7 +46,7 @@ def test_list_approve_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert run(["catalog", "list", "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "quarantined" in out and "U+200B" in out and "same name on b" in out
-    assert "(policy not wired)" in out
+    assert "ROLES" in out
 
     assert run(["catalog", "approve", "a/search", "--db", str(db)]) == 0
     assert "approved a/search" in capsys.readouterr().out
@@ -55,7 +55,24 @@ def test_list_approve_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str
     states = {(i["server"], i["name"]): i["state"] for i in data["items"]}
     assert states[("a", "search")] == "approved"
     assert data["shadowed"] == {"search": ["a", "b"]}
-    assert data["roles_wired"] is False
+    assert data["roles_wired"] is True  # the embedded default config's policies/
+    assert {(i["server"], i["name"]): i["roles"] for i in data["items"]}[("a", "search")] == []
+
+
+def test_list_names_the_roles_the_policy_lets_call_each_tool(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ROLES column comes from the shipped policy: one list query per server and role."""
+    db = tmp_path / "c.sqlite"
+    with Catalog(db) as cat:
+        cat.refresh("files", [{"name": "read_file"}, {"name": "write_file"}])
+        cat.refresh("erp", [{"name": "createOrder"}, {"name": "listOrders"}])
+    assert run(["catalog", "list", "--json", "--db", str(db)]) == 0
+    roles = {(i["server"], i["name"]): set(i["roles"])
+             for i in orjson.loads(capsys.readouterr().out)["items"]}
+    assert "admin" in roles[("files", "read_file")] and "viewer" in roles[("files", "read_file")]
+    assert "viewer" not in roles[("files", "write_file")]
+    assert "engineer" in roles[("erp", "createOrder")] and "viewer" not in roles[("erp", "createOrder")]
+    assert "viewer" in roles[("erp", "listOrders")]
 
 
 def test_approve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
