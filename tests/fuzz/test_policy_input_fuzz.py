@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from hypothesis import given
 from hypothesis import strategies as st
