@@ -90,10 +90,10 @@ async def _iter(items: list[pb.ProcessingRequest]) -> AsyncIterator[pb.Processin
 async def in_process(servicer: ExternalProcessorServicer, reqs: list[pb.ProcessingRequest],
                      n: int) -> float:
     for _ in range(20):  # warm caches (masker, validators, policy bundle)
-        [r async for r in servicer.Process(_iter(reqs), None)]
+        [r async for r in servicer.process(_iter(reqs), None)]
     start = time.process_time()
     for _ in range(n):
-        out = [r async for r in servicer.Process(_iter(reqs), None)]
+        out = [r async for r in servicer.process(_iter(reqs), None)]
     cpu = (time.process_time() - start) / n
     assert out[-1].WhichOneof("response") == "response_body", out[-1]
     return cpu * 1e6

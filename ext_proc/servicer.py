@@ -5,9 +5,14 @@ metadata); response headers decide whether and how the body is inspected (``mode
 BUFFERED for JSON, STREAMED for SSE); body messages are transformed by ``ext_proc.inspect``.
 
 Fail closed: any error, a timeout or an oversized body ends the exchange with an
-ImmediateResponse carrying a JSON-RPC error. The stream is only ever left by answering every
-message or by such an ImmediateResponse, never by closing it early, because Envoy treats a
-cleanly closed stream as "continue unprocessed".
+ImmediateResponse carrying a JSON-RPC error. Otherwise the stream is left only once the answer is
+complete (the last body chunk, or response headers that need no inspection, answered), never
+earlier, because Envoy treats a cleanly closed stream as "continue unprocessed": after that point
+nothing is left to process (trailers are not sent to ext_proc). Ending it there rather than
+waiting for Envoy's half-close matters for memory: Envoy resets most streams instead of
+half-closing them, and a grpc.aio server whose handler is cancelled with a read outstanding leaks
+that read's native batch (grpc/grpc#43360, ~130 B per stream, unbounded). Writes are shielded
+for the same reason (``Process``); the numbers are in README.md.
 
 Observability: every log line written while a stream's message is handled carries that stream's
 ids (request, decision, caller, server, method, tool), and each stream is one ``ext_proc.process``
@@ -19,12 +24,13 @@ generators from one task, runs other code there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
+import grpc
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -232,8 +238,23 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
         self._inspector = inspector
         self._tracing = tracing
 
-    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: Any) -> AsyncIterator[pb.ProcessingResponse]:
+    async def Process(self, request_iterator: object, context: Any) -> None:
+        """The gRPC entry point: ``process`` over grpc.aio's reader/writer API.
+
+        Not an async generator handler, because grpc.aio then sends each answer from its own
+        task: Envoy often resets the stream right after reading the last answer, grpc.aio cancels
+        that task, and a send whose completion loses that race never frees its copy of the
+        message (grpc/grpc#43360; the 10 KB masked answers made ext_proc grow without bound).
+        Here each write is shielded, so it always completes and frees what it holds. Reads are
+        ``context.read()`` (the request iterator is not used: the two must not be mixed).
+        """
+        async with contextlib.aclosing(self.process(_reads(context), context)) as answers:
+            async for resp in answers:
+                await _write(context, resp)
+
+    async def process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: Any) -> AsyncGenerator[pb.ProcessingResponse, None]:
+        """One exchange: an answer for each message, until the answer is complete or withheld."""
         exchange = Exchange(self._inspector, self._settings)
         span: Span | None = None
         first = True
@@ -268,13 +289,14 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
 
     async def _step(self, exchange: Exchange, req: pb.ProcessingRequest, span: Span | None
                     ) -> tuple[pb.ProcessingResponse, bool]:
-        """One message's answer, and whether it ends the exchange (an ImmediateResponse)."""
+        """One message's answer, and whether it ends the exchange (an ImmediateResponse, or the
+        answer is complete: Envoy has nothing left to send that needs processing)."""
         timeout = self._settings.message_timeout_seconds
         known = exchange.ctx is not None
         with _scope(exchange, span):
             try:
                 async with asyncio.timeout(timeout):
-                    return await exchange.handle(req), False
+                    return await exchange.handle(req), exchange.complete
             except GatewayError as err:  # SseError included
                 failure = err
             except TimeoutError:
@@ -300,7 +322,28 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
         return out.immediate_error(err)
 
 
-@contextmanager
+async def _reads(context: Any) -> AsyncIterator[pb.ProcessingRequest]:
+    while True:
+        req = await context.read()
+        if req is grpc.aio.EOF:
+            return
+        yield req
+
+
+def _retrieve(write: asyncio.Future[None]) -> None:
+    # Nobody awaits a write whose stream was cancelled: its failure is expected, not news.
+    if not write.cancelled():
+        write.exception()
+
+
+async def _write(context: Any, resp: pb.ProcessingResponse) -> None:
+    """Send one answer; cancelling the caller never cancels the send itself (see Process)."""
+    write = asyncio.ensure_future(context.write(resp))
+    write.add_done_callback(_retrieve)
+    await asyncio.shield(write)
+
+
+@contextlib.contextmanager
 def _scope(exchange: Exchange, span: Span | None) -> Iterator[None]:
     """The stream's log fields and span, current for one message only."""
     token = bind(**exchange.log_fields())

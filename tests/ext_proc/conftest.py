@@ -150,4 +150,4 @@ async def _iterate(items: list[pb.ProcessingRequest]) -> AsyncIterator[pb.Proces
 async def run(servicer: ExternalProcessorServicer, *requests: pb.ProcessingRequest
               ) -> list[pb.ProcessingResponse]:
     """Drive one Process stream in-process; every answer, in order."""
-    return [r async for r in servicer.Process(_iterate(list(requests)), None)]
+    return [r async for r in servicer.process(_iterate(list(requests)), None)]

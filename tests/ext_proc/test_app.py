@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from ext_proc.app import SERVICE_NAME, Service, start_service
+from ext_proc.servicer import _write as servicer_write
 from ext_proc.settings import Settings
 from gateway.catalog import Catalog
 from gateway.config import load_config
@@ -142,3 +143,70 @@ def test_settings_take_the_otlp_endpoint() -> None:
     cfg = dataclasses.replace(cfg, telemetry=dataclasses.replace(
         cfg.telemetry, otlp_endpoint="http://127.0.0.1:4317"))
     assert Settings.from_config(cfg).otlp_endpoint == "http://127.0.0.1:4317"
+
+
+async def test_stream_ends_once_the_answer_is_complete(channel: grpc.aio.Channel) -> None:
+    """After the last body chunk is answered the server ends the stream itself (no read is left
+    outstanding for Envoy's reset to cancel: grpc.aio leaks such a read's native batch)."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    for req in (request_headers(caller()), response_headers(),
+                response_body(jsonrpc_result(tool_result(EMAIL)))):
+        await call.write(req)
+        assert (await call.read()).WhichOneof("response") != "immediate_response"
+    assert await call.read() == grpc.aio.EOF  # without done_writing: the server closed it
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_stream_ends_when_the_answer_needs_no_inspection(channel: grpc.aio.Channel) -> None:
+    """A tools/call answer without masking: the stream ends with the response-headers answer."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    await call.write(request_headers(caller(mask=[])))
+    assert (await call.read()).WhichOneof("response") == "request_headers"
+    await call.write(response_headers())
+    resp = await call.read()
+    assert resp.WhichOneof("response") == "response_headers" and not resp.HasField("mode_override")
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_an_sse_stream_ends_after_its_last_chunk(channel: grpc.aio.Channel) -> None:
+    """SSE: the stream stays open across chunks and ends once the end_of_stream chunk is answered."""
+    call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
+    event = b"data: " + jsonrpc_result(tool_result(EMAIL)) + b"\n\n"
+    for req in (request_headers(caller()), response_headers("text/event-stream"),
+                response_body(event, end_of_stream=False)):
+        await call.write(req)
+        assert (await call.read()).WhichOneof("response") != "immediate_response"
+    await call.write(response_body(b"", end_of_stream=True))  # the stream was still open
+    assert (await call.read()).WhichOneof("response") == "response_body"
+    assert await call.read() == grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+class _SlowWrites:
+    """The one part of a grpc.aio ServicerContext _write uses; each write waits for a gate."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.written: list[Any] = []
+
+    async def write(self, message: Any) -> None:
+        await self.gate.wait()
+        self.written.append(message)
+
+
+async def test_cancelling_the_handler_never_cancels_a_write() -> None:
+    """Envoy's reset cancels the handler; the write in flight still runs to completion (a
+    cancelled grpc.aio write never frees its copy of the message)."""
+    ctx = _SlowWrites()
+    msg = response_body(b"x")
+    handler = asyncio.ensure_future(servicer_write(ctx, msg))
+    await asyncio.sleep(0)  # let the write start and block on the gate
+    handler.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await handler
+    ctx.gate.set()
+    async with asyncio.timeout(WAIT):
+        while not ctx.written:
+            await asyncio.sleep(0)
+    assert ctx.written == [msg]

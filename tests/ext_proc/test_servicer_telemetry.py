@@ -7,9 +7,9 @@ import asyncio
 import io
 import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import orjson
@@ -122,9 +122,8 @@ async def test_interleaved_streams_in_one_task_do_not_leak(policy: StandinPolicy
         while True:
             yield await q.get()
 
-    # Process is an async generator; aclose() ends the two streams the test keeps open.
-    streams = {k: cast(AsyncGenerator[pb.ProcessingResponse, None], servicer.Process(feed(q), None))
-               for k, q in queues.items()}
+    # process is an async generator; aclose() ends the two streams the test keeps open.
+    streams = {k: servicer.process(feed(q), None) for k, q in queues.items()}
     # The unterminated last SSE event makes each stream log a warning while handling its body.
     tail = sse_event(jsonrpc_result(tool_result("x"))) + b"data: {"
     for i in range(3):
