@@ -178,7 +178,8 @@ async def test_sigkill_under_load_no_late_errors_no_double_execution(gw: Gateway
     assert noticed, "the fault never fired"
     late = [o for o in out if o.started > noticed[0]]
     assert len(late) >= 100, "the load ended before Envoy noticed: the test proved nothing"
-    assert [(o.call_id, o.status) for o in late if not o.ok] == []
+    assert [(o.call_id, o.status) for o in late if not o.ok] == [], \
+        [(o.call_id, o.status, str(o.body)[:300]) for o in late if not o.ok]
     # Only calls in flight on the victim at the kill may fail: at most one per worker.
     assert len([o for o in out if not o.ok]) <= 6
     counts = executions(gw, "kill-")
