@@ -112,6 +112,8 @@ def refuses(port: int) -> bool:
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # the listener is closing with connections in its backlog: poll again
 
 
 def executions(gw: Gateway, prefix: str) -> collections.Counter[str]:
