@@ -1,4 +1,4 @@
-"""The service entry point loads regopy before other C++ extensions (no per-decision leak)."""
+"""The services' entry points load regopy before other C++ extensions (no per-decision leak)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
-# Imports the entry module the way `python -m ext_proc` does, then evaluates the shipped policy
+# Imports an entry module the way `python -m <service>` does, then evaluates the shipped policy
 # many times and prints how much the resident set grew (MB).
 PROBE = """
 import importlib, sys
@@ -47,12 +47,15 @@ def rss_growth_mb(module: str, preload: str = "") -> float:
 
 
 @pytest.mark.timeout(150)
-def test_policy_evaluations_do_not_grow_memory_after_entry_point_import() -> None:
-    """Importing ext_proc's entry module first keeps 3000 Rego evaluations from leaking."""
-    assert rss_growth_mb("ext_proc.__main__") < 15
+@pytest.mark.parametrize("module", ["ext_authz.__main__", "ext_proc.__main__"])
+def test_policy_evaluations_do_not_grow_memory_after_entry_point_import(module: str) -> None:
+    """Importing a service's entry module first keeps 3000 Rego evaluations from leaking."""
+    assert rss_growth_mb(module) < 15
 
 
 @pytest.mark.timeout(150)
-def test_probe_detects_the_leak_when_aiohttp_loads_first() -> None:
-    """The probe is sensitive: with aiohttp loaded before regopy the same evaluations leak."""
-    assert rss_growth_mb("ext_proc.__main__", preload="aiohttp") >= 15
+@pytest.mark.parametrize(("module", "preload"), [("ext_authz.__main__", "grpc"),
+                                                 ("ext_proc.__main__", "aiohttp")])
+def test_probe_detects_the_leak_when_another_extension_loads_first(module: str, preload: str) -> None:
+    """The probe is sensitive: with grpc or aiohttp loaded before regopy the evaluations leak."""
+    assert rss_growth_mb(module, preload=preload) >= 15
