@@ -4,8 +4,10 @@
 
 Measures, in one run, the shipped ``policies/`` and optionally a baseline folder (e.g. the
 previous policy), each with the input pruned to what the policy references and with the full
-ext_authz input (every header, parsed_body, all claims). The request input carries the path facts
-ext_authz adds (``input.mcp.facts``); a baseline policy that does not read them never gets them.
+ext_authz input (every header, parsed_body, all claims), without the decision cache; then with
+the cache (the default size), a miss (every request a distinct path, or a distinct item list)
+beside a hit (the same request again). The request input carries the path facts ext_authz adds
+(``input.mcp.facts``); a baseline policy that does not read them never gets them.
 Prints a markdown table.
 """
 
@@ -20,6 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway.config import DEFAULT_DECISION_CACHE_SIZE  # noqa: E402
 from gateway.policy.decision import check_decision  # noqa: E402
 from gateway.policy.facts import with_facts  # noqa: E402
 from gateway.policy.rego import ALL, CompiledPolicy, load_sources  # noqa: E402
@@ -59,19 +62,42 @@ LIST_INPUT: dict[str, Any] = {
 }
 
 
-def per_call_us(policy: CompiledPolicy, ep: str, value: Any, n: int) -> float:
+def per_call_us(policy: CompiledPolicy, ep: str, values: list[Any], n: int) -> float:
+    """Best of three rounds of n evaluations cycling through ``values``; each round starts with
+    an empty cache, so distinct values are misses and a repeated one hits from the second call."""
     best = float("inf")
     for _ in range(3):  # best of three: the machine is shared
+        if policy.cache is not None:
+            policy.cache.clear()
+        batch = [values[i % len(values)] for i in range(n)]
         t = time.process_time()
-        for _ in range(n):
+        for value in batch:
             policy.evaluate(ep, value)
         best = min(best, (time.process_time() - t) / n * 1e6)
     return best
 
 
+def distinct_calls(n: int) -> list[dict[str, Any]]:
+    """n allowed tools/call inputs that differ only in the path (each one a cache miss)."""
+    out = []
+    for i in range(n):
+        args = {"path": f"shared/reports/q{i}.txt"}
+        out.append({**DECIDE_INPUT,
+                    "parsed_body": {**DECIDE_INPUT["parsed_body"],
+                                    "params": {"name": "read_file", "arguments": args}},
+                    "mcp": with_facts({**DECIDE_INPUT["mcp"], "arguments": args})})
+    return out
+
+
+def distinct_lists(n: int) -> list[dict[str, Any]]:
+    """n tools/list pages that differ in one item name (each one a cache miss)."""
+    return [{**LIST_INPUT, "items": [*LIST_INPUT["items"][:-1], f"tool_{i}"]} for i in range(n)]
+
+
 def measure(label: str, folder: Path, n: int) -> list[tuple[str, float]]:
-    policy = CompiledPolicy(load_sources(folder, include_tests=False),
-                            ["mcp/authz/decision", "mcp/authz/visible_tools"])
+    sources = load_sources(folder, include_tests=False)
+    entrypoints = ["mcp/authz/decision", "mcp/authz/visible_tools"]
+    policy = CompiledPolicy(sources, entrypoints)
     defined, value = policy.evaluate("mcp/authz/decision", DECIDE_INPUT)
     if not check_decision(value, defined=defined).allow:
         raise SystemExit(f"{folder}: the benchmark request is not allowed: {value}")
@@ -79,10 +105,24 @@ def measure(label: str, folder: Path, n: int) -> list[tuple[str, float]]:
     pruned = policy.input_projection
     for mode, projection in (("pruned input", pruned), ("full input", ALL)):
         policy.input_projection = projection
-        rows.append((f"{label}, {mode}: allowed tools/call decision",
-                     per_call_us(policy, "mcp/authz/decision", DECIDE_INPUT, n)))
-        rows.append((f"{label}, {mode}: visible_tools (7 items)",
-                     per_call_us(policy, "mcp/authz/visible_tools", LIST_INPUT, n)))
+        rows.append((f"{label}, {mode}, no cache: allowed tools/call decision",
+                     per_call_us(policy, "mcp/authz/decision", [DECIDE_INPUT], n)))
+        rows.append((f"{label}, {mode}, no cache: visible_tools (7 items)",
+                     per_call_us(policy, "mcp/authz/visible_tools", [LIST_INPUT], n)))
+    cached = CompiledPolicy(sources, entrypoints, cache_size=DEFAULT_DECISION_CACHE_SIZE)
+    if cached.cache is None:
+        rows.append((f"{label}: decision cache off (the policy calls "
+                     f"{', '.join(cached.cache_disabled_by)})", float("nan")))
+        return rows
+    calls, lists = distinct_calls(n), distinct_lists(n)
+    rows.append((f"{label}, cache miss: allowed tools/call decision (distinct paths)",
+                 per_call_us(cached, "mcp/authz/decision", calls, n)))
+    rows.append((f"{label}, cache hit: allowed tools/call decision",
+                 per_call_us(cached, "mcp/authz/decision", [DECIDE_INPUT], n)))
+    rows.append((f"{label}, cache miss: visible_tools (7 items, distinct pages)",
+                 per_call_us(cached, "mcp/authz/visible_tools", lists, n)))
+    rows.append((f"{label}, cache hit: visible_tools (7 items)",
+                 per_call_us(cached, "mcp/authz/visible_tools", [LIST_INPUT], n)))
     return rows
 
 

@@ -22,9 +22,9 @@ server_name := input.server.name
 
 tool := input.mcp.tool if is_string(input.mcp.tool)
 
-arguments := input.mcp.arguments if {
-	is_object(input.mcp.arguments)
-} else := {}
+# Arguments are read only by name (input.mcp.arguments.<name>), never as a whole object: the
+# engine then hands rego-cpp only those arguments (README.md, "The input"), so an argument this
+# policy never reads costs nothing and does not make two otherwise equal decisions differ.
 
 # ---------------------------------------------------------------- identity
 
@@ -122,12 +122,11 @@ session_crosses_tenant if {
 
 session_crosses_tenant if input.session.tenant != tenant
 
-# Any argument named like a tenant must name the caller's tenant.
-tenant_argument_names := {"tenant", "tenant_id"}
-
+# Any argument named like a tenant (tenant, tenant_id) must name the caller's tenant.
 foreign_tenant_argument if {
-	some key in tenant_argument_names
-	arguments[key] != tenant
+	input.mcp.arguments.tenant != tenant
+} else := true if {
+	input.mcp.arguments.tenant_id != tenant
 }
 
 tenant_ok if {
@@ -143,6 +142,7 @@ file_tools := {"list_directory", "stat", "read_file", "search", "write_file"}
 
 write_tools := {"write_file"}
 
+# (gateway/policy/facts.py PATH_ARGUMENT_NAMES; a Python test keeps the two in step.)
 path_argument_names := {"path", "root", "directory", "source", "destination", "target"}
 
 # Paths are relative to the files server's sandbox root; "" and "." name the root. A tool call
@@ -153,10 +153,18 @@ path_argument_names := {"path", "root", "directory", "source", "destination", "t
 # (input.mcp.facts, gateway/policy/facts.py) because string work costs far more in rego-cpp; an
 # input without them (unit tests, list filtering) gets the same facts from path_facts() below.
 # Python tests check that both give the same decisions.
-file_paths contains p if {
-	some key, p in arguments
-	key in path_argument_names
-}
+# One body per name in path_argument_names: a static reference per argument (see above).
+file_paths contains p if p := input.mcp.arguments.path
+
+file_paths contains p if p := input.mcp.arguments.root
+
+file_paths contains p if p := input.mcp.arguments.directory
+
+file_paths contains p if p := input.mcp.arguments.source
+
+file_paths contains p if p := input.mcp.arguments.destination
+
+file_paths contains p if p := input.mcp.arguments.target
 
 checked_path_facts := [input.mcp.facts.resource] if {
 	is_resource_method
@@ -287,7 +295,7 @@ table_allowed(t) if {
 	lower(t) in allowed_tables
 }
 
-sql := arguments.sql if is_string(arguments.sql)
+sql := input.mcp.arguments.sql if is_string(input.mcp.arguments.sql)
 
 sql_text := lower(trim_space(sql))
 
@@ -317,7 +325,7 @@ database_arguments_ok if {
 	sql_tables_ok
 } else := true if {
 	tool == "describe_table"
-	table_allowed(arguments.table)
+	table_allowed(input.mcp.arguments.table)
 } else := true if {
 	tool == "list_tables"
 }
@@ -360,14 +368,14 @@ resource_ok if {
 
 # ---------------------------------------------------------------- grants
 
-# Arguments are an object or absent (the gateway's parser already insists; the policy does not
-# rely on it).
+# Arguments are an object, null or absent (the gateway's parser already insists; the policy does
+# not rely on it). Type tests only: they keep the type of input.mcp.arguments, not its contents.
 arguments_well_formed if {
 	is_object(input.mcp.arguments)
 } else := true if {
-	input.mcp.arguments == null
+	is_null(input.mcp.arguments)
 } else := true if {
-	not input.mcp.arguments
+	not type_name(input.mcp.arguments)
 }
 
 tool_call_ok if {
@@ -514,7 +522,7 @@ denials contains [72, "table_not_allowed", ""] if {
 	is_tool_call
 	server_name == "database"
 	tool == "describe_table"
-	not table_allowed(arguments.table)
+	not table_allowed(input.mcp.arguments.table)
 }
 
 denials contains [80, "resource_not_allowed", ""] if {

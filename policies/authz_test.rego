@@ -143,6 +143,27 @@ test_every_path_argument_checked if {
 	denied_with(files("search", {"path": "shared", "root": "secret"}, ["analyst"]), "path_not_allowed")
 }
 
+# Each path argument is read by name (authz.rego, file_paths): every name is checked.
+test_each_path_argument_name_checked if {
+	some name in authz.path_argument_names
+	denied_with(files("search", {name: "secret"}, ["analyst"]), "path_not_allowed")
+	denied_with(files("search", {name: "tenants/globex/a"}, ["admin"]), "path_other_tenant")
+	allowed(files("search", {name: "shared/a"}, ["analyst"]))
+}
+
+test_arguments_not_an_object_denied if {
+	denied_with(files("list_directory", "shared", ["admin"]), "arguments_invalid")
+	denied_with(files("list_directory", ["shared"], ["admin"]), "arguments_invalid")
+	denied_with(files("list_directory", 7, ["admin"]), "arguments_invalid")
+	denied_with(files("list_directory", true, ["admin"]), "arguments_invalid")
+}
+
+test_arguments_null_or_absent_mean_none if {
+	allowed(files("list_directory", null, ["admin"]))
+	inp := files("list_directory", {}, ["admin"])
+	allowed(object.union(object.remove(inp, ["mcp"]), {"mcp": object.remove(inp.mcp, ["arguments"])}))
+}
+
 # The gateway passes the facts of each path (input.mcp.facts, README.md "Path facts"); the policy
 # judges those instead of re-deriving them.
 with_path_facts(inp, facts) := object.union(inp, {"mcp": object.union(inp.mcp, {"facts": {"arguments": facts}})})
@@ -189,7 +210,10 @@ test_tenant_claim_required_for_tools if {
 
 test_tenant_argument_must_match if {
 	denied_with(db("list_tables", {"tenant": "globex"}, ["analyst"]), "tenant_mismatch")
+	denied_with(db("list_tables", {"tenant_id": "globex"}, ["analyst"]), "tenant_mismatch")
+	denied_with(db("list_tables", {"tenant": "acme", "tenant_id": "globex"}, ["analyst"]), "tenant_mismatch")
 	allowed(db("list_tables", {"tenant": "acme"}, ["analyst"]))
+	allowed(db("list_tables", {"tenant": "acme", "tenant_id": "acme"}, ["analyst"]))
 }
 
 test_session_never_crosses_tenants if {

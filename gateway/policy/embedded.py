@@ -11,6 +11,9 @@ included) is first built and queried in a child process (``gateway.policy.check`
 rego-cpp can abort the process on some policies; only then is it built here. A new bundle
 replaces the old one only once it compiled; a broken or crashing edit is logged and the last
 good bundle keeps serving.
+
+Each bundle carries its own decision cache (``gateway.policy.cache``; ``cache_size`` entries, 0:
+none), so swapping the bundle drops every cached result with it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import logging
 import os
 from typing import Any
 
+from gateway.config import DEFAULT_DECISION_CACHE_SIZE
+from gateway.policy.cache import DecisionCache
 from gateway.policy.check import DEFAULT_CHECK_TIMEOUT_SECONDS, check_in_subprocess
 from gateway.policy.engine import DEFAULT_RELOAD_INTERVAL_SECONDS, PolicyEngine
 from gateway.policy.errors import PolicyCompileError, PolicyError
@@ -32,8 +37,13 @@ class EmbeddedEngine(PolicyEngine):
     def __init__(self, policy_dir: str | os.PathLike[str], entrypoint: str, *,
                  reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
                  extra_entrypoints: tuple[str, ...] = (),
-                 check_timeout: float = DEFAULT_CHECK_TIMEOUT_SECONDS) -> None:
+                 check_timeout: float = DEFAULT_CHECK_TIMEOUT_SECONDS,
+                 cache_size: int = DEFAULT_DECISION_CACHE_SIZE) -> None:
         super().__init__(entrypoint)
+        if cache_size < 0:
+            raise PolicyError("the decision cache size must be 0 (off) or more")
+        self.cache_size = cache_size
+        self._cache_note: tuple[str, ...] = ()
         self.check_timeout = check_timeout
         self.policy_dir = os.fspath(policy_dir)
         self.reload_interval = reload_interval
@@ -47,6 +57,11 @@ class EmbeddedEngine(PolicyEngine):
     def revision(self) -> str | None:
         """A digest of the sources of the bundle now serving (for logs and status)."""
         return self._compiled.sources.digest if self._compiled else None
+
+    @property
+    def decision_cache(self) -> DecisionCache | None:
+        """The cache of the bundle now serving (None: off, or the policy is not cacheable)."""
+        return self._compiled.cache if self._compiled else None
 
     async def start(self) -> None:
         self._fingerprint = fingerprint(self.policy_dir)
@@ -68,7 +83,13 @@ class EmbeddedEngine(PolicyEngine):
     def _compile(self) -> CompiledPolicy:
         # Tests are left out of the serving bundle: they never run there and cost compile time.
         sources = load_sources(self.policy_dir, include_tests=False)
-        return CompiledPolicy(sources, self._entrypoints)
+        compiled = CompiledPolicy(sources, self._entrypoints, cache_size=self.cache_size)
+        if compiled.cache_disabled_by != self._cache_note:  # once per change, not per reload
+            self._cache_note = compiled.cache_disabled_by
+            if compiled.cache_disabled_by:
+                logger.warning("policy decision cache off: the policy calls %s, whose result is not "
+                               "a function of input and data", ", ".join(compiled.cache_disabled_by))
+        return compiled
 
     async def reload_if_changed(self) -> bool:
         """Check and rebuild if the folder changed; True when a new bundle now serves."""
@@ -116,7 +137,7 @@ class EmbeddedEngine(PolicyEngine):
             raise PolicyError(f"invalid entrypoint {entrypoint!r}")
         self._entrypoints.append(entrypoint)
         try:
-            rebuilt = CompiledPolicy(compiled.sources, self._entrypoints)
+            rebuilt = CompiledPolicy(compiled.sources, self._entrypoints, cache_size=self.cache_size)
         except PolicyCompileError:
             self._entrypoints.remove(entrypoint)
             raise

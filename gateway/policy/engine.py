@@ -71,7 +71,8 @@ def build_engine(cfg: PolicyConfig, *, reload_interval: float = DEFAULT_RELOAD_I
         from gateway.policy.embedded import EmbeddedEngine
 
         return EmbeddedEngine(cfg.dir, cfg.entrypoint, reload_interval=reload_interval,
-                              extra_entrypoints=extra_entrypoints)
+                              extra_entrypoints=extra_entrypoints,
+                              cache_size=cfg.decision_cache_size)
     if cfg.engine == "opa":
         from gateway.policy.opa import OpaEngine
 

@@ -27,6 +27,7 @@ import orjson
 import regopy
 from regopy import rego_shared as _rs
 
+from gateway.policy.cache import DecisionCache, input_key, nondeterministic_builtins
 from gateway.policy.errors import PolicyCompileError, PolicyEvalError, PolicyInputError
 
 _lib = _rs.rego
@@ -212,7 +213,7 @@ class CompiledPolicy:
     """A bundle compiled from one snapshot of the policy folder, with its entrypoints."""
 
     def __init__(self, sources: PolicySources, entrypoints: Sequence[str], *,
-                 include_tests: bool = False) -> None:
+                 include_tests: bool = False, cache_size: int = 0) -> None:
         for ep in entrypoints:
             if not ENTRYPOINT_RE.match(ep):
                 raise PolicyCompileError(f"invalid entrypoint {ep!r}: "
@@ -234,13 +235,38 @@ class CompiledPolicy:
         self._interp = _quiet_interpreter()
         self.input_projection = input_projection(modules)
         self._ep_bytes = {ep: ep.encode() for ep in self.entrypoints}
+        # Results are cached only when they are a function of the pruned input (cache.py).
+        self.cache: DecisionCache | None = None
+        self.cache_disabled_by: tuple[str, ...] = ()
+        if cache_size > 0:
+            self.cache_disabled_by = tuple(nondeterministic_builtins(_code_only(m.source) for m in modules))
+            if not self.cache_disabled_by:
+                self.cache = DecisionCache(cache_size)
 
     def evaluate(self, entrypoint: str, value: Any) -> tuple[bool, Any]:
         """Evaluate one entrypoint with ``value`` as input: (defined, result)."""
         ep = self._ep_bytes.get(entrypoint)
         if ep is None:
             raise PolicyEvalError(f"entrypoint {entrypoint!r} is not compiled into the bundle")
-        set_input(self._interp, project_input(value, self.input_projection))
+        pruned = project_input(value, self.input_projection)
+        cache = self.cache
+        if cache is None:
+            return parse_output(*self._run(ep, entrypoint, pruned), entrypoint)
+        key_bytes = input_key(pruned)
+        if key_bytes is None:
+            return parse_output(*self._run(ep, entrypoint, pruned), entrypoint)
+        key = (entrypoint, key_bytes)
+        cached = cache.get(key)
+        if cached is not None:
+            return parse_output(cached, True, entrypoint)
+        text, ok = self._run(ep, entrypoint, pruned)
+        result = parse_output(text, ok, entrypoint)  # raises on errors: those are never stored
+        cache.put(key, text)
+        return result
+
+    def _run(self, ep: bytes, entrypoint: str, pruned: Any) -> tuple[str, bool]:
+        """rego-cpp's output text for one entrypoint and whether it reports success."""
+        set_input(self._interp, pruned)
         out = _query_entrypoint(self._interp._impl, self._bundle._impl, ep)
         if not out:
             raise PolicyEvalError(f"rego-cpp returned no output for {entrypoint}")
@@ -249,7 +275,7 @@ class CompiledPolicy:
             text = _rs.rego_output_string(out)
         finally:
             _free_output(out)
-        return parse_output(text, ok, entrypoint)
+        return text, bool(ok)
 
 
 def parse_output(text: str, ok: bool, what: str) -> tuple[bool, Any]:
@@ -305,7 +331,9 @@ def run_query(interp: regopy.Interpreter, query: str, value: Any = None) -> tupl
 # `input.a.b` (or `input["a"]["b"]`) reference keeps the whole subtree under a.b, and a reference
 # that is not a static path (`input`, `input[k]`, `object.get(input, ...)`) keeps everything at
 # that level. Comments and string contents are ignored; anything the scanner cannot read keeps
-# more input, never less.
+# more input, never less. A static reference that is the sole argument of a type test
+# (`is_object(input.a)`, `type_name(input.a)`, ...) needs only the type of the value: it keeps
+# the key, and the value stays an object (with only the referenced keys) or stays as it is.
 
 ALL: Mapping[str, Any] = MappingProxyType({})  # sentinel: keep the whole subtree (identity-compared)
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -336,8 +364,8 @@ def _code_only(source: str) -> str:
     return "".join(out)
 
 
-def _ref_path(code: str, pos: int) -> list[str] | None:
-    """The static path after ``input`` at ``pos``; None when the reference is dynamic/bare."""
+def _ref_path(code: str, pos: int) -> tuple[list[str], int]:
+    """The static path after ``input`` at ``pos`` (empty when dynamic/bare) and where it ends."""
     path: list[str] = []
     n = len(code)
     while pos < n:
@@ -352,17 +380,36 @@ def _ref_path(code: str, pos: int) -> list[str] | None:
             break
         else:
             break
-    return path
+    return path, pos
+
+
+# Built-ins whose result depends only on the type of their argument.
+_TYPE_TESTS = ("is_object", "is_string", "is_number", "is_boolean", "is_array", "is_set",
+               "is_null", "type_name")
+_TYPE_TEST_NAMES = "|".join(_TYPE_TESTS)
+_TYPE_TEST_CALL_RE = re.compile(rf"(?<![A-Za-z0-9_.])(?:{_TYPE_TEST_NAMES})\(\s*\Z")
+_CLOSE_RE = re.compile(r"\s*\)")
+# A rule, function or import alias of the same name would make the call mean something else.
+# (rego-cpp accepts a function named like a built-in.)
+_TYPE_TEST_SHADOW_RE = re.compile(
+    rf"(?<![A-Za-z0-9_.])(?:{_TYPE_TEST_NAMES})\s*\([^()]*\)\s*(?::=|=(?!=)|if\b|\{{)"
+    rf"|\bas\s+(?:{_TYPE_TEST_NAMES})\b")
 
 
 def input_projection(modules: Iterable[PolicyModule]) -> Mapping[str, Any]:
     """A trie of the input paths the modules reference (``ALL`` where a subtree is kept whole)."""
+    codes = [_code_only(module.source) for module in modules]
+    type_tests_are_builtins = not any(_TYPE_TEST_SHADOW_RE.search(code) for code in codes)
     root: dict[str, Any] = {}
-    for module in modules:
-        code = _code_only(module.source)
+    for code in codes:
         for m in re.finditer(r"(?<![A-Za-z0-9_.])input(?![A-Za-z0-9_])", code):
-            path = _ref_path(code, m.end())
+            path, end = _ref_path(code, m.end())
+            type_only = (type_tests_are_builtins
+                         and _TYPE_TEST_CALL_RE.search(code, max(0, m.start() - 64), m.start()) is not None
+                         and _CLOSE_RE.match(code, end) is not None)
             if not path:
+                if type_only:
+                    continue
                 return ALL
             node = root
             for key in path[:-1]:
@@ -373,7 +420,10 @@ def input_projection(modules: Iterable[PolicyModule]) -> Mapping[str, Any]:
                     child = node[key] = {}
                 node = child
             else:
-                node[path[-1]] = ALL
+                if type_only:
+                    node.setdefault(path[-1], {})
+                else:
+                    node[path[-1]] = ALL
     return root
 
 

@@ -63,3 +63,48 @@ def test_pruned_and_full_input_decide_alike() -> None:
         full = policy.evaluate("mcp/authz/decision", inp)
         policy.input_projection = saved
         assert pruned == full
+
+
+def test_type_tests_keep_only_the_type() -> None:
+    """is_object(input.a.b) (and the other type tests) keep a.b's type, not its contents."""
+    p = proj("x if is_object(input.a.b)\ny if not type_name( input.a.c )\nz := input.a.b.k\n")
+    assert p["a"]["b"] == {"k": ALL} and p["a"]["c"] == {}
+    value = {"a": {"b": {"k": 1, "big": "x" * 100}, "c": {"d": 1}}}
+    assert project_input(value, p) == {"a": {"b": {"k": 1}, "c": {}}}
+    # A value that is not an object keeps its type because it is kept as it is.
+    assert project_input({"a": {"b": "text", "c": [1]}}, p) == {"a": {"b": "text", "c": [1]}}
+
+
+def test_type_test_lookalikes_keep_everything() -> None:
+    """Another function's call, an extra argument or a shadowing definition is not a type test."""
+    assert proj("x if data.lib.is_object(input.a)\n")["a"] is ALL
+    assert proj("x if is_object(input.a[0])\n")["a"] is ALL
+    assert proj("x if count(input.a) > 0\n")["a"] is ALL
+    assert proj("is_object(v) := true\nx if is_object(input.a)\n")["a"] is ALL
+    assert proj("import data.lib.f as is_null\nx if is_null(input.a)\n")["a"] is ALL
+
+
+def test_shipped_policy_reads_arguments_by_name() -> None:
+    """mcp.arguments is not kept whole: an argument the policy never reads is dropped."""
+    policy = CompiledPolicy(load_sources(POLICIES, include_tests=False), ["mcp/authz/decision"])
+    arguments = policy.input_projection["mcp"]["arguments"]
+    assert arguments is not ALL
+    assert set(arguments) == {"path", "root", "directory", "source", "destination", "target",
+                              "tenant", "tenant_id", "sql", "table"}
+    pruned = project_input({"mcp": {"arguments": {"path": "a", "text": "x" * 1024}}},
+                           policy.input_projection)
+    assert pruned == {"mcp": {"arguments": {"path": "a"}}}
+
+
+def test_path_argument_names_match_the_facts() -> None:
+    """The policy's path argument names, the arguments it reads and facts.py's list agree."""
+    from gateway.policy.facts import PATH_ARGUMENT_NAMES
+    from gateway.policy.rego import query_interpreter, run_query
+
+    sources = load_sources(POLICIES, include_tests=False)
+    _, names = run_query(query_interpreter(sources, include_tests=False),
+                         "data.mcp.authz.path_argument_names")
+    assert sorted(names) == sorted(PATH_ARGUMENT_NAMES)
+    source = "".join(m.source for m in sources.modules)
+    for name in PATH_ARGUMENT_NAMES:
+        assert f"file_paths contains p if p := input.mcp.arguments.{name}\n" in source
