@@ -2,15 +2,19 @@
 
     .venv/bin/python bench/bench_ext_proc.py [--requests N]
 
-Scenarios: a 10 KB ``tools/call`` result with PII (``bench.payloads.report_text``) masked as JSON
-and as SSE (email, phone, card, iban, ssn), and a 40-tool ``tools/list`` filtered by the real
-embedded Rego policy (``policies/``, one ``visible_tools`` query) plus the pinned catalog.
+Scenarios: the echo workload's answer (a 1 KB ``tools/call`` result without PII, the masker
+still scans it), a 10 KB ``tools/call`` result with PII (``bench.payloads.report_text``) masked
+as JSON and as SSE (email, phone, card, iban, ssn), and a 40-tool ``tools/list`` filtered by the
+real embedded Rego policy (``policies/``, one ``visible_tools`` query) plus the pinned catalog.
+Each runs as the rendered Envoy config sends it (2 messages: response headers carrying the
+caller context, then the body) and, for comparison, with request headers sent too (3 messages,
+the caller context on the first).
 
-1. In-process: ``time.process_time`` per full Process exchange (request headers, response
-   headers, body) driven straight into the servicer: the Python cost without gRPC.
-2. Over the wire: the real grpc.aio server on loopback and a grpc.aio client in this process,
-   one exchange at a time: p50/p99 of the exchange (what Envoy waits for) and CPU per exchange
-   (client + server, so an upper bound of the server's share).
+1. In-process: ``time.process_time`` per full Process exchange driven straight into the
+   servicer: the Python cost without gRPC.
+2. Over the wire: the real grpc.aio server in its own process on loopback and a grpc.aio client
+   in this one, one exchange at a time: p50/p99 of the exchange (what Envoy waits for) and the
+   server process's CPU per exchange (from /proc: what an ext_proc instance spends per request).
 Prints a markdown table.
 """
 
@@ -18,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing
+import multiprocessing.connection
+import os
 import statistics
 import sys
 import tempfile
@@ -34,11 +41,17 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.payloads import report_text  # noqa: E402
+from bench.payloads import echo_arguments, report_text  # noqa: E402
+from bench.procs import cpu_seconds  # noqa: E402
 from ext_proc.app import start_service  # noqa: E402
 from ext_proc.inspect import Inspector  # noqa: E402
 from ext_proc.metadata import NAMESPACE  # noqa: E402
-from ext_proc.servicer import ExternalProcessorServicer  # noqa: E402
+from ext_proc.servicer import (  # noqa: E402
+    ATTRIBUTES_NAMESPACE,
+    REQUEST_ID_ATTRIBUTE,
+    TRACEPARENT_ATTRIBUTE,
+    ExternalProcessorServicer,
+)
 from ext_proc.settings import Settings  # noqa: E402
 from gateway.catalog import Catalog  # noqa: E402
 from gateway.config import Instance, PolicyConfig  # noqa: E402
@@ -56,30 +69,51 @@ def meta(method: str) -> dict[str, Any]:
             "decision_id": "bench", "request_id": "bench"}
 
 
-def exchange(method: str, content_type: str, body: bytes) -> list[pb.ProcessingRequest]:
-    first = pb.ProcessingRequest()
-    first.request_headers.headers.headers.add(key=":path", raw_value=b"/mcp/files")
-    first.metadata_context.filter_metadata[NAMESPACE].update(meta(method))
+# The client's trace context, so both sequences make the same (non-recording) span.
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def exchange(method: str, content_type: str, body: bytes, *, request_headers: bool
+             ) -> list[pb.ProcessingRequest]:
+    """The messages of one exchange; the caller context on the first (as Envoy sends it)."""
     headers = pb.ProcessingRequest()
     headers.response_headers.headers.headers.add(key=":status", raw_value=b"200")
     headers.response_headers.headers.headers.add(key="content-type", raw_value=content_type.encode())
+    attrs = headers.attributes[ATTRIBUTES_NAMESPACE].fields
+    attrs[REQUEST_ID_ATTRIBUTE].string_value = "bench"
+    attrs[TRACEPARENT_ATTRIBUTE].string_value = TRACEPARENT
     chunk = pb.ProcessingRequest()
     chunk.response_body.body = body
     chunk.response_body.end_of_stream = True
-    return [first, headers, chunk]
+    first = headers
+    if request_headers:
+        first = pb.ProcessingRequest()
+        first.request_headers.headers.headers.add(key=":path", raw_value=b"/mcp/files")
+        first.request_headers.headers.headers.add(key="x-request-id", raw_value=b"bench")
+        first.request_headers.headers.headers.add(key="traceparent", raw_value=TRACEPARENT.encode())
+        del headers.attributes[ATTRIBUTES_NAMESPACE]
+    first.metadata_context.filter_metadata[NAMESPACE].update(meta(method))
+    return [first, headers, chunk] if request_headers else [headers, chunk]
 
 
 def scenarios() -> dict[str, list[pb.ProcessingRequest]]:
     result = {"content": [{"type": "text", "text": report_text()}], "isError": False}
     msg = orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": result})
     listing = orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS}})
-    return {
-        "tools/call 10 KB masked, JSON": exchange("tools/call", "application/json", msg),
-        "tools/call 10 KB masked, SSE": exchange("tools/call", "text/event-stream",
-                                                 b"data: " + msg + b"\n\n"),
-        "tools/list 40 tools filtered (Rego + catalog)": exchange("tools/list", "application/json",
-                                                                 listing),
+    echo = {"content": [{"type": "text", "text": orjson.dumps(echo_arguments()).decode()}],
+            "isError": False}
+    cases = {
+        "tools/call 1 KB echo masked, JSON": ("tools/call", "application/json",
+                                              orjson.dumps({"jsonrpc": "2.0", "id": 1, "result": echo})),
+        "tools/call 10 KB masked, JSON": ("tools/call", "application/json", msg),
+        "tools/call 10 KB masked, SSE": ("tools/call", "text/event-stream", b"data: " + msg + b"\n\n"),
+        "tools/list 40 tools filtered (Rego + catalog)": ("tools/list", "application/json", listing),
     }
+    out: dict[str, list[pb.ProcessingRequest]] = {}
+    for name, (method, ctype, body) in cases.items():
+        out[f"{name}, 2 msgs"] = exchange(method, ctype, body, request_headers=False)
+        out[f"{name}, 3 msgs (+ request headers)"] = exchange(method, ctype, body, request_headers=True)
+    return out
 
 
 async def _iter(items: list[pb.ProcessingRequest]) -> AsyncIterator[pb.ProcessingRequest]:
@@ -99,7 +133,8 @@ async def in_process(servicer: ExternalProcessorServicer, reqs: list[pb.Processi
     return cpu * 1e6
 
 
-async def over_wire(port: int, reqs: list[pb.ProcessingRequest], n: int) -> tuple[float, float, float]:
+async def over_wire(port: int, server_pid: int, reqs: list[pb.ProcessingRequest], n: int
+                    ) -> tuple[float, float, float]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = pb_grpc.ExternalProcessorStub(channel)
 
@@ -114,39 +149,73 @@ async def over_wire(port: int, reqs: list[pb.ProcessingRequest], n: int) -> tupl
         for _ in range(20):
             await one()
         lat: list[float] = []
-        cpu0 = time.process_time()
+        cpu0 = cpu_seconds(server_pid)
         for _ in range(n):
             t = time.perf_counter()
             await one()
             lat.append(time.perf_counter() - t)
-        cpu = (time.process_time() - cpu0) / n
+        cpu1 = cpu_seconds(server_pid)
+    assert cpu0 is not None and cpu1 is not None, "the ext_proc process died"
     lat.sort()
-    return statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99) - 1] * 1e3, cpu * 1e6
+    return statistics.median(lat) * 1e3, lat[int(len(lat) * 0.99) - 1] * 1e3, (cpu1 - cpu0) / n * 1e6
+
+
+ENTRY = "mcp/authz/visible_tools"
+
+
+def build(catalog_path: Path) -> tuple[Settings, Any, Catalog]:
+    engine = build_engine(PolicyConfig(dir=str(ROOT / "policies")), extra_entrypoints=(ENTRY,))
+    catalog = Catalog(catalog_path)
+    catalog.refresh("files", TOOLS)
+    settings = Settings(listen=Instance("127.0.0.1", 0), policy=PolicyConfig(),
+                        catalog_path=None, message_timeout_seconds=5.0)
+    return settings, engine, catalog
+
+
+def serve(conn: multiprocessing.connection.Connection, catalog_path: Path) -> None:
+    """The child process: one ext_proc service on port 0; sends the port, stops on a message."""
+    async def run() -> None:
+        settings, engine, catalog = build(catalog_path)
+        service = await start_service(settings, engine, catalog=catalog)
+        conn.send(service.port)
+        await asyncio.get_running_loop().run_in_executor(None, conn.recv)
+        await service.stop(grace=None)
+
+    asyncio.run(run())
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=500)
     args = parser.parse_args()
-    entry = "mcp/authz/visible_tools"
-    engine = build_engine(PolicyConfig(dir=str(ROOT / "policies")), extra_entrypoints=(entry,))
     with tempfile.TemporaryDirectory() as tmp:
-        catalog = Catalog(Path(tmp) / "catalog.sqlite")
-        catalog.refresh("files", TOOLS)
-        settings = Settings(listen=Instance("127.0.0.1", 0), policy=PolicyConfig(),
-                            catalog_path=None, message_timeout_seconds=5.0)
-        service = await start_service(settings, engine, catalog=catalog)
+        settings, engine, catalog = build(Path(tmp) / "catalog.sqlite")
+        await engine.start()
         servicer = ExternalProcessorServicer(settings, Inspector(
-            policy=engine, list_entrypoints={"tools": entry}, catalog=catalog))
+            policy=engine, list_entrypoints={"tools": ENTRY}, catalog=catalog))
+        ours, theirs = multiprocessing.Pipe()
+        child = multiprocessing.get_context("spawn").Process(
+            target=serve, args=(theirs, Path(tmp) / "server.sqlite"), daemon=True)
+        child.start()
         try:
-            print("| scenario | in-process CPU/req | wire p50 | wire p99 | wire CPU/req (client+server) |")
+            if not ours.poll(60):
+                raise SystemExit("the ext_proc process did not start in 60 s")
+            port = ours.recv()
+            assert child.pid is not None and child.pid != os.getpid()
+            print("| scenario | in-process CPU/req | wire p50 | wire p99 | ext_proc process CPU/req |")
             print("|---|---|---|---|---|")
             for name, reqs in scenarios().items():
                 cpu = await in_process(servicer, reqs, args.requests)
-                p50, p99, wire_cpu = await over_wire(service.port, reqs, args.requests)
+                p50, p99, wire_cpu = await over_wire(port, child.pid, reqs, args.requests)
                 print(f"| {name} | {cpu:.0f} us | {p50:.2f} ms | {p99:.2f} ms | {wire_cpu:.0f} us |")
         finally:
-            await service.stop(grace=None)
+            ours.send("stop")
+            child.join(30)
+            if child.is_alive():
+                child.kill()
+                child.join(10)
+            await engine.close()
+            catalog.close()
 
 
 if __name__ == "__main__":

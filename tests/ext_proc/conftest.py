@@ -18,7 +18,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ext_proc.inspect import Inspector
 from ext_proc.metadata import NAMESPACE
-from ext_proc.servicer import ExternalProcessorServicer
+from ext_proc.servicer import (
+    ATTRIBUTES_NAMESPACE,
+    REQUEST_ID_ATTRIBUTE,
+    TRACEPARENT_ATTRIBUTE,
+    ExternalProcessorServicer,
+)
 from ext_proc.settings import Settings
 from gateway.catalog import Catalog
 from gateway.config import Instance, PolicyConfig
@@ -66,6 +71,16 @@ def response_headers(content_type: str | None = "application/json", *, end_of_st
         h.key, h.raw_value = key, value.encode()
     req.response_headers.end_of_stream = end_of_stream
     return with_metadata(req, meta)
+
+
+def with_attributes(req: pb.ProcessingRequest, *, request_id: str | None = None,
+                    traceparent: str | None = None) -> pb.ProcessingRequest:
+    """What Envoy's ``response_attributes`` add to the response-headers message."""
+    attrs = req.attributes[ATTRIBUTES_NAMESPACE]
+    for name, value in ((REQUEST_ID_ATTRIBUTE, request_id), (TRACEPARENT_ATTRIBUTE, traceparent)):
+        if value is not None:
+            attrs.fields[name].string_value = value
+    return req
 
 
 def response_body(body: bytes, *, end_of_stream: bool = True) -> pb.ProcessingRequest:

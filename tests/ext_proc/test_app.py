@@ -29,7 +29,6 @@ from tests.ext_proc.conftest import (
     caller,
     jsonrpc_result,
     make_settings,
-    request_headers,
     response_body,
     response_headers,
     tool_result,
@@ -68,9 +67,7 @@ async def test_health_is_serving(service: Service, channel: grpc.aio.Channel,
 async def test_masking_over_the_wire(channel: grpc.aio.Channel) -> None:
     """A bidi Process stream over real gRPC masks a JSON tool result."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
-    await call.write(request_headers(caller()))
-    assert (await call.read()).WhichOneof("response") == "request_headers"
-    await call.write(response_headers())
+    await call.write(response_headers(meta=caller()))
     assert (await call.read()).HasField("mode_override")
     await call.write(response_body(jsonrpc_result(tool_result(f"{EMAIL} {CARD}"))))
     body = (await call.read()).response_body.response.body_mutation.body
@@ -83,9 +80,7 @@ async def test_masking_over_the_wire(channel: grpc.aio.Channel) -> None:
 async def test_filtering_over_the_wire(channel: grpc.aio.Channel, policy: StandinPolicy) -> None:
     """tools/list through the real server: policy and catalog filter in one pass."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
-    await call.write(request_headers(caller(mcp_method="tools/list")))
-    await call.read()
-    await call.write(response_headers())
+    await call.write(response_headers(meta=caller(mcp_method="tools/list")))
     await call.read()
     await call.write(response_body(jsonrpc_result({"tools": TOOLS})))
     body = (await call.read()).response_body.response.body_mutation.body
@@ -97,7 +92,7 @@ async def test_filtering_over_the_wire(channel: grpc.aio.Channel, policy: Standi
 async def test_failure_is_an_immediate_response_then_end(channel: grpc.aio.Channel) -> None:
     """Missing metadata: an ImmediateResponse, then the server ends the stream."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
-    await call.write(request_headers(None))
+    await call.write(response_headers(meta=None))
     resp = await call.read()
     assert resp.immediate_response.status.code == 500
     assert await call.read() == grpc.aio.EOF
@@ -149,8 +144,7 @@ async def test_stream_ends_once_the_answer_is_complete(channel: grpc.aio.Channel
     """After the last body chunk is answered the server ends the stream itself (no read is left
     outstanding for Envoy's reset to cancel: grpc.aio leaks such a read's native batch)."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
-    for req in (request_headers(caller()), response_headers(),
-                response_body(jsonrpc_result(tool_result(EMAIL)))):
+    for req in (response_headers(meta=caller()), response_body(jsonrpc_result(tool_result(EMAIL)))):
         await call.write(req)
         assert (await call.read()).WhichOneof("response") != "immediate_response"
     assert await call.read() == grpc.aio.EOF  # without done_writing: the server closed it
@@ -160,9 +154,7 @@ async def test_stream_ends_once_the_answer_is_complete(channel: grpc.aio.Channel
 async def test_stream_ends_when_the_answer_needs_no_inspection(channel: grpc.aio.Channel) -> None:
     """A tools/call answer without masking: the stream ends with the response-headers answer."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
-    await call.write(request_headers(caller(mask=[])))
-    assert (await call.read()).WhichOneof("response") == "request_headers"
-    await call.write(response_headers())
+    await call.write(response_headers(meta=caller(mask=[])))
     resp = await call.read()
     assert resp.WhichOneof("response") == "response_headers" and not resp.HasField("mode_override")
     assert await call.read() == grpc.aio.EOF
@@ -173,7 +165,7 @@ async def test_an_sse_stream_ends_after_its_last_chunk(channel: grpc.aio.Channel
     """SSE: the stream stays open across chunks and ends once the end_of_stream chunk is answered."""
     call = pb_grpc.ExternalProcessorStub(channel).Process(timeout=WAIT)
     event = b"data: " + jsonrpc_result(tool_result(EMAIL)) + b"\n\n"
-    for req in (request_headers(caller()), response_headers("text/event-stream"),
+    for req in (response_headers("text/event-stream", meta=caller()),
                 response_body(event, end_of_stream=False)):
         await call.write(req)
         assert (await call.read()).WhichOneof("response") != "immediate_response"

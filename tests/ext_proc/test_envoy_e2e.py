@@ -26,7 +26,9 @@ from aiohttp import web
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from google.rpc import code_pb2  # type: ignore[import-untyped]
 
+from ext_proc import servicer
 from ext_proc.app import Service, start_service
+from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.catalog import Catalog
 from gateway.envoy_config import find_envoy
 from gateway.sse import SseParser
@@ -129,13 +131,14 @@ static_resources:
               allow_mode_override: true
               message_timeout: 5s
               processing_mode:
-                request_header_mode: SEND
+                request_header_mode: SKIP
                 response_header_mode: SEND
                 request_body_mode: NONE
                 response_body_mode: NONE
               metadata_options:
                 forwarding_namespaces:
                   untyped: ["envoy.filters.http.ext_authz"]
+              response_attributes: {attributes}
           - name: envoy.filters.http.router
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -171,8 +174,9 @@ class Stack:
     policy: StandinPolicy
     envoy_log: Path
 
-    async def post(self, path: str, meta: dict[str, Any] | None) -> tuple[int, str, bytes]:
-        headers = {"content-type": "application/json"}
+    async def post(self, path: str, meta: dict[str, Any] | None,
+                   extra: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+        headers = {"content-type": "application/json", **(extra or {})}
         if meta is not None:
             headers["x-test-caller"] = json.dumps(meta)
         async with aiohttp.ClientSession(timeout=REQUEST_TIMEOUT) as http, \
@@ -233,7 +237,7 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
     config = tmp_path / "envoy.yaml"
     config.write_text(ENVOY_YAML.format(
-        hcm=HCM_TYPE,
+        hcm=HCM_TYPE, attributes=json.dumps(list(RESPONSE_ATTRIBUTES)),
         cluster=cluster("upstream", upstream_port, grpc_cluster=False),
         authz=cluster("ext_authz", authz_port, grpc_cluster=True),
         proc=cluster("ext_proc", ext_proc.port, grpc_cluster=True)), encoding="utf-8")
@@ -297,6 +301,26 @@ async def test_missing_metadata_is_refused(stack: Stack) -> None:
     status, _, body = await stack.post("/json", None)
     assert status == 500
     assert orjson.loads(body)["error"]["data"]["reason"] == "metadata_missing"
+
+
+async def test_request_ids_arrive_without_request_headers(stack: Stack,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Request headers are skipped, yet the response headers bring the request's id and
+    traceparent (response_attributes) and ext_authz's metadata (masking needs it)."""
+    seen: list[tuple[str | None, dict[str, str], str | None]] = []
+    original = servicer.request_ids
+
+    def spy(req: Any) -> tuple[dict[str, str], str | None]:
+        result = original(req)
+        seen.append((req.WhichOneof("request"), *result))
+        return result
+
+    monkeypatch.setattr(servicer, "request_ids", spy)
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    status, _, body = await stack.post("/json", caller(), {"traceparent": parent,
+                                                           "x-request-id": "req-42"})
+    assert status == 200 and EMAIL.encode() not in body
+    assert seen == [("response_headers", {"traceparent": parent}, "req-42")]
 
 
 async def test_broken_sse_stream_is_cut_not_passed(stack: Stack) -> None:

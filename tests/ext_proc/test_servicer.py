@@ -56,12 +56,10 @@ async def test_json_tool_result_is_masked(policy: StandinPolicy) -> None:
     """A JSON tools/call answer is buffered, masked, re-serialized and loses its content-length."""
     before = masked_total("email")
     body = jsonrpc_result(tool_result(f"mail {EMAIL} card {CARD}"))
-    out = await run(make_servicer(policy), request_headers(caller()), response_headers(),
-                    response_body(body))
-    assert out[0].WhichOneof("response") == "request_headers"
-    assert out[1].mode_override.response_body_mode == BUFFERED
-    assert list(out[1].response_headers.response.header_mutation.remove_headers) == ["content-length"]
-    masked = orjson.loads(new_body(out[2]))
+    out = await run(make_servicer(policy), response_headers(meta=caller()), response_body(body))
+    assert out[0].mode_override.response_body_mode == BUFFERED
+    assert list(out[0].response_headers.response.header_mutation.remove_headers) == ["content-length"]
+    masked = orjson.loads(new_body(out[1]))
     text = masked["result"]["content"][0]["text"]
     assert EMAIL not in text and "4111" not in text
     assert "[REDACTED:email]" in text and "[REDACTED:card]" in text
@@ -72,18 +70,18 @@ async def test_json_tool_result_is_masked(policy: StandinPolicy) -> None:
 async def test_only_the_obligated_types_are_masked(policy: StandinPolicy) -> None:
     """Types not named by the mask obligation stay as they are."""
     body = jsonrpc_result(tool_result(f"mail {EMAIL} card {CARD}"))
-    out = await run(make_servicer(policy), request_headers(caller(mask=["card"])), response_headers(),
+    out = await run(make_servicer(policy), response_headers(meta=caller(mask=["card"])),
                     response_body(body))
-    text = orjson.loads(new_body(out[2]))["result"]["content"][0]["text"]
+    text = orjson.loads(new_body(out[1]))["result"]["content"][0]["text"]
     assert EMAIL in text and CARD not in text
 
 
 async def test_empty_mask_skips_the_body(policy: StandinPolicy) -> None:
     """A tools/call without mask obligation is not inspected: no mode override at all."""
-    out = await run(make_servicer(policy), request_headers(caller(mask=[])), response_headers())
-    assert out[1].WhichOneof("response") == "response_headers"
-    assert not out[1].HasField("mode_override")
-    assert not out[1].response_headers.response.HasField("header_mutation")
+    out = await run(make_servicer(policy), response_headers(meta=caller(mask=[])))
+    assert out[0].WhichOneof("response") == "response_headers"
+    assert not out[0].HasField("mode_override")
+    assert not out[0].response_headers.response.HasField("header_mutation")
 
 
 async def test_sse_is_masked_across_cut_chunks(policy: StandinPolicy) -> None:
@@ -94,11 +92,11 @@ async def test_sse_is_masked_across_cut_chunks(policy: StandinPolicy) -> None:
     cuts = [stream[:7], stream[7:40], stream[40:len(note) + 30], stream[len(note) + 30:-1], stream[-1:]]
     reqs = [response_body(c, end_of_stream=False) for c in cuts[:-1]]
     reqs.append(response_body(cuts[-1], end_of_stream=True))
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers("text/event-stream; charset=utf-8"), *reqs)
-    assert out[1].mode_override.response_body_mode == STREAMED
-    assert list(out[1].response_headers.response.header_mutation.remove_headers) == ["content-length"]
-    emitted = b"".join(new_body(r) for r in out[2:])
+    out = await run(make_servicer(policy),
+                    response_headers("text/event-stream; charset=utf-8", meta=caller()), *reqs)
+    assert out[0].mode_override.response_body_mode == STREAMED
+    assert list(out[0].response_headers.response.header_mutation.remove_headers) == ["content-length"]
+    emitted = b"".join(new_body(r) for r in out[1:])
     events = SseParser().feed(emitted)
     assert [e.id for e in events] == ["1", "2"]
     first, second = (orjson.loads(e.data or "") for e in events)
@@ -110,9 +108,9 @@ async def test_sse_is_masked_across_cut_chunks(policy: StandinPolicy) -> None:
 async def test_sse_unterminated_tail_is_dropped(policy: StandinPolicy) -> None:
     """An event still open at end of stream is dropped, never emitted unparsed."""
     stream = sse_event(jsonrpc_result(tool_result("ok"))) + b"data: {\"x\": \"" + EMAIL.encode()
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers("text/event-stream"), response_body(stream))
-    emitted = new_body(out[2])
+    out = await run(make_servicer(policy), response_headers("text/event-stream", meta=caller()),
+                    response_body(stream))
+    emitted = new_body(out[1])
     assert EMAIL.encode() not in emitted
     assert len(SseParser().feed(emitted)) == 1
 
@@ -121,9 +119,8 @@ async def test_tools_list_is_filtered_with_one_query(policy: StandinPolicy) -> N
     """tools/list keeps only the allowed tools, asks the policy once, and keeps nextCursor."""
     body = jsonrpc_result({"tools": TOOLS, "nextCursor": "page-2"})
     meta = caller(mcp_method="tools/list", tool=None, scope="tools:call:files/*")
-    out = await run(make_servicer(policy), request_headers(meta), response_headers(),
-                    response_body(body))
-    result = orjson.loads(new_body(out[2]))["result"]
+    out = await run(make_servicer(policy), response_headers(meta=meta), response_body(body))
+    result = orjson.loads(new_body(out[1]))["result"]
     assert [t["name"] for t in result["tools"]] == ["read_file", "stat"]
     assert result["nextCursor"] == "page-2"
     assert len(policy.queries) == 1
@@ -139,9 +136,10 @@ async def test_tools_list_is_filtered_with_one_query(policy: StandinPolicy) -> N
 async def test_tools_list_over_sse_is_filtered(policy: StandinPolicy) -> None:
     """A tools/list answered over SSE is filtered event by event."""
     stream = sse_event(jsonrpc_result({"tools": TOOLS}))
-    out = await run(make_servicer(policy), request_headers(caller(mcp_method="tools/list")),
-                    response_headers("text/event-stream"), response_body(stream))
-    (event,) = SseParser().feed(new_body(out[2]))
+    out = await run(make_servicer(policy),
+                    response_headers("text/event-stream", meta=caller(mcp_method="tools/list")),
+                    response_body(stream))
+    (event,) = SseParser().feed(new_body(out[1]))
     assert [t["name"] for t in orjson.loads(event.data or "")["result"]["tools"]] == ["read_file", "stat"]
 
 
@@ -151,16 +149,15 @@ async def test_quarantined_tool_is_hidden(policy: StandinPolicy, catalog: Catalo
     catalog.refresh("files", changed)
     policy.allowed = {"read_file", "write_file", "stat"}
     body = jsonrpc_result({"tools": changed})
-    out = await run(make_servicer(policy, catalog), request_headers(caller(mcp_method="tools/list")),
-                    response_headers(), response_body(body))
-    result = orjson.loads(new_body(out[2]))["result"]
+    out = await run(make_servicer(policy, catalog), response_headers(meta=caller(mcp_method="tools/list")),
+                    response_body(body))
+    result = orjson.loads(new_body(out[1]))["result"]
     assert [t["name"] for t in result["tools"]] == ["write_file", "stat"]
 
 
-async def test_missing_metadata_fails_closed_at_request_headers(policy: StandinPolicy) -> None:
-    """No ext_authz metadata: 500 with a JSON-RPC error before the request goes upstream."""
-    out = await run(make_servicer(policy), request_headers(None), response_headers(),
-                    response_body(b"{}"))
+async def test_missing_metadata_fails_closed_at_response_headers(policy: StandinPolicy) -> None:
+    """No ext_authz metadata: 500 with a JSON-RPC error instead of the answer, body never asked for."""
+    out = await run(make_servicer(policy), response_headers(meta=None), response_body(b"{}"))
     assert len(out) == 1
     status, error = error_of(out[0])
     assert status == 500 and error["data"] == {"reason": "metadata_missing"}
@@ -168,59 +165,58 @@ async def test_missing_metadata_fails_closed_at_request_headers(policy: StandinP
 
 async def test_malformed_metadata_fails_closed(policy: StandinPolicy) -> None:
     """Metadata with a wrong type (roles as a string) is refused, not guessed at."""
-    out = await run(make_servicer(policy), request_headers(caller(roles="admin")))
+    out = await run(make_servicer(policy), response_headers(meta=caller(roles="admin")))
     status, error = error_of(out[0])
     assert status == 500 and error["data"]["reason"] == "metadata_invalid"
 
 
 async def test_unknown_content_type_fails_closed(policy: StandinPolicy) -> None:
     """An inspected route answering text/plain gets 502, never the unmasked body."""
-    out = await run(make_servicer(policy), request_headers(caller()), response_headers("text/plain"),
+    out = await run(make_servicer(policy), response_headers("text/plain", meta=caller()),
                     response_body(EMAIL.encode()))
-    assert len(out) == 2
-    status, error = error_of(out[1])
+    assert len(out) == 1
+    status, error = error_of(out[0])
     assert status == 502 and error["data"]["reason"] == "unsupported_content"
 
 
 async def test_compressed_answer_fails_closed(policy: StandinPolicy) -> None:
     """A gzip-encoded answer cannot be inspected: 502."""
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers(extra=[("content-encoding", "gzip")]))
-    assert error_of(out[1])[0] == 502
+    out = await run(make_servicer(policy),
+                    response_headers(extra=[("content-encoding", "gzip")], meta=caller()))
+    assert error_of(out[0])[0] == 502
 
 
 async def test_invalid_json_fails_closed(policy: StandinPolicy) -> None:
     """A body that should be inspected but is not JSON is withheld (502)."""
-    out = await run(make_servicer(policy), request_headers(caller()), response_headers(),
+    out = await run(make_servicer(policy), response_headers(meta=caller()),
                     response_body(b'{"result": "' + EMAIL.encode()))
-    status, error = error_of(out[2])
+    status, error = error_of(out[1])
     assert status == 502 and error["data"]["reason"] == "invalid_upstream_response"
 
 
 async def test_invalid_json_in_sse_event_fails_closed(policy: StandinPolicy) -> None:
     """An SSE event whose data is not JSON ends the stream with an error."""
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers("text/event-stream"),
+    out = await run(make_servicer(policy), response_headers("text/event-stream", meta=caller()),
                     response_body(b"data: " + EMAIL.encode() + b"\n\n"))
-    assert error_of(out[2])[0] == 502
+    assert error_of(out[1])[0] == 502
 
 
 async def test_oversized_body_fails_closed(policy: StandinPolicy) -> None:
     """A JSON answer over the limit is refused, also when it arrives in several chunks."""
     servicer = make_servicer(policy, max_body_bytes=100)
-    out = await run(servicer, request_headers(caller()), response_headers(),
+    out = await run(servicer, response_headers(meta=caller()),
                     response_body(b" " * 60, end_of_stream=False), response_body(b" " * 60))
-    assert new_body(out[2]) == b""  # the first part is held back, not passed through
-    status, error = error_of(out[3])
+    assert new_body(out[1]) == b""  # the first part is held back, not passed through
+    status, error = error_of(out[2])
     assert status == 502 and error["data"]["reason"] == "response_too_large"
 
 
 async def test_oversized_sse_event_fails_closed(policy: StandinPolicy) -> None:
     """An SSE event larger than the event buffer fails closed."""
     servicer = make_servicer(policy, max_sse_event_bytes=64)
-    out = await run(servicer, request_headers(caller()), response_headers("text/event-stream"),
+    out = await run(servicer, response_headers("text/event-stream", meta=caller()),
                     response_body(b"data: " + b"x" * 100, end_of_stream=False))
-    status, error = error_of(out[2])
+    status, error = error_of(out[1])
     assert status == 502 and error["data"]["reason"] == "sse_error"
 
 
@@ -228,9 +224,9 @@ async def test_policy_timeout_fails_closed() -> None:
     """A list policy that does not answer in time: 504, the list is withheld."""
     policy = StandinPolicy(hang=True)
     out = await run(make_servicer(policy, message_timeout_seconds=0.05),
-                    request_headers(caller(mcp_method="tools/list")), response_headers(),
+                    response_headers(meta=caller(mcp_method="tools/list")),
                     response_body(jsonrpc_result({"tools": TOOLS})))
-    status, error = error_of(out[2])
+    status, error = error_of(out[1])
     assert status == 504 and error["data"]["reason"] == "inspection_timeout"
     assert error["data"]["decision_id"] == "d-1"
 
@@ -238,9 +234,9 @@ async def test_policy_timeout_fails_closed() -> None:
 async def test_policy_contract_violation_fails_closed() -> None:
     """A list policy answering something other than a list of names: 503."""
     out = await run(make_servicer(StandinPolicy(answer={"read_file": True})),
-                    request_headers(caller(mcp_method="tools/list")), response_headers(),
+                    response_headers(meta=caller(mcp_method="tools/list")),
                     response_body(jsonrpc_result({"tools": TOOLS})))
-    status, error = error_of(out[2])
+    status, error = error_of(out[1])
     assert status == 503 and error["data"]["reason"] == "list_policy_error"
 
 
@@ -250,31 +246,32 @@ async def test_unexpected_exception_fails_closed() -> None:
         async def query(self, entrypoint: str, policy_input: object) -> object:
             raise RuntimeError("boom")
 
-    out = await run(make_servicer(Broken()), request_headers(caller(mcp_method="tools/list")),
-                    response_headers(), response_body(jsonrpc_result({"tools": TOOLS})))
-    status, error = error_of(out[2])
+    out = await run(make_servicer(Broken()), response_headers(meta=caller(mcp_method="tools/list")),
+                    response_body(jsonrpc_result({"tools": TOOLS})))
+    status, error = error_of(out[1])
     assert status == 502 and error["data"]["reason"] == "inspection_error"
 
 
 async def test_no_body_answer_passes(policy: StandinPolicy) -> None:
     """A 202 without a body (end_of_stream on headers) needs no inspection."""
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers(None, end_of_stream=True))
-    assert out[1].WhichOneof("response") == "response_headers"
-    assert not out[1].HasField("mode_override")
+    out = await run(make_servicer(policy), response_headers(None, end_of_stream=True, meta=caller()))
+    assert out[0].WhichOneof("response") == "response_headers"
+    assert not out[0].HasField("mode_override")
 
 
 async def test_uninspected_method_passes(policy: StandinPolicy) -> None:
     """Methods with nothing to inspect (ping) continue without asking for the body."""
-    out = await run(make_servicer(policy), request_headers(caller(mcp_method="ping")),
-                    response_headers("text/plain"))
-    assert out[1].WhichOneof("response") == "response_headers"
-    assert not out[1].HasField("mode_override")
+    out = await run(make_servicer(policy), response_headers("text/plain", meta=caller(mcp_method="ping")))
+    assert out[0].WhichOneof("response") == "response_headers"
+    assert not out[0].HasField("mode_override")
 
 
-async def test_metadata_on_response_headers_only(policy: StandinPolicy) -> None:
-    """Metadata that arrives only with the response headers is used as well."""
+async def test_request_headers_still_answered(policy: StandinPolicy) -> None:
+    """An Envoy config that still sends request headers works: they are continued and their
+    metadata is the caller context."""
     body = jsonrpc_result(tool_result(EMAIL))
-    out = await run(make_servicer(policy), response_headers(meta=caller()), response_body(body))
-    assert out[0].mode_override.response_body_mode == BUFFERED
-    assert EMAIL.encode() not in new_body(out[1])
+    out = await run(make_servicer(policy), request_headers(caller()), response_headers(),
+                    response_body(body))
+    assert out[0].WhichOneof("response") == "request_headers"
+    assert out[1].mode_override.response_body_mode == BUFFERED
+    assert EMAIL.encode() not in new_body(out[2])

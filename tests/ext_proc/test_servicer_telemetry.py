@@ -31,12 +31,12 @@ from tests.ext_proc.conftest import (
     jsonrpc_result,
     make_servicer,
     make_settings,
-    request_headers,
     response_body,
     response_headers,
     run,
     sse_event,
     tool_result,
+    with_attributes,
 )
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
 
@@ -66,13 +66,6 @@ def traceparent(trace_id: str, span_id: str) -> str:
     return f"00-{trace_id}-{span_id}-01"
 
 
-def with_headers(req: pb.ProcessingRequest, *pairs: tuple[str, str]) -> pb.ProcessingRequest:
-    for key, value in pairs:
-        h = req.request_headers.headers.headers.add()
-        h.key, h.raw_value = key, value.encode()
-    return req
-
-
 STREAM_IDS = {"request_id": "r-1", "decision_id": "d-1", "sub": "alice", "tenant": "acme",
               "server": "files", "method": "tools/call", "tool": "read_file"}
 
@@ -80,8 +73,7 @@ STREAM_IDS = {"request_id": "r-1", "decision_id": "d-1", "sub": "alice", "tenant
 async def test_log_lines_carry_the_stream_ids(policy: StandinPolicy, log_stream: io.StringIO) -> None:
     """A processed stream's log lines carry request, decision, caller, server, method and tool."""
     body = jsonrpc_result(tool_result(f"mail {EMAIL}"))
-    await run(make_servicer(policy), request_headers(caller()), response_headers(),
-              response_body(body))
+    await run(make_servicer(policy), response_headers(meta=caller()), response_body(body))
     (event,) = events(log_stream)
     assert event["message"].startswith("stream ended: masked")
     assert {k: event.get(k) for k in STREAM_IDS} == STREAM_IDS
@@ -92,18 +84,18 @@ async def test_log_lines_carry_the_stream_ids(policy: StandinPolicy, log_stream:
 async def test_withheld_answer_is_logged_with_the_ids(policy: StandinPolicy,
                                                       log_stream: io.StringIO) -> None:
     """The fail-closed warning of a withheld answer carries the stream's ids."""
-    out = await run(make_servicer(policy), request_headers(caller()),
-                    response_headers("text/html"))
+    out = await run(make_servicer(policy), response_headers("text/html", meta=caller()))
     assert out[-1].WhichOneof("response") == "immediate_response"
     warning = next(e for e in events(log_stream) if e["level"] == "WARNING")
     assert warning["message"].startswith("response withheld: unsupported_content")
     assert {k: warning.get(k) for k in STREAM_IDS} == STREAM_IDS
 
 
-async def test_request_id_from_headers_without_metadata(policy: StandinPolicy,
-                                                        log_stream: io.StringIO) -> None:
-    """Without ext_authz metadata the request headers' x-request-id still tags the lines."""
-    req = with_headers(request_headers(None), ("x-request-id", "hdr-7"))
+async def test_request_id_from_attributes_without_metadata(policy: StandinPolicy,
+                                                           log_stream: io.StringIO) -> None:
+    """Without ext_authz metadata the request id Envoy sends as a response attribute still tags
+    the lines."""
+    req = with_attributes(response_headers(meta=None), request_id="hdr-7")
     out = await run(make_servicer(policy), req)
     assert out[-1].WhichOneof("response") == "immediate_response"
     for event in events(log_stream):
@@ -126,10 +118,10 @@ async def test_interleaved_streams_in_one_task_do_not_leak(policy: StandinPolicy
     streams = {k: servicer.process(feed(q), None) for k, q in queues.items()}
     # The unterminated last SSE event makes each stream log a warning while handling its body.
     tail = sse_event(jsonrpc_result(tool_result("x"))) + b"data: {"
-    for i in range(3):
+    for i in range(2):
         for key, (rid, did) in ids.items():
-            step = (request_headers(caller(request_id=rid, decision_id=did)),
-                    response_headers("text/event-stream"), response_body(tail))[i]
+            step = (response_headers("text/event-stream", meta=caller(request_id=rid, decision_id=did)),
+                    response_body(tail))[i]
             queues[key].put_nowait(step)
             async with asyncio.timeout(WAIT):  # not wait_for: its own task would hide a leak
                 resp = await anext(streams[key])
@@ -140,7 +132,7 @@ async def test_interleaved_streams_in_one_task_do_not_leak(policy: StandinPolicy
         await stream.aclose()
     lines = events(log_stream)
     between = [e for e in lines if e["message"] == "between messages"]
-    assert len(between) == 6 and all("request_id" not in e for e in between)
+    assert len(between) == 4 and all("request_id" not in e for e in between)
     dropped = [e for e in lines if e["message"].startswith("dropped an unterminated")]
     assert sorted((e["request_id"], e["decision_id"]) for e in dropped) == sorted(ids.values())
     for e in dropped:
@@ -195,15 +187,15 @@ async def exchange(channel: grpc.aio.Channel, requests: list[pb.ProcessingReques
 
 async def test_span_joins_envoys_trace(traced: tuple[Service, OtlpReceiver]) -> None:
     """The stream's span is a SERVER child of the traceparent in the gRPC metadata (Envoy's span),
-    not of the request headers' one, with method, tool and the masked count."""
+    not of the client's one (a response attribute), with method, tool and the masked count."""
     svc, receiver = traced
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
     client_trace = secrets.token_hex(16)
-    headers = with_headers(request_headers(caller()),
-                           ("traceparent", traceparent(client_trace, secrets.token_hex(8))))
+    headers = with_attributes(response_headers(meta=caller()),
+                              traceparent=traceparent(client_trace, secrets.token_hex(8)))
     body = jsonrpc_result(tool_result(f"mail {EMAIL} and {EMAIL}"))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-        answers = await exchange(channel, [headers, response_headers(), response_body(body)],
+        answers = await exchange(channel, [headers, response_body(body)],
                                  metadata=(("traceparent", traceparent(trace_id, parent)),))
     assert answers[-1].WhichOneof("response") == "response_body"
     await receiver.wait_for(lambda: bool(ours(receiver, trace_id)), timeout=WAIT)
@@ -216,16 +208,17 @@ async def test_span_joins_envoys_trace(traced: tuple[Service, OtlpReceiver]) -> 
     assert not ours(receiver, client_trace)
 
 
-async def test_span_falls_back_to_request_headers(traced: tuple[Service, OtlpReceiver]) -> None:
-    """Without trace context in the gRPC metadata the request headers' traceparent is the parent;
+async def test_span_falls_back_to_the_clients_traceparent(traced: tuple[Service, OtlpReceiver]) -> None:
+    """Without trace context in the gRPC metadata the request's traceparent (a response attribute)
+    is the parent;
     a filtered list reports how many items were removed."""
     svc, receiver = traced
     trace_id, parent = secrets.token_hex(16), secrets.token_hex(8)
-    headers = with_headers(request_headers(caller(mcp_method="tools/list", tool=None)),
-                           ("traceparent", traceparent(trace_id, parent)))
+    headers = with_attributes(response_headers(meta=caller(mcp_method="tools/list", tool=None)),
+                              traceparent=traceparent(trace_id, parent))
     body = jsonrpc_result({"tools": TOOLS})
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-        await exchange(channel, [headers, response_headers(), response_body(body)])
+        await exchange(channel, [headers, response_body(body)])
     await receiver.wait_for(lambda: bool(ours(receiver, trace_id)), timeout=WAIT)
     (span,) = ours(receiver, trace_id)
     assert span.parent_span_id.hex() == parent
@@ -241,13 +234,12 @@ async def test_withheld_and_cancelled_streams_end_their_spans(
     svc, receiver = traced
     failed, cancelled = secrets.token_hex(16), secrets.token_hex(16)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-        await exchange(channel, [request_headers(caller()), response_headers("text/html")],
+        await exchange(channel, [response_headers("text/html", meta=caller())],
                        metadata=(("traceparent", traceparent(failed, secrets.token_hex(8))),))
         call = pb_grpc.ExternalProcessorStub(channel).Process(
             timeout=WAIT, metadata=(("traceparent", traceparent(cancelled, secrets.token_hex(8))),))
-        for req in (request_headers(caller()), response_headers("text/event-stream")):
-            await call.write(req)
-            await call.read()
+        await call.write(response_headers("text/event-stream", meta=caller()))
+        await call.read()
         call.cancel()
         await receiver.wait_for(lambda: bool(ours(receiver, failed) and ours(receiver, cancelled)),
                                 timeout=WAIT)
@@ -267,10 +259,10 @@ async def test_concurrent_wire_streams_keep_their_ids(policy: StandinPolicy,
     streams = {f"r-{i}": (f"d-{i}", secrets.token_hex(16)) for i in range(2)}
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
-            # The second message fails closed, so each stream logs a warning.
+            # The response headers fail closed, so each stream logs a warning.
             await asyncio.gather(*(
-                exchange(channel, [request_headers(caller(request_id=rid, decision_id=did)),
-                                   response_headers("text/html")],
+                exchange(channel, [response_headers("text/html",
+                                                    meta=caller(request_id=rid, decision_id=did))],
                          metadata=(("traceparent", traceparent(tid, secrets.token_hex(8))),))
                 for rid, (did, tid) in streams.items()))
     finally:
