@@ -110,7 +110,7 @@ class CatalogGate:
                 f"tool {target!r} is quarantined: its definition changed since it was approved; "
                 f"an operator must review it and run `mcp-gateway catalog approve {target}`",
                 data=data)
-        invalid: InvalidArguments | None = self.catalog.validate_arguments(server, tool, arguments)
+        invalid: InvalidArguments | None = self.catalog.validate_entry_arguments(entry, arguments)
         if invalid is not None:
             invalid.data = {**(invalid.data or {}), "server": server}
             raise invalid

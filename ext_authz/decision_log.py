@@ -39,7 +39,13 @@ def log_decision(record: DecisionRecord) -> None:
         "latency_ms": round(record.latency_ms, 3), "dry_run": record.dry_run,
         "policy_allow": record.policy_allow, "trace_id": record.trace_id,
     }).decode()
-    logger.info("%s", line)
+    # logger.info() would walk the stack for the caller's file and line (findCaller) on every
+    # request; the record's origin is always this function.
+    logger.handle(logger.makeRecord(LOGGER_NAME, logging.INFO, __file__, _LINE, line, (), None,
+                                    "log_decision"))
+
+
+_LINE = log_decision.__code__.co_firstlineno
 
 
 def configure_stdout() -> None:

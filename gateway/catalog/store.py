@@ -280,6 +280,7 @@ class Catalog:
         self._snapshot: dict[tuple[str, str, str], Entry] = {}
         self._version: int | None = None
         self._validators: dict[str, Any] = {}  # inputSchema hash -> compiled validator
+        self._validators_by_hash: dict[str, Any] = {}  # definition hash -> the same validators
 
     def _enable_wal(self) -> None:
         # Switching a new database to WAL takes a lock that the busy handler does not wait for,
@@ -475,13 +476,23 @@ class Catalog:
     def validate_arguments(self, server: str, tool: str, arguments: Any) -> InvalidArguments | None:
         """``None`` when the arguments match the tool's approved inputSchema, else the error
         (naming the field as a JSON pointer in ``data.field``). Raises :class:`ToolNotCallable`."""
-        entry = self.check_callable(server, tool)
-        schema = entry.definition.get("inputSchema")
-        key = hashlib.sha256(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        validator = self._validators.get(key)
+        return self.validate_entry_arguments(self.check_callable(server, tool), arguments)
+
+    def validate_entry_arguments(self, entry: Entry, arguments: Any) -> InvalidArguments | None:
+        """:meth:`validate_arguments` for an entry already looked up (and found callable) by the
+        caller: one snapshot lookup per call instead of two."""
+        tool = entry.name
+        # The definition hash pins the inputSchema, so it names the validator without hashing
+        # the schema again on every call.
+        validator = self._validators_by_hash.get(entry.hash)
         if validator is None:
-            validator = _compile_schema(schema)
-            self._validators[key] = validator
+            schema = entry.definition.get("inputSchema")
+            key = hashlib.sha256(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            validator = self._validators.get(key)
+            if validator is None:
+                validator = _compile_schema(schema)
+                self._validators[key] = validator
+            self._validators_by_hash[entry.hash] = validator
         try:
             validator(arguments)
         except fastjsonschema.JsonSchemaValueException as exc:

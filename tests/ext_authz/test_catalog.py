@@ -131,6 +131,24 @@ async def test_changed_definition_quarantines_until_approved(
     assert quarantined_gauge("files") == 0
 
 
+async def test_approved_schema_change_applies_to_the_next_call(
+        env: Env, mcp_server: McpServer, rsa_key: SigningKey) -> None:
+    """Arguments are checked against the schema approved now, not the one the gate cached."""
+    upstream(await env.authz.check(call(token_for(rsa_key))))
+    mcp_server.stub.tools[0]["inputSchema"] = {
+        "type": "object", "required": ["path", "encoding"],
+        "properties": {"path": {"type": "string"}, "encoding": {"type": "string"}}}
+    assert await env.refresher.refresh_server("files")
+    status, _, body = denial(await env.authz.check(call(token_for(rsa_key))))
+    assert status == 403 and body["error"]["data"]["reason"] == "tool_quarantined"
+    with Catalog(env.settings.catalog.path) as cli:
+        cli.approve("files", "read_file", actor="test")
+    status, _, body = denial(await env.authz.check(call(token_for(rsa_key))))
+    assert status == 400 and body["error"]["data"]["field"] == "/encoding"
+    upstream(await env.authz.check(call(token_for(rsa_key), arguments={
+        "path": "reports/q3.txt", "encoding": "utf-8"})))
+
+
 async def test_unknown_tool_is_refused(env: Env, rsa_key: SigningKey) -> None:
     """A tool the server does not list is refused with MCP's unknown-tool code."""
     status, _, body = denial(await env.authz.check(call(token_for(rsa_key), tool="rm_rf")))

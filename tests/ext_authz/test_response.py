@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
 
+from ext_authz import response
 from ext_authz.errors import MissingToken
 from ext_authz.response import (
     GATEWAY_HEADERS,
@@ -31,6 +35,47 @@ def test_allowed_overwrites_and_removes() -> None:
     removed = set(resp.ok_response.headers_to_remove)
     assert removed == {"authorization"} | (set(GATEWAY_HEADERS) - {"x-mcp-user", "x-mcp-decision-id"})
     assert set(IDENTITY_HEADERS) < set(GATEWAY_HEADERS) and INSPECT_HEADER in removed
+
+
+def _answer(decision_id: str, request_id: str | None, *, sub: str = "alice") -> tuple[
+        dict[str, str], dict[str, Any]]:
+    claims = {"sub": sub, "tenant": "acme", "roles": ["engineer"]}
+    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file", claims=claims,
+                           mask=["email"], decision_id=decision_id, request_id=request_id,
+                           obligations={"mask_pii": ["email"], "note": {"n": 1}})
+    return {**identity_headers(claims, "read_file", decision_id), INSPECT_HEADER: "1"}, md
+
+
+def test_repeated_allowed_answers_carry_their_own_ids() -> None:
+    """Answers built from the serialized copy of an earlier one are field for field what a fresh
+    build gives, with this request's decision id (header and metadata) and request id."""
+    response._allowed_cache.clear()
+    seen = []
+    for decision_id, request_id in (("d1", "r1"), ("d2", "r2"), ("d3", None), ("d4", "r4")):
+        headers, md = _answer(decision_id, request_id)
+        resp = allowed(headers, metadata=md)
+        assert resp == response._build_allowed(headers, md)
+        got = {h.header.key: h.header.value for h in resp.ok_response.headers}
+        meta = json_format.MessageToDict(resp.dynamic_metadata)
+        assert got["x-mcp-decision-id"] == decision_id and meta["decision_id"] == decision_id
+        assert meta["request_id"] == request_id
+        seen.append(resp)
+    assert len(response._allowed_cache) == 1
+    # Another caller gets another answer, never the cached one of the first.
+    headers, md = _answer("d5", "r5", sub="bob")
+    resp = allowed(headers, metadata=md)
+    assert {h.header.key: h.header.value for h in resp.ok_response.headers}["x-mcp-user"] == "bob"
+    assert json_format.MessageToDict(resp.dynamic_metadata)["sub"] == "bob"
+    assert len(response._allowed_cache) == 2
+
+
+def test_allowed_answer_cache_is_bounded() -> None:
+    """Distinct answers beyond the cache size evict the oldest instead of growing memory."""
+    response._allowed_cache.clear()
+    for n in range(response._ALLOWED_CACHE_SIZE + 5):
+        headers, md = _answer(f"d{n}", "r", sub=f"user{n}")
+        allowed(headers, metadata=md)
+    assert len(response._allowed_cache) == response._ALLOWED_CACHE_SIZE
 
 
 def test_mask_types_fail_closed() -> None:

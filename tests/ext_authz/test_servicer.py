@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from prometheus_client import REGISTRY
 from ext_authz.decision_log import LOGGER_NAME
 from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
-from ext_authz.servicer import AuthorizationServicer
+from ext_authz.servicer import AuthorizationServicer, new_decision_id
 from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED, UNAUTHORIZED
 from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
 from gateway.tokens import SigningKey
@@ -214,6 +215,16 @@ async def test_decision_log_line(authz: Harness, token: str, caplog: pytest.LogC
     assert second["allow"] is False and second["reason"] == "missing_token"
     assert second["http_status"] == 401
     assert all(token not in r.getMessage() for r in caplog.records)
+    assert all(r.levelno == logging.INFO and r.funcName == "log_decision" for r in records)
+
+
+def test_decision_ids_are_unique_uuid4() -> None:
+    """Decision ids are random version 4 UUIDs in hex, distinct across refills of the id pool."""
+    ids = [new_decision_id() for _ in range(3 * 256 + 7)]
+    assert len(set(ids)) == len(ids)
+    for value in ids:
+        parsed = uuid.UUID(hex=value)
+        assert parsed.hex == value and parsed.version == 4 and parsed.variant == uuid.RFC_4122
 
 
 async def test_rate_limit_per_user_is_429(jwks_server: JwksServer, session: aiohttp.ClientSession,

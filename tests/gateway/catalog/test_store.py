@@ -225,6 +225,30 @@ def test_validators_are_compiled_once_per_schema(catalog: Catalog) -> None:
     assert len(catalog._validators) == 1
 
 
+def test_approved_schema_change_replaces_the_cached_validator(tmp_path: Path) -> None:
+    """Validators are cached per pinned definition: once a changed inputSchema is approved (from
+    another connection), arguments are checked against the new schema, never the cached old one."""
+    path = tmp_path / "c.sqlite"
+    with Catalog(path) as reader, Catalog(path) as writer:
+        writer.refresh("weather", [WEATHER])
+        assert reader.validate_arguments("weather", "get_weather", {"city": "Oslo"}) is None
+        entry = reader.check_callable("weather", "get_weather")
+        assert reader.validate_entry_arguments(entry, {"city": "Oslo"}) is None
+        stricter = changed(WEATHER, inputSchema={
+            "type": "object", "required": ["city", "country"],
+            "properties": {"city": {"type": "string"}, "country": {"type": "string"}}})
+        writer.refresh("weather", [stricter])
+        with pytest.raises(ToolNotCallable):
+            reader.validate_arguments("weather", "get_weather", {"city": "Oslo"})
+        writer.approve("weather", "get_weather")
+        err = reader.validate_arguments("weather", "get_weather", {"city": "Oslo"})
+        assert err is not None and err.data["field"] == "/country" and err.data["rule"] == "required"
+        entry = reader.check_callable("weather", "get_weather")
+        err = reader.validate_entry_arguments(entry, {"city": "Oslo"})
+        assert err is not None and err.data["field"] == "/country"
+        assert reader.validate_entry_arguments(entry, {"city": "Oslo", "country": "NO"}) is None
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "object", "properties": {"x": {"$ref": "http://127.0.0.1:9/evil.json"}}},
     {"type": "object", "properties": {"x": {"$ref": "file:///etc/passwd"}}},

@@ -141,6 +141,25 @@ async def test_stuck_disk_fails_closed_with_backpressure(tmp_path: Path) -> None
     assert {e["request_id"] for e in iter_audit(tmp_path / "a.jsonl")} <= {f"r{n}" for n in range(6)}
 
 
+async def test_stuck_disk_times_out_without_backpressure(tmp_path: Path) -> None:
+    """With room in the queue, an entry that is not committed in time is refused (503, counted as
+    rejected), and it still lands once the disk recovers."""
+    _StuckDisk.release.clear()
+    rejected = REGISTRY.get_sample_value("mcp_gateway_audit_entries_total", {"outcome": "rejected"}) or 0
+    writer = _StuckDisk(tmp_path / "a.jsonl", timeout=0.2)
+    await writer.start()
+    try:
+        with pytest.raises(AuditUnavailable) as info:
+            await writer.write(entry(1))
+        assert info.value.http_status == 503
+        assert REGISTRY.get_sample_value("mcp_gateway_audit_entries_total",
+                                         {"outcome": "rejected"}) == rejected + 1
+    finally:
+        _StuckDisk.release.set()
+        await writer.close()
+    assert [e["request_id"] for e in iter_audit(tmp_path / "a.jsonl")] == ["r1"]
+
+
 class _FailingDisk(AuditWriter):
     """Fault injection: fsync reports EIO."""
 
