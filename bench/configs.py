@@ -176,7 +176,8 @@ class EnvoyTls(Configuration):
                                                    key=json.dumps(str(self.ctx.key_file))))
         child = self.procs.start("envoy", [str(envoy_config.find_envoy()), "-c", str(yaml_path),
                                            "--log-level", "warn", "--disable-hot-restart",
-                                           "--concurrency", "2"])
+                                           # as many workers as the full gateway's Envoy
+                                           "--concurrency", str(envoy_config.worker_threads())])
         wait_until(lambda: http_ok(f"https://127.0.0.1:{self.port}/health"), timeout=START_TIMEOUT,
                    what="envoy (TLS only)", alive=lambda: child.proc.poll() is None,
                    detail=child.log_tail)

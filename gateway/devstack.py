@@ -369,7 +369,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                  Probe("http", inst.host, inst.port, "/ready"), env=server.env,
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
-                  "--disable-hot-restart", "--concurrency", "2")
+                  "--disable-hot-restart", "--concurrency", str(envoy_config.worker_threads()))
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
                          Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,
                          metrics_url=f"http://{config.admin.host}:{config.admin.port}/stats/prometheus"))
