@@ -15,6 +15,9 @@ from typing import Any
 import yaml
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+# Entries of the embedded engine's exact decision cache (gateway/policy/cache.py); 0 turns it off.
+DEFAULT_DECISION_CACHE_SIZE = 10000
+MAX_DECISION_CACHE_SIZE = 1_000_000
 
 
 class ConfigError(ValueError):
@@ -85,6 +88,7 @@ class PolicyConfig:
     entrypoint: str = "mcp/authz/decision"
     opa_url: str | None = None
     dry_run: bool = False
+    decision_cache_size: int = DEFAULT_DECISION_CACHE_SIZE  # embedded engine only; 0: off
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,14 @@ class ServiceConfig:
 
     instances: tuple[Instance, ...]
     timeout_ms: int = 500
+
+
+# Envoy's per-call timeout for ext_authz (one unary Check) and per-message timeout for ext_proc.
+# ext_proc's is longer: its messages queue behind CPU-bound masking of other answers on the same
+# event loop (a 10 KB masked answer is ~4 ms, an 8 MB one ~0.75 s), and at 64 connections the
+# p99 already passed 0.5 s (504s). A hung ext_proc still fails closed, after 2 s.
+EXT_AUTHZ_TIMEOUT_MS = 500
+EXT_PROC_TIMEOUT_MS = 2000
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,10 +256,10 @@ def otlp_target(endpoint: str) -> Instance:
     return Instance(match["host"].strip("[]"), int(match["port"]))
 
 
-def _service(data: Any, where: str) -> ServiceConfig:
+def _service(data: Any, where: str, timeout_ms: int) -> ServiceConfig:
     data = _only(data, {"instances", "timeout_ms"}, where)
     return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1),
-                         _take(data, "timeout_ms", int, where, 500))
+                         _take(data, "timeout_ms", int, where, timeout_ms))
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
@@ -330,8 +342,13 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
 
     auth_raw = _only(top.get("auth", {}), {f for f in AuthConfig.__slots__}, "auth")
     auth = AuthConfig(**auth_raw)
-    pol_raw = _only(top.get("policy", {}), {"engine", "dir", "entrypoint", "opa_url", "dry_run"}, "policy")
+    pol_raw = _only(top.get("policy", {}), {"engine", "dir", "entrypoint", "opa_url", "dry_run",
+                                            "decision_cache_size"}, "policy")
     policy = PolicyConfig(**{**pol_raw, "dir": path(pol_raw.get("dir", "policies"))})
+    cache_size = policy.decision_cache_size
+    if type(cache_size) is not int or not 0 <= cache_size <= MAX_DECISION_CACHE_SIZE:
+        raise ConfigError("policy.decision_cache_size must be an integer from 0 (off) to "
+                          f"{MAX_DECISION_CACHE_SIZE}, got {cache_size!r}")
     if policy.engine not in ("embedded", "opa"):
         raise ConfigError("policy.engine must be 'embedded' or 'opa'")
     if policy.engine == "opa" and not policy.opa_url:
@@ -389,8 +406,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
         admin=_instance(top.get("admin", {"port": 9901}), "admin"),
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
-        ext_authz=_service(top.get("ext_authz"), "ext_authz"),
-        ext_proc=_service(top.get("ext_proc"), "ext_proc"),
+        ext_authz=_service(top.get("ext_authz"), "ext_authz", EXT_AUTHZ_TIMEOUT_MS),
+        ext_proc=_service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS),
         servers=tuple(servers), backends=tuple(backends), secrets=secrets,
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),

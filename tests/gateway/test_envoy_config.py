@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 import trustme
 import yaml
 
+from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
 from gateway.envoy_config import (
     EXT_AUTHZ_NAMESPACE,
@@ -21,6 +23,7 @@ from gateway.envoy_config import (
     find_envoy,
     render,
     validate,
+    worker_threads,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -322,8 +325,9 @@ def test_ext_proc_runs_only_on_the_inspected_route() -> None:
 
 
 def test_ext_proc_filter_fails_closed_and_sees_the_caller_context() -> None:
-    """ext_proc sits after ext_authz, sees request and response headers (bodies only when it
-    asks for them), gets ext_authz's metadata, and never fails open or runs fire-and-forget."""
+    """ext_proc sits after ext_authz, sees only the response headers (bodies only when it asks
+    for them) with ext_authz's metadata and the request id / traceparent it reads, and never
+    fails open or runs fire-and-forget."""
     doc = yaml.safe_load(render(default_config(), RenderOptions(ext_proc=True)))
     names = [f["name"] for f in hcm(doc)["http_filters"]]
     assert names.index("envoy.filters.http.ext_authz") + 1 == names.index("envoy.filters.http.ext_proc")
@@ -335,10 +339,11 @@ def test_ext_proc_filter_fails_closed_and_sees_the_caller_context() -> None:
     assert cfg["send_body_without_waiting_for_header_response"] is False
     assert cfg["allow_mode_override"] is True and cfg["disable_immediate_response"] is False
     assert cfg["processing_mode"] == {
-        "request_header_mode": "SEND", "request_body_mode": "NONE", "request_trailer_mode": "SKIP",
+        "request_header_mode": "SKIP", "request_body_mode": "NONE", "request_trailer_mode": "SKIP",
         "response_header_mode": "SEND", "response_body_mode": "NONE", "response_trailer_mode": "SKIP"}
     assert cfg["metadata_options"]["forwarding_namespaces"]["untyped"] == [EXT_AUTHZ_NAMESPACE]
-    assert cfg["message_timeout"] == "0.5s"
+    assert cfg["response_attributes"] == list(RESPONSE_ATTRIBUTES)
+    assert cfg["message_timeout"] == cfg["max_message_timeout"] == "2s"
     cluster = clusters(doc)["ext_proc"]
     assert len(cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]) == 2
     assert cluster["health_checks"][0]["grpc_health_check"] == {}
@@ -376,3 +381,21 @@ def test_tracing_only_with_an_otlp_endpoint(certs: Certs, tmp_path: Path) -> Non
     assert provider["grpc_service"]["envoy_grpc"]["cluster_name"] == "otel_collector"
     address = clusters(doc)["otel_collector"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
     assert address["endpoint"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 4317}
+
+
+# ------------------------------------------------------------------------------- cost defaults
+
+@pytest.mark.parametrize(("cpus", "workers"), [(1, 1), (2, 1), (3, 1), (4, 2), (8, 4)])
+def test_envoy_workers_leave_cpus_to_the_python_services(cpus: int, workers: int) -> None:
+    """Envoy runs half as many workers as there are usable CPUs (at least one): one on 2 cores."""
+    assert worker_threads(cpus) == workers
+
+
+def test_dev_stack_starts_envoy_with_the_worker_count() -> None:
+    """The dev stack passes --concurrency from worker_threads(), not Envoy's one-per-CPU default."""
+    from gateway import devstack
+
+    envoy = next(c for c in devstack.plan(default_config(), ext_proc=False) if c.name == "envoy")
+    flag = envoy.argv.index("--concurrency")
+    assert envoy.argv[flag + 1] == str(worker_threads())
+    assert 1 <= worker_threads() <= max(1, len(os.sched_getaffinity(0)) // 2)
