@@ -132,7 +132,8 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                        f"{gp['processes'].get('ext_authz', {}).get('cpu_us_per_req') or 0:.0f} us CPU per "
                        "request (gRPC Check with body, JWT, Rego), ext_proc "
                        f"{gp['processes'].get('ext_proc', {}).get('cpu_us_per_req') or 0:.0f} us (two "
-                       "gRPC stream messages: response headers and body), each a sequential step of the request, plus queueing "
+                       "gRPC stream messages: response headers and body), each a sequential step of "
+                       "the request, plus queueing "
                        f"on {cpus} shared cores" + unloaded + _profile_summary(result)))
     else:
         row.update(value="not measured", met=None, bound=_missing(confs, "gateway", "envoy_tls"))

@@ -9,6 +9,7 @@ caller fails closed rather than inspect with a guessed context.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,23 +37,24 @@ class CallerContext:
 
 
 def _string(fields: Any, key: str, *, required: bool) -> str | None:
-    if key not in fields:
+    value = fields.get(key)  # a map lookup, never an insert (``fields[key]`` would add one)
+    if value is None:
         if required:
             raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
         return None
-    value = fields[key]
-    if value.WhichOneof("kind") == "null_value" and not required:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        text: str = value.string_value
+        return text
+    if kind == "null_value" and not required:
         return None
-    if value.WhichOneof("kind") != "string_value":
-        raise MetadataInvalid(f"ext_authz metadata {key!r} must be a string", data={"field": key})
-    text: str = value.string_value
-    return text
+    raise MetadataInvalid(f"ext_authz metadata {key!r} must be a string", data={"field": key})
 
 
 def _strings(fields: Any, key: str) -> tuple[str, ...]:
-    if key not in fields:
+    value = fields.get(key)
+    if value is None:
         raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
-    value = fields[key]
     if value.WhichOneof("kind") != "list_value":
         raise MetadataInvalid(f"ext_authz metadata {key!r} must be a list", data={"field": key})
     items = value.list_value.values
@@ -64,6 +66,13 @@ def _strings(fields: Any, key: str) -> tuple[str, ...]:
             raise MetadataInvalid(f"ext_authz metadata {key!r} must hold strings", data={"field": key})
         out.append(item.string_value)
     return tuple(out)
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_types(raw: tuple[str, ...]) -> tuple[str, ...]:
+    # Policies hand out a few fixed type lists, so this is nearly always a hit; a pure function
+    # of its argument (an unknown type raises, and exceptions are not cached).
+    return normalize_types(raw)
 
 
 def parse_caller_context(filter_metadata: Any) -> CallerContext:
@@ -80,7 +89,7 @@ def parse_caller_context(filter_metadata: Any) -> CallerContext:
     if not server:
         raise MetadataInvalid("ext_authz metadata 'server' is empty", data={"field": "server"})
     try:
-        mask = normalize_types(_strings(fields, "mask"))
+        mask = _mask_types(_strings(fields, "mask"))
     except UnknownPiiType as exc:
         raise MetadataInvalid(str(exc), data={"field": "mask"}) from None
     return CallerContext(

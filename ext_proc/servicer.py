@@ -37,6 +37,7 @@ import grpc
 import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
@@ -176,14 +177,18 @@ class Exchange:
         return self.ctx
 
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        if req.WhichOneof("request") == "response_body":
+            return await self._response_body(req.response_body, self._context(req))
+        return self.answer(req)
+
+    def answer(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """The answer to any message but a response body: none of them needs to wait."""
         kind = req.WhichOneof("request")
+        if kind == "response_headers":
+            return self._response_headers(req, self._context(req))
         if kind == "request_headers":  # SKIPped in the rendered config; harmless if sent
             self._context(req)
             return out.continue_request_headers()
-        if kind == "response_headers":
-            return self._response_headers(req, self._context(req))
-        if kind == "response_body":
-            return await self._response_body(req.response_body, self._context(req))
         if kind == "request_body":
             return out.continue_request_body()  # not configured; requests are ext_authz's job
         if kind in ("request_trailers", "response_trailers"):
@@ -272,7 +277,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
         Here each write is shielded, so it always completes and frees what it holds. Reads are
         ``context.read()`` (the request iterator is not used: the two must not be mixed).
         """
-        async with contextlib.aclosing(self.process(_reads(context), context)) as answers:
+        # Both generators are closed here: one left to the garbage collector costs a wake-up of
+        # the event loop and a task (asyncio's async-generator finalizer) per stream.
+        async with contextlib.aclosing(_reads(context)) as reads, \
+                contextlib.aclosing(self.process(reads, context)) as answers:
             async for resp in answers:
                 await _write(context, resp)
 
@@ -317,8 +325,15 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
         answer is complete: Envoy has nothing left to send that needs processing)."""
         timeout = self._settings.message_timeout_seconds
         known = exchange.ctx is not None
-        with _scope(exchange, span):
+        # _scope inlined (this runs for every message): the same binding, without a generator.
+        token = bind(**exchange.log_fields())
+        span_token = None if span is None else otel_context.attach(trace.set_span_in_context(span))
+        try:
             try:
+                if req.WhichOneof("request") != "response_body":
+                    # Headers and trailers are answered without ever suspending, so a timeout
+                    # could not interrupt them anyway: skip arming one.
+                    return exchange.answer(req), exchange.complete
                 async with asyncio.timeout(timeout):
                     return await exchange.handle(req), exchange.complete
             except GatewayError as err:  # SseError included
@@ -332,6 +347,10 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
                 failure = InspectionError("internal error in response inspection")
             _rebind(exchange, known)
             return self._fail(exchange, failure), True
+        finally:
+            if span_token is not None:
+                otel_context.detach(span_token)
+            unbind(token)
 
     @staticmethod
     def _fail(exchange: Exchange, err: GatewayError) -> pb.ProcessingResponse:
@@ -346,7 +365,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
         return out.immediate_error(err)
 
 
-async def _reads(context: Any) -> AsyncIterator[pb.ProcessingRequest]:
+async def _reads(context: Any) -> AsyncGenerator[pb.ProcessingRequest, None]:
     while True:
         req = await context.read()
         if req is grpc.aio.EOF:

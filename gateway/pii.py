@@ -53,8 +53,37 @@ _CLUSTER = re.compile(r"[\d(+][\d \-.()+\u00a0]{5,}\d")
 _DIGITS = "0123456789"
 
 
+_CLUSTER_CHARS = frozenset(_DIGITS + " -.()+\u00a0")
+
+
 def _digit_count(s: str) -> int:
     return sum(s.count(d) for d in _DIGITS)
+
+
+def _first_ascii_digit(text: str) -> int:
+    """Index of the first digit of an ASCII ``text``, or -1 (str.find is far cheaper than `re`)."""
+    first = -1
+    for d in _DIGITS:
+        i = text.find(d, 0, first) if first >= 0 else text.find(d)
+        if i >= 0:
+            first = i
+    return first
+
+
+def _clusters(text: str) -> list[Span]:
+    """``_CLUSTER``'s matches. Every match ends in a digit and lies in a run of cluster
+    characters, so in ASCII text none starts before the run that holds the first digit: the
+    scan starts there (no digit: no match). ``\\d`` also matches non-ASCII digits, hence the
+    full scan of any other text."""
+    start = 0
+    if text.isascii():
+        first = _first_ascii_digit(text)
+        if first < 0:
+            return []
+        start = first
+        while start > 0 and text[start - 1] in _CLUSTER_CHARS:
+            start -= 1
+    return [m.span() for m in _CLUSTER.finditer(text, start)]
 
 
 # --- payment cards -------------------------------------------------------------------------------
@@ -218,8 +247,14 @@ _ALNUM = re.compile(r"[A-Za-z0-9]")
 
 
 def _iban_spans(text: str) -> Iterator[Span]:
+    begin = 0
+    if text.isascii():  # a start has a digit two characters in (see _clusters for non-ASCII)
+        first = _first_ascii_digit(text)
+        if first < 0:
+            return
+        begin = max(0, first - 2)
     done = -1
-    for s in _IBAN_START.finditer(text):
+    for s in _IBAN_START.finditer(text, begin):
         start = s.start()
         if start < done or (start > 0 and _ALNUM.match(text, start - 1)):
             continue
@@ -395,7 +430,7 @@ class Masker:
             for start, end in detect(text):
                 found.append((start, -end, rank[kind], kind))
         if self._cluster_detectors:
-            clusters = [m.span() for m in _CLUSTER.finditer(text)]
+            clusters = _clusters(text)
             if clusters:
                 for kind, cdetect in self._cluster_detectors:
                     for start, end in cdetect(text, clusters):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from tests.ext_proc.conftest import (
     StandinPolicy,
     caller,
     jsonrpc_result,
+    make_servicer,
     make_settings,
     response_body,
     response_headers,
@@ -202,3 +205,44 @@ async def test_cancelling_the_handler_never_cancels_a_write() -> None:
         while not ctx.written:
             await asyncio.sleep(0)
     assert ctx.written == [msg]
+
+
+class _Replay:
+    """The parts of a grpc.aio ServicerContext that Process uses: fixed reads, recorded writes."""
+
+    def __init__(self, *messages: Any) -> None:
+        self._messages = list(messages)
+        self.written: list[Any] = []
+
+    async def read(self) -> Any:
+        return self._messages.pop(0) if self._messages else grpc.aio.EOF
+
+    async def write(self, message: Any) -> None:
+        self.written.append(message)
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
+async def test_process_leaves_no_generator_to_asyncio_finalizer(policy: StandinPolicy) -> None:
+    """A stream that ends once its answer is complete closes its generators itself: one left
+    to the garbage collector makes asyncio wake the loop and start a task per stream."""
+    finalized: list[Any] = []
+    firstiter, finalizer = sys.get_asyncgen_hooks()
+
+    def record(agen: Any) -> None:
+        finalized.append(agen)
+        if finalizer is not None:
+            finalizer(agen)
+
+    ctx = _Replay(response_headers(meta=caller()), response_body(jsonrpc_result(tool_result(EMAIL))),
+                  response_body(b"never read"))
+    sys.set_asyncgen_hooks(firstiter, record)
+    try:
+        async with asyncio.timeout(WAIT):
+            await make_servicer(policy).Process(None, ctx)
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(firstiter, finalizer)
+    assert [r.WhichOneof("response") for r in ctx.written] == ["response_headers", "response_body"]
+    assert finalized == []

@@ -47,3 +47,20 @@ def test_malformed_context(overrides: dict[str, Any]) -> None:
     """Missing required fields, wrong types and unknown PII types are refused."""
     with pytest.raises(MetadataInvalid):
         parsed(caller(**overrides))
+
+
+def test_parsing_leaves_the_forwarded_struct_alone() -> None:
+    """Optional fields that are absent stay absent: parsing looks them up, never adds them."""
+    req = pb.ProcessingRequest()
+    req.metadata_context.filter_metadata[NAMESPACE].update(caller(tool=None, tenant=..., request_id=...))
+    before = req.SerializeToString(deterministic=True)
+    parse_caller_context(req.metadata_context.filter_metadata)
+    assert req.SerializeToString(deterministic=True) == before
+
+
+def test_unknown_mask_type_is_refused_every_time() -> None:
+    """The canonical mask lists are cached, refusals are not: a bad list fails on every parse."""
+    for _ in range(2):
+        with pytest.raises(MetadataInvalid):
+            parsed(caller(mask=["email", "shoe_size"]))
+    assert parsed(caller(mask=["email"])).mask == ("email",)

@@ -302,3 +302,37 @@ def test_prose_with_small_numbers_is_unchanged(tokens: list[tuple[str, str]]) ->
     """Words interleaved with numbers of at most four digits are not mistaken for PII."""
     text = " ".join(f"{w} {n}" for w, n in tokens)
     assert MASKER.mask_text(text) == (text, {})
+
+
+# Digits, the separators numbers are written with, and letters that start IBANs: the text where
+# the digit-based detectors (which skip ASCII text before its first digit) have work to do.
+DIGIT_TEXT = st.lists(st.sampled_from(["(", "+", "-", ".", " ", " ", "0", "1", "4", "5", "6", "9",
+                                       "GB", "DE", "x", "(650) 253-0000", "+1 ", "+44 ",
+                                       "4111 1111 1111 1111", "078-05-1120",
+                                       "GB82 WEST 1234 5698 7654 32"]),
+                      max_size=30).map("".join)
+DIGIT_TYPES = ("phone", "card", "iban", "ssn", "ip")
+
+
+@settings(max_examples=300)
+@given(text=DIGIT_TEXT)
+@example(text="++((+1 (650) 253-0000")
+@example(text="GB82WEST12345698765432")
+def test_ascii_fast_path_finds_what_the_full_scan_finds(text: str) -> None:
+    """ASCII text is scanned from its first digit on; the result equals the full scan's (a
+    non-ASCII character after a space leaves every find alone but forces the full scan)."""
+    masker = Masker(DIGIT_TYPES)
+    assert masker.find(text) == masker.find(text + " \u00e9")
+
+
+def test_number_led_by_its_prefix_is_masked() -> None:
+    """A number whose run begins before its first digit ("+", "(") is still found whole."""
+    assert Masker(["phone"]).mask_text("call +1 (650) 253-0000") == (
+        "call [REDACTED:phone]", {"phone": 1})
+    assert Masker(["phone"]).mask_text("((650) 253-0000") == ("([REDACTED:phone]", {"phone": 1})
+
+
+def test_non_ascii_digits_still_form_clusters() -> None:
+    """``\\d`` matches every Unicode digit, so non-ASCII text is scanned in full."""
+    text = "\u0663\u0663\u0663 call (650) 253-0000"
+    assert Masker(["phone"]).mask_text(text)[1] == {"phone": 1}
