@@ -43,12 +43,15 @@ NONDETERMINISTIC_BUILTINS_RE = re.compile(
     r"|crypto\.x509\.parse_and_verify_certificates(?:_with_options)?"
     r")(?![A-Za-z0-9_])")
 
+_DOT_BLANKS_RE = re.compile(r"\s*\.\s*")
+
 
 def nondeterministic_builtins(codes: Iterable[str]) -> list[str]:
     """The non-deterministic built-ins named in ``codes`` (Rego without comments and strings)."""
     found: dict[str, None] = {}
     for code in codes:
-        for m in NONDETERMINISTIC_BUILTINS_RE.finditer(code):
+        # Rego accepts blanks around the dots of a reference ("time . now_ns()").
+        for m in NONDETERMINISTIC_BUILTINS_RE.finditer(_DOT_BLANKS_RE.sub(".", code)):
             found[m.group(1)] = None
     return list(found)
 

@@ -389,11 +389,12 @@ _TYPE_TESTS = ("is_object", "is_string", "is_number", "is_boolean", "is_array", 
 _TYPE_TEST_NAMES = "|".join(_TYPE_TESTS)
 _TYPE_TEST_CALL_RE = re.compile(rf"(?<![A-Za-z0-9_.])(?:{_TYPE_TEST_NAMES})\(\s*\Z")
 _CLOSE_RE = re.compile(r"\s*\)")
-# A rule, function or import alias of the same name would make the call mean something else.
+# A rule, function or import alias of the same name, or `with is_object as f` (which replaces
+# the built-in by a function that may read deeper), would make the call mean something else.
 # (rego-cpp accepts a function named like a built-in.)
 _TYPE_TEST_SHADOW_RE = re.compile(
     rf"(?<![A-Za-z0-9_.])(?:{_TYPE_TEST_NAMES})\s*\([^()]*\)\s*(?::=|=(?!=)|if\b|\{{)"
-    rf"|\bas\s+(?:{_TYPE_TEST_NAMES})\b")
+    rf"|\b(?:as|with)\s+(?:{_TYPE_TEST_NAMES})\b")
 
 
 def input_projection(modules: Iterable[PolicyModule]) -> Mapping[str, Any]:

@@ -222,6 +222,14 @@ def test_nondeterministic_builtins_turn_the_cache_off(tmp_path: Path, call: str)
     assert policy.cache is None and policy.cache_disabled_by == (call.split("(")[0],)
 
 
+@pytest.mark.parametrize("call", ["time. now_ns()", "time\n\t\t.now_ns()", "uuid .rfc4122(\"k\")"])
+def test_blanks_around_the_dot_do_not_hide_a_nondeterministic_builtin(tmp_path: Path, call: str) -> None:
+    """Rego reads "time . now_ns()" as time.now_ns(): the cache must turn off for it too."""
+    write_policy(tmp_path, f"decision := true if {{\n\tx := {call}\n\tx != null\n}}\n")
+    policy = CompiledPolicy(load_sources(tmp_path), [DECISION], cache_size=100)
+    assert policy.cache is None and len(policy.cache_disabled_by) == 1
+
+
 def test_builtin_names_in_comments_and_strings_keep_the_cache(tmp_path: Path) -> None:
     """Only code counts: a comment or string naming time.now_ns does not turn the cache off."""
     write_policy(tmp_path, '# not time.now_ns()\ndecision := {"allow": true, "reason": "time.now_ns"}\n'

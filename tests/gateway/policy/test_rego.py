@@ -82,6 +82,20 @@ def test_type_test_lookalikes_keep_everything() -> None:
     assert proj("x if count(input.a) > 0\n")["a"] is ALL
     assert proj("is_object(v) := true\nx if is_object(input.a)\n")["a"] is ALL
     assert proj("import data.lib.f as is_null\nx if is_null(input.a)\n")["a"] is ALL
+    # `with` can replace the built-in by a function that reads deeper than the type.
+    assert proj("f(x) := x.owner\no := is_object(input.a)\n"
+                "y if { v := o with is_object as f; v == \"m\" }\n")["a"] is ALL
+
+
+def test_a_type_test_replaced_with_with_decides_on_the_whole_value(tmp_path: Path) -> None:
+    """A policy that mocks is_object with a reader of input.a.owner sees owner, pruned or not."""
+    (tmp_path / "p.rego").write_text(
+        "package t\nimport rego.v1\nowner_is(x) := x.owner\no := is_object(input.a)\n"
+        "blocked if { x := o with is_object as owner_is; x == \"mallory\" }\n"
+        "default allow := false\nallow if not blocked\n")
+    policy = CompiledPolicy(load_sources(tmp_path, include_tests=False), ["t/allow"], cache_size=10)
+    assert policy.evaluate("t/allow", {"a": {"owner": "alice"}}) == (True, True)
+    assert policy.evaluate("t/allow", {"a": {"owner": "mallory"}}) == (True, False)
 
 
 def test_shipped_policy_reads_arguments_by_name() -> None:
