@@ -103,6 +103,12 @@ def test_envoy_mounts_the_rendered_config(compose: dict[str, Any]) -> None:
     assert ENVOY.read_text() == expected, f"stale: {RENDER}"
 
 
+def test_envoy_workers_are_bounded(compose: dict[str, Any]) -> None:
+    """Envoy gets a fixed worker count (default 2) instead of one worker per host CPU."""
+    command = services(compose)["envoy"]["command"]
+    assert command[command.index("--concurrency") + 1] == "${MCP_GATEWAY_ENVOY_WORKERS:-2}"
+
+
 def test_mounted_envoy_config_validates(tmp_path: Path) -> None:
     """The real Envoy accepts the mounted config (with test certificates at its TLS paths)."""
     config = load_config(GATEWAY)

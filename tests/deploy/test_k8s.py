@@ -83,3 +83,9 @@ def test_envoy_is_the_only_external_entry() -> None:
     envoy = by_kind("Deployment")["envoy"]["spec"]["template"]["spec"]
     mounts = {m["mountPath"] for m in envoy["containers"][0]["volumeMounts"]}
     assert str(Path(config.tls.cert_file).parent) in mounts
+
+
+def test_envoy_workers_are_bounded() -> None:
+    """Envoy gets a fixed worker count instead of one worker per node CPU."""
+    args = by_kind("Deployment")["envoy"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--concurrency") + 1] == "2"
