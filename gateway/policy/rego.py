@@ -250,10 +250,8 @@ class CompiledPolicy:
             raise PolicyEvalError(f"entrypoint {entrypoint!r} is not compiled into the bundle")
         pruned = project_input(value, self.input_projection)
         cache = self.cache
-        if cache is None:
-            return parse_output(*self._run(ep, entrypoint, pruned), entrypoint)
-        key_bytes = input_key(pruned)
-        if key_bytes is None:
+        key_bytes = None if cache is None else input_key(pruned)
+        if cache is None or key_bytes is None:
             return parse_output(*self._run(ep, entrypoint, pruned), entrypoint)
         key = (entrypoint, key_bytes)
         cached = cache.get(key)
