@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.procs import Child, ProcessSet, cpu_seconds, free_port, wait_until  # noqa: E402
+from gateway.signals import stop_event  # noqa: E402
 
 MODES = ("grpc-aio", "grpc-sync", "http-aiohttp")
 START_TIMEOUT = 30.0
@@ -231,11 +232,7 @@ def serve_http(port: int) -> None:
 
 
 async def _until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_event().wait()
 
 
 def serve(mode: str, port: int) -> None:

@@ -20,7 +20,8 @@ from ext_authz.ratelimit import RateLimiter, build_rate_limiter
 from ext_authz.servicer import AuthorizationServicer, PolicyEngine
 from ext_authz.settings import Settings
 from gateway.catalog import Catalog
-from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings, run_until_signal
+from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings
+from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from ext_proc.inspect import Inspector, ListPolicy
 from ext_proc.servicer import ExternalProcessorServicer
 from ext_proc.settings import Settings
 from gateway.catalog import Catalog
-from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings, run_until_signal
+from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings
+from gateway.signals import run_until_signal
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,7 @@ A service's own running handle subclasses :class:`GrpcHandle` to expose ``port``
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -130,18 +129,6 @@ class GrpcService:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
-
-
-async def run_until_signal(stop: Callable[[], Awaitable[None]]) -> None:
-    """Wait for SIGINT or SIGTERM, then ``await stop()`` (also when the wait is cancelled)."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
-    try:
-        await stopping.wait()
-    finally:
-        await stop()
 
 
 @dataclass

@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
+from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.metrics import add_metrics_route
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
@@ -173,11 +173,7 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
     setup_tracing(server.name, settings.otlp_endpoint)
 
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_server(server, settings, stop)
+        await run_server(server, settings, stop_event())
 
     try:
         asyncio.run(main())

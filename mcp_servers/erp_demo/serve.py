@@ -6,11 +6,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 
 from aiohttp import web
 
+from gateway.signals import run_until_signal
 from mcp_servers.erp_demo.app import ErpSettings, make_app
 
 logger = logging.getLogger(__name__)
@@ -36,14 +36,7 @@ async def _run(settings: ErpSettings, host: str, port: int) -> None:
     addr = runner.addresses[0]
     # Tests and `make run` read this line to learn the port when --port 0 was given.
     print(f"erp_demo listening on http://{addr[0]}:{addr[1]}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    await run_until_signal(runner.cleanup)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from gateway.config import Instance
-from gateway.service import GrpcService, GrpcSettings, run_until_signal
+from gateway.service import GrpcService, GrpcSettings
+from gateway.signals import run_until_signal
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
 
 WAIT = 10.0  # bound on every wait

@@ -16,13 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from gateway.signals import stop_event
 from mcp_servers.core import MCPServer, ToolContext, ToolResult
 from mcp_servers.core.app import add_common_arguments, make_app, settings_from_args, transport_of
 from mcp_servers.core.logs import configure_logging
@@ -107,10 +107,7 @@ async def serve(args: argparse.Namespace) -> None:
                            handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, settings.host, settings.port).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_event()
     try:
         await stop.wait()
         # As mcp_servers.core.run_server: not ready first, then close the listener and let
