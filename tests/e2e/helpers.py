@@ -7,7 +7,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import ssl
 import time
 import urllib.request
@@ -20,18 +19,9 @@ import yaml
 
 from gateway.config import GatewayConfig
 from gateway.devstack import Stack, mint
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct free loopback ports (held open together so they differ; the OS may still hand one
-    out again before the stack binds it, which the stack reports as a clear port error)."""
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def stack_config(tmp: Path, *, servers: dict[str, dict[str, Any]] | None = None,

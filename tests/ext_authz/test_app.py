@@ -34,6 +34,7 @@ from tests.ext_authz.conftest import (
     token_for,
 )
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
+from tests.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +102,7 @@ async def test_module_entry_point_with_real_policy(tmp_path: Path, jwks_server: 
     }
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ext_authz", "--config", str(path), "--port",
                              str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -127,15 +128,6 @@ async def test_module_entry_point_with_real_policy(tmp_path: Path, jwks_server: 
         out, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err.decode()[-2000:]
     assert b'"decision_id"' in out and token.encode() not in out + err
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def test_duplicate_issuer_rejected_at_start() -> None:

@@ -4,7 +4,6 @@ and a real aiohttp MCP server."""
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ from tests.ext_authz.conftest import (
     upstream,
 )
 from tests.gateway.catalog import mcp_stub
+from tests.ports import free_port
 
 
 @dataclass
@@ -178,18 +178,11 @@ async def test_require_approval_mode(jwks_server: JwksServer, mcp_server: McpSer
         assert "mcp-gateway catalog approve files/read_file" in body["error"]["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def test_not_loaded_fails_closed_then_background_refresh_catches_up(
         jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey) -> None:
     """Before a server's catalog is known its tools are refused (503, Retry-After); the background
     task keeps retrying and calls pass once the server answers. Other methods are not held up."""
-    port = _free_port()
+    port = free_port()
     settings = make_settings(jwks_server.url, files_port=port)
     async for e in _env(settings, session, StubEngine()):
         e.refresher.start()

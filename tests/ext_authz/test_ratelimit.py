@@ -21,6 +21,7 @@ from ext_authz.ratelimit import (
     limits_for,
 )
 from gateway.config import RateLimitConfig, RateSpec
+from tests.ports import free_port
 
 USER = Limit("u:iss|alice", RateSpec(1.0, 2), "user")
 TOOL = Limit("t:files/read_file", RateSpec(1.0, 3), "tool")
@@ -32,13 +33,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture(scope="module")

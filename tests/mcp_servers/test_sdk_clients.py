@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,22 +27,18 @@ import pytest
 from mcp import Client, ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 
+from tests.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 VERSIONS = ["2025-06-18", "2025-11-25", "2026-07-28"]
 CLIENT_INFO = types.Implementation(name="sdk-client-test", version="1.0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _start(module: str, args: list[str], workdir: Path) -> Iterator[str]:
     """Start ``python -m module`` on a free loopback port and yield its MCP URL once /health answers."""
     env = {**os.environ, "MCP_STATE_DIR": str(workdir / "state"), "PYTHONUNBUFFERED": "1"}
     for _attempt in range(3):  # the free port can be taken between probe and bind: retry on exit
-        port = _free_port()
+        port = free_port()
         log = (workdir / f"{module}.{port}.log").open("wb")
         argv = [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port), *args]
         proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)

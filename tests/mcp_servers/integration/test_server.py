@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,17 +23,12 @@ from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 
 from mcp_servers.erp_demo.openapi import openapi_document
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 ERP_KEY = "erp-connector-key-123"
 CLIENT_TOKEN = "client-bearer-token-must-not-leak"
 CLIENT_INFO = types.Implementation(name="integration-test", version="1.0")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _healthy(url: str) -> bool:
@@ -83,7 +77,7 @@ class Proc:
 
 def _launch(argv: list[str], log_path: Path) -> Proc:
     for _attempt in range(3):  # a probed free port can be taken before the child binds it
-        p = Proc(argv, _free_port(), log_path)
+        p = Proc(argv, free_port(), log_path)
         if p.start():
             return p
     pytest.fail(f"{argv[2]} did not become healthy:\n{log_path.read_text(errors='replace')[-3000:]}")
@@ -269,6 +263,6 @@ def test_refuses_to_start_without_an_allowlist(tmp_path: Path) -> None:
     doc.write_text(json.dumps(openapi_document("http://127.0.0.1:9")))
     env = {**os.environ, "ERP_TEST_KEY": ERP_KEY}
     proc = subprocess.run([sys.executable, "-m", "mcp_servers.integration", "--openapi", str(doc),
-                           "--api-key-env", "ERP_TEST_KEY", "--port", str(_free_port())],
+                           "--api-key-env", "ERP_TEST_KEY", "--port", str(free_port())],
                           cwd=REPO, env=env, capture_output=True, timeout=60)
     assert proc.returncode != 0 and b"--allow" in proc.stderr
