@@ -16,7 +16,8 @@ import pytest
 
 from gateway import devstack
 from gateway.config import load_config
-from tests.e2e.helpers import REPO, free_ports, stack_config
+from tests.e2e.helpers import REPO, stack_config
+from tests.ports import free_ports
 
 ERP_OPERATIONS = ("listCustomers", "getCustomer", "listOrders", "getOrder", "createOrder",
                   "cancelOrder", "listInvoices", "getInvoice", "salesReport")

@@ -20,8 +20,9 @@ from gateway import devstack
 from gateway.config import load_config
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.conftest import test_policy as pii_policy
-from tests.e2e.helpers import REPO, bearer, free_ports, stack_config, stateless_call
+from tests.e2e.helpers import REPO, bearer, stack_config, stateless_call
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
+from tests.ports import free_ports
 
 ENVOY_SERVICE = "mcp-gateway-envoy"  # service_name in envoy/templates/tracing.yaml.tmpl
 # Envoy's OpenTelemetry tracer flushes every 5 s (runtime tracing.opentelemetry.flush_interval_ms)

@@ -29,7 +29,7 @@ import pytest
 from ext_authz.jwks import FAILURE_COOLDOWN_SECONDS
 from ext_authz.ratelimit import REDIS_BACKOFF_SECONDS
 from gateway import tokens
-from tests.e2e.helpers import free_ports
+from tests.ports import free_ports
 from tests.reliability import load
 from tests.reliability.counter_server import CARD, EMAIL
 from tests.reliability.stack import ISSUER, Gateway, gateway, wait_for
