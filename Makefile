@@ -56,8 +56,11 @@ system-deps:
 run: $(STAMP)
 	$(BIN)/mcp-gateway up
 
+# The tests through the real Envoy run once more with ext_authz over gRPC (the default is
+# Envoy's HTTP mode), so both transports stay proven.
 test: $(TEST_STAMP) tools system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	MCP_GATEWAY_TEST_AUTHZ_TRANSPORT=grpc $(BIN)/python -m pytest -q tests/e2e tests/security tests/reliability
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check .

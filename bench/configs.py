@@ -200,14 +200,15 @@ def bench_policies(dest: Path) -> Path:
     return dest
 
 
-def gateway_config_raw(ctx: RunContext) -> dict[str, Any]:
-    """The default gateway config with fresh ports, a private state dir and the bench server."""
+def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[str, Any]:
+    """The default gateway config with fresh ports, a private state dir and the bench server;
+    ``transport`` sets ``ext_authz.transport`` (None: the default)."""
     raw: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "default_config.yaml").read_text())
     port = free_port()
     raw["listen"] = {"host": "127.0.0.1", "port": port}
     raw["public_url"] = f"https://127.0.0.1:{port}"
     raw["admin"] = {"host": "127.0.0.1", "port": free_port()}
-    state = ctx.work / "state"
+    state = ctx.work / (f"state-{transport}" if transport else "state")
     raw["state_dir"] = str(state)
     # Every path absolute: the services run in the config file's folder, not the checkout.
     raw["audit"] = {**raw.get("audit", {}), "dir": str(state / "audit")}
@@ -221,6 +222,8 @@ def gateway_config_raw(ctx: RunContext) -> dict[str, Any]:
     for service in ("ext_authz", "ext_proc"):
         count = len(raw[service]["instances"])
         raw[service]["instances"] = [{"port": free_port()} for _ in range(count)]
+    if transport is not None:
+        raw["ext_authz"]["transport"] = transport
     # Only the bench backend: no demo services next to it (they would share the cores).
     raw.pop("backends", None)
     if "secrets" in raw:
@@ -231,16 +234,16 @@ def gateway_config_raw(ctx: RunContext) -> dict[str, Any]:
     return raw
 
 
-def load_gateway_config(ctx: RunContext) -> Any:
+def load_gateway_config(ctx: RunContext, transport: str | None = None) -> Any:
     """The bench config, written to a file and loaded from it.
 
     The services read their config from ``--config FILE``; a config parsed from memory has no
     file, so the dev stack would start them on the default config (no ``bench`` server: every
     request denied ``unknown_server``)."""
     from gateway.config import load_config
-    path = ctx.work / "gateway.yaml"
+    path = ctx.work / (f"gateway-{transport}.yaml" if transport else "gateway.yaml")
     if not path.exists():
-        path.write_text(yaml.safe_dump(gateway_config_raw(ctx), sort_keys=False))
+        path.write_text(yaml.safe_dump(gateway_config_raw(ctx, transport), sort_keys=False))
     config = load_config(path)
     if not config.source:
         raise RuntimeError(f"{path} loaded without its source: the services would not see it")
@@ -257,10 +260,11 @@ class FullGateway(Configuration):
     title = "3. Full gateway (TLS + JWT + Rego + inspection)"
     tls = True
     python_roles = ("backend", "ext_authz", "ext_proc", "jwks")
+    transport: str | None = None  # ext_authz.transport; None: the default
 
     def start(self) -> None:
         from gateway import devstack
-        self.config = load_gateway_config(self.ctx)
+        self.config = load_gateway_config(self.ctx, self.transport)
         # Children run in the config file's folder: the checkout on their path lets
         # `python -m bench.backend` (and the services) resolve.
         path = os.environ.get("PYTHONPATH")
@@ -290,7 +294,16 @@ class FullGateway(Configuration):
     def facts(self) -> dict[str, Any]:
         stack = getattr(self, "stack", None)
         names = sorted({c.name for c in stack.components}) if stack is not None else []
-        return {"components": names, "ext_proc": "ext_proc" in names}
+        return {"components": names, "ext_proc": "ext_proc" in names,
+                "ext_authz_transport": self.config.ext_authz.transport}
+
+
+class FullGatewayGrpc(FullGateway):
+    """The full gateway with ext_authz over gRPC instead of the default HTTP mode, side by side."""
+
+    key = "gateway_grpc"
+    title = "3b. Full gateway, ext_authz over gRPC"
+    transport = "grpc"
 
 
 # ------------------------------------------------------------------------------- ContextForge
@@ -415,4 +428,5 @@ class ContextForgeStateful(ContextForge):
 
 
 CONFIGURATIONS: dict[str, type[Configuration]] = {
-    c.key: c for c in (Direct, EnvoyTls, FullGateway, ContextForge, ContextForgeStateful)}
+    c.key: c for c in (Direct, EnvoyTls, FullGateway, FullGatewayGrpc, ContextForge,
+                       ContextForgeStateful)}

@@ -15,7 +15,7 @@ TARGET_THROUGHPUT_RATIO = 0.6
 TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 5.0
 TARGET_VS_CF = 30.0
-COLORS = {"direct": "#555555", "envoy_tls": "#1f77b4", "gateway": "#d62728",
+COLORS = {"direct": "#555555", "envoy_tls": "#1f77b4", "gateway": "#d62728", "gateway_grpc": "#ff7f0e",
           "contextforge": "#9467bd", "contextforge_stateful": "#2ca02c"}
 
 

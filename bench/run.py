@@ -33,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The gateway runs before Envoy-only so the paced run of both can use the gateway's saturation.
-ORDER = ("direct", "gateway", "envoy_tls", "contextforge", "contextforge_stateful")
-PACED = ("gateway", "envoy_tls")
+ORDER = ("direct", "gateway", "gateway_grpc", "envoy_tls", "contextforge", "contextforge_stateful")
+PACED = ("gateway", "gateway_grpc", "envoy_tls")
 # Issue 3 and 5 figures: ext_authz decision CPU, Rego per query, PII masking, ext_proc exchange
 # (masking and filtered tools/list), audit group commit.
 MICRO = ("bench_ext_authz.py", "bench_policy.py", "bench_pii.py", "bench_ext_proc.py",

@@ -1,6 +1,8 @@
-"""Assemble and run the ext_authz gRPC server: JWKS clients, token verifier, rate limiter,
-policy engine, tool catalog (with its refresher), audit writer, the Authorization servicer, a
-standard gRPC health service, Prometheus /metrics and OTLP tracing."""
+"""Assemble and run the ext_authz server: JWKS clients, token verifier, rate limiter, policy
+engine, tool catalog (with its refresher), audit writer, the Authorization servicer, Prometheus
+/metrics and OTLP tracing. Envoy reaches it over gRPC (the ext_authz v3 API, with the standard
+gRPC health service) or, with ``ext_authz.transport: http``, over its HTTP mode
+(``ext_authz.http_front``, health at ``GET /-/health``)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import aiohttp
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
 from ext_authz.catalog import CatalogGate, CatalogRefresher
+from ext_authz.http_front import HttpService
 from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import RateLimiter, build_rate_limiter
 from ext_authz.servicer import AuthorizationServicer, PolicyEngine
 from ext_authz.settings import Settings
 from gateway.catalog import Catalog
-from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings
+from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
 
@@ -38,9 +41,10 @@ class ManagedEngine(PolicyEngine, Protocol):
 
 
 @dataclass
-class Service(GrpcHandle):
+class Service:
     """A running ext_authz server; ``stop()`` releases everything ``start_service`` made."""
 
+    rpc: GrpcService | HttpService  # the transport front Envoy calls
     servicer: AuthorizationServicer
     jwks: dict[str, JwksClient]
     catalog: CatalogGate
@@ -51,6 +55,10 @@ class Service(GrpcHandle):
     _engine: ManagedEngine
     _catalog_writer: Catalog
     _stopped: bool = field(default=False)
+
+    @property
+    def port(self) -> int:
+        return self.rpc.port
 
     @property
     def metrics_port(self) -> int:
@@ -96,11 +104,15 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
                            refresh_seconds=settings.catalog.refresh_seconds)
         refresher = CatalogRefresher(gate, writer, settings.server_urls, session)
         # Health says NOT_SERVING until the policy is loaded and the keys are warm.
-        service = await GrpcService.open(GrpcSettings(
-            "ext_authz", SERVICE_NAME, settings.listen,
-            metrics_host=settings.telemetry.metrics_host,
-            metrics_port_offset=settings.telemetry.metrics_port_offset,
-            otlp_endpoint=settings.telemetry.otlp_endpoint))
+        front = GrpcSettings("ext_authz", SERVICE_NAME, settings.listen,
+                             metrics_host=settings.telemetry.metrics_host,
+                             metrics_port_offset=settings.telemetry.metrics_port_offset,
+                             otlp_endpoint=settings.telemetry.otlp_endpoint)
+        service: GrpcService | HttpService
+        if settings.transport == "http":
+            service = await HttpService.open(front, max_body=settings.max_request_bytes)
+        else:
+            service = await GrpcService.open(front)
         cleanup.append(service.close)
         port = service.port
         exporter = None
@@ -112,7 +124,11 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         cleanup.append(audit.close)
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
                                          audit=audit, tracing=service.tracing)
-        service.register(lambda server: pb_grpc.add_AuthorizationServicer_to_server(servicer, server))
+        if isinstance(service, HttpService):
+            service.register(servicer.decide)
+        else:
+            service.register(
+                lambda server: pb_grpc.add_AuthorizationServicer_to_server(servicer, server))
         await engine.start()
         await service.start()
         cleanup.append(lambda: service.drain(None))
@@ -125,8 +141,8 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         for close in reversed(cleanup):
             await close()
         raise
-    logger.info("ext_authz serving on %s:%d (policy %s, rate limits %s, dry_run=%s, metrics on "
-                "%s:%d, audit %s, catalog %s)", settings.listen.host, port,
+    logger.info("ext_authz serving %s on %s:%d (policy %s, rate limits %s, dry_run=%s, metrics on "
+                "%s:%d, audit %s, catalog %s)", settings.transport, settings.listen.host, port,
                 settings.policy.engine, settings.rate_limits.backend, settings.policy.dry_run,
                 service.metrics.host, service.metrics.port, audit.path, settings.catalog.path)
     return Service(service, servicer, jwks, gate, refresher, audit, session, limiter, engine,

@@ -1,8 +1,9 @@
-"""Decision -> Envoy CheckResponse (pure functions)."""
+"""Decision -> Envoy CheckResponse (pure functions), via a transport-neutral :class:`Verdict`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -41,6 +42,42 @@ _JSON = "application/json"
 # Printable ASCII except "%" passes through unchanged; anything else is percent-encoded so a
 # claim can never inject a header line or an invalid header value.
 _SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One decision as either transport answers it.
+
+    Allowed (``ok``): ``headers`` overwrite the upstream request's, ``metadata`` is the caller
+    context for ext_proc. Denied: ``status``, ``headers`` and ``body`` are the client's answer.
+    Either way the client's token and every gateway-owned header not in ``headers`` are removed
+    from the upstream request (:data:`STRIPPED_HEADERS`, :data:`GATEWAY_HEADERS`).
+    """
+
+    ok: bool
+    status: int
+    headers: Mapping[str, str]
+    body: bytes = b""
+    metadata: Mapping[str, Any] | None = None
+
+    @classmethod
+    def allow(cls, headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None
+              ) -> Verdict:
+        return cls(True, 200, headers, b"", metadata)
+
+    @classmethod
+    def deny(cls, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Verdict:
+        return cls(False, status, headers or {}, body)
+
+    def check_response(self) -> pb.CheckResponse:
+        """The gRPC transport's answer."""
+        if self.ok:
+            return allowed(self.headers, metadata=self.metadata)
+        return denied(self.status, self.body, self.headers)
+
+    def removed_headers(self) -> list[str]:
+        """Upstream request headers to drop on allow (the token, unset gateway-owned ones)."""
+        return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in self.headers)]
 
 
 def header_value(value: str) -> str:

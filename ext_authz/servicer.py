@@ -1,4 +1,6 @@
-"""The Envoy ``envoy.service.auth.v3.Authorization`` servicer (grpc.aio).
+"""The Envoy ``envoy.service.auth.v3.Authorization`` servicer (grpc.aio), and the decision core
+both transports share (:meth:`AuthorizationServicer.decide`: an :class:`HttpRequest` in, a
+:class:`Verdict` out; ``ext_authz.http_front`` serves the same core over Envoy's HTTP mode).
 
 Order of checks, cheapest refusal first: known server -> token (401) -> body (400/413) -> rate
 limit (429) -> policy (403) -> tool catalog for ``tools/call`` (quarantine 403, arguments 400,
@@ -48,9 +50,8 @@ from ext_authz.request import (
 )
 from ext_authz.response import (
     INSPECT_HEADER,
-    allowed,
+    Verdict,
     bearer_challenge,
-    denied,
     error_body,
     ext_proc_metadata,
     identity_headers,
@@ -130,8 +131,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:
-        start = time.perf_counter()
-        trace_headers, request_id = _early_headers(request)
+        req = http_request(request)
+        trace_headers = {name: req.headers[name] for name in _TRACE_HEADERS if name in req.headers}
         # Envoy's span for this Check travels in the gRPC metadata; the checked request's headers
         # carry only what the client sent. Prefer Envoy's so the span joins the request's trace.
         if context is not None:
@@ -139,11 +140,17 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
                           if k in _TRACE_HEADERS and isinstance(v, str)}
             if grpc_trace:
                 trace_headers = grpc_trace
+        return (await self.decide(req, trace_headers)).check_response()
+
+    async def decide(self, req: HttpRequest, trace_headers: dict[str, str]) -> Verdict:
+        """Decide one request: exactly one decision log line, metrics update and span each."""
+        start = time.perf_counter()
+        request_id = req.headers.get("x-request-id")
         rec = DecisionRecord(decision_id=new_decision_id(), request_id=request_id, sub=None,
                              method=None, tool=None, server=None, allow=False,
                              reason="internal_error", http_status=500, latency_ms=0.0,
                              dry_run=self._dry_run)
-        facts = _Facts()
+        facts = _Facts(req)
         # Every log line of this check carries its ids, whichever module writes it.
         log_fields = bind(request_id=request_id, decision_id=rec.decision_id)
         # Without an exporter and without a caller's trace there is nothing a span could add
@@ -155,18 +162,18 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             with span_cm as span:
                 rec.trace_id = current_trace_ids()[0] if trace_headers or self._tracing else None
                 try:
-                    response = await self._check(request, rec, facts)
+                    verdict = await self._check(req, rec, facts)
                     rec.latency_ms = (time.perf_counter() - start) * 1000.0
                     if self._audit is not None and facts.ctx is not None \
                             and facts.ctx.method in AUDITED_METHODS:
-                        response = await self._write_audit(response, rec, facts)
+                        verdict = await self._write_audit(verdict, rec, facts)
                 except Exception:  # top-level handler: whatever broke, the request is denied
                     logger.exception("authorization check failed; denying (decision %s)",
                                      rec.decision_id)
                     rec.allow, rec.reason, rec.http_status = False, "internal_error", 500
                     err = GatewayError("internal error in the authorization service",
                                        data={"decision_id": rec.decision_id})
-                    response = denied(500, error_body(None, err))
+                    verdict = Verdict.deny(500, error_body(None, err))
                 if span.is_recording():
                     span.set_attributes({
                         "mcp.method": rec.method or "", "mcp.tool": rec.tool or "",
@@ -179,12 +186,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         rec.latency_ms = elapsed * 1000.0
         log_decision(rec)
         _count(rec, elapsed)
-        return response
+        return verdict
 
-    async def _check(self, request: pb.CheckRequest, rec: DecisionRecord, facts: _Facts
-                     ) -> pb.CheckResponse:
+    async def _check(self, req: HttpRequest, rec: DecisionRecord, facts: _Facts) -> Verdict:
         settings = self._settings
-        req = facts.req = http_request(request)
         headers = req.headers
         server = server_of(req.path)
         if server is None or server not in settings.servers:
@@ -283,12 +288,11 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         metadata = ext_proc_metadata(
             method=rec.method, server=server, tool=rec.tool, claims=claims, mask=mask,
             decision_id=rec.decision_id, request_id=rec.request_id, obligations=decision.obligations)
-        return allowed(upstream, metadata=metadata)
+        return Verdict.allow(upstream, metadata)
 
-    async def _write_audit(self, response: pb.CheckResponse, rec: DecisionRecord, facts: _Facts
-                           ) -> pb.CheckResponse:
+    async def _write_audit(self, verdict: Verdict, rec: DecisionRecord, facts: _Facts) -> Verdict:
         """Put the entry on disk before the answer leaves; no entry, no answer (503)."""
-        assert self._audit is not None and facts.ctx is not None and facts.req is not None
+        assert self._audit is not None and facts.ctx is not None
         ctx, claims = facts.ctx, facts.claims or {}
         digest = None
         if ctx.method == "tools/call":
@@ -309,47 +313,27 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         except AuditUnavailable as err:
             logger.error("audit entry not written (%s); refusing the request", err.message)
             if not rec.allow:
-                return response  # refused either way
+                return verdict  # refused either way
             return self._deny(rec, err, facts.req, {"retry-after": "1"})
-        return response
+        return verdict
 
     def _deny(self, rec: DecisionRecord, err: GatewayError, req: HttpRequest,
-              headers: dict[str, str] | None = None) -> pb.CheckResponse:
+              headers: dict[str, str] | None = None) -> Verdict:
         rec.allow, rec.reason, rec.http_status = False, err.code, err.http_status
         data = err.data if isinstance(err.data, dict) else {}
         err.data = {**data, "decision_id": rec.decision_id}
         rid = best_effort_id(req.body) if req.body else None
-        return denied(err.http_status, error_body(rid, err), headers)
+        return Verdict.deny(err.http_status, error_body(rid, err), headers)
 
 
 @dataclass(slots=True)
 class _Facts:
     """What one check learnt, for the audit entry after the decision."""
 
-    req: HttpRequest | None = None
+    req: HttpRequest
     claims: dict[str, Any] | None = None
     ctx: McpContext | None = None
     parsed: dict[str, Any] | None = None
-
-
-def _early_headers(request: pb.CheckRequest) -> tuple[dict[str, str], str | None]:
-    """The W3C trace context Envoy's tracer put in the request headers, and x-request-id."""
-    http = request.attributes.request.http
-    headers = http.headers
-    if headers:
-        trace = {name: headers[name] for name in _TRACE_HEADERS if name in headers}
-        return trace, headers.get("x-request-id")
-    trace = {}
-    request_id = None
-    for hv in http.header_map.headers:
-        key = hv.key.lower()
-        if key in _TRACE_HEADERS or key == "x-request-id":
-            value = hv.value or hv.raw_value.decode("utf-8", "replace")
-            if key == "x-request-id":
-                request_id = value
-            else:
-                trace[key] = value
-    return trace, request_id
 
 
 _ID_BYTES = 16

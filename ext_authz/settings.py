@@ -42,6 +42,7 @@ class Settings:
     server_urls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS
     jwks_max_bytes: int = JWKS_MAX_BYTES
+    transport: str = "grpc"  # "grpc" | "http" (Envoy's HTTP mode, ext_authz.http_front)
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, port: int | None = None,
@@ -62,6 +63,7 @@ class Settings:
             telemetry=cfg.telemetry, audit=cfg.audit, catalog=cfg.catalog,
             server_urls={s.name: tuple(f"http://{i.host}:{i.port}/mcp" for i in s.instances)
                          for s in cfg.servers},
+            transport=cfg.ext_authz.transport,
         )
 
     def audit_path(self, port: int) -> Path:

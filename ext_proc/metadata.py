@@ -3,16 +3,20 @@
 ext_authz puts one struct into its CheckResponse ``dynamic_metadata``; Envoy stores it under the
 filter namespace ``envoy.filters.http.ext_authz`` and, with ``metadata_options
 .forwarding_namespaces.untyped`` naming that namespace, sends it to ext_proc in
-``ProcessingRequest.metadata_context``. Anything missing or of the wrong type is an error: the
-caller fails closed rather than inspect with a guessed context.
+``ProcessingRequest.metadata_context``. With ``ext_authz.transport: http`` Envoy can only file
+strings taken from answer headers, so the same document arrives as JSON text under
+:data:`CONTEXT_KEY`. Anything missing or of the wrong type is an error: the caller fails closed
+rather than inspect with a guessed context.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from google.protobuf import struct_pb2
 
 from ext_proc.errors import MetadataInvalid, MetadataMissing
@@ -20,6 +24,8 @@ from gateway.pii import UnknownPiiType, normalize_types
 
 NAMESPACE = "envoy.filters.http.ext_authz"
 MAX_LIST_ITEMS = 64  # roles / mask types; a longer list is a bug upstream, not a real caller
+# ext_authz's HTTP mode: the caller context as JSON text (ext_authz.http_front.CONTEXT_HEADER).
+CONTEXT_KEY = "mcp-gateway-context"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +87,66 @@ def parse_caller_context(filter_metadata: Any) -> CallerContext:
         raise MetadataMissing(f"no {NAMESPACE} metadata: the caller context is unknown")
     struct: struct_pb2.Struct = filter_metadata[NAMESPACE]
     fields = struct.fields
-    method = _string(fields, "mcp_method", required=True)
-    server = _string(fields, "server", required=True)
-    sub = _string(fields, "sub", required=True)
-    decision_id = _string(fields, "decision_id", required=True)
+    text = fields.get(CONTEXT_KEY)
+    if text is not None:
+        return _from_json(text)
+    return _build(lambda key, required: _string(fields, key, required=required),
+                  lambda key: _strings(fields, key))
+
+
+def _from_json(value: Any) -> CallerContext:
+    if value.WhichOneof("kind") != "string_value":
+        raise MetadataInvalid(f"ext_authz metadata {CONTEXT_KEY!r} must be a string",
+                              data={"field": CONTEXT_KEY})
+    try:
+        doc = orjson.loads(value.string_value)
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise MetadataInvalid(f"ext_authz metadata {CONTEXT_KEY!r} must be a JSON object",
+                              data={"field": CONTEXT_KEY})
+
+    def string(key: str, required: bool) -> str | None:
+        item = doc.get(key)
+        if isinstance(item, str):
+            return item
+        if item is None and not required:
+            return None
+        if item is None:
+            raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
+        raise MetadataInvalid(f"ext_authz metadata {key!r} must be a string", data={"field": key})
+
+    def strings(key: str) -> tuple[str, ...]:
+        items = doc.get(key)
+        if items is None:
+            raise MetadataInvalid(f"ext_authz metadata lacks {key!r}", data={"field": key})
+        if not isinstance(items, list):
+            raise MetadataInvalid(f"ext_authz metadata {key!r} must be a list", data={"field": key})
+        if len(items) > MAX_LIST_ITEMS:
+            raise MetadataInvalid(f"ext_authz metadata {key!r} is too long", data={"field": key})
+        if not all(isinstance(item, str) for item in items):
+            raise MetadataInvalid(f"ext_authz metadata {key!r} must hold strings", data={"field": key})
+        return tuple(items)
+
+    return _build(string, strings)
+
+
+def _build(string: Callable[[str, bool], str | None],
+           strings: Callable[[str], tuple[str, ...]]) -> CallerContext:
+    method = string("mcp_method", True)
+    server = string("server", True)
+    sub = string("sub", True)
+    decision_id = string("decision_id", True)
     assert method is not None and server is not None and sub is not None and decision_id is not None
     if not server:
         raise MetadataInvalid("ext_authz metadata 'server' is empty", data={"field": "server"})
     try:
-        mask = _mask_types(_strings(fields, "mask"))
+        mask = _mask_types(strings("mask"))
     except UnknownPiiType as exc:
         raise MetadataInvalid(str(exc), data={"field": "mask"}) from None
     return CallerContext(
-        mcp_method=method, server=server, sub=sub, roles=_strings(fields, "roles"), mask=mask,
-        decision_id=decision_id, tool=_string(fields, "tool", required=False) or None,
-        tenant=_string(fields, "tenant", required=False) or None,
-        scope=_string(fields, "scope", required=False),
-        request_id=_string(fields, "request_id", required=False) or None,
+        mcp_method=method, server=server, sub=sub, roles=strings("roles"), mask=mask,
+        decision_id=decision_id, tool=string("tool", False) or None,
+        tenant=string("tenant", False) or None, scope=string("scope", False),
+        request_id=string("request_id", False) or None,
     )

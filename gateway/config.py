@@ -113,6 +113,9 @@ class ServiceConfig:
 
     instances: tuple[Instance, ...]
     timeout_ms: int = 500
+    # How Envoy calls the service: "grpc", or for ext_authz also "http" (Envoy's HTTP mode, its
+    # default: ~40% less CPU per check; docs/configuration.md compares the two).
+    transport: str = "grpc"
 
 
 # Envoy's per-call timeout for ext_authz (one unary Check) and per-message timeout for ext_proc.
@@ -256,10 +259,19 @@ def otlp_target(endpoint: str) -> Instance:
     return Instance(match["host"].strip("[]"), int(match["port"]))
 
 
-def _service(data: Any, where: str, timeout_ms: int) -> ServiceConfig:
-    data = _only(data, {"instances", "timeout_ms"}, where)
+EXT_AUTHZ_TRANSPORTS = ("http", "grpc")  # the first is the default
+
+
+def _service(data: Any, where: str, timeout_ms: int, *, transports: tuple[str, ...] = ("grpc",)
+             ) -> ServiceConfig:
+    data = _only(data, {"instances", "timeout_ms", *(("transport",) if len(transports) > 1 else ())},
+                 where)
+    transport = _take(data, "transport", str, where, transports[0])
+    if transport not in transports:
+        raise ConfigError(f"{where}.transport must be one of {', '.join(transports)}, "
+                          f"not {transport!r}")
     return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1),
-                         _take(data, "timeout_ms", int, where, timeout_ms))
+                         _take(data, "timeout_ms", int, where, timeout_ms), transport)
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
@@ -406,7 +418,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
         admin=_instance(top.get("admin", {"port": 9901}), "admin"),
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
-        ext_authz=_service(top.get("ext_authz"), "ext_authz", EXT_AUTHZ_TIMEOUT_MS),
+        ext_authz=_service(top.get("ext_authz"), "ext_authz", EXT_AUTHZ_TIMEOUT_MS,
+                           transports=EXT_AUTHZ_TRANSPORTS),
         ext_proc=_service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS),
         servers=tuple(servers), backends=tuple(backends), secrets=secrets,
         state_dir=state_dir,

@@ -309,6 +309,8 @@ class Component:
 
 
 SERVICE_MODULES = {"ext_authz": "ext_authz", "ext_proc": "ext_proc"}
+# ext_authz over Envoy's HTTP mode answers its health check here (ext_authz.http_front.HEALTH_PATH).
+HTTP_AUTHZ_HEALTH_PATH = "/-/health"
 
 
 def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tuple[str, ...]:
@@ -352,6 +354,8 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
+                             Probe("http", inst.host, inst.port, HTTP_AUTHZ_HEALTH_PATH)
+                             if config.ext_authz.transport == "http" else
                              Probe("grpc", inst.host, inst.port),
                              metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     if ext_proc if ext_proc is not None else envoy_config.ext_proc_available():

@@ -262,6 +262,12 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         stats_cluster = _fill(_template("stats_cluster.yaml.tmpl"),
                               {"admin_endpoint": _endpoints((config.admin,))}, {})
 
+    transport = config.ext_authz.transport  # "grpc" | "http"
+    authz_timeout = f"{config.ext_authz.timeout_ms / 1000:g}s"
+    authz_service = _fill(_template(f"ext_authz_{transport}_service.yaml.tmpl"), {},
+                          {"ext_authz_timeout": authz_timeout})
+    authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
+
     removals = "".join(f"- remove: {_q(h)}\n" for h in GATEWAY_HEADERS)
     blocks = {
         "client_validation": client_validation,
@@ -277,6 +283,10 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "server_routes": "".join(routes),
         "server_clusters": "".join(clusters),
         "ext_authz_endpoints": _endpoints(config.ext_authz.instances),
+        "ext_authz_service": authz_service,
+        "ext_authz_cluster_transport": authz_cluster,
+        "ext_authz_local_reply": _template("ext_authz_http_local_reply.yaml.tmpl")
+        if transport == "http" else "",
     }
     scalars: dict[str, object] = {
         "source": _path(config.source, options) or "the embedded default config",
@@ -291,7 +301,7 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "key_file": _q(_path(config.tls.key_file, options)),
         "forward_client_cert_details": "SANITIZE_SET" if mtls else "SANITIZE",
         "max_request_headers_kb": 32,
-        "ext_authz_timeout": f"{config.ext_authz.timeout_ms / 1000:g}s",
+        "ext_authz_transport": "gRPC (HTTP/2)" if transport == "grpc" else "HTTP/1.1",
         "max_request_bytes": config.max_request_bytes,
         "ext_authz_count": len(config.ext_authz.instances),
         "ext_authz_discovery": _discovery(config.ext_authz.instances),

@@ -16,7 +16,7 @@ import pytest
 
 from gateway import devstack
 from gateway.config import load_config
-from tests.e2e.helpers import REPO, stack_config
+from tests.e2e.helpers import REPO, authz_transport, stack_config
 from tests.ports import free_ports
 
 ERP_OPERATIONS = ("listCustomers", "getCustomer", "listOrders", "getOrder", "createOrder",
@@ -82,7 +82,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
                                   "args": ["--db", str(tmp / "erp.sqlite3"), "--debug"]}},
         "policy": {"engine": "embedded", "dir": str(test_policy(tmp / "policies"))},
     }
-    config = load_config(stack_config(tmp, servers=servers, ext_authz=1, extra=extra))
+    config = load_config(stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
+                                      authz_transport=authz_transport()))
     with pytest.MonkeyPatch.context() as mp:
         # The test MCP server lives in tests/, which is not an installed package.
         mp.setenv("PYTHONPATH", str(REPO))

@@ -24,12 +24,20 @@ from tests.ports import free_ports
 REPO = Path(__file__).resolve().parents[2]
 
 
+def authz_transport() -> str | None:
+    """The ext_authz transport the e2e stacks use: $MCP_GATEWAY_TEST_AUTHZ_TRANSPORT, else the
+    config default (``make test`` runs the e2e tests once more with ``http``)."""
+    return os.environ.get("MCP_GATEWAY_TEST_AUTHZ_TRANSPORT") or None
+
+
 def stack_config(tmp: Path, *, servers: dict[str, dict[str, Any]] | None = None,
-                 instances: int = 2, ext_authz: int = 2, extra: dict[str, Any] | None = None) -> Path:
+                 instances: int = 2, ext_authz: int = 2, extra: dict[str, Any] | None = None,
+                 authz_transport: str | None = None) -> Path:
     """Write a gateway config whose every port is free and whose state lives in ``tmp``.
 
     ``servers`` maps name -> {"module": ..., "args": [...], "count": instances of this one};
     default: one stand-in server "echo". ``extra`` adds or replaces top-level keys.
+    ``authz_transport``: ``ext_authz.transport`` (None: the config default).
     """
     servers = servers or {"echo": {"module": "tests.e2e.standin_upstream"}}
     counts = {name: spec.get("count", instances) for name, spec in servers.items()}
@@ -47,7 +55,8 @@ def stack_config(tmp: Path, *, servers: dict[str, dict[str, Any]] | None = None,
         "issuers": [{"issuer": "https://dev-issuer.mcp-gateway.local",
                      "jwks_url": f"http://127.0.0.1:{next(ports)}/jwks.json"}],
         "policy": {"engine": "embedded", "dir": str(REPO / "policies")},
-        "ext_authz": {"instances": [{"port": next(ports)} for _ in range(ext_authz)]},
+        "ext_authz": {"instances": [{"port": next(ports)} for _ in range(ext_authz)],
+                      **({"transport": authz_transport} if authz_transport else {})},
         "ext_proc": {"instances": [{"port": next(ports)} for _ in range(ext_authz)]},
         "servers": {name: {**{k: v for k, v in spec.items() if k != "count"},
                            "instances": [{"port": next(ports)} for _ in range(counts[name])]}

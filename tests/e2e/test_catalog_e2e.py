@@ -28,7 +28,16 @@ from gateway.catalog import APPROVED, QUARANTINED, Catalog
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import FORBIDDEN, INVALID_PARAMS
 from tests.e2e.conftest import HAS_EXT_PROC, installed
-from tests.e2e.helpers import MODERN, MODERN_META, REPO, bearer, stack_config, tls_context, wait_until
+from tests.e2e.helpers import (
+    MODERN,
+    MODERN_META,
+    REPO,
+    authz_transport,
+    bearer,
+    stack_config,
+    tls_context,
+    wait_until,
+)
 
 SERVER = "mutable"
 REFRESH_SECONDS = 1.0
@@ -132,7 +141,8 @@ def mutable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mutable]:
                         "args": ["--description-dir", str(descriptions),
                                  "--calls-file", str(calls_file)]}}
     extra = {"policy": {"engine": "embedded", "dir": str(policy_dir(tmp / "policies"))}}
-    path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra)
+    path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
+                        authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     raw["catalog"] = {**raw["catalog"], "mode": "tofu", "refresh_seconds": REFRESH_SECONDS}
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")

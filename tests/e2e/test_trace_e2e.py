@@ -20,7 +20,7 @@ from gateway import devstack
 from gateway.config import load_config
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.conftest import test_policy as pii_policy
-from tests.e2e.helpers import REPO, bearer, stack_config, stateless_call
+from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, stateless_call
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
 from tests.ports import free_ports
 
@@ -51,7 +51,7 @@ async def traced(tmp_path_factory: pytest.TempPathFactory
     }
     config = load_config(stack_config(tmp_path, servers={"pii": {"module": "tests.e2e.pii_server",
                                                                  "count": 1}},
-                                      ext_authz=1, extra=extra))
+                                      ext_authz=1, extra=extra, authz_transport=authz_transport()))
     with contextlib.ExitStack() as exits:
         monkeypatch = exits.enter_context(pytest.MonkeyPatch.context())
         # The test MCP server lives in tests/, which is not an installed package.

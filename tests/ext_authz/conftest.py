@@ -137,7 +137,7 @@ def make_config(jwks_url: str, *, files_port: int = 9201, **sections: Any) -> Ga
         "tls": {"cert_file": "server.pem", "key_file": "server.key"},
         "issuers": [{"issuer": ISSUER, "jwks_url": jwks_url}],
         "auth": {"leeway_seconds": 5, "max_token_bytes": 4096, "jwks_cooldown_seconds": 30},
-        "ext_authz": {"instances": [{"port": 9101}]},
+        "ext_authz": {"transport": "grpc", "instances": [{"port": 9101}]},
         "ext_proc": {"instances": [{"port": 9111}]},
         "servers": {"files": {"module": "m", "instances": [{"port": files_port}]},
                     "database": {"module": "m", "instances": [{"port": 9211}]}},

@@ -95,7 +95,7 @@ async def test_module_entry_point_with_real_policy(tmp_path: Path, jwks_server: 
         "tls": {"cert_file": "server.pem", "key_file": "server.key"},
         "issuers": [{"issuer": ISSUER, "jwks_url": jwks_server.url}],
         "policy": {"dir": str(ROOT / "policies")},
-        "ext_authz": {"instances": [{"port": 9101}]},
+        "ext_authz": {"transport": "grpc", "instances": [{"port": 9101}]},
         "ext_proc": {"instances": [{"port": 9111}]},
         "servers": {"files": {"module": "m", "instances": [{"port": 9201}]},
                     "database": {"module": "m", "instances": [{"port": 9211}]}},

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from ext_proc.errors import MetadataInvalid, MetadataMissing
-from ext_proc.metadata import NAMESPACE, parse_caller_context
+from ext_proc.metadata import CONTEXT_KEY, NAMESPACE, CallerContext, parse_caller_context
 from tests.ext_proc.conftest import caller
 
 
@@ -64,3 +66,70 @@ def test_unknown_mask_type_is_refused_every_time() -> None:
         with pytest.raises(MetadataInvalid):
             parsed(caller(mask=["email", "shoe_size"]))
     assert parsed(caller(mask=["email"])).mask == ("email",)
+
+
+# ------------------------------------------- the JSON text form (ext_authz.transport: http)
+
+def json_parsed(text: str, **struct_fields: Any) -> CallerContext:
+    """Parse metadata holding the caller context as JSON text under CONTEXT_KEY."""
+    req = pb.ProcessingRequest()
+    req.metadata_context.filter_metadata[NAMESPACE].update({CONTEXT_KEY: text, **struct_fields})
+    return parse_caller_context(req.metadata_context.filter_metadata)
+
+
+@pytest.mark.parametrize("meta", [
+    caller(),
+    caller(mask=["credit_card", "email"], scope="tools:call:files/*"),
+    caller(tool=None, tenant=..., request_id=..., scope=None),
+    caller(tool="", tenant="", request_id="", roles=[], mask=[]),
+    caller(sub="zoë", tenant="東京", roles=["анализ"], obligations={"mask_pii": True}),
+], ids=["full", "aliases", "optional-absent", "empty-optional", "non-ascii"])
+def test_json_text_gives_the_same_context_as_the_struct(meta: dict[str, Any]) -> None:
+    """The JSON text form parses to exactly the CallerContext the struct form gives."""
+    expected = parsed(meta)
+    assert json_parsed(orjson.dumps(meta).decode()) == expected
+    assert json_parsed(json.dumps(meta)) == expected  # \\u escapes, as a header carries them
+
+
+@pytest.mark.parametrize("text", [
+    "", "not json", "{", '{"mcp_method": "tools/call",}', "[]", '["a"]', '"text"', "null", "1",
+    "true",
+])
+def test_json_text_that_is_not_an_object_is_refused(text: str) -> None:
+    """Invalid JSON and JSON that is not an object are MetadataInvalid."""
+    with pytest.raises(MetadataInvalid):
+        json_parsed(text)
+
+
+@pytest.mark.parametrize("value", [3, True, None, ["{}"], {"mcp_method": "tools/call"}])
+def test_json_key_that_is_not_a_string_is_refused(value: Any) -> None:
+    """The context key holding anything but a string is MetadataInvalid."""
+    req = pb.ProcessingRequest()
+    req.metadata_context.filter_metadata[NAMESPACE].update({CONTEXT_KEY: value})
+    with pytest.raises(MetadataInvalid):
+        parse_caller_context(req.metadata_context.filter_metadata)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"mcp_method": ...}, {"server": ...}, {"server": ""}, {"sub": ...}, {"decision_id": ...},
+    {"mask": ...}, {"roles": ...}, {"mcp_method": None}, {"sub": None}, {"decision_id": 7},
+    {"server": ["files"]}, {"mcp_method": 3}, {"tool": ["x"]}, {"tenant": 1}, {"scope": {}},
+    {"request_id": False}, {"roles": "admin"}, {"roles": {"a": 1}}, {"roles": [1]},
+    {"roles": ["ok", None]}, {"mask": [["email"]]}, {"mask": ["shoe_size"]},
+    {"roles": ["r"] * 65},
+])
+def test_malformed_json_context(overrides: dict[str, Any]) -> None:
+    """Missing required fields, non-string values, wrong-typed list items, unknown PII types and
+    overlong lists are refused in the JSON form too."""
+    with pytest.raises(MetadataInvalid):
+        json_parsed(orjson.dumps(caller(**overrides)).decode())
+
+
+def test_invalid_json_text_never_falls_back_to_struct_fields() -> None:
+    """With the context key present, only it counts: a broken one fails closed even when valid
+    struct fields sit next to it."""
+    assert json_parsed(orjson.dumps(caller(sub="bob")).decode(), **caller()).sub == "bob"
+    with pytest.raises(MetadataInvalid):
+        json_parsed("{not json", **caller())
+    with pytest.raises(MetadataInvalid):
+        json_parsed(orjson.dumps(caller(sub=...)).decode(), **caller())

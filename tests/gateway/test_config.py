@@ -78,3 +78,50 @@ def test_edge_limit_can_be_switched_off() -> None:
     raw = _default()
     raw["rate_limits"] = {**raw["rate_limits"], "edge": None}
     assert parse_config(raw, base_dir=Path.cwd()).rate_limits.edge is None
+
+
+def _with_ext_authz(**keys: Any) -> dict[str, Any]:
+    raw = _default()
+    raw["ext_authz"] = {**raw["ext_authz"], **keys}
+    return raw
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_ext_authz_transport_parses(transport: str) -> None:
+    """ext_authz.transport selects how Envoy calls ext_authz: grpc or http."""
+    cfg = parse_config(_with_ext_authz(transport=transport), base_dir=Path.cwd())
+    assert cfg.ext_authz.transport == transport
+
+
+def test_ext_authz_transport_defaults_to_http_and_ext_proc_stays_grpc() -> None:
+    """Without the key ext_authz uses Envoy's HTTP mode; ext_proc has only gRPC."""
+    raw = _default()
+    raw["ext_authz"] = {k: v for k, v in raw["ext_authz"].items() if k != "transport"}
+    cfg = parse_config(raw, base_dir=Path.cwd())
+    assert cfg.ext_authz.transport == "http"
+    assert cfg.ext_proc.transport == "grpc"
+
+
+@pytest.mark.parametrize("transport", ["bogus", "HTTP", "grpc-web", ""])
+def test_unknown_ext_authz_transport_names_the_choices(transport: str) -> None:
+    """Any other transport is a ConfigError naming the key, the choices and the value."""
+    with pytest.raises(ConfigError, match=r"ext_authz\.transport must be one of ") as exc:
+        parse_config(_with_ext_authz(transport=transport), base_dir=Path.cwd())
+    choices = str(exc.value).split("one of ", 1)[1].rsplit(", not ", 1)[0]
+    assert sorted(choices.split(", ")) == ["grpc", "http"]
+    assert repr(transport) in str(exc.value)
+
+
+def test_ext_authz_transport_must_be_a_string() -> None:
+    """A non-string transport is a ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=r"ext_authz\.transport must be str"):
+        parse_config(_with_ext_authz(transport=1), base_dir=Path.cwd())
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_ext_proc_has_no_transport_key(transport: str) -> None:
+    """ext_proc is gRPC only: a transport key there is an unknown key, whatever its value."""
+    raw = _default()
+    raw["ext_proc"] = {**raw["ext_proc"], "transport": transport}
+    with pytest.raises(ConfigError, match=r"ext_proc: unknown key\(s\) transport"):
+        parse_config(raw, base_dir=Path.cwd())

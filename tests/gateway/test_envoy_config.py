@@ -199,10 +199,12 @@ def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
 
 
 def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
-    """ext_authz: gRPC to every instance, body as bytes, bounded, no partial bodies, fail closed."""
+    """ext_authz (default: HTTP mode) to every instance, body bounded, no partial bodies, fail
+    closed; the HTTP cluster speaks HTTP/1.1 and is checked at /-/health."""
     cfg = filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]
-    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
-    assert cfg["grpc_service"]["timeout"] == "0.5s"
+    assert "grpc_service" not in cfg
+    assert cfg["http_service"]["server_uri"]["cluster"] == "ext_authz"
+    assert cfg["http_service"]["server_uri"]["timeout"] == "0.5s"
     assert cfg["with_request_body"] == {"max_request_bytes": 1048576, "allow_partial_message": False,
                                         "pack_as_bytes": True}
     assert cfg["failure_mode_allow"] is False
@@ -211,8 +213,25 @@ def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
     ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
              for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
     assert ports == [9101, 9102]
+    assert "typed_extension_protocol_options" not in cluster
+    assert cluster["health_checks"][0]["http_health_check"] == {"path": "/-/health"}
+
+
+def test_ext_authz_over_grpc_uses_http2_and_grpc_health() -> None:
+    """transport: grpc renders the gRPC service with the same bounds, over HTTP/2."""
+    config = dataclasses.replace(default_config(), ext_authz=dataclasses.replace(
+        default_config().ext_authz,
+        transport="grpc"))
+    grpc_doc: dict[str, Any] = yaml.safe_load(render(config))
+    cfg = filters(grpc_doc)["envoy.filters.http.ext_authz"]["typed_config"]
+    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    assert cfg["grpc_service"]["timeout"] == "0.5s"
+    assert cfg["include_peer_certificate"] is True
+    assert cfg["failure_mode_allow"] is False
+    cluster = clusters(grpc_doc)["ext_authz"]
     assert "http2_protocol_options" in cluster["typed_extension_protocol_options"][
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+    assert cluster["health_checks"][0]["grpc_health_check"] == {}
 
 
 def test_mcp_routes(doc: dict[str, Any]) -> None:
@@ -399,3 +418,114 @@ def test_dev_stack_starts_envoy_with_the_worker_count() -> None:
     flag = envoy.argv.index("--concurrency")
     assert envoy.argv[flag + 1] == str(worker_threads())
     assert 1 <= worker_threads() <= max(1, len(os.sched_getaffinity(0)) // 2)
+
+
+# ------------------------------------------------------------------- ext_authz transport (HTTP)
+
+def transport_config(transport: str) -> GatewayConfig:
+    """The default config with ext_authz called over ``transport``."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw["ext_authz"] = {**raw["ext_authz"], "transport": transport}
+    config = parse_config(raw, base_dir=REPO, source=str(DEFAULT_CONFIG_PATH))
+    assert config.ext_authz.transport == transport
+    return config
+
+
+def _matches(name: str, patterns: list[dict[str, Any]]) -> bool:
+    """Whether Envoy's StringMatcher list (exact / prefix only here) matches a header name."""
+    for pattern in patterns:
+        assert set(pattern) <= {"exact", "prefix"}, pattern
+        if name == pattern.get("exact") or name.startswith(pattern.get("prefix", "\0")):
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def http_doc() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(render(transport_config("http"),
+                                                   RenderOptions(ext_proc=True)))
+    return loaded
+
+
+def test_http_transport_renders_and_validates(certs: Certs, tmp_path: Path) -> None:
+    """transport http, with and without ext_proc and with mTLS, is a config Envoy accepts."""
+    for options, mtls in ((RenderOptions(ext_proc=True), True), (RenderOptions(ext_proc=False), False)):
+        text = render(with_certs(transport_config("http"), certs, mtls=mtls), options)
+        doc = yaml.safe_load(text)
+        assert "http_service" in filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]
+        assert "local_reply_config" in hcm(doc)
+        validate_text(text, tmp_path)
+
+
+def test_http_transport_ext_authz_filter(http_doc: dict[str, Any]) -> None:
+    """The filter calls the ext_authz cluster under /check, fails closed, sends the body and the
+    headers the decision reads, and files the caller context as metadata."""
+    from ext_authz.http_front import CONTEXT_HEADER, PATH_PREFIX
+
+    cfg = filters(http_doc)["envoy.filters.http.ext_authz"]["typed_config"]
+    assert "grpc_service" not in cfg
+    service = cfg["http_service"]
+    assert service["path_prefix"] == PATH_PREFIX == "/check"
+    assert service["server_uri"]["cluster"] == "ext_authz"
+    assert service["server_uri"]["timeout"] == "0.5s"
+    assert cfg["failure_mode_allow"] is False
+    assert cfg["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert cfg["with_request_body"] == {"max_request_bytes": 1048576, "allow_partial_message": False,
+                                        "pack_as_bytes": True}
+    assert cfg["clear_route_cache"] is True
+    sent = cfg["allowed_headers"]["patterns"]
+    for name in ("x-request-id", "x-forwarded-for", "x-forwarded-proto", "traceparent", "tracestate",
+                 "content-type", "accept", "origin", "mcp-protocol-version", "mcp-session-id",
+                 "mcp-method", "mcp-name"):
+        assert _matches(name, sent), name
+    response = service["authorization_response"]
+    assert response["dynamic_metadata_from_headers"]["patterns"] == [{"exact": CONTEXT_HEADER}]
+    upstream = response["allowed_upstream_headers"]["patterns"]
+    assert all(_matches(h, upstream) for h in GATEWAY_HEADERS)
+    # The caller context is metadata only: never forwarded upstream or to the client.
+    assert not _matches(CONTEXT_HEADER, upstream)
+    client = response["allowed_client_headers"]["patterns"]
+    assert not _matches(CONTEXT_HEADER, client)
+    assert all(_matches(h, client) for h in ("content-type", "retry-after", "x-mcp-status"))
+
+
+def test_http_transport_ext_authz_cluster(http_doc: dict[str, Any]) -> None:
+    """The cluster speaks HTTP/1.1 to every instance and health checks GET /-/health."""
+    from ext_authz.http_front import HEALTH_PATH
+
+    cluster = clusters(http_doc)["ext_authz"]
+    (check,) = cluster["health_checks"]
+    assert check["http_health_check"] == {"path": HEALTH_PATH}
+    assert "grpc_health_check" not in check
+    assert "http2_protocol_options" not in json.dumps(cluster)
+    ports = [e["endpoint"]["address"]["socket_address"]["port_value"]
+             for e in cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert ports == [9101, 9102]
+
+
+def test_http_transport_restores_carried_statuses(http_doc: dict[str, Any]) -> None:
+    """local_reply_config maps each status the service carries in x-mcp-status back, 500-504."""
+    from ext_authz.http_front import CARRIED_STATUSES, STATUS_HEADER
+
+    mappers = hcm(http_doc)["local_reply_config"]["mappers"]
+    codes = [m["status_code"] for m in mappers]
+    assert codes == sorted(CARRIED_STATUSES) == [500, 501, 502, 503, 504]
+    for mapper in mappers:
+        expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
+        assert f"'{STATUS_HEADER}'" in expression
+        assert f"== '{mapper['status_code']}'" in expression
+
+
+def test_grpc_transport_has_no_http_parts(certs: Certs, tmp_path: Path) -> None:
+    """transport grpc: grpc_service and the gRPC health check, no http_service, no
+    local_reply_config; Envoy accepts it."""
+    text = render(with_certs(transport_config("grpc"), certs), RenderOptions(ext_proc=True))
+    doc = yaml.safe_load(text)
+    assert "local_reply_config" not in hcm(doc)
+    cfg = filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]
+    assert "http_service" not in cfg
+    assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
+    cluster = clusters(doc)["ext_authz"]
+    assert cluster["health_checks"][0]["grpc_health_check"] == {}
+    assert "http_health_check" not in cluster["health_checks"][0]
+    validate_text(text, tmp_path)

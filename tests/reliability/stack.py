@@ -28,7 +28,7 @@ import yaml
 from gateway import devstack
 from gateway.catalog import Catalog
 from gateway.config import GatewayConfig, load_config
-from tests.e2e.helpers import REPO, stack_config
+from tests.e2e.helpers import REPO, authz_transport, stack_config
 
 T = TypeVar("T")
 
@@ -236,7 +236,7 @@ def gateway(tmp: Path, servers: dict[str, dict[str, Any]] | None = None, *,
     at the top level, the policy copy from :func:`policy_dir`."""
     ledger = tmp / "ledger.jsonl"
     specs = {"counter": counter_spec(ledger), **(servers or {})}
-    path = stack_config(tmp, servers=specs, instances=instances)
+    path = stack_config(tmp, servers=specs, instances=instances, authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     raw["policy"] = {"engine": "embedded", "dir": str(policy_dir(tmp))}
     raw.update(overrides or {})

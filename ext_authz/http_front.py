@@ -1,0 +1,212 @@
+"""ext_authz over Envoy's HTTP mode (``http_service``), on aiohttp: the same decision core as the
+gRPC servicer (:meth:`AuthorizationServicer.decide`), with less transport cost per request.
+
+The contract with Envoy (rendered by ``gateway.envoy_config`` when ``ext_authz.transport`` is
+``http``):
+
+- Envoy sends the checked request's method, ``PATH_PREFIX`` + path, the headers its
+  ``allowed_headers`` list names, and the body (``with_request_body``).
+- 200 allows. The upstream request gets the answer headers its ``allowed_upstream_headers`` list
+  names (overwriting the client's), loses those named in ``x-envoy-auth-headers-to-remove`` (the
+  token, gateway-owned headers not set), and the caller context for ext_proc travels as JSON text
+  in :data:`CONTEXT_HEADER`, which Envoy files as dynamic metadata
+  (``dynamic_metadata_from_headers``) and never forwards.
+- Any other status is a denial: the client's answer (status, body, the headers
+  ``allowed_client_headers`` names). Envoy takes a 5xx for a failure of the service and would
+  answer ``status_on_error`` without this service's JSON-RPC body or ``Retry-After``; so this
+  service's own 5xx answers (keys, catalog, audit or rate-limit store unavailable, internal
+  error) go as 400 with the real status in :data:`STATUS_HEADER`, which the rendered
+  ``local_reply_config`` puts back.
+- ``GET /-/health`` is Envoy's health check: 200 once warm, 503 before and while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from ext_authz.request import HttpRequest
+from ext_authz.response import Verdict
+from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcSettings
+from gateway.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
+from gateway.telemetry.metrics import MetricsServer
+
+logger = logging.getLogger(__name__)
+
+PATH_PREFIX = "/check"
+HEALTH_PATH = "/-/health"
+# The caller context (ext_authz metadata for ext_proc) as JSON text; not an x- name, so the
+# upstream allow-list (prefix x-) can never forward it.
+CONTEXT_HEADER = "mcp-gateway-context"
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# A 5xx answer travels as a 400 denial with its status here (see answer()).
+STATUS_HEADER = "x-mcp-status"
+CARRIER_STATUS = 400
+CARRIED_STATUSES = frozenset({500, 501, 502, 503, 504})
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_JSON = {"content-type": "application/json"}
+_NOT_FOUND = b'{"error":"not_found"}'
+MAX_HEADER_BYTES = 64 * 1024
+
+Decide = Callable[[HttpRequest, dict[str, str]], Awaitable[Verdict]]
+
+
+def read_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes
+                 ) -> HttpRequest:
+    """The checked request from Envoy's authorization request (``path`` without the prefix).
+
+    Names are lower-cased and repeats joined with "," as Envoy does for gRPC's header map. The
+    client address is the last ``x-forwarded-for`` entry, the one Envoy appended.
+    """
+    merged: dict[str, str] = {}
+    for name, value in headers:
+        key = name.lower()
+        merged[key] = f"{merged[key]},{value}" if key in merged else value
+    forwarded = merged.get("x-forwarded-for", "")
+    source = forwarded.rsplit(",", 1)[-1].strip()
+    return HttpRequest(merged.get("x-request-id", ""), method, path, merged.get("host", ""),
+                       merged.get("x-forwarded-proto", "https"), merged, body, source)
+
+
+def answer(verdict: Verdict) -> web.Response:
+    """The HTTP answer Envoy's ext_authz filter reads (see the module docstring)."""
+    if not verdict.ok:
+        if verdict.status < 500:
+            return web.Response(status=verdict.status, body=verdict.body,
+                                headers={**_JSON, **verdict.headers})
+        # Envoy would take a 5xx for a failure and drop this answer: carried as a denial, the
+        # real status restored by the rendered local_reply_config (500-504; others become 503).
+        status = verdict.status if verdict.status in CARRIED_STATUSES else 503
+        return web.Response(status=CARRIER_STATUS, body=verdict.body,
+                            headers={**_JSON, **verdict.headers, STATUS_HEADER: str(status)})
+    headers = dict(verdict.headers)
+    headers[REMOVE_HEADER] = ",".join(verdict.removed_headers())
+    if verdict.metadata:
+        headers[CONTEXT_HEADER] = context_text(verdict.metadata)
+    return web.Response(status=200, headers=headers)
+
+
+def context_text(metadata: object) -> str:
+    """JSON text safe in a header value (ASCII; non-ASCII characters as \\u escapes)."""
+    text = orjson.dumps(metadata).decode()
+    return text if text.isascii() else json.dumps(metadata, separators=(",", ":"))
+
+
+class HttpService:
+    """The HTTP front: the same life cycle as ``gateway.service.GrpcService`` (open, start,
+    set_serving, drain, close), /metrics on port + offset and tracing included."""
+
+    def __init__(self, settings: GrpcSettings, runner: web.ServerRunner, site: web.TCPSite,
+                 port: int, metrics: MetricsServer, tracing: bool, max_body: int) -> None:
+        self.settings = settings
+        self.port = port
+        self.metrics = metrics
+        self.tracing = tracing
+        self._runner = runner
+        self._site = site
+        self._max_body = max_body
+        self._decide: Decide | None = None
+        self._serving = False
+        self._started = False
+        self._stopped = False
+        self._closed = False
+
+    @classmethod
+    async def open(cls, settings: GrpcSettings, *, max_body: int) -> HttpService:
+        """Bind the port and start /metrics and tracing; health answers 503 until
+        :meth:`set_serving`. Raises OSError when the port cannot be bound."""
+        holder: list[HttpService] = []
+
+        async def handle(request: web.BaseRequest) -> web.StreamResponse:
+            return await holder[0]._handle(request)
+
+        # Envoy accepts request headers up to max_request_headers_kb (32 KiB, tokens included);
+        # aiohttp's default 8 KiB field limit would refuse a large token with its own 400.
+        server = web.Server(handle, access_log=None, max_line_size=MAX_HEADER_BYTES,
+                            max_field_size=MAX_HEADER_BYTES)
+        runner = web.ServerRunner(server,
+                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        await runner.setup()
+        listen = settings.listen
+        # reuse_port off: a second instance on a taken port must fail, not silently share it.
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_port=False)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        port = runner.addresses[0][1]
+        metrics_port = port + settings.metrics_port_offset if listen.port else 0
+        try:
+            metrics = start_metrics_server(settings.metrics_host, metrics_port)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        try:
+            tracing = setup_tracing(settings.name, settings.otlp_endpoint)
+        except BaseException:
+            metrics.close()
+            await runner.cleanup()
+            raise
+        service = cls(settings, runner, site, port, metrics, tracing, max_body)
+        holder.append(service)
+        return service
+
+    def register(self, decide: Decide) -> None:
+        self._decide = decide
+
+    async def start(self) -> None:
+        self._started = True  # the socket already listens; checks wait for set_serving
+
+    async def set_serving(self) -> None:
+        self._serving = True
+
+    async def drain(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Report 503 on health, refuse new connections, give checks in flight up to
+        ``SHUTDOWN_GRACE_SECONDS`` (aiohttp's runner takes the grace when it is made)."""
+        self._serving = False
+        if not self._stopped:
+            self._stopped = True
+            await self._runner.cleanup()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.drain(None)
+        await asyncio.to_thread(self.metrics.close)
+        if self.tracing:
+            await asyncio.to_thread(shutdown_tracing)
+
+    async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
+        await self.drain(grace)
+        await self.close()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path
+        if path.startswith(PATH_PREFIX) and path[len(PATH_PREFIX):len(PATH_PREFIX) + 1] == "/":
+            decide = self._decide
+            if decide is None or not self._serving:
+                # Not warm yet (or draining): a real 5xx, a failure for Envoy, which retries
+                # the check on another process.
+                return web.Response(status=503, headers={"retry-after": "1"})
+            length = request.content_length
+            if length is None and request.body_exists:
+                return web.Response(status=411, headers=_JSON, body=b'{"error":"length_required"}')
+            if length is not None and length > self._max_body:
+                return web.Response(status=413, headers=_JSON, body=b'{"error":"too_large"}')
+            body = await request.content.readexactly(length) if length else b""
+            req = read_request(request.method, path[len(PATH_PREFIX):],
+                               list(request.headers.items()), body)
+            trace = {n: req.headers[n] for n in _TRACE_HEADERS if n in req.headers}
+            return answer(await decide(req, trace))
+        if path == HEALTH_PATH:
+            return web.Response(status=200 if self._serving else 503, headers=_JSON,
+                                body=b'{"status":"serving"}' if self._serving
+                                else b'{"status":"not_serving"}')
+        return web.Response(status=404, headers=_JSON, body=_NOT_FOUND)
