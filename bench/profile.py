@@ -47,10 +47,12 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("rate limit", ("ratelimit.py",)),
     ("logging / metrics / tracing", ("logging/", "prometheus_client", "opentelemetry")),
     ("request / response build", ("ext_authz/request.py", "ext_authz/response.py",
-                                  "ext_proc/response.py", "ext_proc/metadata.py")),
+                                  "ext_proc/response.py", "ext_proc/metadata.py",
+                                  "ext_authz/http_front.py")),
     ("servicer (incl. awaiting gRPC stream reads)", ("ext_authz/servicer.py",
                                                    "ext_proc/servicer.py")),
     ("protobuf (de)serialise", ("google/protobuf", "_pb2")),
+    ("aiohttp (HTTP transport)", ("aiohttp/", "aiohttp\\", "multidict", "yarl")),
     ("grpc.aio + asyncio", ("grpc/", "grpc\\", "asyncio/", "cygrpc", "_cython")),
 )
 

@@ -130,7 +130,7 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                    bound="" if met else (
                        "the Python hops on the path: ext_authz "
                        f"{gp['processes'].get('ext_authz', {}).get('cpu_us_per_req') or 0:.0f} us CPU per "
-                       "request (gRPC Check with body, JWT, Rego), ext_proc "
+                       f"request (check with body over {_authz_transport(gw)}, JWT, Rego), ext_proc "
                        f"{gp['processes'].get('ext_proc', {}).get('cpu_us_per_req') or 0:.0f} us (two "
                        "gRPC stream messages: response headers and body), each a sequential step of "
                        "the request, plus queueing "
@@ -195,6 +195,11 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                if r["errors"] and r.get("error_sample"))}
     rows.append(row)
     return rows
+
+
+def _authz_transport(conf: dict[str, Any] | None) -> str:
+    transport = ((conf or {}).get("facts") or {}).get("ext_authz_transport")
+    return {"http": "Envoy's HTTP mode", "grpc": "gRPC"}.get(transport or "", "gRPC")
 
 
 def _missing(confs: dict[str, dict[str, Any]], *keys: str) -> str:
