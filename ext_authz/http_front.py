@@ -44,6 +44,8 @@ HEALTH_PATH = "/-/health"
 # upstream allow-list (prefix x-) can never forward it.
 CONTEXT_HEADER = "mcp-gateway-context"
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+# The client's address (the TCP peer of Envoy's listener), added by Envoy to each check.
+PEER_HEADER = "x-mcp-peer-address"
 # A 5xx answer travels as a 400 denial with its status here (see answer()).
 STATUS_HEADER = "x-mcp-status"
 CARRIER_STATUS = 400
@@ -61,14 +63,15 @@ def read_request(method: str, path: str, headers: list[tuple[str, str]], body: b
     """The checked request from Envoy's authorization request (``path`` without the prefix).
 
     Names are lower-cased and repeats joined with "," as Envoy does for gRPC's header map. The
-    client address is the last ``x-forwarded-for`` entry, the one Envoy appended.
+    client address is :data:`PEER_HEADER` (else the last ``x-forwarded-for`` entry).
     """
     merged: dict[str, str] = {}
     for name, value in headers:
         key = name.lower()
         merged[key] = f"{merged[key]},{value}" if key in merged else value
-    forwarded = merged.get("x-forwarded-for", "")
-    source = forwarded.rsplit(",", 1)[-1].strip()
+    # Set by Envoy (authorization_request.headers_to_add, overwriting any client copy); else
+    # the last x-forwarded-for entry, which Envoy appends.
+    source = merged.get(PEER_HEADER) or merged.get("x-forwarded-for", "").rsplit(",", 1)[-1].strip()
     return HttpRequest(merged.get("x-request-id", ""), method, path, merged.get("host", ""),
                        merged.get("x-forwarded-proto", "https"), merged, body, source)
 
@@ -76,6 +79,8 @@ def read_request(method: str, path: str, headers: list[tuple[str, str]], body: b
 def answer(verdict: Verdict) -> web.Response:
     """The HTTP answer Envoy's ext_authz filter reads (see the module docstring)."""
     if not verdict.ok:
+        if verdict.status < 400:  # never an allow by accident: Envoy allows on 200 alone
+            return web.Response(status=403, body=verdict.body, headers={**_JSON, **verdict.headers})
         if verdict.status < 500:
             return web.Response(status=verdict.status, body=verdict.body,
                                 headers={**_JSON, **verdict.headers})

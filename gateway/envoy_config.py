@@ -46,6 +46,9 @@ IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-role
 # client's copy would let it force (or, through ext_authz removing it, nothing else) inspection.
 INSPECT_HEADER = "x-mcp-inspect"
 GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+# What ext_authz (HTTP transport) says to Envoy in headers: never taken from a client either.
+SIGNAL_HEADERS = ("x-mcp-status", "mcp-gateway-context", "x-mcp-peer-address",
+                  "x-envoy-auth-headers-to-remove")
 # ext_authz files its dynamic metadata (the caller context ext_proc needs) under this namespace.
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 VALIDATE_TIMEOUT_SECONDS = 60.0
@@ -268,7 +271,7 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
                           {"ext_authz_timeout": authz_timeout})
     authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
 
-    removals = "".join(f"- remove: {_q(h)}\n" for h in GATEWAY_HEADERS)
+    removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS))
     blocks = {
         "client_validation": client_validation,
         "client_cert_details": client_cert_details,

@@ -23,6 +23,16 @@ REASON_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 # RFC 7230 token characters for header names; values must not be able to start a new header.
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]{0,4096}$")
+# Names a policy may not set: the gateway's own (identity headers come from verified claims
+# only; x-mcp-inspect, x-mcp-status and the caller context are ext_authz's signals to Envoy),
+# Envoy's, and those that frame the HTTP message.
+RESERVED_HEADERS = frozenset({
+    "x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
+    "x-mcp-decision-id", "x-mcp-inspect", "x-mcp-status", "mcp-gateway-context", "authorization",
+    "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",
+    "te", "trailer", "host", "proxy-connection"})
+_RESERVED_PREFIXES = ("x-envoy-", ":")
+
 # RFC 6749 scope-token characters: it is quoted into WWW-Authenticate, so no '"' or '\'.
 _SCOPE_RE = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]{1,256}( [\x21\x23-\x5b\x5d-\x7e]{1,256}){0,15}$")
 
@@ -110,6 +120,9 @@ def check_decision(value: Any, *, defined: bool = True) -> Decision:
     for name, hval in headers.items():
         if not _HEADER_NAME_RE.match(name):
             raise ContractViolation(f"expected decision.headers names to be HTTP tokens, got {name!r:.80}")
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith(_RESERVED_PREFIXES):
+            raise ContractViolation(f"decision.headers may not set {lowered!r}: the gateway owns it")
         if not isinstance(hval, str) or not _HEADER_VALUE_RE.match(hval):
             raise ContractViolation(f"expected decision.headers[{name!r}] to be a single-line string, "
                                     f"got {_type_name(hval)}")

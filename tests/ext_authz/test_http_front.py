@@ -441,3 +441,17 @@ async def test_service_stop_closes_the_port(http_service: tuple[Service, StubEng
     with pytest.raises(ConnectionRefusedError):
         await asyncio.wait_for(asyncio.open_connection("127.0.0.1", svc.port), timeout=5)
 
+
+
+def test_a_denial_never_answers_below_400() -> None:
+    """Envoy allows on 200 alone: a denied verdict with a success status still denies (403)."""
+    for status in (200, 204, 302):
+        resp = answer(Verdict.deny(status, b'{"error":1}'))
+        assert resp.status == 403 and resp.body == b'{"error":1}'
+
+
+def test_the_peer_header_wins_over_forwarded_for() -> None:
+    """The address Envoy adds (x-mcp-peer-address) is the source; X-F-F only without it."""
+    req = read_request("POST", "/mcp/files", [("x-forwarded-for", "10.0.0.9, 10.1.1.1"),
+                                              ("x-mcp-peer-address", "192.0.2.7")], b"")
+    assert req.source_address == "192.0.2.7"

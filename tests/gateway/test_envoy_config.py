@@ -18,6 +18,7 @@ from gateway.envoy_config import (
     EXT_AUTHZ_NAMESPACE,
     GATEWAY_HEADERS,
     IDENTITY_HEADERS,
+    SIGNAL_HEADERS,
     EnvoyConfigError,
     RenderOptions,
     find_envoy,
@@ -195,7 +196,8 @@ def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
     assert session["typed_config"]["header"] == {"name": "mcp-session-id"}
     removed = {m["remove"] for m in
                filters(doc)["envoy.filters.http.header_mutation"]["typed_config"]["mutations"]["request_mutations"]}
-    assert removed == set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-inspect"}
+    assert set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-inspect"}
+    assert removed == {*GATEWAY_HEADERS, *SIGNAL_HEADERS}
 
 
 def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
@@ -514,6 +516,8 @@ def test_http_transport_restores_carried_statuses(http_doc: dict[str, Any]) -> N
         expression = mapper["filter"]["extension_filter"]["typed_config"]["expression"]
         assert f"'{STATUS_HEADER}'" in expression
         assert f"== '{mapper['status_code']}'" in expression
+        # Only ext_authz's carrier (a 400 denial) is rewritten, never another local reply.
+        assert expression.startswith("response.code == 400 && ")
 
 
 def test_grpc_transport_has_no_http_parts(certs: Certs, tmp_path: Path) -> None:
@@ -529,3 +533,22 @@ def test_grpc_transport_has_no_http_parts(certs: Certs, tmp_path: Path) -> None:
     assert cluster["health_checks"][0]["grpc_health_check"] == {}
     assert "http_health_check" not in cluster["health_checks"][0]
     validate_text(text, tmp_path)
+
+
+def test_http_transport_sends_the_peer_address_and_the_edge_strips_signal_headers() -> None:
+    """Envoy adds the client's TCP address to every HTTP check (overwriting a client copy), and
+    client copies of the headers ext_authz and Envoy exchange never pass the edge."""
+    config = dataclasses.replace(default_config(), ext_authz=dataclasses.replace(
+        default_config().ext_authz, transport="http"))
+    http_doc: dict[str, Any] = yaml.safe_load(render(config))
+    cfg = filters(http_doc)["envoy.filters.http.ext_authz"]["typed_config"]
+    added = cfg["http_service"]["authorization_request"]["headers_to_add"]
+    assert added == [{"key": "x-mcp-peer-address",
+                      "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}]
+    # A reset after the check was sent is not retried (it may have counted and been audited).
+    assert "reset-before-request" in cfg["http_service"]["retry_policy"]["retry_on"].split(",")
+    assert "reset" not in cfg["http_service"]["retry_policy"]["retry_on"].split(",")
+    mutation = filters(http_doc)["envoy.filters.http.header_mutation"]["typed_config"]
+    removed = {m["remove"] for m in mutation["mutations"]["request_mutations"]}
+    assert {"x-mcp-status", "mcp-gateway-context", "x-mcp-peer-address",
+            "x-envoy-auth-headers-to-remove", "x-mcp-user", "x-mcp-inspect"} <= removed
