@@ -4,8 +4,10 @@
 
 1. In-process: CPU (time.process_time) per ``Check`` of an allowed ``tools/call`` with a cached
    token and the real embedded Rego policy from ``policies/``, split into stages.
-2. Over the wire: ``python -m ext_authz`` in a subprocess, 16 concurrent in-flight Check calls
-   from a grpc.aio client; the server's CPU per request (from /proc) and client-side p50/p99.
+2. Over the wire, once per transport: ``python -m ext_authz`` in a subprocess, 16 concurrent
+   in-flight checks, from a grpc.aio client (``transport: grpc``) or an aiohttp client posting
+   Envoy's HTTP-mode request (``transport: http``, the default); the server's CPU per request
+   (from /proc) and client-side p50/p99.
    Its tool catalog is fetched from a real MCP server (``mcp_servers.core``, in this process)
    serving ``read_file``: without a loaded catalog every tools/call is refused (fail closed).
 Prints a markdown table.
@@ -62,6 +64,10 @@ BODY = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params"
 
 READ_FILE_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"path": {"type": "string"}},
                                     "required": ["path"], "additionalProperties": False}
+
+
+TRANSPORTS = ("http", "grpc")
+TRANSPORT_LABELS = {"http": "Envoy's HTTP mode", "grpc": "gRPC"}
 
 
 def raw_config(jwks_url: str, state: Path, files_port: int = 9201) -> dict[str, Any]:
@@ -249,13 +255,23 @@ def free_port() -> int:
         return port
 
 
-async def over_the_wire(config_path: Path, token: str, n: int, concurrency: int
-                        ) -> tuple[float, float, float, float]:
+def http_check_headers(token: str) -> dict[str, str]:
+    """What Envoy's HTTP mode sends for ``check_request``: no pseudo headers, the client address
+    in x-mcp-peer-address."""
+    headers = {k: v for k, v in check_request(token).attributes.request.http.headers.items()
+               if not k.startswith(":") and k != "content-length"}
+    return {**headers, "host": "gw.example.test", "x-mcp-peer-address": "10.0.0.7"}
+
+
+async def over_the_wire(config_path: Path, token: str, n: int, concurrency: int,
+                        transport: str) -> tuple[float, float, float, float]:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "ext_authz", "--config", str(config_path), "--port", str(port),
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        if transport == "http":
+            return await _over_http(proc.pid, port, token, n, concurrency)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health: Any = health_pb2_grpc.HealthStub(channel)
             await health.Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
@@ -282,9 +298,58 @@ async def over_the_wire(config_path: Path, token: str, n: int, concurrency: int
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 15)
+    return _summary(latencies, cpu, wall)
+
+
+def _summary(latencies: list[float], cpu: float, wall: float) -> tuple[float, float, float, float]:
     done = len(latencies)
     qs = statistics.quantiles(latencies, n=100)
     return cpu / done * 1e6, qs[49] * 1e3, qs[98] * 1e3, done / wall
+
+
+async def _over_http(pid: int, port: int, token: str, n: int, concurrency: int
+                     ) -> tuple[float, float, float, float]:
+    base = f"http://127.0.0.1:{port}"
+    headers = http_check_headers(token)
+    # One connection per in-flight check, as Envoy's HTTP/1.1 pool holds them.
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                async with session.get(f"{base}/-/health") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("ext_authz (http) did not become healthy within 60 s")
+            await asyncio.sleep(0.1)
+        url = f"{base}/check/mcp/files"
+
+        async def one() -> None:
+            async with session.post(url, data=BODY, headers=headers) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"denied during the benchmark ({resp.status})")
+
+        for _ in range(200):  # warm-up: caches, policy, connections
+            await one()
+        latencies: list[float] = []
+        per_worker = n // concurrency
+
+        async def worker() -> None:
+            for _ in range(per_worker):
+                t0 = time.perf_counter()
+                await one()
+                latencies.append(time.perf_counter() - t0)
+
+        cpu0 = proc_cpu_seconds(pid)
+        wall0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - wall0
+        cpu = proc_cpu_seconds(pid) - cpu0
+    return _summary(latencies, cpu, wall)
 
 
 async def main() -> None:
@@ -303,10 +368,14 @@ async def main() -> None:
                            roles=["engineer"], scopes=["tools:call:files/read_file"],
                            tenant="acme", ttl=3600)
         stages = await in_process(cfg, token, args.requests)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "gateway.yaml"
-            path.write_text(yaml.safe_dump(raw))
-            cpu_us, p50, p99, rps = await over_the_wire(path, token, args.requests, args.concurrency)
+        wire: dict[str, tuple[float, float, float, float]] = {}
+        for transport in TRANSPORTS:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "gateway.yaml"
+                path.write_text(yaml.safe_dump(
+                    {**raw, "ext_authz": {**raw["ext_authz"], "transport": transport}}))
+                wire[transport] = await over_the_wire(path, token, args.requests,
+                                                      args.concurrency, transport)
     finally:
         await files_runner.cleanup()
         await runner.cleanup()
@@ -317,9 +386,13 @@ async def main() -> None:
     print("|---|---|")
     for name, us in stages.items():
         print(f"| in-process CPU: {name} | {us:.1f} us |")
-    print(f"| server CPU per request over gRPC ({args.concurrency} concurrent) | {cpu_us:.0f} us |")
-    print(f"| latency p50 / p99 ({args.concurrency} concurrent) | {p50:.2f} ms / {p99:.2f} ms |")
-    print(f"| throughput (one ext_authz process) | {rps:.0f} req/s |")
+    for transport, (cpu_us, p50, p99, rps) in wire.items():
+        label = TRANSPORT_LABELS[transport]
+        print(f"| server CPU per request over {label} ({args.concurrency} concurrent) | "
+              f"{cpu_us:.0f} us |")
+        print(f"| latency p50 / p99 over {label} ({args.concurrency} concurrent) | "
+              f"{p50:.2f} ms / {p99:.2f} ms |")
+        print(f"| throughput over {label} (one ext_authz process) | {rps:.0f} req/s |")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # The gateway runs before Envoy-only so the paced run of both can use the gateway's saturation.
 ORDER = ("direct", "gateway", "gateway_grpc", "envoy_tls", "contextforge", "contextforge_stateful")
 PACED = ("gateway", "gateway_grpc", "envoy_tls")
+# Variants of the full gateway measured beside it (3b: ext_authz over gRPC); a quick run gives
+# them a shorter plan (Plan.variant_*).
+VARIANTS = ("gateway_grpc",)
 # Issue 3 and 5 figures: ext_authz decision CPU, Rego per query, PII masking, ext_proc exchange
 # (masking and filtered tools/list), audit group commit.
 MICRO = ("bench_ext_authz.py", "bench_policy.py", "bench_pii.py", "bench_ext_proc.py",
@@ -55,6 +58,10 @@ class Plan:
     profile_workloads: tuple[str, ...]
     micro_args: dict[str, list[str]]
     micro_timeout: float
+    # The variants' plan; None: the same as the main configurations'.
+    variant_levels: tuple[int, ...] | None = None
+    variant_workloads: tuple[str, ...] | None = None
+    variant_paced: bool = True
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
@@ -69,7 +76,8 @@ QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "re
                          "bench_pii.py": ["--repeat", "3"],
                          "bench_ext_proc.py": ["--requests", "150"],
                          "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
-             micro_timeout=40)
+             micro_timeout=40, variant_levels=(16,), variant_workloads=("echo",),
+             variant_paced=False)
 
 
 def measure(conf: Configuration, workload: Workload, connections: int, seconds: float,
@@ -106,9 +114,13 @@ def measure(conf: Configuration, workload: Workload, connections: int, seconds: 
 
 def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> dict[str, Any]:
     is_cf = conf.key.startswith("contextforge")
+    variant = conf.key in VARIANTS
     levels = plan.cf_levels if is_cf else plan.levels
     seconds = plan.cf_seconds if is_cf else plan.seconds
     workloads = plan.cf_workloads if is_cf else plan.workloads
+    if variant:
+        levels = plan.variant_levels or levels
+        workloads = plan.variant_workloads or workloads
     out: dict[str, Any] = {"key": conf.key, "title": conf.title, "tls": conf.tls,
                            "python_roles": list(conf.python_roles), "runs": []}
     print(f"== {conf.title}", flush=True)
@@ -123,7 +135,7 @@ def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> 
                     seconds=plan.warmup)
             for c in levels:
                 out["runs"].append(measure(conf, WORKLOADS[name], c, seconds))
-        if conf.key in PACED:
+        if conf.key in PACED and (plan.variant_paced or not variant):
             if "rate" not in half:
                 peak = max((r["rps"] for r in out["runs"] if r["workload"] == "echo"), default=0.0)
                 if peak > 0:
