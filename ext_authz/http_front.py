@@ -22,7 +22,6 @@ The contract with Envoy (rendered by ``gateway.envoy_config`` when ``ext_authz.t
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,8 +31,12 @@ from aiohttp import web
 
 from ext_authz.request import HttpRequest
 from ext_authz.response import Verdict
-from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcSettings
-from gateway.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
+from gateway.service import (
+    SHUTDOWN_GRACE_SECONDS,
+    GrpcSettings,
+    start_observability,
+    stop_observability,
+)
 from gateway.telemetry.metrics import MetricsServer
 
 logger = logging.getLogger(__name__)
@@ -106,18 +109,16 @@ class HttpService:
     """The HTTP front: the same life cycle as ``gateway.service.GrpcService`` (open, start,
     set_serving, drain, close), /metrics on port + offset and tracing included."""
 
-    def __init__(self, settings: GrpcSettings, runner: web.ServerRunner, site: web.TCPSite,
-                 port: int, metrics: MetricsServer, tracing: bool, max_body: int) -> None:
+    def __init__(self, settings: GrpcSettings, runner: web.ServerRunner, port: int,
+                 metrics: MetricsServer, tracing: bool, max_body: int) -> None:
         self.settings = settings
         self.port = port
         self.metrics = metrics
         self.tracing = tracing
         self._runner = runner
-        self._site = site
         self._max_body = max_body
         self._decide: Decide | None = None
         self._serving = False
-        self._started = False
         self._stopped = False
         self._closed = False
 
@@ -146,19 +147,12 @@ class HttpService:
             await runner.cleanup()
             raise
         port = runner.addresses[0][1]
-        metrics_port = port + settings.metrics_port_offset if listen.port else 0
         try:
-            metrics = start_metrics_server(settings.metrics_host, metrics_port)
+            metrics, tracing = start_observability(settings, port)
         except BaseException:
             await runner.cleanup()
             raise
-        try:
-            tracing = setup_tracing(settings.name, settings.otlp_endpoint)
-        except BaseException:
-            metrics.close()
-            await runner.cleanup()
-            raise
-        service = cls(settings, runner, site, port, metrics, tracing, max_body)
+        service = cls(settings, runner, port, metrics, tracing, max_body)
         holder.append(service)
         return service
 
@@ -166,7 +160,7 @@ class HttpService:
         self._decide = decide
 
     async def start(self) -> None:
-        self._started = True  # the socket already listens; checks wait for set_serving
+        """Nothing to do: the socket listens from :meth:`open`; checks wait for set_serving."""
 
     async def set_serving(self) -> None:
         self._serving = True
@@ -184,9 +178,7 @@ class HttpService:
             return
         self._closed = True
         await self.drain(None)
-        await asyncio.to_thread(self.metrics.close)
-        if self.tracing:
-            await asyncio.to_thread(shutdown_tracing)
+        await stop_observability(self.metrics, self.tracing)
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.drain(grace)

@@ -76,8 +76,13 @@ class Verdict:
         return denied(self.status, self.body, self.headers)
 
     def removed_headers(self) -> list[str]:
-        """Upstream request headers to drop on allow (the token, unset gateway-owned ones)."""
-        return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in self.headers)]
+        """Upstream request headers to drop on allow (see :func:`headers_to_remove`)."""
+        return headers_to_remove(self.headers)
+
+
+def headers_to_remove(set_headers: Mapping[str, str]) -> list[str]:
+    """The client's token and every gateway-owned header an allowed answer does not set."""
+    return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in set_headers)]
 
 
 def header_value(value: str) -> str:
@@ -253,8 +258,7 @@ def _build_allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] |
         opt.header.key = name
         opt.header.value = value
         opt.append_action = OVERWRITE
-    ok.headers_to_remove.extend(STRIPPED_HEADERS)
-    ok.headers_to_remove.extend(h for h in GATEWAY_HEADERS if h not in set_headers)
+    ok.headers_to_remove.extend(headers_to_remove(set_headers))
     if metadata:
         _fill_struct(resp.dynamic_metadata, metadata)
     return resp

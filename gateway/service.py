@@ -78,13 +78,7 @@ class GrpcService:
         port = server.add_insecure_port(f"{listen.host}:{listen.port}")
         if port == 0:
             raise OSError(f"cannot listen on {listen.host}:{listen.port}")
-        metrics_port = port + settings.metrics_port_offset if listen.port else 0
-        metrics = start_metrics_server(settings.metrics_host, metrics_port)
-        try:
-            tracing = setup_tracing(settings.name, settings.otlp_endpoint)
-        except BaseException:
-            metrics.close()
-            raise
+        metrics, tracing = start_observability(settings, port)
         return cls(settings, server, port, health_servicer, metrics, tracing)
 
     def register(self, add: Callable[[grpc.aio.Server], None]) -> None:
@@ -110,9 +104,7 @@ class GrpcService:
             return
         self._closed = True
         await self._stop_server(None)
-        await asyncio.to_thread(self.metrics.close)
-        if self.tracing:
-            await asyncio.to_thread(shutdown_tracing)  # flushes the spans still batched
+        await stop_observability(self.metrics, self.tracing)
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:
         await self.drain(grace)
@@ -129,6 +121,26 @@ class GrpcService:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self.stop()
+
+
+def start_observability(settings: GrpcSettings, port: int) -> tuple[MetricsServer, bool]:
+    """/metrics on ``port`` + the offset (any free port when the service listens on port 0) and
+    tracing; returns the metrics server and whether tracing is on. Any transport's front uses it."""
+    metrics_port = port + settings.metrics_port_offset if settings.listen.port else 0
+    metrics = start_metrics_server(settings.metrics_host, metrics_port)
+    try:
+        tracing = setup_tracing(settings.name, settings.otlp_endpoint)
+    except BaseException:
+        metrics.close()
+        raise
+    return metrics, tracing
+
+
+async def stop_observability(metrics: MetricsServer, tracing: bool) -> None:
+    """Stop /metrics, then flush the spans still batched (when tracing is on)."""
+    await asyncio.to_thread(metrics.close)
+    if tracing:
+        await asyncio.to_thread(shutdown_tracing)
 
 
 @dataclass
