@@ -242,9 +242,12 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
             return self._deny(rec, err, req, {"retry-after": "1"})
 
-        decision = await self._engine.decide(policy_input(
-            req, parsed_body=parsed, mcp=ctx, claims=claims, server=server, resource=resource,
-            now=self._clock()))
+        try:
+            document = policy_input(req, parsed_body=parsed, mcp=ctx, claims=claims, server=server,
+                                    resource=resource, now=self._clock())
+        except GatewayError as err:  # an argument over the gateway's bounds (InputLimitExceeded)
+            return self._deny(rec, err, req)
+        decision = await self._engine.decide(document)
         rec.policy_allow = decision.allow
         if not decision.allow and not self._dry_run:
             status = decision.http_status if 400 <= decision.http_status <= 599 else 403

@@ -80,3 +80,13 @@ class UnsupportedEncoding(GatewayError):
     code = "unsupported_content_encoding"
     rpc_code = INVALID_REQUEST
     http_status = 415
+
+
+class InputLimitExceeded(GatewayError):
+    """An argument the policy reasons about is over one of the gateway's bounds (path length or
+    depth, SQL length, table references, ...): refused before any fact is built from it, so the
+    work per request is bounded whatever the input. ``data.limit`` names the bound."""
+
+    code = "input_limit_exceeded"
+    rpc_code = INVALID_PARAMS
+    http_status = 400

@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.policy.sql import sql_facts
+
 # Arguments holding a path, as ``path_argument_names`` in policies/authz.rego.
 PATH_ARGUMENT_NAMES = ("path", "root", "directory", "source", "destination", "target")
 # The scheme and "//" of a URI, as ``uri_path`` in policies/authz.rego (RE2 and re agree on
@@ -70,6 +72,10 @@ def mcp_facts(mcp: Mapping[str, Any]) -> dict[str, Any]:
         found = [path_facts(arguments[k]) for k in arguments if k in PATH_ARGUMENT_NAMES]
         if found:
             facts["arguments"] = found
+        if "sql" in arguments:
+            sql = sql_facts(arguments["sql"])
+            if sql:
+                facts["sql"] = sql
     uri = mcp.get("resource_uri")
     if uri is not None:
         facts["resource"] = path_facts(uri_path(uri))
