@@ -295,34 +295,38 @@ table_allowed(t) if {
 	lower(t) in allowed_tables
 }
 
-sql := input.mcp.arguments.sql if is_string(input.mcp.arguments.sql)
-
-sql_text := lower(trim_space(sql))
-
-# Not a SQL parser: anything this check cannot read with certainty is refused. The database
-# server enforces read-only access itself; this decides which tables a role may read.
-sql_shape_ok if {
-	regex.match(`^select\s`, sql_text)
-	not contains(sql_text, ";")
-	not contains(sql_text, "--")
-	not contains(sql_text, "/*")
-	not regex.match(`\b(insert|update|delete|drop|alter|create|attach|detach|pragma|copy|grant|revoke|truncate|replace|into|exec|execute|call|vacuum|load_extension|sqlite_\w*|pg_\w*|information_schema)\b`, sql_text)
-	not regex.match(`\bfrom\s+[a-z_][a-z0-9_]*(\s+(as\s+)?[a-z_][a-z0-9_]*)?\s*,`, sql_text)
+# The SQL text is never read here. The gateway parses it (gateway/policy/sql.py, sqlglot, as
+# SQLite and as PostgreSQL) into input.mcp.facts.sql = {"understood", "tables", "functions"}
+# (README.md, "SQL facts"); the database server parses the same text with the same function and
+# makes the engine read only those tables and call only data.gateway.sql_functions. No facts, or
+# facts that do not say understood, refuse the query.
+sql_understood if {
+	input.mcp.facts.sql.understood == true
+	is_array(input.mcp.facts.sql.tables)
+	is_array(input.mcp.facts.sql.functions)
 }
 
-sql_tables := [m[1] | some m in regex.find_all_string_submatch_n(`\b(?:from|join)\s*([^\s,;]+)`, sql_text, -1)]
-
+# A qualified name ("main.employees") is only allowed where data.json lists it as written.
 sql_tables_ok if {
-	count(sql_tables) > 0
-	every t in sql_tables {
+	sql_understood
+	every t in input.mcp.facts.sql.tables {
 		table_allowed(t)
+	}
+}
+
+sql_function_allowlist := {f | some f in data.gateway.sql_functions}
+
+sql_functions_ok if {
+	sql_understood
+	every f in input.mcp.facts.sql.functions {
+		f in sql_function_allowlist
 	}
 }
 
 database_arguments_ok if {
 	tool == "query"
-	sql_shape_ok
 	sql_tables_ok
+	sql_functions_ok
 } else := true if {
 	tool == "describe_table"
 	table_allowed(input.mcp.arguments.table)
@@ -362,9 +366,22 @@ resource_ok if {
 	role_grants_server("resources", server_name)
 	file_paths_ok
 } else := true if {
-	server_name != "files"
+	server_name == "database"
+	role_grants_server("resources", server_name)
+	table_allowed(database_resource_table)
+} else := true if {
+	not server_name in {"files", "database"}
 	role_grants_server("resources", server_name)
 }
+
+# The database server's resources are table schemas, db://schema/<table>: the same table rule
+# as describe_table and query. Any other URI names no table and is refused.
+schema_uri_table(uri) := substring(uri, count("db://schema/"), -1) if {
+	is_string(uri)
+	startswith(uri, "db://schema/")
+}
+
+database_resource_table := schema_uri_table(input.mcp.resource_uri)
 
 # ---------------------------------------------------------------- grants
 
@@ -507,14 +524,14 @@ denials contains [70, "sql_not_understood", ""] if {
 	is_tool_call
 	server_name == "database"
 	tool == "query"
-	not sql_shape_ok
+	not sql_understood
 }
 
 denials contains [71, "table_not_allowed", ""] if {
 	is_tool_call
 	server_name == "database"
 	tool == "query"
-	sql_shape_ok
+	sql_understood
 	not sql_tables_ok
 }
 
@@ -523,6 +540,21 @@ denials contains [72, "table_not_allowed", ""] if {
 	server_name == "database"
 	tool == "describe_table"
 	not table_allowed(input.mcp.arguments.table)
+}
+
+denials contains [73, "function_not_allowed", ""] if {
+	is_tool_call
+	server_name == "database"
+	tool == "query"
+	sql_understood
+	not sql_functions_ok
+}
+
+denials contains [74, "table_not_allowed", ""] if {
+	is_resource_method
+	server_name == "database"
+	role_grants_server("resources", server_name)
+	not table_allowed(database_resource_table)
 }
 
 denials contains [80, "resource_not_allowed", ""] if {
@@ -660,7 +692,7 @@ visible_prompts contains name if {
 
 # A files resource is listed only where resources/read of it would be allowed; templates (and
 # other servers' resources) by role alone.
-resource_item_visible(_) if server_name != "files"
+resource_item_visible(_) if not server_name in {"files", "database"}
 
 resource_item_visible(_) if input.kind == "resourceTemplates"
 
@@ -668,6 +700,12 @@ resource_item_visible(uri) if {
 	server_name == "files"
 	not input.kind == "resourceTemplates"
 	path_fact_ok(path_facts(uri_path(uri)))
+}
+
+resource_item_visible(uri) if {
+	server_name == "database"
+	not input.kind == "resourceTemplates"
+	table_allowed(schema_uri_table(uri))
 }
 
 visible_resources contains uri if {

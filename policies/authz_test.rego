@@ -224,27 +224,87 @@ test_session_never_crosses_tenants if {
 
 # ---------------------------------------------------------------- database
 
-test_tables_by_role if {
-	allowed(db("query", {"sql": "SELECT id, total FROM orders WHERE total > 10"}, ["analyst"]))
-	allowed(db("query", {"sql": "select * from orders o join customers c on o.customer_id = c.id"}, ["analyst"]))
-	denied_with(db("query", {"sql": "SELECT * FROM customers"}, ["engineer"]), "table_not_allowed")
-	denied_with(db("query", {"sql": "SELECT * FROM orders WHERE id IN (SELECT id FROM salaries)"}, ["analyst"]), "table_not_allowed")
+# The gateway computes input.mcp.facts.sql from the text (gateway/policy/sql.py); the policy
+# reads only those facts, so these tests give them directly. tests/gateway/policy/test_sql.py
+# checks the parser against attacker spellings, tests/policies the two together.
+sql_facts(tables, functions) := {"understood": true, "tables": tables, "functions": functions}
+
+# (Built whole: rego-cpp's object.union does not merge nested objects.)
+dbq(facts, roles) := {
+	"mcp": {
+		"kind": "request", "method": "tools/call", "name": "query", "tool": "query",
+		"arguments": {"sql": "(the text the facts were computed from)"},
+		"facts": {"sql": facts},
+	},
+	"token": token(roles, "tools:call:database/*"),
+	"server": {"name": "database"},
 }
 
+test_tables_by_role if {
+	allowed(dbq(sql_facts(["orders"], []), ["analyst"]))
+	allowed(dbq(sql_facts(["customers", "orders"], ["count", "sum"]), ["analyst"]))
+	allowed(dbq(sql_facts(["ORDERS"], []), ["analyst"]))
+	allowed(dbq(sql_facts([], ["abs"]), ["analyst"]))
+	allowed(dbq(sql_facts(["employees", "sqlite_master"], []), ["admin"]))
+	denied_with(dbq(sql_facts(["customers"], []), ["engineer"]), "table_not_allowed")
+	denied_with(dbq(sql_facts(["orders", "salaries"], []), ["analyst"]), "table_not_allowed")
+	denied_with(dbq(sql_facts(["orders", "employees"], ["substr"]), ["analyst"]), "table_not_allowed")
+}
+
+# A qualified name is a different string from the bare one: refused unless listed as written,
+# and "*" admits plain names only.
+test_qualified_tables_denied if {
+	denied_with(dbq(sql_facts(["main.orders"], []), ["analyst"]), "table_not_allowed")
+	denied_with(dbq(sql_facts(["main.employees"], []), ["admin"]), "table_not_allowed")
+	denied_with(dbq(sql_facts(["pg_catalog.pg_authid"], []), ["admin"]), "table_not_allowed")
+}
+
+test_functions_allowlisted if {
+	denied_with(dbq(sql_facts(["orders"], ["fts3_tokenizer"]), ["admin"]), "function_not_allowed")
+	denied_with(dbq(sql_facts([], ["load_extension"]), ["admin"]), "function_not_allowed")
+	denied_with(dbq(sql_facts([], ["sqlite_version"]), ["admin"]), "function_not_allowed")
+	denied_with(dbq(sql_facts([], ["pg_read_file"]), ["admin"]), "function_not_allowed")
+	denied_with(dbq(sql_facts(["orders"], ["count", "readfile"]), ["analyst"]), "function_not_allowed")
+	denied_with(dbq(sql_facts(["orders"], ["COUNT"]), ["analyst"]), "function_not_allowed")
+	# Tables are judged first.
+	denied_with(dbq(sql_facts(["employees"], ["load_extension"]), ["analyst"]), "table_not_allowed")
+}
+
+# Missing, partial or negative facts refuse the query, for every role.
 test_unclear_sql_denied if {
-	denied_with(db("query", {"sql": "SELECT * FROM orders; DROP TABLE orders"}, ["admin"]), "sql_not_understood")
-	denied_with(db("query", {"sql": "SELECT * FROM orders -- x"}, ["admin"]), "sql_not_understood")
-	denied_with(db("query", {"sql": "DELETE FROM orders"}, ["admin"]), "sql_not_understood")
-	denied_with(db("query", {"sql": "SELECT * FROM orders, customers"}, ["analyst"]), "sql_not_understood")
-	denied_with(db("query", {"sql": "SELECT * FROM sqlite_master"}, ["admin"]), "sql_not_understood")
-	denied_with(db("query", {"sql": "SELECT 1"}, ["admin"]), "table_not_allowed")
-	denied_with(db("query", {"sql": "SELECT * FROM \"customers\""}, ["analyst"]), "table_not_allowed")
+	denied_with(db("query", {"sql": "SELECT * FROM orders"}, ["admin"]), "sql_not_understood")
 	denied_with(db("query", {}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({"understood": false, "tables": [], "functions": []}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({"understood": true, "functions": []}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({"understood": true, "tables": ["orders"]}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({"understood": "true", "tables": [], "functions": []}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({"understood": true, "tables": "orders", "functions": []}, ["admin"]), "sql_not_understood")
+	denied_with(dbq({}, ["admin"]), "sql_not_understood")
 }
 
 test_describe_table_by_role if {
 	allowed(db("describe_table", {"table": "Products"}, ["viewer"]))
 	denied_with(db("describe_table", {"table": "orders"}, ["viewer"]), "table_not_allowed")
+}
+
+schema_read(uri, roles) := {
+	"mcp": {"kind": "request", "method": "resources/read", "resource_uri": uri},
+	"token": token(roles, ""),
+	"server": {"name": "database"},
+}
+
+# db://schema/<table> passes the same table rule as describe_table.
+test_schema_resources_follow_tables if {
+	allowed(schema_read("db://schema/orders", ["analyst"]))
+	allowed(schema_read("db://schema/employees", ["admin"]))
+	denied_with(schema_read("db://schema/employees", ["analyst"]), "table_not_allowed")
+	denied_with(schema_read("db://schema/main.orders", ["analyst"]), "table_not_allowed")
+	denied_with(schema_read("db://schema/orders/../employees", ["analyst"]), "table_not_allowed")
+	denied_with(schema_read("db://schema/%65mployees", ["admin"]), "table_not_allowed")
+	denied_with(schema_read("db://schema/", ["admin"]), "table_not_allowed")
+	denied_with(schema_read("db://other/orders", ["admin"]), "table_not_allowed")
+	denied_with(schema_read("DB://schema/orders", ["admin"]), "table_not_allowed")
+	denied_with(schema_read("db://schema/products", ["viewer"]), "resource_not_allowed")
 }
 
 # ---------------------------------------------------------------- resources
@@ -409,6 +469,28 @@ test_visible_resource_templates_by_role if {
 		with input.kind as "resources"
 		with input.items as ["db://orders"]
 	none == set()
+}
+
+test_visible_schema_resources_follow_tables if {
+	items := ["db://schema/orders", {"uri": "db://schema/employees"}, "db://schema/customers", "db://x/orders"]
+	v := authz.visible_resources with input.mcp as {"method": "resources/list"}
+		with input.token as list_token(["analyst"])
+		with input.server as {"name": "database"}
+		with input.kind as "resources"
+		with input.items as items
+	v == {"db://schema/orders", "db://schema/customers"}
+	a := authz.visible_resources with input.mcp as {"method": "resources/list"}
+		with input.token as list_token(["admin"])
+		with input.server as {"name": "database"}
+		with input.kind as "resources"
+		with input.items as items
+	a == {"db://schema/orders", "db://schema/employees", "db://schema/customers"}
+	t := authz.visible_resources with input.mcp as {"method": "resources/templates/list"}
+		with input.token as list_token(["analyst"])
+		with input.server as {"name": "database"}
+		with input.kind as "resourceTemplates"
+		with input.items as [{"uriTemplate": "db://schema/{table}"}]
+	t == {"db://schema/{table}"}
 }
 
 # ---------------------------------------------------------------- data.json invariants

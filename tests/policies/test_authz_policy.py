@@ -146,3 +146,136 @@ def test_facts_do_not_widen_a_role(policy: CompiledPolicy) -> None:
     defined, value = _decide(policy, inp)
     d = check_decision(value, defined=defined)
     assert not d.allow and d.reason == "path_not_allowed"
+
+
+# ---------------------------------------------------------------- SQL: facts from the parser
+
+def _query(sql: Any, roles: list[str]) -> dict[str, Any]:
+    return _with_facts(call({"sql": sql}, roles, "database", "query"))
+
+
+def _reason(policy: CompiledPolicy, inp: dict[str, Any]) -> str:
+    defined, value = _decide(policy, inp)
+    d = check_decision(value, defined=defined)
+    return "allowed" if d.allow else str(d.reason)
+
+
+# Each of these reads employees (or its salaries) for an analyst, who may read orders, products
+# and customers only.
+EMPLOYEE_READS = [
+    "SELECT * FROM employees",
+    'select * from orders "o", employees',
+    "select * from orders as \"o\" , employees e",
+    "select * from orders not indexed, employees",
+    "select * from orders o natural join employees",
+    "select * from orders cross join employees",
+    "select * from orders left join employees on 1=1",
+    'select * from "employees"',
+    "select * from 'employees'",
+    "select * from EMPLOYEES",
+    "select * from EmPlOyEeS",
+    "select (select group_concat(salary) from employees)",
+    "select * from orders where id in (select id from employees)",
+    "select * from orders where exists (select 1 from employees where salary > 0)",
+    "select count(*) from orders group by id having max((select max(salary) from employees)) > 0",
+    "select 1 where 1 in employees",
+    "with e as (select * from employees) select * from e",
+    "with orders as (select * from employees) select * from orders",
+    "select * from (with employees as (select 1) select * from employees) a, employees",
+    "with a as (select * from b), b as (select 1) select * from a, employees",
+    "select id from orders union select salary from employees",
+    "select id from orders union all select id from (select * from employees)",
+    "select * from orders /* , */ , employees",
+    "select * from orders -- x\n, employees",
+    "select * from\torders,\nemployees",
+    "select * from customers c join (employees) e on 1=1",
+]
+
+
+@pytest.mark.parametrize("sql", EMPLOYEE_READS)
+def test_analyst_cannot_read_employees_by_any_spelling(policy: CompiledPolicy, sql: str) -> None:
+    """Whatever the spelling, a query reading employees is refused to an analyst (finding 1)."""
+    assert _reason(policy, _query(sql, ["analyst"])) == "table_not_allowed"
+
+
+@pytest.mark.parametrize("sql", [
+    "select * from [employees]", "select * from `employees`", 'select * from "EMPLOYEES"',
+    "select * from orders indexed by idx, employees", "table employees",
+    "select * from orders; select * from employees", "attach 'x.db' as x", "pragma table_info(employees)",
+    "select * into t from orders", "select * from orders for update",
+    "with x as (delete from orders returning *) select * from x", "select * from orders\u00a0, employees",
+    "select * from orders\u200b, employees", "", "   ", 42, None, ["select 1"],
+])
+def test_sql_not_understood_is_refused(policy: CompiledPolicy, sql: Any) -> None:
+    """What either dialect cannot parse as one read-only query is refused, for admins too."""
+    assert _reason(policy, _query(sql, ["admin"])) == "sql_not_understood"
+
+
+@pytest.mark.parametrize("sql", [
+    "select main.employees.salary from main.employees", "select * from temp.orders",
+    "select * from main.orders", "select * from pg_catalog.pg_authid",
+])
+def test_qualified_tables_refused(policy: CompiledPolicy, sql: str) -> None:
+    """A schema-qualified name is never taken for the bare table: refused, admins included."""
+    assert _reason(policy, _query(sql, ["admin"])) == "table_not_allowed"
+
+
+@pytest.mark.parametrize("sql", [
+    "select fts3_tokenizer('simple')", "select load_extension('/tmp/x.so')", "select sqlite_version()",
+    "select * from pragma_table_info('orders')", "select * from json_each('[1]')",
+    "select readfile('/etc/passwd')", "select pg_read_file('/etc/passwd')", 'select "load_extension"(1)',
+    "select * from orders where id = (select zeroblob(10))",
+    "select query_to_xml('select 1', true, true, '')",
+    "select current_user",
+])
+def test_functions_outside_the_allowlist_refused(policy: CompiledPolicy, sql: str) -> None:
+    """Functions are allowlisted: anything not listed is refused, for admins too."""
+    assert _reason(policy, _query(sql, ["admin"])) == "function_not_allowed"
+
+
+@pytest.mark.parametrize(("sql", "roles"), [
+    ("SELECT id, total FROM orders WHERE total > 10", ["analyst"]),
+    ("select o.id, c.name from orders o join customers c on o.customer_id = c.id", ["analyst"]),
+    ("select count(*), sum(total), round(avg(total), 2) from orders group by customer_id", ["analyst"]),
+    ("with big as (select * from orders where total > ?) select count(*) from big", ["analyst"]),
+    ("select upper(name), substr(name, 1, 3) from products where name like 'a%'", ["analyst"]),
+    ("select strftime('%Y', created_at), coalesce(null, 1) from customers", ["analyst"]),
+    ("select 1", ["analyst"]),
+    ("values (1), (2)", ["engineer"]),
+    ("select * from employees", ["admin"]),
+    ("select * from inventory", ["engineer"]),
+])
+def test_allowed_queries_still_work(policy: CompiledPolicy, sql: str, roles: list[str]) -> None:
+    """Ordinary reports over allowed tables with allowlisted functions are allowed."""
+    assert _reason(policy, _query(sql, roles)) == "allowed"
+
+
+def test_function_allowlist_is_one_list() -> None:
+    """data.json's sql_functions is the list the parser module and the database server use."""
+    import json
+
+    from gateway.policy.sql import SQL_FUNCTIONS
+
+    data = json.loads((POLICIES / "data.json").read_text(encoding="utf-8"))
+    listed = data["gateway"]["sql_functions"]
+    assert listed == sorted(set(listed))
+    assert set(listed) == SQL_FUNCTIONS
+    assert not {f for f in listed if f.startswith(("sqlite_", "pg_")) or "load" in f or "tokenizer" in f}
+
+
+@pytest.mark.parametrize("roles", [["viewer"], ["analyst"], ["engineer"], ["admin"]])
+@pytest.mark.parametrize("table", ["orders", "products", "customers", "employees", "inventory", "main.orders",
+                                   "ORDERS", "%65mployees", "orders/../employees", ""])
+def test_schema_resource_matches_describe_table(policy: CompiledPolicy, table: str, roles: list[str]) -> None:
+    """resources/read db://schema/<t> is never allowed where describe_table of <t> is refused, and
+    for a role granted the database's resources it is allowed exactly where describe_table is."""
+    described = _reason(policy, _with_facts(call({"table": table}, roles, "database", "describe_table")))
+    inp = {"mcp": {"kind": "request", "method": "resources/read", "resource_uri": f"db://schema/{table}"},
+           "token": {"sub": "a", "roles": roles, "scope": "", "tenant": "acme"},
+           "server": {"name": "database"}}
+    read = _reason(policy, _with_facts(inp))
+    if roles == ["viewer"]:  # no database resources at all
+        assert read == "resource_not_allowed"
+    else:
+        assert (read == "allowed") == (described == "allowed"), (described, read)
+        assert read in ("allowed", "table_not_allowed")
