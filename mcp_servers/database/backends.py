@@ -11,6 +11,23 @@ Read-only is enforced by the database engine, never by inspecting SQL text:
   several), must describe a row-returning statement (so COMMIT/SET cannot end or change the
   transaction), and is always rolled back.
 
+A query from the ``query`` tool also carries a :class:`ReadScope`: the tables its SQL reads and
+the functions it may call, from the same parse of the same text that the gateway's policy judged
+(``gateway.policy.sql.analyze``). The engine then enforces that scope itself, so a difference
+between the parser and the engine refuses the query instead of widening it:
+
+* SQLite: a per-call authorizer allows SQLITE_READ of those tables only, SQLITE_FUNCTION of those
+  functions only, SELECT and recursive CTEs; every other action is denied at prepare time. A read
+  through a view counts as a read of its base tables (SQLite names a view or CTE only as the
+  "source" of a read, and a CTE may take any name).
+* PostgreSQL: before the statement runs, ``EXPLAIN (VERBOSE, FORMAT JSON)`` of it (same text, same
+  parameters, same read-only transaction) must name only those relations (schema-resolved) and
+  only those functions in function scans. The planner resolves names exactly as execution will,
+  which a second SQL parser could not promise; views, inheritance and partitions show their base
+  tables and are therefore refused unless those are in scope. Function calls in expressions are
+  not in the plan: they are held to the allowlist by the parse, and a role without EXECUTE on
+  anything dangerous is the production layer under it.
+
 Use a database role with only SELECT grants in production as well; these layers protect the data
 but a read-only transaction can still call functions with side effects outside the database.
 """
@@ -21,12 +38,13 @@ import asyncio
 import base64
 import datetime as dt
 import decimal
+import json
 import logging
 import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +84,30 @@ class QueryResult:
                 "truncated": self.truncated}
 
 
+@dataclass(frozen=True)
+class ReadScope:
+    """What one caller's query may touch: ``tables`` as the SQL facts name them (lower-case,
+    ``schema.table`` when qualified) and the ``functions`` it may call (lower-case)."""
+
+    tables: frozenset[str]
+    functions: frozenset[str]
+
+    @property
+    def bare_tables(self) -> frozenset[str]:
+        return frozenset(t for t in self.tables if "." not in t)
+
+    @property
+    def qualified_tables(self) -> frozenset[str]:
+        return frozenset(t for t in self.tables if "." in t)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _scope_refused(what: str) -> DatabaseError:
+    return DatabaseError("not_authorized", f"the query {what}, outside what was checked for this call")
+
+
 class Backend(Protocol):
     kind: str
 
@@ -73,7 +115,10 @@ class Backend(Protocol):
 
     async def describe_table(self, table: str) -> dict[str, Any]: ...
 
-    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult: ...
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float,
+                    scope: ReadScope | None = None) -> QueryResult:
+        """Run one query; ``scope`` (a caller's SQL) limits what the engine may read and call,
+        None is for the server's own catalogue queries."""
 
     async def start(self) -> None:
         """Acquire what needs the event loop (pools); called once when the server starts."""
@@ -118,6 +163,40 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, _db: str | None,
     return sqlite3.SQLITE_OK
 
 
+def _scoped_authorizer(scope: ReadScope, denied: list[str]) -> Any:
+    """An authorizer for one caller query: reads of ``scope.tables``, calls of
+    ``scope.functions``, SELECT and recursive CTEs; every other action is denied (and noted)."""
+    bare = scope.bare_tables
+    qualified = scope.qualified_tables
+    # A read of no column ("count(*)") comes without a database name.
+    qualified_names = frozenset(t.rsplit(".", 1)[1] for t in qualified)
+
+    def authorize(action: int, arg1: str | None, arg2: str | None, db: str | None, source: str | None) -> int:
+        if action in (sqlite3.SQLITE_SELECT, sqlite3.SQLITE_RECURSIVE):
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_READ:
+            table = (arg1 or "").translate(_ASCII_LOWER)
+            # The source (a view or CTE name) is never trusted: a CTE can take the name of an
+            # allowed table. A view is readable only when its base tables are in scope too.
+            if table in bare:
+                return sqlite3.SQLITE_OK
+            if db is not None and f"{db.translate(_ASCII_LOWER)}.{table}" in qualified:
+                return sqlite3.SQLITE_OK
+            if db is None and table in qualified_names:
+                return sqlite3.SQLITE_OK
+            denied.append(f"reads table {arg1!r}")
+            return sqlite3.SQLITE_DENY
+        if action == sqlite3.SQLITE_FUNCTION:
+            if (arg2 or "").translate(_ASCII_LOWER) in scope.functions:
+                return sqlite3.SQLITE_OK
+            denied.append(f"calls function {arg2!r}")
+            return sqlite3.SQLITE_DENY
+        denied.append(f"needs action {action} ({arg1!r})")
+        return sqlite3.SQLITE_DENY
+
+    return authorize
+
+
 def _sqlite_error(err: sqlite3.Error, stopped: str | None) -> DatabaseError:
     text = str(err)
     if stopped is not None:
@@ -152,14 +231,17 @@ class SQLiteBackend:
         self._running: set[threading.Event] = set()
         self._closed = False
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None)
+    def _connect(self, authorizer: Any = _authorize) -> sqlite3.Connection:
+        # A fresh connection per call: a statement is authorized when prepared, so no prepared
+        # statement (sqlite3's cache) may outlive the authorizer it was checked against.
+        conn = sqlite3.connect(self._uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None,
+                               cached_statements=0)
         conn.execute("PRAGMA query_only = ON")
-        conn.set_authorizer(_authorize)
+        conn.set_authorizer(authorizer)
         return conn
 
     def _run(self, sql: str, params: Params, max_rows: int, time_limit: float,
-             stop: threading.Event) -> QueryResult:
+             stop: threading.Event, scope: ReadScope | None = None) -> QueryResult:
         deadline = time.monotonic() + time_limit
         stopped: list[str] = []
 
@@ -172,7 +254,8 @@ class SQLiteBackend:
                 return 1
             return 0
 
-        conn = self._connect()
+        denied: list[str] = []
+        conn = self._connect(_authorize if scope is None else _scoped_authorizer(scope, denied))
         try:
             conn.set_progress_handler(progress, _PROGRESS_OPS)
             try:
@@ -182,19 +265,22 @@ class SQLiteBackend:
                 columns = [d[0] for d in cur.description]
                 fetched = cur.fetchmany(max_rows + 1)
             except sqlite3.Error as err:
+                if denied:
+                    raise _scope_refused(denied[0]) from None
                 raise _sqlite_error(err, stopped[0] if stopped else None) from None
         finally:
             conn.close()
         rows = [[jsonable(v) for v in row] for row in fetched[:max_rows]]
         return QueryResult(columns=columns, rows=rows, truncated=len(fetched) > max_rows)
 
-    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float,
+                    scope: ReadScope | None = None) -> QueryResult:
         if self._closed:
             raise DatabaseError("unavailable", "the database is closed (the server is shutting down)")
         stop = threading.Event()
         self._running.add(stop)
         try:
-            return await asyncio.to_thread(self._run, sql, params, max_rows, time_limit, stop)
+            return await asyncio.to_thread(self._run, sql, params, max_rows, time_limit, stop, scope)
         except asyncio.CancelledError:
             stop.set()  # the worker thread keeps running until the progress handler sees this
             raise
@@ -266,7 +352,8 @@ class PostgresBackend:
             pool, self._pool = self._pool, None
             await pool.close()
 
-    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float) -> QueryResult:
+    async def query(self, sql: str, params: Params, max_rows: int, time_limit: float,
+                    scope: ReadScope | None = None) -> QueryResult:
         import asyncpg
 
         if isinstance(params, dict):
@@ -287,6 +374,8 @@ class PostgresBackend:
                 attributes = stmt.get_attributes()
                 if not attributes:
                     raise DatabaseError("not_a_query", _NOT_A_QUERY)
+                if scope is not None:
+                    await _check_plan(conn, sql, args, scope)
                 cursor = await stmt.cursor(*args)
                 fetched = await cursor.fetch(max_rows + 1)
             except asyncpg.exceptions.ReadOnlySQLTransactionError as err:
@@ -345,3 +434,38 @@ class PostgresBackend:
         columns = [{"name": n, "type": t, "nullable": bool(nullable), "default": d, "primaryKey": bool(pk),
                     "references": ref} for n, t, nullable, d, pk, ref in cols.rows]
         return {"table": table, "columns": columns}
+
+
+async def _check_plan(conn: Any, sql: str, args: list[Any], scope: ReadScope) -> None:
+    """Refuse the statement unless its plan reads only ``scope``'s relations and function scans.
+
+    Runs inside the caller's read-only transaction; EXPLAIN without ANALYZE plans the statement
+    and executes nothing (the functions it could fold at plan time already passed the allowlist).
+    """
+    schema = await conn.fetchval("SELECT current_schema()")
+    raw = await conn.fetchval("EXPLAIN (VERBOSE, FORMAT JSON) " + sql, *args)  # noqa: S608
+    plan = json.loads(raw) if isinstance(raw, str) else raw
+    bare = scope.bare_tables
+    qualified = scope.qualified_tables
+    for node in _plan_nodes(plan):
+        relation = node.get("Relation Name")
+        if relation is not None:
+            where = node.get("Schema")
+            if not ((where == schema and relation in bare) or f"{where}.{relation}" in qualified):
+                raise _scope_refused(f"reads relation {where}.{relation}")
+        function = node.get("Function Name")
+        if function is not None and function not in scope.functions:
+            raise _scope_refused(f"calls function {function}")
+
+
+def _plan_nodes(plan: Any) -> Iterator[dict[str, Any]]:
+    """Every plan node of an EXPLAIN (FORMAT JSON) document (init plans and subplans included)."""
+    pending: list[Any] = [plan]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            if "Node Type" in item:
+                yield item
+            pending.extend(v for v in item.values() if isinstance(v, list | dict))

@@ -8,8 +8,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gateway.errors import InputLimitExceeded
+from gateway.policy.sql import MAX_SQL_LENGTH, SQL_FUNCTIONS, analyze
 from mcp_servers.core import MCPServer, ResourceNotFound, ToolContext, ToolError
-from mcp_servers.database.backends import Backend, DatabaseError, PostgresBackend, SQLiteBackend
+from mcp_servers.database.backends import Backend, DatabaseError, PostgresBackend, ReadScope, SQLiteBackend
 from mcp_servers.database.seed import seed_postgres, seed_sqlite
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,23 @@ QUERY_OUTPUT: dict[str, Any] = {
     },
     "required": ["columns", "rows", "rowCount", "truncated"],
 }
+
+
+def read_scope(sql: str) -> ReadScope:
+    """The scope the engine enforces for one caller's SQL: the tables and functions of the same
+    parse the gateway's policy judged (``gateway.policy.sql.analyze`` on the same text). What the
+    policy would refuse as not understood or calling a function outside the allowlist is refused
+    here too, in case a request reaches the server without the gateway."""
+    try:
+        facts = analyze(sql)
+    except InputLimitExceeded as err:
+        raise ToolError(f"{err.message} [input_limit_exceeded]") from None
+    if not facts.understood:
+        raise ToolError(f"the SQL cannot be checked: {facts.problem} [sql_not_understood]")
+    refused = sorted(facts.functions - SQL_FUNCTIONS)
+    if refused:
+        raise ToolError(f"functions not allowed: {', '.join(refused)} [function_not_allowed]")
+    return ReadScope(tables=facts.tables, functions=SQL_FUNCTIONS)
 
 
 def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,
@@ -119,7 +138,7 @@ def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,
                               f"(SQLite only). Never build values into the SQL text. Returns at most "
                               f"max_rows rows (default and limit {max_rows}); the database refuses writes."),
                  input_schema={"type": "object", "properties": {
-                     "sql": {"type": "string", "minLength": 1, "maxLength": 100_000},
+                     "sql": {"type": "string", "minLength": 1, "maxLength": MAX_SQL_LENGTH},
                      "params": {"type": ["array", "object"], "description": "Bound parameter values",
                                 "items": {"type": ["string", "number", "integer", "boolean", "null"]},
                                 "additionalProperties": {"type": ["string", "number", "integer", "boolean",
@@ -129,8 +148,9 @@ def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,
                  output_schema=QUERY_OUTPUT, annotations=READ_ONLY)
     async def query(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         limit = min(int(args.get("max_rows", max_rows)), max_rows)
+        scope = read_scope(args["sql"])
         try:
-            result = await backend.query(args["sql"], args.get("params"), limit, query_timeout)
+            result = await backend.query(args["sql"], args.get("params"), limit, query_timeout, scope)
         except DatabaseError as err:
             raise ToolError(f"{err.message} [{err.code}]") from None
         return result.as_dict()
