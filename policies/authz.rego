@@ -57,7 +57,10 @@ is_notification if startswith(method, "notifications/")
 # The client answering a server request (sampling, elicitation, roots) carries no method.
 is_response if input.mcp.kind == "response"
 
-is_open_method if method in data.gateway.open_methods
+is_open_method if {
+	method in data.gateway.open_methods
+	not files_completion # (files section)
+}
 
 is_open_method if is_notification
 
@@ -180,21 +183,35 @@ checked_path_facts := [input.mcp.facts.resource] if {
 
 root_facts := {"well_formed": true, "prefixes": [""]}
 
+# The gateway refuses longer or deeper paths before the policy (gateway.paths: MAX_PATH_CHARS,
+# MAX_PATH_SEGMENTS); here they are simply not well formed.
+max_path_chars := 4096
+
+max_path_segments := 128
+
+# Prefixes are listed for this many leading segments (gateway.policy.facts.MAX_PREFIX_DEPTH):
+# no prefix in data.json is deeper (a Python test checks it), and the facts of a path stay
+# linear in its length.
+max_prefix_depth := 8
+
 path_well_formed(p) if {
 	is_string(p)
+	count(p) <= max_path_chars
 	not startswith(p, "/")
 	not regex.match(`[\\]`, p) # a backslash (contains() misreads "\\" in rego-cpp 1.5.2)
-	not ".." in split(p, "/")
+	segments := split(p, "/")
+	count(segments) <= max_path_segments
+	not ".." in segments
 }
 
 # (Also what the data.json invariant test compares prefixes against.)
 normalize_path(p) := concat("/", [part | some part in split(p, "/"); part != ""; part != "."])
 
-# prefixes: "" and every leading run of segments of the normalized path ("a/b" -> "", "a",
-# "a/b"), so "under a prefix" is plain membership. tenant: the second segment of a path under
-# "tenants/" ("" for "tenants" itself); absent elsewhere.
+# prefixes: "" and every leading run of up to max_prefix_depth segments of the normalized path
+# ("a/b" -> "", "a", "a/b"), so "under a prefix" is plain membership. tenant: the second
+# segment of a path under "tenants/" ("" for "tenants" itself); absent elsewhere.
 path_facts(p) := object.union(
-	{"well_formed": true, "prefixes": [concat("/", array.slice(parts, 0, i)) | some i in numbers.range(0, count(parts))]},
+	{"well_formed": true, "prefixes": [concat("/", array.slice(parts, 0, i)) | some i in numbers.range(0, min([count(parts), max_prefix_depth]))]},
 	path_tenant_fact(parts),
 ) if {
 	path_well_formed(p)
@@ -280,6 +297,14 @@ files_arguments_ok if {
 	file_paths_ok
 }
 
+# completion/complete on the files server would complete paths: a listing of directories by a
+# door the path rules cannot judge (a partial value is no path). The files server offers no
+# completions, and the policy refuses them there (method_not_allowed) should one appear.
+files_completion if {
+	server_name == "files"
+	method == "completion/complete"
+}
+
 # ---------------------------------------------------------------- database: table constraints
 
 allowed_tables := {lower(t) | some r in roles; some t in data.gateway.roles[r].tables}
@@ -353,10 +378,15 @@ role_grants_server(kind, server) if {
 	server in data.gateway.roles[r][kind]
 }
 
-# "file:///shared/a.txt" -> "shared/a.txt"; a URI of any other form is refused.
-uri_path(uri) := trim_left(regex.replace(uri, `^[a-z][a-z0-9+.-]*://`, ""), "/") if {
+# "file:///shared/a.txt" -> "shared/a.txt". The gateway's facts accept a URI only in the one
+# spelling the files server reads it in (gateway.paths.file_uri_path, percent-escapes included);
+# this fallback (list filtering, unit tests) accepts a subset of those: no '%' at all, no empty
+# or dot segments. Anything else is the malformed path "/", so it is never more permissive.
+uri_path(uri) := substring(uri, 8, -1) if {
 	is_string(uri)
-	regex.match(`^[a-z][a-z0-9+.-]*://`, uri)
+	count(uri) <= max_path_chars
+	regex.match(`^file:///([A-Za-z0-9_.~-]+(/[A-Za-z0-9_.~-]+)*)?$`, uri)
+	not regex.match(`(^|/)\.{1,2}(/|$)`, substring(uri, 8, -1))
 } else := "/" # not well formed: refused
 
 resource_path := uri_path(input.mcp.resource_uri)

@@ -323,6 +323,35 @@ test_resource_read_outside_prefix_denied if {
 	denied_with(resource_read("file:///secret/a.txt"), "path_not_allowed")
 }
 
+# Without the gateway's facts a URI is judged only in its plain canonical spelling: any escape,
+# other scheme or host, or empty or dot segment is path_invalid (tests/policies/ checks that this
+# is never more permissive than the facts, which decode canonical escapes).
+test_resource_uri_spellings_invalid_without_facts if {
+	every uri in [
+		"file:///%74enants/acme/reports/a", "file:///shared%2Fa", "file:///shared/%2e%2e/x",
+		"FILE:///shared/a", "file:/shared/a", "file://host/shared/a", "file:////shared/a",
+		"file:///shared//a", "file:///shared/./a", "file:///shared/a?x", "file:///shared/a#x",
+		"db://schema/x",
+	] {
+		denied_with(resource_read(uri), "path_invalid")
+	}
+}
+
+test_resource_subscribe_follows_read_rules if {
+	sub := json.patch(resource_read("file:///secret/a.txt"), [{"op": "replace", "path": "/mcp/method", "value": "resources/subscribe"}])
+	denied_with(sub, "path_not_allowed")
+	ok := json.patch(resource_read("file:///shared/a.txt"), [{"op": "replace", "path": "/mcp/method", "value": "resources/unsubscribe"}])
+	allowed(ok)
+}
+
+test_completion_refused_on_files_server if {
+	denied_with({
+		"mcp": {"kind": "request", "method": "completion/complete"},
+		"token": {"sub": "a", "roles": ["admin"], "tenant": "acme", "scope": ""},
+		"server": {"name": "files"},
+	}, "method_not_allowed")
+}
+
 # ---------------------------------------------------------------- obligations and lists
 
 test_mask_pii_obligation_by_role if {

@@ -11,74 +11,101 @@ give identical decisions. The shape is documented in ``policies/README.md`` ("Pa
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.errors import InputLimitExceeded
+from gateway.paths import MAX_PATH_CHARS, MAX_PATH_SEGMENTS, MAX_URI_CHARS, file_uri_path
 from gateway.policy.sql import sql_facts
 
 # Arguments holding a path, as ``path_argument_names`` in policies/authz.rego.
 PATH_ARGUMENT_NAMES = ("path", "root", "directory", "source", "destination", "target")
-# The scheme and "//" of a URI, as ``uri_path`` in policies/authz.rego (RE2 and re agree on
-# this ASCII-only pattern).
-_URI_SCHEME_RE = re.compile(r"[a-z][a-z0-9+.-]*://")
-# A URI that does not match names "/": an absolute path, which is never well formed.
-_MALFORMED_URI_PATH = "/"
+# Every name can occur once in a JSON object; the bound holds should the list grow.
+MAX_PATH_ARGUMENTS = len(PATH_ARGUMENT_NAMES)
+# Prefixes are listed for the first MAX_PREFIX_DEPTH segments only: the policy tests them for
+# membership in the prefixes of data.json, which are never deeper (a test checks it), so a
+# deeper entry could never match, and the facts of a path stay linear in its length instead of
+# quadratic (a 20 KB path used to make 100 MB of prefixes). As ``max_prefix_depth`` in the Rego.
+MAX_PREFIX_DEPTH = 8
 _MALFORMED: Mapping[str, Any] = {"well_formed": False}
+
+
+def _over(limit: str, maximum: int, what: str) -> InputLimitExceeded:
+    return InputLimitExceeded(f"{what} is over the gateway's limit of {maximum}",
+                              data={"limit": limit, "max": maximum})
 
 
 def path_facts(path: Any) -> dict[str, Any]:
     """The facts of one path relative to the files root.
 
-    ``{"well_formed": False}`` for anything but a relative path without ``..`` segments or
-    backslashes; otherwise ``prefixes`` (``""`` and each leading run of segments of the
-    normalized path) and, for a path under ``tenants/``, ``tenant`` (its second segment, ``""``
-    when there is none).
+    Raises :class:`InputLimitExceeded` for a string over ``MAX_PATH_CHARS`` characters or
+    ``MAX_PATH_SEGMENTS`` segments, before any work that grows with it. ``{"well_formed":
+    False}`` for anything but a relative path without ``..`` segments, backslashes, NUL or lone
+    surrogates; otherwise ``prefixes`` (``""`` and each leading run of up to
+    ``MAX_PREFIX_DEPTH`` segments of the normalized path) and, for a path under ``tenants/``,
+    ``tenant`` (its second segment, ``""`` when there is none).
     """
-    if type(path) is not str or path.startswith("/") or "\\" in path:
+    if type(path) is not str:
         return dict(_MALFORMED)
+    if len(path) > MAX_PATH_CHARS:
+        raise _over("path_length", MAX_PATH_CHARS, "a path argument's length")
+    if path.count("/") >= MAX_PATH_SEGMENTS:
+        raise _over("path_depth", MAX_PATH_SEGMENTS, "a path argument's number of segments")
+    if path.startswith("/") or "\\" in path or "\x00" in path:
+        return dict(_MALFORMED)
+    if not path.isascii():
+        try:
+            path.encode("utf-8")  # a lone surrogate names no file the server could open
+        except UnicodeEncodeError:
+            return dict(_MALFORMED)
     raw_parts = path.split("/")
     if ".." in raw_parts:
         return dict(_MALFORMED)
     parts = [p for p in raw_parts if p and p != "."]
-    facts: dict[str, Any] = {
-        "well_formed": True,
-        "prefixes": ["/".join(parts[:i]) for i in range(len(parts) + 1)],
-    }
+    prefixes = [""]
+    for part in parts[:MAX_PREFIX_DEPTH]:
+        prefixes.append(f"{prefixes[-1]}/{part}" if len(prefixes) > 1 else part)
+    facts: dict[str, Any] = {"well_formed": True, "prefixes": prefixes}
     if parts and parts[0] == "tenants":
         facts["tenant"] = parts[1] if len(parts) > 1 else ""
     return facts
 
 
-def uri_path(uri: Any) -> str:
-    """``file:///shared/a.txt`` -> ``shared/a.txt``; anything without a scheme -> ``/``."""
+def resource_facts(uri: Any) -> dict[str, Any]:
+    """The facts of the path a resource URI names; malformed unless it is a canonical ``file:``
+    URI (``gateway.paths.file_uri_path``, the same function the files server reads it with)."""
     if type(uri) is not str:
-        return _MALFORMED_URI_PATH
-    match = _URI_SCHEME_RE.match(uri)
-    if match is None:
-        return _MALFORMED_URI_PATH
-    return uri[match.end():].lstrip("/")
+        return dict(_MALFORMED)
+    if len(uri) > MAX_URI_CHARS:
+        raise _over("resource_uri_length", MAX_URI_CHARS, "the resource URI's length")
+    path = file_uri_path(uri)
+    if path is None:
+        return dict(_MALFORMED)
+    return path_facts(path)
 
 
 def mcp_facts(mcp: Mapping[str, Any]) -> dict[str, Any]:
     """The facts of one MCP message (``input.mcp``); empty when there is nothing to say.
 
     ``arguments``: the facts of each path argument, in argument order (non-string values
-    included, as malformed). ``resource``: the facts of the path of ``resource_uri``.
+    included, as malformed). ``resource``: the facts of ``resource_uri``. Raises
+    :class:`InputLimitExceeded` when an argument or the URI is over a bound.
     """
     facts: dict[str, Any] = {}
     arguments = mcp.get("arguments")
     if type(arguments) is dict:
-        found = [path_facts(arguments[k]) for k in arguments if k in PATH_ARGUMENT_NAMES]
-        if found:
-            facts["arguments"] = found
+        names = [k for k in arguments if k in PATH_ARGUMENT_NAMES]
+        if len(names) > MAX_PATH_ARGUMENTS:
+            raise _over("path_arguments", MAX_PATH_ARGUMENTS, "the number of path arguments")
+        if names:
+            facts["arguments"] = [path_facts(arguments[k]) for k in names]
         if "sql" in arguments:
             sql = sql_facts(arguments["sql"])
             if sql:
                 facts["sql"] = sql
     uri = mcp.get("resource_uri")
     if uri is not None:
-        facts["resource"] = path_facts(uri_path(uri))
+        facts["resource"] = resource_facts(uri)
     return facts
 
 

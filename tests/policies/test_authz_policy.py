@@ -279,3 +279,118 @@ def test_schema_resource_matches_describe_table(policy: CompiledPolicy, table: s
     else:
         assert (read == "allowed") == (described == "allowed"), (described, read)
         assert read in ("allowed", "table_not_allowed")
+
+
+# ---------------------------------------------------------------- one decoding (issue 13, findings 3 and 5)
+
+# Spellings of a path in a resource URI: the files server reads exactly the canonical ones
+# (gateway.paths.file_uri_path), the gateway's facts judge exactly those, and every other spelling
+# of tenants/globex must be refused, whatever the role.
+GLOBEX_SPELLINGS = [
+    "file:///%74enants/globex/reports/a", "file:///tenants%2Fglobex/reports/a", "file:///tenants%2fglobex/a",
+    "file:///tenants/%67lobex/reports/a", "file:///shared/%2e%2e/tenants/globex/a", "file:///shared/%2E%2E/tenants/globex/a",
+    "file:///%252e%252e/tenants/globex/a", "file:///%2574enants/globex/a", "file:///shared%5C..%5Ctenants%5Cglobex",
+    "file:///%c0%ae%c0%ae/tenants/globex/a", "FILE:///tenants/globex/a", "file:/tenants/globex/a",
+    "file://tenants/globex/a", "file://localhost/tenants/globex/a", "file:////tenants/globex/a",
+    "file:///tenants//globex/a", "file:///tenants/./globex/a", "file:///./tenants/globex/a",
+    "file:///tenants/globex/a?x", "file:///shared/a#/../../tenants/globex/a", "file:///tenants/glob\u0435x/a",
+    "file:///tenants/globex/a%00", "file:///tenants/globex/reports/a",
+]
+RESOURCE_URIS = [
+    *GLOBEX_SPELLINGS, "file:///shared/a.txt", "file:///shared/a%20b.txt", "file:///shared/caf%C3%A9",
+    "file:///shared/caf%c3%a9", "file:///%73hared/a.txt", "file:///tenants/acme/reports/x",
+    "file:///tenants/%61cme/reports/x", "file:///reports/q3", "file:///secret/a", "file:///", "file:///shared/",
+    "file:///shared//a", "file:///shared/~x", "file:///shared/a.", "db://schema/orders", "ftp:/bad", "", 5,
+    None,
+]
+RESOURCE_METHODS = ["resources/read", "resources/subscribe", "resources/unsubscribe"]
+
+
+def resource_request(uri: Any, roles: list[str], method: str = "resources/read") -> dict[str, Any]:
+    return {"mcp": {"kind": "request", "method": method, "name": uri, "resource_uri": uri, "arguments": {}},
+            "token": {"sub": "a", "roles": roles, "scope": "", "tenant": "acme"}, "server": {"name": "files"}}
+
+
+@pytest.mark.parametrize("uri", GLOBEX_SPELLINGS)
+@pytest.mark.parametrize("roles", [["admin"], ["analyst"], ["engineer"], ["viewer"]])
+@pytest.mark.parametrize("method", RESOURCE_METHODS)
+def test_no_spelling_of_another_tenant_passes(policy: CompiledPolicy, uri: str, roles: list[str],
+                                              method: str) -> None:
+    """Every encoded, doubled, dotted or decorated spelling of tenants/globex is refused for acme,
+    with the gateway's facts and without them, for read, subscribe and unsubscribe alike."""
+    inp = resource_request(uri, roles, method)
+    for doc in (inp, _with_facts(inp)):
+        defined, value = _decide(policy, doc)
+        d = check_decision(value, defined=defined)
+        assert not d.allow, (uri, roles, method)
+        if roles == ["admin"]:
+            assert d.reason in ("path_invalid", "path_other_tenant"), d.reason
+
+
+@pytest.mark.parametrize("method", RESOURCE_METHODS)
+def test_rego_fallback_is_never_more_permissive_than_the_facts(policy: CompiledPolicy, method: str) -> None:
+    """Without facts (the Rego's own uri_path) a URI is allowed only where the gateway's facts allow
+    it; for URIs without escapes both give the same decision."""
+    allowed = 0
+    for uri in RESOURCE_URIS:
+        for roles in ROLE_SETS:
+            inp = resource_request(uri, roles, method)
+            plain = _decide(policy, inp)
+            with_facts = _decide(policy, _with_facts(inp))
+            if plain[1]["allow"]:
+                assert with_facts[1]["allow"], (uri, roles)
+            if not (isinstance(uri, str) and "%" in uri):
+                assert with_facts == plain, (uri, roles)
+            allowed += with_facts[1]["allow"]
+    assert allowed > 10
+
+
+def test_escaped_names_are_judged_decoded(policy: CompiledPolicy) -> None:
+    """A canonical escape (a space, an accent) is read as the server reads it: shared/ stays shared/."""
+    for uri in ("file:///shared/a%20b.txt", "file:///shared/caf%C3%A9"):
+        defined, value = _decide(policy, _with_facts(resource_request(uri, ["viewer"])))
+        assert check_decision(value, defined=defined).allow, uri
+
+
+def _visible(policy: CompiledPolicy, items: list[Any], roles: list[str]) -> set[str]:
+    compiled = CompiledPolicy(load_sources(POLICIES, include_tests=False), ["mcp/authz/visible_resources"])
+    inp = {"mcp": {"kind": "request", "method": "resources/list"}, "kind": "resources", "items": items,
+           "token": {"sub": "a", "roles": roles, "scope": "", "tenant": "acme"}, "server": {"name": "files"}}
+    defined, value = compiled.evaluate("mcp/authz/visible_resources", inp)
+    return set(value) if defined else set()
+
+
+@pytest.mark.parametrize("roles", [["viewer"], ["analyst"], ["engineer"], ["admin"]])
+def test_list_filtering_shows_only_what_a_read_allows(policy: CompiledPolicy, roles: list[str]) -> None:
+    """A files resource is listed only if resources/read of it (with the gateway's facts) is allowed:
+    list filtering is no side door, whatever the spelling of the listed URI."""
+    items = [u for u in RESOURCE_URIS if isinstance(u, str)]
+    shown = _visible(policy, items, roles)
+    for uri in shown:
+        defined, value = _decide(policy, _with_facts(resource_request(uri, roles)))
+        assert check_decision(value, defined=defined).allow, uri
+    assert not shown & set(GLOBEX_SPELLINGS)
+
+
+def test_completion_is_refused_on_the_files_server(policy: CompiledPolicy) -> None:
+    """completion/complete would list paths by another door: refused on files, open elsewhere."""
+    for server, allowed in (("files", False), ("conformance", True)):
+        inp = {"mcp": {"kind": "request", "method": "completion/complete", "arguments": {}},
+               "token": {"sub": "a", "roles": ["admin"], "scope": "", "tenant": "acme"},
+               "server": {"name": server}}
+        defined, value = _decide(policy, inp)
+        d = check_decision(value, defined=defined)
+        assert d.allow is allowed, server
+        if not allowed:
+            assert d.reason == "method_not_allowed"
+
+
+@pytest.mark.parametrize("depth", [1, 5, 6, 7, 8, 9, 40, 124])
+def test_deep_paths_decide_alike_with_and_without_facts(policy: CompiledPolicy, depth: int) -> None:
+    """Prefixes are listed to MAX_PREFIX_DEPTH only, in Python and Rego alike: deep paths keep
+    their decisions (allowed under shared/, refused elsewhere)."""
+    for top in ("shared", "secret", "tenants/acme/reports", "tenants/globex/reports"):
+        path = top + "/d" * depth
+        for roles in (["viewer"], ["analyst"], ["admin"]):
+            inp = call({"path": path}, roles)
+            assert _decide(policy, _with_facts(inp)) == _decide(policy, inp), (path, roles)
