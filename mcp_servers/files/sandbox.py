@@ -24,7 +24,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-MAX_PATH_CHARS = 4096
+from gateway.paths import MAX_PATH_CHARS, MAX_PATH_SEGMENTS
+
 MAX_NAME_BYTES = 255
 _TEXT_SNIFF_BYTES = 8192
 _SNIPPET_CHARS = 200
@@ -54,6 +55,8 @@ def split_path(path: str) -> tuple[str, ...]:
         raise SandboxError("invalid_path", "path contains a NUL byte")
     if len(path) > MAX_PATH_CHARS:
         raise SandboxError("invalid_path", f"path is longer than {MAX_PATH_CHARS} characters")
+    if path.count("/") >= MAX_PATH_SEGMENTS:
+        raise SandboxError("invalid_path", f"path has more than {MAX_PATH_SEGMENTS} segments")
     if path.startswith("/"):
         raise SandboxError(
             "invalid_path",

@@ -9,8 +9,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote
 
+from gateway.paths import file_uri, file_uri_path
 from mcp_servers.core import MCPServer, ResourceNotFound, ToolContext, ToolError, ToolResult
 from mcp_servers.files.sandbox import Sandbox, SandboxError, seed_demo
 
@@ -67,8 +67,14 @@ SEARCH_OUTPUT: dict[str, Any] = {
 }
 
 
-def file_uri(path: str) -> str:
-    return "file:///" + quote(path, safe="/")
+def _readable_uri(path: str) -> str | None:
+    """The URI of ``path`` if resources/read can name it: names that are not UTF-8, or hold '%' or
+    a backslash, have none (the tools still reach them), so the listing leaves them out."""
+    try:
+        uri = file_uri(path)
+    except UnicodeEncodeError:
+        return None
+    return uri if file_uri_path(uri) == path else None
 
 
 def _tool_error(err: SandboxError) -> ToolError:
@@ -180,8 +186,16 @@ def create_server(sandbox: Sandbox) -> MCPServer:
     @server.resource_template(uri_template="file:///{+path}", name="file",
                               description="A file in the sandbox, by its relative path.")
     async def read_resource(ctx: ToolContext, uri: str, params: dict[str, str]) -> tuple[str | bytes, str]:
+        # The gateway's policy judged the path gateway.paths.file_uri_path reads from this URI;
+        # reading it with the same function (not the template's raw match) opens that same path,
+        # and any other spelling of it names no file here either.
+        path = file_uri_path(uri)
+        if path is None:
+            logger.info("resource %r refused: not a canonical file URI", uri[:200])
+            raise ResourceNotFound(uri, "not a canonical file URI: use the URI resources/list gives "
+                                        "(file:/// + the percent-encoded path) [invalid_uri]")
         try:
-            got = await asyncio.to_thread(sandbox.read_file, unquote(params.get("path", "")))
+            got = await asyncio.to_thread(sandbox.read_file, path)
         except SandboxError as err:
             logger.info("resource %s refused: %s", uri, err.code)
             raise ResourceNotFound(uri, f"{err.message} [{err.code}]") from None
@@ -193,8 +207,8 @@ def create_server(sandbox: Sandbox) -> MCPServer:
         files, truncated = await asyncio.to_thread(sandbox.list_files, MAX_LISTED_RESOURCES)
         if truncated:
             logger.info("resource listing cut at %d files", MAX_LISTED_RESOURCES)
-        return [{"uri": file_uri(f["path"]), "name": f["path"], "mimeType": f["mimeType"] or
-                 "application/octet-stream", "size": f["size"]} for f in files]
+        return [{"uri": uri, "name": f["path"], "mimeType": f["mimeType"] or "application/octet-stream",
+                 "size": f["size"]} for f in files if (uri := _readable_uri(f["path"])) is not None]
 
     return server
 
