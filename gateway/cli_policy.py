@@ -103,14 +103,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
     except GatewayError as exc:
-        print(f"ERROR: the gateway would refuse this request before the policy: "
-              f"{exc.code} (HTTP {exc.http_status}): {exc.message}", file=sys.stderr)
-        return 2
+        return _refused_before_policy(exc)
     resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
-    policy_input = build_policy_input(
-        ctx, claims=claims, server_name=args.server, server_resource=resource, body=msg.raw,
-        headers=headers, path=f"/mcp/{args.server}", host=resource.split("/")[2],
-    )
+    try:
+        policy_input = build_policy_input(
+            ctx, claims=claims, server_name=args.server, server_resource=resource, body=msg.raw,
+            headers=headers, path=f"/mcp/{args.server}", host=resource.split("/")[2],
+        )
+    except GatewayError as exc:  # an argument over a bound (InputLimitExceeded), as ext_authz refuses it
+        return _refused_before_policy(exc)
     package_path = entrypoint.rsplit("/", 1)[0]
     try:
         sources = load_sources(policy_dir, include_tests=False)
@@ -142,6 +143,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("\npolicy input:")
         print(json.dumps(policy_input, indent=2, sort_keys=True))
     return 0
+
+
+def _refused_before_policy(exc: GatewayError) -> int:
+    detail = exc.to_rpc_error()["data"]
+    extra = "".join(f", {k}={v}" for k, v in detail.items() if k != "reason")
+    print(f"ERROR: the gateway would refuse this request before the policy: "
+          f"{exc.code} (HTTP {exc.http_status}{extra}): {exc.message}", file=sys.stderr)
+    return 2
 
 
 def _package_rules(sources: Any, package: str) -> list[str]:

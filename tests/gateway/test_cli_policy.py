@@ -84,6 +84,15 @@ def test_policy_eval_bad_request(capsys: pytest.CaptureFixture[str]) -> None:
     assert "before the policy" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("path,limit", [("shared/" + "a" * 20_000, "path_length"),
+                                        ("a/" * 200, "path_depth")])
+def test_policy_eval_input_over_a_bound(capsys: pytest.CaptureFixture[str], path: str, limit: str) -> None:
+    """A path over a gateway bound is reported as refused before the policy, naming the bound (exit 2)."""
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", CLAIMS, "--request", call(path)]) == 2
+    err = capsys.readouterr().err
+    assert "input_limit_exceeded (HTTP 400" in err and f"limit={limit}" in err and "Traceback" not in err
+
+
 def test_console_script_subprocess(tmp_path: Path) -> None:
     """The installed `mcp-gateway policy test` reports each test and exits 1 on a failure."""
     (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nx := 1\n")
