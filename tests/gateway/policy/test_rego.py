@@ -103,8 +103,9 @@ def test_shipped_policy_reads_arguments_by_name() -> None:
     policy = CompiledPolicy(load_sources(POLICIES, include_tests=False), ["mcp/authz/decision"])
     arguments = policy.input_projection["mcp"]["arguments"]
     assert arguments is not ALL
+    # (Not sql: the policy reads the gateway's parse of it, input.mcp.facts.sql, never the text.)
     assert set(arguments) == {"path", "root", "directory", "source", "destination", "target",
-                              "tenant", "tenant_id", "sql", "table"}
+                              "tenant", "tenant_id", "table"}
     pruned = project_input({"mcp": {"arguments": {"path": "a", "text": "x" * 1024}}},
                            policy.input_projection)
     assert pruned == {"mcp": {"arguments": {"path": "a"}}}
