@@ -3,9 +3,14 @@ text is spelled, refusing what either dialect cannot parse, bounded before work 
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
 
 import pytest
+import sqlglot
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlglot import exp
 
 from gateway.errors import InputLimitExceeded
 from gateway.policy import sql as sqlmod
@@ -300,3 +305,102 @@ def test_mcp_facts_raise_the_limit_for_oversized_sql() -> None:
     """An oversized sql argument stops building the policy input with InputLimitExceeded."""
     with pytest.raises(InputLimitExceeded):
         mcp_facts({"arguments": {"sql": "select 1" + " " * MAX_SQL_LENGTH}})
+
+
+# -- the parse against the engine (property tests) -------------------------------------------------
+
+_TABLES = ["orders", "products", "customers", "employees"]
+
+
+@st.composite
+def _table_ref(draw: st.DrawFn, depth: int = 0) -> str:
+    name = draw(st.sampled_from(_TABLES))
+    spelled = draw(st.sampled_from([name, name.upper(), f'"{name}"', f"'{name}'", f"main.{name}",
+                                    f"[{name}]", f"`{name}`"]))
+    if depth < 2 and draw(st.booleans()):
+        spelled = f"({draw(_select(depth + 1))})"
+    alias = draw(st.sampled_from(["", " t", ' "T"', " AS x", " 'a'", " NOT INDEXED"]))
+    if spelled.startswith("(") and alias == " NOT INDEXED":
+        alias = " s"
+    return spelled + alias
+
+
+@st.composite
+def _select(draw: st.DrawFn, depth: int = 0) -> str:
+    refs = draw(st.lists(_table_ref(depth), min_size=1, max_size=3))
+    joiners = [draw(st.sampled_from([", ", " JOIN ", " CROSS JOIN ", " NATURAL JOIN ", " LEFT JOIN "]))
+               for _ in refs[1:]]
+    source = refs[0] + "".join(j + r + (" ON 1" if j in (" JOIN ", " LEFT JOIN ") else "")
+                               for j, r in zip(joiners, refs[1:], strict=True))
+    column = "1"
+    if depth < 2 and draw(st.booleans()):
+        column = f"(SELECT 1 FROM {draw(_table_ref(depth + 1))} LIMIT 1)"  # noqa: S608 (generated SQL)
+    where = ""
+    if depth < 2 and draw(st.booleans()):
+        where = draw(st.sampled_from([" WHERE 1 IN (SELECT 1 FROM {t})", " WHERE EXISTS (SELECT 1 FROM {t})",
+                                      " WHERE 1 IN {n}"])).format(t=draw(_table_ref(depth + 1)),
+                                                                  n=draw(st.sampled_from(_TABLES)))
+    query = f"SELECT {column} FROM {source}{where}"  # noqa: S608 (generated SQL)
+    if depth == 0 and draw(st.booleans()):
+        cte = draw(st.sampled_from(_TABLES + ["c"]))
+        query = f"WITH {cte} AS (SELECT * FROM {draw(_table_ref(1))}) {query}"  # noqa: S608
+    return query
+
+
+def _engine_reads(sql: str, db: str) -> set[tuple[str, str | None]] | None:
+    """The (table, database) reads SQLite makes for ``sql`` (None when SQLite refuses it)."""
+    reads: set[tuple[str, str | None]] = set()
+
+    def authorize(action: int, arg1: str | None, _arg2: str | None, database: str | None, *_: Any) -> int:
+        if action == sqlite3.SQLITE_READ and arg1:
+            reads.add((arg1.lower(), database))
+        return sqlite3.SQLITE_OK
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.set_authorizer(authorize)
+        try:
+            conn.execute(sql).fetchmany(1)
+        except sqlite3.Error:
+            return None
+    finally:
+        conn.close()
+    return reads
+
+
+@pytest.fixture(scope="module")
+def demo_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from mcp_servers.database.seed import seed_sqlite
+
+    path = str(tmp_path_factory.mktemp("sqlfacts") / "demo.sqlite3")
+    seed_sqlite(path)
+    return path
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sql=_select())
+def test_parsed_tables_cover_what_sqlite_reads(demo_db: str, sql: str) -> None:
+    """For generated queries of many spellings, every table SQLite reads is in the parsed facts
+    (qualified as main.x or bare), or the text is refused as not understood."""
+    facts = analyze(sql)
+    reads = _engine_reads(sql, demo_db)
+    if not facts.understood or reads is None:
+        return
+    bare = {t.rsplit(".", 1)[-1] for t in facts.tables}
+    # SQLite also reports a materialized CTE as a column-less read without a database name
+    # (which the database server's authorizer refuses: a false refusal, never a widening).
+    ctes = {cte.alias_or_name.lower() for cte in sqlglot.parse_one(sql, read="sqlite").find_all(exp.CTE)}
+    for table, database in reads:
+        assert table in bare or (database is None and table in ctes), (sql, reads, facts.tables)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from([*"selctfromwhin(),'\"`[]-/*; \n\tabEXS1.", "\u00a0", "\x00"]),
+                    max_size=80))
+def test_arbitrary_text_never_breaks_the_parser(text: str) -> None:
+    """Any text gives facts or a named limit, never another exception."""
+    try:
+        facts = analyze(text)
+    except InputLimitExceeded:
+        return
+    assert facts.understood or facts.tables == frozenset()
