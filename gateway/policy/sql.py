@@ -117,6 +117,8 @@ class SqlFacts:
     tables: frozenset[str] = frozenset()
     functions: frozenset[str] = frozenset()
     problem: str = ""
+    # The CTE names the text defines (for the database server, not the policy).
+    ctes: frozenset[str] = frozenset()
 
     def as_input(self) -> dict[str, Any]:
         """The policy input form (``input.mcp.facts.sql``): sorted lists, no ``problem``."""
@@ -153,14 +155,16 @@ def _analyze(sql: str) -> SqlFacts:
     _check_nesting(sql)
     tables: set[str] = set()
     functions: set[str] = set()
+    ctes: set[str] = set()
     try:
         for dialect in DIALECTS:
-            found_tables, found_functions = _read(sql, dialect)
+            found_tables, found_functions, found_ctes = _read(sql, dialect)
             tables |= found_tables
             functions |= found_functions
+            ctes |= found_ctes
     except _NotUnderstood as err:
         return SqlFacts(False, problem=str(err))
-    return SqlFacts(True, frozenset(tables), frozenset(functions))
+    return SqlFacts(True, frozenset(tables), frozenset(functions), ctes=frozenset(ctes))
 
 
 def _limit(name: str, bound: int, message: str) -> InputLimitExceeded:
@@ -180,7 +184,7 @@ def _check_nesting(sql: str) -> None:
             depth -= 1
 
 
-def _read(sql: str, dialect_name: str) -> tuple[set[str], set[str]]:
+def _read(sql: str, dialect_name: str) -> tuple[set[str], set[str], set[str]]:
     dialect = Dialect.get_or_raise(dialect_name)
     try:
         tokens = dialect.tokenize(sql)
@@ -195,19 +199,23 @@ def _read(sql: str, dialect_name: str) -> tuple[set[str], set[str]]:
         # (sqlglot raises its own errors for bad SQL; the others are its failures on odd input,
         # which must refuse the query, not fail the request.)
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise _NotUnderstood(f"{dialect_name}: {first_line}") from None
+        raise _NotUnderstood(f"syntax error (as {dialect_name}: {first_line})") from None
     if len(statements) != 1:
-        raise _NotUnderstood("exactly one statement is allowed")
+        raise _NotUnderstood("exactly one statement is allowed per call")
     root = statements[0]
     if not isinstance(root, _QUERY_ROOTS):
-        raise _NotUnderstood(f"{dialect_name}: not a query ({root.key})")
+        raise _NotUnderstood(f"not a read-only query ({root.key} as {dialect_name}): only SELECT, "
+                             f"WITH ... SELECT and VALUES are allowed")
     nodes = _nodes(root)
     tables: set[str] = set()
     functions: set[str] = set()
+    ctes: set[str] = set()
     references = 0
     for node in nodes:
+        if isinstance(node, exp.CTE):
+            ctes.add(_cte_name(node))
         if isinstance(node, _NOT_READ_ONLY):
-            raise _NotUnderstood(f"{dialect_name}: not read-only ({node.key})")
+            raise _NotUnderstood(f"not a read-only query ({node.key} as {dialect_name})")
         if isinstance(node, exp.Table):
             name = _table_name(node)
         elif isinstance(node, exp.In) and isinstance(node.args.get("field"), exp.Column):
@@ -228,7 +236,7 @@ def _read(sql: str, dialect_name: str) -> tuple[set[str], set[str]]:
         if "." in name or not _is_cte_reference(node, name):
             tables.add(name)
     functions |= _keyword_functions(tokens, dialect)
-    return tables, functions
+    return tables, functions, ctes
 
 
 def _nodes(root: exp.Expr) -> list[exp.Expr]:

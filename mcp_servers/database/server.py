@@ -72,7 +72,7 @@ def read_scope(sql: str) -> ReadScope:
     refused = sorted(facts.functions - SQL_FUNCTIONS)
     if refused:
         raise ToolError(f"functions not allowed: {', '.join(refused)} [function_not_allowed]")
-    return ReadScope(tables=facts.tables, functions=SQL_FUNCTIONS)
+    return ReadScope(tables=facts.tables, functions=SQL_FUNCTIONS, ctes=facts.ctes)
 
 
 def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,

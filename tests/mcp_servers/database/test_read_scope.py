@@ -105,6 +105,29 @@ def test_server_refuses_what_the_policy_would(sql: str, code: str) -> None:
     assert f"[{code}]" in str(info.value)
 
 
+@pytest.mark.parametrize("sql", [
+    "WITH big AS (SELECT * FROM orders) SELECT (SELECT count(*) FROM big), (SELECT max(id) FROM big)",
+    "WITH big AS (SELECT * FROM orders) SELECT 1 FROM big, (SELECT 1 FROM (SELECT 1 FROM big))",
+    "WITH s AS (SELECT customer_id, sum(total_cents) t FROM orders GROUP BY 1) "
+    "SELECT * FROM s WHERE t > (SELECT avg(t) FROM s)",
+])
+async def test_sqlite_reuses_of_a_cte_run(sqlite_path: str, sql: str) -> None:
+    """A CTE used more than once (which SQLite reports as a read of the CTE) still runs."""
+    db = SQLiteBackend(sqlite_path)
+    result = await db.query(sql, None, 10, 5.0, read_scope(sql))
+    assert result.columns
+
+
+async def test_sqlite_cte_names_admit_no_column_reads(sqlite_path: str) -> None:
+    """Naming a CTE after a table does not open that table's columns."""
+    sql = "WITH employees AS (SELECT 1) SELECT name FROM main.employees"
+    db = SQLiteBackend(sqlite_path)
+    with pytest.raises(DatabaseError) as info:
+        await db.query(sql, None, 10, 5.0, ReadScope(frozenset({"orders"}), SQL_FUNCTIONS,
+                                                      ctes=frozenset({"employees"})))
+    assert info.value.code == "not_authorized"
+
+
 def test_server_scope_is_the_parsed_tables() -> None:
     """The scope the engine enforces is exactly the parse's tables plus the shared allowlist."""
     got = read_scope('select * from orders "o", customers where o.id in (select id from products)')
