@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.errors import InputLimitExceeded
+from gateway.errors import INVALID_PARAMS, GatewayError, InputLimitExceeded
 from gateway.paths import MAX_PATH_CHARS, MAX_PATH_SEGMENTS, MAX_URI_CHARS, file_uri_path
 from gateway.policy.sql import sql_facts
 
@@ -39,11 +39,11 @@ def path_facts(path: Any) -> dict[str, Any]:
     """The facts of one path relative to the files root.
 
     Raises :class:`InputLimitExceeded` for a string over ``MAX_PATH_CHARS`` characters or
-    ``MAX_PATH_SEGMENTS`` segments, before any work that grows with it. ``{"well_formed":
-    False}`` for anything but a relative path without ``..`` segments, backslashes, NUL or lone
-    surrogates; otherwise ``prefixes`` (``""`` and each leading run of up to
-    ``MAX_PREFIX_DEPTH`` segments of the normalized path) and, for a path under ``tenants/``,
-    ``tenant`` (its second segment, ``""`` when there is none).
+    ``MAX_PATH_SEGMENTS`` segments, before any work that grows with it, and a 400 ``invalid_path``
+    :class:`GatewayError` for a NUL. ``{"well_formed": False}`` for anything but a relative path
+    without ``..`` segments, backslashes or lone surrogates; otherwise ``prefixes`` (``""`` and
+    each leading run of up to ``MAX_PREFIX_DEPTH`` segments of the normalized path) and, for a
+    path under ``tenants/``, ``tenant`` (its second segment, ``""`` when there is none).
     """
     if type(path) is not str:
         return dict(_MALFORMED)
@@ -51,7 +51,12 @@ def path_facts(path: Any) -> dict[str, Any]:
         raise _over("path_length", MAX_PATH_CHARS, "a path argument's length")
     if path.count("/") >= MAX_PATH_SEGMENTS:
         raise _over("path_depth", MAX_PATH_SEGMENTS, "a path argument's number of segments")
-    if path.startswith("/") or "\\" in path or "\x00" in path:
+    if "\x00" in path:
+        # The policy engine cannot take a NUL at all (it would fail closed as a 503 policy
+        # error): the caller gets a clear 400 instead.
+        raise GatewayError("a path argument holds a NUL character", code="invalid_path",
+                           rpc_code=INVALID_PARAMS, http_status=400)
+    if path.startswith("/") or "\\" in path:
         return dict(_MALFORMED)
     if not path.isascii():
         try:

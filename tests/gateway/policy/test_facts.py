@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.errors import InputLimitExceeded
+from gateway.errors import GatewayError, InputLimitExceeded
 from gateway.paths import MAX_PATH_CHARS, MAX_PATH_SEGMENTS, MAX_URI_CHARS, file_uri, file_uri_path
 from gateway.policy.facts import (
     MAX_PREFIX_DEPTH,
@@ -42,7 +42,7 @@ def test_normalization_drops_empty_and_dot_segments(path: str, prefixes: list[st
 
 @pytest.mark.parametrize("path", [
     "/etc/passwd", "/", "..", "shared/../secret", "shared/a/../../b", "a/..", "../a",
-    "shared\\a", "shared\\..\\x", "\\", "shared/\\u002e\\u002e/x", "shared/\x00", "shared/a\x00/../b",
+    "shared\\a", "shared\\..\\x", "\\", "shared/\\u002e\\u002e/x",
     "shared/\ud800", "\udc00/x",
     None, 42, 1.5, True, ["shared"], {"path": "shared"},
 ])
@@ -201,6 +201,15 @@ def test_paths_over_a_bound_are_refused_naming_it(path: str, limit: str) -> None
     with pytest.raises(InputLimitExceeded) as exc:
         mcp_facts({"arguments": {"path": "shared", "target": path}})
     assert _limit(exc) == limit
+
+
+@pytest.mark.parametrize("path", ["shared/\x00", "shared/a\x00/../b", "\x00", "/\x00"])
+def test_nul_in_a_path_argument_is_a_clear_400(path: str) -> None:
+    """The policy engine cannot take a NUL: the gateway refuses it as invalid_path (400, -32602)."""
+    with pytest.raises(GatewayError) as exc:
+        mcp_facts({"arguments": {"path": path}})
+    assert exc.value.http_status == 400 and exc.value.to_rpc_error()["data"]["reason"] == "invalid_path"
+    assert exc.value.rpc_code == -32602
 
 
 def test_paths_at_the_bounds_are_judged() -> None:
