@@ -53,6 +53,13 @@ def split_path(path: str) -> tuple[str, ...]:
         raise SandboxError("invalid_path", "path must be a string")
     if "\x00" in path:
         raise SandboxError("invalid_path", "path contains a NUL byte")
+    if not path.isascii():
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate: os.fsencode would raise, or (surrogateescape) open a name the
+            # policy's facts never judged.
+            raise SandboxError("invalid_path", "path is not valid Unicode (lone surrogate)") from None
     if len(path) > MAX_PATH_CHARS:
         raise SandboxError("invalid_path", f"path is longer than {MAX_PATH_CHARS} characters")
     if path.count("/") >= MAX_PATH_SEGMENTS:

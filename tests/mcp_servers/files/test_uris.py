@@ -121,9 +121,9 @@ def test_unicode_is_not_normalized(sandbox: Sandbox) -> None:
     assert sandbox.read_file(nfc).data == b"nfc" and sandbox.read_file(nfd).data == b"nfd"
 
 
-@pytest.mark.parametrize("path", ["a/" * MAX_PATH_SEGMENTS, "shared/a\x00", "/" + "a/" * 10])
+@pytest.mark.parametrize("path", ["a/" * MAX_PATH_SEGMENTS, "shared/a\x00", "/" + "a/" * 10, "shared/\ud800"])
 def test_sandbox_refuses_what_the_gateway_bounds(sandbox: Sandbox, path: str) -> None:
-    """Too deep, NUL or absolute: refused by the sandbox too, as by the gateway before the policy."""
+    """Too deep, NUL, absolute or a lone surrogate: refused by the sandbox as by the gateway."""
     with pytest.raises(SandboxError) as exc:
         sandbox.stat(path)
     assert exc.value.code == "invalid_path"
