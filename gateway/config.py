@@ -18,6 +18,17 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 # Entries of the embedded engine's exact decision cache (gateway/policy/cache.py); 0 turns it off.
 DEFAULT_DECISION_CACHE_SIZE = 10000
 MAX_DECISION_CACHE_SIZE = 1_000_000
+# Embedded engine evaluation off the event loop (gateway/policy/eval_worker.py). A miss costs
+# ~0.1-0.5 ms; the deadline leaves room for queueing behind other misses and stays well under
+# Envoy's ext_authz timeout (500 ms), so a slow evaluation is our 503, not Envoy's timeout.
+DEFAULT_EVAL_TIMEOUT_MS = 150
+MAX_EVAL_TIMEOUT_MS = 60_000
+# Threads beyond the cores only time-share the CPU; a few spare ones keep misses flowing while
+# one or two run long. Abandoned (deadline passed, still running) workers are bounded on top.
+DEFAULT_EVAL_WORKERS = 4
+DEFAULT_EVAL_MAX_ABANDONED = 8
+DEFAULT_EVAL_MAX_WAITING = 256
+MAX_EVAL_THREADS = 256
 
 
 class ConfigError(ValueError):
@@ -89,6 +100,11 @@ class PolicyConfig:
     opa_url: str | None = None
     dry_run: bool = False
     decision_cache_size: int = DEFAULT_DECISION_CACHE_SIZE  # embedded engine only; 0: off
+    # Embedded engine only: misses are evaluated on worker threads under this deadline.
+    eval_timeout_ms: int = DEFAULT_EVAL_TIMEOUT_MS
+    eval_workers: int = DEFAULT_EVAL_WORKERS
+    eval_max_abandoned: int = DEFAULT_EVAL_MAX_ABANDONED
+    eval_max_waiting: int = DEFAULT_EVAL_MAX_WAITING
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,12 +371,20 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     auth_raw = _only(top.get("auth", {}), {f for f in AuthConfig.__slots__}, "auth")
     auth = AuthConfig(**auth_raw)
     pol_raw = _only(top.get("policy", {}), {"engine", "dir", "entrypoint", "opa_url", "dry_run",
-                                            "decision_cache_size"}, "policy")
+                                            "decision_cache_size", "eval_timeout_ms", "eval_workers",
+                                            "eval_max_abandoned", "eval_max_waiting"}, "policy")
     policy = PolicyConfig(**{**pol_raw, "dir": path(pol_raw.get("dir", "policies"))})
     cache_size = policy.decision_cache_size
     if type(cache_size) is not int or not 0 <= cache_size <= MAX_DECISION_CACHE_SIZE:
         raise ConfigError("policy.decision_cache_size must be an integer from 0 (off) to "
                           f"{MAX_DECISION_CACHE_SIZE}, got {cache_size!r}")
+    for key, low, high in (("eval_timeout_ms", 1, MAX_EVAL_TIMEOUT_MS),
+                           ("eval_workers", 1, MAX_EVAL_THREADS),
+                           ("eval_max_abandoned", 0, MAX_EVAL_THREADS),
+                           ("eval_max_waiting", 0, 100_000)):
+        value = getattr(policy, key)
+        if type(value) is not int or not low <= value <= high:
+            raise ConfigError(f"policy.{key} must be an integer from {low} to {high}, got {value!r}")
     if policy.engine not in ("embedded", "opa"):
         raise ConfigError("policy.engine must be 'embedded' or 'opa'")
     if policy.engine == "opa" and not policy.opa_url:
@@ -414,12 +438,19 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if catalog.mode not in ("tofu", "require_approval"):
         raise ConfigError("catalog.mode must be 'tofu' or 'require_approval'")
 
+    ext_authz = _service(top.get("ext_authz"), "ext_authz", EXT_AUTHZ_TIMEOUT_MS,
+                         transports=EXT_AUTHZ_TRANSPORTS)
+    # Past Envoy's timeout the deadline could never fire first: the caller would get Envoy's
+    # error instead of the policy's 503, and the evaluation would keep a worker for nothing.
+    if policy.engine == "embedded" and policy.eval_timeout_ms >= ext_authz.timeout_ms:
+        raise ConfigError(f"policy.eval_timeout_ms ({policy.eval_timeout_ms}) must be less than "
+                          f"ext_authz.timeout_ms ({ext_authz.timeout_ms})")
+
     return GatewayConfig(
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
         admin=_instance(top.get("admin", {"port": 9901}), "admin"),
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
-        ext_authz=_service(top.get("ext_authz"), "ext_authz", EXT_AUTHZ_TIMEOUT_MS,
-                           transports=EXT_AUTHZ_TRANSPORTS),
+        ext_authz=ext_authz,
         ext_proc=_service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS),
         servers=tuple(servers), backends=tuple(backends), secrets=secrets,
         state_dir=state_dir,

@@ -1,16 +1,22 @@
 """The embedded backend: the policy folder compiled by regopy (rego-cpp) into one bundle.
 
-Evaluation runs inline on the event loop. It is synchronous C++ and CPU-bound, so a thread would
-add a hand-off (~50-100 us on this machine) without freeing any CPU, and an interpreter holds
-mutable per-query state (the input), so it must not be shared across threads anyway; one engine
-per process, used from the loop thread only, needs no lock.
+Cache hits are answered on the event loop (~15 us: pruning, a canonical key, a dict lookup).
+A miss runs on a worker thread with its own interpreter (``gateway.policy.eval_worker``), under
+a deadline (``policy.eval_timeout_ms``): what an evaluation costs depends on the policy and the
+input, and on the loop one expensive query would stall every other caller of the process. The
+loop builds the input and parses the answer; the worker only sets the input and runs the query,
+with the GIL released for the C call. A query that misses its deadline is answered
+``policy_error`` (fail closed, 503) and its worker is abandoned and replaced (rego-cpp cannot
+cancel it); when every worker is busy and the wait queue is full the answer is ``policy_error``
+at once.
 
 The folder is re-read when a cheap (path, mtime, size) fingerprint changes, checked every
 ``reload_interval`` seconds by a background task. Every version of the folder (the first one
 included) is first built and queried in a child process (``gateway.policy.check``), because
 rego-cpp can abort the process on some policies; only then is it built here. A new bundle
 replaces the old one only once it compiled; a broken or crashing edit is logged and the last
-good bundle keeps serving.
+good bundle keeps serving. An evaluation holds the bundle it started with until it ends, so a
+reload (or a rebuild for a new entrypoint) never frees a bundle a worker still reads.
 
 Each bundle carries its own decision cache (``gateway.policy.cache``; ``cache_size`` entries, 0:
 none), so swapping the bundle drops every cached result with it.
@@ -23,12 +29,26 @@ import logging
 import os
 from typing import Any
 
-from gateway.config import DEFAULT_DECISION_CACHE_SIZE
+from gateway.config import (
+    DEFAULT_DECISION_CACHE_SIZE,
+    DEFAULT_EVAL_MAX_ABANDONED,
+    DEFAULT_EVAL_MAX_WAITING,
+    DEFAULT_EVAL_TIMEOUT_MS,
+    DEFAULT_EVAL_WORKERS,
+)
 from gateway.policy.cache import DecisionCache
 from gateway.policy.check import DEFAULT_CHECK_TIMEOUT_SECONDS, check_in_subprocess
 from gateway.policy.engine import DEFAULT_RELOAD_INTERVAL_SECONDS, PolicyEngine
 from gateway.policy.errors import PolicyCompileError, PolicyError
-from gateway.policy.rego import ENTRYPOINT_RE, CompiledPolicy, fingerprint, load_sources
+from gateway.policy.eval_worker import EvalPool
+from gateway.policy.rego import (
+    ENTRYPOINT_RE,
+    CompiledPolicy,
+    PendingEval,
+    fingerprint,
+    load_sources,
+    new_interpreter,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +58,23 @@ class EmbeddedEngine(PolicyEngine):
                  reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
                  extra_entrypoints: tuple[str, ...] = (),
                  check_timeout: float = DEFAULT_CHECK_TIMEOUT_SECONDS,
-                 cache_size: int = DEFAULT_DECISION_CACHE_SIZE) -> None:
+                 cache_size: int = DEFAULT_DECISION_CACHE_SIZE,
+                 eval_timeout_ms: int = DEFAULT_EVAL_TIMEOUT_MS,
+                 eval_workers: int = DEFAULT_EVAL_WORKERS,
+                 eval_max_abandoned: int = DEFAULT_EVAL_MAX_ABANDONED,
+                 eval_max_waiting: int = DEFAULT_EVAL_MAX_WAITING) -> None:
         super().__init__(entrypoint)
         if cache_size < 0:
             raise PolicyError("the decision cache size must be 0 (off) or more")
+        if eval_timeout_ms < 1:
+            raise PolicyError("the policy evaluation deadline must be at least 1 ms")
+        self.eval_timeout = eval_timeout_ms / 1000.0
+        try:
+            self.pool: EvalPool[Any] = EvalPool(new_interpreter, workers=eval_workers,
+                                                max_abandoned=eval_max_abandoned,
+                                                max_waiting=eval_max_waiting)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
         self.cache_size = cache_size
         self._cache_note: tuple[str, ...] = ()
         self.check_timeout = check_timeout
@@ -72,6 +105,7 @@ class EmbeddedEngine(PolicyEngine):
             self._task = asyncio.create_task(self._watch(), name="policy-reload")
 
     async def close(self) -> None:
+        self.pool.close()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -117,15 +151,30 @@ class EmbeddedEngine(PolicyEngine):
             await self.reload_if_changed()
 
     async def evaluate(self, entrypoint: str, policy_input: Any) -> tuple[bool, Any]:
-        return self.evaluate_sync(entrypoint, policy_input)
+        compiled = self._serving(entrypoint)
+        step = compiled.lookup(entrypoint, policy_input)
+        if not isinstance(step, PendingEval):
+            return step  # a cache hit: cheaper than the hop to a worker
+
+        def job(interp: Any) -> tuple[str, bool]:
+            # `compiled` (and its bundle) stays referenced until this returns, reload or not.
+            return compiled.run_pending(interp, step)
+
+        text, ok = await self.pool.run(job, self.eval_timeout,
+                                       discard=lambda: compiled.discard(step))
+        return compiled.finish(step, text, ok)
 
     def evaluate_sync(self, entrypoint: str, policy_input: Any) -> tuple[bool, Any]:
+        """Evaluate on the calling thread, without a deadline (tools and tests, never a service)."""
+        return self._serving(entrypoint).evaluate(entrypoint, policy_input)
+
+    def _serving(self, entrypoint: str) -> CompiledPolicy:
         compiled = self._compiled
         if compiled is None:
             raise PolicyError("the policy engine is not started")
         if entrypoint not in compiled.entrypoints:
             compiled = self._add_entrypoint(compiled, entrypoint)
-        return compiled.evaluate(entrypoint, policy_input)
+        return compiled
 
     def _add_entrypoint(self, compiled: CompiledPolicy, entrypoint: str) -> CompiledPolicy:
         """Plans exist only for entrypoints named at build time: rebuild once with one more.

@@ -72,7 +72,10 @@ def build_engine(cfg: PolicyConfig, *, reload_interval: float = DEFAULT_RELOAD_I
 
         return EmbeddedEngine(cfg.dir, cfg.entrypoint, reload_interval=reload_interval,
                               extra_entrypoints=extra_entrypoints,
-                              cache_size=cfg.decision_cache_size)
+                              cache_size=cfg.decision_cache_size,
+                              eval_timeout_ms=cfg.eval_timeout_ms, eval_workers=cfg.eval_workers,
+                              eval_max_abandoned=cfg.eval_max_abandoned,
+                              eval_max_waiting=cfg.eval_max_waiting)
     if cfg.engine == "opa":
         from gateway.policy.opa import OpaEngine
 

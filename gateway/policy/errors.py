@@ -27,3 +27,11 @@ class PolicyContractError(PolicyError):
     """The policy answered, but not with a value the decision contract allows."""
 
     code = "policy_contract_error"
+
+
+class PolicyTimeoutError(PolicyEvalError):
+    """An evaluation did not finish within the deadline (``policy.eval_timeout_ms``)."""
+
+
+class PolicyBusyError(PolicyEvalError):
+    """Every evaluation worker is busy and the wait queue is full: refused at once."""

@@ -8,8 +8,14 @@ a full input with headers); and ``Output`` parses results with the stdlib and tu
 evaluation errors into exceptions from ``json.loads``. This module calls the same C functions
 that regopy binds (``regopy.rego_shared``) and classifies every outcome itself.
 
-Not thread-safe: an interpreter holds the current input. The engine owns one interpreter and
-uses it only from the event-loop thread.
+Threads: an interpreter holds the current input, so one interpreter serves one thread at a time.
+A compiled bundle is shared read-only by any number of interpreters, each on its own thread
+(rego-cpp's VM keeps all query state in the interpreter and its per-query ``State``; trieste
+nodes are reference-counted atomically; the one lazy step, turning the built bundle node into
+the runtime bundle on its first query, is done at construction, before any sharing). The
+serving path splits an evaluation in three (``lookup`` on the loop: pruning, the cache and
+building the input; ``run_pending`` on a worker with its own interpreter; ``finish`` on the
+loop: parsing and caching), so the worker holds the GIL only for a handful of C calls.
 """
 
 from __future__ import annotations
@@ -58,6 +64,11 @@ _PACKAGE_RE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_.]*)", re.MULTILINE)
 _TEST_RULE_RE = re.compile(r"^(test_[A-Za-z0-9_]*)\b", re.MULTILINE)
 _RULE_HEAD_RE = re.compile(r"^(?:default\s+)?([A-Za-z_][A-Za-z0-9_]*)\b(?!\s*\()", re.MULTILINE)
 _KEYWORDS = frozenset({"package", "import", "default", "else"})
+
+
+def new_interpreter() -> regopy.Interpreter:
+    """An interpreter for one evaluation thread (it holds that thread's current input)."""
+    return _quiet_interpreter()
 
 
 def _quiet_interpreter() -> regopy.Interpreter:
@@ -209,6 +220,20 @@ def _interpreter_with(sources: PolicySources, modules: Iterable[PolicyModule]) -
     return interp
 
 
+@dataclass(slots=True)
+class PendingEval:
+    """A cache miss, ready for an interpreter: the input is already built in rego-cpp.
+
+    ``handle`` (a regoInput) is owned by exactly one of ``CompiledPolicy.run_pending`` (which
+    frees it) and ``CompiledPolicy.discard`` (when the evaluation never runs).
+    """
+
+    entrypoint: str
+    ep: bytes
+    key: tuple[str, bytes] | None
+    handle: int
+
+
 class CompiledPolicy:
     """A bundle compiled from one snapshot of the policy folder, with its entrypoints."""
 
@@ -233,6 +258,13 @@ class CompiledPolicy:
             raise PolicyCompileError("the policy bundle failed to build")
         self._bundle = bundle
         self._interp = _quiet_interpreter()
+        # rego-cpp turns the built bundle into its runtime form on the first query, without a
+        # lock: do it here, on one thread, before any worker shares the bundle.
+        out = _query_entrypoint(self._interp._impl, bundle._impl, self.entrypoints[0].encode())
+        if not out:
+            raise PolicyCompileError(_format_compile_error(_rs.rego_get_error(self._interp._impl),
+                                                           texts))
+        _free_output(out)
         self.input_projection = input_projection(modules)
         self._ep_bytes = {ep: ep.encode() for ep in self.entrypoints}
         # Results are cached only when they are a function of the pruned input (cache.py).
@@ -244,36 +276,66 @@ class CompiledPolicy:
                 self.cache = DecisionCache(cache_size)
 
     def evaluate(self, entrypoint: str, value: Any) -> tuple[bool, Any]:
-        """Evaluate one entrypoint with ``value`` as input: (defined, result)."""
+        """Evaluate one entrypoint with ``value`` as input: (defined, result).
+
+        Synchronous, on this policy's own interpreter: for one thread only (the CLI, the checks,
+        tests). The services evaluate through ``lookup`` / ``run_pending`` / ``finish``.
+        """
+        step = self.lookup(entrypoint, value)
+        if not isinstance(step, PendingEval):
+            return step
+        return self.finish(step, *self.run_pending(self._interp, step))
+
+    def lookup(self, entrypoint: str, value: Any) -> tuple[bool, Any] | PendingEval:
+        """The cached result, or the evaluation still to run (its input built in rego-cpp)."""
         ep = self._ep_bytes.get(entrypoint)
         if ep is None:
             raise PolicyEvalError(f"entrypoint {entrypoint!r} is not compiled into the bundle")
         pruned = project_input(value, self.input_projection)
         cache = self.cache
         key_bytes = None if cache is None else input_key(pruned)
-        if cache is None or key_bytes is None:
-            return parse_output(*self._run(ep, entrypoint, pruned), entrypoint)
-        key = (entrypoint, key_bytes)
-        cached = cache.get(key)
-        if cached is not None:
-            return parse_output(cached, True, entrypoint)
-        text, ok = self._run(ep, entrypoint, pruned)
-        result = parse_output(text, ok, entrypoint)  # raises on errors: those are never stored
-        cache.put(key, text)
-        return result
+        key = None
+        if cache is not None and key_bytes is not None:
+            key = (entrypoint, key_bytes)
+            cached = cache.get(key)
+            if cached is not None:
+                return parse_output(cached, True, entrypoint)
+        return PendingEval(entrypoint, ep, key, build_input(pruned))
 
-    def _run(self, ep: bytes, entrypoint: str, pruned: Any) -> tuple[str, bool]:
-        """rego-cpp's output text for one entrypoint and whether it reports success."""
-        set_input(self._interp, pruned)
-        out = _query_entrypoint(self._interp._impl, self._bundle._impl, ep)
+    def run_pending(self, interp: regopy.Interpreter, pending: PendingEval) -> tuple[str, bool]:
+        """rego-cpp's output text and success flag; frees the pending input.
+
+        Safe on any thread whose interpreter is ``interp`` alone: the bundle is only read.
+        """
+        handle, pending.handle = pending.handle, 0
+        try:
+            if _set_input(interp._impl, handle) != 0:
+                raise PolicyInputError("rego-cpp refused the policy input")
+        finally:
+            _free_input(handle)
+        out = _query_entrypoint(interp._impl, self._bundle._impl, pending.ep)
         if not out:
-            raise PolicyEvalError(f"rego-cpp returned no output for {entrypoint}")
+            raise PolicyEvalError(f"rego-cpp returned no output for {pending.entrypoint}")
         try:
             ok = _output_ok(out)
             text = _rs.rego_output_string(out)
         finally:
             _free_output(out)
         return text, bool(ok)
+
+    def finish(self, pending: PendingEval, text: str, ok: bool) -> tuple[bool, Any]:
+        """Parse rego-cpp's answer and cache it (errors raise and are never stored)."""
+        result = parse_output(text, ok, pending.entrypoint)
+        if pending.key is not None and self.cache is not None:
+            self.cache.put(pending.key, text)
+        return result
+
+    @staticmethod
+    def discard(pending: PendingEval) -> None:
+        """Free the input of an evaluation that will never run."""
+        handle, pending.handle = pending.handle, 0
+        if handle:
+            _free_input(handle)
 
 
 def parse_output(text: str, ok: bool, what: str) -> tuple[bool, Any]:
@@ -442,15 +504,28 @@ def project_input(value: Any, projection: Mapping[str, Any]) -> Any:
 
 def set_input(interp: regopy.Interpreter, value: Any) -> None:
     """Hand ``value`` (JSON-shaped Python data) to the interpreter as ``input``."""
+    handle = build_input(value)
+    try:
+        if _set_input(interp._impl, handle) != 0:
+            raise PolicyInputError("rego-cpp refused the policy input")
+    finally:
+        _free_input(handle)
+
+
+def build_input(value: Any) -> int:
+    """A regoInput holding ``value``; the caller frees it (``regoFreeInput``).
+
+    It belongs to no interpreter: it can be built on one thread and set on another.
+    """
     handle = _new_input()
     if not handle:
         raise PolicyInputError("rego-cpp could not allocate an input")
     try:
         _add(handle, value, 0)
-        if _set_input(interp._impl, handle) != 0:
-            raise PolicyInputError("rego-cpp refused the policy input")
-    finally:
+    except BaseException:
         _free_input(handle)
+        raise
+    return int(handle)
 
 
 def _add(h: int, v: Any, depth: int) -> None:
