@@ -1,6 +1,6 @@
 """Policy benchmark (not a test): CPU per embedded-Rego decision and per visible_tools query.
 
-    .venv/bin/python bench/bench_policy.py [--requests N] [--baseline DIR]
+    .venv/bin/python bench/bench_policy.py [--requests N] [--baseline DIR] [--no-hop]
 
 Measures, in one run, the shipped ``policies/`` and optionally a baseline folder (e.g. the
 previous policy), each with the input pruned to what the policy references and with the full
@@ -8,12 +8,16 @@ ext_authz input (every header, parsed_body, all claims), without the decision ca
 the cache (the default size), a miss (every request a distinct path, or a distinct item list)
 beside a hit (the same request again). The request input carries the path facts ext_authz adds
 (``input.mcp.facts``); a baseline policy that does not read them never gets them.
+Then the cost of the hop to a worker thread that every miss takes in the services
+(``EmbeddedEngine.evaluate``, ``gateway.policy.eval_worker``): the same misses inline on the
+calling thread and through the engine, CPU and wall time per query, one at a time and 16 at once.
 Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from pathlib import Path
@@ -24,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from gateway.config import DEFAULT_DECISION_CACHE_SIZE  # noqa: E402
 from gateway.policy.decision import check_decision  # noqa: E402
+from gateway.policy.embedded import EmbeddedEngine  # noqa: E402
 from gateway.policy.facts import with_facts  # noqa: E402
 from gateway.policy.rego import ALL, CompiledPolicy, load_sources  # noqa: E402
 
@@ -126,10 +131,52 @@ def measure(label: str, folder: Path, n: int) -> list[tuple[str, float]]:
     return rows
 
 
+def hop_rows(folder: Path, n: int) -> list[tuple[str, float, float]]:
+    """(measure, CPU us, wall us) per miss: inline, through the worker pool, 16 concurrent."""
+    rows: list[tuple[str, float, float]] = []
+    cases = (("allowed tools/call decision", "mcp/authz/decision", DECIDE_INPUT),
+             ("visible_tools (7 items)", "mcp/authz/visible_tools", LIST_INPUT))
+
+    async def run() -> None:
+        # No cache: every query is a miss, the case that takes the hop.
+        engine = EmbeddedEngine(folder, "mcp/authz/decision", reload_interval=0, cache_size=0,
+                                extra_entrypoints=("mcp/authz/visible_tools",))
+        await engine.start()
+        try:
+            for name, ep, value in cases:
+                await engine.evaluate(ep, value)  # start the workers
+                best = [(float("inf"), float("inf"))] * 3
+                for _ in range(3):
+                    c, w = time.process_time(), time.perf_counter()
+                    for _ in range(n):
+                        engine.evaluate_sync(ep, value)
+                    inline = ((time.process_time() - c) / n * 1e6, (time.perf_counter() - w) / n * 1e6)
+                    c, w = time.process_time(), time.perf_counter()
+                    for _ in range(n):
+                        await engine.evaluate(ep, value)
+                    hop = ((time.process_time() - c) / n * 1e6, (time.perf_counter() - w) / n * 1e6)
+                    c, w = time.process_time(), time.perf_counter()
+                    for _ in range(n // 16):
+                        await asyncio.gather(*(engine.evaluate(ep, value) for _ in range(16)))
+                    m = n // 16 * 16
+                    par = ((time.process_time() - c) / m * 1e6, (time.perf_counter() - w) / m * 1e6)
+                    best = [min(b, x) for b, x in zip(best, (inline, hop, par), strict=True)]
+                rows.append((f"miss inline on the loop (before): {name}", *best[0]))
+                rows.append((f"miss on a worker thread, one at a time: {name}", *best[1]))
+                rows.append((f"miss on a worker thread, 16 at once ({engine.pool.workers} workers): "
+                             f"{name}", *best[2]))
+        finally:
+            await engine.close()
+
+    asyncio.run(run())
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--baseline", type=Path, help="another policy folder to measure alongside")
+    parser.add_argument("--no-hop", action="store_true", help="skip the worker-thread hop rows")
     args = parser.parse_args()
     rows = []
     if args.baseline is not None:
@@ -140,6 +187,12 @@ def main() -> None:
     print("|---|---|")
     for name, us in rows:
         print(f"| {name} | {us:.0f} us |")
+    if not args.no_hop:
+        print(f"\n## a miss inline vs on a worker thread (best of 3 x {args.requests})\n")
+        print("| measure | CPU per query | wall per query |")
+        print("|---|---|---|")
+        for name, cpu, wall in hop_rows(ROOT / "policies", args.requests):
+            print(f"| {name} | {cpu:.0f} us | {wall:.0f} us |")
 
 
 if __name__ == "__main__":

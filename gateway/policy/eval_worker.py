@@ -134,17 +134,13 @@ class EvalPool(Generic[S]):
             job_future: asyncio.Future[T] = loop.create_future()
             worker.inbox.put(_Job(fn, job_future, loop))
             handed = True
+            # A timer rather than asyncio.wait/wait_for: it costs less per call (measured).
+            timer = loop.call_at(deadline, self._expire, worker, job_future, budget)
             try:
-                done, _ = await asyncio.wait((job_future,), timeout=max(0.0, deadline - loop.time()))
-            except asyncio.CancelledError:
-                job_future.cancel()  # the worker's answer is dropped when it comes
-                raise
-            if not done:
-                job_future.cancel()
-                self._abandon(worker)
-                raise PolicyTimeoutError(f"policy evaluation exceeded its {budget * 1000:.0f} ms "
-                                         "deadline")
-            return job_future.result()
+                # Cancelling the caller cancels job_future: the worker's answer is then dropped.
+                return await job_future
+            finally:
+                timer.cancel()
         finally:
             if not handed and discard is not None:
                 discard()
@@ -181,6 +177,13 @@ class EvalPool(Generic[S]):
     def _can_start(self) -> bool:
         return (self._live < self.workers
                 and self._live + self._abandoned < self.workers + self.max_abandoned)
+
+    def _expire(self, worker: _Worker[S], job_future: asyncio.Future[Any], budget: float) -> None:
+        if job_future.done():
+            return
+        job_future.set_exception(PolicyTimeoutError(
+            f"policy evaluation exceeded its {budget * 1000:.0f} ms deadline"))
+        self._abandon(worker)
 
     def _abandon(self, worker: _Worker[S]) -> None:
         worker.abandoned = True

@@ -141,6 +141,28 @@ async def test_waiting_callers_share_the_budget() -> None:
     pool.close()
 
 
+async def test_a_cancelled_caller_frees_its_place() -> None:
+    """A caller cancelled while queued discards its job; one cancelled while running leaves the
+    worker to finish and return to the pool."""
+    pool = make_pool(workers=1, max_abandoned=0, max_waiting=4)
+    gate = Gate()
+    running = asyncio.create_task(pool.run(gate, LONG))
+    await until(gate.started.is_set, "the long job started")
+    discarded: list[bool] = []
+    queued = asyncio.create_task(pool.run(quick, LONG, discard=lambda: discarded.append(True)))
+    await until(lambda: len(pool._waiters) == 1, "the second caller queued")
+    queued.cancel()
+    running.cancel()
+    for task in (queued, running):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert discarded == [True]
+    gate.release.set()
+    await until(lambda: pool.idle == 1, "the worker came back")
+    assert await pool.run(quick, LONG) == "quick" and pool.live == 1
+    pool.close()
+
+
 async def test_worker_errors_reach_the_caller_and_the_worker_survives() -> None:
     """An exception raised by a job is raised to its caller; the same worker serves the next job."""
     pool = make_pool()
