@@ -21,6 +21,7 @@ from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import RateLimiter, build_rate_limiter
 from ext_authz.servicer import AuthorizationServicer, PolicyEngine
+from ext_authz.sessions import SessionBinder, build_session_binder
 from ext_authz.settings import Settings
 from gateway.catalog import Catalog
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
@@ -54,6 +55,7 @@ class Service:
     _limiter: RateLimiter
     _engine: ManagedEngine
     _catalog_writer: Catalog
+    _sessions: SessionBinder
     _stopped: bool = field(default=False)
 
     @property
@@ -74,6 +76,7 @@ class Service:
         await self.audit.close()
         await self._engine.close()
         await self._limiter.close()
+        await self._sessions.close()
         await self._session.close()
         self.catalog.catalog.close()
         self._catalog_writer.close()
@@ -95,6 +98,12 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         verifier = TokenVerifier({i.issuer: (i, jwks[i.issuer]) for i in settings.issuers}, settings.auth)
         limiter = limiter or build_rate_limiter(settings.rate_limits,
                                                 redis_timeout=settings.redis_timeout_seconds)
+        # Shared through the rate limiter's Redis when it has one (every process sees a binding).
+        sessions = build_session_binder(
+            settings.rate_limits.backend, settings.rate_limits.redis_url,
+            timeout=settings.redis_timeout_seconds, ttl=settings.session_idle_seconds,
+            max_bindings=settings.max_session_bindings, processes=settings.processes)
+        cleanup.append(sessions.close)
         # Opening creates the schema under the database write lock: off the event loop.
         reader = await asyncio.to_thread(Catalog, settings.catalog.path, mode=settings.catalog.mode)
         cleanup.append(_async(reader.close))
@@ -123,7 +132,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
-                                         audit=audit, tracing=service.tracing)
+                                         audit=audit, tracing=service.tracing, sessions=sessions)
         if isinstance(service, HttpService):
             service.register(servicer.decide)
         else:
@@ -146,7 +155,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
                 settings.policy.engine, settings.rate_limits.backend, settings.policy.dry_run,
                 service.metrics.host, service.metrics.port, audit.path, settings.catalog.path)
     return Service(service, servicer, jwks, gate, refresher, audit, session, limiter, engine,
-                   writer)
+                   writer, sessions)
 
 
 def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:

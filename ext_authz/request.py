@@ -92,11 +92,13 @@ def bearer_token(headers: dict[str, str]) -> str:
 
 
 def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
-                 claims: dict[str, Any], server: str, resource: str, now: float) -> dict[str, Any]:
-    """The document the policy decides on."""
+                 claims: dict[str, Any], server: str, resource: str, now: float,
+                 session: dict[str, str] | None = None) -> dict[str, Any]:
+    """The document the policy decides on; ``session`` (the owner of the request's session,
+    ``ext_authz.sessions``) only when the request names a session the gateway knows."""
     # Envoy lower-cases names, but a hand-built CheckRequest need not: compare case-insensitively.
     headers = {k: v for k, v in req.headers.items() if k.lower() not in HIDDEN_HEADERS}
-    return {
+    doc: dict[str, Any] = {
         "attributes": {
             "request": {"http": {
                 "id": req.id, "method": req.method, "path": req.path, "host": req.host,
@@ -110,6 +112,9 @@ def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: M
         "server": {"name": server, "resource": resource},
         "now": int(now),
     }
+    if session is not None:
+        doc["session"] = session
+    return doc
 
 
 def _no_message(headers: dict[str, str]) -> dict[str, Any]:

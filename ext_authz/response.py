@@ -24,8 +24,8 @@ OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 # Headers the gateway sets for upstream servers. Any of them that a request does not get a value
 # for is removed, so a client can never smuggle its own identity claims upstream.
-IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
-                    "x-mcp-decision-id")
+IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-issuer", "x-mcp-tenant", "x-mcp-client-id",
+                    "x-mcp-roles", "x-mcp-tool", "x-mcp-decision-id")
 # Set on allowed requests whose answer ext_proc must see; Envoy routes on it (ext_authz
 # clear_route_cache) so that only those requests pay for an ext_proc stream.
 INSPECT_HEADER = "x-mcp-inspect"
@@ -93,8 +93,14 @@ def header_value(value: str) -> str:
 
 def identity_headers(claims: Mapping[str, Any], tool: str | None,
                      decision_id: str) -> dict[str, str]:
-    """The identity headers for the upstream, from verified claims (absent ones left out)."""
+    """The identity headers for the upstream, from verified claims (absent ones left out).
+
+    A subject is unique only within its issuer: a server that binds state to a user (sessions)
+    needs both, so the issuer travels too."""
     out = {"x-mcp-user": header_value(str(claims["sub"])), "x-mcp-decision-id": decision_id}
+    issuer = claims.get("iss")
+    if isinstance(issuer, str) and issuer:
+        out["x-mcp-issuer"] = header_value(issuer)
     tenant = claims.get("tenant")
     if isinstance(tenant, str) and tenant:
         out["x-mcp-tenant"] = header_value(tenant)

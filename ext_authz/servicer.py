@@ -58,6 +58,13 @@ from ext_authz.response import (
     mask_types,
     needs_inspection,
 )
+from ext_authz.sessions import (
+    MemorySessionStore,
+    SessionBinder,
+    SessionOwner,
+    SessionStoreUnavailable,
+    session_id_of,
+)
 from ext_authz.settings import Settings
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.jsonrpc import best_effort_id, parse_message
@@ -118,7 +125,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
     def __init__(self, settings: Settings, verifier: TokenVerifier, limiter: RateLimiter,
                  engine: PolicyEngine, *, clock: Callable[[], float] = time.time,
                  catalog: CatalogGate | None = None, audit: AuditWriter | None = None,
-                 tracing: bool = False) -> None:
+                 tracing: bool = False, sessions: SessionBinder | None = None) -> None:
         self._settings = settings
         self._verifier = verifier
         self._limiter = limiter
@@ -128,6 +135,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         self._catalog = catalog
         self._audit = audit
         self._tracing = tracing
+        # Never without a binding: a servicer built without one keeps its own in memory.
+        self._sessions = sessions or SessionBinder(MemorySessionStore(
+            ttl=settings.session_idle_seconds, max_bindings=settings.max_session_bindings))
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:
@@ -242,9 +252,23 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
             return self._deny(rec, err, req, {"retry-after": "1"})
 
+        # After the rate limit (probing ids costs tokens), before the policy (which reads the
+        # owner): a session of another issuer or subject does not exist for this caller.
+        caller = SessionOwner.from_claims(claims)
+        owner: SessionOwner | None = None
+        try:
+            session_id = session_id_of(headers)
+            if session_id is not None:
+                owner = await self._sessions.owner(server, session_id, caller)
+        except SessionStoreUnavailable as err:
+            return self._deny(rec, err, req, {"retry-after": "1"})
+        except GatewayError as err:
+            return self._deny(rec, err, req)
+
         try:
             document = policy_input(req, parsed_body=parsed, mcp=ctx, claims=claims, server=server,
-                                    resource=resource, now=self._clock())
+                                    resource=resource, now=self._clock(),
+                                    session=owner.as_policy_input() if owner is not None else None)
         except GatewayError as err:  # an argument over the gateway's bounds (InputLimitExceeded)
             return self._deny(rec, err, req)
         decision = await self._engine.decide(document)
@@ -259,6 +283,12 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             code = decision.error_code or decision.reason or "policy_denied"
             refusal = PolicyDenied(f"request denied by policy ({code})", code=code, http_status=status)
             return self._deny(rec, refusal, req, deny_headers)
+        if owner is not None:
+            # Whatever the policy (or dry-run) said: a session never changes tenant.
+            try:
+                self._sessions.check_tenant(owner, caller)
+            except GatewayError as err:
+                return self._deny(rec, err, req)
 
         # After the policy: a caller the policy refuses learns nothing about the catalog.
         if self._catalog is not None and ctx is not None and ctx.method == "tools/call":
@@ -276,6 +306,14 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
                 return self._deny(rec, err, req, {"retry-after": "1"})
             except GatewayError as err:
                 return self._deny(rec, err, req)
+
+        if req.method == "DELETE" and session_id is not None:
+            # The client ends its session: its id is refused from now on, whatever the upstream
+            # answers (ext_authz never sees that answer).
+            try:
+                await self._sessions.end(server, session_id)
+            except SessionStoreUnavailable as err:
+                return self._deny(rec, err, req, {"retry-after": "1"})
 
         rec.allow, rec.http_status = True, 200
         rec.reason = decision.reason or "allowed"

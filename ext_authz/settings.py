@@ -23,6 +23,10 @@ from gateway.config import (
 # default 500 ms so that a slow dependency is answered (closed) instead of timing out in Envoy.
 REDIS_TIMEOUT_SECONDS = 0.2
 JWKS_MAX_BYTES = 256 * 1024
+# Session bindings (ext_authz.sessions): idle time after which a binding is forgotten (at least
+# the servers' own session idle timeout) and how many one process keeps in memory.
+SESSION_IDLE_SECONDS = 3600.0
+MAX_SESSION_BINDINGS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +47,10 @@ class Settings:
     redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS
     jwks_max_bytes: int = JWKS_MAX_BYTES
     transport: str = "grpc"  # "grpc" | "http" (Envoy's HTTP mode, ext_authz.http_front)
+    session_idle_seconds: float = SESSION_IDLE_SECONDS
+    max_session_bindings: int = MAX_SESSION_BINDINGS
+    # How many ext_authz processes share the traffic (per-process session bindings warn).
+    processes: int = 1
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, port: int | None = None,
@@ -64,6 +72,7 @@ class Settings:
             server_urls={s.name: tuple(f"http://{i.host}:{i.port}/mcp" for i in s.instances)
                          for s in cfg.servers},
             transport=cfg.ext_authz.transport,
+            processes=len(cfg.ext_authz.instances),
         )
 
     def audit_path(self, port: int) -> Path:

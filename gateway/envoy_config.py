@@ -40,8 +40,8 @@ HEALTH_INTERVAL = "2s"
 # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
 HEALTH_NO_TRAFFIC_INTERVAL = "5s"
 # Headers only ext_authz may set (see docs/configuration.md); a client's copies are dropped.
-IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-tenant", "x-mcp-client-id", "x-mcp-roles", "x-mcp-tool",
-                    "x-mcp-decision-id")
+IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-issuer", "x-mcp-tenant", "x-mcp-client-id",
+                    "x-mcp-roles", "x-mcp-tool", "x-mcp-decision-id")
 # Set by ext_authz alone on requests whose answer ext_proc must inspect; routes match on it, so a
 # client's copy would let it force (or, through ext_authz removing it, nothing else) inspection.
 INSPECT_HEADER = "x-mcp-inspect"

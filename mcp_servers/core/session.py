@@ -1,8 +1,10 @@
 """Sessions of stateful clients (2025-06-18 / 2025-11-25) and in-flight request bookkeeping.
 
-A session is never authentication: it is bound to the user the gateway authenticated
-(``x-mcp-user``) when the session was created, and a request for it from anyone else is answered
-as if the session did not exist (404), so session ids cannot be probed across users.
+A session is never authentication: it is bound to the caller the gateway authenticated when the
+session was created (issuer, user and tenant: ``x-mcp-issuer``, ``x-mcp-user``, ``x-mcp-tenant``),
+and a request for it from anyone else, or from the same user in another tenant, is answered as if
+the session did not exist (404), so session ids cannot be probed across callers. The gateway
+binds sessions too (``ext_authz.sessions``); this is the server's own check behind it.
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ class InFlight:
     cancel_timer: asyncio.TimerHandle | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionOwner:
+    """The caller a session belongs to, as the identity headers name it (decoded); all None
+    for a caller the gateway did not identify."""
+
+    issuer: str | None = None
+    user: str | None = None
+    tenant: str | None = None
+
+
 @dataclass(slots=True)
 class Session:
     id: str
-    user: str | None
+    owner: SessionOwner
     protocol_version: str
     client_capabilities: dict[str, Any]
     client_info: dict[str, Any]
@@ -79,10 +91,17 @@ class Session:
             await stream.finish()
 
 
-def _same_user(a: str | None, b: str | None) -> bool:
+def _same_value(a: str | None, b: str | None) -> bool:
     if a is None or b is None:
         return a is b
     return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _same_owner(a: SessionOwner, b: SessionOwner) -> bool:
+    # Every part compared (no early exit): the answer takes as long whichever part differs.
+    same = [_same_value(a.issuer, b.issuer), _same_value(a.user, b.user),
+            _same_value(a.tenant, b.tenant)]
+    return all(same)
 
 
 class SessionStore:
@@ -100,22 +119,22 @@ class SessionStore:
     def all(self) -> list[Session]:
         return list(self._sessions.values())
 
-    async def create(self, *, user: str | None, protocol_version: str,
+    async def create(self, *, owner: SessionOwner, protocol_version: str,
                      client_capabilities: dict[str, Any], client_info: dict[str, Any]) -> Session:
         await self.expire()
         if len(self._sessions) >= self._max_sessions:
             # Evict the least recently used session rather than refuse new clients.
             victim = min(self._sessions.values(), key=lambda s: s.last_seen)
             await self.remove(victim)
-        session = Session(id=new_token(), user=user, protocol_version=protocol_version,
+        session = Session(id=new_token(), owner=owner, protocol_version=protocol_version,
                           client_capabilities=client_capabilities, client_info=client_info,
                           max_buffered_events=self._max_buffered)
         self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str, user: str | None) -> Session:
+    def get(self, session_id: str, owner: SessionOwner) -> Session:
         session = self._sessions.get(session_id)
-        if session is None or session.closed or not _same_user(session.user, user):
+        if session is None or session.closed or not _same_owner(session.owner, owner):
             raise SessionNotFound("session not found or ended; send a new initialize request")
         if time.monotonic() - session.last_seen > self._idle_timeout:
             raise SessionNotFound("session expired; send a new initialize request")

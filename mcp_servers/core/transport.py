@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import orjson
 from aiohttp import web
@@ -50,7 +50,7 @@ from mcp_servers.core.errors import (
 )
 from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
-from mcp_servers.core.session import InFlight, Session, SessionStore
+from mcp_servers.core.session import InFlight, Session, SessionOwner, SessionStore
 from mcp_servers.core.settings import LOG_LEVELS, ServerSettings
 from mcp_servers.core.streams import EventStream, new_token
 
@@ -85,6 +85,31 @@ MAX_REQUEST_ID_LEN = 128
 TRACER = "mcp_servers"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                "X-Accel-Buffering": "no"}
+# ext_authz sends identity values as printable ASCII with anything else percent-encoded ("%"
+# included: ext_authz.response.header_value); this is its inverse, accepting only that spelling.
+_IDENTITY_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def identity_value(value: str | None) -> str | None:
+    """An identity header's value, decoded; a spelling the gateway never sends is refused (400),
+    so one identity has exactly one form (``%41`` is not ``A``)."""
+    if value is None or "%" not in value:
+        return value
+    try:
+        decoded = unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        decoded = None
+    if decoded is None or quote(decoded, safe=_IDENTITY_SAFE) != value:
+        raise BadTransportRequest("an identity header is not in the gateway's encoding",
+                                  code="invalid_identity_header")
+    return decoded
+
+
+def _log_value(value: str | None) -> str | None:
+    try:
+        return identity_value(value)
+    except BadTransportRequest:
+        return value  # refused in _handle; the log line shows what came
 
 
 class UnsupportedVersion(GatewayError):
@@ -147,8 +172,9 @@ class Transport:
         request[REQUEST_ID_KEY] = rid
         # Every log line of this request (handlers included) carries these ids and the trace ids.
         with bind_request(request_id=rid, decision_id=headers.get(DECISION_ID_HEADER),
-                          sub=headers.get("x-mcp-user"), tenant=headers.get("x-mcp-tenant"),
-                          client_id=headers.get("x-mcp-client-id")):
+                          sub=_log_value(headers.get("x-mcp-user")),
+                          tenant=_log_value(headers.get("x-mcp-tenant")),
+                          client_id=_log_value(headers.get("x-mcp-client-id"))):
             if request.method == "POST":
                 # The parent is Envoy's span (W3C traceparent), joining this server to the trace.
                 with start_server_span("mcp", headers, tracer_name=TRACER,
@@ -200,13 +226,20 @@ class Transport:
                                   http_status=403)
 
     def _identity(self, request: web.Request) -> Identity:
-        roles = request.headers.get("x-mcp-roles")
+        headers = request.headers
+        roles = headers.get("x-mcp-roles")
         return Identity(
-            user=request.headers.get("x-mcp-user"),
-            tenant=request.headers.get("x-mcp-tenant"),
-            client_id=request.headers.get("x-mcp-client-id"),
-            roles=tuple(r.strip() for r in roles.split(",") if r.strip()) if roles is not None else None,
+            user=identity_value(headers.get("x-mcp-user")),
+            tenant=identity_value(headers.get("x-mcp-tenant")),
+            client_id=identity_value(headers.get("x-mcp-client-id")),
+            roles=tuple(identity_value(r.strip()) or "" for r in roles.split(",") if r.strip())
+            if roles is not None else None,
         )
+
+    def _owner(self, request: web.Request, identity: Identity | None = None) -> SessionOwner:
+        identity = identity or self._identity(request)
+        return SessionOwner(issuer=identity_value(request.headers.get("x-mcp-issuer")),
+                            user=identity.user, tenant=identity.tenant)
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -263,7 +296,8 @@ class Transport:
                                            "requested": header_version})
         sid = request.headers.get("Mcp-Session-Id")
         if msg.kind == "response":
-            self._client_response(msg, self.sessions.get(sid, identity.user) if sid is not None else None)
+            owner = self._owner(request, identity)
+            self._client_response(msg, self.sessions.get(sid, owner) if sid is not None else None)
             return web.Response(status=202)
         mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
         if mcp_ctx.tool is not None:
@@ -273,11 +307,11 @@ class Transport:
         if msg.method == "initialize":
             if msg.kind != "request":
                 raise InvalidRequest("initialize must be a request with an id")
-            return await self._initialize(msg, identity)
+            return await self._initialize(msg, identity, self._owner(request, identity))
         session: Session | None = None
         modern = False
         if sid is not None:
-            session = self.sessions.get(sid, identity.user)
+            session = self.sessions.get(sid, self._owner(request, identity))
             version = header_version or session.protocol_version
             capabilities = session.client_capabilities
         elif mcp_ctx.protocol_version is not None and mcp_ctx.protocol_version >= MODERN_VERSION:
@@ -324,7 +358,7 @@ class Transport:
                                 http_status=400)
         return version, caps
 
-    async def _initialize(self, msg: Message, identity: Identity) -> web.Response:
+    async def _initialize(self, msg: Message, identity: Identity, owner: SessionOwner) -> web.Response:
         params = msg.params
         requested = params.get("protocolVersion")
         if not isinstance(requested, str):
@@ -333,7 +367,7 @@ class Transport:
         info = params.get("clientInfo")
         version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
         session = await self.sessions.create(
-            user=identity.user, protocol_version=version,
+            owner=owner, protocol_version=version,
             client_capabilities=caps if isinstance(caps, dict) else {},
             client_info=info if isinstance(info, dict) else {})
         logger.info("session created", extra={"session": session.id[:8], "protocol_version": version,
@@ -528,7 +562,7 @@ class Transport:
         if sid is None:
             raise BadTransportRequest("GET needs an Mcp-Session-Id header (no GET stream in protocol "
                                       f"{MODERN_VERSION})", http_status=405)
-        session = self.sessions.get(sid, self._identity(request).user)
+        session = self.sessions.get(sid, self._owner(request))
         last = request.headers.get("Last-Event-ID")
         found = session.find_stream(last) if last else None
         if found is not None:
@@ -550,7 +584,7 @@ class Transport:
         sid = request.headers.get("Mcp-Session-Id")
         if sid is None:
             raise BadTransportRequest("DELETE needs an Mcp-Session-Id header")
-        session = self.sessions.get(sid, self._identity(request).user)
+        session = self.sessions.get(sid, self._owner(request))
         await self.sessions.remove(session)
         logger.info("session ended by client", extra={"session": session.id[:8]})
         return web.Response(status=200)

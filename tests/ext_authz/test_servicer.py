@@ -240,8 +240,9 @@ async def test_rate_limit_per_user_is_429(jwks_server: JwksServer, session: aioh
     assert status == 429 and int(headers["retry-after"]) >= 1
     assert body["error"]["code"] == RATE_LIMITED and body["error"]["data"]["limit"] == "user"
     assert len(authz.engine.inputs) == 2
-    # Another user has a bucket of their own.
-    upstream(await authz.check(check_request("post_tools_call_files", token_for(rsa_key, sub="bob"))))
+    # Another user has a bucket of their own (and a session of their own: sessions are bound).
+    upstream(await authz.check(check_request("post_tools_call_files", token_for(rsa_key, sub="bob"),
+                                             headers={"mcp-session-id": "bob-session"})))
 
 
 async def test_rate_limit_per_tool(jwks_server: JwksServer, session: aiohttp.ClientSession,

@@ -149,6 +149,8 @@ class Client:
         self.session_id: str | None = None
         self.version = "2025-11-25"
         self.user: str | None = None
+        # Identity headers beyond x-mcp-user (issuer, tenant) sent with every request.
+        self.identity: dict[str, str] = {}
         self._next = 0
 
     def headers(self, extra: dict[str, str] | None = None, accept: str = JSON_AND_SSE) -> dict[str, str]:
@@ -157,6 +159,7 @@ class Client:
             h["Mcp-Session-Id"] = self.session_id
         if self.user is not None:
             h["x-mcp-user"] = self.user
+        h.update(self.identity)
         h.update(extra or {})
         return h
 
@@ -165,12 +168,15 @@ class Client:
         return self._next
 
     async def initialize(
-        self, version: str = "2025-11-25", user: str | None = None, capabilities: dict[str, Any] | None = None
+        self, version: str = "2025-11-25", user: str | None = None, capabilities: dict[str, Any] | None = None,
+        identity: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "Accept": JSON_AND_SSE}
         self.user = user
+        self.identity = dict(identity or {})
         if user is not None:
             headers["x-mcp-user"] = user
+        headers.update(self.identity)
         body = {
             "jsonrpc": "2.0",
             "id": self.next_id(),

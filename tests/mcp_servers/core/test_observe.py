@@ -146,7 +146,7 @@ async def test_audit_entry_for_each_executed_call(audited: tuple[Served, Path]) 
     """tools/call, resources/read and prompts/get leave one entry each, on disk before the answer."""
     served, path = audited
     client = served.client
-    await client.initialize(user="alice")
+    await client.initialize(user="alice", identity={"x-mcp-tenant": "acme"})  # sessions keep their tenant
     ids = {"x-mcp-tenant": "acme", "x-mcp-client-id": "cli-1", "x-mcp-decision-id": "dec-7"}
     args = {"text": "secret-ish payload", "times": 2}
     await client.call("tools/call", {"name": "echo", "arguments": args}, {**ids, "x-request-id": "r-call"})

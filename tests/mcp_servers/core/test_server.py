@@ -92,11 +92,11 @@ async def test_structured_output_and_errors(served: Served) -> None:
 
 async def test_identity_headers_reach_the_context(served: Served) -> None:
     """x-mcp-user / x-mcp-tenant / x-mcp-roles are visible to handlers."""
-    await served.client.initialize(user="alice")
+    await served.client.initialize(user="alice", identity={"x-mcp-tenant": "acme"})
     status, body = await served.client.call(
         "tools/call",
         {"name": "whoami", "arguments": {}},
-        headers={"x-mcp-tenant": "acme", "x-mcp-roles": "dev, ops"},
+        headers={"x-mcp-roles": "dev, ops"},
     )
     assert status == 200
     assert body["result"]["structuredContent"] == {"user": "alice", "tenant": "acme", "roles": ["dev", "ops"]}
