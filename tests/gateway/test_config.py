@@ -125,3 +125,37 @@ def test_ext_proc_has_no_transport_key(transport: str) -> None:
     raw["ext_proc"] = {**raw["ext_proc"], "transport": transport}
     with pytest.raises(ConfigError, match=r"ext_proc: unknown key\(s\) transport"):
         parse_config(raw, base_dir=Path.cwd())
+
+
+@pytest.mark.parametrize(
+    ("key", "bad"),
+    [("eval_timeout_ms", 0), ("eval_timeout_ms", -5), ("eval_timeout_ms", "100"),
+     ("eval_timeout_ms", 1.5), ("eval_timeout_ms", True), ("eval_timeout_ms", None),
+     ("eval_timeout_ms", 60_001), ("eval_workers", 0), ("eval_workers", 257),
+     ("eval_max_abandoned", -1), ("eval_max_waiting", -1), ("eval_max_waiting", "8")],
+)
+def test_policy_evaluation_bounds_are_validated(key: str, bad: Any) -> None:
+    """policy.eval_* must be integers in range; the error names the key."""
+    raw = _default()
+    raw["policy"] = {**raw.get("policy", {}), key: bad}
+    with pytest.raises(ConfigError, match=f"policy.{key} must be an integer"):
+        parse_config(raw, base_dir=Path.cwd())
+
+
+def test_policy_deadline_must_fire_before_envoys_timeout() -> None:
+    """policy.eval_timeout_ms at or past ext_authz.timeout_ms is a contradiction naming both keys."""
+    raw = _default()
+    timeout = parse_config(raw, base_dir=Path.cwd()).ext_authz.timeout_ms
+    raw["policy"] = {**raw.get("policy", {}), "eval_timeout_ms": timeout}
+    with pytest.raises(ConfigError, match="policy.eval_timeout_ms .* ext_authz.timeout_ms"):
+        parse_config(raw, base_dir=Path.cwd())
+    raw["policy"]["eval_timeout_ms"] = timeout - 1
+    assert parse_config(raw, base_dir=Path.cwd()).policy.eval_timeout_ms == timeout - 1
+
+
+def test_policy_evaluation_defaults() -> None:
+    """By default misses get a deadline well under Envoy's ext_authz timeout and a bounded pool."""
+    cfg = load_config()
+    assert 0 < cfg.policy.eval_timeout_ms <= cfg.ext_authz.timeout_ms // 2
+    assert cfg.policy.eval_workers >= 1 and cfg.policy.eval_max_abandoned >= 0
+    assert cfg.policy.eval_max_waiting >= 1

@@ -239,3 +239,23 @@ async def test_checker_timeout_is_a_compile_error(tmp_path: Path) -> None:
     write(tmp_path, "authz.rego", SIMPLE % "first")
     with pytest.raises(PolicyCompileError, match="did not finish"):
         await check_in_subprocess(str(tmp_path), ["mcp/authz/decision"], limit_seconds=0.001)
+
+
+def test_build_engine_passes_the_evaluation_bounds() -> None:
+    """policy.eval_* reach the embedded engine's worker pool and deadline."""
+    engine = build_engine(PolicyConfig(dir=str(REPO_POLICIES), eval_timeout_ms=77, eval_workers=3,
+                                       eval_max_abandoned=5, eval_max_waiting=9), reload_interval=0)
+    assert isinstance(engine, EmbeddedEngine)
+    assert engine.eval_timeout == 0.077
+    assert (engine.pool.workers, engine.pool.max_abandoned, engine.pool.max_waiting) == (3, 5, 9)
+
+
+@pytest.mark.parametrize(("timeout_ms", "workers", "abandoned", "waiting"),
+                         [(0, 1, 0, 0), (1, 0, 0, 0), (1, 1, -1, 0), (1, 1, 0, -1)])
+def test_engine_refuses_unbounded_evaluation(timeout_ms: int, workers: int, abandoned: int,
+                                             waiting: int) -> None:
+    """An engine without a deadline or a worker is refused with a PolicyError."""
+    with pytest.raises(PolicyError):
+        EmbeddedEngine(REPO_POLICIES, "mcp/authz/decision", reload_interval=0,
+                       eval_timeout_ms=timeout_ms, eval_workers=workers,
+                       eval_max_abandoned=abandoned, eval_max_waiting=waiting)
