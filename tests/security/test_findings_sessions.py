@@ -228,7 +228,7 @@ def test_a_repeated_session_header_is_refused(gw: Gateway) -> None:
     mallory = token(gw, sub="mallory")
     got, _, body = send(gw, "POST", "counter", mallory, rpc("tools/list"), session=victim,
                         extra=[("mcp-session-id", "mallory-own")])
-    assert got in (400, 404), body
+    assert got == 400 and body["error"]["data"]["reason"] == "invalid_session_id", body
     got, _, body = send(gw, "POST", "counter", mallory, rpc("tools/list"), session="mallory-own",
                         extra=[("Mcp-Session-Id", victim)])
-    assert got in (400, 404), body
+    assert got == 400 and body["error"]["data"]["reason"] == "invalid_session_id", body
