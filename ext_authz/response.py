@@ -31,7 +31,8 @@ IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-issuer", "x-mcp-tenant", "x-mcp-client-
 INSPECT_HEADER = "x-mcp-inspect"
 # Every header the gateway owns towards the upstream: a client-sent copy never survives.
 GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
-# List answers are filtered per caller, always; these answers only when the policy masks PII.
+# List answers are filtered per caller, always; every other answer is masked when the policy
+# masks PII. MASKABLE_METHODS are those whose results are MCP content (the usual carriers).
 LIST_METHODS = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
 MASKABLE_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 # The PII type name ext_proc's masker expands to every type it knows.
@@ -132,8 +133,14 @@ def mask_types(obligations: Mapping[str, Any]) -> list[str]:
 
 
 def needs_inspection(method: str | None, mask: list[str]) -> bool:
-    """Whether ext_proc must see the answer to a request of ``method``."""
-    return method in LIST_METHODS or (bool(mask) and method in MASKABLE_METHODS)
+    """Whether ext_proc must see the answer to a request of ``method``.
+
+    No method (a GET: the session's stream, which replays earlier answers of any method on
+    resumption with Last-Event-ID; DELETE; a client's response): always, since only the answer
+    says what it holds and a replayed list is filtered like the original. A list: always. Any
+    other answer (a completion, a log notification on the same SSE stream): when PII is masked.
+    """
+    return method is None or method in LIST_METHODS or bool(mask)
 
 
 def ext_proc_metadata(*, method: str | None, server: str, tool: str | None,

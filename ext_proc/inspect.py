@@ -3,10 +3,17 @@
 * ``tools/list``, ``prompts/list``, ``resources/list``, ``resources/templates/list``: keep the
   items the caller's policy allows (one query for the whole page) whose pinned definition the
   catalog approves; every other key of the result (``nextCursor`` included) is left alone.
-* ``tools/call``, ``resources/read``, ``prompts/get``: mask the PII types the policy obligation
-  names (``gateway.pii``) in the result, an error's message and data, and the params of any
-  notification or request the server sends in the same SSE stream.
-* Anything else: nothing to do, the body is not even sent to ext_proc.
+* Any other method, when the policy obligation names PII types: mask them (``gateway.pii``) in
+  the result, an error's message and data, and the params of any notification or request the
+  server sends in the same SSE stream. Without an obligation: nothing to do, the body is not
+  even sent to ext_proc.
+* No JSON-RPC method (a GET: the session's standalone stream, or a resumption with
+  ``Last-Event-ID`` that replays earlier answers, final results included; DELETE; a client's
+  response): the answer to a replayed request carries no method, so each message is decided by
+  its shape. A result holding a ``tools`` / ``prompts`` / ``resources`` /
+  ``resourceTemplates`` array is filtered as that list (each one present; any other value
+  under those names fails closed), and then, with an obligation, the whole message is masked,
+  lists included: a replay gets at least the treatment the original answer got.
 
 Inspected bodies are always re-serialized from what was parsed (orjson), so what the client
 parses is exactly what was inspected, duplicate keys included.
@@ -29,6 +36,7 @@ from gateway.pii import DEFAULT_REPLACEMENT, Masker, mask_mcp_result
 from gateway.policy.errors import PolicyError
 from gateway.sse import DEFAULT_MAX_BUFFER, SseParser, serialize
 
+# The methods whose results clients read as MCP content; with an obligation any answer is masked.
 MASK_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 
 
@@ -48,6 +56,8 @@ LIST_SPECS: Mapping[str, ListSpec] = {
         ListSpec("resources/templates/list", "resourceTemplates", "uriTemplate", None),
     )
 }
+# Result key -> list kind, for answers whose request method is unknown (replayed on a GET stream).
+LIST_KEYS: Mapping[str, ListSpec] = {s.key: s for s in LIST_SPECS.values()}
 
 
 class ListPolicy(Protocol):
@@ -58,14 +68,20 @@ class ListPolicy(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """``masker`` set: mask; ``list_spec`` set: filter; neither: pass the body untouched."""
+    """``masker`` set: mask; ``list_spec`` set: filter; ``by_shape``: filter every list-shaped
+    result (then mask, with a masker); none of them: pass the body untouched."""
 
     masker: Masker | None = None
     list_spec: ListSpec | None = None
+    by_shape: bool = False
 
     @property
     def inspects(self) -> bool:
-        return self.masker is not None or self.list_spec is not None
+        return self.masker is not None or self.list_spec is not None or self.by_shape
+
+    @property
+    def filters(self) -> bool:
+        return self.list_spec is not None or self.by_shape
 
 
 NOTHING = Plan()
@@ -94,6 +110,47 @@ def mask_message(msg: dict[str, Any], masker: Masker) -> tuple[dict[str, Any], C
     return out, counts
 
 
+# Base64 payloads: a text blob is decoded and masked by mask_mcp_result; binary ones are never
+# scanned as text (random base64 matches the phone and IBAN patterns now and then).
+_MEDIA_TYPES = frozenset({"image", "audio"})
+
+
+def mask_everywhere(msg: dict[str, Any], masker: Masker) -> tuple[dict[str, Any], Counter[str]]:
+    """Mask a message whose method is unknown: as :func:`mask_message`, then every other string
+    of the result too (MCP-aware masking looks only at the content fields of the shapes it
+    knows, and a replayed message may combine shapes, e.g. a list next to content)."""
+    out, counts = mask_message(msg, masker)
+    if isinstance(out.get("result"), (dict, list)):
+        out["result"] = _mask_strings(out["result"], masker, counts)
+    return out, counts
+
+
+def _mask_strings(value: dict[str, Any] | list[Any], masker: Masker, counts: Counter[str]
+                  ) -> dict[str, Any] | list[Any]:
+    root: list[Any] = [value]
+    # An explicit stack: orjson accepts nesting deeper than Python's recursion limit.
+    stack: list[tuple[Any, Any]] = [(root, 0)]
+    while stack:
+        container, key = stack.pop()
+        item = container[key]
+        if isinstance(item, str):
+            masked, c = masker.mask_text(item)
+            if c:
+                container[key] = masked
+                counts.update(c)
+        elif isinstance(item, dict):
+            copy = dict(item)
+            container[key] = copy
+            media = copy.get("type") in _MEDIA_TYPES
+            stack.extend((copy, k) for k in copy if k != "blob" and not (media and k == "data"))
+        elif isinstance(item, list):
+            copy_list = list(item)
+            container[key] = copy_list
+            stack.extend((copy_list, i) for i in range(len(copy_list)))
+    result: dict[str, Any] | list[Any] = root[0]
+    return result
+
+
 class Inspector:
     """Decides per response and transforms parsed JSON-RPC messages. One per process."""
 
@@ -112,12 +169,21 @@ class Inspector:
         self._region = phone_region
 
     def plan(self, ctx: CallerContext) -> Plan:
-        spec = LIST_SPECS.get(ctx.mcp_method)
+        method = ctx.mcp_method
+        if method is None:
+            # Nothing in the request says what the answer holds (a GET stream replays answers to
+            # any earlier request of the session): decide per message, never pass it unseen.
+            return Plan(masker=self._masker(ctx), by_shape=True)
+        spec = LIST_SPECS.get(method)
         if spec is not None:
             return Plan(list_spec=spec)
-        if ctx.mcp_method in MASK_METHODS and ctx.mask:
-            return Plan(masker=masker_for(ctx.mask, self._replacement, self._region))
+        if ctx.mask:
+            # Any answer can carry PII (a completion, a log notification on the same stream).
+            return Plan(masker=self._masker(ctx))
         return NOTHING
+
+    def _masker(self, ctx: CallerContext) -> Masker | None:
+        return masker_for(ctx.mask, self._replacement, self._region) if ctx.mask else None
 
     async def transform(self, msg: Any, ctx: CallerContext, plan: Plan
                         ) -> tuple[dict[str, Any], Counter[str]]:
@@ -126,6 +192,12 @@ class Inspector:
             raise InvalidUpstreamResponse("the upstream answer is not a JSON-RPC message object")
         if plan.list_spec is not None:
             return await self.filter_list(msg, ctx, plan.list_spec), Counter()
+        if plan.by_shape:
+            for spec in listed_kinds(msg):
+                msg = await self.filter_list(msg, ctx, spec)
+            if plan.masker is not None:
+                return mask_everywhere(msg, plan.masker)
+            return msg, Counter()
         if plan.masker is not None:
             return mask_message(msg, plan.masker)
         return msg, Counter()
@@ -170,6 +242,30 @@ class Inspector:
             raise ListPolicyError(f"the list policy {entrypoint} must return a list of names, "
                                   f"got {type(value).__name__}")
         return frozenset(value)
+
+
+def listed_kinds(msg: dict[str, Any]) -> list[ListSpec]:
+    """The list kinds a message's result holds, by key (a replayed answer has no method).
+
+    A value other than an array under one of those names fails closed: no client reads it as a
+    list, but it cannot be filtered either.
+    """
+    result = msg.get("result")
+    if not isinstance(result, dict):
+        return []
+    specs = [spec for key, spec in LIST_KEYS.items() if key in result]
+    for spec in specs:
+        if not isinstance(result[spec.key], list):
+            raise InvalidUpstreamResponse(f"a result whose {spec.key!r} is not a list")
+    return specs
+
+
+def listed_count(msg: Any) -> int:
+    """How many list items a message's result holds, over every list kind."""
+    result = msg.get("result") if isinstance(msg, dict) else None
+    if not isinstance(result, dict):
+        return 0
+    return sum(len(v) for key in LIST_KEYS if isinstance(v := result.get(key), list))
 
 
 def loads_response(body: bytes) -> Any:

@@ -30,7 +30,9 @@ CONTEXT_KEY = "mcp-gateway-context"
 
 @dataclass(frozen=True, slots=True)
 class CallerContext:
-    mcp_method: str
+    # None: the request carried no JSON-RPC method (a GET stream, DELETE, a client's response),
+    # so its answer is inspected message by message (ext_proc.inspect).
+    mcp_method: str | None
     server: str
     sub: str
     roles: tuple[str, ...]
@@ -91,7 +93,7 @@ def parse_caller_context(filter_metadata: Any) -> CallerContext:
     if text is not None:
         return _from_json(text)
     return _build(lambda key, required: _string(fields, key, required=required),
-                  lambda key: _strings(fields, key))
+                  lambda key: _strings(fields, key), lambda key: key in fields)
 
 
 def _from_json(value: Any) -> CallerContext:
@@ -128,16 +130,21 @@ def _from_json(value: Any) -> CallerContext:
             raise MetadataInvalid(f"ext_authz metadata {key!r} must hold strings", data={"field": key})
         return tuple(items)
 
-    return _build(string, strings)
+    return _build(string, strings, lambda key: key in doc)
 
 
 def _build(string: Callable[[str, bool], str | None],
-           strings: Callable[[str], tuple[str, ...]]) -> CallerContext:
-    method = string("mcp_method", True)
+           strings: Callable[[str], tuple[str, ...]],
+           present: Callable[[str], bool]) -> CallerContext:
+    # Present, but null (or empty) when the request had no JSON-RPC method: an absent field is a
+    # broken hand-over, not a method-less request.
+    if not present("mcp_method"):
+        raise MetadataInvalid("ext_authz metadata lacks 'mcp_method'", data={"field": "mcp_method"})
+    method = string("mcp_method", False) or None
     server = string("server", True)
     sub = string("sub", True)
     decision_id = string("decision_id", True)
-    assert method is not None and server is not None and sub is not None and decision_id is not None
+    assert server is not None and sub is not None and decision_id is not None
     if not server:
         raise MetadataInvalid("ext_authz metadata 'server' is empty", data={"field": "server"})
     try:

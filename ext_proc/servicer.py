@@ -49,7 +49,7 @@ from ext_proc.errors import (
     ResponseTooLarge,
     UnsupportedContent,
 )
-from ext_proc.inspect import NOTHING, Inspector, Plan, SseInspector, loads_response
+from ext_proc.inspect import NOTHING, Inspector, Plan, SseInspector, listed_count, loads_response
 from ext_proc.metadata import CallerContext, parse_caller_context
 from ext_proc.settings import Settings
 from gateway.errors import GatewayError
@@ -122,12 +122,6 @@ def _text(fields: Any, name: str) -> str | None:
     return fields[name].string_value or None
 
 
-def _listed(msg: Any, key: str) -> int:
-    result = msg.get("result") if isinstance(msg, dict) else None
-    items = result.get(key) if isinstance(result, dict) else None
-    return len(items) if isinstance(items, list) else 0
-
-
 class Exchange:
     """The state of one HTTP request's processing stream."""
 
@@ -163,11 +157,11 @@ class Exchange:
             return "withheld"
         if self.cancelled or not self.complete:
             return "cancelled"  # reset, or closed by Envoy before the answer was through
-        if self.plan.list_spec is not None and self.mode is not None:
+        if self.mode is None:
+            return "passed"
+        if self.plan.list_spec is not None:
             return "filtered"
-        if self.plan.masker is not None and self.mode is not None:
-            return "masked"
-        return "passed"
+        return "masked" if self.plan.masker is not None else "filtered"
 
     def _context(self, req: pb.ProcessingRequest) -> CallerContext:
         if self.ctx is None:
@@ -213,15 +207,15 @@ class Exchange:
             self.mode = "sse"
             self._sse = SseInspector(self._transform, max_buffer=self._settings.max_sse_event_bytes)
             return out.inspect_response_body(out.STREAMED)
-        raise UnsupportedContent(f"cannot inspect a {kind or 'untyped'} answer to {ctx.mcp_method}",
+        raise UnsupportedContent(f"cannot inspect a {kind or 'untyped'} answer to "
+                                 f"{ctx.mcp_method or 'a request without a method'}",
                                  data={"content_type": kind})
 
     async def _transform(self, msg: Any) -> dict[str, Any]:
         assert self.ctx is not None
         result, counts = await self._inspector.transform(msg, self.ctx, self.plan)
-        spec = self.plan.list_spec
-        if spec is not None:
-            self.filtered += _listed(msg, spec.key) - _listed(result, spec.key)
+        if self.plan.filters:
+            self.filtered += listed_count(msg) - listed_count(result)
         if counts:
             self.counts.update(counts)
             for kind, n in counts.items():
@@ -415,7 +409,8 @@ def _end_span(span: Span, exchange: Exchange) -> None:
     if span.is_recording():
         ctx = exchange.ctx
         span.set_attributes({
-            "mcp.method": ctx.mcp_method if ctx else "", "mcp.tool": (ctx.tool if ctx else None) or "",
+            "mcp.method": (ctx.mcp_method if ctx else None) or "",
+            "mcp.tool": (ctx.tool if ctx else None) or "",
             "mcp.server": ctx.server if ctx else "", "decision.id": ctx.decision_id if ctx else "",
             "ext_proc.outcome": exchange.outcome(),
             "ext_proc.masked_values": sum(exchange.counts.values()),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 
@@ -88,12 +89,19 @@ def test_mask_types_fail_closed() -> None:
 
 
 def test_needs_inspection() -> None:
-    """Lists always go through ext_proc; results only when something is masked."""
+    """Lists always go through ext_proc; any other answer only when something is masked."""
     for method in ("tools/list", "prompts/list", "resources/list", "resources/templates/list"):
         assert needs_inspection(method, [])
-    for method in ("tools/call", "resources/read", "prompts/get"):
+    for method in ("tools/call", "resources/read", "prompts/get", "completion/complete", "ping",
+                   "initialize", "logging/setLevel", "notifications/initialized", "x/unknown"):
         assert needs_inspection(method, ["email"]) and not needs_inspection(method, [])
-    assert not needs_inspection("ping", ["email"]) and not needs_inspection(None, ["email"])
+
+
+@pytest.mark.parametrize("mask", [[], ["email"], ["all"]])
+def test_requests_without_a_method_are_always_inspected(mask: list[str]) -> None:
+    """A GET stream (which replays earlier answers on Last-Event-ID), DELETE or a client's
+    response has no method to decide by: ext_proc sees its answer, masked or not."""
+    assert needs_inspection(None, mask)
 
 
 def test_ext_proc_metadata_shape() -> None:

@@ -372,8 +372,8 @@ async def test_ext_proc_metadata_and_inspect_header(
 
 
 async def test_inspect_header_only_where_needed(authz: Harness, token: str) -> None:
-    """Lists are always inspected; a call with nothing to mask is not, and a client-sent
-    x-mcp-inspect never survives."""
+    """Lists and GET streams are always inspected; a call with nothing to mask is not, and a
+    client-sent x-mcp-inspect never survives."""
     listed = await authz.check(check_request("post_tools_list_no_token", token))
     headers, _ = upstream(listed)
     assert headers["x-mcp-inspect"] == "1" and _metadata(listed)["mcp_method"] == "tools/list"
@@ -381,8 +381,10 @@ async def test_inspect_header_only_where_needed(authz: Harness, token: str) -> N
     req = check_request("post_tools_call_files", token, headers={"x-mcp-inspect": "1"})
     headers, removed = upstream(await authz.check(req))
     assert "x-mcp-inspect" not in headers and "x-mcp-inspect" in removed
-    headers, removed = upstream(await authz.check(check_request("get_sse_stream", token)))
-    assert "x-mcp-inspect" in removed
+    # A GET stream replays earlier answers (Last-Event-ID): always inspected, never by method.
+    streamed = await authz.check(check_request("get_sse_stream", token))
+    headers, removed = upstream(streamed)
+    assert headers["x-mcp-inspect"] == "1" and _metadata(streamed)["mcp_method"] is None
 
 
 # --- issue 6: logs, metrics, audit ---------------------------------------------------------------

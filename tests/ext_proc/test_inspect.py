@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+
+import orjson
 import pytest
 
 from ext_proc.errors import InvalidUpstreamResponse, ListPolicyError
@@ -22,14 +25,19 @@ def inspector(policy: StandinPolicy | None = None) -> Inspector:
 
 
 def test_plans() -> None:
-    """Lists filter, content methods mask when obligated, anything else does nothing."""
+    """Lists filter; with an obligation every other method masks; without one nothing is done;
+    an answer without a method (GET stream) is decided per message by its shape."""
     ins = inspector()
     assert ins.plan(CTX).list_spec is not None
-    for method in MASK_METHODS:
+    for method in (*MASK_METHODS, "ping", "completion/complete", "initialize"):
         plan = ins.plan(CallerContext(method, "files", "a", (), ("email",), "d"))
-        assert plan.masker is not None and plan.masker.types == ("email",)
+        assert plan.masker is not None and plan.masker.types == ("email",) and not plan.by_shape
     assert not ins.plan(CallerContext("tools/call", "files", "a", (), (), "d")).inspects
-    assert not ins.plan(CallerContext("ping", "files", "a", (), ("email",), "d")).inspects
+    assert not ins.plan(CallerContext("ping", "files", "a", (), (), "d")).inspects
+    masked = ins.plan(CallerContext(None, "files", "a", (), ("email",), "d"))
+    assert masked.by_shape and masked.masker is not None and masked.list_spec is None
+    unmasked = ins.plan(CallerContext(None, "files", "a", (), (), "d"))
+    assert unmasked.by_shape and unmasked.masker is None and unmasked.inspects
 
 
 def test_masker_cache() -> None:
@@ -127,3 +135,108 @@ async def test_real_policy_filters_tools() -> None:
         await engine.close()
     assert [t["name"] for t in out["result"]["tools"]] == ["read_file", "stat"]
     assert out["result"]["nextCursor"] == "n"
+
+
+# --- issue 13, finding 6: answers replayed on a GET stream carry no method -----------------------
+
+STREAM = CallerContext(None, "files", "alice", ("viewer",), ("email",), "d")
+STREAM_UNMASKED = CallerContext(None, "files", "alice", ("viewer",), (), "d")
+
+
+async def by_shape(msg: object, ctx: CallerContext = STREAM,
+                   policy: StandinPolicy | None = None) -> dict[str, object]:
+    ins = inspector(policy)
+    return (await ins.transform(msg, ctx, ins.plan(ctx)))[0]
+
+
+@pytest.mark.parametrize("ctx", [STREAM, STREAM_UNMASKED], ids=["masked", "unmasked"])
+async def test_replayed_tools_list_is_filtered(ctx: CallerContext) -> None:
+    """A tools/list result replayed without its method is filtered as tools/list, with or
+    without a mask obligation; other keys stay."""
+    policy = StandinPolicy()
+    out = await by_shape({"jsonrpc": "2.0", "id": 3, "result": {"tools": TOOLS, "nextCursor": "c"}},
+                         ctx, policy)
+    result = out["result"]
+    assert isinstance(result, dict)
+    assert [t["name"] for t in result["tools"]] == ["read_file", "stat"]
+    assert result["nextCursor"] == "c" and len(policy.queries) == 1
+
+
+@pytest.mark.parametrize("key", ["tools", "prompts", "resources", "resourceTemplates"])
+async def test_every_list_kind_is_recognised(key: str) -> None:
+    """Each list kind is filtered by its key: unnamed items go, the policy rule of that kind
+    (if configured) is asked."""
+    ident = {"resources": "uri", "resourceTemplates": "uriTemplate"}.get(key, "name")
+    items = [{ident: "read_file"}, {ident: "write_file"}, {"nameless": EMAIL}]
+    out = await by_shape({"result": {key: items}}, STREAM_UNMASKED)
+    result = out["result"]
+    assert isinstance(result, dict)
+    expected = ["read_file"] if key == "tools" else ["read_file", "write_file"]
+    assert [i[ident] for i in result[key]] == expected
+
+
+async def test_several_lists_in_one_result_are_all_filtered() -> None:
+    """A result that names two list kinds cannot slip one of them past the filter."""
+    out = await by_shape({"result": {"prompts": [{"x": 1}], "tools": TOOLS}}, STREAM_UNMASKED)
+    result = out["result"]
+    assert isinstance(result, dict)
+    assert result["prompts"] == [] and [t["name"] for t in result["tools"]] == ["read_file", "stat"]
+
+
+@pytest.mark.parametrize("value", ["read_file", {"0": TOOLS[1]}, None, 3])
+async def test_list_key_of_another_shape_fails_closed(value: object) -> None:
+    """A list name holding something other than an array can be neither filtered nor trusted."""
+    with pytest.raises(InvalidUpstreamResponse):
+        await by_shape({"result": {"tools": value}}, STREAM_UNMASKED)
+
+
+@pytest.mark.parametrize("msg", [
+    {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": EMAIL}]}},
+    {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": "x"}],
+                                           "structuredContent": {"who": EMAIL}}},
+    {"jsonrpc": "2.0", "id": 1, "result": {"contents": [{"uri": "f://a", "text": EMAIL}]}},
+    {"jsonrpc": "2.0", "id": 1, "result": {"messages": [{"role": "user", "content":
+                                                         {"type": "text", "text": EMAIL}}]}},
+    {"jsonrpc": "2.0", "id": 1, "result": {"completion": {"values": [EMAIL]}}},
+    {"jsonrpc": "2.0", "id": 1, "error": {"code": -1, "message": EMAIL, "data": [EMAIL]}},
+    {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "info", "data": EMAIL}},
+    {"jsonrpc": "2.0", "method": "notifications/progress",
+     "params": {"progressToken": 1, "progress": 1, "message": f"at {EMAIL}"}},
+    {"jsonrpc": "2.0", "id": "s1", "method": "sampling/createMessage",
+     "params": {"messages": [{"role": "user", "content": {"type": "text", "text": EMAIL}}],
+                "tools": [{"name": EMAIL}]}},
+    {"jsonrpc": "2.0", "id": "s2", "method": "elicitation/create", "params": {"message": EMAIL}},
+    {"jsonrpc": "2.0", "id": 1, "result": {"tools": [{"name": "read_file", "description": EMAIL}],
+                                           "content": [{"type": "text", "text": EMAIL}]}},
+], ids=["call", "structured", "read", "prompt", "completion", "error", "log", "progress",
+        "sampling", "elicitation", "list-and-content"])
+async def test_every_replayed_message_is_masked(msg: dict[str, object]) -> None:
+    """Results of any shape, errors, and notification / server-request params replayed on a GET
+    stream are masked with the caller's obligation; no list result escapes it either."""
+    out = await by_shape(msg)
+    text = orjson.dumps(out).decode()
+    assert EMAIL not in text and "[REDACTED:email]" in text
+
+
+async def test_replayed_message_unmasked_without_obligation() -> None:
+    """Without a mask obligation a replayed non-list message passes unchanged."""
+    msg = {"jsonrpc": "2.0", "id": 1, "result": {"content": [{"type": "text", "text": EMAIL}]}}
+    assert await by_shape(msg, STREAM_UNMASKED) == msg
+
+
+async def test_replayed_base64_payloads_are_left_alone() -> None:
+    """Binary payloads (image data, non-text blobs) are never scanned as text, so a replay
+    cannot corrupt them; a text blob is decoded and masked as on the original answer."""
+    noise = "AB12CDEFGHIJKLMNOPQRS+1234567/"  # shaped like an IBAN and a phone run
+    text_blob = base64.b64encode(EMAIL.encode()).decode()
+    msg = {"jsonrpc": "2.0", "id": 1, "result": {
+        "content": [{"type": "image", "data": noise, "mimeType": "image/png"}],
+        "contents": [{"uri": "f://b", "blob": noise, "mimeType": "application/octet-stream"},
+                     {"uri": "f://t", "blob": text_blob, "mimeType": "text/plain"}],
+        "_meta": {"owner": EMAIL}}}
+    out = await by_shape(msg, CallerContext(None, "files", "a", (), ("all",), "d"))
+    result = out["result"]
+    assert isinstance(result, dict)
+    assert result["content"][0]["data"] == noise and result["contents"][0]["blob"] == noise
+    assert EMAIL not in base64.b64decode(result["contents"][1]["blob"]).decode()
+    assert result["_meta"] == {"owner": "[REDACTED:email]"}

@@ -9,6 +9,8 @@ import orjson
 import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from ext_authz.http_front import context_text
+from ext_authz.response import allowed, ext_proc_metadata
 from ext_proc.errors import MetadataInvalid, MetadataMissing
 from ext_proc.metadata import CONTEXT_KEY, NAMESPACE, CallerContext, parse_caller_context
 from tests.ext_proc.conftest import caller
@@ -112,7 +114,7 @@ def test_json_key_that_is_not_a_string_is_refused(value: Any) -> None:
 
 @pytest.mark.parametrize("overrides", [
     {"mcp_method": ...}, {"server": ...}, {"server": ""}, {"sub": ...}, {"decision_id": ...},
-    {"mask": ...}, {"roles": ...}, {"mcp_method": None}, {"sub": None}, {"decision_id": 7},
+    {"mask": ...}, {"roles": ...}, {"sub": None}, {"decision_id": 7},
     {"server": ["files"]}, {"mcp_method": 3}, {"tool": ["x"]}, {"tenant": 1}, {"scope": {}},
     {"request_id": False}, {"roles": "admin"}, {"roles": {"a": 1}}, {"roles": [1]},
     {"roles": ["ok", None]}, {"mask": [["email"]]}, {"mask": ["shoe_size"]},
@@ -133,3 +135,34 @@ def test_invalid_json_text_never_falls_back_to_struct_fields() -> None:
         json_parsed("{not json", **caller())
     with pytest.raises(MetadataInvalid):
         json_parsed(orjson.dumps(caller(sub=...)).decode(), **caller())
+
+
+# ------------------------------------------- requests without a JSON-RPC method (issue 13, 6)
+
+@pytest.mark.parametrize("value", [None, ""], ids=["null", "empty"])
+def test_method_less_request_has_no_method(value: Any) -> None:
+    """A GET stream's context (mcp_method null, or empty from an older sender) parses with no
+    method, in both forms; only an absent field is a broken hand-over."""
+    meta = caller(mcp_method=value, tool=None)
+    assert parsed(meta).mcp_method is None
+    assert json_parsed(orjson.dumps(meta).decode()).mcp_method is None
+
+
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_ext_authz_context_of_a_get_reaches_ext_proc(transport: str) -> None:
+    """What ext_authz sends for a GET (no method, the policy's mask obligation) is what ext_proc
+    parses, over either ext_authz transport."""
+    metadata = ext_proc_metadata(
+        method=None, server="erp", tool=None, decision_id="d-9", request_id="r-9",
+        claims={"sub": "alice", "tenant": "acme", "roles": ["analyst"], "scope": "mcp"},
+        mask=["email", "card"], obligations={"mask_pii": ["email", "card"]})
+    req = pb.ProcessingRequest()
+    if transport == "grpc":
+        check = allowed({"x-mcp-decision-id": "d-9"}, metadata=metadata)
+        req.metadata_context.filter_metadata[NAMESPACE].CopyFrom(check.dynamic_metadata)
+    else:
+        req.metadata_context.filter_metadata[NAMESPACE].update(
+            {CONTEXT_KEY: context_text(metadata)})
+    ctx = parse_caller_context(req.metadata_context.filter_metadata)
+    assert ctx.mcp_method is None and ctx.server == "erp" and ctx.mask == ("email", "card")
+    assert ctx.roles == ("analyst",) and ctx.decision_id == "d-9"

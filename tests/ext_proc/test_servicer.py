@@ -260,8 +260,9 @@ async def test_no_body_answer_passes(policy: StandinPolicy) -> None:
 
 
 async def test_uninspected_method_passes(policy: StandinPolicy) -> None:
-    """Methods with nothing to inspect (ping) continue without asking for the body."""
-    out = await run(make_servicer(policy), response_headers("text/plain", meta=caller(mcp_method="ping")))
+    """Methods with nothing to inspect (ping without a mask) continue without asking for the body."""
+    out = await run(make_servicer(policy),
+                    response_headers("text/plain", meta=caller(mcp_method="ping", mask=[])))
     assert out[0].WhichOneof("response") == "response_headers"
     assert not out[0].HasField("mode_override")
 
@@ -275,3 +276,91 @@ async def test_request_headers_still_answered(policy: StandinPolicy) -> None:
     assert out[0].WhichOneof("response") == "request_headers"
     assert out[1].mode_override.response_body_mode == BUFFERED
     assert EMAIL.encode() not in new_body(out[2])
+
+
+# --- issue 13, finding 6: a session's GET stream (no method) ------------------------------------
+
+def get_stream(**overrides: Any) -> dict[str, Any]:
+    """ext_authz's context for a GET: no method, no tool, the policy's mask obligation."""
+    return caller(mcp_method=None, tool=None, **overrides)
+
+
+def replay() -> bytes:
+    """What a server replays after Last-Event-ID: a priming event, a keep-alive, a progress
+    notification, a log, a server request, a tool result and a list answer of earlier POSTs."""
+    progress = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/progress",
+                             "params": {"progressToken": "p", "progress": 1, "message": EMAIL}})
+    log = orjson.dumps({"jsonrpc": "2.0", "method": "notifications/message",
+                        "params": {"level": "info", "data": {"who": EMAIL, "card": CARD}}})
+    ask = orjson.dumps({"jsonrpc": "2.0", "id": "srv-1", "method": "elicitation/create",
+                        "params": {"message": f"confirm {EMAIL}", "requestedSchema": {}}})
+    return (b"id: s.0\nretry: 1000\ndata: \n\n: keep-alive\n\n"
+            + sse_event(progress, "s.1") + sse_event(log, "s.2") + sse_event(ask, "s.3")
+            + sse_event(jsonrpc_result(tool_result(f"{EMAIL} {CARD}"), rid=7), "s.4")
+            + sse_event(jsonrpc_result({"tools": TOOLS, "nextCursor": "n"}, rid=8), "s.5"))
+
+
+async def test_get_stream_replay_is_masked_and_filtered(policy: StandinPolicy) -> None:
+    """Every replayed event of a GET stream, cut anywhere, reaches the client masked with the
+    caller's obligation, and a replayed tools/list is filtered for that caller."""
+    stream = replay()
+    for cut in (1, 9, 40, len(stream) // 2, len(stream) - 3):
+        policy.queries.clear()
+        out = await run(make_servicer(policy),
+                        response_headers("text/event-stream", meta=get_stream()),
+                        response_body(stream[:cut], end_of_stream=False),
+                        response_body(stream[cut:], end_of_stream=True))
+        assert out[0].mode_override.response_body_mode == STREAMED
+        emitted = b"".join(new_body(r) for r in out[1:])
+        assert EMAIL.encode() not in emitted and b"4111" not in emitted
+        events = [e for e in SseParser().feed(emitted) if e.data and e.data.strip()]
+        assert [e.id for e in events] == ["s.1", "s.2", "s.3", "s.4", "s.5"]
+        listed = orjson.loads(events[-1].data or "")["result"]
+        assert [t["name"] for t in listed["tools"]] == ["read_file", "stat"]
+        assert len(policy.queries) == 1 and policy.queries[0][1]["kind"] == "tools"
+
+
+async def test_get_stream_without_mask_still_filters_lists(policy: StandinPolicy) -> None:
+    """A caller with no mask obligation still gets replayed lists filtered (its own view), and
+    the rest unchanged."""
+    out = await run(make_servicer(policy),
+                    response_headers("text/event-stream", meta=get_stream(mask=[])),
+                    response_body(replay()))
+    emitted = new_body(out[1])
+    events = [e for e in SseParser().feed(emitted) if e.data and e.data.strip()]
+    listed = orjson.loads(events[-1].data or "")["result"]
+    assert [t["name"] for t in listed["tools"]] == ["read_file", "stat"]
+    assert EMAIL.encode() in emitted  # nothing to mask for this caller
+
+
+async def test_get_stream_json_answer_is_masked(policy: StandinPolicy) -> None:
+    """A method-less request answered with JSON (an error, or a foreign server's body) is masked."""
+    body = orjson.dumps({"jsonrpc": "2.0", "id": None,
+                         "error": {"code": -32000, "message": f"no session for {EMAIL}"}})
+    out = await run(make_servicer(policy), response_headers(meta=get_stream()), response_body(body))
+    assert out[0].mode_override.response_body_mode == BUFFERED
+    assert EMAIL.encode() not in new_body(out[1])
+
+
+async def test_get_stream_list_of_another_shape_fails_closed(policy: StandinPolicy) -> None:
+    """A replayed result whose list name holds no array is withheld, not passed unfiltered."""
+    bad = sse_event(jsonrpc_result({"tools": {"0": TOOLS[1]}}), "s.1")
+    out = await run(make_servicer(policy),
+                    response_headers("text/event-stream", meta=get_stream(mask=[])),
+                    response_body(bad))
+    status, error = error_of(out[1])
+    assert status == 502 and error["data"]["reason"] == "invalid_upstream_response"
+
+
+async def test_get_stream_untyped_answer_fails_closed(policy: StandinPolicy) -> None:
+    """A GET answered with a body of a type ext_proc cannot read is withheld (502)."""
+    out = await run(make_servicer(policy), response_headers("text/plain", meta=get_stream(mask=[])),
+                    response_body(b"hello"))
+    status, error = error_of(out[0])
+    assert status == 502 and error["data"]["reason"] == "unsupported_content"
+
+
+async def test_method_less_answer_without_body_passes(policy: StandinPolicy) -> None:
+    """A DELETE's (or a client response's) answer without a body needs nothing more."""
+    out = await run(make_servicer(policy), response_headers(None, end_of_stream=True, meta=get_stream()))
+    assert len(out) == 1 and out[0].WhichOneof("response") == "response_headers"
