@@ -182,7 +182,8 @@ class MemorySessionStore:
                  max_per_principal: int = MAX_BINDINGS_PER_PRINCIPAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._per_principal: dict[tuple[str, str], int] = {}
+        # Each principal's keys in claim order: its oldest is found without a scan.
+        self._by_principal: dict[tuple[str, str], dict[str, None]] = {}
         self._ttl = ttl
         self._max = max_bindings
         self._max_per_principal = max_per_principal
@@ -202,31 +203,28 @@ class MemorySessionStore:
             self._entries.move_to_end(key)
             return entry.binding
         principal = (caller.iss, caller.sub)
-        if self._per_principal.get(principal, 0) >= self._max_per_principal:
-            oldest = next((k for k, e in self._entries.items()
-                           if isinstance(e.binding, SessionOwner)
-                           and (e.binding.iss, e.binding.sub) == principal), None)
-            if oldest is not None:
-                self._drop(oldest)
+        owned = self._by_principal.get(principal)
+        if owned is not None and len(owned) >= self._max_per_principal:
+            self._drop(next(iter(owned)))
         self._expire(now)
         while len(self._entries) >= self._max:
             self._drop(next(iter(self._entries)))
         self._entries[key] = _Entry(caller, now)
-        self._per_principal[principal] = self._per_principal.get(principal, 0) + 1
+        self._by_principal.setdefault(principal, {})[key] = None
         return caller
 
     async def end(self, key: str) -> None:
         entry = self._entries.get(key)
         if entry is None:
             return
-        self._uncount(entry.binding)
+        self._uncount(key, entry.binding)
         entry.binding = ENDED
         entry.last_seen = self._clock()
         self._entries.move_to_end(key)
 
     async def close(self) -> None:
         self._entries.clear()
-        self._per_principal.clear()
+        self._by_principal.clear()
 
     def _expire(self, now: float) -> None:
         # LRU order is last-use order: expired records are at the front.
@@ -238,16 +236,16 @@ class MemorySessionStore:
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
-        self._uncount(entry.binding)
+        self._uncount(key, entry.binding)
 
-    def _uncount(self, binding: Binding) -> None:
+    def _uncount(self, key: str, binding: Binding) -> None:
         if isinstance(binding, SessionOwner):
             principal = (binding.iss, binding.sub)
-            left = self._per_principal.get(principal, 0) - 1
-            if left > 0:
-                self._per_principal[principal] = left
-            else:
-                self._per_principal.pop(principal, None)
+            owned = self._by_principal.get(principal)
+            if owned is not None:
+                owned.pop(key, None)
+                if not owned:
+                    del self._by_principal[principal]
 
 
 # KEYS[1]: the binding; ARGV: the caller (encoded), the idle TTL in ms. Returns the binding.

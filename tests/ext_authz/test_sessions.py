@@ -356,3 +356,16 @@ async def test_servicer_refuses_malformed_ids(
                                           sid=sid))
     assert status == 400 and body["error"]["data"]["reason"] == "invalid_session_id"
     assert engine.inputs == []
+
+
+async def test_a_principal_at_its_cap_evicts_only_its_own_even_when_interleaved() -> None:
+    """Bindings of many principals interleaved with a flooder's: the flooder's claims past its cap
+    evict its own oldest, every other principal keeps its binding."""
+    store = MemorySessionStore(max_bindings=10_000, max_per_principal=20)
+    mallory = SessionOwner(ISSUER, "mallory", None)
+    for i in range(500):
+        await store.bind(f"user-{i}", SessionOwner(ISSUER, f"u{i}", "acme"))
+        await store.bind(f"flood-{i}", mallory)
+    for i in range(500):
+        assert await store.bind(f"user-{i}", mallory) == SessionOwner(ISSUER, f"u{i}", "acme")
+    assert len(store) == 520
