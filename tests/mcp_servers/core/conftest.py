@@ -168,8 +168,8 @@ class Client:
         return self._next
 
     async def initialize(
-        self, version: str = "2025-11-25", user: str | None = None, capabilities: dict[str, Any] | None = None,
-        identity: dict[str, str] | None = None,
+        self, version: str = "2025-11-25", user: str | None = None,
+        capabilities: dict[str, Any] | None = None, identity: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         headers = {"Content-Type": "application/json", "Accept": JSON_AND_SSE}
         self.user = user
