@@ -5,8 +5,13 @@ normalizing a file path in Rego costs more than the rest of an allowed decision 
 gateway computes these facts once in Python and passes them as ``input.mcp.facts``; the policy
 reads them with plain membership tests. They describe the request only (no roles, no tenant,
 no settings), so every decision stays in Rego. ``policies/authz.rego`` computes the same facts
-itself when an input has none (Rego unit tests, list filtering), and the tests check that both
-give identical decisions. The shape is documented in ``policies/README.md`` ("Path facts").
+itself when an input has none (Rego unit tests, list filtering), and the tests check that it is
+never more permissive. The shape is documented in ``policies/README.md`` ("Path facts").
+
+Every value is checked against the gateway's bounds (``gateway.paths``) before any fact is built
+from it, and the facts are linear in its size: whatever the request, building them costs little.
+A resource URI is read with ``gateway.paths.file_uri_path``, the function the files server reads
+it with.
 """
 
 from __future__ import annotations
