@@ -15,8 +15,10 @@ The folder is re-read when a cheap (path, mtime, size) fingerprint changes, chec
 included) is first built and queried in a child process (``gateway.policy.check``), because
 rego-cpp can abort the process on some policies; only then is it built here. A new bundle
 replaces the old one only once it compiled; a broken or crashing edit is logged and the last
-good bundle keeps serving. An evaluation holds the bundle it started with until it ends, so a
-reload (or a rebuild for a new entrypoint) never frees a bundle a worker still reads.
+good bundle keeps serving. Builds (the first, reloads, a rebuild for a new entrypoint) run on a
+helper thread, one at a time: compiling takes ~0.2 s, longer than the evaluation deadline. An
+evaluation holds the bundle it started with until it ends, so a new bundle never frees one a
+worker still reads.
 
 Each bundle carries its own decision cache (``gateway.policy.cache``; ``cache_size`` entries, 0:
 none), so swapping the bundle drops every cached result with it.
@@ -84,6 +86,7 @@ class EmbeddedEngine(PolicyEngine):
         self._compiled: CompiledPolicy | None = None
         self._fingerprint: tuple[tuple[str, int, int], ...] = ()
         self._task: asyncio.Task[None] | None = None
+        self._build_lock = asyncio.Lock()
         self.last_error: str | None = None
 
     @property
@@ -97,9 +100,11 @@ class EmbeddedEngine(PolicyEngine):
         return self._compiled.cache if self._compiled else None
 
     async def start(self) -> None:
-        self._fingerprint = fingerprint(self.policy_dir)
-        await check_in_subprocess(self.policy_dir, self._entrypoints, limit_seconds=self.check_timeout)
-        self._compiled = self._compile()
+        async with self._build_lock:
+            self._fingerprint = fingerprint(self.policy_dir)
+            await check_in_subprocess(self.policy_dir, self._entrypoints,
+                                      limit_seconds=self.check_timeout)
+            self._compiled = await asyncio.to_thread(self._compile)
         logger.info("policy loaded from %s (revision %s)", self.policy_dir, self.revision)
         if self.reload_interval > 0 and self._task is None:
             self._task = asyncio.create_task(self._watch(), name="policy-reload")
@@ -127,23 +132,27 @@ class EmbeddedEngine(PolicyEngine):
 
     async def reload_if_changed(self) -> bool:
         """Check and rebuild if the folder changed; True when a new bundle now serves."""
-        current = fingerprint(self.policy_dir)
-        if current == self._fingerprint:
-            return False
-        self._fingerprint = current
-        try:
-            await check_in_subprocess(self.policy_dir, self._entrypoints, limit_seconds=self.check_timeout)
-            compiled = self._compile()
-        except PolicyCompileError as exc:
-            self.last_error = str(exc)
-            logger.error("policy reload failed, still serving revision %s: %s", self.revision, exc)
-            return False
-        if self._compiled is not None and compiled.sources.digest == self._compiled.sources.digest:
-            return False
-        self._compiled = compiled
-        self.last_error = None
-        logger.info("policy reloaded from %s (revision %s)", self.policy_dir, self.revision)
-        return True
+        async with self._build_lock:
+            current = fingerprint(self.policy_dir)
+            if current == self._fingerprint:
+                return False
+            self._fingerprint = current
+            try:
+                await check_in_subprocess(self.policy_dir, self._entrypoints,
+                                          limit_seconds=self.check_timeout)
+                # Compiling the shipped policy takes ~0.2 s: on the loop it would hold up every
+                # caller past the evaluation deadline.
+                compiled = await asyncio.to_thread(self._compile)
+            except PolicyCompileError as exc:
+                self.last_error = str(exc)
+                logger.error("policy reload failed, still serving revision %s: %s", self.revision, exc)
+                return False
+            if self._compiled is not None and compiled.sources.digest == self._compiled.sources.digest:
+                return False
+            self._compiled = compiled
+            self.last_error = None
+            logger.info("policy reloaded from %s (revision %s)", self.policy_dir, self.revision)
+            return True
 
     async def _watch(self) -> None:
         while True:
@@ -151,7 +160,9 @@ class EmbeddedEngine(PolicyEngine):
             await self.reload_if_changed()
 
     async def evaluate(self, entrypoint: str, policy_input: Any) -> tuple[bool, Any]:
-        compiled = self._serving(entrypoint)
+        compiled = self._compiled
+        if compiled is None or entrypoint not in compiled.entrypoints:
+            compiled = await self._serving_async(entrypoint)
         step = compiled.lookup(entrypoint, policy_input)
         if not isinstance(step, PendingEval):
             return step  # a cache hit: cheaper than the hop to a worker
@@ -173,10 +184,21 @@ class EmbeddedEngine(PolicyEngine):
         if compiled is None:
             raise PolicyError("the policy engine is not started")
         if entrypoint not in compiled.entrypoints:
-            compiled = self._add_entrypoint(compiled, entrypoint)
+            compiled = self._install(entrypoint, self._rebuilt_with(compiled, entrypoint))
         return compiled
 
-    def _add_entrypoint(self, compiled: CompiledPolicy, entrypoint: str) -> CompiledPolicy:
+    async def _serving_async(self, entrypoint: str) -> CompiledPolicy:
+        """The serving bundle, rebuilt off the loop first when it lacks ``entrypoint``."""
+        async with self._build_lock:  # one build at a time: no reload or rebuild is lost
+            compiled = self._compiled
+            if compiled is None:
+                raise PolicyError("the policy engine is not started")
+            if entrypoint in compiled.entrypoints:
+                return compiled
+            rebuilt = await asyncio.to_thread(self._rebuilt_with, compiled, entrypoint)
+            return self._install(entrypoint, rebuilt)
+
+    def _rebuilt_with(self, compiled: CompiledPolicy, entrypoint: str) -> CompiledPolicy:
         """Plans exist only for entrypoints named at build time: rebuild once with one more.
 
         The rebuild uses the sources of the serving bundle, not the folder, so asking for a new
@@ -184,11 +206,11 @@ class EmbeddedEngine(PolicyEngine):
         """
         if not ENTRYPOINT_RE.match(entrypoint):
             raise PolicyError(f"invalid entrypoint {entrypoint!r}")
-        self._entrypoints.append(entrypoint)
-        try:
-            rebuilt = CompiledPolicy(compiled.sources, self._entrypoints, cache_size=self.cache_size)
-        except PolicyCompileError:
-            self._entrypoints.remove(entrypoint)
-            raise
+        return CompiledPolicy(compiled.sources, [*self._entrypoints, entrypoint],
+                              cache_size=self.cache_size)
+
+    def _install(self, entrypoint: str, rebuilt: CompiledPolicy) -> CompiledPolicy:
+        if entrypoint not in self._entrypoints:
+            self._entrypoints.append(entrypoint)
         self._compiled = rebuilt
         return rebuilt

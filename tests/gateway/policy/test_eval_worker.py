@@ -284,6 +284,33 @@ async def test_reload_while_an_evaluation_runs(engine: EmbeddedEngine, tmp_path:
     assert (await engine.decide(SLOW | {"n": 15})).reason == "v2_12"
 
 
+async def test_bundles_are_compiled_off_the_loop(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first build, a reload and a rebuild for a new entrypoint all compile on another thread
+    (compiling the shipped policy takes ~0.2 s: longer than the evaluation deadline)."""
+    import gateway.policy.embedded as embedded
+
+    threads: list[int] = []
+
+    class Recording(CompiledPolicy):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            threads.append(threading.get_ident())
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(embedded, "CompiledPolicy", Recording)
+    write_policy(tmp_path)
+    eng = EmbeddedEngine(tmp_path, "mcp/authz/decision", reload_interval=0)
+    await eng.start()
+    try:
+        write_policy(tmp_path, "v2")
+        assert await eng.reload_if_changed()
+        assert await eng.query("mcp/authz/above", {"n": 5}) == [4, 5]
+        assert len(threads) == 3 and threading.get_ident() not in threads
+        assert (await eng.decide(cheap())).reason == "v2"
+    finally:
+        await eng.close()
+
+
 async def test_close_fails_later_calls_closed(engine: EmbeddedEngine) -> None:
     """After close() an evaluation is a policy_error, never an allow."""
     assert (await engine.decide(cheap())).allow
