@@ -11,7 +11,8 @@ dropped with it, so a new policy never sees an old result. Only successful evalu
 stored, as rego-cpp's output text: every hit parses a fresh value, so no caller can change what
 the next one gets.
 
-Not thread-safe, like the interpreter it serves (one engine per process, on the loop thread).
+Not thread-safe, and it need not be: the engine looks results up and stores them on the event
+loop only (``CompiledPolicy.lookup`` / ``finish``); worker threads never touch the cache.
 """
 
 from __future__ import annotations
