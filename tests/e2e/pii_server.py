@@ -2,7 +2,9 @@
 
 Run as ``python -m tests.e2e.pii_server --host H --port P``. ``contact`` answers with an email
 address and a card number; when the request carries a progressToken it sends progress
-notifications first, so the answer is an SSE stream instead of one JSON body.
+notifications first, so the answer is an SSE stream instead of one JSON body. ``tools/list``
+with a progressToken does the same, so a list answer can be replayed from a session's stream
+(``Last-Event-ID``) too.
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ READ_ONLY = {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": T
              "openWorldHint": False}
 
 
+class PiiServer(MCPServer):
+    async def dispatch(self, method: str, params: dict[str, Any], ctx: ToolContext,
+                       page_size: int) -> dict[str, Any]:
+        if method == "tools/list":
+            await ctx.progress(0, 1, f"listing for {EMAIL}")
+        return await super().dispatch(method, params, ctx, page_size)
+
+
 def build(_args: Any) -> MCPServer:
-    server = MCPServer("pii", version="0.1.0", instructions="Test data with personal information.")
+    server = PiiServer("pii", version="0.1.0", instructions="Test data with personal information.")
 
     @server.tool(name="contact", description="The contact record of the demo customer.",
                  input_schema={"type": "object", "properties": {}, "additionalProperties": False},
