@@ -36,6 +36,10 @@ TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 BUFFER_LIMIT_BYTES = 32 * 1024
 MAX_HEAP_BYTES = 1024 * 1024 * 1024
 MAX_DOWNSTREAM_CONNECTIONS = 10_000
+# Concurrent requests per MCP server cluster. Every GET stream of a session holds an ext_proc
+# stream for as long as it stays open, so ext_proc admits as many as all servers together: the
+# streams held open on one server never starve inspection of the others.
+SERVER_MAX_REQUESTS = 1024
 HEALTH_INTERVAL = "2s"
 # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
 HEALTH_NO_TRAFFIC_INTERVAL = "5s"
@@ -221,7 +225,8 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances)},
                               {"name": server.name, "instance_count": len(server.instances),
                                "discovery": _discovery(server.instances),
-                               "buffer_limit_bytes": buffer_limit, **health}))
+                               "buffer_limit_bytes": buffer_limit,
+                               "server_max_requests": SERVER_MAX_REQUESTS, **health}))
 
     mtls = config.tls.client_ca_file is not None
     client_validation = ""
@@ -239,7 +244,9 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
                                 {"ext_proc_timeout": f"{config.ext_proc.timeout_ms / 1000:g}s"})
         ext_proc_cluster = _fill(_template("ext_proc_cluster.yaml.tmpl"),
                                  {"ext_proc_endpoints": _endpoints(config.ext_proc.instances)},
-                                 {"ext_proc_discovery": _discovery(config.ext_proc.instances), **health})
+                                 {"ext_proc_discovery": _discovery(config.ext_proc.instances),
+                                  "ext_proc_max_requests": SERVER_MAX_REQUESTS * len(config.servers),
+                                  **health})
 
     edge_filter = ""
     if config.rate_limits.edge is not None:

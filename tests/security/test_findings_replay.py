@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
+from gateway.config import DEFAULT_CONFIG_PATH, parse_config
+from gateway.envoy_config import RenderOptions, render
 from tests.e2e.helpers import REPO
 from tests.e2e.pii_server import CARD, EMAIL
 from tests.reliability.stack import Gateway, gateway, wait_for
@@ -298,3 +301,15 @@ def test_get_streams_open_an_ext_proc_stream(gw: Gateway) -> None:
     replay = client.get(resume_points(original)["middle"])
     assert replay.status == 200 and leaks(replay.raw, EMAIL)  # admins see PII unmasked
     assert gw.stat("http.mcp_gateway.ext_proc.streams_started") == before + 1
+
+
+def test_ext_proc_admits_the_streams_of_every_server() -> None:
+    """Open GET streams hold ext_proc streams: the ext_proc cluster admits as many concurrent
+    requests as all server clusters together, so one server's streams cannot exhaust it."""
+    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8"))
+    config = parse_config(raw, base_dir=REPO, source=str(DEFAULT_CONFIG_PATH))
+    doc = yaml.safe_load(render(config, RenderOptions(ext_proc=True)))
+    limits = {c["name"]: c["circuit_breakers"]["thresholds"][0]["max_requests"]
+              for c in doc["static_resources"]["clusters"] if "circuit_breakers" in c}
+    servers = [limits[f"mcp_{s.name}"] for s in config.servers]
+    assert servers and limits["ext_proc"] >= sum(servers)
