@@ -151,8 +151,7 @@ class EvalPool(Generic[S]):
         if self._idle:
             return self._idle.pop()
         if self._can_start():
-            self._live += 1
-            return _Worker(self)
+            return self._start()
         if len(self._waiters) >= self.max_waiting:
             self.refused += 1
             raise PolicyBusyError(f"all {self.workers} policy workers are busy and "
@@ -162,7 +161,8 @@ class EvalPool(Generic[S]):
         try:
             await asyncio.wait((waiter,), timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():  # handed to us just as we were cancelled
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # A worker handed to us just as we were cancelled: pass it on.
                 self._release(waiter.result())
             waiter.cancel()
             raise
@@ -177,6 +177,14 @@ class EvalPool(Generic[S]):
     def _can_start(self) -> bool:
         return (self._live < self.workers
                 and self._live + self._abandoned < self.workers + self.max_abandoned)
+
+    def _start(self) -> _Worker[S]:
+        try:
+            worker = _Worker(self)
+        except RuntimeError as exc:  # the system refused another thread
+            raise PolicyBusyError(f"cannot start a policy worker: {exc}") from None
+        self._live += 1
+        return worker
 
     def _expire(self, worker: _Worker[S], job_future: asyncio.Future[Any], budget: float) -> None:
         if job_future.done():
@@ -197,8 +205,10 @@ class EvalPool(Generic[S]):
         while self._waiters and self._can_start():
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self._live += 1
-                waiter.set_result(_Worker(self))
+                try:
+                    waiter.set_result(self._start())
+                except PolicyBusyError as exc:
+                    waiter.set_exception(exc)
 
     def _finished(self, worker: _Worker[S], job: _Job[S], ok: bool, outcome: Any) -> None:
         if not job.future.done():

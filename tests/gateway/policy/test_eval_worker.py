@@ -178,6 +178,22 @@ async def test_worker_errors_reach_the_caller_and_the_worker_survives() -> None:
         await pool.run(quick, LONG)
 
 
+async def test_a_refused_thread_is_a_busy_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the system refuses a new thread the caller gets PolicyBusyError and no place is lost."""
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    pool = make_pool(workers=1)
+    monkeypatch.setattr(threading, "Thread", NoThread)
+    with pytest.raises(PolicyBusyError):
+        await pool.run(quick, LONG)
+    assert pool.live == 0
+    monkeypatch.undo()
+    assert await pool.run(quick, LONG) == "quick" and pool.live == 1
+    pool.close()
+
+
 @pytest.mark.parametrize("kwargs", [{"workers": 0}, {"max_abandoned": -1}, {"max_waiting": -1}])
 def test_pool_bounds_are_checked(kwargs: dict[str, int]) -> None:
     """A pool without a worker or with negative bounds is refused."""
