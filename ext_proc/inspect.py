@@ -5,8 +5,8 @@
   catalog approves; every other key of the result (``nextCursor`` included) is left alone.
 * Any other method, when the policy obligation names PII types: mask them (``gateway.pii``) in
   the result, an error's message and data, and the params of any notification or request the
-  server sends in the same SSE stream. Without an obligation: nothing to do, the body is not
-  even sent to ext_proc.
+  server sends in the same SSE stream, and every other string of the result (base64 payloads
+  excepted). Without an obligation: nothing to do, the body is not even sent to ext_proc.
 * No JSON-RPC method (a GET: the session's standalone stream, or a resumption with
   ``Last-Event-ID`` that replays earlier answers, final results included; DELETE; a client's
   response): the answer to a replayed request carries no method, so each message is decided by
@@ -116,9 +116,13 @@ _MEDIA_TYPES = frozenset({"image", "audio"})
 
 
 def mask_everywhere(msg: dict[str, Any], masker: Masker) -> tuple[dict[str, Any], Counter[str]]:
-    """Mask a message whose method is unknown: as :func:`mask_message`, then every other string
-    of the result too (MCP-aware masking looks only at the content fields of the shapes it
-    knows, and a replayed message may combine shapes, e.g. a list next to content)."""
+    """Mask a message: as :func:`mask_message`, then every other string of the result too.
+
+    MCP-aware masking looks only at the content fields of the shapes it knows (a result's
+    ``_meta``, a block's annotations, keys next to ``content`` pass it), and a replayed message
+    may combine shapes (a list next to content). The second pass costs ~20% on a 16 KB answer
+    full of PII (2.96 -> 3.55 ms here).
+    """
     out, counts = mask_message(msg, masker)
     if isinstance(out.get("result"), (dict, list)):
         out["result"] = _mask_strings(out["result"], masker, counts)
@@ -195,11 +199,8 @@ class Inspector:
         if plan.by_shape:
             for spec in listed_kinds(msg):
                 msg = await self.filter_list(msg, ctx, spec)
-            if plan.masker is not None:
-                return mask_everywhere(msg, plan.masker)
-            return msg, Counter()
         if plan.masker is not None:
-            return mask_message(msg, plan.masker)
+            return mask_everywhere(msg, plan.masker)
         return msg, Counter()
 
     async def filter_list(self, msg: dict[str, Any], ctx: CallerContext, spec: ListSpec

@@ -240,3 +240,18 @@ async def test_replayed_base64_payloads_are_left_alone() -> None:
     assert result["content"][0]["data"] == noise and result["contents"][0]["blob"] == noise
     assert EMAIL not in base64.b64decode(result["contents"][1]["blob"]).decode()
     assert result["_meta"] == {"owner": "[REDACTED:email]"}
+
+
+@pytest.mark.parametrize("method", ["tools/call", "resources/read", "prompts/get", None])
+async def test_strings_outside_the_content_fields_are_masked(method: str | None) -> None:
+    """A result's _meta, a block's annotations and keys next to the MCP content fields are
+    masked too, on an original answer as on a replay."""
+    ctx = CallerContext(method, "files", "a", (), ("email",), "d")
+    msg = {"jsonrpc": "2.0", "id": 1, "result": {
+        "content": [{"type": "text", "text": "ok", "annotations": {"note": EMAIL}}],
+        "contents": [{"uri": "f://a", "text": "ok", "_meta": {"owner": EMAIL}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": EMAIL}]}],
+        "_meta": {"by": EMAIL}, "extra": [EMAIL]}}
+    ins = inspector()
+    out, counts = await ins.transform(msg, ctx, ins.plan(ctx))
+    assert EMAIL not in orjson.dumps(out).decode() and counts["email"] == 5
