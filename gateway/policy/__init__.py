@@ -19,6 +19,7 @@ from gateway.policy.errors import (
     PolicyError,
     PolicyEvalError,
     PolicyInputError,
+    PolicyInputRefused,
 )
 from gateway.policy.input import build_policy_input
 
@@ -33,6 +34,7 @@ __all__ = [
     "PolicyError",
     "PolicyEvalError",
     "PolicyInputError",
+    "PolicyInputRefused",
     "build_engine",
     "build_policy_input",
     "check_decision",

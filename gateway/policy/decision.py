@@ -18,6 +18,9 @@ POLICY_CONTRACT_ERROR = "policy_contract_error"
 # Engine failures are transient by nature (OPA down, timeout): 503 invites a retry. A contract
 # violation is a bug in the policy that a retry cannot fix: 500.
 POLICY_ERROR_STATUS = 503
+# A value in the request the engine cannot take (a NUL in a string, say): the client's to fix.
+POLICY_INPUT_INVALID = "policy_input_invalid"
+POLICY_INPUT_INVALID_STATUS = 400
 POLICY_CONTRACT_ERROR_STATUS = 500
 DEFAULT_DENY_STATUS = 403
 
@@ -54,6 +57,13 @@ class Decision:
 def engine_error() -> Decision:
     """The engine could not decide: deny (fail closed). The detail goes to the log only."""
     return Decision(False, POLICY_ERROR, POLICY_ERROR_STATUS, {}, {}, None, POLICY_ERROR)
+
+
+def input_error() -> Decision:
+    """The request holds a value the engine cannot take (``PolicyInputRefused``): deny with 400,
+    since retrying the same request cannot help."""
+    return Decision(False, POLICY_INPUT_INVALID, POLICY_INPUT_INVALID_STATUS, {}, {}, None,
+                    POLICY_INPUT_INVALID)
 
 
 def contract_error() -> Decision:

@@ -7,8 +7,15 @@ import logging
 from typing import Any
 
 from gateway.config import PolicyConfig
-from gateway.policy.decision import ContractViolation, Decision, check_decision, contract_error, engine_error
-from gateway.policy.errors import PolicyError
+from gateway.policy.decision import (
+    ContractViolation,
+    Decision,
+    check_decision,
+    contract_error,
+    engine_error,
+    input_error,
+)
+from gateway.policy.errors import PolicyError, PolicyInputRefused
 from gateway.policy.rego import ENTRYPOINT_RE
 
 logger = logging.getLogger(__name__)
@@ -46,6 +53,9 @@ class PolicyEngine(abc.ABC):
     async def decide(self, policy_input: Any) -> Decision:
         try:
             defined, value = await self.evaluate(self.entrypoint, policy_input)
+        except PolicyInputRefused as exc:
+            logger.info("policy input refused on %s: %s", self.entrypoint, exc)
+            return input_error()
         except PolicyError as exc:
             logger.error("policy engine error on %s: %s", self.entrypoint, exc)
             return engine_error()

@@ -23,6 +23,14 @@ class PolicyInputError(PolicyError):
     """The policy input is not JSON-shaped data the engine can pass on."""
 
 
+class PolicyInputRefused(PolicyInputError):
+    """The request carries a value the engine cannot be handed (a NUL in a string the policy
+    reads, nesting past the bound, an integer past 64 bits): the caller's input is at fault, so
+    the request is refused with 400 instead of a retryable 503."""
+
+    code = "policy_input_invalid"
+
+
 class PolicyContractError(PolicyError):
     """The policy answered, but not with a value the decision contract allows."""
 

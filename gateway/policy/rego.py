@@ -34,7 +34,12 @@ import regopy
 from regopy import rego_shared as _rs
 
 from gateway.policy.cache import DecisionCache, input_key, nondeterministic_builtins
-from gateway.policy.errors import PolicyCompileError, PolicyEvalError, PolicyInputError
+from gateway.policy.errors import (
+    PolicyCompileError,
+    PolicyEvalError,
+    PolicyInputError,
+    PolicyInputRefused,
+)
 
 _lib = _rs.rego
 _new_input = _lib.regoNewInput
@@ -533,14 +538,14 @@ def _add(h: int, v: Any, depth: int) -> None:
     if t is str:
         if "\x00" in v:
             # The C API takes NUL-terminated strings: the policy would see a truncated value.
-            raise PolicyInputError("policy input strings must not contain NUL")
+            raise PolicyInputRefused("policy input strings must not contain NUL")
         _check(_in_str(h, v.encode("utf-8", "surrogatepass")))
     elif t is dict:
         if depth >= MAX_INPUT_DEPTH:
-            raise PolicyInputError(f"policy input nests deeper than {MAX_INPUT_DEPTH} levels")
+            raise PolicyInputRefused(f"policy input nests deeper than {MAX_INPUT_DEPTH} levels")
         for key, item in v.items():
             if type(key) is not str or "\x00" in key:
-                raise PolicyInputError("policy input object keys must be strings without NUL")
+                raise PolicyInputRefused("policy input object keys must be strings without NUL")
             _check(_in_str(h, key.encode("utf-8", "surrogatepass")))
             _add(h, item, depth + 1)
             _check(_in_item(h))
@@ -549,13 +554,13 @@ def _add(h: int, v: Any, depth: int) -> None:
         _check(_in_bool(h, v))
     elif t is int:
         if not _INT64_MIN <= v <= _INT64_MAX:
-            raise PolicyInputError("policy input integer out of 64-bit range")
+            raise PolicyInputRefused("policy input integer out of 64-bit range")
         _check(_in_int(h, v))
     elif v is None:
         _check(_in_null(h))
     elif t is list or t is tuple:
         if depth >= MAX_INPUT_DEPTH:
-            raise PolicyInputError(f"policy input nests deeper than {MAX_INPUT_DEPTH} levels")
+            raise PolicyInputRefused(f"policy input nests deeper than {MAX_INPUT_DEPTH} levels")
         for item in v:
             _add(h, item, depth + 1)
         _check(_in_array(h, len(v)))

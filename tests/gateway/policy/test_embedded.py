@@ -121,9 +121,10 @@ async def test_runtime_error_fails_closed(tmp_path: Path) -> None:
 
 
 async def test_non_json_input_fails_closed(simple: EmbeddedEngine) -> None:
-    """An input the engine cannot pass on (a set, a huge int) is a policy_error deny."""
+    """An input the engine cannot pass on is a deny: a non-JSON type (the gateway's bug) is a
+    policy_error, a request value past the engine's range a policy_input_invalid (400)."""
     assert (await simple.decide({"token": {"sub": {1, 2}}})).error_code == "policy_error"
-    assert (await simple.decide({"token": {"sub": 2**70}})).error_code == "policy_error"
+    assert (await simple.decide({"token": {"sub": 2**70}})).error_code == "policy_input_invalid"
 
 
 async def test_compile_error_at_start_names_file_and_line(tmp_path: Path) -> None:
@@ -259,3 +260,23 @@ def test_engine_refuses_unbounded_evaluation(timeout_ms: int, workers: int, aban
         EmbeddedEngine(REPO_POLICIES, "mcp/authz/decision", reload_interval=0,
                        eval_timeout_ms=timeout_ms, eval_workers=workers,
                        eval_max_abandoned=abandoned, eval_max_waiting=waiting)
+
+
+@pytest.mark.parametrize("arguments", [
+    {"tenant": "acme\x00globex"},
+    {"table": "orders\x00"},
+    {"tenant_id": 2**70},
+])
+async def test_a_value_the_engine_cannot_take_is_a_400_not_a_503(arguments: dict[str, Any]) -> None:
+    """A NUL or a 65-bit integer in an argument the policy reads is the caller's fault: 400
+    policy_input_invalid (no retry helps), still a deny."""
+    engine = build_engine(PolicyConfig(dir=str(REPO_POLICIES)), reload_interval=0)
+    await engine.start()
+    try:
+        doc = tool_call("shared/a.txt")
+        doc["mcp"]["arguments"].update(arguments)
+        decision = await engine.decide(doc)
+        assert not decision.allow
+        assert (decision.http_status, decision.error_code) == (400, "policy_input_invalid")
+    finally:
+        await engine.close()
