@@ -132,15 +132,16 @@ def mask_types(obligations: Mapping[str, Any]) -> list[str]:
     return [MASK_ALL]
 
 
-def needs_inspection(method: str | None, mask: list[str]) -> bool:
+def needs_inspection(method: str | None, mask: list[str], http_method: str = "POST") -> bool:
     """Whether ext_proc must see the answer to a request of ``method``.
 
-    No method (a GET: the session's stream, which replays earlier answers of any method on
-    resumption with Last-Event-ID; DELETE; a client's response): always, since only the answer
-    says what it holds and a replayed list is filtered like the original. A list: always. Any
-    other answer (a completion, a log notification on the same SSE stream): when PII is masked.
+    No method, or not a POST (a GET: the session's stream, which replays earlier answers of any
+    method on resumption with Last-Event-ID, whatever JSON-RPC its body may hold; DELETE; a
+    client's response): always, since only the answer says what it holds and a replayed list is
+    filtered like the original. A list: always. Any other answer (a completion, a log
+    notification on the same SSE stream): when PII is masked.
     """
-    return method is None or method in LIST_METHODS or bool(mask)
+    return http_method != "POST" or method is None or method in LIST_METHODS or bool(mask)
 
 
 def ext_proc_metadata(*, method: str | None, server: str, tool: str | None,

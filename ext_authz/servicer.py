@@ -324,7 +324,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         # gateway decides about inspection.
         upstream = {**decision.headers, **identity_headers(claims, rec.tool, rec.decision_id)}
         upstream.pop(INSPECT_HEADER, None)
-        if needs_inspection(rec.method, mask):
+        if needs_inspection(rec.method, mask, req.method):
             upstream[INSPECT_HEADER] = "1"
         metadata = ext_proc_metadata(
             method=rec.method, server=server, tool=rec.tool, claims=claims, mask=mask,

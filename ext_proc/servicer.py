@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -68,7 +69,10 @@ SPAN_NAME = "ext_proc.process"
 ATTRIBUTES_NAMESPACE = "envoy.filters.http.ext_proc"
 REQUEST_ID_ATTRIBUTE = "request.id"
 TRACEPARENT_ATTRIBUTE = "request.headers['traceparent']"
-RESPONSE_ATTRIBUTES = (REQUEST_ID_ATTRIBUTE, TRACEPARENT_ATTRIBUTE)
+# Only a POST's answer is the answer to the JSON-RPC message ext_authz parsed: any other method
+# (a GET whose body holds a "ping" still replays the session's stream) is inspected by shape.
+METHOD_ATTRIBUTE = "request.method"
+RESPONSE_ATTRIBUTES = (REQUEST_ID_ATTRIBUTE, TRACEPARENT_ATTRIBUTE, METHOD_ATTRIBUTE)
 
 
 def header_map(headers: pb.HttpHeaders) -> dict[str, str]:
@@ -115,6 +119,20 @@ def request_ids(req: pb.ProcessingRequest) -> tuple[dict[str, str], str | None]:
     return trace_headers, request_id
 
 
+def http_method(req: pb.ProcessingRequest) -> str | None:
+    """The HTTP request's method: the response attribute, or a request-headers message's
+    ``:method``; None when neither is there (a config without the attribute)."""
+    kind = req.WhichOneof("request")
+    if kind == "request_headers":
+        for h in req.request_headers.headers.headers:
+            if h.key == ":method":
+                value: str = h.raw_value.decode("ascii", "replace") if h.raw_value else h.value
+                return value
+    elif kind == "response_headers" and ATTRIBUTES_NAMESPACE in req.attributes:
+        return _text(req.attributes[ATTRIBUTES_NAMESPACE].fields, METHOD_ATTRIBUTE)
+    return None
+
+
 def _text(fields: Any, name: str) -> str | None:
     # An attribute Envoy could not evaluate (e.g. the header is absent) is left out or not a string.
     if name not in fields or fields[name].WhichOneof("kind") != "string_value":
@@ -136,6 +154,7 @@ class Exchange:
         self.counts: Counter[str] = Counter()
         self.filtered = 0  # list items removed
         self.request_id: str | None = None  # x-request-id, until ext_authz's metadata says
+        self.http_method: str | None = None
         self.error_code: str | None = None  # the fail-closed code once the answer is withheld
         self.cancelled = False
         self.complete = False  # the whole answer went through (or needed no inspection)
@@ -167,7 +186,12 @@ class Exchange:
         if self.ctx is None:
             if not req.HasField("metadata_context"):
                 raise MetadataMissing("no metadata from ext_authz: the caller context is unknown")
-            self.ctx = parse_caller_context(req.metadata_context.filter_metadata)
+            ctx = parse_caller_context(req.metadata_context.filter_metadata)
+            if self.http_method not in (None, "POST") and ctx.mcp_method is not None:
+                # Whatever JSON-RPC the body of a GET or DELETE held, the server does not answer
+                # it: the answer is the session's stream.
+                ctx = dataclasses.replace(ctx, mcp_method=None)
+            self.ctx = ctx
         return self.ctx
 
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
@@ -289,6 +313,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
                 if first:
                     first = False
                     trace_headers, exchange.request_id = request_ids(req)
+                    exchange.http_method = http_method(req)
                     span = self._start_span(grpc_trace_headers(context) or trace_headers)
                 resp, done = await self._step(exchange, req, span)
                 yield resp

@@ -104,6 +104,15 @@ def test_requests_without_a_method_are_always_inspected(mask: list[str]) -> None
     assert needs_inspection(None, mask)
 
 
+@pytest.mark.parametrize("http_method", ["GET", "DELETE", "PUT", "PATCH", "get", "post", ""])
+@pytest.mark.parametrize("method", ["ping", "tools/call", "initialize", None])
+def test_only_a_posts_answer_is_decided_by_its_message(http_method: str, method: str | None) -> None:
+    """Whatever JSON-RPC a GET's (or any non-POST's) body holds, the server answers with the
+    session's stream: always inspected, masked or not."""
+    assert needs_inspection(method, [], http_method)
+    assert not needs_inspection("ping", [], "POST")
+
+
 def test_ext_proc_metadata_shape() -> None:
     """The metadata struct names everything ext_proc needs; odd claim types are dropped."""
     md = ext_proc_metadata(method="tools/call", server="files", tool="read_file",

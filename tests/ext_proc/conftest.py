@@ -20,6 +20,7 @@ from ext_proc.inspect import Inspector
 from ext_proc.metadata import NAMESPACE
 from ext_proc.servicer import (
     ATTRIBUTES_NAMESPACE,
+    METHOD_ATTRIBUTE,
     REQUEST_ID_ATTRIBUTE,
     TRACEPARENT_ATTRIBUTE,
     ExternalProcessorServicer,
@@ -51,9 +52,10 @@ def with_metadata(req: pb.ProcessingRequest, meta: Mapping[str, Any] | None) -> 
     return req
 
 
-def request_headers(meta: Mapping[str, Any] | None = None) -> pb.ProcessingRequest:
+def request_headers(meta: Mapping[str, Any] | None = None, method: str = "POST"
+                    ) -> pb.ProcessingRequest:
     req = pb.ProcessingRequest()
-    for key, value in ((":method", "POST"), (":path", "/mcp/files"), ("content-type", "application/json")):
+    for key, value in ((":method", method), (":path", "/mcp/files"), ("content-type", "application/json")):
         h = req.request_headers.headers.headers.add()
         h.key, h.raw_value = key, value.encode()
     return with_metadata(req, meta)
@@ -74,10 +76,12 @@ def response_headers(content_type: str | None = "application/json", *, end_of_st
 
 
 def with_attributes(req: pb.ProcessingRequest, *, request_id: str | None = None,
-                    traceparent: str | None = None) -> pb.ProcessingRequest:
+                    traceparent: str | None = None, method: str | None = None
+                    ) -> pb.ProcessingRequest:
     """What Envoy's ``response_attributes`` add to the response-headers message."""
     attrs = req.attributes[ATTRIBUTES_NAMESPACE]
-    for name, value in ((REQUEST_ID_ATTRIBUTE, request_id), (TRACEPARENT_ATTRIBUTE, traceparent)):
+    for name, value in ((REQUEST_ID_ATTRIBUTE, request_id), (TRACEPARENT_ATTRIBUTE, traceparent),
+                        (METHOD_ATTRIBUTE, method)):
         if value is not None:
             attrs.fields[name].string_value = value
     return req

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import REGISTRY
@@ -25,6 +26,7 @@ from tests.ext_proc.conftest import (
     run,
     sse_event,
     tool_result,
+    with_attributes,
 )
 
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
@@ -364,3 +366,28 @@ async def test_method_less_answer_without_body_passes(policy: StandinPolicy) -> 
     """A DELETE's (or a client response's) answer without a body needs nothing more."""
     out = await run(make_servicer(policy), response_headers(None, end_of_stream=True, meta=get_stream()))
     assert len(out) == 1 and out[0].WhichOneof("response") == "response_headers"
+
+
+@pytest.mark.parametrize("http_method", ["GET", "DELETE", "get", "PUT"])
+@pytest.mark.parametrize("via", ["attribute", "request-headers"])
+async def test_non_post_answer_is_inspected_by_shape_whatever_its_body_said(
+        policy: StandinPolicy, http_method: str, via: str) -> None:
+    """A GET whose body held a JSON-RPC "ping" (ext_authz's metadata says ping, no mask) still
+    replays the session's stream: Envoy's request method makes ext_proc filter it by shape."""
+    meta = caller(mcp_method="ping", tool=None, mask=[])
+    stream = sse_event(jsonrpc_result({"tools": TOOLS}), "s.1")
+    if via == "attribute":
+        first = [with_attributes(response_headers("text/event-stream", meta=meta), method=http_method)]
+    else:
+        first = [request_headers(meta, method=http_method), response_headers("text/event-stream")]
+    out = await run(make_servicer(policy), *first, response_body(stream))
+    (event,) = SseParser().feed(new_body(out[-1]))
+    assert [t["name"] for t in orjson.loads(event.data or "")["result"]["tools"]] == ["read_file", "stat"]
+
+
+async def test_post_answer_follows_the_parsed_method(policy: StandinPolicy) -> None:
+    """A POST's answer is its message's answer: a ping without a mask is not inspected."""
+    headers = with_attributes(response_headers("text/plain", meta=caller(mcp_method="ping", mask=[])),
+                              method="POST")
+    out = await run(make_servicer(policy), headers)
+    assert len(out) == 1 and not out[0].HasField("mode_override")

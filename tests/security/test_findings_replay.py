@@ -39,7 +39,8 @@ MAX_LINES = 500
 
 def pii_policy(tmp: Path) -> Path:
     """The example policy with the pii server: admins see everything unmasked, viewers may call
-    ``contact`` and mask every PII type, analysts may call ``contact`` and mask cards only."""
+    ``contact`` and mask every PII type, analysts may call ``contact`` and mask cards only, the
+    conformance role may call ``contact`` and masks nothing."""
     out = tmp / "replay-policies"
     out.mkdir()
     for rego in (REPO / "policies").glob("*.rego"):
@@ -51,6 +52,8 @@ def pii_policy(tmp: Path) -> Path:
     gw["roles"]["admin"]["tools"]["pii"] = ["*"]
     gw["roles"]["viewer"]["tools"]["pii"] = ["contact"]
     gw["roles"]["analyst"]["tools"]["pii"] = ["contact"]
+    # Masks nothing, but lists only what it may call.
+    gw["roles"]["conformance"]["tools"]["pii"] = ["contact"]
     (out / "data.json").write_text(json.dumps(data), encoding="utf-8")
     return out
 
@@ -129,7 +132,7 @@ class Client:
             self._rid += 1
             body["id"] = self._rid
         headers = self.headers(token, **{"content-type": "application/json", "accept": accept})
-        return self._send("POST", json.dumps(body).encode(), headers)
+        return self.send("POST", json.dumps(body).encode(), headers)
 
     def open(self) -> Client:
         reply = self.post("initialize", {"protocolVersion": PROTOCOL, "capabilities": {},
@@ -145,7 +148,7 @@ class Client:
         headers = self.headers(token, accept="text/event-stream")
         if last_event_id is not None:
             headers["last-event-id"] = last_event_id
-        return self._send("GET", None, headers)
+        return self.send("GET", None, headers)
 
     def get_events(self, count: int, last_event_id: str | None = None, *,
                    token: str | None = None) -> Reply:
@@ -173,7 +176,7 @@ class Client:
         finally:
             conn.close()
 
-    def _send(self, method: str, body: bytes | None, headers: dict[str, str]) -> Reply:
+    def send(self, method: str, body: bytes | None, headers: dict[str, str]) -> Reply:
         conn = self.gw.connection(timeout=READ_TIMEOUT)
         try:
             conn.request(method, PATH, body=body, headers=headers)
@@ -249,14 +252,19 @@ def test_replay_masks_only_what_the_replaying_caller_must_not_see(gw: Gateway) -
     assert leaks(replay.raw, EMAIL) and not leaks(replay.raw, CARD, CARD_DIGITS)
 
 
+def listed_over_sse(client: Client) -> Reply:
+    original = client.post("tools/list", {"_meta": {"progressToken": "l1"}})
+    assert original.status == 200 and original.headers["content-type"].startswith("text/event-stream")
+    return original
+
+
 @pytest.mark.parametrize("who", ["viewer", "admin-made"])
 def test_replayed_tools_list_is_filtered_for_the_replaying_caller(gw: Gateway, who: str) -> None:
     """A tools/list answered over SSE and replayed to a viewer lists only what the viewer may
     call, also when the same user's admin token made the original request."""
     viewer = gw.token("viewer")
     client = Client(gw, viewer if who == "viewer" else gw.token("admin")).open()
-    original = client.post("tools/list", {"_meta": {"progressToken": "l1"}})
-    assert original.status == 200 and original.headers["content-type"].startswith("text/event-stream")
+    original = listed_over_sse(client)
     listed = {t["name"] for t in original.events()[-1][1]["result"]["tools"]}
     assert listed == ({"contact"} if who == "viewer" else {"contact", "echo"})
     for event_id in event_ids(original.raw)[:2]:  # priming, and the progress before the list
@@ -265,6 +273,40 @@ def test_replayed_tools_list_is_filtered_for_the_replaying_caller(gw: Gateway, w
         result = replay.events()[-1][1]["result"]
         assert {t["name"] for t in result["tools"]} == {"contact"}
         assert not leaks(replay.raw, EMAIL)  # the progress message named the email
+
+
+def test_unmasked_caller_gets_a_replayed_list_filtered(gw: Gateway) -> None:
+    """A caller whose policy masks nothing (no reason to inspect its calls) still gets an
+    admin-made tools/list filtered to what it may call when it replays it, PII unmasked."""
+    client = Client(gw, gw.token("admin")).open()
+    original = listed_over_sse(client)
+    replay = client.get(event_ids(original.raw)[0], token=gw.token("conformance"))
+    assert replay.status == 200, replay.raw
+    assert {t["name"] for t in replay.events()[-1][1]["result"]["tools"]} == {"contact"}
+    assert leaks(replay.raw, EMAIL)  # nothing to mask for this role
+
+
+@pytest.mark.parametrize("body", [
+    {"jsonrpc": "2.0", "id": 5, "method": "ping"},
+    {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "echo", "arguments": {}}},
+    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+], ids=["ping", "call-of-an-unmasked-tool", "notification"])
+@pytest.mark.parametrize("role", ["conformance", "viewer"])
+def test_get_with_a_json_rpc_body_is_still_inspected_as_a_stream(
+        gw: Gateway, body: dict[str, Any], role: str) -> None:
+    """A GET carrying a JSON-RPC body (authorised as that message) is still answered with the
+    session's replay: it is inspected as a stream, list filtered and PII masked per caller."""
+    client = Client(gw, gw.token("admin")).open()
+    original = listed_over_sse(client)
+    headers = client.headers(gw.token(role), accept="text/event-stream")
+    headers["last-event-id"] = event_ids(original.raw)[0]
+    headers["content-type"] = "application/json"
+    reply = client.send("GET", json.dumps(body).encode(), headers)
+    if reply.status != 200:  # refused outright is fine too; never an unfiltered replay
+        assert reply.status >= 400 and b"echo" not in reply.raw
+        return
+    assert {t["name"] for t in reply.events()[-1][1]["result"]["tools"]} == {"contact"}
+    assert leaks(reply.raw, EMAIL) == (role == "conformance")
 
 
 def test_standalone_stream_is_masked(gw: Gateway) -> None:
