@@ -11,6 +11,8 @@ unexpected is answered 500 (deny): the service fails closed and keeps running.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import os
 import threading
@@ -223,6 +225,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         parsed: dict[str, Any] | None = None
         if req.method in _BODY_METHODS or req.body:
             try:
+                if req.method not in _BODY_METHODS:
+                    # Decided as the message in its body, a GET would be authorised as something
+                    # other than the stream it opens: one request, one thing to decide.
+                    raise InvalidRequest(f"a {req.method} request carries no JSON-RPC message")
                 if headers.get(PARTIAL_BODY_HEADER) == "true":
                     raise PayloadTooLarge("the request body exceeds the gateway's limit")
                 encoding = headers.get("content-encoding", "identity").strip().lower()
@@ -265,10 +271,14 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         except GatewayError as err:
             return self._deny(rec, err, req)
 
+        build = functools.partial(
+            policy_input, req, parsed_body=parsed, mcp=ctx, claims=claims, server=server,
+            resource=resource, now=self._clock(),
+            session=owner.as_policy_input() if owner is not None else None)
         try:
-            document = policy_input(req, parsed_body=parsed, mcp=ctx, claims=claims, server=server,
-                                    resource=resource, now=self._clock(),
-                                    session=owner.as_policy_input() if owner is not None else None)
+            # Parsing SQL into facts is pure Python and can take tens of milliseconds within its
+            # bounds (gateway/policy/sql.py): off the event loop, so other callers keep moving.
+            document = await asyncio.to_thread(build) if _has_sql(ctx) else build()
         except GatewayError as err:  # an argument over the gateway's bounds (InputLimitExceeded)
             return self._deny(rec, err, req)
         decision = await self._engine.decide(document)
@@ -433,6 +443,11 @@ def _count(rec: DecisionRecord, seconds: float) -> None:
             _request_series[key] = series
     series.inc()
     _latency_series[rec.allow].observe(seconds)
+
+
+def _has_sql(ctx: McpContext | None) -> bool:
+    return ctx is not None and isinstance(ctx.arguments, dict) \
+        and isinstance(ctx.arguments.get("sql"), str)
 
 
 def _str_claim(claims: dict[str, Any], name: str) -> str | None:

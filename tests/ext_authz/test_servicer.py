@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.servicer import AuthorizationServicer, new_decision_id
 from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED, UNAUTHORIZED
+from gateway.policy import facts as facts_module
 from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
 from gateway.tokens import SigningKey
 from tests.ext_authz.conftest import (
@@ -124,6 +127,43 @@ async def test_get_stream_is_authenticated_with_no_message(authz: Harness, token
     assert authz.engine.inputs[-1]["parsed_body"] is None
     status, _, body = denial(await authz.check(check_request("get_sse_stream")))
     assert status == 401 and body["id"] is None
+
+
+@pytest.mark.parametrize("name", ["get_sse_stream", "delete_session"])
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","id":5,"method":"ping"}',
+    b'{"jsonrpc":"2.0","method":"notifications/initialized"}',
+    b"not json",
+])
+async def test_a_bodied_get_or_delete_is_400_not_decided_as_its_body(
+        authz: Harness, token: str, name: str, body: bytes) -> None:
+    """A GET or DELETE carrying a message is refused (400 invalid_request) before the policy: it
+    would otherwise be authorised as that message and not as the stream or end it is."""
+    before = len(authz.engine.inputs)
+    status, _, doc = denial(await authz.check(check_request(name, token, body=body)))
+    assert status == 400 and doc["error"]["data"]["reason"] == "invalid_request"
+    assert len(authz.engine.inputs) == before
+
+
+async def test_sql_facts_are_built_off_the_event_loop(
+        authz: Harness, rsa_key: SigningKey, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SQL parse (tens of ms within its bounds) runs on a worker thread, never on the loop
+    that serves other checks; the policy still gets its facts."""
+    threads: list[threading.Thread] = []
+    real = facts_module.sql_facts
+
+    def recording(sql: Any) -> dict[str, Any]:
+        threads.append(threading.current_thread())
+        return real(sql)
+
+    monkeypatch.setattr(facts_module, "sql_facts", recording)
+    token = token_for(rsa_key, server="database", scopes=["tools:call:database/query"])
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "query", "arguments": {"sql": "select id from orders"}}}).encode()
+    await authz.check(check_request("post_tools_call_files", token, body=body,
+                                    path="/mcp/database"))
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert authz.engine.inputs[-1]["mcp"]["facts"]["sql"]["tables"] == ["orders"]
 
 
 async def test_delete_session_is_authenticated(authz: Harness, token: str) -> None:
