@@ -12,10 +12,8 @@ from urllib.parse import parse_qsl
 
 from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
 from gateway.mcp import McpContext
-from gateway.policy.facts import with_facts
+from gateway.policy.input import build_policy_input
 
-# Never shown to the policy (or anything it logs): credentials.
-HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 # Set by Envoy when the body was cut at max_request_bytes (allow_partial_message).
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
 MCP_PATH_PREFIX = "/mcp/"
@@ -94,34 +92,10 @@ def bearer_token(headers: dict[str, str]) -> str:
 def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
                  claims: dict[str, Any], server: str, resource: str, now: float,
                  session: dict[str, str] | None = None) -> dict[str, Any]:
-    """The document the policy decides on; ``session`` (the owner of the request's session,
-    ``ext_authz.sessions``) only when the request names a session the gateway knows."""
-    # Envoy lower-cases names, but a hand-built CheckRequest need not: compare case-insensitively.
-    headers = {k: v for k, v in req.headers.items() if k.lower() not in HIDDEN_HEADERS}
-    doc: dict[str, Any] = {
-        "attributes": {
-            "request": {"http": {
-                "id": req.id, "method": req.method, "path": req.path, "host": req.host,
-                "scheme": req.scheme, "headers": headers,
-            }},
-            "source": {"address": req.source_address},
-        },
-        "parsed_body": parsed_body,
-        "mcp": with_facts(mcp.as_policy_input()) if mcp is not None else _no_message(req.headers),
-        "token": claims,
-        "server": {"name": server, "resource": resource},
-        "now": int(now),
-    }
-    if session is not None:
-        doc["session"] = session
-    return doc
-
-
-def _no_message(headers: dict[str, str]) -> dict[str, Any]:
-    # GET (SSE stream) and DELETE (end of session) carry no JSON-RPC message.
-    return {
-        "kind": None, "method": None, "id": None, "name": None, "tool": None, "arguments": {},
-        "resource_uri": None, "prompt": None,
-        "protocol_version": headers.get("mcp-protocol-version"),
-        "session_id": headers.get("mcp-session-id"),
-    }
+    """The document the policy decides on: the one builder ``policy eval`` uses too, fed from the
+    Envoy request. ``session`` (the owner of the request's session, ``ext_authz.sessions``) only
+    when the request names a session."""
+    return build_policy_input(
+        mcp, claims=claims, server_name=server, server_resource=resource, body=parsed_body,
+        headers=req.headers, method=req.method, path=req.path, host=req.host, scheme=req.scheme,
+        request_id=req.id, source_address=req.source_address, session=session, now=now)

@@ -30,7 +30,13 @@ def register(subparsers: Any) -> None:
 
     ev = sub.add_parser("eval", help="decide one request as the gateway would, and explain it")
     ev.add_argument("--claims", required=True, help="token claims: JSON or @file")
-    ev.add_argument("--request", required=True, help="JSON-RPC request body: JSON or @file")
+    ev.add_argument("--request", help="JSON-RPC request body: JSON or @file (required for POST; "
+                    "a GET or DELETE carries none)")
+    ev.add_argument("--method", default="POST", choices=("POST", "GET", "DELETE"),
+                    help="HTTP method: POST (a JSON-RPC message), GET (the session's stream), "
+                         "DELETE (its end); default POST")
+    ev.add_argument("--session", help="owner of the request's session as ext_authz binds it: JSON "
+                    '{"iss", "sub", "tenant"} or @file (send its id with --header mcp-session-id:ID)')
     ev.add_argument("--server", default="files", help="target MCP server (default: files)")
     ev.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                     help="an HTTP request header (repeatable)")
@@ -77,20 +83,31 @@ def _json_arg(value: str, what: str) -> Any:
         raise ValueError(f"--{what} is not valid JSON: {exc}") from None
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        policy_dir, entrypoint, public_url = _policy_settings(args)
-        claims = _json_arg(args.claims, "claims")
-        if not isinstance(claims, dict):
-            raise ValueError("--claims must be a JSON object")
+def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
+    """The policy input ext_authz would build for the request the arguments describe (the same
+    builder, ``gateway.policy.input.build_policy_input``). Raises ValueError / OSError for bad
+    arguments and GatewayError where ext_authz would refuse before the policy."""
+    claims = _json_arg(args.claims, "claims")
+    if not isinstance(claims, dict):
+        raise ValueError("--claims must be a JSON object")
+    session = _json_arg(args.session, "session") if args.session else None
+    if session is not None and not isinstance(session, dict):
+        raise ValueError("--session must be a JSON object")
+    headers: dict[str, str] = {}
+    for item in args.header:
+        # A pseudo-header (":authority:host") keeps its leading colon in the name.
+        lead = ":" if item.startswith(":") else ""
+        name, sep, value = item[len(lead):].partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"--header {item!r}: expected NAME:VALUE")
+        headers[lead + name.strip().lower()] = value.strip()
+    ctx = None
+    body = None
+    if args.method == "POST":
         req = args.request
+        if req is None:
+            raise ValueError("--request is required for a POST")
         body_text = Path(req[1:]).read_bytes() if req.startswith("@") else req.encode()
-        headers: dict[str, str] = {}
-        for item in args.header:
-            name, sep, value = item.partition(":")
-            if not sep:
-                raise ValueError(f"--header {item!r}: expected NAME:VALUE")
-            headers[name.strip().lower()] = value.strip()
         msg = parse_message(body_text)
         # A simulated request: supply the SEP-2243 headers a conforming client would send.
         if msg.method is not None:
@@ -99,18 +116,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if key and isinstance(msg.params.get(key), str):
                 headers.setdefault("mcp-name", msg.params[key])
         ctx = extract_context(msg, headers)
+        body = msg.raw
+    elif args.request is not None:
+        raise ValueError(f"a {args.method} request carries no JSON-RPC message: drop --request")
+    resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
+    return build_policy_input(
+        ctx, claims=claims, server_name=args.server, server_resource=resource, body=body,
+        headers=headers, method=args.method, path=f"/mcp/{args.server}",
+        host=resource.split("/")[2], session=session)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        policy_dir, entrypoint, public_url = _policy_settings(args)
+        policy_input = eval_input(args, public_url)
     except (OSError, ValueError, ConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
-    except GatewayError as exc:
-        return _refused_before_policy(exc)
-    resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
-    try:
-        policy_input = build_policy_input(
-            ctx, claims=claims, server_name=args.server, server_resource=resource, body=msg.raw,
-            headers=headers, path=f"/mcp/{args.server}", host=resource.split("/")[2],
-        )
-    except GatewayError as exc:  # an argument over a bound (InputLimitExceeded), as ext_authz refuses it
+    except GatewayError as exc:  # e.g. an argument over a bound, as ext_authz refuses it
         return _refused_before_policy(exc)
     package_path = entrypoint.rsplit("/", 1)[0]
     try:

@@ -20,7 +20,7 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"
 
 
 def build_policy_input(
-    ctx: McpContext,
+    ctx: McpContext | None,
     *,
     claims: Mapping[str, Any],
     server_name: str,
@@ -34,17 +34,25 @@ def build_policy_input(
     request_id: str = "",
     source_address: str = "",
     session: Mapping[str, Any] | None = None,
-    now: int | None = None,
+    now: float | None = None,
 ) -> dict[str, Any]:
-    """Assemble the input document of one decision.
+    """Assemble the input document of one decision (ext_authz and ``policy eval`` alike).
 
-    ``claims``: the verified JWT claims (sub, iss, aud, exp, iat, scope, roles, tenant,
-    client_id, ...). ``body``: the parsed JSON-RPC message (``Message.raw``). ``session``: what
-    the gateway's session store knows about ``ctx.session_id`` (e.g. ``{"sub", "tenant"}``), or
-    None. ``now``: Unix seconds (defaults to the current time).
+    ``ctx``: the MCP context of the JSON-RPC message, or None for a request without one (GET: the
+    session's stream; DELETE: its end). ``claims``: the verified JWT claims. ``body``: the parsed
+    JSON-RPC message (``Message.raw``). ``headers``: the request's headers; names are compared and
+    kept lower-case (as Envoy sends them), credentials dropped. ``session``: the owner of the
+    request's session (``ext_authz.sessions``: ``{"iss", "sub", "tenant"}``), or None.
+    ``now``: Unix seconds (defaults to the current time). Raises
+    ``gateway.errors.InputLimitExceeded`` (and other 400s) for arguments over the facts' bounds.
     """
-    http_headers = {k.lower(): v for k, v in (headers or {}).items()
-                    if k.lower() not in CREDENTIAL_HEADERS}
+    http_headers: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        key = name.lower()
+        if key in CREDENTIAL_HEADERS:
+            continue
+        # Envoy joins repeated headers with ","; a hand-built request may repeat a name in two cases.
+        http_headers[key] = f"{http_headers[key]},{value}" if key in http_headers else value
     policy_input: dict[str, Any] = {
         "attributes": {
             "request": {
@@ -60,11 +68,21 @@ def build_policy_input(
             "source": {"address": source_address},
         },
         "parsed_body": dict(body) if body is not None else None,
-        "mcp": with_facts(ctx.as_policy_input()),
+        "mcp": with_facts(ctx.as_policy_input()) if ctx is not None else _no_message(http_headers),
         "token": dict(claims),
         "server": {"name": server_name, "resource": server_resource},
-        "now": int(time.time()) if now is None else now,
+        "now": int(time.time() if now is None else now),
     }
     if session is not None:
         policy_input["session"] = dict(session)
     return policy_input
+
+
+def _no_message(headers: Mapping[str, str]) -> dict[str, Any]:
+    # GET (the session's SSE stream) and DELETE (its end) carry no JSON-RPC message.
+    return {
+        "kind": None, "method": None, "id": None, "name": None, "tool": None, "arguments": {},
+        "resource_uri": None, "prompt": None,
+        "protocol_version": headers.get("mcp-protocol-version"),
+        "session_id": headers.get("mcp-session-id"),
+    }
