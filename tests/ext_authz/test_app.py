@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,15 @@ async def test_module_entry_point_with_real_policy(tmp_path: Path, jwks_server: 
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs omit the RPCs
-            resp = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                      timeout=30, wait_for_ready=True)
+            # NOT_SERVING until the policy is built and the keys are warm: poll, bounded.
+            deadline = time.monotonic() + 30
+            while True:
+                resp = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                          timeout=30, wait_for_ready=True)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING \
+                        or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
             stub = pb_grpc.AuthorizationStub(channel)
             denied = await stub.Check(check_request("post_tools_list_no_token"), timeout=5)
