@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import queue
@@ -57,12 +58,13 @@ class _Job(Generic[S]):
 class _Worker(Generic[S]):
     """One thread with its own state, fed one job at a time."""
 
-    __slots__ = ("abandoned", "inbox", "name", "thread")
+    __slots__ = ("abandoned", "broken", "inbox", "name", "thread")
 
     def __init__(self, pool: EvalPool[S]) -> None:
         self.name = f"policy-eval-{next(_ids)}"
         self.inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.abandoned = False
+        self.broken = False
         # Daemon: a stuck evaluation must not keep the process alive at exit.
         self.thread = threading.Thread(target=self._main, args=(pool._make_state, pool._finished),
                                        name=self.name, daemon=True)
@@ -70,7 +72,11 @@ class _Worker(Generic[S]):
 
     def _main(self, make_state: Callable[[], S],
               finished: Callable[[_Worker[S], _Job[S], bool, Any], None]) -> None:
-        state = make_state()  # created on this thread, used only here
+        try:
+            state = make_state()  # created on this thread, used only here
+        except BaseException as exc:  # noqa: BLE001 - a thread's top level: every job fails with it
+            self._fail_forever(exc, finished)
+            return
         while True:
             item = self.inbox.get()
             if item is _STOP:
@@ -84,6 +90,18 @@ class _Worker(Generic[S]):
                 item.loop.call_soon_threadsafe(finished, self, item, ok, outcome)
             except RuntimeError:  # the loop is closed: nobody waits for this worker any more
                 return
+
+
+    def _fail_forever(self, exc: BaseException,
+                      finished: Callable[[_Worker[S], _Job[S], bool, Any], None]) -> None:
+        # Without its state this worker can run nothing: answer its job with the error and
+        # leave the pool (``_finished`` with a broken worker retires it), so it never holds a
+        # place it cannot serve.
+        self.broken = True
+        item = self.inbox.get()
+        if isinstance(item, _Job):
+            with contextlib.suppress(RuntimeError):  # the loop is closed
+                item.loop.call_soon_threadsafe(finished, self, item, False, exc)
 
 
 class EvalPool(Generic[S]):
@@ -165,14 +183,20 @@ class EvalPool(Generic[S]):
                 # A worker handed to us just as we were cancelled: pass it on.
                 self._release(waiter.result())
             waiter.cancel()
+            self._forget(waiter)
             raise
         if waiter.cancelled():  # the pool closed
             raise PolicyError("the policy evaluation pool is closed")
         if waiter.done():
             return waiter.result()
-        waiter.cancel()  # _release skips cancelled waiters
+        waiter.cancel()
+        self._forget(waiter)  # a caller that gave up no longer counts against max_waiting
         self.timeouts += 1
         raise PolicyTimeoutError("no policy worker became free before the deadline")
+
+    def _forget(self, waiter: asyncio.Future[_Worker[S]]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     def _can_start(self) -> bool:
         return (self._live < self.workers
@@ -216,6 +240,12 @@ class EvalPool(Generic[S]):
                 job.future.set_result(outcome)
             else:
                 job.future.set_exception(outcome)
+        if worker.broken:  # its state could not be made: retire it, never hand it out again
+            if worker.abandoned:
+                self._abandoned -= 1
+            else:
+                self._live -= 1
+            return
         if worker.abandoned:
             self._abandoned -= 1
             if self._closed or self._live >= self.workers:

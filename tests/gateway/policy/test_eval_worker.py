@@ -376,3 +376,48 @@ def test_discard_frees_an_evaluation_that_never_runs(tmp_path: Path) -> None:
     policy.discard(step)
     policy.discard(step)
     assert step.handle == 0
+
+
+async def test_callers_that_gave_up_waiting_free_their_queue_places() -> None:
+    """A waiter that timed out or was cancelled no longer counts against max_waiting: the next
+    caller waits for the worker instead of being refused at once."""
+    pool = make_pool(workers=1, max_abandoned=0, max_waiting=2)
+    gate = Gate()
+    busy = asyncio.create_task(pool.run(gate, LONG))
+    await until(gate.started.is_set, "the long job started")
+    with pytest.raises(PolicyTimeoutError):
+        await pool.run(quick, 0.01)
+    cancelled = asyncio.create_task(pool.run(quick, LONG))
+    await until(lambda: len(pool._waiters) == 1, "the second caller waits")
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert len(pool._waiters) == 0
+    third = asyncio.create_task(pool.run(quick, LONG))
+    fourth = asyncio.create_task(pool.run(quick, LONG))
+    await until(lambda: len(pool._waiters) == 2, "two callers wait")
+    gate.release.set()
+    assert await busy == "slow done"
+    assert await third == "quick" and await fourth == "quick"
+    pool.close()
+
+
+async def test_a_worker_whose_state_cannot_be_made_leaves_the_pool() -> None:
+    """make_state failing on the worker thread fails that job and retires the worker: the pool
+    starts a fresh one for the next job instead of losing a place for good."""
+    attempts = 0
+
+    def flaky_state() -> object:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise RuntimeError("no interpreter")
+        return object()
+
+    pool: EvalPool[object] = EvalPool(flaky_state, workers=1, max_abandoned=0, max_waiting=1)
+    with pytest.raises(RuntimeError, match="no interpreter"):
+        await pool.run(quick, LONG)
+    assert pool.live == 0
+    assert await pool.run(quick, LONG) == "quick"
+    assert pool.live == 1
+    pool.close()
