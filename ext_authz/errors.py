@@ -51,6 +51,15 @@ class KeysUnavailable(GatewayError):
     http_status = 503
 
 
+class SqlParserBusy(GatewayError):
+    """Every SQL parse place is taken (the parse is pure Python, one at a time, with a short
+    queue): refused at once rather than queued without bound."""
+
+    code = "sql_parser_busy"
+    rpc_code = INTERNAL_ERROR
+    http_status = 503
+
+
 class UnknownServer(GatewayError):
     code = "unknown_server"
     rpc_code = INTERNAL_ERROR

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from ext_authz.errors import (
     PolicyDenied,
     RateLimited,
     RateLimitUnavailable,
+    SqlParserBusy,
     UnknownServer,
 )
 from ext_authz.jwt import TokenVerifier
@@ -90,6 +92,9 @@ logger = logging.getLogger(__name__)
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _TRACE_HEADERS = ("traceparent", "tracestate")
 SPAN_NAME = "ext_authz.check"
+# SQL parses running or waiting on the SQL thread; the worst parse within the SQL bounds is
+# ~45 ms, so the last of them is answered well inside Envoy's ext_authz timeout.
+MAX_SQL_QUEUE = 4
 # Bounded well below Envoy's ext_authz timeout (500 ms by default).
 CATALOG_WAIT_SECONDS = 0.25
 SERVICE = "ext_authz"
@@ -137,6 +142,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         self._catalog = catalog
         self._audit = audit
         self._tracing = tracing
+        self._sql_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sql-facts")
+        self._sql_queued = 0
         # Never without a binding: a servicer built without one keeps its own in memory.
         self._sessions = sessions or SessionBinder(MemorySessionStore(
             ttl=settings.session_idle_seconds, max_bindings=settings.max_session_bindings))
@@ -276,9 +283,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             resource=resource, now=self._clock(),
             session=owner.as_policy_input() if owner is not None else None)
         try:
-            # Parsing SQL into facts is pure Python and can take tens of milliseconds within its
-            # bounds (gateway/policy/sql.py): off the event loop, so other callers keep moving.
-            document = await asyncio.to_thread(build) if _has_sql(ctx) else build()
+            document = await self._parse_sql(build) if _has_sql(ctx) else build()
+        except SqlParserBusy as err:
+            return self._deny(rec, err, req, {"retry-after": "1"})
         except GatewayError as err:  # an argument over the gateway's bounds (InputLimitExceeded)
             return self._deny(rec, err, req)
         decision = await self._engine.decide(document)
@@ -340,6 +347,19 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             method=rec.method, server=server, tool=rec.tool, claims=claims, mask=mask,
             decision_id=rec.decision_id, request_id=rec.request_id, obligations=decision.obligations)
         return Verdict.allow(upstream, metadata)
+
+    async def _parse_sql(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Build an input whose facts parse SQL (pure Python, up to tens of ms within its bounds,
+        gateway/policy/sql.py) on the one SQL thread: the loop keeps the GIL every switch
+        interval instead of competing with a crowd of parsing threads, and a burst beyond
+        ``MAX_SQL_QUEUE`` waiting parses is refused at once (503) instead of queueing."""
+        if self._sql_queued >= MAX_SQL_QUEUE:
+            raise SqlParserBusy("the gateway is parsing too many SQL texts; retry shortly")
+        self._sql_queued += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._sql_thread, build)
+        finally:
+            self._sql_queued -= 1
 
     async def _write_audit(self, verdict: Verdict, rec: DecisionRecord, facts: _Facts) -> Verdict:
         """Put the entry on disk before the answer leaves; no entry, no answer (503)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import io
 import json
@@ -19,12 +20,14 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import json_format
 from prometheus_client import REGISTRY
 
+from ext_authz import servicer as servicer_module
 from ext_authz.decision_log import LOGGER_NAME
 from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.servicer import AuthorizationServicer, new_decision_id
 from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED, UNAUTHORIZED
 from gateway.policy import facts as facts_module
+from gateway.policy.sql import sql_facts
 from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
 from gateway.tokens import SigningKey
 from tests.ext_authz.conftest import (
@@ -150,7 +153,7 @@ async def test_sql_facts_are_built_off_the_event_loop(
     """The SQL parse (tens of ms within its bounds) runs on a worker thread, never on the loop
     that serves other checks; the policy still gets its facts."""
     threads: list[threading.Thread] = []
-    real = facts_module.sql_facts
+    real = sql_facts
 
     def recording(sql: Any) -> dict[str, Any]:
         threads.append(threading.current_thread())
@@ -164,6 +167,42 @@ async def test_sql_facts_are_built_off_the_event_loop(
                                     path="/mcp/database"))
     assert threads and all(t is not threading.main_thread() for t in threads)
     assert authz.engine.inputs[-1]["mcp"]["facts"]["sql"]["tables"] == ["orders"]
+
+
+async def test_sql_parses_beyond_the_queue_are_refused_while_others_are_answered(
+        authz: Harness, rsa_key: SigningKey, token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every SQL parse place taken, one more SQL request is 503 sql_parser_busy at once,
+    a request without SQL is still decided, and the held parses finish afterwards."""
+    release = threading.Event()
+    started = threading.Event()
+
+    def held(sql: Any) -> dict[str, Any]:
+        started.set()
+        release.wait(30)
+        return {"understood": False, "tables": [], "functions": []}
+
+    monkeypatch.setattr(facts_module, "sql_facts", held)
+    sql_token = token_for(rsa_key, server="database", scopes=["tools:call:database/query"])
+    body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "query", "arguments": {"sql": "select 1"}}}).encode()
+
+    def sql_check() -> Any:
+        return authz.check(check_request("post_tools_call_files", sql_token, body=body,
+                                         path="/mcp/database"))
+
+    held_checks = [asyncio.create_task(sql_check()) for _ in range(servicer_module.MAX_SQL_QUEUE)]
+    try:
+        assert await asyncio.to_thread(started.wait, 30)
+        async with asyncio.timeout(30):  # every place taken: one parsing, the rest queued
+            while authz.servicer._sql_queued < servicer_module.MAX_SQL_QUEUE:
+                await asyncio.sleep(0.005)
+        status, headers, doc = denial(await sql_check())
+        assert status == 503 and doc["error"]["data"]["reason"] == "sql_parser_busy"
+        assert headers["retry-after"] == "1"
+        upstream(await authz.check(check_request("post_tools_call_files", token)))
+    finally:
+        release.set()
+        await asyncio.gather(*held_checks)
 
 
 async def test_delete_session_is_authenticated(authz: Harness, token: str) -> None:
