@@ -216,6 +216,10 @@ def _read(sql: str, dialect_name: str) -> tuple[set[str], set[str], set[str]]:
             ctes.add(_cte_name(node))
         if isinstance(node, _NOT_READ_ONLY):
             raise _NotUnderstood(f"not a read-only query ({node.key} as {dialect_name})")
+        if isinstance(node, exp.Lateral) and not isinstance(node.this, (exp.Subquery, exp.Query, exp.Func)):
+            # "JOIN LATERAL name": SQLite reads a table called "lateral" aliased as name, a
+            # reading this parse does not show: refuse rather than name fewer tables.
+            raise _NotUnderstood(f"LATERAL without a subquery or function ({dialect_name})")
         if isinstance(node, exp.Table):
             name = _table_name(node)
         elif isinstance(node, exp.In) and isinstance(node.args.get("field"), exp.Column):

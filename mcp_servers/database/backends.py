@@ -164,9 +164,16 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, _db: str | None,
     return sqlite3.SQLITE_OK
 
 
-def _scoped_authorizer(scope: ReadScope, denied: list[str]) -> Any:
+# Every table and view of the database (main and temp; ATTACH is never authorized).
+_STORED_NAMES = ("SELECT name FROM main.sqlite_schema WHERE type IN ('table', 'view') "
+                 "UNION ALL SELECT name FROM temp.sqlite_schema WHERE type IN ('table', 'view')")
+
+
+def _scoped_authorizer(scope: ReadScope, denied: list[str], stored: frozenset[str] = frozenset()) -> Any:
     """An authorizer for one caller query: reads of ``scope.tables``, calls of
-    ``scope.functions``, SELECT and recursive CTEs; every other action is denied (and noted)."""
+    ``scope.functions``, SELECT and recursive CTEs; every other action is denied (and noted).
+    ``stored``: the lower-cased names of the database's tables and views, which the allowance
+    for a materialized CTE never covers."""
     bare = scope.bare_tables
     qualified = scope.qualified_tables
     # A read of no column ("count(*)") comes without a database name.
@@ -188,7 +195,7 @@ def _scoped_authorizer(scope: ReadScope, denied: list[str]) -> Any:
             # SQLite reports a materialized CTE as a read of no column without a database. A
             # real table of that name read that way would yield a row count only, and any real
             # table the text reads is in scope.tables already (the policy judged those).
-            if db is None and not arg2 and table in scope.ctes:
+            if db is None and not arg2 and table in scope.ctes and table not in stored:
                 return sqlite3.SQLITE_OK
             denied.append(f"reads table {arg1!r}")
             return sqlite3.SQLITE_DENY
@@ -237,13 +244,19 @@ class SQLiteBackend:
         self._running: set[threading.Event] = set()
         self._closed = False
 
-    def _connect(self, authorizer: Any = _authorize) -> sqlite3.Connection:
+    def _connect(self, scope: ReadScope | None = None, denied: list[str] | None = None
+                 ) -> sqlite3.Connection:
         # A fresh connection per call: a statement is authorized when prepared, so no prepared
         # statement (sqlite3's cache) may outlive the authorizer it was checked against.
         conn = sqlite3.connect(self._uri, uri=True, timeout=5, check_same_thread=False, isolation_level=None,
                                cached_statements=0)
         conn.execute("PRAGMA query_only = ON")
-        conn.set_authorizer(authorizer)
+        if scope is None:
+            conn.set_authorizer(_authorize)
+        else:
+            # Read before the authorizer is set: the names no CTE allowance may ever cover.
+            stored = frozenset(str(name).translate(_ASCII_LOWER) for (name,) in conn.execute(_STORED_NAMES))
+            conn.set_authorizer(_scoped_authorizer(scope, denied if denied is not None else [], stored))
         return conn
 
     def _run(self, sql: str, params: Params, max_rows: int, time_limit: float,
@@ -261,7 +274,7 @@ class SQLiteBackend:
             return 0
 
         denied: list[str] = []
-        conn = self._connect(_authorize if scope is None else _scoped_authorizer(scope, denied))
+        conn = self._connect(scope, denied)
         try:
             conn.set_progress_handler(progress, _PROGRESS_OPS)
             try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -148,7 +149,8 @@ def create_server(backend: Backend, *, max_rows: int = DEFAULT_MAX_ROWS,
                  output_schema=QUERY_OUTPUT, annotations=READ_ONLY)
     async def query(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
         limit = min(int(args.get("max_rows", max_rows)), max_rows)
-        scope = read_scope(args["sql"])
+        # The parse is pure Python and may take tens of ms within its bounds: off the loop.
+        scope = await asyncio.to_thread(read_scope, args["sql"])
         try:
             result = await backend.query(args["sql"], args.get("params"), limit, query_timeout, scope)
         except DatabaseError as err:

@@ -158,6 +158,9 @@ def test_catalogue_tables_are_tables() -> None:
     "   ",
     "/* only a comment */",
     "select * from orders where",
+    "select * from departments join lateral employees on true",  # SQLite: table "lateral"
+    "select * from orders, lateral employees",
+    "select * from lateral",
 ])
 def test_what_either_dialect_cannot_parse_is_not_understood(sql: str) -> None:
     """Anything but one read-only query both dialects parse is not understood (and lists nothing)."""

@@ -128,6 +128,17 @@ async def test_sqlite_cte_names_admit_no_column_reads(sqlite_path: str) -> None:
     assert info.value.code == "not_authorized"
 
 
+@pytest.mark.parametrize("sql", ["SELECT count(*) FROM employees", "SELECT 1 FROM employees"])
+async def test_sqlite_cte_names_never_cover_a_stored_table(sqlite_path: str, sql: str) -> None:
+    """Were the parse ever to take a real table for a CTE, the engine still refuses even the
+    column-less read (a row count) of that table: the CTE allowance never covers stored names."""
+    db = SQLiteBackend(sqlite_path)
+    with pytest.raises(DatabaseError) as info:
+        await db.query(sql, None, 10, 5.0, ReadScope(frozenset({"orders"}), SQL_FUNCTIONS,
+                                                      ctes=frozenset({"employees"})))
+    assert info.value.code == "not_authorized"
+
+
 def test_server_scope_is_the_parsed_tables() -> None:
     """The scope the engine enforces is exactly the parse's tables plus the shared allowlist."""
     got = read_scope('select * from orders "o", customers where o.id in (select id from products)')
