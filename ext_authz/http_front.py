@@ -38,19 +38,16 @@ from gateway.service import (
     stop_observability,
 )
 from gateway.telemetry.metrics import MetricsServer
+from gateway.wire import CONTEXT_HEADER, PEER_HEADER, REMOVE_HEADER, STATUS_HEADER
 
 logger = logging.getLogger(__name__)
 
 PATH_PREFIX = "/check"
 HEALTH_PATH = "/-/health"
-# The caller context (ext_authz metadata for ext_proc) as JSON text; not an x- name, so the
-# upstream allow-list (prefix x-) can never forward it.
-CONTEXT_HEADER = "mcp-gateway-context"
-REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
-# The client's address (the TCP peer of Envoy's listener), added by Envoy to each check.
-PEER_HEADER = "x-mcp-peer-address"
-# A 5xx answer travels as a 400 denial with its status here (see answer()).
-STATUS_HEADER = "x-mcp-status"
+# gateway.wire's signal headers: the caller context (ext_authz metadata for ext_proc) as JSON
+# text in CONTEXT_HEADER (not an x- name, so the upstream allow-list, prefix x-, can never
+# forward it); the removals in REMOVE_HEADER; the client's address in PEER_HEADER (added by Envoy
+# to each check); a 5xx answer as a 400 denial with its status in STATUS_HEADER (see answer()).
 CARRIER_STATUS = 400
 CARRIED_STATUSES = frozenset({500, 501, 502, 503, 504})
 _TRACE_HEADERS = ("traceparent", "tracestate")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -14,6 +13,17 @@ from google.protobuf import struct_pb2
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import error_response
+from gateway.wire import (
+    CLIENT_ID_HEADER,
+    DECISION_ID_HEADER,
+    GATEWAY_HEADERS,
+    ISSUER_HEADER,
+    ROLES_HEADER,
+    TENANT_HEADER,
+    TOOL_HEADER,
+    USER_HEADER,
+    encode_identity,
+)
 
 # google.rpc.Code values: Envoy only needs "not OK" plus the HTTP status of the denied answer.
 _RPC_OK = 0
@@ -22,15 +32,6 @@ _RPC_UNAUTHENTICATED = 16
 # Replace whatever the client sent under the same name; never append next to it.
 OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
-# Headers the gateway sets for upstream servers. Any of them that a request does not get a value
-# for is removed, so a client can never smuggle its own identity claims upstream.
-IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-issuer", "x-mcp-tenant", "x-mcp-client-id",
-                    "x-mcp-roles", "x-mcp-tool", "x-mcp-decision-id")
-# Set on allowed requests whose answer ext_proc must see; Envoy routes on it (ext_authz
-# clear_route_cache) so that only those requests pay for an ext_proc stream.
-INSPECT_HEADER = "x-mcp-inspect"
-# Every header the gateway owns towards the upstream: a client-sent copy never survives.
-GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
 # List answers are filtered per caller, always; every other answer is masked when the policy
 # masks PII. MASKABLE_METHODS are those whose results are MCP content (the usual carriers).
 LIST_METHODS = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
@@ -40,9 +41,6 @@ MASK_ALL = "all"
 # The client's credentials stop at the gateway (MCP: no token passthrough).
 STRIPPED_HEADERS = ("authorization",)
 _JSON = "application/json"
-# Printable ASCII except "%" passes through unchanged; anything else is percent-encoded so a
-# claim can never inject a header line or an invalid header value.
-_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,35 +84,29 @@ def headers_to_remove(set_headers: Mapping[str, str]) -> list[str]:
     return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in set_headers)]
 
 
-def header_value(value: str) -> str:
-    if value.isascii() and value.isprintable() and "%" not in value:
-        return value
-    return quote(value, safe=_SAFE)
-
-
 def identity_headers(claims: Mapping[str, Any], tool: str | None,
                      decision_id: str) -> dict[str, str]:
     """The identity headers for the upstream, from verified claims (absent ones left out).
 
     A subject is unique only within its issuer: a server that binds state to a user (sessions)
     needs both, so the issuer travels too."""
-    out = {"x-mcp-user": header_value(str(claims["sub"])), "x-mcp-decision-id": decision_id}
+    out = {USER_HEADER: encode_identity(str(claims["sub"])), DECISION_ID_HEADER: decision_id}
     issuer = claims.get("iss")
     if isinstance(issuer, str) and issuer:
-        out["x-mcp-issuer"] = header_value(issuer)
+        out[ISSUER_HEADER] = encode_identity(issuer)
     tenant = claims.get("tenant")
     if isinstance(tenant, str) and tenant:
-        out["x-mcp-tenant"] = header_value(tenant)
+        out[TENANT_HEADER] = encode_identity(tenant)
     client_id = claims.get("client_id") or claims.get("azp")
     if isinstance(client_id, str) and client_id:
-        out["x-mcp-client-id"] = header_value(client_id)
+        out[CLIENT_ID_HEADER] = encode_identity(client_id)
     roles = claims.get("roles")
     if isinstance(roles, list):
         names = [r for r in roles if isinstance(r, str) and r]
         if names:
-            out["x-mcp-roles"] = header_value(",".join(names))
+            out[ROLES_HEADER] = encode_identity(",".join(names))
     if tool:
-        out["x-mcp-tool"] = header_value(tool)
+        out[TOOL_HEADER] = encode_identity(tool)
     return out
 
 
@@ -204,7 +196,7 @@ def _obligations_bytes(value: Mapping[str, Any]) -> bytes:
 # the rest of an allowed answer repeats per caller, tool and policy answer. Building it through
 # the protobuf API costs ~20 us, parsing a serialized copy and writing the ids in ~4 us, so each
 # distinct rest is built once and kept serialized (bounded, oldest dropped first).
-_PER_REQUEST_HEADER = "x-mcp-decision-id"
+_PER_REQUEST_HEADER = DECISION_ID_HEADER
 _PER_REQUEST_METADATA = ("decision_id", "request_id")
 _ALLOWED_CACHE_SIZE = 1024
 _allowed_cache: dict[bytes, tuple[bytes, int]] = {}
@@ -316,7 +308,7 @@ def bearer_challenge(resource_metadata: str | None, error: str | None,
     if error is not None:
         parts.append(f"error={_quoted(error)}")
     if description is not None:
-        parts.append(f"error_description={_quoted(header_value(description))}")
+        parts.append(f"error_description={_quoted(encode_identity(description))}")
     if scope is not None:
         parts.append(f"scope={_quoted(scope)}")
     return "Bearer " + ", ".join(parts) if parts else "Bearer"

@@ -53,7 +53,6 @@ from ext_authz.request import (
     server_of,
 )
 from ext_authz.response import (
-    INSPECT_HEADER,
     Verdict,
     bearer_challenge,
     error_body,
@@ -85,6 +84,7 @@ from gateway.telemetry import (
     unbind,
 )
 from gateway.telemetry.audit import AUDITED_METHODS
+from gateway.wire import INSPECT_HEADER
 
 logger = logging.getLogger(__name__)
 

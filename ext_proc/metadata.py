@@ -21,11 +21,12 @@ from google.protobuf import struct_pb2
 
 from ext_proc.errors import MetadataInvalid, MetadataMissing
 from gateway.pii import UnknownPiiType, normalize_types
+from gateway.wire import CONTEXT_HEADER, EXT_AUTHZ_NAMESPACE
 
-NAMESPACE = "envoy.filters.http.ext_authz"
+NAMESPACE = EXT_AUTHZ_NAMESPACE
 MAX_LIST_ITEMS = 64  # roles / mask types; a longer list is a bug upstream, not a real caller
-# ext_authz's HTTP mode: the caller context as JSON text (ext_authz.http_front.CONTEXT_HEADER).
-CONTEXT_KEY = "mcp-gateway-context"
+# ext_authz's HTTP mode: the caller context as JSON text (gateway.wire.CONTEXT_HEADER).
+CONTEXT_KEY = CONTEXT_HEADER
 
 
 @dataclass(frozen=True, slots=True)

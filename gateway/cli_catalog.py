@@ -16,11 +16,12 @@ import orjson
 from gateway.catalog import Catalog, CatalogError, Entry
 from gateway.catalog.client import FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.wire import CLIENT_ID_HEADER, ROLES_HEADER, USER_HEADER
 
 # The identity the gateway itself presents to MCP servers when it lists their tools (servers trust
 # these headers only from the gateway; Envoy overwrites them on client traffic).
-CATALOG_IDENTITY = {"x-mcp-user": "system:mcp-gateway-catalog", "x-mcp-roles": "gateway-catalog",
-                    "x-mcp-client-id": "mcp-gateway"}
+CATALOG_IDENTITY = {USER_HEADER: "system:mcp-gateway-catalog", ROLES_HEADER: "gateway-catalog",
+                    CLIENT_ID_HEADER: "mcp-gateway"}
 REFRESH_TIMEOUT_S = 30.0
 
 # "Which roles may call each tool": (config, entries) -> {(server, tool): [roles]}, or None when

@@ -29,6 +29,7 @@ from pathlib import Path
 from string import Template
 
 from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
+from gateway.wire import GATEWAY_HEADERS, INSPECT_HEADER, SIGNAL_HEADERS
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 
@@ -43,18 +44,6 @@ SERVER_MAX_REQUESTS = 1024
 HEALTH_INTERVAL = "2s"
 # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
 HEALTH_NO_TRAFFIC_INTERVAL = "5s"
-# Headers only ext_authz may set (see docs/configuration.md); a client's copies are dropped.
-IDENTITY_HEADERS = ("x-mcp-user", "x-mcp-issuer", "x-mcp-tenant", "x-mcp-client-id",
-                    "x-mcp-roles", "x-mcp-tool", "x-mcp-decision-id")
-# Set by ext_authz alone on requests whose answer ext_proc must inspect; routes match on it, so a
-# client's copy would let it force (or, through ext_authz removing it, nothing else) inspection.
-INSPECT_HEADER = "x-mcp-inspect"
-GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
-# What ext_authz (HTTP transport) says to Envoy in headers: never taken from a client either.
-SIGNAL_HEADERS = ("x-mcp-status", "mcp-gateway-context", "x-mcp-peer-address",
-                  "x-envoy-auth-headers-to-remove")
-# ext_authz files its dynamic metadata (the caller context ext_proc needs) under this namespace.
-EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 VALIDATE_TIMEOUT_SECONDS = 60.0
 # Envoy starts one worker per CPU unless told otherwise. Where Envoy shares the machine with the
 # Python services (the dev stack), those need most of the CPU: measured on 2 cores at 150 req/s,

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.envoy_config import GATEWAY_HEADERS
+from gateway.wire import CONTEXT_HEADER, GATEWAY_HEADERS, STATUS_HEADER
 
 POLICY_ERROR = "policy_error"
 POLICY_CONTRACT_ERROR = "policy_contract_error"
@@ -32,7 +32,7 @@ _HEADER_VALUE_RE = re.compile(r"^[\t\x20-\x7e\x80-\xff]{0,4096}$")
 # only; x-mcp-inspect, x-mcp-status and the caller context are ext_authz's signals to Envoy),
 # Envoy's, and those that frame the HTTP message.
 RESERVED_HEADERS = frozenset({
-    *GATEWAY_HEADERS, "x-mcp-status", "mcp-gateway-context", "authorization",
+    *GATEWAY_HEADERS, STATUS_HEADER, CONTEXT_HEADER, "authorization",
     "content-length", "content-type", "transfer-encoding", "connection", "keep-alive", "upgrade",
     "te", "trailer", "host", "proxy-connection"})
 _RESERVED_PREFIXES = ("x-envoy-", ":")

@@ -19,7 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
@@ -41,6 +41,15 @@ from gateway.mcp import extract_context
 from gateway.telemetry.audit import AuditUnavailable
 from gateway.telemetry.logs import bind_request
 from gateway.telemetry.tracing import start_server_span
+from gateway.wire import (
+    CLIENT_ID_HEADER,
+    DECISION_ID_HEADER,
+    ISSUER_HEADER,
+    ROLES_HEADER,
+    TENANT_HEADER,
+    USER_HEADER,
+    decode_identity,
+)
 from mcp_servers.core.context import LOG_OFF, Channel, Identity, ToolContext, new_request_id
 from mcp_servers.core.errors import (
     BadTransportRequest,
@@ -79,30 +88,19 @@ CACHEABLE_METHODS = frozenset({"server/discover", "tools/list", "prompts/list", 
                                "resources/templates/list", "resources/read"})
 # Envoy sets x-request-id (a client's own is replaced); the gateway's ext_authz sets the rest.
 REQUEST_ID_HEADER = "x-request-id"
-DECISION_ID_HEADER = "x-mcp-decision-id"
 REQUEST_ID_KEY = web.RequestKey("mcp_request_id", str)
 MAX_REQUEST_ID_LEN = 128
 TRACER = "mcp_servers"
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache, no-transform",
                "X-Accel-Buffering": "no"}
-# ext_authz sends identity values as printable ASCII with anything else percent-encoded ("%"
-# included: ext_authz.response.header_value); this is its inverse, accepting only that spelling.
-_IDENTITY_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
-
-
 def identity_value(value: str | None) -> str | None:
-    """An identity header's value, decoded; a spelling the gateway never sends is refused (400),
-    so one identity has exactly one form (``%41`` is not ``A``)."""
-    if value is None or "%" not in value:
-        return value
+    """An identity header's value, decoded (gateway.wire.decode_identity); a spelling the gateway
+    never sends is refused (400), so one identity has exactly one form (``%41`` is not ``A``)."""
     try:
-        decoded = unquote(value, errors="strict")
-    except UnicodeDecodeError:
-        decoded = None
-    if decoded is None or quote(decoded, safe=_IDENTITY_SAFE) != value:
+        return decode_identity(value)
+    except ValueError:
         raise BadTransportRequest("an identity header is not in the gateway's encoding",
-                                  code="invalid_identity_header")
-    return decoded
+                                  code="invalid_identity_header") from None
 
 
 def _log_value(value: str | None) -> str | None:
@@ -172,9 +170,9 @@ class Transport:
         request[REQUEST_ID_KEY] = rid
         # Every log line of this request (handlers included) carries these ids and the trace ids.
         with bind_request(request_id=rid, decision_id=headers.get(DECISION_ID_HEADER),
-                          sub=_log_value(headers.get("x-mcp-user")),
-                          tenant=_log_value(headers.get("x-mcp-tenant")),
-                          client_id=_log_value(headers.get("x-mcp-client-id"))):
+                          sub=_log_value(headers.get(USER_HEADER)),
+                          tenant=_log_value(headers.get(TENANT_HEADER)),
+                          client_id=_log_value(headers.get(CLIENT_ID_HEADER))):
             if request.method == "POST":
                 # The parent is Envoy's span (W3C traceparent), joining this server to the trace.
                 with start_server_span("mcp", headers, tracer_name=TRACER,
@@ -227,18 +225,18 @@ class Transport:
 
     def _identity(self, request: web.Request) -> Identity:
         headers = request.headers
-        roles = headers.get("x-mcp-roles")
+        roles = headers.get(ROLES_HEADER)
         return Identity(
-            user=identity_value(headers.get("x-mcp-user")),
-            tenant=identity_value(headers.get("x-mcp-tenant")),
-            client_id=identity_value(headers.get("x-mcp-client-id")),
+            user=identity_value(headers.get(USER_HEADER)),
+            tenant=identity_value(headers.get(TENANT_HEADER)),
+            client_id=identity_value(headers.get(CLIENT_ID_HEADER)),
             roles=tuple(identity_value(r.strip()) or "" for r in roles.split(",") if r.strip())
             if roles is not None else None,
         )
 
     def _owner(self, request: web.Request, identity: Identity | None = None) -> SessionOwner:
         identity = identity or self._identity(request)
-        return SessionOwner(issuer=identity_value(request.headers.get("x-mcp-issuer")),
+        return SessionOwner(issuer=identity_value(request.headers.get(ISSUER_HEADER)),
                             user=identity.user, tenant=identity.tenant)
 
     async def _read_body(self, request: web.Request) -> bytes:

@@ -17,24 +17,22 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ext_proc_pb
 from ext_authz.app import SERVICE_NAME, Service, start_service
 from ext_authz.http_front import (
     CARRIER_STATUS,
-    CONTEXT_HEADER,
     HEALTH_PATH,
     MAX_HEADER_BYTES,
     PATH_PREFIX,
-    REMOVE_HEADER,
-    STATUS_HEADER,
     HttpService,
     answer,
     context_text,
     read_request,
 )
 from ext_authz.request import HttpRequest
-from ext_authz.response import GATEWAY_HEADERS, Verdict, ext_proc_metadata
+from ext_authz.response import Verdict, ext_proc_metadata
 from ext_proc.metadata import CONTEXT_KEY, NAMESPACE, CallerContext, parse_caller_context
 from gateway.config import Instance
 from gateway.errors import UNAUTHORIZED
 from gateway.service import GrpcSettings
 from gateway.tokens import SigningKey
+from gateway.wire import CONTEXT_HEADER, GATEWAY_HEADERS, REMOVE_HEADER, STATUS_HEADER
 from tests.ext_authz.conftest import (
     PUBLIC_URL,
     JwksServer,

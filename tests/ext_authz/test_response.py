@@ -12,19 +12,16 @@ from google.protobuf import json_format
 from ext_authz import response
 from ext_authz.errors import MissingToken
 from ext_authz.response import (
-    GATEWAY_HEADERS,
-    IDENTITY_HEADERS,
-    INSPECT_HEADER,
     allowed,
     bearer_challenge,
     denied,
     error_body,
     ext_proc_metadata,
-    header_value,
     identity_headers,
     mask_types,
     needs_inspection,
 )
+from gateway.wire import GATEWAY_HEADERS, IDENTITY_HEADERS, INSPECT_HEADER, decode_identity, encode_identity
 
 
 def test_allowed_overwrites_and_removes() -> None:
@@ -138,10 +135,12 @@ def test_identity_headers_from_claims() -> None:
 
 def test_header_values_cannot_inject() -> None:
     """Control characters and non-ASCII in claims are percent-encoded."""
-    assert header_value("alice") == "alice"
-    assert header_value("a\r\nx-mcp-roles: admin") == "a%0D%0Ax-mcp-roles: admin"
-    assert header_value("jos\u00e9") == "jos%C3%A9"
-    assert header_value("100%") == "100%25"
+    assert encode_identity("alice") == "alice"
+    assert encode_identity("a\r\nx-mcp-roles: admin") == "a%0D%0Ax-mcp-roles: admin"
+    assert encode_identity("jos\u00e9") == "jos%C3%A9"
+    assert encode_identity("100%") == "100%25"
+    for value in ("alice", "a\r\nx: y", "jos\u00e9", "100%", "%41"):
+        assert decode_identity(encode_identity(value)) == value  # the servers' side inverts it
 
 
 def test_denied_response_has_status_body_and_headers() -> None:

@@ -15,10 +15,6 @@ import yaml
 from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
 from gateway.envoy_config import (
-    EXT_AUTHZ_NAMESPACE,
-    GATEWAY_HEADERS,
-    IDENTITY_HEADERS,
-    SIGNAL_HEADERS,
     EnvoyConfigError,
     RenderOptions,
     find_envoy,
@@ -26,6 +22,7 @@ from gateway.envoy_config import (
     validate,
     worker_threads,
 )
+from gateway.wire import EXT_AUTHZ_NAMESPACE, GATEWAY_HEADERS, IDENTITY_HEADERS, SIGNAL_HEADERS
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_EXAMPLE = REPO / "envoy" / "envoy.dev.yaml"
@@ -462,7 +459,8 @@ def test_http_transport_renders_and_validates(certs: Certs, tmp_path: Path) -> N
 def test_http_transport_ext_authz_filter(http_doc: dict[str, Any]) -> None:
     """The filter calls the ext_authz cluster under /check, fails closed, sends the body and the
     headers the decision reads, and files the caller context as metadata."""
-    from ext_authz.http_front import CONTEXT_HEADER, PATH_PREFIX
+    from ext_authz.http_front import PATH_PREFIX
+    from gateway.wire import CONTEXT_HEADER
 
     cfg = filters(http_doc)["envoy.filters.http.ext_authz"]["typed_config"]
     assert "grpc_service" not in cfg
@@ -507,7 +505,8 @@ def test_http_transport_ext_authz_cluster(http_doc: dict[str, Any]) -> None:
 
 def test_http_transport_restores_carried_statuses(http_doc: dict[str, Any]) -> None:
     """local_reply_config maps each status the service carries in x-mcp-status back, 500-504."""
-    from ext_authz.http_front import CARRIED_STATUSES, STATUS_HEADER
+    from ext_authz.http_front import CARRIED_STATUSES
+    from gateway.wire import STATUS_HEADER
 
     mappers = hcm(http_doc)["local_reply_config"]["mappers"]
     codes = [m["status_code"] for m in mappers]

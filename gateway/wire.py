@@ -1,0 +1,66 @@
+"""The wire contract between Envoy, ext_authz, ext_proc and the MCP servers, in one place.
+
+Every header name the gateway owns, the dynamic-metadata namespace and the codec of identity
+header values (the encoder ext_authz uses beside the decoder the servers use) live here, so the
+services and the rendered Envoy config (``gateway.envoy_config``) agree by construction.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+# Identity headers: set by ext_authz alone from verified claims; a client's copies are dropped
+# (Envoy's edge route and ext_authz's removal list), so an upstream can rely on them.
+USER_HEADER = "x-mcp-user"
+ISSUER_HEADER = "x-mcp-issuer"
+TENANT_HEADER = "x-mcp-tenant"
+CLIENT_ID_HEADER = "x-mcp-client-id"
+ROLES_HEADER = "x-mcp-roles"
+TOOL_HEADER = "x-mcp-tool"
+DECISION_ID_HEADER = "x-mcp-decision-id"
+IDENTITY_HEADERS = (USER_HEADER, ISSUER_HEADER, TENANT_HEADER, CLIENT_ID_HEADER, ROLES_HEADER,
+                    TOOL_HEADER, DECISION_ID_HEADER)
+# Set by ext_authz alone on requests whose answer ext_proc must inspect; Envoy routes on it, so a
+# client's copy would let it force inspection.
+INSPECT_HEADER = "x-mcp-inspect"
+# Every header the gateway owns towards the upstream: a client-sent copy never survives.
+GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+
+# What ext_authz's HTTP transport says to Envoy in headers (never taken from a client either):
+# the real status of a 5xx it answers as 400, the caller context for ext_proc, the client's TCP
+# address (added by Envoy to each check), and the upstream headers Envoy must remove.
+STATUS_HEADER = "x-mcp-status"
+CONTEXT_HEADER = "mcp-gateway-context"
+PEER_HEADER = "x-mcp-peer-address"
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+SIGNAL_HEADERS = (STATUS_HEADER, CONTEXT_HEADER, PEER_HEADER, REMOVE_HEADER)
+
+# ext_authz files its dynamic metadata (the caller context ext_proc needs) under this namespace;
+# the caller context is the key CONTEXT_HEADER in it.
+EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+
+# Identity values travel as printable ASCII with anything else (and "%" itself) percent-encoded,
+# so a claim can never inject a header line or an invalid header value.
+_IDENTITY_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def encode_identity(value: str) -> str:
+    """An identity value as a header value (``decode_identity`` is its inverse)."""
+    if value.isascii() and value.isprintable() and "%" not in value:
+        return value
+    return quote(value, safe=_IDENTITY_SAFE)
+
+
+def decode_identity(value: str | None) -> str | None:
+    """An identity header's value, decoded; raises ValueError for a spelling
+    :func:`encode_identity` never produces, so one identity has exactly one form (``%41`` is not
+    ``A``)."""
+    if value is None or "%" not in value:
+        return value
+    try:
+        decoded = unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("an identity header value is not valid percent-encoded UTF-8") from None
+    if quote(decoded, safe=_IDENTITY_SAFE) != value:
+        raise ValueError("an identity header value is not in the gateway's encoding")
+    return decoded
