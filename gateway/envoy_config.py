@@ -29,7 +29,14 @@ from pathlib import Path
 from string import Template
 
 from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
-from gateway.wire import GATEWAY_HEADERS, INSPECT_HEADER, SIGNAL_HEADERS
+from gateway.wire import (
+    CONTEXT_HEADER,
+    GATEWAY_HEADERS,
+    INSPECT_HEADER,
+    PEER_HEADER,
+    SIGNAL_HEADERS,
+    STATUS_HEADER,
+)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 
@@ -263,8 +270,11 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
 
     transport = config.ext_authz.transport  # "grpc" | "http"
     authz_timeout = f"{config.ext_authz.timeout_ms / 1000:g}s"
+    # The names of the signal headers come from gateway.wire, as the services read them.
+    wire_names = {"peer_header": PEER_HEADER, "context_header": CONTEXT_HEADER,
+                  "status_header": STATUS_HEADER}
     authz_service = _fill(_template(f"ext_authz_{transport}_service.yaml.tmpl"), {},
-                          {"ext_authz_timeout": authz_timeout})
+                          {"ext_authz_timeout": authz_timeout, **wire_names})
     authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
 
     removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS))
@@ -284,8 +294,8 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "ext_authz_endpoints": _endpoints(config.ext_authz.instances),
         "ext_authz_service": authz_service,
         "ext_authz_cluster_transport": authz_cluster,
-        "ext_authz_local_reply": _template("ext_authz_http_local_reply.yaml.tmpl")
-        if transport == "http" else "",
+        "ext_authz_local_reply": _fill(_template("ext_authz_http_local_reply.yaml.tmpl"), {},
+                                       wire_names) if transport == "http" else "",
     }
     scalars: dict[str, object] = {
         "source": _path(config.source, options) or "the embedded default config",
