@@ -271,7 +271,7 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     transport = config.ext_authz.transport  # "grpc" | "http"
     authz_timeout = f"{config.ext_authz.timeout_ms / 1000:g}s"
     # The names of the signal headers come from gateway.wire, as the services read them.
-    wire_names = {"peer_header": PEER_HEADER, "context_header": CONTEXT_HEADER,
+    wire_names: dict[str, object] = {"peer_header": PEER_HEADER, "context_header": CONTEXT_HEADER,
                   "status_header": STATUS_HEADER}
     authz_service = _fill(_template(f"ext_authz_{transport}_service.yaml.tmpl"), {},
                           {"ext_authz_timeout": authz_timeout, **wire_names})
