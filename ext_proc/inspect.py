@@ -125,34 +125,18 @@ def mask_everywhere(msg: dict[str, Any], masker: Masker) -> tuple[dict[str, Any]
     """
     out, counts = mask_message(msg, masker)
     if isinstance(out.get("result"), (dict, list)):
-        out["result"] = _mask_strings(out["result"], masker, counts)
+        out["result"], more = masker.mask_json(out["result"], skip=_binary_keys)
+        counts.update(more)
     return out, counts
 
 
-def _mask_strings(value: dict[str, Any] | list[Any], masker: Masker, counts: Counter[str]
-                  ) -> dict[str, Any] | list[Any]:
-    root: list[Any] = [value]
-    # An explicit stack: orjson accepts nesting deeper than Python's recursion limit.
-    stack: list[tuple[Any, Any]] = [(root, 0)]
-    while stack:
-        container, key = stack.pop()
-        item = container[key]
-        if isinstance(item, str):
-            masked, c = masker.mask_text(item)
-            if c:
-                container[key] = masked
-                counts.update(c)
-        elif isinstance(item, dict):
-            copy = dict(item)
-            container[key] = copy
-            media = copy.get("type") in _MEDIA_TYPES
-            stack.extend((copy, k) for k in copy if k != "blob" and not (media and k == "data"))
-        elif isinstance(item, list):
-            copy_list = list(item)
-            container[key] = copy_list
-            stack.extend((copy_list, i) for i in range(len(copy_list)))
-    result: dict[str, Any] | list[Any] = root[0]
-    return result
+def _binary_keys(obj: dict[str, Any]) -> frozenset[str]:
+    # Base64 payloads are not text: a blob anywhere, the data of an image or audio block.
+    return _MEDIA_KEYS if obj.get("type") in _MEDIA_TYPES else _BLOB_KEYS
+
+
+_BLOB_KEYS = frozenset({"blob"})
+_MEDIA_KEYS = frozenset({"blob", "data"})
 
 
 class Inspector:

@@ -18,7 +18,7 @@ import binascii
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 import orjson
@@ -480,8 +480,12 @@ class Masker:
         parts.append(text[pos:])
         return "".join(parts)
 
-    def mask_json(self, value: Any) -> tuple[Any, Counter[str]]:
-        """Mask every string value in a parsed JSON value (keys untouched); input is not mutated."""
+    def mask_json(self, value: Any, *, skip: Callable[[dict[str, Any]], Container[str]] | None = None
+                  ) -> tuple[Any, Counter[str]]:
+        """Mask every string value in a parsed JSON value (keys untouched); input is not mutated.
+
+        ``skip(obj)`` names the keys of an object whose values are left as they are (binary
+        payloads, say)."""
         counts: Counter[str] = Counter()
         if isinstance(value, str):
             return self.mask_text(value)
@@ -501,7 +505,8 @@ class Masker:
             elif isinstance(item, dict):
                 copy = dict(item)
                 container[key] = copy
-                stack.extend((copy, k) for k in copy)
+                skipped = skip(copy) if skip is not None else ()
+                stack.extend((copy, k) for k in copy if k not in skipped)
             elif isinstance(item, list):
                 copy_list = list(item)
                 container[key] = copy_list
