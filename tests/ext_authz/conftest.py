@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import socket
+import subprocess
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +33,7 @@ from gateway.config import GatewayConfig, parse_config
 from gateway.telemetry import AuditWriter
 from gateway.tokens import SigningKey, generate_key, mint_token
 from tests.gateway.catalog import mcp_stub
+from tests.ports import free_port
 
 ISSUER = "https://idp.example.test"
 PUBLIC_URL = "https://gw.example.test"
@@ -257,3 +262,32 @@ def upstream(resp: pb.CheckResponse) -> tuple[dict[str, str], list[str]]:
     ok = resp.ok_response
     assert all(h.append_action == OVERWRITE for h in ok.headers)
     return {h.header.key: h.header.value for h in ok.headers}, list(ok.headers_to_remove)
+
+
+# A real redis-server for the tests of the Redis backends (rate limits, session bindings).
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it: apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)  # polling a readiness probe with a deadline, not waiting blindly
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -7,12 +7,13 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from mcp_servers.database.seed import seed_sqlite
+from mcp_servers.database.backends import PostgresBackend
+from mcp_servers.database.seed import seed_postgres, seed_sqlite
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -75,3 +76,21 @@ def postgres_dsn() -> Iterator[str]:
             proc.kill()
             proc.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+# The PostgreSQL backend on the seeded test server.
+@pytest.fixture
+async def pg(postgres_dsn: str) -> AsyncIterator[PostgresBackend]:
+    import asyncpg
+
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await seed_postgres(conn)
+    finally:
+        await conn.close()
+    db = PostgresBackend(postgres_dsn)
+    await db.start()
+    try:
+        yield db
+    finally:
+        await db.close()

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator
 
 import pytest
 
 from mcp_servers.database.backends import DatabaseError, PostgresBackend, SQLiteBackend, jsonable
-from mcp_servers.database.seed import rows, seed_postgres, seed_sqlite
+from mcp_servers.database.seed import rows, seed_sqlite
 
 # Statements that must never change anything, whatever trick they use.
 SQLITE_WRITES = [
@@ -158,21 +157,6 @@ PG_WRITES = [
 ]
 
 
-@pytest.fixture
-async def pg(postgres_dsn: str) -> AsyncIterator[PostgresBackend]:
-    import asyncpg
-
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        await seed_postgres(conn)
-    finally:
-        await conn.close()
-    db = PostgresBackend(postgres_dsn)
-    await db.start()
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 async def pg_snapshot(db: PostgresBackend) -> list[list[object]]:

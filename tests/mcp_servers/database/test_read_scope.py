@@ -4,7 +4,6 @@ PostgreSQL plan check)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ import pytest
 from gateway.policy.sql import SQL_FUNCTIONS
 from mcp_servers.core import ToolError
 from mcp_servers.database.backends import DatabaseError, PostgresBackend, ReadScope, SQLiteBackend
-from mcp_servers.database.seed import seed_postgres
 from mcp_servers.database.server import read_scope
 
 
@@ -149,21 +147,6 @@ def test_server_scope_is_the_parsed_tables() -> None:
 # -- PostgreSQL: the plan check ------------------------------------------------------------------
 
 
-@pytest.fixture
-async def pg(postgres_dsn: str) -> AsyncIterator[PostgresBackend]:
-    import asyncpg
-
-    conn = await asyncpg.connect(postgres_dsn)
-    try:
-        await seed_postgres(conn)
-    finally:
-        await conn.close()
-    db = PostgresBackend(postgres_dsn)
-    await db.start()
-    try:
-        yield db
-    finally:
-        await db.close()
 
 
 @pytest.mark.parametrize(("sql", "allowed"), [
