@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.caller import Caller
 from gateway.config import ConfigError, load_config
 from gateway.errors import GatewayError
 from gateway.jsonrpc import parse_message
@@ -121,8 +122,8 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         raise ValueError(f"a {args.method} request carries no JSON-RPC message: drop --request")
     resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
     return build_policy_input(
-        ctx, claims=claims, server_name=args.server, server_resource=resource, body=body,
-        headers=headers, method=args.method, path=f"/mcp/{args.server}",
+        ctx, caller=Caller.from_claims(claims), server_name=args.server, server_resource=resource,
+        body=body, headers=headers, method=args.method, path=f"/mcp/{args.server}",
         host=resource.split("/")[2], session=session)
 
 
