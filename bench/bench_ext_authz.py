@@ -46,6 +46,7 @@ from ext_authz.ratelimit import MemoryRateLimiter  # noqa: E402
 from ext_authz.request import http_request, policy_input  # noqa: E402
 from ext_authz.servicer import AuthorizationServicer  # noqa: E402
 from ext_authz.settings import Settings  # noqa: E402
+from gateway.caller import Caller  # noqa: E402
 from gateway.catalog import Catalog  # noqa: E402
 from gateway.config import GatewayConfig, parse_config  # noqa: E402
 from gateway.jsonrpc import parse_message  # noqa: E402
@@ -233,7 +234,8 @@ async def in_process(cfg: GatewayConfig, token: str, n: int) -> dict[str, float]
             ctx = extract_context(parsed, req.headers)
         out["JSON-RPC parse + MCP context"] = per_call_us(time.process_time() - t, n)
         claims = await verifier.verify(token, resource)
-        doc = policy_input(req, parsed_body=parsed.raw, mcp=ctx, claims=claims, server="files",
+        doc = policy_input(req, parsed_body=parsed.raw, mcp=ctx, caller=Caller.from_claims(claims),
+                           server="files",
                            resource=resource, now=time.time())
         t = time.process_time()
         for _ in range(n):

@@ -6,11 +6,13 @@ The policy input shape is documented in ``policies/README.md``; it follows opa-e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
 from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
+from gateway.caller import Caller
 from gateway.mcp import McpContext
 from gateway.policy.input import build_policy_input
 
@@ -90,12 +92,12 @@ def bearer_token(headers: dict[str, str]) -> str:
 
 
 def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
-                 claims: dict[str, Any], server: str, resource: str, now: float,
-                 session: dict[str, str] | None = None) -> dict[str, Any]:
+                 caller: Caller, server: str, resource: str, now: float,
+                 session: Mapping[str, str | None] | None = None) -> dict[str, Any]:
     """The document the policy decides on: the one builder ``policy eval`` uses too, fed from the
     Envoy request. ``session`` (the owner of the request's session, ``ext_authz.sessions``) only
     when the request names a session."""
     return build_policy_input(
-        mcp, claims=claims, server_name=server, server_resource=resource, body=parsed_body,
+        mcp, caller=caller, server_name=server, server_resource=resource, body=parsed_body,
         headers=req.headers, method=req.method, path=req.path, host=req.host, scheme=req.scheme,
         request_id=req.id, source_address=req.source_address, session=session, now=now)

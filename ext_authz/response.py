@@ -11,19 +11,10 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import struct_pb2
 
+from gateway.caller import Caller
 from gateway.errors import GatewayError
 from gateway.jsonrpc import error_response
-from gateway.wire import (
-    CLIENT_ID_HEADER,
-    DECISION_ID_HEADER,
-    GATEWAY_HEADERS,
-    ISSUER_HEADER,
-    ROLES_HEADER,
-    TENANT_HEADER,
-    TOOL_HEADER,
-    USER_HEADER,
-    encode_identity,
-)
+from gateway.wire import DECISION_ID_HEADER, GATEWAY_HEADERS, TOOL_HEADER, encode_identity
 
 # google.rpc.Code values: Envoy only needs "not OK" plus the HTTP status of the denied answer.
 _RPC_OK = 0
@@ -84,27 +75,13 @@ def headers_to_remove(set_headers: Mapping[str, str]) -> list[str]:
     return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in set_headers)]
 
 
-def identity_headers(claims: Mapping[str, Any], tool: str | None,
-                     decision_id: str) -> dict[str, str]:
-    """The identity headers for the upstream, from verified claims (absent ones left out).
+def identity_headers(caller: Caller, tool: str | None, decision_id: str) -> dict[str, str]:
+    """The identity headers for the upstream (``Caller.to_headers``), the tool and the decision id.
 
     A subject is unique only within its issuer: a server that binds state to a user (sessions)
     needs both, so the issuer travels too."""
-    out = {USER_HEADER: encode_identity(str(claims["sub"])), DECISION_ID_HEADER: decision_id}
-    issuer = claims.get("iss")
-    if isinstance(issuer, str) and issuer:
-        out[ISSUER_HEADER] = encode_identity(issuer)
-    tenant = claims.get("tenant")
-    if isinstance(tenant, str) and tenant:
-        out[TENANT_HEADER] = encode_identity(tenant)
-    client_id = claims.get("client_id") or claims.get("azp")
-    if isinstance(client_id, str) and client_id:
-        out[CLIENT_ID_HEADER] = encode_identity(client_id)
-    roles = claims.get("roles")
-    if isinstance(roles, list):
-        names = [r for r in roles if isinstance(r, str) and r]
-        if names:
-            out[ROLES_HEADER] = encode_identity(",".join(names))
+    out = caller.to_headers()
+    out[DECISION_ID_HEADER] = decision_id
     if tool:
         out[TOOL_HEADER] = encode_identity(tool)
     return out
@@ -136,22 +113,24 @@ def needs_inspection(method: str | None, mask: list[str], http_method: str = "PO
     return http_method != "POST" or method is None or method in LIST_METHODS or bool(mask)
 
 
-def ext_proc_metadata(*, method: str | None, server: str, tool: str | None,
-                      claims: Mapping[str, Any], mask: list[str], decision_id: str,
-                      request_id: str | None, obligations: Mapping[str, Any]) -> dict[str, Any]:
-    """The dynamic metadata ext_proc reads (Envoy files it under envoy.filters.http.ext_authz)."""
-    roles = claims.get("roles")
-    tenant = claims.get("tenant")
-    scope = claims.get("scope")
-    return {
-        "mcp_method": method, "server": server, "tool": tool, "sub": str(claims["sub"]),
-        "tenant": tenant if isinstance(tenant, str) else None,
-        # List filtering in ext_proc asks the policy again, and scopes decide visibility there too.
-        "scope": scope if isinstance(scope, str) else None,
-        "roles": [r for r in roles if isinstance(r, str)] if isinstance(roles, list) else [],
+def ext_proc_metadata(*, method: str | None, server: str, tool: str | None, caller: Caller,
+                      resource: str, mask: list[str], decision_id: str, request_id: str | None,
+                      obligations: Mapping[str, Any], http_method: str = "POST") -> dict[str, Any]:
+    """The dynamic metadata ext_proc reads (Envoy files it under envoy.filters.http.ext_authz).
+
+    Where ext_proc may ask the list policy (a list, or an answer whose content only the answer
+    tells: see :func:`needs_inspection`), the caller's claims and the server's resource go too,
+    so the list filter's input is built from what this decision's input was."""
+    lists = http_method != "POST" or method is None or method in LIST_METHODS
+    out = {
+        "mcp_method": method, "server": server, "tool": tool,
+        **caller.to_metadata(with_token=lists),
         "mask": mask, "decision_id": decision_id, "request_id": request_id,
         "obligations": obligations,
     }
+    if lists:
+        out["resource"] = resource
+    return out
 
 
 _OBLIGATIONS_CACHE_SIZE = 256

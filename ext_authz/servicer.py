@@ -64,11 +64,11 @@ from ext_authz.response import (
 from ext_authz.sessions import (
     MemorySessionStore,
     SessionBinder,
-    SessionOwner,
     SessionStoreUnavailable,
     session_id_of,
 )
 from ext_authz.settings import Settings
+from gateway.caller import Caller, SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.jsonrpc import best_effort_id, parse_message
 from gateway.mcp import McpContext, extract_context
@@ -225,8 +225,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             return self._deny(rec, err, req, {"www-authenticate": challenge})
         except KeysUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
-        rec.sub = claims["sub"]
-        facts.claims = claims
+        caller = Caller.from_claims(claims)
+        rec.sub = caller.sub
+        facts.caller = caller
 
         ctx: McpContext | None = None
         parsed: dict[str, Any] | None = None
@@ -251,12 +252,12 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
             facts.ctx = ctx
             rec.method, rec.tool = ctx.method, ctx.tool
         # Undone with the bind in Check (unbind restores what was there before that one).
-        bind(sub=str(rec.sub), tenant=_str_claim(claims, "tenant"), client_id=_client_id(claims),
+        bind(sub=caller.sub, tenant=caller.tenant, client_id=caller.client_id,
              server=server, method=rec.method, tool=rec.tool)
 
         try:
             await self._limiter.acquire(limits_for(
-                settings.rate_limits, issuer=claims["iss"], sub=rec.sub, server=server,
+                settings.rate_limits, issuer=caller.issuer or "", sub=caller.sub, server=server,
                 tool=ctx.tool if ctx is not None else None))
         except RateLimited as err:
             metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
@@ -267,19 +268,18 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
 
         # After the rate limit (probing ids costs tokens), before the policy (which reads the
         # owner): a session of another issuer or subject does not exist for this caller.
-        caller = SessionOwner.from_claims(claims)
         owner: SessionOwner | None = None
         try:
             session_id = session_id_of(headers)
             if session_id is not None:
-                owner = await self._sessions.owner(server, session_id, caller)
+                owner = await self._sessions.owner(server, session_id, caller.owner)
         except SessionStoreUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
         except GatewayError as err:
             return self._deny(rec, err, req)
 
         build = functools.partial(
-            policy_input, req, parsed_body=parsed, mcp=ctx, claims=claims, server=server,
+            policy_input, req, parsed_body=parsed, mcp=ctx, caller=caller, server=server,
             resource=resource, now=self._clock(),
             session=owner.as_policy_input() if owner is not None else None)
         try:
@@ -303,7 +303,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         if owner is not None:
             # Whatever the policy (or dry-run) said: a session never changes tenant.
             try:
-                self._sessions.check_tenant(owner, caller)
+                self._sessions.check_tenant(owner, caller.owner)
             except GatewayError as err:
                 return self._deny(rec, err, req)
 
@@ -339,13 +339,14 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
         mask = mask_types(decision.obligations)
         # Identity headers win over policy-provided headers of the same name, and only the
         # gateway decides about inspection.
-        upstream = {**decision.headers, **identity_headers(claims, rec.tool, rec.decision_id)}
+        upstream = {**decision.headers, **identity_headers(caller, rec.tool, rec.decision_id)}
         upstream.pop(INSPECT_HEADER, None)
         if needs_inspection(rec.method, mask, req.method):
             upstream[INSPECT_HEADER] = "1"
         metadata = ext_proc_metadata(
-            method=rec.method, server=server, tool=rec.tool, claims=claims, mask=mask,
-            decision_id=rec.decision_id, request_id=rec.request_id, obligations=decision.obligations)
+            method=rec.method, server=server, tool=rec.tool, caller=caller, resource=resource,
+            mask=mask, decision_id=rec.decision_id, request_id=rec.request_id,
+            obligations=decision.obligations, http_method=req.method)
         return Verdict.allow(upstream, metadata)
 
     async def _parse_sql(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -364,7 +365,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
     async def _write_audit(self, verdict: Verdict, rec: DecisionRecord, facts: _Facts) -> Verdict:
         """Put the entry on disk before the answer leaves; no entry, no answer (503)."""
         assert self._audit is not None and facts.ctx is not None
-        ctx, claims = facts.ctx, facts.claims or {}
+        ctx, caller = facts.ctx, facts.caller
         digest = None
         if ctx.method == "tools/call":
             digest = args_digest(ctx.arguments)
@@ -374,7 +375,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc
                 digest = args_digest(params["arguments"])
         entry = AuditEntry(
             method=str(ctx.method), server=rec.server or "", target=ctx.name,
-            sub=rec.sub, client_id=_client_id(claims), tenant=_str_claim(claims, "tenant"),
+            sub=rec.sub, client_id=caller.client_id if caller is not None else None,
+            tenant=caller.tenant if caller is not None else None,
             decision="allow" if rec.allow else "deny", reason=rec.reason,
             status="allowed" if rec.allow else "denied", latency_ms=round(rec.latency_ms, 3),
             request_id=rec.request_id, decision_id=rec.decision_id, args_digest=digest,
@@ -402,7 +404,7 @@ class _Facts:
     """What one check learnt, for the audit entry after the decision."""
 
     req: HttpRequest
-    claims: dict[str, Any] | None = None
+    caller: Caller | None = None
     ctx: McpContext | None = None
     parsed: dict[str, Any] | None = None
 
@@ -468,12 +470,3 @@ def _count(rec: DecisionRecord, seconds: float) -> None:
 def _has_sql(ctx: McpContext | None) -> bool:
     return ctx is not None and isinstance(ctx.arguments, dict) \
         and isinstance(ctx.arguments.get("sql"), str)
-
-
-def _str_claim(claims: dict[str, Any], name: str) -> str | None:
-    value = claims.get(name)
-    return value if isinstance(value, str) and value else None
-
-
-def _client_id(claims: dict[str, Any]) -> str | None:
-    return _str_claim(claims, "client_id") or _str_claim(claims, "azp")

@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.caller import SessionOwner
 from gateway.errors import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, SESSION_NOT_FOUND, GatewayError
 
 logger = logging.getLogger(__name__)
@@ -85,41 +86,6 @@ class SessionStoreUnavailable(GatewayError):
     code = "session_store_unavailable"
     rpc_code = INTERNAL_ERROR
     http_status = 503
-
-
-@dataclass(frozen=True, slots=True)
-class SessionOwner:
-    """Who a session belongs to: the caller of the first request that carried its id."""
-
-    iss: str
-    sub: str
-    tenant: str | None  # as the policy reads it: a non-empty string claim, else none
-
-    @classmethod
-    def from_claims(cls, claims: dict[str, Any]) -> SessionOwner:
-        tenant = claims.get("tenant")
-        return cls(str(claims["iss"]), str(claims["sub"]),
-                   tenant if isinstance(tenant, str) and tenant else None)
-
-    def same_principal(self, other: SessionOwner) -> bool:
-        return self.iss == other.iss and self.sub == other.sub
-
-    def as_policy_input(self) -> dict[str, str]:
-        """``input.session``; ``tenant`` absent for a tenant-less owner, because the policy's
-        ``session_crosses_tenant`` reads a null tenant as present (a tenant-less owner would be
-        refused its own session) while a missing one is compared by :meth:`SessionBinder.check_tenant`."""
-        out = {"iss": self.iss, "sub": self.sub}
-        if self.tenant is not None:
-            out["tenant"] = self.tenant
-        return out
-
-    def encode(self) -> bytes:
-        return orjson.dumps([self.iss, self.sub, self.tenant])
-
-    @classmethod
-    def decode(cls, raw: bytes | str) -> SessionOwner:
-        iss, sub, tenant = orjson.loads(raw)
-        return cls(iss, sub, tenant)
 
 
 class _Ended:
@@ -183,7 +149,7 @@ class MemorySessionStore:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._entries: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         # Each principal's keys in claim order: its oldest is found without a scan.
-        self._by_principal: dict[tuple[str, str], dict[str, None]] = {}
+        self._by_principal: dict[tuple[str | None, str | None], dict[str, None]] = {}
         self._ttl = ttl
         self._max = max_bindings
         self._max_per_principal = max_per_principal

@@ -34,6 +34,7 @@ from ext_proc.metadata import CallerContext
 from gateway.catalog import Catalog
 from gateway.pii import DEFAULT_REPLACEMENT, Masker, mask_mcp_result
 from gateway.policy.errors import PolicyError
+from gateway.policy.input import build_list_input
 from gateway.sse import DEFAULT_MAX_BUFFER, SseParser, serialize
 
 # The methods whose results clients read as MCP content; with an obligation any answer is masked.
@@ -210,13 +211,10 @@ class Inspector:
     async def _allowed(self, entrypoint: str, ctx: CallerContext, spec: ListSpec,
                        names: list[str]) -> frozenset[str]:
         assert self._policy is not None
-        token: dict[str, Any] = {"sub": ctx.sub, "roles": list(ctx.roles)}
-        if ctx.tenant is not None:
-            token["tenant"] = ctx.tenant
-        if ctx.scope is not None:
-            token["scope"] = ctx.scope
-        policy_input = {"mcp": {"method": spec.method}, "token": token,
-                        "server": {"name": ctx.server}, "kind": spec.key, "items": names}
+        # The one builder ext_authz's decision used: the same token, server and clock shape.
+        policy_input = build_list_input(
+            caller=ctx.caller, server_name=ctx.server, server_resource=ctx.resource or "",
+            method=spec.method, kind=spec.key, items=names)
         try:
             value = await self._policy.query(entrypoint, policy_input)
         except PolicyError as exc:

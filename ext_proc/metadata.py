@@ -20,6 +20,7 @@ import orjson
 from google.protobuf import struct_pb2
 
 from ext_proc.errors import MetadataInvalid, MetadataMissing
+from gateway.caller import Caller
 from gateway.pii import UnknownPiiType, normalize_types
 from gateway.wire import CONTEXT_HEADER, EXT_AUTHZ_NAMESPACE
 
@@ -35,14 +36,13 @@ class CallerContext:
     # so its answer is inspected message by message (ext_proc.inspect).
     mcp_method: str | None
     server: str
-    sub: str
-    roles: tuple[str, ...]
+    caller: Caller  # with its claims where ext_proc may ask the list policy
     mask: tuple[str, ...]  # canonical PII type names (gateway.pii), possibly empty
     decision_id: str
     tool: str | None = None
-    tenant: str | None = None
-    scope: str | None = None
     request_id: str | None = None
+    # The server's resource id, sent with the claims: the list policy's input.server.resource.
+    resource: str | None = None
 
 
 def _string(fields: Any, key: str, *, required: bool) -> str | None:
@@ -143,18 +143,20 @@ def _build(string: Callable[[str, bool], str | None],
         raise MetadataInvalid("ext_authz metadata lacks 'mcp_method'", data={"field": "mcp_method"})
     method = string("mcp_method", False) or None
     server = string("server", True)
-    sub = string("sub", True)
     decision_id = string("decision_id", True)
-    assert server is not None and sub is not None and decision_id is not None
+    assert server is not None and decision_id is not None
     if not server:
         raise MetadataInvalid("ext_authz metadata 'server' is empty", data={"field": "server"})
+    try:
+        caller = Caller.from_metadata(string, strings)
+    except ValueError as exc:
+        raise MetadataInvalid(f"ext_authz metadata: {exc}", data={"field": "caller"}) from None
     try:
         mask = _mask_types(strings("mask"))
     except UnknownPiiType as exc:
         raise MetadataInvalid(str(exc), data={"field": "mask"}) from None
     return CallerContext(
-        mcp_method=method, server=server, sub=sub, roles=strings("roles"), mask=mask,
-        decision_id=decision_id, tool=string("tool", False) or None,
-        tenant=string("tenant", False) or None, scope=string("scope", False),
-        request_id=string("request_id", False) or None,
+        mcp_method=method, server=server, caller=caller, mask=mask, decision_id=decision_id,
+        tool=string("tool", False) or None, request_id=string("request_id", False) or None,
+        resource=string("resource", False) or None,
     )

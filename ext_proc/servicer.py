@@ -167,7 +167,8 @@ class Exchange:
             return {"request_id": self.request_id}
         if self._fields is None:
             self._fields = {"request_id": ctx.request_id or self.request_id,
-                            "decision_id": ctx.decision_id, "sub": ctx.sub, "tenant": ctx.tenant,
+                            "decision_id": ctx.decision_id, "sub": ctx.caller.sub,
+                            "tenant": ctx.caller.tenant,
                             "server": ctx.server, "method": ctx.mcp_method, "tool": ctx.tool}
         return self._fields
 

@@ -40,27 +40,43 @@ SIGNAL_HEADERS = (STATUS_HEADER, CONTEXT_HEADER, PEER_HEADER, REMOVE_HEADER)
 EXT_AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
 
 # Identity values travel as printable ASCII with anything else (and "%" itself) percent-encoded,
-# so a claim can never inject a header line or an invalid header value.
+# so a claim can never inject a header line or an invalid header value. A space at either end is
+# encoded too: HTTP parsers trim it, and " alice" must not reach a server as "alice".
 _IDENTITY_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
-def encode_identity(value: str) -> str:
-    """An identity value as a header value (``decode_identity`` is its inverse)."""
-    if value.isascii() and value.isprintable() and "%" not in value:
+def encode_identity(value: str, *, reserved: str = "") -> str:
+    """An identity value as a header value (``decode_identity`` is its inverse). ``reserved``:
+    characters percent-encoded besides the usual ones (a list's separator)."""
+    if value.isascii() and value.isprintable() and "%" not in value \
+            and not any(c in value for c in reserved) and value[:1] != " " and value[-1:] != " ":
         return value
-    return quote(value, safe=_IDENTITY_SAFE)
+    encoded = quote(value, safe=_safe(reserved))
+    if encoded.startswith(" "):
+        encoded = "%20" + encoded[1:]
+    if encoded.endswith(" "):
+        encoded = encoded[:-1] + "%20"
+    return encoded
 
 
-def decode_identity(value: str | None) -> str | None:
+def decode_identity(value: str | None, *, reserved: str = "") -> str | None:
     """An identity header's value, decoded; raises ValueError for a spelling
-    :func:`encode_identity` never produces, so one identity has exactly one form (``%41`` is not
-    ``A``)."""
-    if value is None or "%" not in value:
+    :func:`encode_identity` (with the same ``reserved``) never produces, so one identity has
+    exactly one form (``%41`` is not ``A``)."""
+    if value is None:
+        return value
+    if any(c in value for c in reserved):
+        raise ValueError("an identity header value holds a reserved character unencoded")
+    if "%" not in value:
         return value
     try:
         decoded = unquote(value, errors="strict")
     except UnicodeDecodeError:
         raise ValueError("an identity header value is not valid percent-encoded UTF-8") from None
-    if quote(decoded, safe=_IDENTITY_SAFE) != value:
+    if encode_identity(decoded, reserved=reserved) != value:
         raise ValueError("an identity header value is not in the gateway's encoding")
     return decoded
+
+
+def _safe(reserved: str) -> str:
+    return _IDENTITY_SAFE if not reserved else "".join(c for c in _IDENTITY_SAFE if c not in reserved)

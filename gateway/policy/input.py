@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.caller import Caller
 from gateway.mcp import McpContext
 from gateway.policy.facts import with_facts
 
@@ -22,7 +23,7 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"
 def build_policy_input(
     ctx: McpContext | None,
     *,
-    claims: Mapping[str, Any],
+    caller: Caller,
     server_name: str,
     server_resource: str,
     body: Mapping[str, Any] | None = None,
@@ -39,9 +40,10 @@ def build_policy_input(
     """Assemble the input document of one decision (ext_authz and ``policy eval`` alike).
 
     ``ctx``: the MCP context of the JSON-RPC message, or None for a request without one (GET: the
-    session's stream; DELETE: its end). ``claims``: the verified JWT claims. ``body``: the parsed
-    JSON-RPC message (``Message.raw``). ``headers``: the request's headers; names are compared and
-    kept lower-case (as Envoy sends them), credentials dropped. ``session``: the owner of the
+    session's stream; DELETE: its end). ``caller``: who the request acts for (its ``token()`` is
+    ``input.token``). ``body``: the parsed JSON-RPC message (``Message.raw``). ``headers``: the
+    request's headers; names are compared and kept lower-case (as Envoy sends them), credentials
+    dropped. ``session``: the owner of the
     request's session (``ext_authz.sessions``: ``{"iss", "sub", "tenant"}``), or None.
     ``now``: Unix seconds (defaults to the current time). Raises
     ``gateway.errors.InputLimitExceeded`` (and other 400s) for arguments over the facts' bounds.
@@ -69,7 +71,7 @@ def build_policy_input(
         },
         "parsed_body": dict(body) if body is not None else None,
         "mcp": with_facts(ctx.as_policy_input()) if ctx is not None else _no_message(http_headers),
-        "token": dict(claims),
+        "token": caller.token(),
         "server": {"name": server_name, "resource": server_resource},
         "now": int(time.time() if now is None else now),
     }
@@ -86,3 +88,18 @@ def _no_message(headers: Mapping[str, str]) -> dict[str, Any]:
         "protocol_version": headers.get("mcp-protocol-version"),
         "session_id": headers.get("mcp-session-id"),
     }
+
+
+def build_list_input(*, caller: Caller, server_name: str, server_resource: str, method: str,
+                     kind: str, items: list[str], now: float | None = None) -> dict[str, Any]:
+    """The input of a list filter (ext_proc asks it for each list answer): the decision input
+    of a request without a message, its ``mcp.method`` the list method, plus ``kind`` (tools,
+    prompts, resources, resourceTemplates) and ``items`` (the listed names or URIs). The token,
+    server and clock are the ones ext_authz's decision read; the request itself is not known
+    when the answer is inspected, so its ``attributes`` are empty."""
+    policy_input = build_policy_input(None, caller=caller, server_name=server_name,
+                                      server_resource=server_resource, now=now)
+    policy_input["mcp"]["method"] = method
+    policy_input["kind"] = kind
+    policy_input["items"] = items
+    return policy_input

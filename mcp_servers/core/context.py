@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from gateway.caller import Caller
 from mcp_servers.core.errors import ClientRequestFailed
 from mcp_servers.core.settings import LOG_LEVELS
 from mcp_servers.core.streams import EventStream, new_token
@@ -25,16 +25,6 @@ logger = logging.getLogger(__name__)
 LIST_KINDS = ("tools", "resources", "prompts")
 # From 2026-07-28 on, log delivery is a per-request opt-in (``_meta`` logLevel); absent means off.
 LOG_OFF = "off"
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    """The caller as the gateway authenticated it (identity headers); all None when absent."""
-
-    user: str | None = None
-    tenant: str | None = None
-    client_id: str | None = None
-    roles: tuple[str, ...] | None = None
 
 
 class Channel:
@@ -83,7 +73,7 @@ class ServerHooks(Protocol):
 class ToolContext:
     """Per-request context handed to every tool, resource, prompt and completion handler."""
 
-    def __init__(self, *, request_id: str | int | None, identity: Identity, protocol_version: str,
+    def __init__(self, *, request_id: str | int | None, caller: Caller | None, protocol_version: str,
                  session: Session | None, client_capabilities: dict[str, Any],
                  channel: Channel, hooks: ServerHooks, meta: dict[str, Any],
                  log_level: str | None, cancelled: asyncio.Event | None = None,
@@ -92,7 +82,8 @@ class ToolContext:
         # x-request-id (Envoy's) and the gateway's x-mcp-decision-id: what logs and audit join on.
         self.http_request_id = http_request_id
         self.decision_id = decision_id
-        self.identity = identity
+        # Who the gateway says the request acts for (gateway.caller); None without a gateway.
+        self.caller = caller
         self.protocol_version = protocol_version
         self.session = session
         self.client_capabilities = client_capabilities
@@ -104,19 +95,23 @@ class ToolContext:
 
     @property
     def user(self) -> str | None:
-        return self.identity.user
+        return self.caller.sub if self.caller is not None else None
+
+    @property
+    def issuer(self) -> str | None:
+        return self.caller.issuer if self.caller is not None else None
 
     @property
     def tenant(self) -> str | None:
-        return self.identity.tenant
+        return self.caller.tenant if self.caller is not None else None
 
     @property
     def roles(self) -> tuple[str, ...] | None:
-        return self.identity.roles
+        return self.caller.roles if self.caller is not None else None
 
     @property
     def client_id(self) -> str | None:
-        return self.identity.client_id
+        return self.caller.client_id if self.caller is not None else None
 
     @property
     def session_id(self) -> str | None:

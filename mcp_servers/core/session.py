@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.caller import SessionOwner
 from mcp_servers.core.errors import SessionNotFound
 from mcp_servers.core.streams import EventStream, new_token
 
@@ -30,16 +31,6 @@ class InFlight:
     task: asyncio.Task[Any]
     cancelled: asyncio.Event
     cancel_timer: asyncio.TimerHandle | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class SessionOwner:
-    """The caller a session belongs to, as the identity headers name it (decoded); all None
-    for a caller the gateway did not identify."""
-
-    issuer: str | None = None
-    user: str | None = None
-    tenant: str | None = None
 
 
 @dataclass(slots=True)
@@ -99,7 +90,7 @@ def _same_value(a: str | None, b: str | None) -> bool:
 
 def _same_owner(a: SessionOwner, b: SessionOwner) -> bool:
     # Every part compared (no early exit): the answer takes as long whichever part differs.
-    same = [_same_value(a.issuer, b.issuer), _same_value(a.user, b.user),
+    same = [_same_value(a.iss, b.iss), _same_value(a.sub, b.sub),
             _same_value(a.tenant, b.tenant)]
     return all(same)
 

@@ -26,6 +26,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from gateway.caller import Caller, SessionOwner
 from gateway.errors import (
     HEADER_MISMATCH,
     INVALID_PARAMS,
@@ -37,20 +38,25 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
-from gateway.mcp import extract_context
+from gateway.mcp import (
+    HANDSHAKE_VERSIONS,
+    LATEST_HANDSHAKE_VERSION,
+    META_PROTOCOL_VERSION,
+    MODERN_VERSION,
+    SUPPORTED_HEADER_VERSIONS,
+    extract_context,
+)
 from gateway.telemetry.audit import AuditUnavailable
 from gateway.telemetry.logs import bind_request
 from gateway.telemetry.tracing import start_server_span
 from gateway.wire import (
     CLIENT_ID_HEADER,
     DECISION_ID_HEADER,
-    ISSUER_HEADER,
-    ROLES_HEADER,
     TENANT_HEADER,
     USER_HEADER,
     decode_identity,
 )
-from mcp_servers.core.context import LOG_OFF, Channel, Identity, ToolContext, new_request_id
+from mcp_servers.core.context import LOG_OFF, Channel, ToolContext, new_request_id
 from mcp_servers.core.errors import (
     BadTransportRequest,
     ClientRequestFailed,
@@ -59,22 +65,16 @@ from mcp_servers.core.errors import (
 )
 from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
-from mcp_servers.core.session import InFlight, Session, SessionOwner, SessionStore
+from mcp_servers.core.session import InFlight, Session, SessionStore
 from mcp_servers.core.settings import LOG_LEVELS, ServerSettings
 from mcp_servers.core.streams import EventStream, new_token
 
 logger = logging.getLogger(__name__)
 
-MODERN_VERSION = "2026-07-28"
-HANDSHAKE_VERSIONS = ("2025-06-18", "2025-11-25")
-LATEST_HANDSHAKE_VERSION = "2025-11-25"
-# What a client may put in MCP-Protocol-Version. 2025-03-26 is what the spec tells clients to
-# assume when nothing was negotiated, and SDK clients send it on some requests.
-SUPPORTED_HEADER_VERSIONS = ("2025-03-26", *HANDSHAKE_VERSIONS, MODERN_VERSION)
+ANONYMOUS = SessionOwner(None, None, None)
 
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
-META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
 META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
@@ -223,21 +223,21 @@ class Transport:
         raise BadTransportRequest(f"Origin {origin!r} is not allowed", code="origin_not_allowed",
                                   http_status=403)
 
-    def _identity(self, request: web.Request) -> Identity:
-        headers = request.headers
-        roles = headers.get(ROLES_HEADER)
-        return Identity(
-            user=identity_value(headers.get(USER_HEADER)),
-            tenant=identity_value(headers.get(TENANT_HEADER)),
-            client_id=identity_value(headers.get(CLIENT_ID_HEADER)),
-            roles=tuple(identity_value(r.strip()) or "" for r in roles.split(",") if r.strip())
-            if roles is not None else None,
-        )
+    @staticmethod
+    def _caller(request: web.Request) -> Caller | None:
+        """The caller the gateway's identity headers name (gateway.caller), or None without
+        them; a spelling the gateway never sends is refused (400), so one identity has exactly
+        one form (``%41`` is not ``A``)."""
+        try:
+            return Caller.from_headers(request.headers.get)
+        except ValueError:
+            raise BadTransportRequest("an identity header is not in the gateway's encoding",
+                                      code="invalid_identity_header") from None
 
-    def _owner(self, request: web.Request, identity: Identity | None = None) -> SessionOwner:
-        identity = identity or self._identity(request)
-        return SessionOwner(issuer=identity_value(request.headers.get(ISSUER_HEADER)),
-                            user=identity.user, tenant=identity.tenant)
+    @staticmethod
+    def _owner(caller: Caller | None) -> SessionOwner:
+        # Without a gateway in front every caller is the same anonymous owner.
+        return caller.owner if caller is not None else ANONYMOUS
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes
@@ -286,7 +286,7 @@ class Transport:
             return _error(msg.id, exc)
 
     async def _post_message(self, request: web.Request, msg: Message, *, sse_ok: bool) -> web.StreamResponse:
-        identity = self._identity(request)
+        caller = self._caller(request)
         header_version = request.headers.get("MCP-Protocol-Version")
         if header_version is not None and header_version not in SUPPORTED_HEADER_VERSIONS:
             raise UnsupportedVersion(f"unsupported MCP-Protocol-Version {header_version!r}",
@@ -294,7 +294,7 @@ class Transport:
                                            "requested": header_version})
         sid = request.headers.get("Mcp-Session-Id")
         if msg.kind == "response":
-            owner = self._owner(request, identity)
+            owner = self._owner(caller)
             self._client_response(msg, self.sessions.get(sid, owner) if sid is not None else None)
             return web.Response(status=202)
         mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
@@ -305,11 +305,11 @@ class Transport:
         if msg.method == "initialize":
             if msg.kind != "request":
                 raise InvalidRequest("initialize must be a request with an id")
-            return await self._initialize(msg, identity, self._owner(request, identity))
+            return await self._initialize(msg, caller, self._owner(caller))
         session: Session | None = None
         modern = False
         if sid is not None:
-            session = self.sessions.get(sid, self._owner(request, identity))
+            session = self.sessions.get(sid, self._owner(caller))
             version = header_version or session.protocol_version
             capabilities = session.client_capabilities
         elif mcp_ctx.protocol_version is not None and mcp_ctx.protocol_version >= MODERN_VERSION:
@@ -333,7 +333,7 @@ class Transport:
             # Clients send notifications/initialized first; SDKs racing it are tolerated.
             session.initialized = True
         return await self._run_request(request, msg, session=session, version=version, modern=modern,
-                                       identity=identity, capabilities=capabilities, sse_ok=sse_ok)
+                                       caller=caller, capabilities=capabilities, sse_ok=sse_ok)
 
     def _modern_envelope(self, msg: Message, header_version: str | None) -> tuple[str, dict[str, Any]]:
         meta = msg.params.get("_meta")
@@ -356,7 +356,8 @@ class Transport:
                                 http_status=400)
         return version, caps
 
-    async def _initialize(self, msg: Message, identity: Identity, owner: SessionOwner) -> web.Response:
+    async def _initialize(self, msg: Message, caller: Caller | None, owner: SessionOwner
+                          ) -> web.Response:
         params = msg.params
         requested = params.get("protocolVersion")
         if not isinstance(requested, str):
@@ -369,7 +370,7 @@ class Transport:
             client_capabilities=caps if isinstance(caps, dict) else {},
             client_info=info if isinstance(info, dict) else {})
         logger.info("session created", extra={"session": session.id[:8], "protocol_version": version,
-                                               "user": identity.user})
+                                               "user": caller.sub if caller else None})
         return _json(result_response(msg.id, self.server.initialize_result(version)),
                      headers={"Mcp-Session-Id": session.id})
 
@@ -402,7 +403,7 @@ class Transport:
             pending.future.set_result(result if isinstance(result, dict) else {})
 
     async def _run_request(self, request: web.Request, msg: Message, *, session: Session | None,
-                           version: str, modern: bool, identity: Identity, capabilities: dict[str, Any],
+                           version: str, modern: bool, caller: Caller | None, capabilities: dict[str, Any],
                            sse_ok: bool) -> web.StreamResponse:
         assert msg.method is not None
         rid = msg.id
@@ -420,7 +421,7 @@ class Transport:
             requested_level = meta.get(META_LOG_LEVEL)
             log_level = requested_level if requested_level in LOG_LEVELS else LOG_OFF
         cancelled = asyncio.Event()
-        ctx = ToolContext(request_id=msg.id, identity=identity, protocol_version=version, session=session,
+        ctx = ToolContext(request_id=msg.id, caller=caller, protocol_version=version, session=session,
                           client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
                           log_level=log_level, cancelled=cancelled,
                           http_request_id=request.get(REQUEST_ID_KEY),
@@ -560,7 +561,7 @@ class Transport:
         if sid is None:
             raise BadTransportRequest("GET needs an Mcp-Session-Id header (no GET stream in protocol "
                                       f"{MODERN_VERSION})", http_status=405)
-        session = self.sessions.get(sid, self._owner(request))
+        session = self.sessions.get(sid, self._owner(self._caller(request)))
         last = request.headers.get("Last-Event-ID")
         found = session.find_stream(last) if last else None
         if found is not None:
@@ -582,7 +583,7 @@ class Transport:
         sid = request.headers.get("Mcp-Session-Id")
         if sid is None:
             raise BadTransportRequest("DELETE needs an Mcp-Session-Id header")
-        session = self.sessions.get(sid, self._owner(request))
+        session = self.sessions.get(sid, self._owner(self._caller(request)))
         await self.sessions.remove(session)
         logger.info("session ended by client", extra={"session": session.id[:8]})
         return web.Response(status=200)

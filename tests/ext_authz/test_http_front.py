@@ -28,6 +28,7 @@ from ext_authz.http_front import (
 from ext_authz.request import HttpRequest
 from ext_authz.response import Verdict, ext_proc_metadata
 from ext_proc.metadata import CONTEXT_KEY, NAMESPACE, CallerContext, parse_caller_context
+from gateway.caller import Caller
 from gateway.config import Instance
 from gateway.errors import UNAUTHORIZED
 from gateway.service import GrpcSettings
@@ -70,7 +71,8 @@ def sample_metadata(**claims: Any) -> dict[str, Any]:
     base: dict[str, Any] = {"sub": "alice", "roles": ["analyst"], "tenant": "acme",
                             "scope": "tools:call:files/read_file"}
     base.update(claims)
-    return ext_proc_metadata(method="tools/call", server="files", tool="read_file", claims=base,
+    return ext_proc_metadata(method="tools/call", server="files", tool="read_file",
+                             caller=Caller.from_claims(base), resource="https://gw/mcp/files",
                              mask=["email"], decision_id="d" * 32, request_id="r-1",
                              obligations={"mask_pii": ["email"], "note": "kept"})
 
@@ -146,7 +148,7 @@ def test_allow_carries_the_caller_context_as_json() -> None:
     text = resp.headers[CONTEXT_HEADER]
     assert orjson.loads(text) == metadata
     assert caller_context(text) == struct_context(metadata)
-    assert caller_context(text).mask == ("email",) and caller_context(text).sub == "alice"
+    assert caller_context(text).mask == ("email",) and caller_context(text).caller.sub == "alice"
 
 
 def test_non_ascii_context_is_an_ascii_header_that_parses_back() -> None:
@@ -157,7 +159,8 @@ def test_non_ascii_context_is_an_ascii_header_that_parses_back() -> None:
     assert "\\u00eb" in text
     assert json.loads(text) == metadata == orjson.loads(text)
     ctx = caller_context(text)
-    assert ctx.sub == "zoë" and ctx.tenant == "東京" and ctx.roles == ("анализ", "ok")
+    assert ctx.caller == Caller("zoë", tenant="東京", roles=("анализ", "ok"),
+                                scope="tools:call:files/read_file")
     assert context_text({"a": "plain"}) == '{"a":"plain"}'
 
 
@@ -355,7 +358,7 @@ async def test_service_allows_a_tools_call(http_service: tuple[Service, StubEngi
         removed = resp.headers[REMOVE_HEADER].split(",")
         ctx = caller_context(resp.headers[CONTEXT_HEADER])
     assert "authorization" in removed and "x-mcp-client-id" in removed and "x-mcp-user" not in removed
-    assert ctx.sub == "alice" and ctx.tool == "read_file" and ctx.server == "files"
+    assert ctx.caller.sub == "alice" and ctx.tool == "read_file" and ctx.server == "files"
     assert ctx.decision_id == decision_id and ctx.request_id == headers["x-request-id"]
     doc = engine.inputs[-1]
     assert doc["attributes"]["source"]["address"] == "198.51.100.7"

@@ -6,6 +6,7 @@ import pytest
 
 from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
 from ext_authz.request import bearer_token, check_query, http_request, policy_input, server_of
+from gateway.caller import Caller
 from tests.ext_authz.conftest import check_request
 
 
@@ -53,7 +54,7 @@ def test_bearer_token_parsing() -> None:
 def test_policy_input_hides_credentials_and_handles_bodyless_requests() -> None:
     """Authorization and Cookie never reach the policy; GET has mcp.method null."""
     req = http_request(check_request("get_sse_stream", "tok", headers={"cookie": "sid=1"}))
-    doc = policy_input(req, parsed_body=None, mcp=None, claims={"sub": "a"}, server="files",
+    doc = policy_input(req, parsed_body=None, mcp=None, caller=Caller("a"), server="files",
                        resource="https://gw/mcp/files", now=12.7)
     headers = doc["attributes"]["request"]["http"]["headers"]
     assert "authorization" not in headers and "cookie" not in headers
@@ -71,7 +72,7 @@ def test_policy_input_carries_path_facts() -> None:
     req = http_request(check_request("post_tools_call_files", "tok"))
     msg = parse_message(req.body)
     ctx = extract_context(msg, req.headers)
-    doc = policy_input(req, parsed_body=msg.raw, mcp=ctx, claims={"sub": "a"}, server="files",
+    doc = policy_input(req, parsed_body=msg.raw, mcp=ctx, caller=Caller("a"), server="files",
                        resource="https://gw/mcp/files", now=1)
     args = doc["mcp"]["arguments"]
     assert isinstance(args, dict) and "path" in args

@@ -21,6 +21,7 @@ from ext_authz.response import (
     mask_types,
     needs_inspection,
 )
+from gateway.caller import Caller
 from gateway.wire import GATEWAY_HEADERS, IDENTITY_HEADERS, INSPECT_HEADER, decode_identity, encode_identity
 
 
@@ -38,10 +39,12 @@ def test_allowed_overwrites_and_removes() -> None:
 def _answer(decision_id: str, request_id: str | None, *, sub: str = "alice") -> tuple[
         dict[str, str], dict[str, Any]]:
     claims = {"sub": sub, "tenant": "acme", "roles": ["engineer"]}
-    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file", claims=claims,
-                           mask=["email"], decision_id=decision_id, request_id=request_id,
+    caller = Caller.from_claims(claims)
+    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file", caller=caller,
+                           resource="https://gw/mcp/files", mask=["email"], decision_id=decision_id,
+                           request_id=request_id,
                            obligations={"mask_pii": ["email"], "note": {"n": 1}})
-    return {**identity_headers(claims, "read_file", decision_id), INSPECT_HEADER: "1"}, md
+    return {**identity_headers(caller, "read_file", decision_id), INSPECT_HEADER: "1"}, md
 
 
 def test_repeated_allowed_answers_carry_their_own_ids() -> None:
@@ -112,24 +115,39 @@ def test_only_a_posts_answer_is_decided_by_its_message(http_method: str, method:
 
 def test_ext_proc_metadata_shape() -> None:
     """The metadata struct names everything ext_proc needs; odd claim types are dropped."""
-    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file",
-                           claims={"sub": "alice", "tenant": 7, "roles": ["a", 1, "b"],
-                                   "scope": "tools:call:files/*"},
-                           mask=["email"], decision_id="d1", request_id="r1",
-                           obligations={"mask_pii": ["email"]})
+    caller = Caller.from_claims({"sub": "alice", "iss": "https://idp", "tenant": 7,
+                                 "roles": ["a", 1, "b"], "scope": "tools:call:files/*"})
+    md = ext_proc_metadata(method="tools/call", server="files", tool="read_file", caller=caller,
+                           resource="https://gw/mcp/files", mask=["email"], decision_id="d1",
+                           request_id="r1", obligations={"mask_pii": ["email"]})
     assert md == {"mcp_method": "tools/call", "server": "files", "tool": "read_file",
-                  "sub": "alice", "tenant": None, "scope": "tools:call:files/*",
-                  "roles": ["a", "b"], "mask": ["email"],
+                  "sub": "alice", "iss": "https://idp", "tenant": None,
+                  "scope": "tools:call:files/*", "roles": ["a", "b"], "mask": ["email"],
                   "decision_id": "d1", "request_id": "r1", "obligations": {"mask_pii": ["email"]}}
+
+
+@pytest.mark.parametrize(("method", "http_method"), [
+    ("tools/list", "POST"), ("prompts/list", "POST"), (None, "POST"), ("tools/call", "GET")])
+def test_ext_proc_metadata_carries_the_claims_where_lists_are_filtered(
+        method: str | None, http_method: str) -> None:
+    """Where ext_proc may ask the list policy, the claims (as JSON text, numbers exact) and the
+    server's resource go along, so the list filter reads the token ext_authz's policy read."""
+    claims = {"sub": "alice", "iss": "https://idp", "exp": 1_900_000_000, "department": "hr"}
+    md = ext_proc_metadata(method=method, server="files", tool=None,
+                           caller=Caller.from_claims(claims), resource="https://gw/mcp/files",
+                           mask=[], decision_id="d1", request_id=None, obligations={},
+                           http_method=http_method)
+    assert orjson.loads(md["token"]) == claims and md["resource"] == "https://gw/mcp/files"
 
 
 def test_identity_headers_from_claims() -> None:
     """sub, tenant, client_id (or azp), roles and tool become headers; junk claims are skipped."""
-    h = identity_headers({"sub": "alice", "tenant": "acme", "azp": "vscode", "roles": ["a", 3, "b"]},
-                         "read_file", "d1")
+    h = identity_headers(Caller.from_claims(
+        {"sub": "alice", "tenant": "acme", "azp": "vscode", "roles": ["a", 3, "b"]}), "read_file", "d1")
     assert h == {"x-mcp-user": "alice", "x-mcp-tenant": "acme", "x-mcp-client-id": "vscode",
                  "x-mcp-roles": "a,b", "x-mcp-tool": "read_file", "x-mcp-decision-id": "d1"}
-    assert identity_headers({"sub": "bob", "tenant": 5, "roles": "admin"}, None, "d") == \
+    assert identity_headers(Caller.from_claims({"sub": "bob", "tenant": 5, "roles": "admin"}),
+                            None, "d") == \
         {"x-mcp-user": "bob", "x-mcp-decision-id": "d"}
 
 

@@ -440,7 +440,7 @@ async def test_ext_proc_metadata_and_inspect_header(
     headers, _ = upstream(resp)
     assert headers["x-mcp-inspect"] == "1"
     md = _metadata(resp)
-    assert isinstance(md.pop("scope"), str)
+    assert isinstance(md.pop("scope"), str) and isinstance(md.pop("iss"), str)
     assert md == {
         "mcp_method": "tools/call", "server": "files", "tool": "read_file", "sub": "alice",
         "tenant": "acme", "roles": ["analyst", "auditor"], "mask": ["email", "card"],

@@ -23,12 +23,12 @@ from ext_authz.sessions import (
     RedisSessionStore,
     SessionBinder,
     SessionNotFound,
-    SessionOwner,
     SessionStoreUnavailable,
     SessionTenantMismatch,
     session_id_of,
     session_key,
 )
+from gateway.caller import Caller, SessionOwner
 from gateway.errors import SESSION_NOT_FOUND
 from gateway.tokens import SigningKey
 from tests.ext_authz.conftest import (
@@ -122,11 +122,11 @@ async def test_same_principal_other_tenant_gets_the_owner_and_is_refused() -> No
 
 async def test_tenantless_owner_has_no_tenant_key() -> None:
     """A tenant-less owner is {"iss", "sub"} for the policy; a caller with a tenant is refused."""
-    owner = SessionOwner.from_claims({"iss": ISSUER, "sub": "svc", "tenant": ""})
+    owner = Caller.from_claims({"iss": ISSUER, "sub": "svc", "tenant": ""}).owner
     assert owner.tenant is None and owner.as_policy_input() == {"iss": ISSUER, "sub": "svc"}
     with pytest.raises(SessionTenantMismatch):
         SessionBinder.check_tenant(owner, SessionOwner(ISSUER, "svc", "acme"))
-    assert SessionOwner.from_claims({"iss": ISSUER, "sub": "x", "tenant": 7}).tenant is None
+    assert Caller.from_claims({"iss": ISSUER, "sub": "x", "tenant": 7}).owner.tenant is None
 
 
 async def test_ended_session_is_not_found_for_everyone() -> None:

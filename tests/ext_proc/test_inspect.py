@@ -10,12 +10,13 @@ import pytest
 from ext_proc.errors import InvalidUpstreamResponse, ListPolicyError
 from ext_proc.inspect import MASK_METHODS, Inspector, SseInspector, masker_for
 from ext_proc.metadata import CallerContext
+from gateway.caller import Caller
 from gateway.config import PolicyConfig
 from gateway.policy import build_engine
 from tests.e2e.helpers import REPO
 from tests.ext_proc.conftest import EMAIL, TOOLS, StandinPolicy
 
-CTX = CallerContext(mcp_method="tools/list", server="files", sub="alice", roles=("viewer",),
+CTX = CallerContext(mcp_method="tools/list", server="files", caller=Caller("alice", roles=("viewer",)),
                     mask=("email",), decision_id="d")
 
 
@@ -30,13 +31,13 @@ def test_plans() -> None:
     ins = inspector()
     assert ins.plan(CTX).list_spec is not None
     for method in (*MASK_METHODS, "ping", "completion/complete", "initialize"):
-        plan = ins.plan(CallerContext(method, "files", "a", (), ("email",), "d"))
+        plan = ins.plan(CallerContext(method, "files", Caller("a"), ("email",), "d"))
         assert plan.masker is not None and plan.masker.types == ("email",) and not plan.by_shape
-    assert not ins.plan(CallerContext("tools/call", "files", "a", (), (), "d")).inspects
-    assert not ins.plan(CallerContext("ping", "files", "a", (), (), "d")).inspects
-    masked = ins.plan(CallerContext(None, "files", "a", (), ("email",), "d"))
+    assert not ins.plan(CallerContext("tools/call", "files", Caller("a"), (), "d")).inspects
+    assert not ins.plan(CallerContext("ping", "files", Caller("a"), (), "d")).inspects
+    masked = ins.plan(CallerContext(None, "files", Caller("a"), ("email",), "d"))
     assert masked.by_shape and masked.masker is not None and masked.list_spec is None
-    unmasked = ins.plan(CallerContext(None, "files", "a", (), (), "d"))
+    unmasked = ins.plan(CallerContext(None, "files", Caller("a"), (), "d"))
     assert unmasked.by_shape and unmasked.masker is None and unmasked.inspects
 
 
@@ -56,7 +57,7 @@ def test_inconsistent_config_is_refused() -> None:
 async def test_unlisted_kind_is_not_policy_filtered() -> None:
     """prompts/list without a configured rule keeps its items (no catalog: no pin filtering)."""
     policy = StandinPolicy()
-    ctx = CallerContext("prompts/list", "files", "alice", ("viewer",), (), "d")
+    ctx = CallerContext("prompts/list", "files", Caller("alice", roles=("viewer",)), (), "d")
     msg = {"jsonrpc": "2.0", "id": 1, "result": {"prompts": [{"name": "p"}, {"nameless": 1}]}}
     out, _ = await inspector(policy).transform(msg, ctx, inspector(policy).plan(ctx))
     assert out["result"]["prompts"] == [{"name": "p"}]
@@ -107,7 +108,7 @@ async def test_sse_inspector_passes_comments_and_priming_events() -> None:
 
 async def test_sse_inspector_masks_multiline_data() -> None:
     """A JSON message spread over several data: lines is parsed as one and re-emitted."""
-    ctx = CallerContext("tools/call", "files", "a", (), ("email",), "d")
+    ctx = CallerContext("tools/call", "files", Caller("a"), ("email",), "d")
     ins = inspector()
 
     async def mask(msg: object) -> dict[str, object]:
@@ -127,8 +128,8 @@ async def test_real_policy_filters_tools() -> None:
     try:
         ins = Inspector(policy=engine, list_entrypoints={"tools": "mcp/authz/visible_tools"},
                         catalog=None)
-        ctx = CallerContext("tools/list", "files", "alice", ("viewer",), (), "d", tenant="acme",
-                            scope="tools:call:files/*")
+        caller = Caller("alice", roles=("viewer",), tenant="acme", scope="tools:call:files/*")
+        ctx = CallerContext("tools/list", "files", caller, (), "d")
         msg = {"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS, "nextCursor": "n"}}
         out, _ = await ins.transform(msg, ctx, ins.plan(ctx))
     finally:
@@ -139,8 +140,8 @@ async def test_real_policy_filters_tools() -> None:
 
 # --- issue 13, finding 6: answers replayed on a GET stream carry no method -----------------------
 
-STREAM = CallerContext(None, "files", "alice", ("viewer",), ("email",), "d")
-STREAM_UNMASKED = CallerContext(None, "files", "alice", ("viewer",), (), "d")
+STREAM = CallerContext(None, "files", Caller("alice", roles=("viewer",)), ("email",), "d")
+STREAM_UNMASKED = CallerContext(None, "files", Caller("alice", roles=("viewer",)), (), "d")
 
 
 async def by_shape(msg: object, ctx: CallerContext = STREAM,
@@ -234,7 +235,7 @@ async def test_replayed_base64_payloads_are_left_alone() -> None:
         "contents": [{"uri": "f://b", "blob": noise, "mimeType": "application/octet-stream"},
                      {"uri": "f://t", "blob": text_blob, "mimeType": "text/plain"}],
         "_meta": {"owner": EMAIL}}}
-    out = await by_shape(msg, CallerContext(None, "files", "a", (), ("all",), "d"))
+    out = await by_shape(msg, CallerContext(None, "files", Caller("a"), ("all",), "d"))
     result = out["result"]
     assert isinstance(result, dict)
     assert result["content"][0]["data"] == noise and result["contents"][0]["blob"] == noise
@@ -246,7 +247,7 @@ async def test_replayed_base64_payloads_are_left_alone() -> None:
 async def test_strings_outside_the_content_fields_are_masked(method: str | None) -> None:
     """A result's _meta, a block's annotations and keys next to the MCP content fields are
     masked too, on an original answer as on a replay."""
-    ctx = CallerContext(method, "files", "a", (), ("email",), "d")
+    ctx = CallerContext(method, "files", Caller("a"), ("email",), "d")
     msg = {"jsonrpc": "2.0", "id": 1, "result": {
         "content": [{"type": "text", "text": "ok", "annotations": {"note": EMAIL}}],
         "contents": [{"uri": "f://a", "text": "ok", "_meta": {"owner": EMAIL}}],

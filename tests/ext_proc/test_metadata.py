@@ -13,6 +13,7 @@ from ext_authz.http_front import context_text
 from ext_authz.response import allowed, ext_proc_metadata
 from ext_proc.errors import MetadataInvalid, MetadataMissing
 from ext_proc.metadata import CONTEXT_KEY, NAMESPACE, CallerContext, parse_caller_context
+from gateway.caller import Caller
 from tests.ext_proc.conftest import caller
 
 
@@ -26,14 +27,15 @@ def test_full_context() -> None:
     """Every field arrives typed; mask types are canonicalised (aliases, order)."""
     ctx = parsed(caller(mask=["credit_card", "email"], scope="tools:call:files/*"))
     assert ctx.mcp_method == "tools/call" and ctx.server == "files" and ctx.tool == "read_file"
-    assert ctx.roles == ("viewer",) and ctx.mask == ("email", "card")
-    assert ctx.scope == "tools:call:files/*" and ctx.request_id == "r-1"
+    assert ctx.caller.roles == ("viewer",) and ctx.mask == ("email", "card")
+    assert ctx.caller.scope == "tools:call:files/*" and ctx.request_id == "r-1"
 
 
 def test_optional_fields_may_be_absent_or_null() -> None:
     """tool, tenant, scope and request_id are optional (null counts as absent)."""
     ctx = parsed(caller(tool=None, tenant=..., request_id=...))
-    assert ctx.tool is None and ctx.tenant is None and ctx.request_id is None and ctx.scope is None
+    assert ctx.tool is None and ctx.request_id is None
+    assert ctx.caller.tenant is None and ctx.caller.scope is None
 
 
 def test_missing_namespace() -> None:
@@ -130,7 +132,7 @@ def test_malformed_json_context(overrides: dict[str, Any]) -> None:
 def test_invalid_json_text_never_falls_back_to_struct_fields() -> None:
     """With the context key present, only it counts: a broken one fails closed even when valid
     struct fields sit next to it."""
-    assert json_parsed(orjson.dumps(caller(sub="bob")).decode(), **caller()).sub == "bob"
+    assert json_parsed(orjson.dumps(caller(sub="bob")).decode(), **caller()).caller.sub == "bob"
     with pytest.raises(MetadataInvalid):
         json_parsed("{not json", **caller())
     with pytest.raises(MetadataInvalid):
@@ -154,7 +156,8 @@ def test_ext_authz_context_of_a_get_reaches_ext_proc(transport: str) -> None:
     parses, over either ext_authz transport."""
     metadata = ext_proc_metadata(
         method=None, server="erp", tool=None, decision_id="d-9", request_id="r-9",
-        claims={"sub": "alice", "tenant": "acme", "roles": ["analyst"], "scope": "mcp"},
+        caller=Caller.from_claims({"sub": "alice", "tenant": "acme", "roles": ["analyst"],
+                                   "scope": "mcp"}), resource="https://gw/mcp/erp",
         mask=["email", "card"], obligations={"mask_pii": ["email", "card"]})
     req = pb.ProcessingRequest()
     if transport == "grpc":
@@ -165,4 +168,4 @@ def test_ext_authz_context_of_a_get_reaches_ext_proc(transport: str) -> None:
             {CONTEXT_KEY: context_text(metadata)})
     ctx = parse_caller_context(req.metadata_context.filter_metadata)
     assert ctx.mcp_method is None and ctx.server == "erp" and ctx.mask == ("email", "card")
-    assert ctx.roles == ("analyst",) and ctx.decision_id == "d-9"
+    assert ctx.caller.roles == ("analyst",) and ctx.decision_id == "d-9"

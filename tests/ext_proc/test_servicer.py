@@ -10,7 +10,9 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from prometheus_client import REGISTRY
 
+from gateway.caller import Caller
 from gateway.catalog import Catalog
+from gateway.policy.input import build_policy_input
 from gateway.sse import SseParser
 from tests.ext_proc.conftest import (
     CARD,
@@ -128,11 +130,39 @@ async def test_tools_list_is_filtered_with_one_query(policy: StandinPolicy) -> N
     assert len(policy.queries) == 1
     entrypoint, policy_input = policy.queries[0]
     assert entrypoint == "mcp/authz/visible_tools"
-    assert policy_input == {"mcp": {"method": "tools/list"},
-                            "token": {"sub": "alice", "roles": ["viewer"], "tenant": "acme",
-                                      "scope": "tools:call:files/*"},
-                            "server": {"name": "files"}, "kind": "tools",
-                            "items": ["read_file", "write_file", "stat"]}
+    assert policy_input["mcp"]["method"] == "tools/list" and policy_input["kind"] == "tools"
+    assert policy_input["token"] == {"sub": "alice", "roles": ["viewer"], "tenant": "acme",
+                                     "scope": "tools:call:files/*"}
+    assert policy_input["server"] == {"name": "files", "resource": ""}
+    assert policy_input["items"] == ["read_file", "write_file", "stat"]
+
+
+async def test_list_filter_reads_the_token_ext_authz_read(policy: StandinPolicy) -> None:
+    """The list filter's input is built by the decision's builder from the claims ext_authz
+    sent: a custom claim (and exact numbers) reach the list policy as they reached the
+    decision, with the server's resource."""
+    claims = {"sub": "alice", "iss": "https://idp", "exp": 1_900_000_000, "department": "hr",
+              "roles": ["viewer"]}
+    meta = caller(mcp_method="tools/list", tool=None, token=orjson.dumps(claims).decode(),
+                  resource="https://gw/mcp/files")
+    await run(make_servicer(policy), response_headers(meta=meta),
+              response_body(jsonrpc_result({"tools": TOOLS})))
+    (_, policy_input), = policy.queries
+    decision_input = build_policy_input(None, caller=Caller.from_claims(claims), server_name="files",
+                                        server_resource="https://gw/mcp/files",
+                                        now=policy_input["now"])
+    assert policy_input["token"] == claims and isinstance(policy_input["token"]["exp"], int)
+    assert policy_input["server"] == decision_input["server"]
+    assert set(policy_input) == set(decision_input) | {"kind", "items"}
+
+
+async def test_list_filter_refuses_claims_of_another_caller(policy: StandinPolicy) -> None:
+    """Claims naming another subject than the context's are a broken hand-over: withheld."""
+    meta = caller(mcp_method="tools/list", tool=None, token=orjson.dumps({"sub": "root"}).decode())
+    out = await run(make_servicer(policy), response_headers(meta=meta),
+                    response_body(jsonrpc_result({"tools": TOOLS})))
+    assert not policy.queries
+    assert b"read_file" not in b"".join(new_body(o) for o in out[1:] if o.HasField("response_body"))
 
 
 async def test_tools_list_over_sse_is_filtered(policy: StandinPolicy) -> None:

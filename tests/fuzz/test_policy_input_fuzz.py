@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ext_authz.request import http_request, policy_input
+from gateway.caller import Caller
 from gateway.errors import GatewayError
 from gateway.jsonrpc import parse_message
 from gateway.mcp import McpContext, extract_context
@@ -67,7 +68,7 @@ def _build(check: pb.CheckRequest) -> dict[str, Any] | None:
         ctx = extract_context(msg, req.headers)
     except GatewayError:
         return None
-    return policy_input(req, parsed_body=msg.raw, mcp=ctx, claims=dict(_CLAIMS), server="files",
+    return policy_input(req, parsed_body=msg.raw, mcp=ctx, caller=Caller.from_claims(_CLAIMS), server="files",
                         resource="https://gw.example/mcp/files", now=1.0)
 
 
@@ -114,7 +115,9 @@ def test_build_policy_input_hides_credentials(headers: dict[str, str], upper: li
     """build_policy_input drops credential headers in any case and keeps the input JSON-encodable."""
     sent = {**headers, **{_spelled(k, upper): v for k, v in _CREDENTIALS.items()}}
     ctx = McpContext(kind="request", method="tools/list", id=1)
-    doc = build_policy_input(ctx, claims=claims, server_name="files", server_resource="https://gw/mcp/files",
-                             body={"params": body}, headers=sent, now=0)
+    caller = Caller.from_claims({**claims, "sub": "alice"})
+    doc = build_policy_input(ctx, caller=caller, server_name="files",
+                             server_resource="https://gw/mcp/files", body={"params": body},
+                             headers=sent, now=0)
     _assert_no_credentials(doc)
     assert orjson.loads(orjson.dumps(doc)) == doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gateway.caller import Caller
 from gateway.jsonrpc import parse_message
 from gateway.mcp import extract_context
 from gateway.policy.input import build_policy_input
@@ -14,7 +15,8 @@ def test_input_shape_and_no_credentials() -> None:
     headers = {"authorization": "Bearer secret", "cookie": "s=1", "mcp-session-id": "abc",
                "x-request-id": "r1"}
     ctx = extract_context(msg, headers)
-    inp = build_policy_input(ctx, claims={"sub": "alice", "roles": ["viewer"]}, server_name="files",
+    caller = Caller.from_claims({"sub": "alice", "roles": ["viewer"]})
+    inp = build_policy_input(ctx, caller=caller, server_name="files",
                              server_resource="https://gw/mcp/files", body=msg.raw, headers=headers,
                              path="/mcp/files", request_id="r1", now=1764000000)
     http = inp["attributes"]["request"]["http"]
@@ -35,6 +37,6 @@ def test_input_carries_path_facts() -> None:
             b'"params":{"name":"stat","arguments":{"path":"a/b"}}}')
     msg = parse_message(body)
     ctx = extract_context(msg, {})
-    inp = build_policy_input(ctx, claims={"sub": "alice"}, server_name="files",
+    inp = build_policy_input(ctx, caller=Caller("alice"), server_name="files",
                              server_resource="https://gw/mcp/files", body=msg.raw, now=1)
     assert inp["mcp"]["facts"] == {"arguments": [{"well_formed": True, "prefixes": ["", "a", "a/b"]}]}
