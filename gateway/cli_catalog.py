@@ -16,6 +16,7 @@ import orjson
 from gateway.catalog import Catalog, CatalogError, Entry
 from gateway.catalog.client import FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.mcp import LATEST_HANDSHAKE_VERSION
 from gateway.wire import CLIENT_ID_HEADER, ROLES_HEADER, USER_HEADER
 
 # The identity the gateway itself presents to MCP servers when it lists their tools (servers trust
@@ -104,7 +105,7 @@ def register(subparsers: Any) -> None:
     p_refresh = sub.add_parser("refresh", help="fetch tools/resources/prompts from every server")
     db_arg(p_refresh)
     p_refresh.add_argument("--server", action="append", help="only this server (repeatable)")
-    p_refresh.add_argument("--protocol-version", default="2025-11-25")
+    p_refresh.add_argument("--protocol-version", default=LATEST_HANDSHAKE_VERSION)
     p_refresh.add_argument("--mode", choices=("tofu", "require_approval"), default="tofu",
                            help="first sight: trust (tofu, default) or wait for approval")
     p_refresh.set_defaults(func=cmd_refresh)

@@ -9,12 +9,19 @@ from typing import Any
 from gateway.errors import HeaderMismatch, InvalidRequest
 from gateway.jsonrpc import Message
 
-PROTOCOL_VERSIONS: tuple[str, ...] = ("2025-06-18", "2025-11-25", "2026-07-28")
-LATEST_PROTOCOL_VERSION = "2026-07-28"
-# Versions with initialize + sessions; 2026-07-28 and later are stateless.
-STATEFUL_VERSIONS = frozenset({"2025-06-18", "2025-11-25", "2025-03-26"})
-# Before MCP-Protocol-Version existed clients did not send it; the spec says assume this.
+# The protocol versions the gateway and its servers speak: the only place they are spelled.
+# Before MCP-Protocol-Version existed clients did not send it; the spec says assume this one.
 DEFAULT_NEGOTIATED_VERSION = "2025-03-26"
+# Versions negotiated by initialize, with sessions; the latest is what a server offers.
+HANDSHAKE_VERSIONS: tuple[str, ...] = ("2025-06-18", "2025-11-25")
+LATEST_HANDSHAKE_VERSION = HANDSHAKE_VERSIONS[-1]
+# From this version on, requests are stateless and carry their version in params._meta.
+MODERN_VERSION = "2026-07-28"
+PROTOCOL_VERSIONS: tuple[str, ...] = (*HANDSHAKE_VERSIONS, MODERN_VERSION)
+LATEST_PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
+# What a client may put in MCP-Protocol-Version (SDK clients send the default on some requests).
+SUPPORTED_HEADER_VERSIONS: tuple[str, ...] = (DEFAULT_NEGOTIATED_VERSION, *PROTOCOL_VERSIONS)
+STATEFUL_VERSIONS = frozenset({DEFAULT_NEGOTIATED_VERSION, *HANDSHAKE_VERSIONS})
 META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
 
 # Which param names the target of a method (Mcp-Name header, policy input, audit).
@@ -113,7 +120,7 @@ def check_sep2243_headers(method: str | None, name: str | None, headers: Mapping
     """Mcp-Method / Mcp-Name must agree with the body; required from 2026-07-28 on."""
     method_header = _header(headers, "mcp-method")
     name_header = _header(headers, "mcp-name")
-    modern = version is not None and version >= "2026-07-28"
+    modern = version is not None and version >= MODERN_VERSION
     if method is None:  # responses carry no method
         return
     if method_header is None:

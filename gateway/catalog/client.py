@@ -19,7 +19,12 @@ import aiohttp
 from gateway.catalog.store import CatalogError
 from gateway.errors import METHOD_NOT_FOUND, GatewayError
 from gateway.jsonrpc import loads_strict
-from gateway.mcp import META_PROTOCOL_VERSION, PROTOCOL_VERSIONS, STATEFUL_VERSIONS
+from gateway.mcp import (
+    LATEST_HANDSHAKE_VERSION,
+    META_PROTOCOL_VERSION,
+    PROTOCOL_VERSIONS,
+    STATEFUL_VERSIONS,
+)
 from gateway.sse import SseParser
 
 logger = logging.getLogger(__name__)
@@ -135,7 +140,7 @@ async def _list_all(rpc: _Rpc, method: str, key: str) -> list[dict[str, Any]]:
 
 
 async def fetch_listing(http: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str],
-                        protocol_version: str = "2025-11-25") -> Listing:
+                        protocol_version: str = LATEST_HANDSHAKE_VERSION) -> Listing:
     """Everything one server lists, following every ``nextCursor``."""
     if protocol_version not in PROTOCOL_VERSIONS:
         raise FetchError(f"unsupported protocol version {protocol_version!r}")

@@ -1,5 +1,6 @@
 """The wire contract has one home: every header name the gateway owns and the metadata namespace
-are literals only in gateway/wire.py, and the identity codec round-trips."""
+are literals only in gateway/wire.py, the protocol versions only in gateway/mcp.py, and the
+identity codec round-trips."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from gateway import wire
+from gateway import mcp, wire
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("gateway", "ext_authz", "ext_proc", "mcp_servers")
 NAMES = (*wire.GATEWAY_HEADERS, *wire.SIGNAL_HEADERS, wire.EXT_AUTHZ_NAMESPACE)
 
 
-def _sources() -> list[Path]:
-    return [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != ROOT / "gateway/wire.py"]
+def _sources(home: str = "gateway/wire.py") -> list[Path]:
+    packages = (*PACKAGES, "gatewayctl") if (ROOT / "gatewayctl").is_dir() else PACKAGES
+    return [p for pkg in packages for p in (ROOT / pkg).rglob("*.py") if p != ROOT / home]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -24,6 +26,16 @@ def test_each_name_is_a_literal_in_one_module_only(name: str) -> None:
     """No service spells a gateway header name or the metadata namespace itself."""
     literal = re.compile(r"""["']""" + re.escape(name) + r"""["']""", re.IGNORECASE)
     spelled = [str(p.relative_to(ROOT)) for p in _sources() if literal.search(p.read_text("utf-8"))]
+    assert spelled == []
+
+
+@pytest.mark.parametrize("version", mcp.SUPPORTED_HEADER_VERSIONS)
+def test_each_protocol_version_is_a_literal_in_one_module_only(version: str) -> None:
+    """The protocol versions are spelled in gateway/mcp.py alone; the servers, the catalog client
+    and the CLI import them."""
+    literal = re.compile(r"""["']""" + re.escape(version) + r"""["']""")
+    spelled = [str(p.relative_to(ROOT)) for p in _sources("gateway/mcp.py")
+               if literal.search(p.read_text("utf-8"))]
     assert spelled == []
 
 
