@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -41,16 +43,71 @@ class Instance:
     port: int
 
 
+SERVER_KINDS = ("module", "url", "command")
+# How the gateway checks a `url` server: handshake (initialize, ping, end of session: any MCP
+# server), discover (a stateless server/discover: servers speaking 2026-07-28), tcp (a connect),
+# http (GET health_path answering 2xx).
+HEALTH_KINDS = ("handshake", "discover", "tcp", "http")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamUrl:
+    """One endpoint of a `url` server, split once."""
+
+    url: str
+    scheme: str  # http or https
+    host: str  # a name or an IP address (IPv6 without brackets)
+    port: int
+    path: str  # the MCP endpoint's path, "/" at least
+
+    @property
+    def authority(self) -> str:
+        """host:port as a Host header names it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """TLS towards an https `url` server: the CA bundle its certificate must chain to (None: the
+    system store), the name the certificate must carry and that is sent as SNI (default: the URL's
+    host), and a client certificate and key where the upstream requires mTLS."""
+
+    ca_file: str | None = None
+    server_name: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
-    module: str  # started as `python -m <module> --host H --port P [extra args]`
+    # module: started as `python -m <module> --host H --port P [extra args]`; "" for other kinds.
+    module: str
+    # module and command: the ports the server (or its bridge) listens on; url: the endpoints.
     instances: tuple[Instance, ...]
     args: tuple[str, ...] = ()
-    # Envoy retries/affinity need to know whether the server keeps sessions.
     description: str = ""
     # Names from `secrets` this server's processes receive as environment variables.
     env: tuple[str, ...] = ()
+    kind: str = "module"
+    # url: every endpoint (one scheme and one path for all), TLS, the Host header the upstream
+    # expects (default: each endpoint's host:port), static headers whose values name secrets
+    # ("Bearer ${KEY}"), the health check.
+    urls: tuple[UpstreamUrl, ...] = ()
+    tls: UpstreamTlsConfig | None = None
+    host_header: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    health: str = "handshake"
+    health_path: str | None = None
+    # command: a stdio server's argv, run behind the bridge (mcp_bridge) in workdir.
+    command: tuple[str, ...] = ()
+    workdir: str | None = None
+
+    @property
+    def upstream_path(self) -> str:
+        """The path Envoy sends /mcp/<name> to."""
+        return self.urls[0].path if self.urls else "/mcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +324,136 @@ def _env(data: dict[str, Any], where: str, secrets: tuple[str, ...]) -> tuple[st
     return tuple(names)
 
 
+_SERVER_KEYS = {
+    "module": {"module", "instances", "args", "description", "env"},
+    "url": {"url", "instances", "description", "tls", "host_header", "headers", "health",
+            "health_path"},
+    "command": {"command", "instances", "description", "env", "workdir"},
+}
+_HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Headers a static upstream header may not set: Envoy's own, the gateway's, hop-by-hop ones.
+_RESERVED_UPSTREAM_HEADERS = frozenset({
+    "host", "content-length", "content-type", "transfer-encoding", "connection", "te", "upgrade",
+    "mcp-session-id", "mcp-protocol-version", "accept", "traceparent", "tracestate"})
+
+
+def _server(name: str, data: Any, where: str, secrets: tuple[str, ...],
+            path: Callable[[str], str]) -> ServerConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    kinds = [k for k in SERVER_KINDS if k in data]
+    instances = data.get("instances")
+    if not kinds and isinstance(instances, list) and instances \
+            and all(isinstance(i, dict) and "url" in i for i in instances):
+        kinds = ["url"]  # instances: [{url: ...}, ...]
+    if len(kinds) != 1:
+        found = f" (found {', '.join(kinds)})" if kinds else ""
+        raise ConfigError(f"{where}: exactly one of module, url, command{found}")
+    kind = kinds[0]
+    data = _only(data, _SERVER_KEYS[kind], where)
+    description = _take(data, "description", str, where, "")
+    if kind == "module":
+        args = _take(data, "args", list, where, [])
+        return ServerConfig(name, _take(data, "module", str, where),
+                            _instances(data.get("instances"), f"{where}.instances", 1),
+                            tuple(str(a) for a in args), description, _env(data, where, secrets))
+    if kind == "command":
+        argv = _take(data, "command", list, where)
+        if not argv or not all(isinstance(a, str) and a for a in argv):
+            raise ConfigError(f"{where}.command must be a non-empty list of strings (the argv)")
+        workdir = _take(data, "workdir", str, where, "")
+        return ServerConfig(name, "", _instances(data.get("instances"), f"{where}.instances", 1),
+                            (), description, _env(data, where, secrets), kind="command",
+                            command=tuple(argv), workdir=path(workdir) if workdir else None)
+    # url: one URL, or instances of {url}
+    if "instances" in data:
+        raw = data["instances"]
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{where}.instances must be a list of at least 1 instance(s)")
+        urls = tuple(_upstream_url(_take(_only(item, {"url"}, f"{where}.instances[{i}]"), "url",
+                                         str, f"{where}.instances[{i}]"),
+                                   f"{where}.instances[{i}].url")
+                     for i, item in enumerate(raw))
+        if "url" in data:
+            raise ConfigError(f"{where}: url and instances exclude each other (one URL, or "
+                              f"instances: [{{url: ...}}, ...])")
+    else:
+        urls = (_upstream_url(_take(data, "url", str, where), f"{where}.url"),)
+    for i, u in enumerate(urls[1:], 1):
+        if (u.scheme, u.path) != (urls[0].scheme, urls[0].path):
+            raise ConfigError(f"{where}.instances[{i}].url: every instance needs the scheme and "
+                              f"path of the first ({urls[0].scheme}://...{urls[0].path})")
+    tls = None
+    if "tls" in data:
+        if urls[0].scheme != "https":
+            raise ConfigError(f"{where}.tls: only for an https url")
+        tdata = _only(data["tls"], {"ca_file", "server_name", "client_cert_file",
+                                    "client_key_file"}, f"{where}.tls")
+        cert = _take(tdata, "client_cert_file", str, f"{where}.tls", "")
+        key = _take(tdata, "client_key_file", str, f"{where}.tls", "")
+        if bool(cert) != bool(key):
+            raise ConfigError(f"{where}.tls: client_cert_file and client_key_file go together")
+        ca = _take(tdata, "ca_file", str, f"{where}.tls", "")
+        tls = UpstreamTlsConfig(path(ca) if ca else None,
+                                _take(tdata, "server_name", str, f"{where}.tls", "") or None,
+                                path(cert) if cert else None, path(key) if key else None)
+    host_header = _take(data, "host_header", str, where, "") or None
+    if host_header is not None and not re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+", host_header):
+        raise ConfigError(f"{where}.host_header must be a host or host:port")
+    headers = []
+    for hname, value in _take(data, "headers", dict, where, {}).items():
+        hwhere = f"{where}.headers.{hname}"
+        if not isinstance(hname, str) or not _HEADER_NAME.match(hname):
+            raise ConfigError(f"{hwhere}: a header name is lower-case token characters")
+        if hname in _RESERVED_UPSTREAM_HEADERS or hname.startswith(("x-mcp-", "x-envoy-", ":")):
+            raise ConfigError(f"{hwhere}: this header is set by the gateway or the protocol")
+        if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
+            raise ConfigError(f"{hwhere} must be a one-line string")
+        if "%" in value:
+            raise ConfigError(f"{hwhere}: '%' is not allowed (secrets are named as ${{NAME}})")
+        for ref in _SECRET_REF.findall(value):
+            if ref not in secrets:
+                raise ConfigError(f"{hwhere}: ${{{ref}}} is not listed in secrets")
+        if "$" in _SECRET_REF.sub("", value):
+            raise ConfigError(f"{hwhere}: '$' only as ${{NAME}}, a secret's name")
+        headers.append((hname, value))
+    health = _take(data, "health", str, where, "http" if "health_path" in data else "handshake")
+    if health not in HEALTH_KINDS:
+        raise ConfigError(f"{where}.health must be one of {', '.join(HEALTH_KINDS)}, "
+                          f"not {health!r}")
+    health_path = _take(data, "health_path", str, where, "") or None
+    if (health == "http") != (health_path is not None):
+        raise ConfigError(f"{where}: health_path is needed for health: http and only there")
+    if health_path is not None and not health_path.startswith("/"):
+        raise ConfigError(f"{where}.health_path must start with '/'")
+    return ServerConfig(name, "", tuple(Instance(u.host, u.port) for u in urls), (), description,
+                        kind="url", urls=urls, tls=tls, host_header=host_header,
+                        headers=tuple(headers), health=health, health_path=health_path)
+
+
+def _upstream_url(value: str, where: str) -> UpstreamUrl:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or "://" not in value:
+        raise ConfigError(f"{where}: {value!r} needs a scheme, http:// or https://")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{where}: credentials in the URL are not allowed (use headers with a "
+                          f"secret)")
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        raise ConfigError(f"{where}: a query or fragment is not allowed")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} has an invalid port") from None
+    if not host or not re.fullmatch(r"[A-Za-z0-9.\-:]+", host):
+        raise ConfigError(f"{where}: {value!r} has no valid host")
+    path = parts.path or "/"
+    if any(c in path for c in " \t\r\n") or "%" in path or "/." in path:
+        raise ConfigError(f"{where}: the path must be plain (no spaces, '%' or dot segments)")
+    return UpstreamUrl(value, parts.scheme, host, port or (443 if parts.scheme == "https" else 80),
+                       path)
+
+
 def otlp_target(endpoint: str) -> Instance:
     """host and port of an OTLP/gRPC endpoint URL (``http://host:port``)."""
     match = _URL.match(endpoint)
@@ -324,13 +511,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         where = f"servers.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: a server name is letters, digits, '-' and '_'")
-        sdata = _only(sdata, {"module", "instances", "args", "description", "env"}, where)
-        args = _take(sdata, "args", list, where, [])
-        servers.append(ServerConfig(name, _take(sdata, "module", str, where),
-                                    _instances(sdata.get("instances"), f"{where}.instances", 1),
-                                    tuple(str(a) for a in args),
-                                    _take(sdata, "description", str, where, ""),
-                                    _env(sdata, where, secrets)))
+        servers.append(_server(name, sdata, where, secrets, path))
     names = [s.name for s in servers]
 
     backends = []
