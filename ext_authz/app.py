@@ -111,7 +111,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         cleanup.append(_async(writer.close))
         gate = CatalogGate(reader, sorted(settings.servers),
                            refresh_seconds=settings.catalog.refresh_seconds)
-        refresher = CatalogRefresher(gate, writer, settings.server_urls, session)
+        refresher = CatalogRefresher(gate, writer, settings.server_targets, session)
         # Health says NOT_SERVING until the policy is loaded and the keys are warm.
         front = GrpcSettings("ext_authz", SERVICE_NAME, settings.listen,
                              metrics_host=settings.telemetry.metrics_host,

@@ -30,6 +30,7 @@ from gateway.catalog import APPROVED, NEW, QUARANTINED, Catalog, CatalogError, I
 from gateway.catalog.client import FetchError, fetch_listing
 from gateway.cli_catalog import CATALOG_IDENTITY
 from gateway.telemetry import metrics
+from gateway.upstream import UpstreamTarget
 
 logger = logging.getLogger(__name__)
 
@@ -145,15 +146,16 @@ class CatalogRefresher:
     then every ``interval`` seconds, or earlier when the gate asks for it.
     """
 
-    def __init__(self, gate: CatalogGate, writer: Catalog, server_urls: Mapping[str, tuple[str, ...]],
+    def __init__(self, gate: CatalogGate, writer: Catalog,
+                 server_targets: Mapping[str, tuple[UpstreamTarget, ...]],
                  http: aiohttp.ClientSession) -> None:
         self.gate = gate
         self._writer = writer
-        self._urls = server_urls
+        self._urls = server_targets
         self._http = http
         self.interval = gate.refresh_seconds
         self._tasks: list[asyncio.Task[None]] = []
-        self._attempted: dict[str, asyncio.Event] = {s: asyncio.Event() for s in server_urls}
+        self._attempted: dict[str, asyncio.Event] = {s: asyncio.Event() for s in server_targets}
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._run(server), name=f"catalog-refresh:{server}")
@@ -202,10 +204,11 @@ class CatalogRefresher:
     async def refresh_server(self, server: str) -> bool:
         """Fetch ``server`` from its first instance that answers and record the listing."""
         errors = []
-        for url in self._urls[server]:
+        for target in self._urls[server]:
+            url = target.url
             try:
                 async with asyncio.timeout(FETCH_TIMEOUT_SECONDS):
-                    listing = await fetch_listing(self._http, url, headers=CATALOG_IDENTITY)
+                    listing = await fetch_listing(self._http, target, headers=CATALOG_IDENTITY)
             except FetchError as exc:
                 errors.append(f"{url}: {exc.message}")
                 continue

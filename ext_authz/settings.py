@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.config import (
     RateLimitConfig,
     TelemetryConfig,
 )
+from gateway.upstream import UpstreamTarget, targets
 
 # Envoy must never wait on us longer than its own ext_authz timeout; these stay well below the
 # default 500 ms so that a slow dependency is answered (closed) instead of timing out in Envoy.
@@ -42,8 +44,9 @@ class Settings:
     telemetry: TelemetryConfig = TelemetryConfig()
     audit: AuditConfig = AuditConfig()
     catalog: CatalogConfig = CatalogConfig()
-    # server name -> the MCP endpoint URL of each of its instances (catalog refresh goes direct).
-    server_urls: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # server name -> each of its endpoints (gateway.upstream): catalog refresh goes direct, with
+    # the URL, TLS and static headers Envoy uses for a `url` server.
+    server_targets: Mapping[str, tuple[UpstreamTarget, ...]] = field(default_factory=dict)
     redis_timeout_seconds: float = REDIS_TIMEOUT_SECONDS
     jwks_max_bytes: int = JWKS_MAX_BYTES
     transport: str = "grpc"  # "grpc" | "http" (Envoy's HTTP mode, ext_authz.http_front)
@@ -69,8 +72,7 @@ class Settings:
             listen=Instance(host or first.host, first.port if port is None else port),
             max_request_bytes=cfg.max_request_bytes,
             telemetry=cfg.telemetry, audit=cfg.audit, catalog=cfg.catalog,
-            server_urls={s.name: tuple(f"http://{i.host}:{i.port}/mcp" for i in s.instances)
-                         for s in cfg.servers},
+            server_targets={s.name: targets(s, os.environ) for s in cfg.servers},
             transport=cfg.ext_authz.transport,
             processes=len(cfg.ext_authz.instances),
         )

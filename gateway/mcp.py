@@ -23,6 +23,7 @@ LATEST_PROTOCOL_VERSION = PROTOCOL_VERSIONS[-1]
 SUPPORTED_HEADER_VERSIONS: tuple[str, ...] = (DEFAULT_NEGOTIATED_VERSION, *PROTOCOL_VERSIONS)
 STATEFUL_VERSIONS = frozenset({DEFAULT_NEGOTIATED_VERSION, *HANDSHAKE_VERSIONS})
 META_PROTOCOL_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 
 # Which param names the target of a method (Mcp-Name header, policy input, audit).
 NAME_PARAM: Mapping[str, str] = {

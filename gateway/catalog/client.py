@@ -18,14 +18,13 @@ import aiohttp
 
 from gateway.catalog.store import CatalogError
 from gateway.errors import METHOD_NOT_FOUND, GatewayError
-from gateway.jsonrpc import loads_strict
 from gateway.mcp import (
     LATEST_HANDSHAKE_VERSION,
     META_PROTOCOL_VERSION,
     PROTOCOL_VERSIONS,
     STATEFUL_VERSIONS,
 )
-from gateway.sse import SseParser
+from gateway.upstream import UpstreamTarget, read_response
 
 logger = logging.getLogger(__name__)
 
@@ -51,11 +50,13 @@ class Listing:
 
 
 class _Rpc:
-    def __init__(self, http: aiohttp.ClientSession, url: str, headers: Mapping[str, str],
-                 version: str) -> None:
+    def __init__(self, http: aiohttp.ClientSession, target: UpstreamTarget,
+                 headers: Mapping[str, str], version: str) -> None:
         self.http = http
-        self.url = url
-        self.base_headers = {**headers, "Accept": "application/json, text/event-stream",
+        self.url = target.url
+        self.kwargs = target.request_kwargs()
+        self.base_headers = {**target.headers, **headers,
+                             "Accept": "application/json, text/event-stream",
                              "Content-Type": "application/json"}
         self.version = version
         self.session_id: str | None = None
@@ -74,7 +75,8 @@ class _Rpc:
 
     async def notify(self, method: str) -> None:
         body = {"jsonrpc": "2.0", "method": method}
-        async with self.http.post(self.url, json=body, headers=self.headers_for(method)) as resp:
+        async with self.http.post(self.url, json=body, headers=self.headers_for(method),
+                                  **self.kwargs) as resp:
             if resp.status >= 400:
                 raise FetchError(f"{method} was refused with HTTP {resp.status}")
 
@@ -83,19 +85,18 @@ class _Rpc:
         if self.version not in STATEFUL_VERSIONS:
             params = {**params, "_meta": {META_PROTOCOL_VERSION: self.version}}
         body = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
-        async with self.http.post(self.url, json=body, headers=self.headers_for(method)) as resp:
+        async with self.http.post(self.url, json=body, headers=self.headers_for(method),
+                                  **self.kwargs) as resp:
             if method == "initialize" and "Mcp-Session-Id" in resp.headers:
                 self.session_id = resp.headers["Mcp-Session-Id"]
             ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
             if resp.status >= 400 and ctype != "application/json":
                 raise FetchError(f"{method} failed with HTTP {resp.status}")
-            if ctype == "text/event-stream":
-                message = await _first_response(resp, rid)
-            elif ctype == "application/json":
-                raw = await resp.content.read(MAX_BODY + 1)
-                message = loads_strict(raw, max_bytes=MAX_BODY)
-            else:
+            if ctype not in ("text/event-stream", "application/json"):
                 raise FetchError(f"{method}: unexpected Content-Type {ctype!r} (HTTP {resp.status})")
+            message = await read_response(resp, rid)
+            if message is None and ctype == "text/event-stream":
+                raise FetchError("the SSE stream ended without a response")
         if not isinstance(message, dict) or message.get("id") != rid:
             raise FetchError(f"{method}: the answer is not the JSON-RPC response to this request")
         if "error" in message:
@@ -106,19 +107,6 @@ class _Rpc:
         if not isinstance(result, dict):
             raise FetchError(f"{method}: result is not an object")
         return result
-
-
-async def _first_response(resp: aiohttp.ClientResponse, rid: int) -> Any:
-    parser = SseParser(max_buffer=MAX_BODY)
-    async for chunk in resp.content.iter_any():
-        for event in parser.feed(chunk):
-            if event.data is None:
-                continue
-            message = loads_strict(event.data.encode("utf-8"), max_bytes=MAX_BODY)
-            # Server-to-client requests and notifications may precede the response.
-            if isinstance(message, dict) and message.get("id") == rid and "method" not in message:
-                return message
-    raise FetchError("the SSE stream ended without a response")
 
 
 async def _list_all(rpc: _Rpc, method: str, key: str) -> list[dict[str, Any]]:
@@ -139,12 +127,17 @@ async def _list_all(rpc: _Rpc, method: str, key: str) -> list[dict[str, Any]]:
     raise FetchError(f"{method}: more than {MAX_PAGES} pages")
 
 
-async def fetch_listing(http: aiohttp.ClientSession, url: str, *, headers: Mapping[str, str],
+async def fetch_listing(http: aiohttp.ClientSession, target: UpstreamTarget | str, *,
+                        headers: Mapping[str, str],
                         protocol_version: str = LATEST_HANDSHAKE_VERSION) -> Listing:
-    """Everything one server lists, following every ``nextCursor``."""
+    """Everything one server lists, following every ``nextCursor``. ``target``: the endpoint
+    (``gateway.upstream``), or a plain URL."""
     if protocol_version not in PROTOCOL_VERSIONS:
         raise FetchError(f"unsupported protocol version {protocol_version!r}")
-    rpc = _Rpc(http, url, headers, protocol_version)
+    if isinstance(target, str):
+        target = UpstreamTarget("", target)
+    url = target.url
+    rpc = _Rpc(http, target, headers, protocol_version)
     capabilities: dict[str, Any] | None = None
     listing = Listing(protocol_version)
     try:
@@ -184,7 +177,7 @@ async def fetch_listing(http: aiohttp.ClientSession, url: str, *, headers: Mappi
     finally:
         if rpc.session_id is not None:
             try:
-                async with http.delete(url, headers=rpc.headers_for("")):
+                async with http.delete(url, headers=rpc.headers_for(""), **rpc.kwargs):
                     pass
             except aiohttp.ClientError:
                 logger.debug("ending the catalog session at %s failed", url)

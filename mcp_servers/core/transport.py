@@ -41,6 +41,7 @@ from gateway.jsonrpc import Message, best_effort_id, error_response, parse_messa
 from gateway.mcp import (
     HANDSHAKE_VERSIONS,
     LATEST_HANDSHAKE_VERSION,
+    META_CLIENT_CAPABILITIES,
     META_PROTOCOL_VERSION,
     MODERN_VERSION,
     SUPPORTED_HEADER_VERSIONS,
@@ -75,7 +76,6 @@ ANONYMOUS = SessionOwner(None, None, None)
 
 UNSUPPORTED_PROTOCOL_VERSION = -32022
 MISSING_REQUIRED_CLIENT_CAPABILITY = -32021
-META_CLIENT_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
 META_LOG_LEVEL = "io.modelcontextprotocol/logLevel"
 META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
 

@@ -49,7 +49,7 @@ async def _env(settings: Settings, session: aiohttp.ClientSession, engine: StubE
     reader = Catalog(settings.catalog.path, mode=settings.catalog.mode)
     writer = Catalog(settings.catalog.path, mode=settings.catalog.mode)
     gate = CatalogGate(reader, sorted(settings.servers), refresh_seconds=60)
-    refresher = CatalogRefresher(gate, writer, settings.server_urls, session)
+    refresher = CatalogRefresher(gate, writer, settings.server_targets, session)
     try:
         yield Env(build(settings, session, engine, catalog=gate), gate, refresher, settings)
     finally:
