@@ -14,6 +14,7 @@ RUN pip install -r requirements/runtime.txt \
 
 COPY pyproject.toml README.md ./
 COPY gateway gateway
+COPY gatewayctl gatewayctl
 COPY ext_authz ext_authz
 COPY ext_proc ext_proc
 COPY mcp_servers mcp_servers

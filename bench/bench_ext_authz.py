@@ -53,7 +53,7 @@ from gateway.jsonrpc import parse_message  # noqa: E402
 from gateway.mcp import extract_context  # noqa: E402
 from gateway.policy import Decision, build_engine  # noqa: E402
 from gateway.telemetry import AuditWriter  # noqa: E402
-from gateway.tokens import SigningKey, generate_key, mint_token  # noqa: E402
+from gatewayctl.tokens import SigningKey, generate_key, mint_token  # noqa: E402
 from mcp_servers.core import MCPServer, ToolContext  # noqa: E402
 from mcp_servers.core.app import make_app  # noqa: E402
 

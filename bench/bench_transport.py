@@ -512,7 +512,7 @@ class Sample:
 
 
 def _envoy_argv(config: Path, port: int) -> list[str]:
-    from gateway import envoy_config
+    from gatewayctl import envoy_config
     return [str(envoy_config.find_envoy()), "-c", str(config), "--log-level", "warn",
             "--disable-hot-restart", "--concurrency", "1", "--base-id", str(port)]
 

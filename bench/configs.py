@@ -167,7 +167,7 @@ class EnvoyTls(Configuration):
     python_roles = ("backend",)
 
     def start(self) -> None:
-        from gateway import envoy_config
+        from gatewayctl import envoy_config
         backend = self._start_backend()
         self.port, admin = free_port(), free_port()
         yaml_path = self.ctx.work / "envoy-tls-only.yaml"

@@ -28,7 +28,7 @@ def machine_facts() -> dict[str, Any]:
         pass
     envoy = ""
     try:
-        from gateway import envoy_config
+        from gatewayctl import envoy_config
         envoy = subprocess.run([str(envoy_config.find_envoy()), "--version"], capture_output=True,
                                text=True, timeout=30, check=False).stdout
         found = re.search(r"/(\d+\.\d+\.\d+)/", envoy)

@@ -1,7 +1,7 @@
 """ext_authz over Envoy's HTTP mode (``http_service``), on aiohttp: the same decision core as the
 gRPC servicer (:meth:`AuthorizationServicer.decide`), with less transport cost per request.
 
-The contract with Envoy (rendered by ``gateway.envoy_config`` when ``ext_authz.transport`` is
+The contract with Envoy (rendered by ``gatewayctl.envoy_config`` when ``ext_authz.transport`` is
 ``http``):
 
 - Envoy sends the checked request's method, ``PATH_PREFIX`` + path, the headers its

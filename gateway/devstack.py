@@ -49,8 +49,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import envoy_config, tokens
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance
+from gatewayctl import envoy_config, tokens
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Every header name the gateway owns, the dynamic-metadata namespace and the codec of identity
 header values (the encoder ext_authz uses beside the decoder the servers use) live here, so the
-services and the rendered Envoy config (``gateway.envoy_config``) agree by construction.
+services and the rendered Envoy config (``gatewayctl.envoy_config``) agree by construction.
 """
 
 from __future__ import annotations

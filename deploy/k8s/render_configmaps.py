@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from gateway.config import load_config  # noqa: E402
-from gateway.envoy_config import RenderOptions, render  # noqa: E402
+from gatewayctl.envoy_config import RenderOptions, render  # noqa: E402
 
 HERE = REPO / "deploy" / "k8s"
 NAMESPACE = "mcp-gateway"

@@ -14,8 +14,8 @@ import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.config import load_config, parse_config
-from gateway.envoy_config import RenderOptions, render, validate
 from gateway.telemetry import metrics
+from gatewayctl.envoy_config import RenderOptions, render, validate
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"

@@ -31,7 +31,7 @@ from ext_authz.servicer import AuthorizationServicer
 from ext_authz.settings import Settings
 from gateway.config import GatewayConfig, parse_config
 from gateway.telemetry import AuditWriter
-from gateway.tokens import SigningKey, generate_key, mint_token
+from gatewayctl.tokens import SigningKey, generate_key, mint_token
 from tests.gateway.catalog import mcp_stub
 from tests.ports import free_port
 

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ext_authz.app import SERVICE_NAME, Service, start_service
 from gateway.telemetry import iter_audit
-from gateway.tokens import SigningKey
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,
     PUBLIC_URL,

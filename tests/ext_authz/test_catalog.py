@@ -19,7 +19,7 @@ from ext_authz.catalog import CatalogGate, CatalogRefresher
 from ext_authz.settings import Settings
 from gateway.catalog import Catalog
 from gateway.errors import FORBIDDEN, INVALID_PARAMS
-from gateway.tokens import SigningKey
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     Harness,
     JwksServer,

@@ -32,8 +32,8 @@ from gateway.caller import Caller
 from gateway.config import Instance
 from gateway.errors import UNAUTHORIZED
 from gateway.service import GrpcSettings
-from gateway.tokens import SigningKey
 from gateway.wire import CONTEXT_HEADER, GATEWAY_HEADERS, REMOVE_HEADER, STATUS_HEADER
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     PUBLIC_URL,
     JwksServer,

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from gateway.cli_policy import eval_input
-from gateway.tokens import SigningKey
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     Harness,
     JwksServer,

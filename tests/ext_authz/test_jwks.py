@@ -12,7 +12,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from ext_authz.errors import InvalidToken, KeysUnavailable
 from ext_authz.jwks import FAILURE_COOLDOWN_SECONDS, JwksClient, parse_jwks
-from gateway.tokens import SigningKey, generate_key
+from gatewayctl.tokens import SigningKey, generate_key
 from tests.ext_authz.conftest import JwksServer
 
 

@@ -29,7 +29,7 @@ from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED
 from gateway.policy import facts as facts_module
 from gateway.policy.sql import sql_facts
 from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
-from gateway.tokens import SigningKey
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,
     Harness,

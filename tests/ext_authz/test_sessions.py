@@ -30,7 +30,7 @@ from ext_authz.sessions import (
 )
 from gateway.caller import Caller, SessionOwner
 from gateway.errors import SESSION_NOT_FOUND
-from gateway.tokens import SigningKey
+from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,
     JwksServer,

@@ -30,8 +30,8 @@ from ext_proc import servicer
 from ext_proc.app import Service, start_service
 from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.catalog import Catalog
-from gateway.envoy_config import find_envoy
 from gateway.sse import SseParser
+from gatewayctl.envoy_config import find_envoy
 from tests.ext_proc.conftest import CARD, EMAIL, TOOLS, StandinPolicy, caller, make_settings
 
 READY_TIMEOUT = 30.0

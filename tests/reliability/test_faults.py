@@ -28,7 +28,7 @@ import pytest
 
 from ext_authz.jwks import FAILURE_COOLDOWN_SECONDS
 from ext_authz.ratelimit import REDIS_BACKOFF_SECONDS
-from gateway import tokens
+from gatewayctl import tokens
 from tests.ports import free_ports
 from tests.reliability import load
 from tests.reliability.counter_server import CARD, EMAIL

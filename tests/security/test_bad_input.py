@@ -24,7 +24,8 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway import devstack, tokens
+from gateway import devstack
+from gatewayctl import tokens
 from tests.reliability.stack import (
     ISSUER,
     META,

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from gateway.config import DEFAULT_CONFIG_PATH, parse_config
-from gateway.envoy_config import RenderOptions, render
+from gatewayctl.envoy_config import RenderOptions, render
 from tests.e2e.helpers import REPO
 from tests.e2e.pii_server import CARD, EMAIL
 from tests.reliability.stack import Gateway, gateway, wait_for

@@ -10,7 +10,7 @@ import jwt
 import pytest
 from jwt import PyJWK
 
-from gateway.tokens import generate_key, load_key, load_or_create_key, mint_token, thumbprint
+from gatewayctl.tokens import generate_key, load_key, load_or_create_key, mint_token, thumbprint
 
 
 @pytest.mark.parametrize("kind,alg", [("RSA", "RS256"), ("EC", "ES256")])

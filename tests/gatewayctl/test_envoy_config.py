@@ -14,7 +14,8 @@ import yaml
 
 from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
-from gateway.envoy_config import (
+from gateway.wire import EXT_AUTHZ_NAMESPACE, GATEWAY_HEADERS, IDENTITY_HEADERS, SIGNAL_HEADERS
+from gatewayctl.envoy_config import (
     EnvoyConfigError,
     RenderOptions,
     find_envoy,
@@ -22,7 +23,6 @@ from gateway.envoy_config import (
     validate,
     worker_threads,
 )
-from gateway.wire import EXT_AUTHZ_NAMESPACE, GATEWAY_HEADERS, IDENTITY_HEADERS, SIGNAL_HEADERS
 
 REPO = Path(__file__).resolve().parents[2]
 DEV_EXAMPLE = REPO / "envoy" / "envoy.dev.yaml"
