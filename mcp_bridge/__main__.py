@@ -1,0 +1,23 @@
+"""``python -m mcp_bridge --port P [options] -- argv...``: serve a stdio MCP server over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from mcp_bridge.app import run
+from mcp_bridge.settings import BridgeSettings
+from mcp_servers.core.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        settings = BridgeSettings.from_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        raise SystemExit(f"mcp_bridge: {exc}") from None
+    configure_logging(f"mcp_bridge.{settings.name}", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

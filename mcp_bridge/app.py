@@ -1,0 +1,72 @@
+"""The aiohttp application and the process lifecycle: serve, drain on SIGTERM, stop children."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.signals import stop_event
+from mcp_bridge.child import become_subreaper, reap_orphans
+from mcp_bridge.settings import BridgeSettings
+from mcp_bridge.transport import Bridge
+
+logger = logging.getLogger(__name__)
+
+BRIDGE_KEY = web.AppKey("mcp_bridge", Bridge)
+# Adopted grandchildren that exit between child stops are reaped at this period.
+REAP_PERIOD = 2.0
+
+
+def make_app(settings: BridgeSettings) -> web.Application:
+    bridge = Bridge(settings)
+    app = web.Application(handler_args={"max_field_size": 16384})
+    app[BRIDGE_KEY] = bridge
+
+    async def children(_app: web.Application) -> AsyncIterator[None]:
+        bridge.pool.start()
+        expiry = asyncio.create_task(bridge.sessions.run_expiry())
+        reaper = asyncio.create_task(_reap_forever())
+        yield
+        expiry.cancel()
+        reaper.cancel()
+        await bridge.close()
+        reap_orphans()
+
+    app.cleanup_ctx.append(children)
+    app.router.add_get("/ready", bridge.ready)
+    app.router.add_get("/metrics", bridge.metrics)
+    app.router.add_route("*", settings.path, bridge.handle)
+    return app
+
+
+async def _reap_forever() -> None:
+    while True:
+        await asyncio.sleep(REAP_PERIOD)  # periodic sweep
+        reap_orphans()
+
+
+async def run(settings: BridgeSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain, stop every child and exit."""
+    become_subreaper()
+    stop = stop or stop_event()
+    app = make_app(settings)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=settings.drain_seconds + 1)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else settings.port
+    logger.info("listening", extra={"server": settings.name, "host": settings.host, "port": port,
+                                    "path": settings.path, "argv": list(settings.argv)})
+    try:
+        await stop.wait()
+        logger.info("shutting down", extra={"server": settings.name})
+        await app[BRIDGE_KEY].drain()
+    finally:
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner.cleanup()
+    logger.info("stopped", extra={"server": settings.name})
