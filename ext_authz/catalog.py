@@ -27,8 +27,7 @@ from ext_authz.errors import (
     ToolUnknown,
 )
 from gateway.catalog import APPROVED, NEW, QUARANTINED, Catalog, CatalogError, InvalidArguments
-from gateway.catalog.client import FetchError, fetch_listing
-from gateway.cli_catalog import CATALOG_IDENTITY
+from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
 from gateway.telemetry import metrics
 from gateway.upstream import UpstreamTarget
 

@@ -25,10 +25,15 @@ from gateway.mcp import (
     STATEFUL_VERSIONS,
 )
 from gateway.upstream import UpstreamTarget, read_response
+from gateway.wire import CLIENT_ID_HEADER, ROLES_HEADER, USER_HEADER
 
 logger = logging.getLogger(__name__)
 
 CLIENT_INFO = {"name": "mcp-gateway-catalog", "version": "0.1.0"}
+# The identity the gateway itself presents to MCP servers when it lists their tools (servers trust
+# these headers only from the gateway; Envoy overwrites them on client traffic).
+CATALOG_IDENTITY = {USER_HEADER: "system:mcp-gateway-catalog", ROLES_HEADER: "gateway-catalog",
+                    CLIENT_ID_HEADER: "mcp-gateway"}
 MAX_PAGES = 1000  # a server that keeps returning a cursor is a bug or an attack; stop
 MAX_BODY = 16 * 1024 * 1024
 _LISTS = (("tools/list", "tools", "tools"), ("resources/list", "resources", "resources"),

@@ -6,7 +6,7 @@ hidden characters is quarantined on first sight.
 A stack of its own, with the ``mutable`` test server (``mutable_server.py``): the tests edit its
 description files and read the file of calls it received. ext_authz refreshes the catalog every
 second here; ``catalog refresh`` and ``catalog approve`` run in-process through
-``gateway.cli.main`` on the stack's config.
+``gatewayctl.cli.main`` on the stack's config.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import httpx2
 import pytest
 import yaml
 
-from gateway import cli, devstack
+from gateway import devstack
 from gateway.catalog import APPROVED, QUARANTINED, Catalog
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import FORBIDDEN, INVALID_PARAMS
+from gatewayctl import cli
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import (
     MODERN,

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.cli_policy import eval_input
+from gatewayctl.commands.policy import eval_input
 from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     Harness,

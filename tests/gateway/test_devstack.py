@@ -30,7 +30,7 @@ from gateway.config import load_config, parse_config
 from tests.e2e.helpers import REPO, stack_config
 
 STANDIN = {"files": {"module": "tests.e2e.standin_upstream"}}
-CLI = [sys.executable, "-m", "gateway.cli"]
+CLI = [sys.executable, "-m", "gatewayctl.cli"]
 DEADLINE = 60.0
 
 
@@ -303,7 +303,7 @@ def test_banner_says_where_traces_metrics_and_audit_are(config_file: Path) -> No
 
 def test_token_without_a_stack_key_is_refused(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`token` refuses to mint when the stack's signing key does not exist, instead of making one."""
-    from gateway.cli import main
+    from gatewayctl.cli import main
 
     assert not devstack.paths(load_config(config_file)).signing_key.exists()
     assert main(["--config", str(config_file), "token", "--sub", "alice"]) != 0

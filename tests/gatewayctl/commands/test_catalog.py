@@ -8,15 +8,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway import cli_catalog
 from gateway.catalog import Catalog
+from gatewayctl.commands import catalog
 from tests.gateway.catalog.mcp_stub import Stub, running_in_thread
 
 
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mcp-gateway")
     parser.add_argument("--config")
-    cli_catalog.register(parser.add_subparsers(dest="command", required=True))
+    catalog.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     rc: int = args.func(args)
     return rc

@@ -3,29 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
-# (module, description): each module exposes ``register(subparsers)``; commands set ``func``.
-COMMAND_MODULES = (
-    "gateway.cli_stack",   # up, down, status, token, config
-    "gateway.cli_policy",  # policy test, policy eval
-    "gateway.cli_catalog",  # catalog list, approve, refresh
-)
+from gatewayctl.commands import catalog, policy, stack
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="Enterprise MCP gateway on Envoy")
     parser.add_argument("--config", help="gateway config file (default: the embedded dev config)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        module.register(sub)
+    # Each module's ``register`` adds its commands, and each command sets ``func``.
+    stack.register(sub)    # up, down, status, token, config
+    policy.register(sub)   # policy test, policy eval
+    catalog.register(sub)  # catalog list, approve, refresh
     return parser
 
 

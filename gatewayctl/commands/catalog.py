@@ -14,15 +14,11 @@ import aiohttp
 import orjson
 
 from gateway.catalog import Catalog, CatalogError, Entry
-from gateway.catalog.client import FetchError, fetch_listing
+from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mcp import LATEST_HANDSHAKE_VERSION
-from gateway.wire import CLIENT_ID_HEADER, ROLES_HEADER, USER_HEADER
+from gateway.policy import build_engine
 
-# The identity the gateway itself presents to MCP servers when it lists their tools (servers trust
-# these headers only from the gateway; Envoy overwrites them on client traffic).
-CATALOG_IDENTITY = {USER_HEADER: "system:mcp-gateway-catalog", ROLES_HEADER: "gateway-catalog",
-                    CLIENT_ID_HEADER: "mcp-gateway"}
 REFRESH_TIMEOUT_S = 30.0
 
 # "Which roles may call each tool": (config, entries) -> {(server, tool): [roles]}, or None when
@@ -46,8 +42,6 @@ def _policy_roles(cfg: GatewayConfig) -> list[str]:
 
 async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: list[str]
                       ) -> dict[tuple[str, str], list[str]]:
-    from gateway.policy import build_engine  # imported here: only `catalog list` needs it
-
     engine = build_engine(cfg.policy)
     await engine.start()
     out: dict[tuple[str, str], list[str]] = {}

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gatewayctl.cli import main
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 POLICIES = ROOT / "policies"
 CLAIMS = json.dumps({"sub": "alice", "roles": ["analyst"], "scope": "tools:call:files/*", "tenant": "acme"})
 
