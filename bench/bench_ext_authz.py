@@ -51,7 +51,8 @@ from gateway.catalog import Catalog  # noqa: E402
 from gateway.config import GatewayConfig, parse_config  # noqa: E402
 from gateway.jsonrpc import parse_message  # noqa: E402
 from gateway.mcp import extract_context  # noqa: E402
-from gateway.policy import Decision, build_engine  # noqa: E402
+from gateway.policy import Decision  # noqa: E402
+from gateway.policy.factory import build_engine  # noqa: E402
 from gateway.telemetry import AuditWriter  # noqa: E402
 from gatewayctl.tokens import SigningKey, generate_key, mint_token  # noqa: E402
 from mcp_servers.core import MCPServer, ToolContext  # noqa: E402

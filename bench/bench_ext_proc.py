@@ -55,7 +55,7 @@ from ext_proc.servicer import (  # noqa: E402
 from ext_proc.settings import Settings  # noqa: E402
 from gateway.catalog import Catalog  # noqa: E402
 from gateway.config import Instance, PolicyConfig  # noqa: E402
-from gateway.policy import build_engine  # noqa: E402
+from gateway.policy.factory import build_engine  # noqa: E402
 
 MASK = ["email", "phone", "card", "iban", "ssn"]
 TOOLS = [{"name": n, "description": f"tool {n}", "inputSchema": {"type": "object"}}

@@ -13,7 +13,7 @@ from ext_authz.app import serve
 from ext_authz.decision_log import configure_stdout
 from ext_authz.settings import Settings
 from gateway.config import load_config
-from gateway.policy import build_engine
+from gateway.policy.factory import build_engine
 from gateway.telemetry import configure_logging
 
 

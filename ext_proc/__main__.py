@@ -12,7 +12,7 @@ import asyncio
 from ext_proc.app import serve
 from ext_proc.settings import Settings
 from gateway.config import load_config
-from gateway.policy import build_engine
+from gateway.policy.factory import build_engine
 from gateway.telemetry.logs import configure_logging
 
 

@@ -1,8 +1,9 @@
 """Policy decisions: an engine interface with an embedded Rego backend (regopy) and a remote OPA
-backend, the decision contract, and the policy input builder.
+backend, the decision contract, and the policy input builder. The factory that picks a backend
+is ``gateway.policy.factory`` (not imported here: it loads both backends).
 
     engine = build_engine(cfg.policy); await engine.start()
-    decision = await engine.decide(build_policy_input(ctx, claims=..., server_name=..., ...))
+    decision = await engine.decide(build_policy_input(ctx, caller=..., server_name=..., ...))
 """
 
 from gateway.policy.decision import (
@@ -12,7 +13,7 @@ from gateway.policy.decision import (
     Decision,
     check_decision,
 )
-from gateway.policy.engine import PolicyEngine, build_engine
+from gateway.policy.engine import PolicyEngine
 from gateway.policy.errors import (
     PolicyCompileError,
     PolicyContractError,
@@ -35,7 +36,6 @@ __all__ = [
     "PolicyEvalError",
     "PolicyInputError",
     "PolicyInputRefused",
-    "build_engine",
     "build_policy_input",
     "check_decision",
 ]

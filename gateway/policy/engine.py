@@ -1,4 +1,5 @@
-"""The engine interface every backend implements, and the factory that picks one from config."""
+"""The engine interface every backend implements (the factory that picks one is
+``gateway.policy.factory``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import abc
 import logging
 from typing import Any
 
-from gateway.config import PolicyConfig
 from gateway.policy.decision import (
     ContractViolation,
     Decision,
@@ -72,24 +72,3 @@ class PolicyEngine(abc.ABC):
         defined, value = await self.evaluate(entrypoint, policy_input)
         return value if defined else None
 
-
-def build_engine(cfg: PolicyConfig, *, reload_interval: float = DEFAULT_RELOAD_INTERVAL_SECONDS,
-                 opa_timeout: float = DEFAULT_OPA_TIMEOUT_SECONDS,
-                 extra_entrypoints: tuple[str, ...] = ()) -> PolicyEngine:
-    """The backend ``cfg.engine`` names. Nothing is loaded or connected until ``start()``."""
-    if cfg.engine == "embedded":
-        from gateway.policy.embedded import EmbeddedEngine
-
-        return EmbeddedEngine(cfg.dir, cfg.entrypoint, reload_interval=reload_interval,
-                              extra_entrypoints=extra_entrypoints,
-                              cache_size=cfg.decision_cache_size,
-                              eval_timeout_ms=cfg.eval_timeout_ms, eval_workers=cfg.eval_workers,
-                              eval_max_abandoned=cfg.eval_max_abandoned,
-                              eval_max_waiting=cfg.eval_max_waiting)
-    if cfg.engine == "opa":
-        from gateway.policy.opa import OpaEngine
-
-        if not cfg.opa_url:
-            raise PolicyError("policy.opa_url is required when policy.engine is 'opa'")
-        return OpaEngine(cfg.opa_url, cfg.entrypoint, timeout=opa_timeout)
-    raise PolicyError(f"unknown policy engine {cfg.engine!r}: expected 'embedded' or 'opa'")

@@ -17,7 +17,7 @@ from gateway.catalog import Catalog, CatalogError, Entry
 from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mcp import LATEST_HANDSHAKE_VERSION
-from gateway.policy import build_engine
+from gateway.policy.factory import build_engine
 
 REFRESH_TIMEOUT_S = 30.0
 

@@ -12,7 +12,7 @@ from ext_proc.inspect import MASK_METHODS, Inspector, SseInspector, masker_for
 from ext_proc.metadata import CallerContext
 from gateway.caller import Caller
 from gateway.config import PolicyConfig
-from gateway.policy import build_engine
+from gateway.policy.factory import build_engine
 from tests.e2e.helpers import REPO
 from tests.ext_proc.conftest import EMAIL, TOOLS, StandinPolicy
 

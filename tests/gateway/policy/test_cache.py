@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, PolicyConfig, parse_config
-from gateway.policy import PolicyEvalError, build_engine
+from gateway.policy import PolicyEvalError
 from gateway.policy.cache import input_key
 from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.factory import build_engine
 from gateway.policy.rego import CompiledPolicy, load_sources
 
 POLICIES = Path(__file__).resolve().parents[3] / "policies"

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from gateway.config import PolicyConfig
-from gateway.policy import PolicyCompileError, PolicyError, build_engine
+from gateway.policy import PolicyCompileError, PolicyError
 from gateway.policy.embedded import EmbeddedEngine
+from gateway.policy.factory import build_engine
 from gateway.policy.opa import OpaEngine
 
 REPO_POLICIES = Path(__file__).resolve().parents[3] / "policies"
