@@ -251,7 +251,7 @@ def load_gateway_config(ctx: RunContext, transport: str | None = None) -> Any:
 
 
 def ensure_certs(ctx: RunContext) -> None:
-    from gateway import devstack
+    from gatewayctl import devstack
     devstack.ensure_tls(load_gateway_config(ctx))
 
 
@@ -263,7 +263,7 @@ class FullGateway(Configuration):
     transport: str | None = None  # ext_authz.transport; None: the default
 
     def start(self) -> None:
-        from gateway import devstack
+        from gatewayctl import devstack
         self.config = load_gateway_config(self.ctx, self.transport)
         # Children run in the config file's folder: the checkout on their path lets
         # `python -m bench.backend` (and the services) resolve.

@@ -273,7 +273,7 @@ def write_markdown(result: dict[str, Any], per: dict[str, dict[str, Any]], path:
         f"(raw samples: `{result.get('raw', '')}`). Not a test: a record of one run.",
         "",
         "**Set-up.** The full gateway exactly as configuration 3 of `make bench` "
-        "(`bench.configs.FullGateway`: the dev stack from `gateway/devstack.py` on a private "
+        "(`bench.configs.FullGateway`: the dev stack from `gatewayctl/devstack/` on a private "
         "config, Envoy with TLS, JWT + Rego in ext_authz, ext_proc inspection and PII masking, "
         "`bench/backend.py` as the one MCP server), all on 127.0.0.1. "
         f"wrk over TLS with `bench/wrk_mcp.lua` (every request a unique JSON-RPC id; OK only for "

@@ -11,9 +11,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from gateway import devstack
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gatewayctl import envoy_config
+from gatewayctl import devstack, envoy_config
 
 # Exit codes: 0 ok, 1 failure, 2 usage (argparse), 3 the stack is not running.
 NOT_RUNNING = 3

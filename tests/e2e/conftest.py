@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from gateway import devstack
 from gateway.config import load_config
+from gatewayctl import devstack
 from tests.e2e.helpers import REPO, authz_transport, stack_config
 from tests.ports import free_ports
 

@@ -18,7 +18,7 @@ import httpx2
 import yaml
 
 from gateway.config import GatewayConfig
-from gateway.devstack import Stack, mint
+from gatewayctl.devstack import Stack, mint
 from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,11 +23,10 @@ import httpx2
 import pytest
 import yaml
 
-from gateway import devstack
 from gateway.catalog import APPROVED, QUARANTINED, Catalog
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import FORBIDDEN, INVALID_PARAMS
-from gatewayctl import cli
+from gatewayctl import cli, devstack
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import (
     MODERN,

@@ -8,7 +8,7 @@ import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway import devstack
+from gatewayctl import devstack
 from tests.e2e.conftest import HAS_CONFORMANCE
 from tests.e2e.helpers import bearer, tls_context
 

@@ -12,7 +12,7 @@ import httpx2
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway import devstack
+from gatewayctl import devstack
 from tests.e2e.conftest import ERP_OPERATIONS
 from tests.e2e.helpers import bearer, tls_context
 

@@ -14,8 +14,8 @@ import pytest
 from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
-from gateway import devstack
 from gateway.config import GatewayConfig
+from gatewayctl import devstack
 
 # A tool each server has and the example policy lets an admin call, with arguments.
 CALLS = {

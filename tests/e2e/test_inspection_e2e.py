@@ -12,7 +12,7 @@ from mcp import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
-from gateway import devstack
+from gatewayctl import devstack
 from tests.e2e.conftest import HAS_EXT_PROC
 from tests.e2e.helpers import bearer, envoy_stat, paused, stateless_call, tls_context
 from tests.e2e.pii_server import CARD, EMAIL

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway import devstack
+from gatewayctl import devstack
 from tests.e2e.conftest import HAS_EXT_PROC
 from tests.e2e.helpers import REPO, bearer, stateless_call
 

@@ -16,8 +16,8 @@ import pytest
 import pytest_asyncio
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from gateway import devstack
 from gateway.config import load_config
+from gatewayctl import devstack
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.conftest import test_policy as pii_policy
 from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, stateless_call

@@ -15,6 +15,7 @@ import yaml
 from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
 from gateway.wire import EXT_AUTHZ_NAMESPACE, GATEWAY_HEADERS, IDENTITY_HEADERS, SIGNAL_HEADERS
+from gatewayctl import devstack
 from gatewayctl.envoy_config import (
     EnvoyConfigError,
     RenderOptions,
@@ -411,8 +412,6 @@ def test_envoy_workers_leave_cpus_to_the_python_services(cpus: int, workers: int
 
 def test_dev_stack_starts_envoy_with_the_worker_count() -> None:
     """The dev stack passes --concurrency from worker_threads(), not Envoy's one-per-CPU default."""
-    from gateway import devstack
-
     envoy = next(c for c in devstack.plan(default_config(), ext_proc=False) if c.name == "envoy")
     flag = envoy.argv.index("--concurrency")
     assert envoy.argv[flag + 1] == str(worker_threads())

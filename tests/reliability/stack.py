@@ -1,6 +1,6 @@
 """The real gateway stack for fault and bad-input tests, and the few ways these tests talk to it.
 
-The stack is the dev stack (``gateway.devstack``) on free loopback ports from a temp config, as
+The stack is the dev stack (``gatewayctl.devstack``) on free loopback ports from a temp config, as
 in ``tests/e2e``; on top of that it adds the counter test server (``counter_server.py``) with a
 ledger of executed calls, a copy of the example policy whose data also grants the counter server,
 and helpers to kill, restart and watch components (Envoy's own view via its admin API).
@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 
 import yaml
 
-from gateway import devstack
 from gateway.catalog import Catalog
 from gateway.config import GatewayConfig, load_config
+from gatewayctl import devstack
 from tests.e2e.helpers import REPO, authz_transport, stack_config
 
 T = TypeVar("T")

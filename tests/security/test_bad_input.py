@@ -24,8 +24,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway import devstack
-from gatewayctl import tokens
+from gatewayctl import devstack, tokens
 from tests.reliability.stack import (
     ISSUER,
     META,

@@ -21,10 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import devstack
 from gateway.catalog import Catalog
 from gateway.config import load_config
-from gatewayctl import tokens
+from gatewayctl import devstack, tokens
 from tests.e2e.helpers import authz_transport, stack_config
 from tests.ports import free_port
 from tests.reliability.stack import ISSUER, Gateway, _importable_tests, counter_spec, policy_dir

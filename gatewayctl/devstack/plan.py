@@ -1,0 +1,160 @@
+"""The process plan: which processes the dev stack runs, with which arguments, environment and
+ports, in which start order, and which health check each one answers. Nothing here starts a
+process; ``check_ports`` only tries to bind each port before anything starts."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance
+from gatewayctl import envoy_config
+from gatewayctl.devstack.credentials import local_jwks_issuer
+from gatewayctl.devstack.state import StackError, paths
+
+
+def config_arguments(config: GatewayConfig) -> tuple[str, ...]:
+    """``--config FILE`` for the services, or nothing for the embedded default."""
+    if not config.source or Path(config.source) == DEFAULT_CONFIG_PATH:
+        return ()
+    return ("--config", str(Path(config.source).resolve()))
+
+
+def base_dir(config: GatewayConfig) -> Path:
+    """The folder relative paths of ``config`` resolve against (children run there)."""
+    if not config.source or Path(config.source) == DEFAULT_CONFIG_PATH:
+        return Path.cwd()
+    return Path(config.source).resolve().parent
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    kind: str  # "http" | "grpc" | "envoy"
+    host: str
+    port: int
+    path: str = "/"
+
+
+@dataclass(frozen=True, slots=True)
+class Component:
+    name: str  # "jwks", "ext_authz", "ext_proc", a server name, "envoy"
+    instance: int
+    host: str
+    port: int
+    argv: tuple[str, ...]
+    probe: Probe
+    env: tuple[str, ...] = ()  # secrets this process receives
+    wave: int = 1  # 0: backends, 1: gateway services and MCP servers, 2: Envoy
+    metrics_url: str | None = None  # where Prometheus scrapes this process
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}[{self.instance}]"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+SERVICE_MODULES = {"ext_authz": "ext_authz", "ext_proc": "ext_proc"}
+# ext_authz over Envoy's HTTP mode answers its health check here (ext_authz.http_front.HEALTH_PATH).
+HTTP_AUTHZ_HEALTH_PATH = "/-/health"
+
+
+def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tuple[str, ...]:
+    """Flags every server built on mcp_servers.core takes: its own audit file (the writer locks
+    it, so one per instance) and the log level. Tracing reaches servers through the
+    OTEL_EXPORTER_OTLP_ENDPOINT environment variable."""
+    audit = config.audit
+    return ("--audit-file", str(Path(audit.dir) / f"{name}-{inst.port}.jsonl"),
+            "--audit-max-bytes", str(audit.max_bytes), "--audit-keep", str(audit.keep),
+            "--log-level", config.telemetry.log_level)
+
+
+def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
+         modules: dict[str, str] | None = None) -> list[Component]:
+    """Every process the stack runs, in start order (pure: starts nothing).
+
+    ``ext_proc`` None: run it when the service is installed. ``modules`` replaces the Python
+    module of ext_authz / ext_proc (tests run stand-ins)."""
+    py = sys.executable
+    mods = {**SERVICE_MODULES, **(modules or {})}
+    p = paths(config)
+    # Children get the user's file as is (they run in its folder, so relative paths agree);
+    # without --config they load the embedded default, relative to the same working directory.
+    config_args = config_arguments(config)
+    out: list[Component] = []
+    offset = config.telemetry.metrics_port_offset
+    for backend in config.backends:
+        inst = backend.instance
+        out.append(Component(backend.name, 0, inst.host, inst.port,
+                             (py, "-m", backend.module, "--host", inst.host, "--port", str(inst.port),
+                              *backend.args),
+                             Probe("http", inst.host, inst.port, backend.health_path),
+                             env=backend.env, wave=0))
+    local = local_jwks_issuer(config)
+    if local is not None:
+        port, url_path = local
+        out.append(Component("jwks", 0, "127.0.0.1", port,
+                             (py, "-m", "http.server", "--bind", "127.0.0.1",
+                              "--directory", str(p.jwks_root), str(port)),
+                             Probe("http", "127.0.0.1", port, url_path)))
+    for i, inst in enumerate(config.ext_authz.instances):
+        out.append(Component("ext_authz", i, inst.host, inst.port,
+                             (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
+                             Probe("http", inst.host, inst.port, HTTP_AUTHZ_HEALTH_PATH)
+                             if config.ext_authz.transport == "http" else
+                             Probe("grpc", inst.host, inst.port),
+                             metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
+    if ext_proc if ext_proc is not None else envoy_config.ext_proc_available():
+        for i, inst in enumerate(config.ext_proc.instances):
+            out.append(Component("ext_proc", i, inst.host, inst.port,
+                                 (py, "-m", mods["ext_proc"], *config_args, "--port", str(inst.port)),
+                                 Probe("grpc", inst.host, inst.port),
+                                 metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
+    for server in config.servers:
+        for i, inst in enumerate(server.instances):
+            out.append(Component(server.name, i, inst.host, inst.port,
+                                 (py, "-m", server.module, "--host", inst.host,
+                                  "--port", str(inst.port), *_server_common_args(config, server.name, inst),
+                                  *server.args),
+                                 Probe("http", inst.host, inst.port, "/ready"), env=server.env,
+                                 metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
+    envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
+                  "--disable-hot-restart", "--concurrency", str(envoy_config.worker_threads()))
+    out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
+                         Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,
+                         metrics_url=f"http://{config.admin.host}:{config.admin.port}/stats/prometheus"))
+    return out
+
+
+def listening_ports(config: GatewayConfig, components: list[Component]) -> list[tuple[str, str, int]]:
+    """(what, host, port) of every socket the stack binds."""
+    ports = [(c.label, c.host, c.port) for c in components]
+    ports.append(("envoy admin", config.admin.host, config.admin.port))
+    offset = config.telemetry.metrics_port_offset
+    ports += [(f"{c.label} /metrics", c.host, c.port + offset) for c in components
+              if c.name in SERVICE_MODULES]
+    return ports
+
+
+def check_ports(ports: list[tuple[str, str, int]]) -> None:
+    """Fail with the port's name when two components share a port or one is already taken."""
+    seen: dict[int, str] = {}
+    for what, host, port in ports:
+        if port in seen:
+            raise StackError(f"port {port} is configured for both {seen[port]} and {what}")
+        seen[port] = what
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise StackError(f"port {port} on {host} ({what}) is already in use; stop what "
+                                     f"uses it or change the port in the config") from None
+                raise StackError(f"cannot bind {host}:{port} ({what}): {exc.strerror}") from None

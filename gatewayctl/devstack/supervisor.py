@@ -1,0 +1,295 @@
+"""The supervisor: start the planned processes wave by wave, wait until each is healthy, keep
+them running in the foreground or leave them detached, and stop them; ``status`` and ``down``
+act on a stack another process started.
+
+Process handling, and why:
+* Every child gets its own session (``start_new_session=True``): a Ctrl-C in the terminal
+  reaches only the supervisor, which stops children in reverse order; and detached children
+  survive the shell that started them (seen here: an Envoy started from a short-lived shell
+  died with that shell's job).
+* In the foreground the children also ask the kernel for SIGTERM when the supervisor dies
+  (``PR_SET_PDEATHSIG``), so not even a SIGKILLed supervisor leaves orphans.
+* A PID file in ``state_dir`` records each PID with its kernel start time; ``down`` and
+  ``status`` act only on processes whose start time still matches, so a reused PID is never
+  signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gateway.config import GatewayConfig
+from gatewayctl import envoy_config
+from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
+from gatewayctl.devstack.health import probe
+from gatewayctl.devstack.plan import Component, Probe, base_dir, check_ports, listening_ports, plan
+from gatewayctl.devstack.state import StackError, paths
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_SECONDS = 90.0
+STOP_TIMEOUT_SECONDS = 10.0
+POLL_INTERVAL_SECONDS = 0.1
+
+
+# ---------------------------------------------------------------------------- PID bookkeeping
+
+def _start_time(pid: int) -> int | None:
+    """Kernel start time of a live, non-zombie process (None if gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _alive(entry: dict[str, Any]) -> bool:
+    started = _start_time(int(entry["pid"]))
+    return started is not None and started == entry.get("start_time")
+
+
+def read_pid_file(config: GatewayConfig) -> dict[str, Any] | None:
+    try:
+        data: dict[str, Any] = json.loads(paths(config).pid_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StackError(f"cannot read {paths(config).pid_file}: {exc}") from None
+    return data
+
+
+# -------------------------------------------------------------------------------------- stack
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent_hook() -> Callable[[], None]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl = libc.prctl
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    return hook
+
+
+@dataclass
+class Stack:
+    """A running (or starting) dev stack."""
+
+    config: GatewayConfig
+    ext_proc: bool | None = None
+    modules: dict[str, str] | None = None
+    startup_timeout: float = STARTUP_TIMEOUT_SECONDS
+    components: list[Component] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    ca_file: Path | None = None
+    secrets: dict[str, str] = field(default_factory=dict)
+
+    def prepare(self) -> None:
+        """Certificates, keys, effective config and Envoy config; fails before starting anything."""
+        p = paths(self.config)
+        running = read_pid_file(self.config)
+        if running and any(_alive(e) for e in running.get("components", [])):
+            raise StackError(f"a dev stack is already running from {p.state_dir}; "
+                             f"run `mcp-gateway down` first")
+        self.components = plan(self.config, ext_proc=self.ext_proc, modules=self.modules)
+        check_ports(listening_ports(self.config, self.components))
+        p.logs.mkdir(parents=True, exist_ok=True)
+        self.ca_file = ensure_tls(self.config)
+        self.secrets = ensure_secrets(self.config)
+        signing_key(self.config)
+        with_ext_proc = any(c.name == "ext_proc" for c in self.components)
+        p.envoy_yaml.write_text(envoy_config.render(
+            self.config, envoy_config.RenderOptions(ext_proc=with_ext_proc)), encoding="utf-8")
+
+    def start(self, *, detach: bool) -> None:
+        """Start every component and wait until all are healthy (or raise, leaving none)."""
+        self.prepare()
+        hook = None if detach else _die_with_parent_hook()
+        cwd = base_dir(self.config)
+        # A secret reaches only the processes that list it, whatever the parent environment holds.
+        env = {k: v for k, v in os.environ.items() if k not in self.config.secrets}
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.config.telemetry.otlp_endpoint:
+            # MCP servers take their collector from the standard OpenTelemetry variable (a server
+            # module need not accept a flag for it); ext_authz and ext_proc read the config.
+            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.telemetry.otlp_endpoint
+        # Backends first (servers may read from them at start-up); then the Python processes in
+        # parallel; Envoy once they answer, so its first round of active health checks finds
+        # them up instead of marking them failed.
+        waves = [[c for c in self.components if c.wave == w] for w in (0, 1, 2)]
+        try:
+            for wave in waves:
+                for comp in wave:
+                    self._spawn(comp, hook, cwd, {**env, **{n: self.secrets[n] for n in comp.env}})
+                    self._write_pid_file(supervisor=None if detach else os.getpid())
+                self.wait_healthy(wave)
+            self._write_pid_file(supervisor=None if detach else os.getpid(), ready=True)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self, comp: Component, hook: Callable[[], None] | None, cwd: Path,
+               env: dict[str, str]) -> None:
+        log = paths(self.config).logs / f"{comp.name}-{comp.instance}.log"
+        with open(log, "ab") as out:
+            # argv is built from the config and never passes through a shell.
+            self.procs[comp.label] = subprocess.Popen(
+                comp.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=cwd, env=env, start_new_session=True, preexec_fn=hook)
+        logger.debug("started %s pid %d", comp.label, self.procs[comp.label].pid)
+
+    def _write_pid_file(self, *, supervisor: int | None, ready: bool = False) -> None:
+        entries = []
+        for comp in self.components:
+            proc = self.procs.get(comp.label)
+            if proc is None:
+                continue
+            entries.append({"component": comp.name, "instance": comp.instance,
+                            "address": comp.address, "pid": proc.pid,
+                            "start_time": _start_time(proc.pid),
+                            "log": str(paths(self.config).logs / f"{comp.name}-{comp.instance}.log"),
+                            "probe": asdict(comp.probe)})
+        # `ready`: every component answered its health check once (start-up is over).
+        data: dict[str, Any] = {"config": self.config.source, "ready": ready, "components": entries}
+        if supervisor is not None:
+            data["supervisor"] = {"pid": supervisor, "start_time": _start_time(supervisor)}
+        path = paths(self.config).pid_file
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        tmp.replace(path)
+
+    def wait_healthy(self, components: list[Component] | None = None) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        for comp in self.components if components is None else components:
+            proc = self.procs[comp.label]
+            while not probe(comp, self.config, self.ca_file):
+                if proc.poll() is not None:
+                    raise StackError(f"{comp.label} exited with code {proc.returncode} during "
+                                     f"start-up:\n{self.log_tail(comp)}")
+                if time.monotonic() > deadline:
+                    raise StackError(f"{comp.label} on {comp.address} was not healthy within "
+                                     f"{self.startup_timeout:g} s:\n{self.log_tail(comp)}")
+                time.sleep(POLL_INTERVAL_SECONDS)
+
+    def log_tail(self, comp: Component, lines: int = 20) -> str:
+        log = paths(self.config).logs / f"{comp.name}-{comp.instance}.log"
+        try:
+            text = log.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+        except OSError:
+            return f"(no log at {log})"
+        return "\n".join(f"  | {line}" for line in text) + f"\n  (full log: {log})"
+
+    def stop(self) -> None:
+        """Stop every started child, newest first; SIGKILL what ignores SIGTERM (idempotent)."""
+        for comp in reversed(self.components):
+            proc = self.procs.get(comp.label)
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=STOP_TIMEOUT_SECONDS)
+        with contextlib.suppress(FileNotFoundError):
+            paths(self.config).pid_file.unlink()
+
+    def supervise(self, stop: threading.Event) -> None:
+        """Foreground: report children that exit; return when ``stop`` is set or none is left."""
+        reported: set[str] = set()
+        while not stop.wait(0.5):
+            for label, proc in self.procs.items():
+                if label not in reported and proc.poll() is not None:
+                    reported.add(label)
+                    comp = next(c for c in self.components if c.label == label)
+                    print(f"!! {label} exited with code {proc.returncode}\n{self.log_tail(comp, 5)}",
+                          file=sys.stderr, flush=True)
+            if len(reported) == len(self.procs):
+                return
+
+
+@contextlib.contextmanager
+def running(config: GatewayConfig, **kwargs: Any) -> Iterator[Stack]:
+    """A started stack for the duration of a ``with`` block (children die with this process)."""
+    stack = Stack(config, **kwargs)
+    stack.start(detach=False)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+# ------------------------------------------------------------------------------ status / down
+
+def status(config: GatewayConfig) -> list[dict[str, Any]]:
+    """One row per recorded process: component, instance, address, pid, alive, healthy."""
+    data = read_pid_file(config)
+    if data is None:
+        return []
+    ca = paths(config).ca_cert
+    rows = []
+    for entry in data.get("components", []):
+        alive = _alive(entry)
+        pr = Probe(**entry["probe"])
+        host, _, port = entry["address"].rpartition(":")
+        comp = Component(entry["component"], entry["instance"], host, int(port), (), pr)
+        rows.append({"component": entry["component"], "instance": entry["instance"],
+                     "address": entry["address"], "pid": entry["pid"], "alive": alive,
+                     "healthy": alive and probe(comp, config, ca if ca.exists() else None),
+                     "log": entry.get("log")})
+    return rows
+
+
+def down(config: GatewayConfig, timeout: float = STOP_TIMEOUT_SECONDS) -> list[int]:
+    """Stop exactly the processes in the PID file; returns the PIDs that were signalled."""
+    data = read_pid_file(config)
+    if data is None:
+        return []
+    # (entry, signal the whole process group): children lead their own group, which also holds
+    # anything they spawned; the foreground supervisor (if any) stops its children itself.
+    entries: list[tuple[dict[str, Any], bool]] = [
+        (e, True) for e in reversed(data.get("components", []))]
+    supervisor = data.get("supervisor")
+    if isinstance(supervisor, dict):
+        entries.insert(0, (supervisor, False))
+    live = [e for e in entries if _alive(e[0])]
+    for entry, group in live:
+        with contextlib.suppress(ProcessLookupError):
+            (os.killpg if group else os.kill)(entry["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_alive(e) for e, _ in live) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_SECONDS)
+    for entry, _ in live:
+        if _alive(entry):
+            logger.warning("pid %d ignored SIGTERM; sending SIGKILL", entry["pid"])
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(entry["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_alive(e) for e, _ in live) and time.monotonic() < deadline:
+        time.sleep(POLL_INTERVAL_SECONDS)
+    still = [e["pid"] for e, _ in live if _alive(e)]
+    if still:
+        raise StackError(f"processes {still} did not stop")
+    with contextlib.suppress(FileNotFoundError):
+        paths(config).pid_file.unlink()
+    return [e["pid"] for e, _ in live]
