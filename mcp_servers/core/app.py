@@ -128,8 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain: not ready, finish in-flight calls, close."""
-    # The method, not the module function: a server class may extend its app.
-    app = server.make_app(settings)
+    app = make_app(server, settings)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, access_log=None,
                            handle_signals=False)
     await runner.setup()

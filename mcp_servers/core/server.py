@@ -10,7 +10,7 @@ import base64
 import binascii
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -27,11 +27,6 @@ from mcp_servers.core.registry import (
 )
 from mcp_servers.core.schema import SchemaValidator
 from mcp_servers.core.settings import LOG_LEVELS
-
-if TYPE_CHECKING:
-    from aiohttp import web
-
-    from mcp_servers.core.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +185,6 @@ class MCPServer:
             await fn()
         self.lifespans.append(cleanup)
         return fn
-
-    def make_app(self, settings: ServerSettings | None = None) -> web.Application:
-        from mcp_servers.core.app import make_app
-        return make_app(self, settings)
 
     # ---- protocol facts ---------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from mcp_servers.core import MCPServer, ServerSettings, ToolContext, ToolError, ToolResult
-from mcp_servers.core.app import transport_of
+from mcp_servers.core.app import make_app, transport_of
 from mcp_servers.core.transport import Transport
 
 JSON_AND_SSE = "application/json, text/event-stream"
@@ -248,7 +248,7 @@ class Served:
 
 async def start(settings: ServerSettings | None = None) -> Served:
     gates = Gates()
-    app = build_test_server(gates).make_app(settings or ServerSettings(page_size=2))
+    app = make_app(build_test_server(gates), settings or ServerSettings(page_size=2))
     runner = web.AppRunner(app, shutdown_timeout=10)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from mcp_servers.core import MCPServer, ServerSettings, ToolContext, serve_main
-from mcp_servers.core.app import add_common_arguments, settings_from_args
+from mcp_servers.core.app import add_common_arguments, make_app, settings_from_args
 from tests.mcp_servers.core.conftest import Client, Served, start
 
 
@@ -87,7 +87,7 @@ def _lifecycle_server(events: list[str], *, fail_startup: bool = False) -> MCPSe
 async def test_lifecycle_hooks_run_around_serving_in_order() -> None:
     """Start-up hooks run before the first request, clean-ups after it, in reverse order."""
     events: list[str] = []
-    runner = web.AppRunner(_lifecycle_server(events).make_app(ServerSettings()))
+    runner = web.AppRunner(make_app(_lifecycle_server(events), ServerSettings()))
     await runner.setup()
     try:
         assert events == ["open pool", "open session"]
@@ -106,7 +106,7 @@ async def test_lifecycle_hooks_run_around_serving_in_order() -> None:
 async def test_failed_startup_stops_and_cleans_up_what_started() -> None:
     """A failing start-up hook aborts the start; lifespans that already started are torn down."""
     events: list[str] = []
-    runner = web.AppRunner(_lifecycle_server(events, fail_startup=True).make_app(ServerSettings()))
+    runner = web.AppRunner(make_app(_lifecycle_server(events, fail_startup=True), ServerSettings()))
     with pytest.raises(OSError, match="backend unreachable"):
         await runner.setup()
     await runner.cleanup()

@@ -14,7 +14,7 @@ from aiohttp import web
 from mcp import Client
 from mcp.shared.exceptions import MCPError
 
-from mcp_servers.core import MCPServer, ServerSettings
+from mcp_servers.core import MCPServer, ServerSettings, make_app
 from mcp_servers.database.backends import SQLiteBackend
 from mcp_servers.database.seed import rows
 from mcp_servers.database.server import create_server
@@ -23,7 +23,7 @@ from mcp_servers.database.server import create_server
 @asynccontextmanager
 async def serve(server: MCPServer) -> AsyncIterator[str]:
     """Run ``server`` on 127.0.0.1 with an ephemeral port; yield its MCP endpoint URL."""
-    runner = web.AppRunner(server.make_app(ServerSettings()))
+    runner = web.AppRunner(make_app(server, ServerSettings()))
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from mcp_servers.core import MCPServer, ServerSettings
+from mcp_servers.core import MCPServer, ServerSettings, make_app
 from mcp_servers.files.sandbox import seed_demo
 
 
 @asynccontextmanager
 async def serve(server: MCPServer) -> AsyncIterator[str]:
     """Run ``server`` on 127.0.0.1 with an ephemeral port; yield its MCP endpoint URL."""
-    runner = web.AppRunner(server.make_app(ServerSettings()))
+    runner = web.AppRunner(make_app(server, ServerSettings()))
     await runner.setup()
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -9,7 +9,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from mcp_servers.core import ServerSettings
+from mcp_servers.core import ServerSettings, make_app
 from mcp_servers.integration.credentials import NoCredentials
 from mcp_servers.integration.server import ConnectorConfig, build_connector
 
@@ -42,7 +42,7 @@ async def test_backend_session_opens_at_start_closes_at_stop_and_propagates_trac
     server = build_connector(ConnectorConfig(name="items", openapi="inline", base_url=base_url,
                                              allow=("listItems",), allow_all=False, tool_prefix="",
                                              credentials=NoCredentials(), client={}), DOC)
-    runner = web.AppRunner(server.make_app(ServerSettings()))
+    runner = web.AppRunner(make_app(server, ServerSettings()))
     try:
         await runner.setup()
         assert not server.client.session.closed
