@@ -1,4 +1,5 @@
-"""Shared core of the MCP gateway: strict JSON-RPC/MCP message handling, config, CLI."""
+"""Shared core of the MCP gateway: strict JSON-RPC/MCP message handling, config, policy,
+telemetry. The operator tooling (CLI, dev stack) lives in ``gatewayctl``, which imports this."""
 
 import os
 
