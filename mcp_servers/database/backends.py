@@ -153,6 +153,30 @@ def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+# The server's own catalogue queries (tables, row counts, columns): generous bounds, no scope.
+_CATALOGUE_ROWS = 10_000
+_CATALOGUE_SECONDS = 10.0
+
+
+async def _tables_with_counts(backend: Backend, listing_sql: str) -> list[dict[str, Any]]:
+    """The tables and views ``listing_sql`` lists (rows of name and kind), each with its row count."""
+    listed = await backend.query(listing_sql, None, _CATALOGUE_ROWS, _CATALOGUE_SECONDS)
+    tables = []
+    for name, kind in listed.rows:
+        count = await backend.query(f"SELECT count(*) FROM {quote_identifier(name)}",  # noqa: S608
+                                    None, 1, _CATALOGUE_SECONDS)
+        tables.append({"name": name, "type": kind, "rows": count.rows[0][0]})
+    return tables
+
+
+async def _require_table(backend: Backend, table: str) -> None:
+    """Refuse a name that is not one of the tables and views ``list_tables`` shows."""
+    known = {t["name"] for t in await backend.list_tables()}
+    if table not in known:
+        raise DatabaseError("unknown_table",
+                            f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+
+
 # -- SQLite ---------------------------------------------------------------------------------------
 
 
@@ -307,25 +331,16 @@ class SQLiteBackend:
             self._running.discard(stop)
 
     async def list_tables(self) -> list[dict[str, Any]]:
-        names = await self.query(
-            "SELECT name, type FROM sqlite_schema WHERE type IN ('table', 'view') "
-            "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name", None, 10_000, 10.0)
-        tables = []
-        for name, kind in names.rows:
-            count = await self.query(f"SELECT count(*) FROM {quote_identifier(name)}",  # noqa: S608
-                                     None, 1, 10.0)
-            tables.append({"name": name, "type": kind, "rows": count.rows[0][0]})
-        return tables
+        return await _tables_with_counts(
+            self, "SELECT name, type FROM sqlite_schema WHERE type IN ('table', 'view') "
+                  "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name")
 
     async def describe_table(self, table: str) -> dict[str, Any]:
-        known = {t["name"] for t in await self.list_tables()}
-        if table not in known:
-            raise DatabaseError("unknown_table",
-                                f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+        await _require_table(self, table)
         cols = await self.query("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(?)",
-                                [table], 10_000, 10.0)
+                                [table], _CATALOGUE_ROWS, _CATALOGUE_SECONDS)
         fks = await self.query('SELECT "from", "table", "to" FROM pragma_foreign_key_list(?)',
-                               [table], 10_000, 10.0)
+                               [table], _CATALOGUE_ROWS, _CATALOGUE_SECONDS)
         ref = {r[0]: f"{r[1]}({r[2]})" for r in fks.rows}
         columns = [{"name": n, "type": t or "", "nullable": not nn, "default": d, "primaryKey": bool(pk),
                     "references": ref.get(n)} for n, t, nn, d, pk in cols.rows]
@@ -419,22 +434,13 @@ class PostgresBackend:
         return QueryResult(columns=columns, rows=rows, truncated=len(fetched) > max_rows)
 
     async def list_tables(self) -> list[dict[str, Any]]:
-        res = await self.query(
-            "SELECT table_name, CASE table_type WHEN 'VIEW' THEN 'view' ELSE 'table' END "
-            "FROM information_schema.tables WHERE table_schema = current_schema() ORDER BY table_name",
-            None, 10_000, 10.0)
-        tables = []
-        for name, kind in res.rows:
-            count = await self.query(f"SELECT count(*) FROM {quote_identifier(name)}",  # noqa: S608
-                                     None, 1, 10.0)
-            tables.append({"name": name, "type": kind, "rows": count.rows[0][0]})
-        return tables
+        return await _tables_with_counts(
+            self, "SELECT table_name, CASE table_type WHEN 'VIEW' THEN 'view' ELSE 'table' END "
+                  "FROM information_schema.tables WHERE table_schema = current_schema() "
+                  "ORDER BY table_name")
 
     async def describe_table(self, table: str) -> dict[str, Any]:
-        known = {t["name"] for t in await self.list_tables()}
-        if table not in known:
-            raise DatabaseError("unknown_table",
-                                f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+        await _require_table(self, table)
         cols = await self.query(
             "SELECT c.column_name, c.data_type, c.is_nullable = 'YES', c.column_default, "
             "EXISTS (SELECT 1 FROM information_schema.table_constraints tc "
@@ -449,7 +455,7 @@ class PostgresBackend:
             "  WHERE tc.constraint_type = 'FOREIGN KEY' AND tc.table_schema = c.table_schema "
             "  AND tc.table_name = c.table_name AND k.column_name = c.column_name LIMIT 1) "
             "FROM information_schema.columns c WHERE c.table_schema = current_schema() AND c.table_name = $1 "
-            "ORDER BY c.ordinal_position", [table], 10_000, 10.0)
+            "ORDER BY c.ordinal_position", [table], _CATALOGUE_ROWS, _CATALOGUE_SECONDS)
         columns = [{"name": n, "type": t, "nullable": bool(nullable), "default": d, "primaryKey": bool(pk),
                     "references": ref} for n, t, nullable, d, pk, ref in cols.rows]
         return {"table": table, "columns": columns}
