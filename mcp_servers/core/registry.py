@@ -57,14 +57,22 @@ class Resource:
     title: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"uri": self.uri, "name": self.name}
-        if self.title is not None:
-            out["title"] = self.title
-        if self.description is not None:
-            out["description"] = self.description
-        if self.mime_type is not None:
-            out["mimeType"] = self.mime_type
-        return out
+        return _resource_entry({"uri": self.uri, "name": self.name}, self.title, self.description,
+                               self.mime_type)
+
+
+def _resource_entry(head: dict[str, Any], title: str | None, description: str | None,
+                    mime_type: str | None) -> dict[str, Any]:
+    """A resource's or a template's entry in a list: ``head`` (its address and name), then the
+    optional fields it has."""
+    out = dict(head)
+    if title is not None:
+        out["title"] = title
+    if description is not None:
+        out["description"] = description
+    if mime_type is not None:
+        out["mimeType"] = mime_type
+    return out
 
 
 _VAR = re.compile(r"\{([+#]?)([A-Za-z0-9_.,]+)\}")
@@ -102,14 +110,8 @@ class ResourceTemplate:
         return None if m is None else m.groupdict()
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"uriTemplate": self.uri_template, "name": self.name}
-        if self.title is not None:
-            out["title"] = self.title
-        if self.description is not None:
-            out["description"] = self.description
-        if self.mime_type is not None:
-            out["mimeType"] = self.mime_type
-        return out
+        return _resource_entry({"uriTemplate": self.uri_template, "name": self.name}, self.title,
+                               self.description, self.mime_type)
 
 
 @dataclass(slots=True)
