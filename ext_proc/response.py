@@ -15,16 +15,19 @@ STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 
 
-def continue_request_headers() -> pb.ProcessingResponse:
+def _continue(phase: str) -> pb.ProcessingResponse:
+    """Let ``phase`` (the name of a ProcessingResponse oneof field) through unchanged."""
     resp = pb.ProcessingResponse()
-    resp.request_headers.SetInParent()
+    getattr(resp, phase).SetInParent()
     return resp
+
+
+def continue_request_headers() -> pb.ProcessingResponse:
+    return _continue("request_headers")
 
 
 def continue_response_headers() -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    resp.response_headers.SetInParent()
-    return resp
+    return _continue("response_headers")
 
 
 def inspect_response_body(mode: int) -> pb.ProcessingResponse:
@@ -41,21 +44,15 @@ def inspect_response_body(mode: int) -> pb.ProcessingResponse:
 
 
 def continue_response_body() -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    resp.response_body.SetInParent()
-    return resp
+    return _continue("response_body")
 
 
 def continue_request_body() -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    resp.request_body.SetInParent()
-    return resp
+    return _continue("request_body")
 
 
 def continue_trailers(response: bool) -> pb.ProcessingResponse:
-    resp = pb.ProcessingResponse()
-    (resp.response_trailers if response else resp.request_trailers).SetInParent()
-    return resp
+    return _continue("response_trailers" if response else "request_trailers")
 
 
 def replace_body(body: bytes) -> pb.ProcessingResponse:
