@@ -39,6 +39,7 @@ def make_app(settings: BridgeSettings) -> web.Application:
     app.cleanup_ctx.append(children)
     app.router.add_get("/ready", bridge.ready)
     app.router.add_get("/metrics", bridge.metrics)
+    app.router.add_get("/-/children", bridge.children)
     app.router.add_route("*", settings.path, bridge.handle)
     return app
 

@@ -125,7 +125,8 @@ class Child:
         self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=settings.stdin_queue)
         self._tasks: list[asyncio.Task[Any]] = []
         self._monitor: asyncio.Task[None] | None = None
-        self._stopping = False
+        self._stopping = False  # no new input: a stop is under way (ours or after EOF)
+        self._stop_requested = False  # the bridge asked for the stop (not a crash)
         self._budget = SkipBudget(settings.non_json_per_minute)
         self.exit: ExitInfo | None = None
         self.exited = asyncio.Event()
@@ -167,6 +168,7 @@ class Child:
     async def stop(self) -> ExitInfo:
         """Stop the process and its group (idempotent); returns how it ended."""
         self._stopping = True
+        self._stop_requested = True
         if self._proc is None:
             return ExitInfo("stopped", None)
         if self._monitor is not None:
@@ -216,7 +218,7 @@ class Child:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if proc.stdin is not None:
             proc.stdin.close()
-        if self._stopping and reason in ("exited", "stdout_closed"):
+        if self._stop_requested and reason in ("exited", "stdout_closed"):
             reason = "stopped"
         self.exit = ExitInfo(reason, proc.returncode)
         self.exited.set()

@@ -128,6 +128,16 @@ class Bridge:
                 lines.append(f'mcp_bridge_rejected_total{{reason="{name[9:]}"}} {value}')
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
+    async def children(self, _request: web.Request) -> web.Response:
+        """Loopback diagnostics: each session's and pool slot's child pid and requests in flight."""
+        def describe(link: Link) -> dict[str, Any]:
+            child = link.child
+            return {"pid": child.pid if child is not None and child.alive else None,
+                    "in_flight": link.in_flight, "ready": link.ready.is_set()}
+        return web.json_response({
+            "sessions": {s.id[:8]: describe(s.link) for s in self.sessions.all()},
+            "pool": [describe(link) for link in self.pool.links]})
+
     def _check_host_and_origin(self, request: web.Request) -> None:
         if "*" not in self._allowed_hosts:
             host = _hostname(request.headers.get("Host", ""))

@@ -1,0 +1,241 @@
+"""The bridge as a real process in front of real stdio servers, driven by the official SDK client.
+
+Servers: ``mcp-server-time`` (PyPI, speaks 2026-07-28 itself: a *modern* pool),
+``@modelcontextprotocol/server-everything`` (npm, handshake era only: a *translated* pool and
+server-to-client requests), and ``toy_server.py`` (misbehaving on purpose).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from mcp import ClientSession, types
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from tests.mcp_bridge.conftest import RunningBridge, run_bridge
+
+VERSIONS = ["2025-06-18", "2025-11-25", "2026-07-28"]
+CLIENT_INFO = types.Implementation(name="bridge-test", version="1.0")
+WAIT = 20.0
+
+
+@asynccontextmanager
+async def connect(url: str, version: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
+    """An SDK session that negotiated exactly ``version`` (see tests/mcp_servers/test_sdk_clients)."""
+    async with streamable_http_client(url) as (read, write), ClientSession(
+            read, write, client_info=CLIENT_INFO, **callbacks) as session:
+        if version == "2025-06-18":
+            request = types.InitializeRequest(params=types.InitializeRequestParams(
+                protocol_version=version, capabilities=types.ClientCapabilities(), client_info=CLIENT_INFO))
+            result = await session.send_request(request, types.InitializeResult)
+            session.adopt(result)
+            await session.send_notification(types.InitializedNotification())
+        elif version == "2025-11-25":
+            await session.initialize()
+        else:
+            await session.discover()
+        assert session.protocol_version == version
+        yield session
+
+
+def text_of(result: object) -> str:
+    assert isinstance(result, types.CallToolResult)
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+@pytest.fixture(scope="module")
+def time_bridge(tmp_path_factory: pytest.TempPathFactory, time_argv: list[str]) -> Iterator[RunningBridge]:
+    with run_bridge(tmp_path_factory.mktemp("time"), time_argv, "--pool", "1") as bridge:
+        yield bridge
+
+
+@pytest.fixture(scope="module")
+def everything_bridge(tmp_path_factory: pytest.TempPathFactory,
+                      everything_argv: list[str]) -> Iterator[RunningBridge]:
+    with run_bridge(tmp_path_factory.mktemp("everything"), everything_argv, "--pool", "1",
+                    "--env", "BRIDGE_TEST_SECRET", env={"BRIDGE_TEST_SECRET": "s3cret",
+                                                        "BRIDGE_TEST_HIDDEN": "hidden"}) as bridge:
+        yield bridge
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_time_server_every_version(time_bridge: RunningBridge, version: str) -> None:
+    """mcp-server-time lists and calls its tools through the bridge in every protocol version."""
+    async with connect(time_bridge.url, version) as session:
+        tools = {t.name for t in (await session.list_tools()).tools}
+        assert {"get_current_time", "convert_time"} <= tools
+        result = await session.call_tool("get_current_time", {"timezone": "UTC"})
+        assert not result.is_error
+        assert json.loads(text_of(result))["timezone"] == "UTC"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_everything_server_every_version(everything_bridge: RunningBridge, version: str) -> None:
+    """server-everything (handshake era only) answers stateless clients through a translated pool."""
+    async with connect(everything_bridge.url, version) as session:
+        tools = {t.name for t in (await session.list_tools()).tools}
+        assert {"echo", "get-sum", "trigger-long-running-operation"} <= tools
+        result = await session.call_tool("get-sum", {"a": 2, "b": 3})
+        assert "5" in text_of(result)
+
+
+@pytest.mark.parametrize("version", ["2025-11-25", "2026-07-28"])
+async def test_progress_arrives_over_sse(everything_bridge: RunningBridge, version: str) -> None:
+    """Progress notifications of a long call reach the client's progress callback."""
+    seen: list[tuple[float, float | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total))
+
+    async with connect(everything_bridge.url, version) as session:
+        result = await session.call_tool("trigger-long-running-operation", {"duration": 0.3, "steps": 3},
+                                         progress_callback=on_progress)
+        assert "completed" in text_of(result)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+
+
+async def test_server_requests_reach_client_callbacks(everything_bridge: RunningBridge) -> None:
+    """Sampling, elicitation and roots/list from the child reach the SDK client's callbacks."""
+    calls: list[str] = []
+
+    async def sampling(_ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        calls.append("sampling")
+        return types.CreateMessageResult(role="assistant", model="test-model",
+                                         content=types.TextContent(type="text", text="sampled answer"))
+
+    async def elicitation(_ctx: Any, _params: types.ElicitRequestParams) -> types.ElicitResult:
+        calls.append("elicitation")
+        return types.ElicitResult(action="accept", content={"name": "Ada", "check": True})
+
+    async def roots(_ctx: Any) -> types.ListRootsResult:
+        calls.append("roots")
+        return types.ListRootsResult(roots=[types.Root.model_validate({"uri": "file:///srv/project",
+                                                                      "name": "project"})])
+
+    async with connect(everything_bridge.url, "2025-11-25", sampling_callback=sampling,
+                       elicitation_callback=elicitation, list_roots_callback=roots) as session:
+        tools = {t.name for t in (await session.list_tools()).tools}
+        assert {"trigger-sampling-request", "trigger-elicitation-request", "get-roots-list"} <= tools
+        sampled = await session.call_tool("trigger-sampling-request", {"prompt": "hi"})
+        assert "sampled answer" in text_of(sampled)
+        elicited = await session.call_tool("trigger-elicitation-request", {})
+        assert "Ada" in text_of(elicited)
+        listed = await session.call_tool("get-roots-list", {})
+        assert "file:///srv/project" in text_of(listed)
+    assert {"sampling", "elicitation", "roots"} <= set(calls)
+
+
+async def test_child_environment_is_the_allowlist(everything_bridge: RunningBridge) -> None:
+    """get-env shows the allowlisted variables and the one named with --env, nothing else."""
+    async with connect(everything_bridge.url, "2025-11-25") as session:
+        env = json.loads(text_of(await session.call_tool("get-env", {})))
+    assert env["BRIDGE_TEST_SECRET"] == "s3cret"
+    assert "BRIDGE_TEST_HIDDEN" not in env
+    assert set(env) <= {"HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "LANG", "TZ",
+                        "BRIDGE_TEST_SECRET"}
+
+
+async def _session_child(bridge: RunningBridge, *, in_flight: int = 0) -> int:
+    """The pid of the only session's child, once it has ``in_flight`` requests (bounded poll)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        sessions = list(bridge.children()["sessions"].values())
+        if len(sessions) == 1 and sessions[0]["pid"] and sessions[0]["in_flight"] >= in_flight:
+            return int(sessions[0]["pid"])
+        await asyncio.sleep(0.02)  # poll interval against the deadline
+    pytest.fail(f"no session child with {in_flight} request(s) in flight: {bridge.children()}")
+
+
+async def test_killed_child_gives_error_and_the_session_recovers(
+        tmp_path: Path, everything_argv: list[str]) -> None:
+    """SIGKILL of the child mid-call: the call gets -32603 upstream_exited; the next call succeeds."""
+    with run_bridge(tmp_path, everything_argv, "--pool", "0") as bridge:
+        async with connect(bridge.url, "2025-11-25") as session:
+            first = asyncio.create_task(session.call_tool("trigger-long-running-operation",
+                                                          {"duration": 30, "steps": 30}))
+            pid = await _session_child(bridge, in_flight=1)
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(MCPError) as failed:
+                await asyncio.wait_for(first, WAIT)
+            assert failed.value.code == -32603
+            assert failed.value.data["reason"] == "upstream_exited"
+            assert failed.value.data["exit_status"] == -signal.SIGKILL
+            again = await asyncio.wait_for(session.call_tool("echo", {"message": "back"}), WAIT)
+            assert "back" in text_of(again)
+            assert await _session_child(bridge) != pid
+
+
+async def test_sigterm_stops_every_child(tmp_path: Path, everything_argv: list[str]) -> None:
+    """SIGTERM: the bridge drains, stops its children (session and pool) and exits 0."""
+    with run_bridge(tmp_path, everything_argv, "--pool", "1", "--drain-seconds", "2") as bridge:
+        async with connect(bridge.url, "2025-11-25") as session:
+            await session.call_tool("echo", {"message": "x"})
+            children = bridge.children()
+            pids = [c["pid"] for c in [*children["sessions"].values(), *children["pool"]]]
+            assert len(pids) == 2 and all(pids)
+            bridge.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(bridge.proc.wait, WAIT) == 0
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rfind(")") + 2:].split()[0]
+
+
+async def test_bad_stdout_is_survived(tmp_path: Path, toy_argv: list[str]) -> None:
+    """A non-JSON stdout line is skipped; an oversize line kills the child, the call gets
+    upstream_protocol_error, and the session carries on with a new child."""
+    with run_bridge(tmp_path, toy_argv, "--pool", "0", "--max-line-bytes", "65536") as bridge:
+        async with connect(bridge.url, "2025-11-25") as session:
+            assert text_of(await session.call_tool("noise", {})) == "quiet again"
+            before = text_of(await session.call_tool("pid", {}))
+            with pytest.raises(MCPError) as failed:
+                await asyncio.wait_for(session.call_tool("huge", {}), WAIT)
+            assert failed.value.code == -32603
+            assert failed.value.data["reason"] == "upstream_protocol_error"
+            after = text_of(await asyncio.wait_for(session.call_tool("pid", {}), WAIT))
+            assert after != before
+        logs = bridge.logs()
+    assert "skipped a stdout line that is not a JSON-RPC message" in logs
+    assert "toy server starting" in logs  # the child's stderr is in the bridge's log
+
+
+async def test_session_limit_answers_503(tmp_path: Path, toy_argv: list[str]) -> None:
+    """Past --max-sessions, initialize gets 503 session_limit with Retry-After; DELETE frees a slot."""
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with run_bridge(tmp_path, toy_argv, "--pool", "0", "--max-sessions", "1") as bridge:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url, json=init, headers=headers) as first:
+                assert first.status == 200
+                sid = first.headers["Mcp-Session-Id"]
+            async with http.post(bridge.url, json=init, headers=headers) as second:
+                assert second.status == 503
+                assert second.headers["Retry-After"].isdigit()
+                assert (await second.json())["error"]["data"]["reason"] == "session_limit"
+            async with http.delete(bridge.url, headers={"Mcp-Session-Id": sid}) as gone:
+                assert gone.status == 200
+            async with http.post(bridge.url, json=init, headers=headers) as third:
+                assert third.status == 200
+            with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}/metrics", timeout=5) as resp:
+                assert b'mcp_bridge_rejected_total{reason="session_limit"} 1' in resp.read()

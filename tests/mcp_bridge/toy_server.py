@@ -1,0 +1,60 @@
+"""A stdio MCP server with misbehaving tools, for the bridge's failure tests (stdlib only).
+
+Tools: ``noise`` prints a non-JSON line before answering, ``huge`` writes a stdout line over any
+sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+TOOLS = ["noise", "huge", "pid", "hang", "exit"]
+
+
+def send(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def text(rid: Any, value: str) -> None:
+    send({"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": value}]}})
+
+
+def main() -> None:
+    print("toy server starting", file=sys.stderr, flush=True)
+    for line in sys.stdin:
+        msg = json.loads(line)
+        method, rid = msg.get("method"), msg.get("id")
+        if rid is None:
+            continue
+        if method == "initialize":
+            send({"jsonrpc": "2.0", "id": rid, "result": {
+                "protocolVersion": msg["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "toy", "version": "1"}}})
+        elif method == "tools/list":
+            send({"jsonrpc": "2.0", "id": rid, "result": {"tools": [
+                {"name": n, "inputSchema": {"type": "object"}} for n in TOOLS]}})
+        elif method == "tools/call":
+            name = msg["params"]["name"]
+            if name == "noise":
+                print("this line is not JSON-RPC", flush=True)
+                text(rid, "quiet again")
+            elif name == "huge":
+                sys.stdout.write("x" * (int(os.environ.get("TOY_HUGE", "100000")) + 1))
+                sys.stdout.flush()
+            elif name == "pid":
+                text(rid, str(os.getpid()))
+            elif name == "exit":
+                os._exit(7)
+            # hang: no answer
+        elif method == "ping":
+            send({"jsonrpc": "2.0", "id": rid, "result": {}})
+        else:
+            send({"jsonrpc": "2.0", "id": rid, "error": {"code": -32601, "message": "unknown method"}})
+
+
+if __name__ == "__main__":
+    main()
