@@ -134,7 +134,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
                                          audit=audit, tracing=service.tracing, sessions=sessions)
         if isinstance(service, HttpService):
-            service.register(servicer.decide)
+            service.register(servicer)
         else:
             service.register(
                 lambda server: pb_grpc.add_AuthorizationServicer_to_server(servicer, server))

@@ -1,5 +1,5 @@
 """ext_authz over Envoy's HTTP mode (``http_service``), on aiohttp: the same decision core as the
-gRPC servicer (:meth:`AuthorizationServicer.decide`), with less transport cost per request.
+gRPC servicer (an ``ext_authz.front.DecisionCore``), with less transport cost per request.
 
 The contract with Envoy (rendered by ``gatewayctl.envoy_config`` when ``ext_authz.transport`` is
 ``http``):
@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
 
+from ext_authz.front import DecisionCore
 from ext_authz.request import HttpRequest
 from ext_authz.response import Verdict
 from gateway.service import (
@@ -54,8 +54,6 @@ _TRACE_HEADERS = ("traceparent", "tracestate")
 _JSON = {"content-type": "application/json"}
 _NOT_FOUND = b'{"error":"not_found"}'
 MAX_HEADER_BYTES = 64 * 1024
-
-Decide = Callable[[HttpRequest, dict[str, str]], Awaitable[Verdict]]
 
 
 def read_request(method: str, path: str, headers: list[tuple[str, str]], body: bytes
@@ -114,7 +112,7 @@ class HttpService:
         self.tracing = tracing
         self._runner = runner
         self._max_body = max_body
-        self._decide: Decide | None = None
+        self._core: DecisionCore | None = None
         self._serving = False
         self._stopped = False
         self._closed = False
@@ -153,8 +151,8 @@ class HttpService:
         holder.append(service)
         return service
 
-    def register(self, decide: Decide) -> None:
-        self._decide = decide
+    def register(self, core: DecisionCore) -> None:
+        self._core = core
 
     async def start(self) -> None:
         """Nothing to do: the socket listens from :meth:`open`; checks wait for set_serving."""
@@ -184,8 +182,8 @@ class HttpService:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         path = request.raw_path
         if path.startswith(PATH_PREFIX) and path[len(PATH_PREFIX):len(PATH_PREFIX) + 1] == "/":
-            decide = self._decide
-            if decide is None or not self._serving:
+            core = self._core
+            if core is None or not self._serving:
                 # Not warm yet (or draining): a real 5xx, a failure for Envoy, which retries
                 # the check on another process.
                 return web.Response(status=503, headers={"retry-after": "1"})
@@ -198,7 +196,7 @@ class HttpService:
             req = read_request(request.method, path[len(PATH_PREFIX):],
                                list(request.headers.items()), body)
             trace = {n: req.headers[n] for n in _TRACE_HEADERS if n in req.headers}
-            return answer(await decide(req, trace))
+            return answer(await core.decide(req, trace))
         if path == HEALTH_PATH:
             return web.Response(status=200 if self._serving else 503, headers=_JSON,
                                 body=b'{"status":"serving"}' if self._serving

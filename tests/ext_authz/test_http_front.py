@@ -202,15 +202,15 @@ def test_other_5xx_are_carried_as_503(status: int) -> None:
 
 # ------------------------------------------------------------------ HttpService alone, on HTTP
 
-class FakeDecide:
+class FakeCore:
     """Records what the front hands to the decision core and answers a fixed verdict."""
 
     def __init__(self, verdict: Verdict) -> None:
         self.verdict = verdict
         self.calls: list[tuple[HttpRequest, dict[str, str]]] = []
 
-    async def __call__(self, req: HttpRequest, trace: dict[str, str]) -> Verdict:
-        self.calls.append((req, trace))
+    async def decide(self, req: HttpRequest, trace_headers: dict[str, str]) -> Verdict:
+        self.calls.append((req, trace_headers))
         return self.verdict
 
 
@@ -226,7 +226,7 @@ async def front() -> AsyncIterator[HttpService]:
 
 async def test_front_is_not_serving_until_told(front: HttpService) -> None:
     """Before set_serving: health 503, checks a real 503 (Envoy retries elsewhere); then 200."""
-    decide = FakeDecide(Verdict.allow({"x-mcp-user": "alice"}))
+    decide = FakeCore(Verdict.allow({"x-mcp-user": "alice"}))
     base = f"http://127.0.0.1:{front.port}"
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         async with http.get(base + HEALTH_PATH) as resp:
@@ -248,7 +248,7 @@ async def test_front_is_not_serving_until_told(front: HttpService) -> None:
 async def test_front_hands_the_checked_request_to_the_core(front: HttpService) -> None:
     """The path loses /check, the query stays, headers and body arrive, trace headers are
     passed on; the verdict becomes the HTTP answer."""
-    decide = FakeDecide(Verdict.allow({"x-mcp-user": "alice"}, sample_metadata()))
+    decide = FakeCore(Verdict.allow({"x-mcp-user": "alice"}, sample_metadata()))
     front.register(decide)
     await front.start()
     await front.set_serving()
@@ -271,7 +271,7 @@ async def test_front_hands_the_checked_request_to_the_core(front: HttpService) -
 async def test_front_carries_a_5xx_verdict_over_the_wire(front: HttpService) -> None:
     """On the wire, the core's 503 arrives as 400 + x-mcp-status, with its body and Retry-After."""
     body = b'{"jsonrpc":"2.0","id":1,"error":{"code":-32603,"message":"x"}}'
-    front.register(FakeDecide(Verdict.deny(503, body, {"retry-after": "1"})))
+    front.register(FakeCore(Verdict.deny(503, body, {"retry-after": "1"})))
     await front.set_serving()
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http, \
             http.post(f"http://127.0.0.1:{front.port}/check/mcp/files", data=b"{}") as resp:
@@ -281,7 +281,7 @@ async def test_front_carries_a_5xx_verdict_over_the_wire(front: HttpService) -> 
 
 async def test_front_refuses_bodies_without_length_or_too_large(front: HttpService) -> None:
     """A chunked body (no Content-Length) is 411 and one over max_body 413, before the core."""
-    decide = FakeDecide(Verdict.allow({}))
+    decide = FakeCore(Verdict.allow({}))
     front.register(decide)
     await front.set_serving()
 
