@@ -41,6 +41,7 @@ from ext_authz.errors import (
     SqlParserBusy,
     UnknownServer,
 )
+from ext_authz.front import DecisionCore
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import RateLimiter, limits_for
 from ext_authz.request import (
@@ -125,7 +126,7 @@ class PolicyEngine(Protocol):
     async def decide(self, policy_input: dict[str, Any]) -> PolicyDecision: ...
 
 
-class AuthorizationServicer(pb_grpc.AuthorizationServicer):  # type: ignore[misc]  # generated stubs are untyped
+class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # type: ignore[misc]  # generated stubs are untyped
     """``catalog`` and ``audit`` are optional so the decision core can be exercised alone;
     ``start_service`` always passes both."""
 
