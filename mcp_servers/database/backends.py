@@ -388,7 +388,7 @@ class PostgresBackend:
 
     async def query(self, sql: str, params: Params, max_rows: int, time_limit: float,
                     scope: ReadScope | None = None) -> QueryResult:
-        import asyncpg
+        import asyncpg  # lazily, like start(): loaded by PostgreSQL deployments only
 
         if isinstance(params, dict):
             raise DatabaseError("bad_parameters",
