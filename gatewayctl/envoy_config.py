@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 from string import Template
 
 from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
+from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
     CONTEXT_HEADER,
     GATEWAY_HEADERS,
@@ -117,9 +119,95 @@ def _discovery(instances: tuple[Instance, ...]) -> str:
     return "STATIC" if all(_is_ip(i.host) for i in instances) else "STRICT_DNS"
 
 
-def _endpoints(instances: tuple[Instance, ...]) -> str:
+def _endpoints(instances: tuple[Instance, ...], server: ServerConfig | None = None) -> str:
     tmpl = _template("endpoint.yaml.tmpl")
-    return "".join(_fill(tmpl, {}, {"host": _q(i.host), "port": i.port}) for i in instances)
+    out = []
+    for i, inst in enumerate(instances):
+        extra = ""
+        if server is not None and server.kind == "url":
+            # The Host the upstream expects (auto_host_rewrite on the route sends this name), and
+            # the same on Envoy's own health checks.
+            host = server.host_header or server.urls[i].authority
+            extra = f"hostname: {_q(host)}\nhealth_check_config: {{hostname: {_q(host)}}}\n"
+        out.append(_fill(tmpl, {"endpoint_extra": extra}, {"host": _q(inst.host), "port": inst.port}))
+    return "".join(out)
+
+
+_READY_CHECK = "http_health_check: {path: /ready}\n"
+_RESULT_KEY_HEX = b'"result"'.hex()  # what a JSON-RPC success answer holds, JSON or SSE
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _health_check(server: ServerConfig) -> str:
+    """Envoy's active check of one server's instances."""
+    if server.kind != "url":
+        return _READY_CHECK  # this project's servers and the stdio bridge answer /ready
+    if server.health == "http":
+        return f"http_health_check: {{path: {_q(server.health_path or '/')}}}\n"
+    if server.health == "discover":
+        body = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {
+            "_meta": {META_PROTOCOL_VERSION: MODERN_VERSION, META_CLIENT_CAPABILITIES: {}}}},
+            separators=(",", ":"))
+        return (
+            "# An MCP-level check: a stateless server/discover must answer with a result.\n"
+            "http_health_check:\n"
+            f"  path: {_q(server.upstream_path)}\n"
+            "  method: POST\n"
+            "  request_headers_to_add:\n"
+            "  - header: {key: content-type, value: application/json}\n"
+            "  - header: {key: accept, value: \"application/json, text/event-stream\"}\n"
+            f"  - header: {{key: mcp-protocol-version, value: {_q(MODERN_VERSION)}}}\n"
+            "  - header: {key: mcp-method, value: server/discover}\n"
+            f"  send: {{text: {_q(body.encode().hex())}}}\n"
+            f"  receive: [{{text: {_q(_RESULT_KEY_HEX)}}}]\n")
+    # handshake (the default) and tcp: Envoy checks the connection; the MCP handshake itself is
+    # probed by `mcp-gateway up` and `status` (gateway.upstream), since a check that opened a
+    # session every interval would pile sessions up on the upstream.
+    return "tcp_health_check: {}\n"
+
+
+def _upstream_tls(server: ServerConfig, options: RenderOptions) -> str:
+    """TLS towards an https url server: the CA (the system bundle by default), the expected name
+    sent as SNI and checked in the certificate, and the client certificate for mTLS."""
+    if server.kind != "url" or server.urls[0].scheme != "https":
+        return ""
+    tls = server.tls
+    name = (tls.server_name if tls is not None else None) or server.urls[0].host
+    ca = (tls.ca_file if tls is not None else None) or ssl.get_default_verify_paths().openssl_cafile
+    san_type = "IP_ADDRESS" if _is_ip(name) else "DNS"
+    lines = [
+        "transport_socket:",
+        "  name: envoy.transport_sockets.tls",
+        "  typed_config:",
+        '    "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext',
+        f"    sni: {_q(name)}",
+        "    common_tls_context:",
+        "      validation_context:",
+        f"        trusted_ca: {{filename: {_q(_path(ca, options))}}}",
+        "        match_typed_subject_alt_names:",
+        f"        - {{san_type: {san_type}, matcher: {{exact: {_q(name)}}}}}",
+    ]
+    if tls is not None and tls.client_cert_file and tls.client_key_file:
+        lines += [
+            "      tls_certificates:",
+            f"      - certificate_chain: {{filename: {_q(_path(tls.client_cert_file, options))}}}",
+            f"        private_key: {{filename: {_q(_path(tls.client_key_file, options))}}}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _from_environment(value: str) -> str:
+    """``Bearer ${KEY}`` as Envoy's header formatter reads it from its own environment."""
+    return _ENV_REF.sub(lambda m: f"%ENVIRONMENT({m.group(1)})%", value)
+
+
+def envoy_environment(config: GatewayConfig) -> tuple[str, ...]:
+    """The secrets Envoy reads from its environment (url servers' static headers)."""
+    names: list[str] = []
+    for server in config.servers:
+        for _, value in server.headers:
+            names += [n for n in _ENV_REF.findall(value) if n not in names]
+    return tuple(names)
 
 
 def resource_metadata(config: GatewayConfig, server: ServerConfig) -> dict[str, object]:
@@ -169,21 +257,43 @@ typed_per_filter_config:
 """
 
 
-def _mcp_routes(name: str, options: RenderOptions) -> str:
+def _upstream_route(server: ServerConfig) -> tuple[dict[str, str], dict[str, object], str]:
+    """What a url server's routes add: its Host, its static headers (secrets read by Envoy
+    from its environment, never written here), its path; and the headers removed besides."""
+    if server.kind != "url":
+        return {"upstream_headers": "", "host_rewrite": ""}, {"upstream_path": "/mcp"}, ""
+    host = (f"host_rewrite_literal: {_q(server.host_header)}\n" if server.host_header
+            else "auto_host_rewrite: true\n")
+    headers = ""
+    if server.headers:
+        headers = "request_headers_to_add:\n" + "".join(
+            f"- header: {{key: {_q(name)}, value: {_q(_from_environment(value))}}}\n"
+            "  append_action: OVERWRITE_IF_EXISTS_OR_ADD\n" for name, value in server.headers)
+    # A browser client's Origin is the gateway's business (checked at the edge); an upstream
+    # that guards against DNS rebinding would refuse it.
+    return ({"upstream_headers": headers, "host_rewrite": host},
+            {"upstream_path": _q(server.upstream_path)}, ", origin")
+
+
+def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
     """The route(s) of one server's MCP endpoint: with ext_proc, an inspected route matching
     x-mcp-inspect (first: routes match in order) and a plain one with ext_proc off."""
+    name = server.name
     tmpl = _template("mcp_route.yaml.tmpl")
+    blocks, scalars, removed = _upstream_route(server)
     plain = _fill(tmpl, {"route_comment": _PLAIN_COMMENT if options.ext_proc else
                          "# The MCP endpoint (Streamable HTTP: POST + GET, JSON or SSE answers). "
                          "Servers serve /mcp.",
-                         "header_match": "", "ext_proc_per_route": _EXT_PROC_OFF if options.ext_proc else ""},
-                  {"name": name, "route_suffix": "mcp", "headers_to_remove": "authorization"})
+                         "header_match": "", "ext_proc_per_route": _EXT_PROC_OFF if options.ext_proc else "",
+                         **blocks},
+                  {"name": name, "route_suffix": "mcp",
+                   "headers_to_remove": f"authorization{removed}", **scalars})
     if not options.ext_proc:
         return plain
     inspected = _fill(tmpl, {"route_comment": _INSPECTED_COMMENT, "header_match": _HEADER_PRESENT,
-                             "ext_proc_per_route": _EXT_PROC_ON},
+                             "ext_proc_per_route": _EXT_PROC_ON, **blocks},
                       {"name": name, "route_suffix": "mcp_inspected",
-                       "headers_to_remove": f"authorization, {INSPECT_HEADER}"})
+                       "headers_to_remove": f"authorization, {INSPECT_HEADER}{removed}", **scalars})
     return inspected + plain
 
 
@@ -216,9 +326,11 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     for server in config.servers:
         metadata = json.dumps(resource_metadata(config, server), indent=2)
         routes.append(_fill(route_tmpl, {"metadata_json": metadata,
-                                         "mcp_routes": _mcp_routes(server.name, options)},
+                                         "mcp_routes": _mcp_routes(server, options)},
                             {"name": server.name}))
-        clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances)},
+        clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances, server),
+                                             "health_check": _health_check(server),
+                                             "transport_socket": _upstream_tls(server, options)},
                               {"name": server.name, "instance_count": len(server.instances),
                                "discovery": _discovery(server.instances),
                                "buffer_limit_bytes": buffer_limit,
