@@ -22,6 +22,7 @@ from gateway.jsonrpc import error_response
 from mcp_bridge.child import Child, ExitInfo
 from mcp_bridge.errors import BridgeBusy, UpstreamProtocolError, UpstreamUnavailable
 from mcp_bridge.settings import BridgeSettings
+from mcp_servers.core.errors import REQUEST_CANCELLED
 from mcp_servers.core.streams import EventStream
 
 logger = logging.getLogger(__name__)
@@ -207,11 +208,13 @@ class Link:
             raise UpstreamUnavailable("the stdio server is not running")
         self.child.send(message)
 
-    def cancel(self, exchange: Exchange, reason: str | None = None) -> None:
-        """Tell the child the request is cancelled; its answer, if any, is dropped."""
+    async def cancel(self, exchange: Exchange, reason: str | None = None) -> None:
+        """Tell the child the request is cancelled (with the child's id) and forget it: a server
+        should not answer a cancelled request, and a late answer is dropped as unknown."""
         if exchange.future.done() or exchange.bridge_id is None:
             return
         exchange.cancelled = True
+        self._forget(exchange.bridge_id)
         params: dict[str, Any] = {"requestId": exchange.bridge_id}
         if reason:
             params["reason"] = reason
@@ -219,6 +222,8 @@ class Link:
             self.notify({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params})
         except (BridgeBusy, UpstreamUnavailable):
             logger.info("could not forward a cancellation", extra={"child": self.label})
+        cancelled = {"code": REQUEST_CANCELLED, "message": "request cancelled"}
+        await exchange.finish(error_response(None, cancelled))
 
     def _forget(self, bid: int) -> Exchange | None:
         exchange = self.pending.pop(bid, None)

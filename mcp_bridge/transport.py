@@ -226,7 +226,7 @@ class Bridge:
         if sid is not None:
             session = self.sessions.get(sid, owner)
             if msg.kind == "notification":
-                self._session_notification(session, msg)
+                await self._session_notification(session, msg)
                 return web.Response(status=202)
             exchange = session.link.new_exchange(msg.id, msg.method or "")
             session.track(exchange)
@@ -278,7 +278,7 @@ class Bridge:
                            extra={"protocol_version": result.get("protocolVersion")})
         return _json(result_response(msg.id, result), headers={"Mcp-Session-Id": session.id})
 
-    def _session_notification(self, session: BridgeSession, msg: Message) -> None:
+    async def _session_notification(self, session: BridgeSession, msg: Message) -> None:
         if msg.method == "notifications/initialized":
             if session.initialized:
                 return
@@ -289,7 +289,7 @@ class Bridge:
             exchange = session.by_client.get(rid) if isinstance(rid, (str, int)) else None
             if exchange is not None:
                 reason = msg.params.get("reason")
-                session.link.cancel(exchange, reason if isinstance(reason, str) else None)
+                await session.link.cancel(exchange, reason if isinstance(reason, str) else None)
         else:
             session.link.notify(msg.raw)
 
@@ -308,7 +308,7 @@ class Bridge:
                                  "data: \n\n".encode())
         delivered = await self._pump(response, exchange.stream, 0)
         if not delivered and exchange.modern and link is not None and not exchange.future.done():
-            link.cancel(exchange, "the client closed the response stream")
+            await link.cancel(exchange, "the client closed the response stream")
         return response
 
     @staticmethod

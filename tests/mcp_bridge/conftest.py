@@ -96,9 +96,10 @@ class RunningBridge:
 
 
 @contextmanager
-def run_bridge(tmp: Path, argv: list[str], *options: str,
-               env: dict[str, str] | None = None) -> Iterator[RunningBridge]:
-    """``python -m mcp_bridge`` on a free port, yielded once /ready answers 200."""
+def run_bridge(tmp: Path, argv: list[str], *options: str, env: dict[str, str] | None = None,
+               wait_ready: bool = True) -> Iterator[RunningBridge]:
+    """``python -m mcp_bridge`` on a free port, yielded once /ready answers 200 (or at all, with
+    ``wait_ready=False``)."""
     for attempt in range(3):  # the free port can be taken between probe and bind: retry on exit
         port = free_port(offsets=(0,))
         log = tmp / f"bridge.{port}.log"
@@ -111,7 +112,7 @@ def run_bridge(tmp: Path, argv: list[str], *options: str,
         ready = False
         while proc.poll() is None and time.monotonic() < deadline:
             try:
-                ready = bridge.get("/ready")[0] == 200
+                ready = bridge.get("/ready")[0] == 200 or not wait_ready
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 ready = False
             if ready:

@@ -29,12 +29,16 @@ from tests.mcp_bridge.conftest import RunningBridge, run_bridge
 VERSIONS = ["2025-06-18", "2025-11-25", "2026-07-28"]
 CLIENT_INFO = types.Implementation(name="bridge-test", version="1.0")
 WAIT = 20.0
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
 
 
 @asynccontextmanager
-async def connect(url: str, version: str, **callbacks: Any) -> AsyncIterator[ClientSession]:
+async def connect(url: str, version: str, *, terminate_on_close: bool = True,
+                  **callbacks: Any) -> AsyncIterator[ClientSession]:
     """An SDK session that negotiated exactly ``version`` (see tests/mcp_servers/test_sdk_clients)."""
-    async with streamable_http_client(url) as (read, write), ClientSession(
+    transport = streamable_http_client(url, terminate_on_close=terminate_on_close)
+    async with transport as (read, write), ClientSession(
             read, write, client_info=CLIENT_INFO, **callbacks) as session:
         if version == "2025-06-18":
             request = types.InitializeRequest(params=types.InitializeRequestParams(
@@ -177,15 +181,28 @@ async def test_killed_child_gives_error_and_the_session_recovers(
             assert await _session_child(bridge) != pid
 
 
-async def test_sigterm_stops_every_child(tmp_path: Path, everything_argv: list[str]) -> None:
-    """SIGTERM: the bridge drains, stops its children (session and pool) and exits 0."""
-    with run_bridge(tmp_path, everything_argv, "--pool", "1", "--drain-seconds", "2") as bridge:
-        async with connect(bridge.url, "2025-11-25") as session:
-            await session.call_tool("echo", {"message": "x"})
+async def test_sigterm_drains_and_stops_every_child(tmp_path: Path, everything_argv: list[str]) -> None:
+    """SIGTERM: the call in flight still gets its answer, then the bridge stops its children
+    (session and pool) and exits 0."""
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    with run_bridge(tmp_path, everything_argv, "--pool", "1", "--drain-seconds", "10") as bridge:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url, json=INIT, headers=headers) as init:
+                headers["Mcp-Session-Id"] = init.headers["Mcp-Session-Id"]
+            initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+            async with http.post(bridge.url, json=initialized, headers=headers) as ack:
+                assert ack.status == 202
+            call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+                "name": "trigger-long-running-operation", "arguments": {"duration": 1, "steps": 2}}}
+            answer = asyncio.create_task(http.post(bridge.url, json=call, headers=headers))
+            await _session_child(bridge, in_flight=1)
             children = bridge.children()
             pids = [c["pid"] for c in [*children["sessions"].values(), *children["pool"]]]
             assert len(pids) == 2 and all(pids)
             bridge.proc.send_signal(signal.SIGTERM)
+            async with await asyncio.wait_for(answer, WAIT) as response:
+                assert response.status == 200
+                assert "completed" in (await response.json())["result"]["content"][0]["text"]
             assert await asyncio.to_thread(bridge.proc.wait, WAIT) == 0
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or _state(pid) == "Z"
@@ -221,8 +238,7 @@ async def test_bad_stdout_is_survived(tmp_path: Path, toy_argv: list[str]) -> No
 
 async def test_session_limit_answers_503(tmp_path: Path, toy_argv: list[str]) -> None:
     """Past --max-sessions, initialize gets 503 session_limit with Retry-After; DELETE frees a slot."""
-    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+    init = INIT
     headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
     with run_bridge(tmp_path, toy_argv, "--pool", "0", "--max-sessions", "1") as bridge:
         async with aiohttp.ClientSession() as http:
@@ -239,3 +255,60 @@ async def test_session_limit_answers_503(tmp_path: Path, toy_argv: list[str]) ->
                 assert third.status == 200
             with urllib.request.urlopen(f"http://127.0.0.1:{bridge.port}/metrics", timeout=5) as resp:
                 assert b'mcp_bridge_rejected_total{reason="session_limit"} 1' in resp.read()
+
+
+async def test_cancellation_reaches_the_child_with_its_own_id(tmp_path: Path, toy_argv: list[str]) -> None:
+    """A client's notifications/cancelled reaches the child naming the id the child saw."""
+    with run_bridge(tmp_path, toy_argv, "--pool", "0") as bridge:
+        async with connect(bridge.url, "2025-11-25") as session:
+            with pytest.raises(MCPError):  # the SDK cancels after its read timeout
+                await session.call_tool("hang", {}, read_timeout_seconds=0.3)
+            deadline = time.monotonic() + WAIT
+            seen: dict[str, list[Any]] = {"hung": [], "cancelled": []}
+            while time.monotonic() < deadline and not seen["cancelled"]:
+                seen = json.loads(text_of(await session.call_tool("seen", {})))
+            assert seen["hung"] and seen["cancelled"] == seen["hung"]
+            assert bridge.children()["sessions"].popitem()[1]["in_flight"] == 0
+
+
+def _modern(method: str, params: dict[str, Any],
+            name: str | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    body = {"jsonrpc": "2.0", "id": "r1", "method": method, "params": {
+        **params, "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                            "io.modelcontextprotocol/clientCapabilities": {}}}}
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json",
+               "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": method}
+    if name is not None:
+        headers["Mcp-Name"] = name
+    return body, headers
+
+
+async def test_stateless_call_on_a_crashing_child_is_502_then_recovers(
+        tmp_path: Path, toy_argv: list[str]) -> None:
+    """A 2026-07-28 call whose pool child exits gets HTTP 502 with upstream_exited; the pool
+    child is restarted and the next stateless call is answered."""
+    with run_bridge(tmp_path, toy_argv, "--pool", "1") as bridge:
+        async with aiohttp.ClientSession() as http:
+            body, headers = _modern("tools/call", {"name": "exit", "arguments": {}}, "exit")
+            async with http.post(bridge.url, json=body, headers=headers) as crashed:
+                assert crashed.status == 502
+                error = (await crashed.json())["error"]
+            assert error["code"] == -32603 and error["data"]["reason"] == "upstream_exited"
+            assert error["data"]["exit_status"] == 7
+            body, headers = _modern("tools/list", {})
+            async with http.post(bridge.url, json=body, headers=headers) as listed:
+                assert listed.status == 200
+                result = (await listed.json())["result"]
+            assert result["resultType"] == "complete" and "pid" in {t["name"] for t in result["tools"]}
+
+
+async def test_ready_is_503_while_crash_looping(tmp_path: Path, toy_argv: list[str]) -> None:
+    """A server that exits at start never makes the bridge ready; /ready says it is crash-looping."""
+    with run_bridge(tmp_path, [*toy_argv, "--exit-at-start"], "--pool", "1", wait_ready=False) as bridge:
+        deadline = time.monotonic() + WAIT
+        status, body = bridge.get("/ready")
+        while time.monotonic() < deadline and body["reason"] != "crash-looping":
+            assert status == 503
+            await asyncio.sleep(0.05)  # poll interval against the deadline
+            status, body = bridge.get("/ready")
+        assert (status, body["reason"]) == (503, "crash-looping")

@@ -1,7 +1,9 @@
 """A stdio MCP server with misbehaving tools, for the bridge's failure tests (stdlib only).
 
 Tools: ``noise`` prints a non-JSON line before answering, ``huge`` writes a stdout line over any
-sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once.
+sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once,
+``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received.
+``--exit-at-start`` makes it exit before reading anything (a crash loop).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 import sys
 from typing import Any
 
-TOOLS = ["noise", "huge", "pid", "hang", "exit"]
+TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen"]
 
 
 def send(message: dict[str, Any]) -> None:
@@ -25,9 +27,15 @@ def text(rid: Any, value: str) -> None:
 
 def main() -> None:
     print("toy server starting", file=sys.stderr, flush=True)
+    if "--exit-at-start" in sys.argv:
+        sys.exit(2)
+    hung: list[Any] = []
+    cancelled: list[Any] = []
     for line in sys.stdin:
         msg = json.loads(line)
         method, rid = msg.get("method"), msg.get("id")
+        if method == "notifications/cancelled":
+            cancelled.append(msg["params"]["requestId"])
         if rid is None:
             continue
         if method == "initialize":
@@ -49,7 +57,10 @@ def main() -> None:
                 text(rid, str(os.getpid()))
             elif name == "exit":
                 os._exit(7)
-            # hang: no answer
+            elif name == "seen":
+                text(rid, json.dumps({"hung": hung, "cancelled": cancelled}))
+            elif name == "hang":
+                hung.append(rid)  # and no answer
         elif method == "ping":
             send({"jsonrpc": "2.0", "id": rid, "result": {}})
         else:
