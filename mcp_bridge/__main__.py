@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_bridge.app import run
 from mcp_bridge.settings import BridgeSettings
 from mcp_servers.core.logs import configure_logging
@@ -15,8 +16,13 @@ def main(argv: list[str] | None = None) -> None:
         settings = BridgeSettings.from_argv(sys.argv[1:] if argv is None else argv)
     except ValueError as exc:
         raise SystemExit(f"mcp_bridge: {exc}") from None
-    configure_logging(f"mcp_bridge.{settings.name}", settings.log_level)
-    asyncio.run(run(settings))
+    service = f"mcp_bridge.{settings.name}"
+    configure_logging(service, settings.log_level)
+    setup_tracing(service, settings.otlp_endpoint)
+    try:
+        asyncio.run(run(settings))
+    finally:
+        shutdown_tracing()
 
 
 if __name__ == "__main__":

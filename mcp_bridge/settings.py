@@ -73,6 +73,7 @@ class BridgeSettings:
     sse_retry_ms: int = DEFAULT_SSE_RETRY_MS
     retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
     log_level: str = "INFO"
+    otlp_endpoint: str | None = None  # OTLP/gRPC collector for spans; None: no export
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -128,6 +129,8 @@ class BridgeSettings:
         parser.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS)
         parser.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT)
         parser.add_argument("--log-level", default="INFO")
+        parser.add_argument("--otlp-endpoint", default=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+                            help="OTLP/gRPC collector for spans (default $OTEL_EXPORTER_OTLP_ENDPOINT)")
         ns = parser.parse_args(options)
         env: dict[str, str] = {}
         for name in ns.env:
@@ -140,4 +143,4 @@ class BridgeSettings:
                    max_sessions=ns.max_sessions, pool_size=ns.pool,
                    session_idle_seconds=ns.session_idle_seconds, max_line_bytes=ns.max_line_bytes,
                    drain_seconds=ns.drain_seconds, start_timeout=ns.start_timeout,
-                   log_level=ns.log_level)
+                   log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint)

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from gateway.caller import Caller, SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
@@ -26,7 +28,8 @@ from gateway.mcp import (
     SUPPORTED_HEADER_VERSIONS,
     extract_context,
 )
-from mcp_bridge.errors import BadRequest, BridgeBusy, SessionLimit
+from gateway.telemetry.tracing import start_server_span
+from mcp_bridge.errors import BadRequest, BridgeBusy, SessionLimit, UpstreamProtocolError
 from mcp_bridge.pool import META_CLIENT_CAPABILITIES, Pool
 from mcp_bridge.router import Exchange, ExitLog, Link
 from mcp_bridge.sessions import BridgeSession, SessionTable
@@ -37,6 +40,7 @@ from mcp_servers.core.transport import MODERN_ERROR_STATUS, SSE_HEADERS, Unsuppo
 logger = logging.getLogger(__name__)
 
 ANONYMOUS = SessionOwner(None, None, None)
+TRACER = "mcp_bridge"
 
 
 def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -88,6 +92,19 @@ class Bridge:
     # ---- HTTP entry points ------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.method != "POST":
+            return await self._handle(request)
+        # The parent is Envoy's span (traceparent); stdio carries no trace context, so the trace
+        # ends here.
+        with start_server_span("mcp", request.headers, tracer_name=TRACER,
+                               attributes={"mcp.server": self.settings.name}) as span:
+            response = await self._handle(request)
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(Status(StatusCode.ERROR))
+            return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             self._check_host_and_origin(request)
             if request.method == "POST":
@@ -197,6 +214,10 @@ class Bridge:
             msg = parse_message(body, max_bytes=self.settings.max_body_bytes)
         except GatewayError as exc:
             return _json(error_response(best_effort_id(body), exc.to_rpc_error()), exc.http_status)
+        if msg.method is not None:
+            span = trace.get_current_span()
+            span.update_name(msg.method)
+            span.set_attribute("mcp.method", msg.method)
         try:
             return await self._post_message(request, msg, sse_ok=sse_ok)
         except GatewayError as exc:
@@ -271,7 +292,13 @@ class Bridge:
         if not isinstance(params.get("protocolVersion"), str):
             raise GatewayError("params.protocolVersion must be a string", code="invalid_params",
                                rpc_code=-32602, http_status=400)
-        session = await self.sessions.create(owner, dict(params))
+        try:
+            session = await self.sessions.create(owner, dict(params))
+        except UpstreamProtocolError as exc:
+            upstream = exc.data.get("upstream_error") if isinstance(exc.data, dict) else None
+            if isinstance(upstream, dict):
+                return _json(error_response(msg.id, upstream))  # the server refused: its answer
+            raise
         result = session.init_result or {}
         if result.get("protocolVersion") not in HANDSHAKE_VERSIONS:
             logger.warning("the stdio server negotiated a version the bridge does not list",

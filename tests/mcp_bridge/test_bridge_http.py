@@ -312,3 +312,17 @@ async def test_ready_is_503_while_crash_looping(tmp_path: Path, toy_argv: list[s
             await asyncio.sleep(0.05)  # poll interval against the deadline
             status, body = bridge.get("/ready")
         assert (status, body["reason"]) == (503, "crash-looping")
+
+
+async def test_children_die_with_a_killed_bridge(tmp_path: Path, toy_argv: list[str]) -> None:
+    """SIGKILL of the bridge (no chance to clean up): the parent-death signal ends its children,
+    even one that outlives the end of its stdin."""
+    with run_bridge(tmp_path, [*toy_argv, "--linger"], "--pool", "1") as bridge:
+        pid = bridge.children()["pool"][0]["pid"]
+        assert pid and _state(pid) not in (None, "Z")
+        bridge.proc.kill()
+        bridge.proc.wait(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while _state(pid) not in (None, "Z") and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)  # poll interval against the deadline
+        assert _state(pid) in (None, "Z")

@@ -3,7 +3,8 @@
 Tools: ``noise`` prints a non-JSON line before answering, ``huge`` writes a stdout line over any
 sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once,
 ``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received.
-``--exit-at-start`` makes it exit before reading anything (a crash loop).
+``--exit-at-start`` makes it exit before reading anything (a crash loop); ``--linger`` makes it
+outlive the end of its stdin.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen"]
@@ -69,3 +71,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if "--linger" in sys.argv:
+        time.sleep(600)
