@@ -29,7 +29,7 @@ from gateway.mcp import (
     extract_context,
 )
 from gateway.telemetry.tracing import start_server_span
-from mcp_bridge.errors import BadRequest, BridgeBusy, SessionLimit, UpstreamProtocolError
+from mcp_bridge.errors import BadRequest, BridgeBusy, UpstreamProtocolError
 from mcp_bridge.pool import META_CLIENT_CAPABILITIES, Pool
 from mcp_bridge.router import Exchange, ExitLog, Link
 from mcp_bridge.sessions import BridgeSession, SessionTable
@@ -249,6 +249,8 @@ class Bridge:
             if msg.kind == "notification":
                 await self._session_notification(session, msg)
                 return web.Response(status=202)
+            if self.in_flight >= self.settings.max_in_flight:
+                raise BridgeBusy("too many requests in flight; retry later")
             exchange = session.link.new_exchange(msg.id, msg.method or "")
             session.track(exchange)
             await session.link.request(msg.raw, exchange)
@@ -285,7 +287,7 @@ class Bridge:
 
     async def _initialize(self, msg: Message, owner: SessionOwner) -> web.Response:
         if self.draining:
-            raise SessionLimit("the bridge is shutting down")
+            raise BridgeBusy("the bridge is shutting down")
         if self.in_flight >= self.settings.max_in_flight:
             raise BridgeBusy("too many requests in flight; retry later")
         params = msg.params

@@ -326,3 +326,23 @@ async def test_children_die_with_a_killed_bridge(tmp_path: Path, toy_argv: list[
         while _state(pid) not in (None, "Z") and time.monotonic() < deadline:
             await asyncio.sleep(0.02)  # poll interval against the deadline
         assert _state(pid) in (None, "Z")
+
+
+async def test_logging_and_list_changed_reach_the_client(tmp_path: Path, toy_argv: list[str]) -> None:
+    """A child's log message and tools/list_changed arrive on the session's GET stream."""
+    logged: asyncio.Queue[Any] = asyncio.Queue()
+    changed = asyncio.Event()
+
+    async def on_log(params: types.LoggingMessageNotificationParams) -> None:
+        logged.put_nowait(params.data)
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, types.ToolListChangedNotification):
+            changed.set()
+
+    with run_bridge(tmp_path, toy_argv, "--pool", "0") as bridge:
+        async with connect(bridge.url, "2025-11-25", logging_callback=on_log,
+                           message_handler=on_message) as session:
+            assert text_of(await session.call_tool("chatty", {})) == "said it"
+            assert await asyncio.wait_for(logged.get(), WAIT) == "hello from stdio"
+            await asyncio.wait_for(changed.wait(), WAIT)

@@ -2,7 +2,8 @@
 
 Tools: ``noise`` prints a non-JSON line before answering, ``huge`` writes a stdout line over any
 sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once,
-``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received.
+``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received,
+``chatty`` sends a log message and tools/list_changed before answering.
 ``--exit-at-start`` makes it exit before reading anything (a crash loop); ``--linger`` makes it
 outlive the end of its stdin.
 """
@@ -15,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen"]
+TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen", "chatty"]
 
 
 def send(message: dict[str, Any]) -> None:
@@ -59,6 +60,11 @@ def main() -> None:
                 text(rid, str(os.getpid()))
             elif name == "exit":
                 os._exit(7)
+            elif name == "chatty":
+                send({"jsonrpc": "2.0", "method": "notifications/message",
+                      "params": {"level": "info", "logger": "toy", "data": "hello from stdio"}})
+                send({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+                text(rid, "said it")
             elif name == "seen":
                 text(rid, json.dumps({"hung": hung, "cancelled": cancelled}))
             elif name == "hang":
