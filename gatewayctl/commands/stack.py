@@ -91,7 +91,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{'COMPONENT':<14}{'INST':>5}  {'ADDRESS':<22}{'PID':>8}  HEALTH")
         for r in rows:
             health = "healthy" if r["healthy"] else ("unhealthy" if r["alive"] else "stopped")
-            print(f"{r['component']:<14}{r['instance']:>5}  {r['address']:<22}{r['pid']:>8}  {health}")
+            pid = r["pid"] if r["pid"] is not None else "-"  # a url server runs elsewhere
+            print(f"{r['component']:<14}{r['instance']:>5}  {r['address']:<22}{pid:>8}  {health}")
     if not running:
         return NOT_RUNNING
     return 0 if healthy else 1

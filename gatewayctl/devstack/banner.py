@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, ServerConfig
 from gatewayctl.devstack.credentials import DEV_TOKEN_ROLES, DEV_TOKEN_SUB, DEV_TOKEN_TTL
 from gatewayctl.devstack.health import http_status
 from gatewayctl.devstack.plan import Component
@@ -49,6 +49,14 @@ def observability_lines(config: GatewayConfig, components: list[Component], *,
     return lines
 
 
+def _upstream_note(server: ServerConfig) -> str:
+    if server.kind == "url":
+        return "  -> " + ", ".join(u.url for u in server.urls)
+    if server.kind == "command":
+        return "  -> stdio: " + " ".join(server.command)
+    return ""
+
+
 def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: bool = False,
            components: list[Component] | None = None) -> str:
     """What a user needs to talk to the running stack: endpoints, token, CA and snippets."""
@@ -56,7 +64,7 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
     first = config.servers[0].name
     ca = str(ca_file) if ca_file else "<your CA bundle>"
     lines = ["", "MCP gateway dev stack is up.", "", "Endpoints (Streamable HTTP, TLS):"]
-    lines += [f"  {config.resource_url(s.name)}" for s in config.servers]
+    lines += [f"  {config.resource_url(s.name)}" + _upstream_note(s) for s in config.servers]
     lines += [
         f"  {host}/.well-known/oauth-protected-resource/mcp/<server>  (RFC 9728 metadata)",
         f"  {host}/health",

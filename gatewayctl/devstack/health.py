@@ -3,15 +3,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
+import os
 import ssl
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from gateway.config import GatewayConfig
+from gateway.upstream import ProbeFailed, UpstreamError, targets
+from gateway.upstream import probe as upstream_probe
 from gatewayctl.devstack.plan import Component
 
 PROBE_TIMEOUT_SECONDS = 1.0
+# A remote server's handshake is three round trips over a network, maybe with TLS.
+UPSTREAM_PROBE_TIMEOUT_SECONDS = 5.0
 
 
 def http_status(host: str, port: int, path: str, *, tls: ssl.SSLContext | None = None,
@@ -41,9 +49,33 @@ def _grpc_serving(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS) 
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def upstream_problem(component: Component, config: GatewayConfig) -> str | None:
+    """A url server endpoint's MCP-level check (``gateway.upstream.probe``, the kind its config
+    names): None when healthy, else what it got."""
+    server = config.server(component.probe.server)
+    try:
+        target = targets(server, os.environ)[component.instance]
+    except UpstreamError as exc:
+        return exc.message
+    kind = "tcp" if server.health == "tcp" else server.health
+
+    async def check() -> None:
+        async with aiohttp.ClientSession() as http:
+            await upstream_probe(http, target, kind, health_path=server.health_path,
+                                 seconds=UPSTREAM_PROBE_TIMEOUT_SECONDS)
+
+    try:
+        asyncio.run(check())
+    except ProbeFailed as exc:
+        return exc.message
+    return None
+
+
 def probe(component: Component, config: GatewayConfig, ca_file: Path | None) -> bool:
     """One health check of one component (bounded by PROBE_TIMEOUT_SECONDS)."""
     pr = component.probe
+    if pr.kind == "mcp":
+        return upstream_problem(component, config) is None
     try:
         if pr.kind == "grpc":
             return _grpc_serving(pr.host, pr.port)

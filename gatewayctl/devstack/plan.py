@@ -32,10 +32,16 @@ def base_dir(config: GatewayConfig) -> Path:
 
 @dataclass(frozen=True, slots=True)
 class Probe:
-    kind: str  # "http" | "grpc" | "envoy"
+    kind: str  # "http" | "grpc" | "envoy" | "mcp" (a url server, gateway.upstream.probe)
     host: str
     port: int
-    path: str = "/"
+    path: str = "/"  # mcp: the endpoint's URL
+    server: str = ""  # mcp: the server's name in the config
+
+
+def remote(component: Component) -> bool:
+    """A url server's endpoint: nothing to start, bind or stop, only to check."""
+    return component.probe.kind == "mcp"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,12 +108,14 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                              (py, "-m", "http.server", "--bind", "127.0.0.1",
                               "--directory", str(p.jwks_root), str(port)),
                              Probe("http", "127.0.0.1", port, url_path)))
+    # url servers' static header secrets: Envoy sends them, ext_authz's catalog fetch too.
+    upstream_secrets = envoy_config.envoy_environment(config)
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
                              Probe("http", inst.host, inst.port, HTTP_AUTHZ_HEALTH_PATH)
                              if config.ext_authz.transport == "http" else
-                             Probe("grpc", inst.host, inst.port),
+                             Probe("grpc", inst.host, inst.port), env=upstream_secrets,
                              metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     if ext_proc if ext_proc is not None else envoy_config.ext_proc_available():
         for i, inst in enumerate(config.ext_proc.instances):
@@ -116,6 +124,26 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                  Probe("grpc", inst.host, inst.port),
                                  metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     for server in config.servers:
+        if server.kind == "url":
+            # Runs elsewhere: the stack waits until each endpoint answers its MCP-level check.
+            for i, url in enumerate(server.urls):
+                out.append(Component(server.name, i, url.host, url.port, (),
+                                     Probe("mcp", url.host, url.port, url.url, server.name)))
+            continue
+        if server.kind == "command":
+            # A stdio server behind the bridge (mcp_bridge), one bridge per instance; the
+            # bridge runs the command in its own process group and answers /ready.
+            for i, inst in enumerate(server.instances):
+                workdir = server.workdir or str(p.state_dir / "servers" / server.name)
+                out.append(Component(
+                    server.name, i, inst.host, inst.port,
+                    (py, "-m", "mcp_bridge", "--host", inst.host, "--port", str(inst.port),
+                     "--name", server.name, "--workdir", workdir,
+                     "--log-level", config.telemetry.log_level,
+                     *(a for n in server.env for a in ("--env", n)), "--", *server.command),
+                    Probe("http", inst.host, inst.port, "/ready"), env=server.env,
+                    metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
+            continue
         for i, inst in enumerate(server.instances):
             out.append(Component(server.name, i, inst.host, inst.port,
                                  (py, "-m", server.module, "--host", inst.host,
@@ -125,15 +153,17 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
                   "--disable-hot-restart", "--concurrency", str(envoy_config.worker_threads()))
+    # Envoy reads url servers' static header secrets from its environment (%ENVIRONMENT%).
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
                          Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,
+                         env=upstream_secrets,
                          metrics_url=f"http://{config.admin.host}:{config.admin.port}/stats/prometheus"))
     return out
 
 
 def listening_ports(config: GatewayConfig, components: list[Component]) -> list[tuple[str, str, int]]:
     """(what, host, port) of every socket the stack binds."""
-    ports = [(c.label, c.host, c.port) for c in components]
+    ports = [(c.label, c.host, c.port) for c in components if not remote(c)]
     ports.append(("envoy admin", config.admin.host, config.admin.port))
     offset = config.telemetry.metrics_port_offset
     ports += [(f"{c.label} /metrics", c.host, c.port + offset) for c in components

@@ -34,8 +34,16 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gatewayctl import envoy_config
 from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
-from gatewayctl.devstack.health import probe
-from gatewayctl.devstack.plan import Component, Probe, base_dir, check_ports, listening_ports, plan
+from gatewayctl.devstack.health import probe, upstream_problem
+from gatewayctl.devstack.plan import (
+    Component,
+    Probe,
+    base_dir,
+    check_ports,
+    listening_ports,
+    plan,
+    remote,
+)
 from gatewayctl.devstack.state import StackError, paths
 
 logger = logging.getLogger(__name__)
@@ -109,6 +117,11 @@ class Stack:
             raise StackError(f"a dev stack is already running from {p.state_dir}; "
                              f"run `mcp-gateway down` first")
         self.components = plan(self.config, ext_proc=self.ext_proc, modules=self.modules)
+        for server in self.config.servers:
+            if server.kind == "command":
+                # The stdio server's working directory (the bridge runs the command there).
+                Path(server.workdir or p.state_dir / "servers" / server.name).mkdir(
+                    parents=True, exist_ok=True)
         check_ports(listening_ports(self.config, self.components))
         p.logs.mkdir(parents=True, exist_ok=True)
         self.ca_file = ensure_tls(self.config)
@@ -137,6 +150,8 @@ class Stack:
         try:
             for wave in waves:
                 for comp in wave:
+                    if remote(comp):
+                        continue  # a url server: checked, never started
                     self._spawn(comp, hook, cwd, {**env, **{n: self.secrets[n] for n in comp.env}})
                     self._write_pid_file(supervisor=None if detach else os.getpid())
                 self.wait_healthy(wave)
@@ -178,6 +193,9 @@ class Stack:
     def wait_healthy(self, components: list[Component] | None = None) -> None:
         deadline = time.monotonic() + self.startup_timeout
         for comp in self.components if components is None else components:
+            if remote(comp):
+                self._wait_upstream(comp, deadline)
+                continue
             proc = self.procs[comp.label]
             while not probe(comp, self.config, self.ca_file):
                 if proc.poll() is not None:
@@ -187,6 +205,14 @@ class Stack:
                     raise StackError(f"{comp.label} on {comp.address} was not healthy within "
                                      f"{self.startup_timeout:g} s:\n{self.log_tail(comp)}")
                 time.sleep(POLL_INTERVAL_SECONDS)
+
+    def _wait_upstream(self, comp: Component, deadline: float) -> None:
+        while (problem := upstream_problem(comp, self.config)) is not None:
+            if time.monotonic() > deadline:
+                server = self.config.server(comp.name)
+                raise StackError(f"servers.{comp.name} ({comp.probe.path}) was not healthy within "
+                                 f"{self.startup_timeout:g} s ({server.health} check): {problem}")
+            time.sleep(POLL_INTERVAL_SECONDS)
 
     def log_tail(self, comp: Component, lines: int = 20) -> str:
         log = paths(self.config).logs / f"{comp.name}-{comp.instance}.log"
@@ -257,6 +283,14 @@ def status(config: GatewayConfig) -> list[dict[str, Any]]:
                      "address": entry["address"], "pid": entry["pid"], "alive": alive,
                      "healthy": alive and probe(comp, config, ca if ca.exists() else None),
                      "log": entry.get("log")})
+    # url servers run elsewhere: no process, their URL as address and their MCP-level check.
+    for server in config.servers:
+        for i, url in enumerate(server.urls):
+            comp = Component(server.name, i, url.host, url.port, (),
+                             Probe("mcp", url.host, url.port, url.url, server.name))
+            rows.append({"component": server.name, "instance": i, "address": url.url,
+                         "pid": None, "alive": True, "healthy": probe(comp, config, None),
+                         "log": None})
     return rows
 
 

@@ -35,7 +35,8 @@ def stack_config(tmp: Path, *, servers: dict[str, dict[str, Any]] | None = None,
                  authz_transport: str | None = None) -> Path:
     """Write a gateway config whose every port is free and whose state lives in ``tmp``.
 
-    ``servers`` maps name -> {"module": ..., "args": [...], "count": instances of this one};
+    ``servers`` maps name -> {"module": ..., "args": [...], "count": instances of this one}, or
+    a ``url`` / ``command`` entry;
     default: one stand-in server "echo". ``extra`` adds or replaces top-level keys.
     ``authz_transport``: ``ext_authz.transport`` (None: the config default).
     """
@@ -58,8 +59,10 @@ def stack_config(tmp: Path, *, servers: dict[str, dict[str, Any]] | None = None,
         "ext_authz": {"instances": [{"port": next(ports)} for _ in range(ext_authz)],
                       **({"transport": authz_transport} if authz_transport else {})},
         "ext_proc": {"instances": [{"port": next(ports)} for _ in range(ext_authz)]},
+        # A url server names its own endpoints; the others listen on ports of their own.
         "servers": {name: {**{k: v for k, v in spec.items() if k != "count"},
-                           "instances": [{"port": next(ports)} for _ in range(counts[name])]}
+                           **({} if "url" in spec else
+                              {"instances": [{"port": next(ports)} for _ in range(counts[name])]})}
                     for name, spec in servers.items()},
         **(extra or {}),
     }
