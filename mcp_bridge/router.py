@@ -113,7 +113,6 @@ class Link:
         self._failures = 0
         self._started_at = 0.0
         self._respawn: asyncio.Task[None] | None = None
-        self.generation = 0
 
     @property
     def in_flight(self) -> int:
@@ -129,12 +128,14 @@ class Link:
             if self.handshake is not None:
                 await asyncio.wait_for(self.handshake(self), self.settings.start_timeout)
         except (TimeoutError, UpstreamUnavailable, UpstreamProtocolError) as exc:
-            await child.stop()
+            stopped = (await child.stop()).reason == "stopped"
+            if stopped and isinstance(exc, TimeoutError):
+                # A hung start counts as a crash; a refused initialize (the client's params) not.
+                self.exits.record()
             if isinstance(exc, TimeoutError):
                 raise UpstreamUnavailable(f"the stdio server did not complete its handshake within "
                                           f"{self.settings.start_timeout:g} s") from None
             raise
-        self.generation += 1
         self.ready.set()
 
     async def start_or_retry(self) -> None:
@@ -143,7 +144,8 @@ class Link:
             await self.start()
         except (UpstreamUnavailable, UpstreamProtocolError) as exc:
             logger.warning("child did not start", extra={"child": self.label, "error": exc.message})
-            self.exits.record()
+            if self.child is None or self.child.pid is None:
+                self.exits.record()  # never spawned: no exit handler counts this one
             if not self.closed and (self._respawn is None or self._respawn.done()):
                 self._respawn = asyncio.create_task(self._restart())
 

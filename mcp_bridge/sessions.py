@@ -174,6 +174,9 @@ class SessionTable:
         self._starting += 1
         try:
             await session.link.start()
+        except BaseException:
+            await session.close()  # no restart in the background for a session nobody holds
+            raise
         finally:
             self._starting -= 1
         self._sessions[session.id] = session

@@ -253,7 +253,11 @@ class Bridge:
                 raise BridgeBusy("too many requests in flight; retry later")
             exchange = session.link.new_exchange(msg.id, msg.method or "")
             session.track(exchange)
-            await session.link.request(msg.raw, exchange)
+            try:
+                await session.link.request(msg.raw, exchange)
+            except GatewayError:
+                exchange.future.cancel()  # untracked by its done callback
+                raise
             return await self._answer(request, exchange, session.link, sse_ok=sse_ok, session=session)
         modern = ctx.protocol_version is not None and ctx.protocol_version >= MODERN_VERSION
         if modern or (msg.method == "server/discover" and msg.kind == "request"):
