@@ -221,8 +221,12 @@ def _state(pid: int) -> str | None:
 async def test_bad_stdout_is_survived(tmp_path: Path, toy_argv: list[str]) -> None:
     """A non-JSON stdout line is skipped; an oversize line kills the child, the call gets
     upstream_protocol_error, and the session carries on with a new child."""
-    with run_bridge(tmp_path, toy_argv, "--pool", "0", "--max-line-bytes", "65536") as bridge:
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    with run_bridge(tmp_path, toy_argv, "--pool", "0", "--max-line-bytes", "65536",
+                    "--workdir", str(workdir)) as bridge:
         async with connect(bridge.url, "2025-11-25") as session:
+            assert text_of(await session.call_tool("cwd", {})) == str(workdir)
             assert text_of(await session.call_tool("noise", {})) == "quiet again"
             before = text_of(await session.call_tool("pid", {}))
             with pytest.raises(MCPError) as failed:
@@ -346,3 +350,19 @@ async def test_logging_and_list_changed_reach_the_client(tmp_path: Path, toy_arg
             assert text_of(await session.call_tool("chatty", {})) == "said it"
             assert await asyncio.wait_for(logged.get(), WAIT) == "hello from stdio"
             await asyncio.wait_for(changed.wait(), WAIT)
+
+
+async def test_foreign_host_and_origin_are_refused(tmp_path: Path, toy_argv: list[str]) -> None:
+    """DNS rebinding protection: a foreign Host gets 421, a foreign Origin 403, before any child."""
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    with run_bridge(tmp_path, toy_argv, "--pool", "0") as bridge:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url, json=INIT, headers={**headers, "Host": "evil.example"}) as host:
+                assert host.status == 421
+            async with http.post(bridge.url, json=INIT,
+                                 headers={**headers, "Origin": "https://evil.example"}) as origin:
+                assert origin.status == 403
+            async with http.post(bridge.url, json=INIT,
+                                 headers={**headers, "Origin": f"http://localhost:{bridge.port}"}) as ok:
+                assert ok.status == 200
+        assert len(bridge.children()["sessions"]) == 1

@@ -3,7 +3,8 @@
 Tools: ``noise`` prints a non-JSON line before answering, ``huge`` writes a stdout line over any
 sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`` exits at once,
 ``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received,
-``chatty`` sends a log message and tools/list_changed before answering.
+``chatty`` sends a log message and tools/list_changed before answering, ``cwd`` answers with
+its working directory.
 ``--exit-at-start`` makes it exit before reading anything (a crash loop); ``--linger`` makes it
 outlive the end of its stdin.
 """
@@ -16,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen", "chatty"]
+TOOLS = ["noise", "huge", "pid", "hang", "exit", "seen", "chatty", "cwd"]
 
 
 def send(message: dict[str, Any]) -> None:
@@ -56,6 +57,8 @@ def main() -> None:
             elif name == "huge":
                 sys.stdout.write("x" * (int(os.environ.get("TOY_HUGE", "100000")) + 1))
                 sys.stdout.flush()
+            elif name == "cwd":
+                text(rid, os.getcwd())
             elif name == "pid":
                 text(rid, str(os.getpid()))
             elif name == "exit":
