@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mcp import LATEST_HANDSHAKE_VERSION
 from gateway.policy.factory import build_engine
+from gateway.upstream import UpstreamError, targets
 
 REFRESH_TIMEOUT_S = 30.0
 
@@ -193,10 +195,15 @@ async def _refresh(cfg: GatewayConfig, catalog: Catalog, servers: list[str] | No
                 continue
             listing = None
             errors = []
-            for inst in server.instances:
-                url = f"http://{inst.host}:{inst.port}/mcp"
+            try:
+                endpoints = targets(server, os.environ)  # a url server: its URL, TLS, headers
+            except UpstreamError as exc:
+                endpoints = ()
+                errors.append(exc.message)
+            for target in endpoints:
+                url = target.url
                 try:
-                    listing = await fetch_listing(http, url, headers=CATALOG_IDENTITY,
+                    listing = await fetch_listing(http, target, headers=CATALOG_IDENTITY,
                                                   protocol_version=version)
                     break
                 except FetchError as exc:

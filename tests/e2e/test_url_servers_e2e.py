@@ -263,3 +263,8 @@ def _refused(upstreams: Upstreams) -> bool:
         return upstreams.call_add().status_code == 403
     except httpx2.TransportError:
         return False  # the restarted server is not listening yet
+
+
+def test_catalog_refresh_reaches_url_servers(upstreams: Upstreams) -> None:
+    """``mcp-gateway catalog refresh`` fetches from the upstream's URL with its TLS settings."""
+    assert cli.main(["--config", str(upstreams.config_path), "catalog", "refresh", "sdk_tls"]) == 0
