@@ -79,6 +79,19 @@ class UpstreamTlsConfig:
     client_key_file: str | None = None
 
 
+RUNTIME_KINDS = ("pip", "npm")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Where a command server's program comes from: ``pip`` packages installed into a venv of
+    its own, or ``npm`` packages installed into a folder of its own (gatewayctl.runtimes), never
+    into the gateway's environment. ``packages`` are installer arguments (pinned specs)."""
+
+    kind: str  # pip | npm
+    packages: tuple[str, ...]
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
@@ -103,6 +116,8 @@ class ServerConfig:
     # command: a stdio server's argv, run behind the bridge (mcp_bridge) in workdir.
     command: tuple[str, ...] = ()
     workdir: str | None = None
+    # command: the packages its program comes from (None: the command is found on PATH).
+    runtime: RuntimeConfig | None = None
 
     @property
     def upstream_path(self) -> str:
@@ -328,7 +343,7 @@ _SERVER_KEYS = {
     "module": {"module", "instances", "args", "description", "env"},
     "url": {"url", "instances", "description", "tls", "host_header", "headers", "health",
             "health_path"},
-    "command": {"command", "instances", "description", "env", "workdir"},
+    "command": {"command", "instances", "description", "env", "workdir", "runtime"},
 }
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -365,7 +380,8 @@ def _server(name: str, data: Any, where: str, secrets: tuple[str, ...],
         workdir = _take(data, "workdir", str, where, "")
         return ServerConfig(name, "", _instances(data.get("instances"), f"{where}.instances", 1),
                             (), description, _env(data, where, secrets), kind="command",
-                            command=tuple(argv), workdir=path(workdir) if workdir else None)
+                            command=tuple(argv), workdir=path(workdir) if workdir else None,
+                            runtime=_runtime(data.get("runtime"), f"{where}.runtime"))
     # url: one URL, or instances of {url}
     if "instances" in data:
         raw = data["instances"]
@@ -430,6 +446,26 @@ def _server(name: str, data: Any, where: str, secrets: tuple[str, ...],
     return ServerConfig(name, "", tuple(Instance(u.host, u.port) for u in urls), (), description,
                         kind="url", urls=urls, tls=tls, host_header=host_header,
                         headers=tuple(headers), health=health, health_path=health_path)
+
+
+def _runtime(data: Any, where: str) -> RuntimeConfig | None:
+    """``{pip: [specs]}`` or ``{npm: [specs]}``: exactly one installer, a non-empty list of
+    package specs, none of which may pass an option to the installer."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or len(data) != 1 or next(iter(data)) not in RUNTIME_KINDS:
+        found = f" (found {', '.join(map(str, data))})" if isinstance(data, dict) and data else ""
+        raise ConfigError(f"{where} must name exactly one of {', '.join(RUNTIME_KINDS)}{found}")
+    ((kind, packages),) = data.items()
+    if not isinstance(packages, list) or not packages \
+            or not all(isinstance(p, str) and p.strip() for p in packages):
+        raise ConfigError(f"{where}.{kind} must be a non-empty list of package specs (strings)")
+    for spec in packages:
+        if spec.lstrip().startswith("-"):
+            raise ConfigError(f"{where}.{kind}: {spec!r} is an installer option, not a package")
+        if any(c in spec for c in "\r\n\0"):
+            raise ConfigError(f"{where}.{kind}: {spec!r} must be one line")
+    return RuntimeConfig(kind, tuple(p.strip() for p in packages))
 
 
 def _upstream_url(value: str, where: str) -> UpstreamUrl:

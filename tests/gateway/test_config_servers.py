@@ -107,3 +107,46 @@ def test_mistakes_name_server_and_key(entry: dict[str, Any], message: str) -> No
     with pytest.raises(ConfigError) as err:
         _config({"x": entry})
     assert message in str(err.value)
+
+
+def test_command_runtime() -> None:
+    """A command entry may name the packages its program comes from: pip or npm specs, kept as
+    written; without `runtime` the command is looked up on PATH."""
+    cfg = _config({
+        "time": {"command": ["mcp-server-time"], "instances": [{"port": 9241}],
+                 "runtime": {"pip": ["mcp-server-time==2026.10.19", " tzdata "]}},
+        "everything": {"command": ["mcp-server-everything"], "instances": [{"port": 9242}],
+                       "runtime": {"npm": ["@modelcontextprotocol/server-everything@2026.8.31"]}},
+        "plain": {"command": ["/usr/bin/true"], "instances": [{"port": 9243}]}})
+    time_rt, npm_rt = cfg.server("time").runtime, cfg.server("everything").runtime
+    assert time_rt is not None and time_rt.kind == "pip"
+    assert time_rt.packages == ("mcp-server-time==2026.10.19", "tzdata")
+    assert npm_rt is not None and npm_rt.kind == "npm"
+    assert npm_rt.packages == ("@modelcontextprotocol/server-everything@2026.8.31",)
+    assert cfg.server("plain").runtime is None
+
+
+@pytest.mark.parametrize(("runtime", "message"), [
+    ({}, "servers.x.runtime must name exactly one of pip, npm"),
+    ({"pip": ["a"], "npm": ["b"]}, "servers.x.runtime must name exactly one of pip, npm (found pip, npm)"),
+    ({"uv": ["a"]}, "servers.x.runtime must name exactly one of pip, npm (found uv)"),
+    (["a"], "servers.x.runtime must name exactly one of pip, npm"),
+    ({"pip": []}, "servers.x.runtime.pip must be a non-empty list of package specs"),
+    ({"pip": "mcp-server-time"}, "servers.x.runtime.pip must be a non-empty list"),
+    ({"npm": [""]}, "servers.x.runtime.npm must be a non-empty list"),
+    ({"pip": [3]}, "servers.x.runtime.pip must be a non-empty list"),
+    ({"pip": ["--index-url=https://evil.example", "a"]},
+     "servers.x.runtime.pip: '--index-url=https://evil.example' is an installer option"),
+    ({"npm": ["-g"]}, "servers.x.runtime.npm: '-g' is an installer option"),
+    ({"pip": ["a\nb"]}, "servers.x.runtime.pip: 'a\\nb' must be one line"),
+])
+def test_runtime_mistakes_name_the_key(runtime: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        _config({"x": {"command": ["t"], "instances": [{"port": 1}], "runtime": runtime}})
+    assert message in str(err.value)
+
+
+def test_runtime_only_with_command() -> None:
+    """A module or url server runs no installed program: `runtime` is refused there."""
+    with pytest.raises(ConfigError, match=r"servers\.x: unknown key\(s\) runtime"):
+        _config({"x": {"url": "http://h/mcp", "runtime": {"pip": ["a"]}}})
