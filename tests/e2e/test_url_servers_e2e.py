@@ -267,4 +267,4 @@ def _refused(upstreams: Upstreams) -> bool:
 
 def test_catalog_refresh_reaches_url_servers(upstreams: Upstreams) -> None:
     """``mcp-gateway catalog refresh`` fetches from the upstream's URL with its TLS settings."""
-    assert cli.main(["--config", str(upstreams.config_path), "catalog", "refresh", "sdk_tls"]) == 0
+    assert cli.main(["--config", str(upstreams.config_path), "catalog", "refresh", "--server", "sdk_tls"]) == 0
