@@ -103,6 +103,19 @@ async def _kill_group(pgid: int) -> None:
         await asyncio.sleep(GROUP_EXIT_POLL_SECONDS)  # the kernel offers no event for this
 
 
+class _ExitProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """Tells when the process itself exits: asyncio's ``Process.wait()`` also waits for every
+    pipe to close, which a grandchild holding them (``sh -c``, npx -> node) can delay forever."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=READ_CHUNK, loop=loop)
+        self.leader_exited = asyncio.Event()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        self.leader_exited.set()
+
+
 @dataclass(frozen=True, slots=True)
 class ExitInfo:
     """Why a child ended: ``reason`` (exited, stdout_closed, line_too_long, stopped) + status."""
@@ -128,6 +141,7 @@ class Child:
         self._stopping = False  # no new input: a stop is under way (ours or after EOF)
         self._stop_requested = False  # the bridge asked for the stop (not a crash)
         self._budget = SkipBudget(settings.non_json_per_minute)
+        self._leader_exited = asyncio.Event()
         self.exit: ExitInfo | None = None
         self.exited = asyncio.Event()
 
@@ -143,10 +157,14 @@ class Child:
         """Spawn the process; raises UpstreamUnavailable if it cannot be started."""
         s = self.settings
         try:
-            self._proc = await asyncio.create_subprocess_exec(
-                *s.argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE, env=s.child_env(), cwd=s.workdir,
-                start_new_session=True, preexec_fn=_die_with_parent)
+            loop = asyncio.get_running_loop()
+            protocol = _ExitProtocol(loop)
+            transport, _ = await loop.subprocess_exec(
+                lambda: protocol, *s.argv, stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=s.child_env(),
+                cwd=s.workdir, start_new_session=True, preexec_fn=_die_with_parent)
+            self._proc = asyncio.subprocess.Process(transport, protocol, loop)
+            self._leader_exited = protocol.leader_exited
         except OSError as exc:
             raise UpstreamUnavailable(f"cannot start {s.argv[0]!r}: {exc.strerror or exc}",
                                       data={"argv0": s.argv[0]}) from None
@@ -190,16 +208,16 @@ class Child:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, sig)
             try:
-                await asyncio.wait_for(proc.wait(), self.settings.stop_grace)
+                await asyncio.wait_for(self._leader_exited.wait(), self.settings.stop_grace)
                 return
             except TimeoutError:
                 continue
-        await proc.wait()
+        await self._leader_exited.wait()
 
     async def _watch(self, reader: asyncio.Task[str]) -> None:
         proc = self._proc
         assert proc is not None
-        waiter = asyncio.create_task(proc.wait())
+        waiter = asyncio.create_task(self._leader_exited.wait())
         await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
         reason = "exited"
         if reader.done():
@@ -211,8 +229,10 @@ class Child:
                 self._stopping = True
                 await self._escalate()
         await waiter
-        # Whatever the leader left in its group goes too: no orphan outlives its server.
+        # Whatever the leader left in its group goes too: no orphan outlives its server (and
+        # the pipes it holds close, which asyncio waits for).
         await _kill_group(proc.pid)
+        await proc.wait()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -366,3 +366,34 @@ async def test_foreign_host_and_origin_are_refused(tmp_path: Path, toy_argv: lis
                                  headers={**headers, "Origin": f"http://localhost:{bridge.port}"}) as ok:
                 assert ok.status == 200
         assert len(bridge.children()["sessions"]) == 1
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_a_dead_leader_takes_its_grandchild_along(tmp_path: Path, toy_argv: list[str]) -> None:
+    """When the spawned process dies but its own child holds the pipes (sh -c, npx -> node), the
+    bridge still sees the exit, kills and reaps the grandchild, and starts a new child."""
+    script = " ".join([*toy_argv, "--linger"]) + "; true"
+    with run_bridge(tmp_path, ["sh", "-c", script], "--pool", "1") as bridge:
+        leader = bridge.children()["pool"][0]["pid"]
+        grandchildren = _children_of(leader)
+        assert len(grandchildren) == 1
+        os.kill(leader, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT
+        slot = bridge.children()["pool"][0]
+        while time.monotonic() < deadline and not (slot["ready"] and slot["pid"] not in (None, leader)):
+            await asyncio.sleep(0.05)  # poll interval against the deadline
+            slot = bridge.children()["pool"][0]
+        assert slot["ready"] and slot["pid"] not in (None, leader)
+        assert _state(grandchildren[0]) is None  # killed and reaped by the bridge (subreaper)
