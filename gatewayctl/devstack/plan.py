@@ -10,8 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance
-from gatewayctl import envoy_config
+from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, ServerConfig
+from gatewayctl import envoy_config, runtimes
 from gatewayctl.devstack.credentials import local_jwks_issuer
 from gatewayctl.devstack.state import StackError, paths
 
@@ -55,6 +55,9 @@ class Component:
     env: tuple[str, ...] = ()  # secrets this process receives
     wave: int = 1  # 0: backends, 1: gateway services and MCP servers, 2: Envoy
     metrics_url: str | None = None  # where Prometheus scrapes this process
+    # Folders put first on this process's PATH: a command server's runtime (gatewayctl.runtimes),
+    # so the bridge, and the stdio server it starts, find the installed program.
+    path_prefix: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -63,6 +66,21 @@ class Component:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+def workdir(config: GatewayConfig, server: ServerConfig) -> Path:
+    """Where a command server's program runs: its ``workdir``, else state_dir/servers/<name>."""
+    return Path(server.workdir) if server.workdir else paths(config).state_dir / "servers" / server.name
+
+
+def runtime_path_prefix(config: GatewayConfig, server: ServerConfig) -> tuple[str, ...]:
+    """The runtime's bin folders of a command server (none without a runtime). Computed from
+    the runtime's folder, which depends only on the config and the environment: nothing is
+    installed here (Stack.prepare does that)."""
+    if server.runtime is None:
+        return ()
+    directory = runtimes.runtime_dir(config, server)
+    return runtimes.bin_dirs(server.runtime, directory)
 
 
 SERVICE_MODULES = {"ext_authz": "ext_authz", "ext_proc": "ext_proc"}
@@ -132,17 +150,18 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
             continue
         if server.kind == "command":
             # A stdio server behind the bridge (mcp_bridge), one bridge per instance; the
-            # bridge runs the command in its own process group and answers /ready.
+            # bridge runs the command in its own process group and answers /ready. A runtime's
+            # bin folders go first on the bridge's PATH, which the child inherits.
+            prefix = runtime_path_prefix(config, server)
             for i, inst in enumerate(server.instances):
-                workdir = server.workdir or str(p.state_dir / "servers" / server.name)
                 out.append(Component(
                     server.name, i, inst.host, inst.port,
                     (py, "-m", "mcp_bridge", "--host", inst.host, "--port", str(inst.port),
-                     "--name", server.name, "--workdir", workdir,
+                     "--name", server.name, "--workdir", str(workdir(config, server)),
                      "--log-level", config.telemetry.log_level,
                      *(a for n in server.env for a in ("--env", n)), "--", *server.command),
                     Probe("http", inst.host, inst.port, "/ready"), env=server.env,
-                    metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
+                    metrics_url=f"http://{inst.host}:{inst.port}/metrics", path_prefix=prefix))
             continue
         for i, inst in enumerate(server.instances):
             out.append(Component(server.name, i, inst.host, inst.port,

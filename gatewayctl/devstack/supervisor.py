@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gatewayctl import envoy_config
+from gatewayctl import envoy_config, runtimes
 from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
 from gatewayctl.devstack.health import probe, upstream_problem
 from gatewayctl.devstack.plan import (
@@ -43,6 +43,7 @@ from gatewayctl.devstack.plan import (
     listening_ports,
     plan,
     remote,
+    workdir,
 )
 from gatewayctl.devstack.state import StackError, paths
 
@@ -96,6 +97,15 @@ def _die_with_parent_hook() -> Callable[[], None]:
     return hook
 
 
+def _component_env(base: dict[str, str], comp: Component, secrets: dict[str, str]
+                   ) -> dict[str, str]:
+    """A component's environment: the stack's, the secrets it lists, and its PATH prefix."""
+    env = {**base, **{n: secrets[n] for n in comp.env}}
+    if comp.path_prefix:
+        env["PATH"] = os.pathsep.join([*comp.path_prefix, base.get("PATH", os.defpath)])
+    return env
+
+
 @dataclass
 class Stack:
     """A running (or starting) dev stack."""
@@ -120,16 +130,30 @@ class Stack:
         for server in self.config.servers:
             if server.kind == "command":
                 # The stdio server's working directory (the bridge runs the command there).
-                Path(server.workdir or p.state_dir / "servers" / server.name).mkdir(
-                    parents=True, exist_ok=True)
+                workdir(self.config, server).mkdir(parents=True, exist_ok=True)
         check_ports(listening_ports(self.config, self.components))
         p.logs.mkdir(parents=True, exist_ok=True)
+        self.prepare_commands()
         self.ca_file = ensure_tls(self.config)
         self.secrets = ensure_secrets(self.config)
         signing_key(self.config)
         with_ext_proc = any(c.name == "ext_proc" for c in self.components)
         p.envoy_yaml.write_text(envoy_config.render(
             self.config, envoy_config.RenderOptions(ext_proc=with_ext_proc)), encoding="utf-8")
+
+    def prepare_commands(self) -> None:
+        """Install the runtime of every command server (reused when unchanged), then check that
+        each command names a program the bridge will find: on PATH with the runtime's bin
+        folders first, or a file relative to the workdir."""
+        for server in self.config.servers:
+            if server.kind != "command":
+                continue
+            if server.runtime is not None:
+                logger.info("servers.%s: preparing its %s runtime (log: %s)", server.name,
+                            server.runtime.kind, runtimes.log_file(self.config, server))
+                runtimes.ensure(self.config, server)
+            runtimes.check_command(server, runtimes.search_path(self.config, server),
+                                   str(workdir(self.config, server)))
 
     def start(self, *, detach: bool) -> None:
         """Start every component and wait until all are healthy (or raise, leaving none)."""
@@ -152,7 +176,7 @@ class Stack:
                 for comp in wave:
                     if remote(comp):
                         continue  # a url server: checked, never started
-                    self._spawn(comp, hook, cwd, {**env, **{n: self.secrets[n] for n in comp.env}})
+                    self._spawn(comp, hook, cwd, _component_env(env, comp, self.secrets))
                     self._write_pid_file(supervisor=None if detach else os.getpid())
                 self.wait_healthy(wave)
             self._write_pid_file(supervisor=None if detach else os.getpid(), ready=True)
