@@ -314,8 +314,8 @@ class Link:
     async def close(self) -> None:
         self.closed = True
         self.ready.set()  # waiters wake and see the link closed
-        if self._respawn is not None:
-            self._respawn.cancel()
+        if self._respawn is not None and self._respawn is not asyncio.current_task():
+            self._respawn.cancel()  # (when the restart loop itself gives up, it just returns)
         if self.child is not None:
             await self.child.stop()
         for exchange in list(self.pending.values()):

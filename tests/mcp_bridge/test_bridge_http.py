@@ -397,3 +397,21 @@ async def test_a_dead_leader_takes_its_grandchild_along(tmp_path: Path, toy_argv
             slot = bridge.children()["pool"][0]
         assert slot["ready"] and slot["pid"] not in (None, leader)
         assert _state(grandchildren[0]) is None  # killed and reaped by the bridge (subreaper)
+
+
+async def test_a_session_whose_server_cannot_restart_ends(tmp_path: Path, toy_argv: list[str]) -> None:
+    """After the child exits and every restart fails, the session ends: its id answers 404."""
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    with run_bridge(tmp_path, [*toy_argv, "--once"], "--pool", "0", "--workdir", str(tmp_path)) as bridge:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url, json=INIT, headers=headers) as init:
+                headers["Mcp-Session-Id"] = init.headers["Mcp-Session-Id"]
+            call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "exit"}}
+            async with http.post(bridge.url, json=call, headers=headers) as crashed:
+                assert (await crashed.json())["error"]["data"]["reason"] == "upstream_exited"
+            deadline = time.monotonic() + WAIT
+            while bridge.children()["sessions"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # poll interval against the deadline
+            assert bridge.children()["sessions"] == {}
+            async with http.post(bridge.url, json={**call, "id": 3}, headers=headers) as gone:
+                assert gone.status == 404

@@ -5,8 +5,9 @@ sane limit, ``pid`` answers with its process id, ``hang`` never answers, ``exit`
 ``seen`` answers with the ids of the ``hang`` calls and of the cancellations it received,
 ``chatty`` sends a log message and tools/list_changed before answering, ``cwd`` answers with
 its working directory.
-``--exit-at-start`` makes it exit before reading anything (a crash loop); ``--linger`` makes it
-outlive the end of its stdin.
+``--exit-at-start`` makes it exit before reading anything (a crash loop), ``--once`` does so on
+every start after the first in its working directory; ``--linger`` makes it outlive the end of
+its stdin.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def main() -> None:
     print("toy server starting", file=sys.stderr, flush=True)
     if "--exit-at-start" in sys.argv:
         sys.exit(2)
+    if "--once" in sys.argv:
+        if os.path.exists("started"):
+            sys.exit(3)
+        open("started", "w").close()
     hung: list[Any] = []
     cancelled: list[Any] = []
     for line in sys.stdin:
