@@ -415,3 +415,20 @@ async def test_a_session_whose_server_cannot_restart_ends(tmp_path: Path, toy_ar
             assert bridge.children()["sessions"] == {}
             async with http.post(bridge.url, json={**call, "id": 3}, headers=headers) as gone:
                 assert gone.status == 404
+
+
+async def test_an_idle_session_stops_its_child(tmp_path: Path, toy_argv: list[str]) -> None:
+    """Past --session-idle-seconds without a request, the session ends and its child is stopped."""
+    headers = {"Accept": "application/json", "Content-Type": "application/json"}
+    with run_bridge(tmp_path, toy_argv, "--pool", "0", "--session-idle-seconds", "0.5") as bridge:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(bridge.url, json=INIT, headers=headers) as init:
+                assert init.status == 200
+            pid = await _session_child(bridge)
+            deadline = time.monotonic() + WAIT
+            while bridge.children()["sessions"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)  # poll interval against the deadline
+            assert bridge.children()["sessions"] == {}
+            while _state(pid) is not None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert _state(pid) is None
