@@ -29,7 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gateway.config import GatewayConfig, RuntimeConfig, ServerConfig
@@ -132,9 +132,11 @@ def _installed(directory: Path, want: str) -> bool:
 
 
 def ensure(config: GatewayConfig, server: ServerConfig,
-           environ: Mapping[str, str] | None = None) -> Path:
+           environ: Mapping[str, str] | None = None,
+           notify: Callable[[str], None] | None = None) -> Path:
     """Install ``server``'s runtime unless its stamp says this spec is in place; returns its
-    folder. Raises StackError naming ``servers.<name>.runtime`` and the log on failure."""
+    folder. ``notify`` hears one line before an install starts (it may take a while). Raises
+    StackError naming ``servers.<name>.runtime`` and the log on failure."""
     environ = os.environ if environ is None else environ
     runtime = _runtime(server)
     where = f"servers.{server.name}.runtime"
@@ -151,6 +153,9 @@ def ensure(config: GatewayConfig, server: ServerConfig,
             out.write(f"{runtime.kind} runtime {list(runtime.packages)} reused from "
                       f"{directory}\n".encode())
             return directory
+        if notify is not None:
+            notify(f"installing the {runtime.kind} runtime of servers.{server.name} "
+                   f"({', '.join(runtime.packages)}) into {directory}; log: {log}")
         shutil.rmtree(directory, ignore_errors=True)  # a half-done or outdated install
         directory.mkdir(parents=True)
         started = time.monotonic()

@@ -97,6 +97,11 @@ def _die_with_parent_hook() -> Callable[[], None]:
     return hook
 
 
+def _tell(line: str) -> None:
+    """A line under `up`'s "starting the dev stack ..." (an install may take a while)."""
+    print(f"  {line}", flush=True)
+
+
 def _component_env(base: dict[str, str], comp: Component, secrets: dict[str, str]
                    ) -> dict[str, str]:
     """A component's environment: the stack's, the secrets it lists, and its PATH prefix."""
@@ -149,9 +154,7 @@ class Stack:
             if server.kind != "command":
                 continue
             if server.runtime is not None:
-                logger.info("servers.%s: preparing its %s runtime (log: %s)", server.name,
-                            server.runtime.kind, runtimes.log_file(self.config, server))
-                runtimes.ensure(self.config, server)
+                runtimes.ensure(self.config, server, notify=_tell)
             runtimes.check_command(server, runtimes.search_path(self.config, server),
                                    str(workdir(self.config, server)))
 

@@ -137,9 +137,11 @@ def test_unchanged_runtime_is_reused_and_a_changed_one_reinstalled(
     counter = tmp_path / "installs"
     _counting(monkeypatch, counter)
     server = config.server("time")
-    directory = runtimes.ensure(config, server, {"PATH": os.defpath})
-    runtimes.ensure(config, server, {"PATH": os.defpath})
+    told: list[str] = []
+    directory = runtimes.ensure(config, server, {"PATH": os.defpath}, told.append)
+    runtimes.ensure(config, server, {"PATH": os.defpath}, told.append)
     assert counter.read_text().count("x") == 1
+    assert len(told) == 1 and "installing the pip runtime of servers.time" in told[0]
     assert server.runtime is not None
     assert (directory / runtimes.STAMP).read_text().strip() == runtimes.spec_hash(server.runtime)
     log = runtimes.log_file(config, server).read_text()
