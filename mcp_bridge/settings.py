@@ -128,6 +128,9 @@ class BridgeSettings:
         parser.add_argument("--max-line-bytes", type=int, default=DEFAULT_MAX_LINE_BYTES)
         parser.add_argument("--drain-seconds", type=float, default=DEFAULT_DRAIN_SECONDS)
         parser.add_argument("--start-timeout", type=float, default=DEFAULT_START_TIMEOUT)
+        parser.add_argument("--restart-backoff", type=float, default=DEFAULT_RESTART_BACKOFF,
+                            help=f"first delay before restarting a child (doubles up to "
+                                 f"{DEFAULT_RESTART_BACKOFF_MAX:g} s)")
         parser.add_argument("--log-level", default="INFO")
         parser.add_argument("--otlp-endpoint", default=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
                             help="OTLP/gRPC collector for spans (default $OTEL_EXPORTER_OTLP_ENDPOINT)")
@@ -143,4 +146,5 @@ class BridgeSettings:
                    max_sessions=ns.max_sessions, pool_size=ns.pool,
                    session_idle_seconds=ns.session_idle_seconds, max_line_bytes=ns.max_line_bytes,
                    drain_seconds=ns.drain_seconds, start_timeout=ns.start_timeout,
+                   restart_backoff=ns.restart_backoff,
                    log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint)

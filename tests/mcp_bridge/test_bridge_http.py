@@ -308,7 +308,8 @@ async def test_stateless_call_on_a_crashing_child_is_502_then_recovers(
 
 async def test_ready_is_503_while_crash_looping(tmp_path: Path, toy_argv: list[str]) -> None:
     """A server that exits at start never makes the bridge ready; /ready says it is crash-looping."""
-    with run_bridge(tmp_path, [*toy_argv, "--exit-at-start"], "--pool", "1", wait_ready=False) as bridge:
+    with run_bridge(tmp_path, [*toy_argv, "--exit-at-start"], "--pool", "1", "--restart-backoff", "0.05",
+                    wait_ready=False) as bridge:
         deadline = time.monotonic() + WAIT
         status, body = bridge.get("/ready")
         while time.monotonic() < deadline and body["reason"] != "crash-looping":
@@ -385,7 +386,7 @@ async def test_a_dead_leader_takes_its_grandchild_along(tmp_path: Path, toy_argv
     """When the spawned process dies but its own child holds the pipes (sh -c, npx -> node), the
     bridge still sees the exit, kills and reaps the grandchild, and starts a new child."""
     script = " ".join([*toy_argv, "--linger"]) + "; true"
-    with run_bridge(tmp_path, ["sh", "-c", script], "--pool", "1") as bridge:
+    with run_bridge(tmp_path, ["sh", "-c", script], "--pool", "1", "--restart-backoff", "0.05") as bridge:
         leader = bridge.children()["pool"][0]["pid"]
         grandchildren = _children_of(leader)
         assert len(grandchildren) == 1
@@ -402,7 +403,8 @@ async def test_a_dead_leader_takes_its_grandchild_along(tmp_path: Path, toy_argv
 async def test_a_session_whose_server_cannot_restart_ends(tmp_path: Path, toy_argv: list[str]) -> None:
     """After the child exits and every restart fails, the session ends: its id answers 404."""
     headers = {"Accept": "application/json", "Content-Type": "application/json"}
-    with run_bridge(tmp_path, [*toy_argv, "--once"], "--pool", "0", "--workdir", str(tmp_path)) as bridge:
+    with run_bridge(tmp_path, [*toy_argv, "--once"], "--pool", "0", "--workdir", str(tmp_path),
+                    "--restart-backoff", "0.05") as bridge:
         async with aiohttp.ClientSession() as http:
             async with http.post(bridge.url, json=INIT, headers=headers) as init:
                 headers["Mcp-Session-Id"] = init.headers["Mcp-Session-Id"]
