@@ -1,4 +1,4 @@
-"""``python -m mcp_servers.conformance --port N``: the conformance fixture server."""
+"""``python -m mcp_servers.conformance --port N`` (or ``--stdio``): the conformance fixture server."""
 
 from mcp_servers.conformance.server import build_server
 from mcp_servers.core import serve_main

@@ -1,4 +1,5 @@
-"""The aiohttp application around a :class:`MCPServer`, and the process entry point."""
+"""The aiohttp application around a :class:`MCPServer`, and the process entry point (HTTP, or
+``--stdio``: :mod:`mcp_servers.core.stdio`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_servers.core.logs import configure_logging
 from mcp_servers.core.server import Lifespan, MCPServer
 from mcp_servers.core.settings import ServerSettings
+from mcp_servers.core.stdio import claim_stdout, serve_stdio
 from mcp_servers.core.transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -61,14 +63,9 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
         await transport.close()
 
     if settings.audit_file is not None:
-        audit_file = settings.audit_file
-
         async def audit_ctx(_app: web.Application) -> AsyncIterator[None]:
-            exporter = None
-            if settings.audit_otlp_export and settings.otlp_endpoint:
-                exporter = OtlpAuditExporter(settings.otlp_endpoint, server.name)
-            writer = AuditWriter(audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
-                                 timeout=settings.audit_timeout, exporter=exporter)
+            writer = audit_writer(server, settings)
+            assert writer is not None
             async for _ in transport.recorder.run_audit(writer):
                 yield
 
@@ -84,12 +81,26 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
     return app
 
 
+def audit_writer(server: MCPServer, settings: ServerSettings) -> AuditWriter | None:
+    """The audit trail ``settings`` ask for (None: no server-side audit); opened by its lifespan."""
+    if settings.audit_file is None:
+        return None
+    exporter = None
+    if settings.audit_otlp_export and settings.otlp_endpoint:
+        exporter = OtlpAuditExporter(settings.otlp_endpoint, server.name)
+    return AuditWriter(settings.audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
+                       timeout=settings.audit_timeout, exporter=exporter)
+
+
 def transport_of(app: web.Application) -> Transport:
     return app[TRANSPORT_KEY]
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
+    parser.add_argument("--stdio", action="store_true",
+                        help="serve one client on stdin/stdout (newline-delimited JSON-RPC) instead of "
+                             "HTTP; logs stay on stderr, EOF on stdin ends the process")
     parser.add_argument("--host", default=defaults.host, help="address to bind (default %(default)s)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind; 0 picks a free one")
     parser.add_argument("--path", default=defaults.path, help="MCP endpoint path (default %(default)s)")
@@ -164,6 +175,8 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
         settings = settings_from_args(args)
     except ValueError as exc:
         parser.error(str(exc))
+    # Over stdio, stdout is the protocol: claimed before anything (build() included) can print.
+    protocol_out = claim_stdout() if args.stdio else None
     # Logging first, so what build() logs (seeding, backend choice) is not lost; the service name is
     # refined once the server knows its own.
     configure_logging(_service_name(build), settings.log_level)
@@ -172,7 +185,10 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
     setup_tracing(server.name, settings.otlp_endpoint)
 
     async def main() -> None:
-        await run_server(server, settings, stop_event())
+        if protocol_out is not None:
+            await serve_stdio(server, settings, stop_event(), protocol_out, audit_writer(server, settings))
+        else:
+            await run_server(server, settings, stop_event())
 
     try:
         asyncio.run(main())

@@ -144,6 +144,72 @@ def _hostname(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+def modern_envelope(msg: Message, header_version: str | None, *,
+                    header: bool = True) -> tuple[str, dict[str, Any]]:
+    """(protocol version, client capabilities) of a 2026-07-28 request, from ``params._meta``.
+
+    Over HTTP (``header``) the MCP-Protocol-Version header must repeat the version; stdio has no
+    headers, so there the envelope alone counts.
+    """
+    meta = msg.params.get("_meta")
+    if not isinstance(meta, dict) or META_PROTOCOL_VERSION not in meta \
+            or META_CLIENT_CAPABILITIES not in meta:
+        raise InvalidParams(f"params._meta must carry {META_PROTOCOL_VERSION!r} and "
+                            f"{META_CLIENT_CAPABILITIES!r} (protocol {MODERN_VERSION})",
+                            http_status=400)
+    version = meta[META_PROTOCOL_VERSION]
+    if header and (header_version is None or header_version != version):
+        raise GatewayError("MCP-Protocol-Version header does not match params._meta protocol version",
+                           code="header_mismatch", rpc_code=HEADER_MISMATCH, http_status=400)
+    if version not in SUPPORTED_HEADER_VERSIONS:
+        raise UnsupportedVersion(f"unsupported protocol version {version!r}",
+                                 data={"supported": list(SUPPORTED_HEADER_VERSIONS),
+                                       "requested": version})
+    caps = meta[META_CLIENT_CAPABILITIES]
+    if not isinstance(caps, dict):
+        raise InvalidParams(f"params._meta[{META_CLIENT_CAPABILITIES!r}] must be an object",
+                            http_status=400)
+    return version, caps
+
+
+def handshake_params(params: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(negotiated version, client capabilities, client info) of an ``initialize`` request."""
+    requested = params.get("protocolVersion")
+    if not isinstance(requested, str):
+        raise InvalidParams("params.protocolVersion must be a string", http_status=400)
+    caps = params.get("capabilities")
+    info = params.get("clientInfo")
+    version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
+    return version, caps if isinstance(caps, dict) else {}, info if isinstance(info, dict) else {}
+
+
+def request_meta(msg: Message, modern: bool) -> tuple[dict[str, Any], str | None]:
+    """(``params._meta``, the request's log level): from 2026-07-28 on, log delivery is the
+    request's opt-in (absent: off); before, the session's logging/setLevel decides (None)."""
+    meta = msg.params.get("_meta")
+    meta = meta if isinstance(meta, dict) else {}
+    log_level: str | None = None
+    if modern:
+        requested_level = meta.get(META_LOG_LEVEL)
+        log_level = requested_level if requested_level in LOG_LEVELS else LOG_OFF
+    return meta, log_level
+
+
+def track_inflight(session: Session, rid: str | int, task: asyncio.Task[Any],
+                   cancelled: asyncio.Event) -> None:
+    """List a session's request as in flight (notifications/cancelled finds it) until it ends."""
+    flight = InFlight(task=task, cancelled=cancelled)
+    session.inflight[rid] = flight
+
+    def forget(_task: asyncio.Task[Any]) -> None:
+        if session.inflight.get(rid) is flight:
+            del session.inflight[rid]
+        if flight.cancel_timer is not None:
+            flight.cancel_timer.cancel()
+
+    task.add_done_callback(forget)
+
+
 class Transport:
     """The per-application protocol state: sessions, in-flight requests, pending client requests."""
 
@@ -295,7 +361,7 @@ class Transport:
         sid = request.headers.get("Mcp-Session-Id")
         if msg.kind == "response":
             owner = self._owner(caller)
-            self._client_response(msg, self.sessions.get(sid, owner) if sid is not None else None)
+            self.client_response(msg, self.sessions.get(sid, owner) if sid is not None else None)
             return web.Response(status=202)
         mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
         if mcp_ctx.tool is not None:
@@ -318,7 +384,7 @@ class Transport:
                 # 2026-07-28 defines no client-to-server notifications on this wire; cancellation is
                 # closing the response stream.
                 return web.Response(status=202)
-            version, capabilities = self._modern_envelope(msg, header_version)
+            version, capabilities = modern_envelope(msg, header_version)
         elif msg.method == "server/discover" and msg.kind == "request":
             version = header_version or LATEST_HANDSHAKE_VERSION
             capabilities = {}
@@ -327,7 +393,7 @@ class Transport:
                                       f"protocol {MODERN_VERSION} with params._meta on every request",
                                       code="session_required")
         if msg.kind == "notification":
-            await self._notification(msg, session)
+            await self.notification(msg, session)
             return web.Response(status=202)
         if session is not None and not session.initialized and msg.method not in ("ping",):
             # Clients send notifications/initialized first; SDKs racing it are tolerated.
@@ -335,46 +401,18 @@ class Transport:
         return await self._run_request(request, msg, session=session, version=version, modern=modern,
                                        caller=caller, capabilities=capabilities, sse_ok=sse_ok)
 
-    def _modern_envelope(self, msg: Message, header_version: str | None) -> tuple[str, dict[str, Any]]:
-        meta = msg.params.get("_meta")
-        if not isinstance(meta, dict) or META_PROTOCOL_VERSION not in meta \
-                or META_CLIENT_CAPABILITIES not in meta:
-            raise InvalidParams(f"params._meta must carry {META_PROTOCOL_VERSION!r} and "
-                                f"{META_CLIENT_CAPABILITIES!r} (protocol {MODERN_VERSION})",
-                                http_status=400)
-        version = meta[META_PROTOCOL_VERSION]
-        if header_version is None or header_version != version:
-            raise GatewayError("MCP-Protocol-Version header does not match params._meta protocol version",
-                               code="header_mismatch", rpc_code=HEADER_MISMATCH, http_status=400)
-        if version not in SUPPORTED_HEADER_VERSIONS:
-            raise UnsupportedVersion(f"unsupported protocol version {version!r}",
-                                     data={"supported": list(SUPPORTED_HEADER_VERSIONS),
-                                           "requested": version})
-        caps = meta[META_CLIENT_CAPABILITIES]
-        if not isinstance(caps, dict):
-            raise InvalidParams(f"params._meta[{META_CLIENT_CAPABILITIES!r}] must be an object",
-                                http_status=400)
-        return version, caps
-
     async def _initialize(self, msg: Message, caller: Caller | None, owner: SessionOwner
                           ) -> web.Response:
-        params = msg.params
-        requested = params.get("protocolVersion")
-        if not isinstance(requested, str):
-            raise InvalidParams("params.protocolVersion must be a string", http_status=400)
-        caps = params.get("capabilities")
-        info = params.get("clientInfo")
-        version = requested if requested in HANDSHAKE_VERSIONS else LATEST_HANDSHAKE_VERSION
-        session = await self.sessions.create(
-            owner=owner, protocol_version=version,
-            client_capabilities=caps if isinstance(caps, dict) else {},
-            client_info=info if isinstance(info, dict) else {})
+        version, caps, info = handshake_params(msg.params)
+        session = await self.sessions.create(owner=owner, protocol_version=version,
+                                             client_capabilities=caps, client_info=info)
         logger.info("session created", extra={"session": session.id[:8], "protocol_version": version,
                                                "user": caller.sub if caller else None})
         return _json(result_response(msg.id, self.server.initialize_result(version)),
                      headers={"Mcp-Session-Id": session.id})
 
-    async def _notification(self, msg: Message, session: Session | None) -> None:
+    async def notification(self, msg: Message, session: Session | None) -> None:
+        """A client notification: ``initialized`` and ``cancelled`` act on ``session``."""
         if msg.method == "notifications/initialized" and session is not None:
             session.initialized = True
         elif msg.method == "notifications/cancelled" and session is not None:
@@ -386,7 +424,8 @@ class Transport:
                 flight.cancel_timer = loop.call_later(self.settings.cancel_grace, flight.task.cancel)
                 logger.info("request cancelled by client", extra={"rpc_id": rid})
 
-    def _client_response(self, msg: Message, session: Session | None) -> None:
+    def client_response(self, msg: Message, session: Session | None) -> None:
+        """The client's answer to a server request (sampling, elicitation) wakes its waiter."""
         rid = msg.id
         pending = self.pending.get(rid) if isinstance(rid, str) else None
         if pending is None or pending.session is not session or pending.future.done():
@@ -414,23 +453,16 @@ class Transport:
             stream = EventStream(max_buffered=self.settings.max_buffered_events)
         fallback = session.standalone if session is not None and not sse_ok else None
         channel = Channel(stream, sse_allowed=sse_ok, fallback=fallback, back_channel=not modern)
-        meta = msg.params.get("_meta")
-        meta = meta if isinstance(meta, dict) else {}
-        log_level: str | None = None
-        if modern:
-            requested_level = meta.get(META_LOG_LEVEL)
-            log_level = requested_level if requested_level in LOG_LEVELS else LOG_OFF
+        meta, log_level = request_meta(msg, modern)
         cancelled = asyncio.Event()
         ctx = ToolContext(request_id=msg.id, caller=caller, protocol_version=version, session=session,
                           client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
                           log_level=log_level, cancelled=cancelled,
                           http_request_id=request.get(REQUEST_ID_KEY),
                           decision_id=request.headers.get(DECISION_ID_HEADER))
-        task = asyncio.create_task(self._answer(msg, ctx, modern))
+        task = asyncio.create_task(self.answer(msg, ctx, modern))
         if session is not None:
-            flight = InFlight(task=task, cancelled=cancelled)
-            session.inflight[rid] = flight
-            task.add_done_callback(lambda _t: self._forget(session, rid, flight))
+            track_inflight(session, rid, task, cancelled)
         else:
             self._stateless.add(task)
             task.add_done_callback(self._stateless.discard)
@@ -461,12 +493,6 @@ class Transport:
             task.cancel()
         return response
 
-    def _forget(self, session: Session, rid: str | int, flight: InFlight) -> None:
-        if session.inflight.get(rid) is flight:
-            del session.inflight[rid]
-        if flight.cancel_timer is not None:
-            flight.cancel_timer.cancel()
-
     async def _finish_stream(self, task: asyncio.Task[tuple[dict[str, Any], int]],
                              stream: EventStream, cancelled: asyncio.Event) -> None:
         try:
@@ -494,7 +520,7 @@ class Transport:
             return False
         return True
 
-    async def _answer(self, msg: Message, ctx: ToolContext, modern: bool) -> tuple[dict[str, Any], int]:
+    async def answer(self, msg: Message, ctx: ToolContext, modern: bool) -> tuple[dict[str, Any], int]:
         """The answer to one request, released only after its result is counted and audited."""
         assert msg.method is not None
         started = time.perf_counter()
