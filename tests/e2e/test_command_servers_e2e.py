@@ -12,6 +12,7 @@ spec once.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -125,10 +126,18 @@ def stdio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stdio]:
 
 
 async def _session(stack: devstack.Stack, server: str, role: str,
-                   work: Callable[[ClientSession], Awaitable[T]]) -> T:
+                   work: Callable[[ClientSession], Awaitable[T]],
+                   session_ids: list[str] | None = None) -> T:
+    """``work`` on an initialized SDK client session; ``session_ids`` collects the MCP session
+    ids the gateway answered with."""
     token = bearer(stack.config, role)
+
+    async def remember(response: httpx2.Response) -> None:
+        if session_ids is not None and "mcp-session-id" in response.headers:
+            session_ids.append(response.headers["mcp-session-id"])
     async with httpx2.AsyncClient(verify=tls_context(stack), timeout=20,
-                                  headers={"authorization": f"Bearer {token}"}) as http, \
+                                  headers={"authorization": f"Bearer {token}"},
+                                  event_hooks={"response": [remember]}) as http, \
             streamable_http_client(stack.config.resource_url(server), http_client=http) as (r, w), \
             ClientSession(r, w) as client:
         await client.initialize()
@@ -211,13 +220,20 @@ def _children(comp: devstack.Component) -> dict[str, Any]:
     return data
 
 
-def _busy_child(comp: devstack.Component) -> int | None:
-    """The pid of a child with a request in flight, if any."""
-    data = _children(comp)
-    for link in [*data["sessions"].values(), *data["pool"]]:
-        if link["in_flight"] > 0 and link["pid"] is not None:
-            return int(link["pid"])
-    return None
+def _bridge_session_id(client_id: str) -> str:
+    """The bridge's own session id inside the one the client holds: Envoy's stateful session
+    envelope is ``base64(instance);UV:base64(upstream's id)``."""
+    _, sep, upstream = client_id.partition(";UV:")
+    return base64.b64decode(upstream).decode() if sep else client_id
+
+
+def _session_child(comp: devstack.Component, client_id: str) -> dict[str, Any]:
+    """The bridge's record of the child serving one MCP session (keyed by the id's start)."""
+    children = _children(comp)
+    key = _bridge_session_id(client_id)[:8]
+    assert key in children["sessions"], (client_id, children)
+    link: dict[str, Any] = children["sessions"][key]
+    return link
 
 
 async def test_a_child_killed_mid_call_fails_that_call_only(stdio: Stdio) -> None:
@@ -225,6 +241,7 @@ async def test_a_child_killed_mid_call_fails_that_call_only(stdio: Stdio) -> Non
     next call succeeds (the bridge restarts the child)."""
     bridge = stdio.bridge("everything")
     started = asyncio.Event()
+    session_ids: list[str] = []
 
     async def on_progress(progress: float, total: float | None, message: str | None) -> None:
         started.set()
@@ -234,13 +251,14 @@ async def test_a_child_killed_mid_call_fails_that_call_only(stdio: Stdio) -> Non
             "trigger-long-running-operation", {"duration": 20, "steps": 40},
             progress_callback=on_progress))
         await asyncio.wait_for(started.wait(), 10)
-        pid = await asyncio.to_thread(_busy_child, bridge)
-        assert pid is not None, _children(bridge)
-        os.kill(pid, signal.SIGKILL)
+        # This session's child (the catalog's fetches have sessions of their own).
+        child = await asyncio.to_thread(_session_child, bridge, session_ids[-1])
+        assert child["in_flight"] == 1 and child["pid"] is not None, child
+        os.kill(child["pid"], signal.SIGKILL)
         with pytest.raises(MCPError):
             await asyncio.wait_for(call, 15)
         return _text(await client.call_tool("echo", {"message": "still here"}))
-    assert "still here" in await _session(stdio.stack, "everything", "admin", work)
+    assert "still here" in await _session(stdio.stack, "everything", "admin", work, session_ids)
 
 
 def test_status_lists_the_bridges(stdio: Stdio) -> None:
