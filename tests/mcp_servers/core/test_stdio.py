@@ -21,8 +21,9 @@ SERVER = [sys.executable, "-m", "mcp_servers.conformance", "--stdio"]
 EXIT_WAIT = 20.0
 MODERN_META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
                "io.modelcontextprotocol/clientCapabilities": {}}
-INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-    "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+INIT_PARAMS: dict[str, Any] = {"protocolVersion": "2025-11-25", "capabilities": {},
+                               "clientInfo": {"name": "t", "version": "1"}}
+INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT_PARAMS}
 
 
 @asynccontextmanager
@@ -152,3 +153,34 @@ def test_stdout_carries_json_rpc_only_and_eof_ends_the_process() -> None:
     assert len(progress) == 3
     assert messages.index(progress[-1]) < messages.index(answers[8])
     assert '"message":"stopped"' in stderr
+
+
+def test_a_cancelled_request_gets_no_answer() -> None:
+    """notifications/cancelled for a call waiting on sampling: the call is never answered, the
+    connection goes on, and EOF with the sampling request unanswered still exits 0."""
+    with subprocess.Popen(SERVER, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          cwd=REPO) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+
+        def send(message: dict[str, Any]) -> None:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(message).encode() + b"\n")
+            proc.stdin.flush()
+
+        try:
+            send({**INIT, "params": {**INIT_PARAMS, "capabilities": {"sampling": {}}}})
+            assert "result" in json.loads(proc.stdout.readline())
+            send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+            send({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                  "params": {"name": "test_sampling", "arguments": {"prompt": "hi"}}})
+            asked = json.loads(proc.stdout.readline())
+            assert asked["method"] == "sampling/createMessage"
+            send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 2}})
+            send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
+            proc.stdin.close()
+            rest = [json.loads(line) for line in proc.stdout.read().decode().splitlines()]
+            assert proc.wait(timeout=EXIT_WAIT) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert rest == [{"jsonrpc": "2.0", "id": 3, "result": {}}]
