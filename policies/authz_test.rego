@@ -534,3 +534,15 @@ test_data_file_prefixes_are_normalized if {
 		}
 	}
 }
+
+# ---------------------------------------------------------------- time (a third-party stdio server)
+
+time_call(tool, roles) := call("time", tool, {"timezone": "UTC"}, roles, "tools:call:time/*")
+
+test_time_tools_by_role if {
+	allowed(time_call("get_current_time", ["viewer"]))
+	allowed(time_call("convert_time", ["analyst"]))
+	allowed(time_call("convert_time", ["engineer"]))
+	denied_with(time_call("convert_time", ["viewer"]), "tool_not_allowed")
+	denied_with(time_call("get_current_time", ["conformance"]), "tool_not_allowed")
+}

@@ -17,10 +17,13 @@ def _default() -> dict[str, Any]:
 
 
 def test_default_config_loads() -> None:
-    """The embedded default has every server with two instances and audiences per server."""
+    """The embedded default has this project's servers with two instances each, one stdio
+    server from PyPI (its own runtime) behind the bridge, and audiences per server."""
     cfg = load_config()
-    assert [s.name for s in cfg.servers] == ["files", "database", "conformance", "erp"]
-    assert all(len(s.instances) == 2 for s in cfg.servers)
+    assert [s.name for s in cfg.servers] == ["files", "database", "conformance", "erp", "time"]
+    assert all(len(s.instances) == 2 for s in cfg.servers if s.kind == "module")
+    time_server = cfg.server("time")
+    assert time_server.kind == "command" and time_server.runtime is not None
     assert cfg.resource_url("files") == "https://127.0.0.1:8443/mcp/files"
     assert cfg.resource_url("files") in cfg.issuers[0].audiences
     assert cfg.policy.engine == "embedded"
