@@ -55,7 +55,8 @@ async def run(settings: BridgeSettings, stop: asyncio.Event | None = None) -> No
     become_subreaper()
     stop = stop or stop_event()
     app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    # Handler cancellation: a client closing a 2026-07-28 request's connection cancels it.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

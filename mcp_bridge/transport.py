@@ -328,9 +328,21 @@ class Bridge:
 
     async def _answer(self, request: web.Request, exchange: Exchange, link: Link | None, *, sse_ok: bool,
                       session: BridgeSession | None) -> web.StreamResponse:
+        """Answer as JSON or SSE. A 2026-07-28 client that goes away cancels its request; a
+        handshake-era one does not (its answer stays on the stream for a resumption)."""
+        try:
+            return await self._respond(request, exchange, link, sse_ok=sse_ok, session=session)
+        except asyncio.CancelledError:  # the client disconnected (handler cancellation)
+            if exchange.modern and link is not None and not exchange.future.done():
+                await link.cancel(exchange, "the client closed the response stream")
+            raise
+
+    async def _respond(self, request: web.Request, exchange: Exchange, link: Link | None, *, sse_ok: bool,
+                       session: BridgeSession | None) -> web.StreamResponse:
         headers = {"Mcp-Session-Id": session.id} if session is not None else {}
         if not sse_ok:
-            return self._final(await exchange.future, exchange, headers)
+            # Shielded: a disconnect must not cancel the exchange the child is still answering.
+            return self._final(await asyncio.shield(exchange.future), exchange, headers)
         await exchange.stream.wait_first()
         if exchange.future.done() and exchange.notifications == 0:
             return self._final(exchange.future.result(), exchange, headers)

@@ -434,3 +434,22 @@ async def test_an_idle_session_stops_its_child(tmp_path: Path, toy_argv: list[st
             while _state(pid) is not None and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             assert _state(pid) is None
+
+
+async def test_a_stateless_client_going_away_cancels(tmp_path: Path, toy_argv: list[str]) -> None:
+    """A 2026-07-28 client that closes its connection cancels the request at the child."""
+    with run_bridge(tmp_path, toy_argv, "--pool", "1") as bridge:
+        async with aiohttp.ClientSession() as http:
+            body, headers = _modern("tools/call", {"name": "hang", "arguments": {}}, "hang")
+            with pytest.raises(TimeoutError):
+                async with http.post(bridge.url, json=body, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=0.5)):
+                    pass
+            deadline = time.monotonic() + WAIT
+            seen: dict[str, list[Any]] = {"hung": [], "cancelled": []}
+            body, headers = _modern("tools/call", {"name": "seen", "arguments": {}}, "seen")
+            while time.monotonic() < deadline and not seen["cancelled"]:
+                async with http.post(bridge.url, json=body, headers=headers) as answer:
+                    seen = json.loads((await answer.json())["result"]["content"][0]["text"])
+        assert seen["hung"] and seen["cancelled"] == seen["hung"]
+        assert bridge.children()["pool"][0]["in_flight"] == 0
