@@ -63,11 +63,3 @@ class NotSupported(BridgeError):
     code = "not_supported"
     rpc_code = -32601
     http_status = 200
-
-
-class BadRequest(BridgeError):
-    """A transport-level mistake of the client (headers, media types, method)."""
-
-    code = "bad_request"
-    rpc_code = -32600
-    http_status = 400

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
-import orjson
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from gateway.caller import Caller, SessionOwner
+from gateway.caller import SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
 from gateway.mcp import (
@@ -29,11 +27,22 @@ from gateway.mcp import (
     extract_context,
 )
 from gateway.telemetry.tracing import start_server_span
-from mcp_bridge.errors import BadRequest, BridgeBusy, UpstreamProtocolError
+from mcp_bridge.errors import BridgeBusy, UpstreamProtocolError
 from mcp_bridge.pool import META_CLIENT_CAPABILITIES, Pool
 from mcp_bridge.router import Exchange, ExitLog, Link
 from mcp_bridge.sessions import BridgeSession, SessionTable
 from mcp_bridge.settings import BridgeSettings
+from mcp_servers.core.errors import BadTransportRequest
+from mcp_servers.core.http import (
+    ALLOWED_METHODS,
+    check_host_and_origin,
+    json_response,
+    media_types,
+    method_not_allowed,
+    post_media,
+    read_body,
+    request_caller,
+)
 from mcp_servers.core.streams import EventStream
 from mcp_servers.core.transport import MODERN_ERROR_STATUS, SSE_HEADERS, UnsupportedVersion
 
@@ -41,23 +50,6 @@ logger = logging.getLogger(__name__)
 
 ANONYMOUS = SessionOwner(None, None, None)
 TRACER = "mcp_bridge"
-
-
-def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
-                        headers=headers)
-
-
-def _media_types(header: str) -> set[str]:
-    return {part.split(";", 1)[0].strip().lower() for part in header.split(",") if part.strip()}
-
-
-def _hostname(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class Bridge:
@@ -113,15 +105,14 @@ class Bridge:
                 return await self._get(request)
             if request.method == "DELETE":
                 return await self._delete(request)
-            raise BadRequest(f"method {request.method} is not allowed; use POST, GET or DELETE",
-                             http_status=405)
+            raise method_not_allowed(request.method)
         except GatewayError as exc:
             self.count(f"rejected_{exc.code}")
             logger.info("rejected %s: %s", request.method, exc.message,
                         extra={"reason": exc.code, "status": exc.http_status})
-            response = _json(error_response(None, exc.to_rpc_error()), exc.http_status)
+            response = json_response(error_response(None, exc.to_rpc_error()), exc.http_status)
             if exc.http_status == 405:
-                response.headers["Allow"] = "GET, POST, DELETE"
+                response.headers["Allow"] = ALLOWED_METHODS
             if exc.http_status == 503:
                 response.headers["Retry-After"] = str(self.settings.retry_after_seconds)
             return response
@@ -156,64 +147,29 @@ class Bridge:
             "pool": [describe(link) for link in self.pool.links]})
 
     def _check_host_and_origin(self, request: web.Request) -> None:
-        if "*" not in self._allowed_hosts:
-            host = _hostname(request.headers.get("Host", ""))
-            if host not in self._allowed_hosts:
-                raise BadRequest(f"Host {host!r} is not allowed", code="host_not_allowed", http_status=421)
-        origin = request.headers.get("Origin")
-        if origin is None or "*" in self._allowed_hosts:
-            return
-        parts = urlsplit(origin.strip().lower())
-        if parts.scheme in ("http", "https") and parts.hostname is not None:
-            name = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-            if name in self._allowed_hosts:
-                return
-        raise BadRequest(f"Origin {origin!r} is not allowed", code="origin_not_allowed", http_status=403)
+        # The bridge names hosts only; "*" there lets any Origin through too.
+        check_host_and_origin(request, self._allowed_hosts,
+                              ("*",) if "*" in self._allowed_hosts else ())
 
     @staticmethod
     def _owner(request: web.Request) -> SessionOwner:
-        try:
-            caller = Caller.from_headers(request.headers.get)
-        except ValueError:
-            raise BadRequest("an identity header is not in the gateway's encoding",
-                             code="invalid_identity_header") from None
+        caller = request_caller(request)
         return caller.owner if caller is not None else ANONYMOUS
-
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}",
-                                  data={"limit": limit})
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", data={"limit": limit})
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     # ---- POST -------------------------------------------------------------------------------------
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        ctype = request.headers.get("Content-Type", "")
-        if ctype.split(";", 1)[0].strip().lower() != "application/json":
-            raise BadRequest("Content-Type must be application/json", http_status=415)
-        accept = _media_types(request.headers.get("Accept", "application/json"))
-        json_ok = bool(accept & {"application/json", "application/*", "*/*"})
-        sse_ok = bool(accept & {"text/event-stream", "text/*", "*/*"})
-        if not (json_ok or sse_ok):
-            raise BadRequest("Accept must include application/json and text/event-stream", http_status=406)
+        _, sse_ok = post_media(request)
         try:
-            body = await self._read_body(request)
+            body = await read_body(request, self.settings.max_body_bytes)
         except PayloadTooLarge as exc:
-            response = _json(error_response(None, exc.to_rpc_error()), exc.http_status)
+            response = json_response(error_response(None, exc.to_rpc_error()), exc.http_status)
             response.force_close()
             return response
         try:
             msg = parse_message(body, max_bytes=self.settings.max_body_bytes)
         except GatewayError as exc:
-            return _json(error_response(best_effort_id(body), exc.to_rpc_error()), exc.http_status)
+            return json_response(error_response(best_effort_id(body), exc.to_rpc_error()), exc.http_status)
         if msg.method is not None:
             span = trace.get_current_span()
             span.update_name(msg.method)
@@ -223,9 +179,9 @@ class Bridge:
         except GatewayError as exc:
             if exc.http_status == 503:
                 self.count(f"rejected_{exc.code}")
-                return _json(error_response(msg.id, exc.to_rpc_error()), 503,
+                return json_response(error_response(msg.id, exc.to_rpc_error()), 503,
                              {"Retry-After": str(self.settings.retry_after_seconds)})
-            return _json(error_response(msg.id, exc.to_rpc_error()), exc.http_status)
+            return json_response(error_response(msg.id, exc.to_rpc_error()), exc.http_status)
 
     async def _post_message(self, request: web.Request, msg: Message, *, sse_ok: bool) -> web.StreamResponse:
         header_version = request.headers.get("MCP-Protocol-Version")
@@ -274,7 +230,7 @@ class Bridge:
                                 future=asyncio.get_running_loop().create_future(), modern=True)
             link = await self.pool.forward(msg.raw, exchange)
             return await self._answer(request, exchange, link, sse_ok=sse_ok, session=None)
-        raise BadRequest("missing Mcp-Session-Id header: send initialize first, or use protocol "
+        raise BadTransportRequest("missing Mcp-Session-Id header: send initialize first, or use protocol "
                          f"{MODERN_VERSION} with params._meta on every request", code="session_required")
 
     @staticmethod
@@ -303,13 +259,13 @@ class Bridge:
         except UpstreamProtocolError as exc:
             upstream = exc.data.get("upstream_error") if isinstance(exc.data, dict) else None
             if isinstance(upstream, dict):
-                return _json(error_response(msg.id, upstream))  # the server refused: its answer
+                return json_response(error_response(msg.id, upstream))  # the server refused: its answer
             raise
         result = session.init_result or {}
         if result.get("protocolVersion") not in HANDSHAKE_VERSIONS:
             logger.warning("the stdio server negotiated a version the bridge does not list",
                            extra={"protocol_version": result.get("protocolVersion")})
-        return _json(result_response(msg.id, result), headers={"Mcp-Session-Id": session.id})
+        return json_response(result_response(msg.id, result), headers={"Mcp-Session-Id": session.id})
 
     async def _session_notification(self, session: BridgeSession, msg: Message) -> None:
         if msg.method == "notifications/initialized":
@@ -361,7 +317,7 @@ class Bridge:
         status = exchange.http_status
         if exchange.modern and status == 200 and "error" in answer:
             status = MODERN_ERROR_STATUS.get(answer["error"].get("code"), 200)
-        return _json(answer, status, headers)
+        return json_response(answer, status, headers)
 
     async def _pump(self, response: web.StreamResponse, stream: EventStream, after: int) -> bool:
         try:
@@ -380,18 +336,18 @@ class Bridge:
     # ---- GET / DELETE -----------------------------------------------------------------------------
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
-        if "text/event-stream" not in _media_types(request.headers.get("Accept", "")):
-            raise BadRequest("GET needs Accept: text/event-stream", http_status=406)
+        if "text/event-stream" not in media_types(request.headers.get("Accept", "")):
+            raise BadTransportRequest("GET needs Accept: text/event-stream", http_status=406)
         sid = request.headers.get("Mcp-Session-Id")
         if sid is None:
-            raise BadRequest("GET needs an Mcp-Session-Id header (no GET stream in protocol "
+            raise BadTransportRequest("GET needs an Mcp-Session-Id header (no GET stream in protocol "
                              f"{MODERN_VERSION})", http_status=405)
         session = self.sessions.get(sid, self._owner(request))
         last = request.headers.get("Last-Event-ID")
         found = session.find_stream(last) if last else None
         stream, after = found if found is not None else (session.standalone_stream(), 0)
         if stream.attached:
-            raise BadRequest("this stream already has a listener", http_status=409)
+            raise BadTransportRequest("this stream already has a listener", http_status=409)
         if self.draining and stream.standalone:
             raise BridgeBusy("the bridge is shutting down")
         response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "Mcp-Session-Id": session.id})
@@ -404,7 +360,7 @@ class Bridge:
     async def _delete(self, request: web.Request) -> web.StreamResponse:
         sid = request.headers.get("Mcp-Session-Id")
         if sid is None:
-            raise BadRequest("DELETE needs an Mcp-Session-Id header")
+            raise BadTransportRequest("DELETE needs an Mcp-Session-Id header")
         session = self.sessions.get(sid, self._owner(request))
         await self.sessions.remove(session)
         return web.Response(status=200)

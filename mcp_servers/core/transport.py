@@ -19,9 +19,7 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-import orjson
 from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
@@ -63,6 +61,16 @@ from mcp_servers.core.errors import (
     ClientRequestFailed,
     InvalidParams,
     RequestCancelled,
+)
+from mcp_servers.core.http import (
+    ALLOWED_METHODS,
+    check_host_and_origin,
+    json_response,
+    media_types,
+    method_not_allowed,
+    post_media,
+    read_body,
+    request_caller,
 )
 from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
@@ -123,25 +131,8 @@ class _Pending:
     method: str
 
 
-def _json(body: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
-                        headers=headers)
-
-
 def _error(rid: str | int | None, exc: GatewayError, status: int | None = None) -> web.Response:
-    return _json(error_response(rid, exc.to_rpc_error()), status or exc.http_status)
-
-
-def _media_types(header: str) -> set[str]:
-    return {part.split(";", 1)[0].strip().lower() for part in header.split(",") if part.strip()}
-
-
-def _hostname(host: str) -> str:
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return json_response(error_response(rid, exc.to_rpc_error()), status or exc.http_status)
 
 
 def modern_envelope(msg: Message, header_version: str | None, *,
@@ -259,80 +250,33 @@ class Transport:
                 return await self._get(request)
             if request.method == "DELETE":
                 return await self._delete(request)
-            raise BadTransportRequest(f"method {request.method} is not allowed; use POST, GET or DELETE",
-                                      http_status=405)
+            raise method_not_allowed(request.method)
         except GatewayError as exc:
             logger.info("rejected %s: %s", request.method, exc.message,
                         extra={"reason": exc.code, "status": exc.http_status})
             response = _error(None, exc)
             if exc.http_status == 405:
-                response.headers["Allow"] = "GET, POST, DELETE"
+                response.headers["Allow"] = ALLOWED_METHODS
             return response
 
     def _check_host_and_origin(self, request: web.Request) -> None:
-        if "*" not in self._allowed_hosts:
-            host = _hostname(request.headers.get("Host", ""))
-            if host not in self._allowed_hosts:
-                raise BadTransportRequest(f"Host {host!r} is not allowed", code="host_not_allowed",
-                                          http_status=421)
-        origin = request.headers.get("Origin")
-        if origin is None:
-            return
-        normalized = origin.strip().lower().rstrip("/")
-        if normalized in self._allowed_origins or "*" in self._allowed_origins:
-            return
-        parts = urlsplit(normalized)
-        if parts.scheme in ("http", "https") and parts.hostname is not None:
-            name = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
-            if name in self._allowed_hosts:
-                return
-        raise BadTransportRequest(f"Origin {origin!r} is not allowed", code="origin_not_allowed",
-                                  http_status=403)
+        check_host_and_origin(request, self._allowed_hosts, self._allowed_origins)
 
     @staticmethod
     def _caller(request: web.Request) -> Caller | None:
-        """The caller the gateway's identity headers name (gateway.caller), or None without
-        them; a spelling the gateway never sends is refused (400), so one identity has exactly
-        one form (``%41`` is not ``A``)."""
-        try:
-            return Caller.from_headers(request.headers.get)
-        except ValueError:
-            raise BadTransportRequest("an identity header is not in the gateway's encoding",
-                                      code="invalid_identity_header") from None
+        return request_caller(request)
 
     @staticmethod
     def _owner(caller: Caller | None) -> SessionOwner:
         # Without a gateway in front every caller is the same anonymous owner.
         return caller.owner if caller is not None else ANONYMOUS
 
-    async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise PayloadTooLarge(f"body of {request.content_length} bytes exceeds the limit of {limit}",
-                                  data={"limit": limit})
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(65536):
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"body exceeds the limit of {limit} bytes", data={"limit": limit})
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     # ---- POST -----------------------------------------------------------------------------------
 
     async def _post(self, request: web.Request) -> web.StreamResponse:
-        ctype = request.headers.get("Content-Type", "")
-        if ctype.split(";", 1)[0].strip().lower() != "application/json":
-            raise BadTransportRequest("Content-Type must be application/json", http_status=415)
-        accept = _media_types(request.headers.get("Accept", "application/json"))
-        json_ok = bool(accept & {"application/json", "application/*", "*/*"})
-        sse_ok = bool(accept & {"text/event-stream", "text/*", "*/*"})
-        if not (json_ok or sse_ok):
-            raise BadTransportRequest("Accept must include application/json and text/event-stream",
-                                      http_status=406)
+        _, sse_ok = post_media(request)
         try:
-            body = await self._read_body(request)
+            body = await read_body(request, self.settings.max_body_bytes)
         except PayloadTooLarge as exc:
             response = _error(None, exc)
             response.force_close()
@@ -408,7 +352,7 @@ class Transport:
                                              client_capabilities=caps, client_info=info)
         logger.info("session created", extra={"session": session.id[:8], "protocol_version": version,
                                                "user": caller.sub if caller else None})
-        return _json(result_response(msg.id, self.server.initialize_result(version)),
+        return json_response(result_response(msg.id, self.server.initialize_result(version)),
                      headers={"Mcp-Session-Id": session.id})
 
     async def notification(self, msg: Message, session: Session | None) -> None:
@@ -476,7 +420,7 @@ class Transport:
             if task.cancelled() or cancelled.is_set():
                 return _error(msg.id, RequestCancelled("request cancelled"))
             body, status = task.result()
-            return _json(body, status, headers)
+            return json_response(body, status, headers)
         finisher = asyncio.create_task(self._finish_stream(task, stream, cancelled))
         self._background.add(finisher)
         finisher.add_done_callback(self._background.discard)
@@ -581,7 +525,7 @@ class Transport:
     # ---- GET / DELETE ---------------------------------------------------------------------------
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
-        if "text/event-stream" not in _media_types(request.headers.get("Accept", "")):
+        if "text/event-stream" not in media_types(request.headers.get("Accept", "")):
             raise BadTransportRequest("GET needs Accept: text/event-stream", http_status=406)
         sid = request.headers.get("Mcp-Session-Id")
         if sid is None:
