@@ -30,21 +30,22 @@ START_SECONDS = 20.0
 class SdkServer:
     port: int
     proc: subprocess.Popen[bytes]
+    log: Path
 
 
-def _start(port: int, *extra: str) -> SdkServer:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.fixtures.servers.sdk_http_server", "--port", str(port), *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    return SdkServer(port, proc)
+def _start(port: int, log: Path, *extra: str) -> SdkServer:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fixtures.servers.sdk_http_server", "--port", str(port),
+             *extra], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=out)
+    return SdkServer(port, proc, log)
 
 
 async def _wait_listening(server: SdkServer) -> None:
     deadline = asyncio.get_running_loop().time() + START_SECONDS
     while True:
         if server.proc.poll() is not None:
-            stderr = server.proc.stderr.read() if server.proc.stderr is not None else b""
-            raise RuntimeError(f"the SDK server exited: {stderr!r}")
+            raise RuntimeError(f"the SDK server exited: {server.log.read_text(errors='replace')}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.close()
@@ -63,8 +64,6 @@ def _stop(server: SdkServer) -> None:
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait(10)
-    if server.proc.stderr is not None:
-        server.proc.stderr.close()
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +85,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def servers(pki: dict[str, str]) -> Iterator[tuple[SdkServer, SdkServer]]:
-    plain = _start(free_port(), "--path", "/v1/mcp")
-    tls = _start(free_port(), "--tls-cert", pki["cert"], "--tls-key", pki["key"],
+def servers(pki: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[tuple[SdkServer, SdkServer]]:
+    logs = tmp_path_factory.mktemp("sdk-logs")
+    plain = _start(free_port(), logs / "plain.log", "--path", "/v1/mcp")
+    tls = _start(free_port(), logs / "tls.log", "--tls-cert", pki["cert"], "--tls-key", pki["key"],
                  "--client-ca", pki["ca"])
     try:
         yield plain, tls
