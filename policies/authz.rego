@@ -615,6 +615,7 @@ mask_pii := m if {
 	m := data.gateway.servers[server_name].mask_pii[single_role]
 } else := m if {
 	m := data.gateway.roles[single_role].mask_pii
+	is_array(m)
 } else := sort([kind |
 	some kind in data.gateway.pii_kinds
 	every r in roles {
@@ -624,9 +625,13 @@ mask_pii := m if {
 	count(roles) > 0
 } else := data.gateway.pii_kinds
 
+# A role without a mask_pii entry (forgotten, or a misspelt key) masks every kind: a data mistake
+# can only mask more, never less.
 role_mask_pii(r) := data.gateway.servers[server_name].mask_pii[r] if {
 	data.gateway.servers[server_name].mask_pii[r]
-} else := data.gateway.roles[r].mask_pii
+} else := data.gateway.roles[r].mask_pii if {
+	is_array(data.gateway.roles[r].mask_pii)
+} else := data.gateway.pii_kinds
 
 obligations := {"mask_pii": mask_pii}
 

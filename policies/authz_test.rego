@@ -546,3 +546,14 @@ test_time_tools_by_role if {
 	denied_with(time_call("convert_time", ["viewer"]), "tool_not_allowed")
 	denied_with(time_call("get_current_time", ["conformance"]), "tool_not_allowed")
 }
+
+# ---------------------------------------------------------------- data consistency
+
+# A server's masking override names roles that exist (a misspelt role would never apply).
+test_server_mask_overrides_name_known_roles if {
+	every s, server in data.gateway.servers {
+		every r, _ in object.get(server, "mask_pii", {}) {
+			data.gateway.roles[r]
+		}
+	}
+}

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import jsonschema
 import orjson
 import regopy
 from regopy import rego_shared as _rs
@@ -60,6 +61,9 @@ _free_output = _lib.regoFreeOutput
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 MAX_INPUT_DEPTH = 64
+# A data.json is checked against this JSON Schema when one lies beside it (policies/data.schema.json).
+DATA_SCHEMA = "data.schema.json"
+MAX_DATA_ERRORS = 10  # shown at once; the rest follow once these are fixed
 
 ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(/[A-Za-z_][A-Za-z0-9_]*)*$")
 # rego-cpp reports a location as "<len>:<file>|<byte offset>|<length>" inside its error tree.
@@ -130,7 +134,7 @@ def _policy_files(root: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.endswith(".rego") or name == "data.json":
+            if name.endswith(".rego") or name in ("data.json", DATA_SCHEMA):
                 files.append(Path(dirpath) / name)
     return files
 
@@ -160,7 +164,10 @@ def load_sources(root: str | os.PathLike[str], *, include_tests: bool = True) ->
             raw = path.read_bytes()
         except OSError as exc:
             raise PolicyCompileError(f"cannot read {rel}: {exc.strerror}") from None
+        if path.name == DATA_SCHEMA:
+            continue  # read with the data.json beside it
         if path.name == "data.json":
+            _check_data(rel, raw, path.with_name(DATA_SCHEMA))
             data.append((rel, raw))
             continue
         try:
@@ -172,6 +179,31 @@ def load_sources(root: str | os.PathLike[str], *, include_tests: bool = True) ->
     if not any(not m.is_test for m in modules):
         raise PolicyCompileError(f"no .rego policy files in {base}")
     return PolicySources(str(base), tuple(modules), tuple(data))
+
+
+def _check_data(rel: str, raw: bytes, schema_path: Path) -> None:
+    """A data.json with a ``data.schema.json`` beside it must match that JSON Schema: a misspelt
+    key or an unknown value is refused at load, naming it, instead of quietly granting or masking
+    less than the author meant."""
+    if not schema_path.is_file():
+        return
+    try:
+        schema = orjson.loads(schema_path.read_bytes())
+        document = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise PolicyCompileError(f"{rel} or its {DATA_SCHEMA}: invalid JSON: {exc}") from None
+    except OSError as exc:
+        raise PolicyCompileError(f"cannot read {DATA_SCHEMA} beside {rel}: {exc.strerror}") from None
+    try:
+        validator = jsonschema.Draft202012Validator(schema)
+    except jsonschema.SchemaError as exc:
+        raise PolicyCompileError(f"{DATA_SCHEMA} beside {rel} is not a valid schema: "
+                                 f"{exc.message}") from None
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = [f"{rel}: /{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                 for e in errors[:MAX_DATA_ERRORS]]
+        raise PolicyCompileError("\n".join(lines))
 
 
 def _data_document(rel: str, raw: bytes) -> bytes:
