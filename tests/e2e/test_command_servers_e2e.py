@@ -1,11 +1,12 @@
 """Stdio servers this project did not write, behind the real Envoy as `command` servers: the
-official `mcp-server-time` from PyPI (a pip runtime) and `@modelcontextprotocol/server-everything`
-from npm (an npm runtime), each installed apart from the gateway's venv and run behind the bridge
-(mcp_bridge). The official SDK client lists and calls their tools through the gateway; the
-policy, list filtering, PII masking, progress over SSE and the catalog apply as to the gateway's
-own servers; a stdio child killed mid-call costs that call only.
+official `mcp-server-time` and `mcp-server-git` from PyPI (pip runtimes) and
+`@modelcontextprotocol/server-everything` from npm (an npm runtime), each installed apart from the
+gateway's venv and run behind the bridge (mcp_bridge). The official SDK client lists and calls
+their tools through the gateway; the policy, list filtering, PII masking, progress over SSE and
+the catalog apply as to the gateway's own servers; a stdio child killed mid-call costs that call
+only. mcp-server-git serves a repository made here, whose author's email is the PII.
 
-Both runtimes come from the shared cache (.tools/runtimes-cache), so a checkout installs each
+The runtimes come from the shared cache (.tools/runtimes-cache), so a checkout installs each
 spec once.
 """
 
@@ -52,12 +53,19 @@ IBAN = "DE89 3704 0044 0532 0130 00"
 TIME_TOOLS = {"get_current_time", "convert_time"}
 # The analyst's share of server-everything (not get-env, which shows the child's environment).
 ANALYST_EVERYTHING = ["echo", "get-sum", "trigger-long-running-operation"]
+# mcp-server-git's read-only tools, the analyst's share (not git_add, git_commit, git_reset,
+# git_create_branch, git_checkout, which change the repository).
+GIT_READ_ONLY = ["git_branch", "git_diff", "git_diff_staged", "git_diff_unstaged", "git_log",
+                 "git_show", "git_status"]
+AUTHOR = "Jane Roe"
+AUTHOR_EMAIL = "jane.roe@example.com"
 
 
 @dataclass
 class Stdio:
     stack: devstack.Stack
     config_path: Path
+    repo: Path
 
     def call_time(self, role: str = "admin") -> httpx2.Response:
         """One stateless tools/call of get_current_time."""
@@ -70,23 +78,50 @@ class Stdio:
 
 
 def _policy(target: Path) -> Path:
-    """The example policy with grants for the two stdio servers: admins everything, analysts
-    time's tools and part of server-everything (their IBANs masked, as for every analyst),
-    viewers only get_current_time."""
+    """The example policy with grants for the three stdio servers: admins everything, analysts
+    time's tools, part of server-everything (their IBANs masked, as for every analyst) and git's
+    read-only tools (emails masked there too, a per-server ``mask_pii``), viewers only
+    get_current_time."""
     target.mkdir()
     for rego in (REPO / "policies").glob("*.rego"):
         if not rego.name.endswith("_test.rego"):
             (target / rego.name).write_bytes(rego.read_bytes())
     data = json.loads((REPO / "policies" / "data.json").read_text(encoding="utf-8"))
     gw = data["gateway"]
-    for server in ("time", "everything"):
+    for server in ("time", "everything", "git"):
         gw["servers"][server] = {"tenants": ["*"]}
         gw["roles"]["admin"]["tools"][server] = ["*"]
+    gw["servers"]["git"]["mask_pii"] = {"analyst": ["email", *gw["roles"]["analyst"]["mask_pii"]]}
     gw["roles"]["analyst"]["tools"]["time"] = sorted(TIME_TOOLS)
     gw["roles"]["analyst"]["tools"]["everything"] = ANALYST_EVERYTHING
+    gw["roles"]["analyst"]["tools"]["git"] = GIT_READ_ONLY
     gw["roles"]["viewer"]["tools"]["time"] = ["get_current_time"]
     (target / "data.json").write_text(json.dumps(data), encoding="utf-8")
     return target
+
+
+def _git(repo: Path, *args: str) -> str:
+    """git in ``repo`` with a fixed environment: no system or user config, one author."""
+    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(repo.parent),
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "LC_ALL": "C",
+           "GIT_AUTHOR_NAME": AUTHOR, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
+           "GIT_COMMITTER_NAME": AUTHOR, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL}
+    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
+                          text=True, timeout=30).stdout
+
+
+def _repository(repo: Path) -> Path:
+    """A repository of two commits by one author; the second's message names her email too
+    (git_log prints the author's name only, git_show name and email)."""
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "README").write_text("one\n", encoding="utf-8")
+    _git(repo, "add", "README")
+    _git(repo, "commit", "-q", "-m", "First commit")
+    (repo / "README").write_text("one\ntwo\n", encoding="utf-8")
+    _git(repo, "commit", "-q", "-a", "-m",
+         f"Second commit\n\nSigned-off-by: {AUTHOR} <{AUTHOR_EMAIL}>")
+    return repo
 
 
 def _pinned(stack: devstack.Stack, server: str, tool: str) -> bool:
@@ -99,12 +134,15 @@ def stdio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stdio]:
     if not installed("ext_authz.__main__"):
         pytest.skip("needs ext_authz")
     tmp = tmp_path_factory.mktemp("command-servers")
+    repo = _repository(tmp / "repo")
     servers: dict[str, dict[str, Any]] = {
         "time": {"command": ["mcp-server-time", "--local-timezone", "UTC"],
                  "runtime": {"pip": ["mcp-server-time==2026.10.19"]}, "count": 1},
         "everything": {"command": ["mcp-server-everything"],
                        "runtime": {"npm": ["@modelcontextprotocol/server-everything@2026.8.31"]},
                        "count": 1},
+        "git": {"command": ["mcp-server-git", "--repository", str(repo)],
+                "runtime": {"pip": ["mcp-server-git==2026.10.19"]}, "count": 1},
     }
     extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies"))}}
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
@@ -115,15 +153,16 @@ def stdio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stdio]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", str(REPO))
         mp.setenv(runtimes.CACHE_ENV, str(SHARED_CACHE))
-        # `up` installs (or reuses) both runtimes, then starts one bridge per server.
+        # `up` installs (or reuses) the runtimes, then starts one bridge per server.
         with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
                               startup_timeout=START_SECONDS) as stack:
             # ext_authz's first catalog fetch may come before the children answer; its retry
             # pins them (an unpinned tool is never listed).
             wait_until(lambda: _pinned(stack, "time", "get_current_time")
-                       and _pinned(stack, "everything", "echo"),
-                       "the catalog to pin both stdio servers' tools")
-            yield Stdio(stack, path)
+                       and _pinned(stack, "everything", "echo")
+                       and _pinned(stack, "git", "git_log"),
+                       "the catalog to pin the stdio servers' tools")
+            yield Stdio(stack, path, repo)
 
 
 async def _session(stack: devstack.Stack, server: str, role: str,
@@ -153,8 +192,9 @@ async def _names(client: ClientSession) -> set[str]:
     return {t.name for t in (await client.list_tools()).tools}
 
 
-async def test_sdk_client_lists_and_calls_both_servers(stdio: Stdio) -> None:
-    """An admin sees both servers' tools (installed from PyPI and npm) and calls them."""
+async def test_sdk_client_lists_and_calls_the_servers(stdio: Stdio) -> None:
+    """An admin sees the servers' tools (installed from PyPI and npm), all of git's too, and
+    calls them."""
     async def on_time(client: ClientSession) -> tuple[set[str], dict[str, Any]]:
         result = await client.call_tool("get_current_time", {"timezone": "Europe/Berlin"})
         return await _names(client), json.loads(_text(result))
@@ -162,11 +202,19 @@ async def test_sdk_client_lists_and_calls_both_servers(stdio: Stdio) -> None:
     async def on_everything(client: ClientSession) -> tuple[set[str], str]:
         return await _names(client), _text(await client.call_tool("get-sum", {"a": 2, "b": 3}))
 
+    async def on_git(client: ClientSession) -> tuple[set[str], str]:
+        return await _names(client), _text(await client.call_tool(
+            "git_status", {"repo_path": str(stdio.repo)}))
+
     names, now = await _session(stdio.stack, "time", "admin", on_time)
     assert names == TIME_TOOLS and now["timezone"] == "Europe/Berlin"
     names, total = await _session(stdio.stack, "everything", "admin", on_everything)
     assert {"echo", "get-env", "get-sum", "trigger-long-running-operation"} <= names
     assert "5" in total
+    names, status = await _session(stdio.stack, "git", "admin", on_git)
+    assert names == {*GIT_READ_ONLY, "git_add", "git_commit", "git_reset", "git_create_branch",
+                     "git_checkout"}
+    assert "On branch main" in status
 
 
 async def test_policy_lists_and_refuses_per_role(stdio: Stdio) -> None:
@@ -196,6 +244,36 @@ async def test_pii_is_masked_for_a_masked_role(stdio: Stdio) -> None:
         masked = await _session(stdio.stack, "everything", "analyst", echo)
         assert IBAN not in masked and "pay to" in masked and "today" in masked
     assert IBAN in await _session(stdio.stack, "everything", "admin", echo)
+
+
+async def test_git_author_email_is_masked_for_an_analyst(stdio: Stdio) -> None:
+    """mcp-server-git's log and show of the repository name its author's email: an analyst (git
+    masks emails for analysts) reads them masked, an admin in clear."""
+    async def history(client: ClientSession) -> list[str]:
+        log = await client.call_tool("git_log", {"repo_path": str(stdio.repo)})
+        show = await client.call_tool("git_show", {"repo_path": str(stdio.repo),
+                                                   "revision": "HEAD"})
+        assert not log.is_error and not show.is_error, (log, show)
+        return [_text(log), _text(show)]
+    if HAS_EXT_PROC:
+        for masked in await _session(stdio.stack, "git", "analyst", history):
+            assert AUTHOR_EMAIL not in masked and AUTHOR in masked, masked
+            assert "Second commit" in masked
+    for clear in await _session(stdio.stack, "git", "admin", history):
+        assert f"{AUTHOR} <{AUTHOR_EMAIL}>" in clear, clear
+
+
+async def test_git_writes_are_refused_to_an_analyst(stdio: Stdio) -> None:
+    """An analyst sees only git's read-only tools; its git_commit is refused at the gateway
+    and the repository keeps its two commits."""
+    async def analyst(client: ClientSession) -> set[str]:
+        names = await _names(client)
+        with pytest.raises(MCPError):
+            await client.call_tool("git_commit", {"repo_path": str(stdio.repo),
+                                                  "message": "not by an analyst"})
+        return names
+    assert await _session(stdio.stack, "git", "analyst", analyst) == set(GIT_READ_ONLY)
+    assert _git(stdio.repo, "rev-list", "--count", "HEAD").strip() == "2"
 
 
 async def test_progress_arrives_over_sse(stdio: Stdio) -> None:
@@ -265,8 +343,8 @@ async def test_a_child_killed_mid_call_fails_that_call_only(stdio: Stdio) -> Non
 def test_status_lists_the_bridges(stdio: Stdio) -> None:
     """``status`` has one live, healthy row per bridge, with its loopback address and pid."""
     rows = {r["component"]: r for r in devstack.status(stdio.stack.config)
-            if r["component"] in ("time", "everything")}
-    for name in ("time", "everything"):
+            if r["component"] in ("time", "everything", "git")}
+    for name in ("time", "everything", "git"):
         comp = stdio.bridge(name)
         row = rows[name]
         assert (row["address"], row["alive"], row["healthy"]) == (comp.address, True, True)
