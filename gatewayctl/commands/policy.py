@@ -127,13 +127,17 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         host=resource.split("/")[2], session=session)
 
 
+# `policy eval` exit codes, so a script or CI job can assert a decision.
+EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
         policy_dir, entrypoint, public_url = _policy_settings(args)
         policy_input = eval_input(args, public_url)
     except (OSError, ValueError, ConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except GatewayError as exc:  # e.g. an argument over a bound, as ext_authz refuses it
         return _refused_before_policy(exc)
     package_path = entrypoint.rsplit("/", 1)[0]
@@ -145,14 +149,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         defined, value = compiled.evaluate(entrypoint, policy_input)
     except PolicyError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     try:
         decision = check_decision(value, defined=defined)
         verdict = "ALLOW" if decision.allow else "DENY"
         print(f"{verdict}  reason={decision.reason}  http_status={decision.http_status}"
               + (f"  missing_scope={decision.missing_scope}" if decision.missing_scope else ""))
+        rc = EXIT_ALLOW if decision.allow else EXIT_DENY
     except ContractViolation as exc:
+        # What ext_authz would answer 500 for: an error of the policy, not a decision.
         print(f"DENY  reason=policy_contract_error ({exc})")
+        rc = EXIT_ERROR
     print(json.dumps({"decision": value if defined else "<undefined>"}, indent=2, sort_keys=True))
     if args.explain:
         print(f"\nrules of data.{package_path.replace('/', '.')} for this input:")
@@ -166,7 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"  {rule} = {shown if len(shown) <= 160 else shown[:157] + '...'}")
         print("\npolicy input:")
         print(json.dumps(policy_input, indent=2, sort_keys=True))
-    return 0
+    return rc
 
 
 def _refused_before_policy(exc: GatewayError) -> int:

@@ -49,9 +49,9 @@ def test_policy_test_compile_error_names_file(tmp_path: Path, capsys: pytest.Cap
 
 
 def test_policy_eval_explains(capsys: pytest.CaptureFixture[str]) -> None:
-    """eval prints the decision and, with --explain, the value of each rule."""
+    """eval prints the decision and, with --explain, the value of each rule; a denial exits 1."""
     assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", CLAIMS,
-                 "--request", call("secret/x"), "--explain"]) == 0
+                 "--request", call("secret/x"), "--explain"]) == 1
     out = capsys.readouterr().out
     assert out.startswith("DENY  reason=path_not_allowed  http_status=403")
     assert '  roles = ["analyst"]' in out
@@ -73,8 +73,21 @@ def test_policy_eval_missing_scope(capsys: pytest.CaptureFixture[str]) -> None:
     """A denial for lack of scope shows the scope to ask for."""
     claims = json.dumps({"sub": "a", "roles": ["viewer"], "scope": "openid", "tenant": "acme"})
     assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", claims,
-                 "--request", call("shared/a")]) == 0
+                 "--request", call("shared/a")]) == 1
     assert "missing_scope=tools:call:files/read_file" in capsys.readouterr().out
+
+
+def test_policy_eval_contract_violation_is_an_error(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A decision ext_authz would answer 500 for (a reserved header set by the policy) exits 2,
+    not 0: a script checking a policy change sees it as broken."""
+    (tmp_path / "p.rego").write_text(
+        "package mcp.authz\nimport rego.v1\n"
+        'decision := {"allow": true, "reason": "ok", "http_status": 200,'
+        ' "headers": {"x-mcp-user": "root"}, "obligations": {}}\n')
+    assert main(["policy", "eval", "--dir", str(tmp_path), "--claims", CLAIMS,
+                 "--request", call("shared/a")]) == 2
+    assert "policy_contract_error" in capsys.readouterr().out
 
 
 def test_policy_eval_bad_request(capsys: pytest.CaptureFixture[str]) -> None:
