@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.pii import UnknownPiiType, normalize_types
 from gateway.wire import CONTEXT_HEADER, GATEWAY_HEADERS, STATUS_HEADER
 
 POLICY_ERROR = "policy_error"
@@ -144,6 +145,14 @@ def check_decision(value: Any, *, defined: bool = True) -> Decision:
     if not isinstance(obligations, dict):
         raise ContractViolation("expected decision.obligations to be an object, "
                                 f"got {_type_name(obligations)}")
+    mask = obligations.get("mask_pii")
+    if isinstance(mask, list) and all(isinstance(k, str) for k in mask):
+        # A kind the masker does not know would fail the answer at response time (ext_proc);
+        # refused here, before the request reaches the server. Other shapes mask everything.
+        try:
+            normalize_types(mask)
+        except UnknownPiiType as exc:
+            raise ContractViolation(f"decision.obligations.mask_pii: {exc}") from None
 
     missing = value.get("missing_scope")
     if missing == "" or missing is None:

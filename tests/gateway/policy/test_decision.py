@@ -64,6 +64,8 @@ def test_allow_ignores_status() -> None:
     ({"allow": True, "headers": {"transfer-encoding": "chunked"}}, "the gateway owns it"),
     ({"allow": True, "headers": {"authorization": "Bearer x"}}, "the gateway owns it"),
     ({"allow": True, "obligations": []}, "obligations to be an object"),
+    ({"allow": True, "obligations": {"mask_pii": ["email", "emial"]}},
+     "obligations.mask_pii: unknown PII type 'emial'"),
     ({"allow": False, "missing_scope": 'a" b'}, "missing_scope"),
     ({"allow": False, "missing_scope": 3}, "missing_scope"),
 ])
@@ -77,3 +79,9 @@ def test_undefined_is_a_violation() -> None:
     """An undefined decision is outside the contract."""
     with pytest.raises(ContractViolation, match="undefined"):
         check_decision(None, defined=False)
+
+
+def test_known_mask_kinds_and_aliases_pass() -> None:
+    """Known kinds, their aliases and ``all`` are within the contract."""
+    for kinds in (["email", "card"], ["credit_card"], ["all"], []):
+        assert check_decision({"allow": True, "obligations": {"mask_pii": kinds}}).allow
