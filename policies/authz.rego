@@ -603,7 +603,8 @@ first_denial := min(denials)
 
 # ---------------------------------------------------------------- obligations
 
-# A PII kind stays masked only if every role of the caller masks it: the most trusted role wins.
+# A caller with several roles gets the kinds any of its roles masks (the most restrictive role
+# wins), unless data.gateway.mask_pii_combine is "most_trusted" (only what every role masks).
 # A server may override what a role masks there (data.gateway.servers.<s>.mask_pii.<role>).
 # The one-role case is the common one and is plain lookups (functions cost far more in rego-cpp).
 single_role := r if {
@@ -616,17 +617,26 @@ mask_pii := m if {
 } else := m if {
 	m := data.gateway.roles[single_role].mask_pii
 	is_array(m)
-} else := sort([kind |
+} else := [kind |
 	some kind in data.gateway.pii_kinds
 	every r in roles {
 		kind in role_mask_pii(r)
 	}
-]) if {
+] if {
+	count(roles) > 0
+	data.gateway.mask_pii_combine == "most_trusted"
+} else := [kind |
+	some kind in data.gateway.pii_kinds
+	some_role_masks(kind)
+] if {
 	count(roles) > 0
 } else := data.gateway.pii_kinds
 
-# A role without a mask_pii entry (forgotten, or a misspelt key) masks every kind: a data mistake
-# can only mask more, never less.
+some_role_masks(kind) if {
+	some r in roles
+	kind in role_mask_pii(r)
+}
+
 role_mask_pii(r) := data.gateway.servers[server_name].mask_pii[r] if {
 	data.gateway.servers[server_name].mask_pii[r]
 } else := data.gateway.roles[r].mask_pii if {

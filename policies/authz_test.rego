@@ -357,8 +357,19 @@ test_completion_refused_on_files_server if {
 test_mask_pii_obligation_by_role if {
 	d := decide(files("read_file", {"path": "shared/a"}, ["viewer"]))
 	d.obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+	# several roles: the most restrictive wins by default ...
 	d2 := decide(files("read_file", {"path": "shared/a"}, ["viewer", "admin"]))
-	d2.obligations.mask_pii == []
+	d2.obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+}
+
+test_mask_pii_most_trusted_when_configured if {
+	# ... and only what every role masks with mask_pii_combine: most_trusted
+	inp := json.unmarshal(json.marshal(files("read_file", {"path": "shared/a"}, ["viewer", "admin"])))
+	d := authz.decision with input.mcp as inp.mcp
+		with input.token as inp.token
+		with input.server as inp.server
+		with data.gateway.mask_pii_combine as "most_trusted"
+	d.obligations.mask_pii == []
 }
 
 test_visible_tools_filters_one_query if {
@@ -453,7 +464,9 @@ test_erp_masks_all_pii_below_admin if {
 	decide(erp("getCustomer", ["analyst"])).obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
 	decide(erp("listOrders", ["viewer"])).obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
 	decide(erp("getCustomer", ["admin"])).obligations.mask_pii == []
-	decide(erp("getCustomer", ["analyst", "admin"])).obligations.mask_pii == []
+	# several roles: the most restrictive one wins
+	decide(erp("getCustomer", ["analyst", "admin"])).obligations.mask_pii == ["email", "phone", "card", "iban", "ssn"]
+	decide(files("read_file", {"path": "shared/a"}, ["analyst", "admin"])).obligations.mask_pii == ["card", "iban", "ssn"]
 
 	# elsewhere the analyst role keeps its own, narrower mask
 	decide(files("read_file", {"path": "shared/a"}, ["analyst"])).obligations.mask_pii == ["card", "iban", "ssn"]
