@@ -7,6 +7,7 @@ Each test rule becomes an entrypoint of one bundle built from every module in th
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -28,15 +29,19 @@ class TestResult:
         return self.status == "PASS"
 
 
-def discover_and_run(policy_dir: str | os.PathLike[str]) -> list[TestResult]:
-    """Compile the folder and run every test rule; raise PolicyCompileError if it does not compile."""
+def discover_and_run(policy_dir: str | os.PathLike[str], *,
+                     run: re.Pattern[str] | None = None) -> list[TestResult]:
+    """Compile the folder and run every test rule (with ``run``, those whose full name
+    ``data.<package>.<rule>`` it matches anywhere); raise PolicyCompileError if it does not
+    compile."""
     sources = load_sources(policy_dir, include_tests=True)
     tests: list[tuple[str, str, str]] = []  # (file, package, rule)
     for module in sources.modules:
         package = module.package
         if package is None:
             continue
-        tests.extend((module.name, package, rule) for rule in module.test_rules())
+        tests.extend((module.name, package, rule) for rule in module.test_rules()
+                     if run is None or run.search(f"data.{package}.{rule}"))
     if not tests:
         query_interpreter(sources, include_tests=True)  # still report compile errors
         return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ def register(subparsers: Any) -> None:
     test = sub.add_parser("test", help="run every test_* rule of the policy folder")
     test.add_argument("--dir", help="policy folder (default: policy.dir of the config)")
     test.add_argument("-v", "--verbose", action="store_true", help="list every test, not only failures")
+    test.add_argument("--run", metavar="REGEX",
+                      help="only the tests whose name data.<package>.<rule> matches REGEX")
     test.set_defaults(func=cmd_test)
 
     ev = sub.add_parser("eval", help="decide one request as the gateway would, and explain it")
@@ -55,12 +58,17 @@ def _policy_settings(args: argparse.Namespace) -> tuple[str, str, str]:
 def cmd_test(args: argparse.Namespace) -> int:
     try:
         policy_dir, _, _ = _policy_settings(args)
-        results = discover_and_run(policy_dir)
+        selected = re.compile(args.run) if args.run else None
+        results = discover_and_run(policy_dir, run=selected)
+    except re.error as exc:
+        print(f"ERROR: --run {args.run!r} is not a regular expression: {exc}", file=sys.stderr)
+        return 1
     except (PolicyError, ConfigError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
     if not results:
-        print(f"no test_* rules found in {policy_dir}", file=sys.stderr)
+        print(f"no test_* rules{' matching ' + repr(args.run) if args.run else ''} found in "
+              f"{policy_dir}", file=sys.stderr)
         return 1
     for r in results:
         if args.verbose or not r.passed:

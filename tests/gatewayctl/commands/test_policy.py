@@ -117,3 +117,13 @@ def test_console_script_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "PASS  p_test.rego: data.p_test.test_ok" in proc.stdout
     assert "FAIL  p_test.rego: data.p_test.test_bad" in proc.stdout
+
+
+def test_policy_test_runs_only_the_selected_tests(capsys: pytest.CaptureFixture[str]) -> None:
+    """--run REGEX selects tests by their full name; no match, or a bad pattern, is an error."""
+    assert main(["policy", "test", "--dir", str(POLICIES), "--run", "time_tools", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "data.mcp.authz_test.test_time_tools_by_role" in out and "PASS: 1/1" in out
+    assert main(["policy", "test", "--dir", str(POLICIES), "--run", "no_such_test"]) == 1
+    assert main(["policy", "test", "--dir", str(POLICIES), "--run", "("]) == 1
+    assert "not a regular expression" in capsys.readouterr().err
