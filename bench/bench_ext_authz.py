@@ -143,6 +143,8 @@ async def jwks_app(key: SigningKey) -> tuple[web.AppRunner, str]:
 class _ConstantAllow:
     """Isolates ext_authz's own cost from the policy's (same obligations as the real policy)."""
 
+    revision = None
+
     async def decide(self, policy_input: dict[str, Any]) -> Decision:
         return Decision(True, "method_allowed", 200, {}, {"mask_pii": ["email", "phone"]})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -27,6 +28,10 @@ class DecisionRecord:
     dry_run: bool = False
     policy_allow: bool | None = None  # what the policy said (differs from allow in dry-run)
     trace_id: str | None = None
+    # The policy bundle that decided (the embedded engine's digest of its sources; None for a
+    # remote OPA) and what the decision obliges (mask_pii...): never the token or arguments.
+    policy_revision: str | None = None
+    obligations: dict[str, Any] | None = None
 
 
 def log_decision(record: DecisionRecord) -> None:
@@ -38,6 +43,7 @@ def log_decision(record: DecisionRecord) -> None:
         "allow": record.allow, "reason": record.reason, "http_status": record.http_status,
         "latency_ms": round(record.latency_ms, 3), "dry_run": record.dry_run,
         "policy_allow": record.policy_allow, "trace_id": record.trace_id,
+        "policy_revision": record.policy_revision, "obligations": record.obligations,
     }).decode()
     # logger.info() would walk the stack for the caller's file and line (findCaller) on every
     # request; the record's origin is always this function.

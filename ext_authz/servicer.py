@@ -123,6 +123,9 @@ class PolicyDecision(Protocol):
 class PolicyEngine(Protocol):
     """The shape of ``gateway.policy.PolicyEngine`` that the servicer uses."""
 
+    @property
+    def revision(self) -> str | None: ...
+
     async def decide(self, policy_input: dict[str, Any]) -> PolicyDecision: ...
 
 
@@ -291,6 +294,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             return self._deny(rec, err, req)
         decision = await self._engine.decide(document)
         rec.policy_allow = decision.allow
+        rec.policy_revision = self._engine.revision
+        rec.obligations = decision.obligations or None
         if not decision.allow and not self._dry_run:
             status = decision.http_status if 400 <= decision.http_status <= 599 else 403
             deny_headers = dict(decision.headers)

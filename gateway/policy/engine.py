@@ -38,6 +38,11 @@ class PolicyEngine(abc.ABC):
                               "expected a path like mcp/authz/decision")
         self.entrypoint = entrypoint
 
+    @property
+    def revision(self) -> str | None:
+        """What identifies the policy now deciding (decision logs); None where unknown."""
+        return None
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Load / connect. Raises PolicyError when the policy cannot serve at all."""

@@ -204,6 +204,8 @@ class StubEngine:
         self.inputs: list[dict[str, Any]] = []
         self.started = self.closed = False
 
+    revision = "stub-1"
+
     async def start(self) -> None:
         self.started = True
 

@@ -293,6 +293,9 @@ async def test_decision_log_line(authz: Harness, token: str, caplog: pytest.LogC
     assert first["allow"] is True and first["http_status"] == 200 and first["latency_ms"] >= 0
     assert second["allow"] is False and second["reason"] == "missing_token"
     assert second["http_status"] == 401
+    # The bundle that decided and what it obliged; no policy ran for the unauthenticated one.
+    assert first["policy_revision"] == "stub-1" and first["obligations"] is None
+    assert second["policy_revision"] is None
     assert all(token not in r.getMessage() for r in caplog.records)
     assert all(r.levelno == logging.INFO and r.funcName == "log_decision" for r in records)
 
