@@ -33,7 +33,11 @@ def register(subparsers: Any) -> None:
     test.set_defaults(func=cmd_test)
 
     ev = sub.add_parser("eval", help="decide one request as the gateway would, and explain it")
-    ev.add_argument("--claims", required=True, help="token claims: JSON or @file")
+    ev.add_argument("--claims", help="token claims: JSON or @file (required unless --input)")
+    ev.add_argument("--input", help="a whole policy input document, JSON or @file, evaluated as "
+                    "is instead of one built from --claims/--request (e.g. from a Rego test)")
+    ev.add_argument("--now", type=int, metavar="UNIX_SECONDS",
+                    help="the time the input carries as input.now (default: the current time)")
     ev.add_argument("--request", help="JSON-RPC request body: JSON or @file (required for POST; "
                     "a GET or DELETE carries none)")
     ev.add_argument("--method", default="POST", choices=("POST", "GET", "DELETE"),
@@ -96,6 +100,16 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
     """The policy input ext_authz would build for the request the arguments describe (the same
     builder, ``gateway.policy.input.build_policy_input``). Raises ValueError / OSError for bad
     arguments and GatewayError where ext_authz would refuse before the policy."""
+    if args.input is not None:
+        if args.claims or args.request or args.session or args.header or args.now is not None:
+            raise ValueError("--input is the whole input: drop --claims, --request, --session, "
+                             "--header and --now")
+        document = _json_arg(args.input, "input")
+        if not isinstance(document, dict):
+            raise ValueError("--input must be a JSON object")
+        return document
+    if args.claims is None:
+        raise ValueError("--claims is required (or give a whole --input)")
     claims = _json_arg(args.claims, "claims")
     if not isinstance(claims, dict):
         raise ValueError("--claims must be a JSON object")
@@ -132,7 +146,7 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
     return build_policy_input(
         ctx, caller=Caller.from_claims(claims), server_name=args.server, server_resource=resource,
         body=body, headers=headers, method=args.method, path=f"/mcp/{args.server}",
-        host=resource.split("/")[2], session=session)
+        host=resource.split("/")[2], session=session, now=args.now)
 
 
 # `policy eval` exit codes, so a script or CI job can assert a decision.

@@ -53,7 +53,7 @@ def _cli_args(*, claims: dict[str, Any], method: str, body: bytes | None,
     return argparse.Namespace(
         claims=json.dumps(claims), request=body.decode() if body is not None else None,
         method=method, session=json.dumps(session) if session is not None else None,
-        header=[f"{k}:{v}" for k, v in headers.items()], server="files")
+        header=[f"{k}:{v}" for k, v in headers.items()], server="files", input=None, now=None)
 
 
 def _sent_headers(req: Any) -> dict[str, str]:

@@ -127,3 +127,23 @@ def test_policy_test_runs_only_the_selected_tests(capsys: pytest.CaptureFixture[
     assert main(["policy", "test", "--dir", str(POLICIES), "--run", "no_such_test"]) == 1
     assert main(["policy", "test", "--dir", str(POLICIES), "--run", "("]) == 1
     assert "not a regular expression" in capsys.readouterr().err
+
+
+def test_policy_eval_takes_a_whole_input_or_a_time(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--input evaluates a document as is; --now sets input.now; mixing --input with the
+    request flags is an error."""
+    doc = {"mcp": {"kind": "request", "method": "tools/call", "tool": "read_file",
+                   "arguments": {"path": "shared/a"}},
+           "token": {"sub": "a", "roles": ["viewer"], "tenant": "acme",
+                     "scope": "tools:call:files/*"},
+           "server": {"name": "files"}}
+    (tmp_path / "input.json").write_text(json.dumps(doc))
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--input",
+                 f"@{tmp_path / 'input.json'}"]) == 0
+    assert capsys.readouterr().out.startswith("ALLOW")
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--claims", CLAIMS,
+                 "--request", call("shared/a"), "--now", "1700000000", "--explain"]) == 0
+    assert '"now": 1700000000' in capsys.readouterr().out
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--input", "{}", "--claims", CLAIMS]) == 2
+    assert main(["policy", "eval", "--dir", str(POLICIES), "--request", call("shared/a")]) == 2
