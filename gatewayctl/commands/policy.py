@@ -18,7 +18,7 @@ from gateway.policy.decision import ContractViolation, check_decision
 from gateway.policy.errors import PolicyError
 from gateway.policy.input import build_policy_input
 from gateway.policy.rego import CompiledPolicy, load_sources
-from gateway.policy.testing import discover_and_run
+from gateway.policy.testing import check_contract, discover_and_run
 
 
 def register(subparsers: Any) -> None:
@@ -61,9 +61,11 @@ def _policy_settings(args: argparse.Namespace) -> tuple[str, str, str]:
 
 def cmd_test(args: argparse.Namespace) -> int:
     try:
-        policy_dir, _, _ = _policy_settings(args)
+        policy_dir, entrypoint, _ = _policy_settings(args)
         selected = re.compile(args.run) if args.run else None
         results = discover_and_run(policy_dir, run=selected)
+        # Decisions production would refuse, whatever the tests assert (skipped with --run).
+        broken = [] if selected else check_contract(policy_dir, entrypoint)
     except re.error as exc:
         print(f"ERROR: --run {args.run!r} is not a regular expression: {exc}", file=sys.stderr)
         return 1
@@ -82,10 +84,16 @@ def cmd_test(args: argparse.Namespace) -> int:
             if args.verbose:
                 line += f" [{r.duration_us / 1000:.1f} ms]"
             print(line)
+    for c in broken[:MAX_CONTRACT_LINES]:
+        print(f"CONTRACT {entrypoint} for {c.request}: {c.problem}")
+    if len(broken) > MAX_CONTRACT_LINES:
+        print(f"CONTRACT ... and {len(broken) - MAX_CONTRACT_LINES} more sample requests")
     failed = sum(not r.passed for r in results)
     print("-" * 60)
-    print(f"PASS: {len(results) - failed}/{len(results)}" + (f"  FAIL: {failed}" if failed else ""))
-    return 1 if failed else 0
+    print(f"PASS: {len(results) - failed}/{len(results)}" + (f"  FAIL: {failed}" if failed else "")
+          + (f"  CONTRACT: {len(broken)} sample decision(s) outside the decision contract"
+             if broken else ""))
+    return 1 if failed or broken else 0
 
 
 def _json_arg(value: str, what: str) -> Any:
@@ -149,6 +157,7 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         host=resource.split("/")[2], session=session, now=args.now)
 
 
+MAX_CONTRACT_LINES = 20
 # `policy eval` exit codes, so a script or CI job can assert a decision.
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 

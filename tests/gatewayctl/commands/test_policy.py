@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -147,3 +148,27 @@ def test_policy_eval_takes_a_whole_input_or_a_time(tmp_path: Path,
     assert '"now": 1700000000' in capsys.readouterr().out
     assert main(["policy", "eval", "--dir", str(POLICIES), "--input", "{}", "--claims", CLAIMS]) == 2
     assert main(["policy", "eval", "--dir", str(POLICIES), "--request", call("shared/a")]) == 2
+
+
+def test_policy_test_checks_sample_decisions_against_the_contract(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A policy whose tests all pass but whose allowed decisions set a header the gateway owns
+    (every allowed request a 500 in production) fails `policy test`, naming a request and the
+    problem; so does a mask_pii kind the masker does not know."""
+    for old, new, problem in (
+            ('\t"allow": true,\n\t"reason": granted,\n\t"http_status": 200,\n\t"headers": {},',
+             '\t"allow": true,\n\t"reason": granted,\n\t"http_status": 200,\n'
+             '\t"headers": {"x-mcp-user": "root"},', "the gateway owns it"),
+            ('obligations := {"mask_pii": mask_pii}', 'obligations := {"mask_pii": ["emial"]}',
+             "unknown PII type 'emial'")):
+        folder = tmp_path / problem.split()[0].strip("'")
+        shutil.copytree(POLICIES, folder)
+        rego = folder / "authz.rego"
+        source = rego.read_text()
+        assert old in source
+        rego.write_text(source.replace(old, new))
+        assert main(["policy", "test", "--dir", str(folder)]) == 1
+        out = capsys.readouterr().out
+        assert "CONTRACT mcp/authz/decision for role=" in out and problem in out
+        if "gateway" in problem:
+            assert "FAIL:" not in out  # every Rego test passed, and still it is caught
