@@ -174,28 +174,11 @@ def load_sources(root: str | os.PathLike[str], *, include_tests: bool = True) ->
             module = PolicyModule(rel, raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise PolicyCompileError(f"{rel}: not valid UTF-8") from None
-        _refuse_crashing_constructs(rel, module.source)
         if include_tests or not module.is_test:
             modules.append(module)
     if not any(not m.is_test for m in modules):
         raise PolicyCompileError(f"no .rego policy files in {base}")
     return PolicySources(str(base), tuple(modules), tuple(data))
-
-
-# rego-cpp 1.5 fails to compile `with input as <value>` and can abort the whole process while
-# building the bundle (policies/README.md, quirks): refused before the engine sees it, with the
-# file and line, so neither `policy test` nor an ext_authz reload can be taken down by it.
-_WITH_WHOLE_INPUT_RE = re.compile(r"\bwith\s+input\s+as\b")
-
-
-def _refuse_crashing_constructs(rel: str, source: str) -> None:
-    for number, line in enumerate(source.splitlines(), 1):
-        code = line.split("#", 1)[0]  # a '#' inside a string only hides the rest of that line
-        if _WITH_WHOLE_INPUT_RE.search(code):
-            raise PolicyCompileError(
-                f"{rel}:{number}: `with input as ...` is not supported by the embedded engine "
-                "(it can abort the process); replace the fields you need one by one "
-                "(`with input.mcp as ...`, `with input.token as ...`)")
 
 
 def _check_data(rel: str, raw: bytes, schema_path: Path) -> None:

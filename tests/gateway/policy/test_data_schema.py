@@ -71,14 +71,3 @@ def test_a_role_without_mask_pii_masks_every_kind(tmp_path: Path) -> None:
         defined, value = policy.evaluate("mcp/authz/decision", inp)
         decision = check_decision(value, defined=defined)
         assert decision.allow and sorted(decision.obligations["mask_pii"]) == sorted(kinds)
-
-
-def test_with_whole_input_is_refused_with_file_and_line(tmp_path: Path) -> None:
-    """`with input as {...}` (which can abort rego-cpp while building the bundle) is a load
-    error naming file and line, before the engine sees it; in a comment it is harmless."""
-    folder = _folder(tmp_path, lambda g: None)
-    (folder / "extra_test.rego").write_text(
-        "package extra_test\nimport rego.v1\n# with input as {} is fine in a comment\n"
-        "test_x if {\n\ttrue with input as {}\n}\n")
-    with pytest.raises(PolicyCompileError, match=r"extra_test.rego:5: `with input as \.\.\.`"):
-        load_sources(folder)
