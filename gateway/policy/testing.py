@@ -16,8 +16,24 @@ from typing import Any
 import orjson
 
 from gateway.policy.decision import ContractViolation, check_decision
-from gateway.policy.errors import PolicyError
+from gateway.policy.errors import PolicyCompileError, PolicyError
 from gateway.policy.rego import CompiledPolicy, load_sources, query_interpreter
+
+# rego-cpp 1.5 fails to compile `with input as <value>` and can abort the whole process while
+# building the bundle (policies/README.md, quirks). The serving engine builds in a checker child
+# first (gateway.policy.check); the test runner builds here, so it refuses the construct with
+# the file and line instead of dying without either.
+_WITH_WHOLE_INPUT_RE = re.compile(r"\bwith\s+input\s+as\b")
+
+
+def _refuse_crashing_constructs(name: str, source: str) -> None:
+    for number, line in enumerate(source.splitlines(), 1):
+        code = line.split("#", 1)[0]  # a '#' inside a string only hides the rest of that line
+        if _WITH_WHOLE_INPUT_RE.search(code):
+            raise PolicyCompileError(
+                f"{name}:{number}: `with input as ...` is not supported by the embedded engine "
+                "(it can abort the process); replace the fields you need one by one "
+                "(`with input.mcp as ...`, `with input.token as ...`)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +56,8 @@ def discover_and_run(policy_dir: str | os.PathLike[str], *,
     ``data.<package>.<rule>`` it matches anywhere); raise PolicyCompileError if it does not
     compile."""
     sources = load_sources(policy_dir, include_tests=True)
+    for module in sources.modules:
+        _refuse_crashing_constructs(module.name, module.source)
     tests: list[tuple[str, str, str]] = []  # (file, package, rule)
     for module in sources.modules:
         package = module.package

@@ -172,3 +172,15 @@ def test_policy_test_checks_sample_decisions_against_the_contract(
         assert "CONTRACT mcp/authz/decision for role=" in out and problem in out
         if "gateway" in problem:
             assert "FAIL:" not in out  # every Rego test passed, and still it is caught
+
+
+def test_policy_test_refuses_with_whole_input_naming_file_and_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`with input as {...}` in a test (which can abort rego-cpp) is an error with file and line,
+    not a crash of the runner; in a comment it is harmless."""
+    (tmp_path / "p.rego").write_text("package p\nimport rego.v1\nx := input.a\n")
+    (tmp_path / "p_test.rego").write_text(
+        "package p_test\nimport rego.v1\n# with input as {} is fine in a comment\n"
+        "test_x if {\n\tdata.p.x == 1 with input as {\"a\": 1}\n}\n")
+    assert main(["policy", "test", "--dir", str(tmp_path)]) == 1
+    assert "p_test.rego:5: `with input as ...`" in capsys.readouterr().err
