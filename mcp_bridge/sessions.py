@@ -22,7 +22,7 @@ from gateway.caller import SessionOwner
 from mcp_bridge.errors import SessionGone, SessionLimit, UpstreamProtocolError
 from mcp_bridge.router import ClientId, Exchange, ExitLog, Link
 from mcp_bridge.settings import BridgeSettings
-from mcp_servers.core.streams import EventStream, new_token
+from mcp_servers.core.streams import EventStream, find_stream, new_token
 
 logger = logging.getLogger(__name__)
 
@@ -99,11 +99,7 @@ class BridgeSession:
         return self.standalone
 
     def find_stream(self, event_id: str) -> tuple[EventStream, int] | None:
-        stream_id, _, seq = event_id.rpartition(".")
-        stream = self.streams.get(stream_id)
-        if stream is None or not seq.isdigit():
-            return None
-        return stream, int(seq)
+        return find_stream(self.streams, event_id)
 
     # ---- Owner: what the child sends besides answers ---------------------------------------------
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from gateway.caller import SessionOwner
 from mcp_servers.core.errors import SessionNotFound
-from mcp_servers.core.streams import EventStream, new_token
+from mcp_servers.core.streams import EventStream, find_stream, new_token
 
 # Finished POST streams kept for a late resumption; older ones are dropped first.
 MAX_KEPT_STREAMS = 64
@@ -67,11 +67,7 @@ class Session:
         return self.standalone
 
     def find_stream(self, event_id: str) -> tuple[EventStream, int] | None:
-        stream_id, _, seq = event_id.rpartition(".")
-        stream = self.streams.get(stream_id)
-        if stream is None or not seq.isdigit():
-            return None
-        return stream, int(seq)
+        return find_stream(self.streams, event_id)
 
     async def close(self) -> None:
         self.closed = True

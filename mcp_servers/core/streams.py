@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
@@ -24,6 +24,16 @@ def new_token(nbytes: int = 24) -> str:
 
 def encode_event(event_id: str, data: bytes) -> bytes:
     return b"id: " + event_id.encode("ascii") + b"\nevent: message\ndata: " + data + b"\n\n"
+
+
+def find_stream(streams: Mapping[str, EventStream], event_id: str) -> tuple[EventStream, int] | None:
+    """The stream a ``Last-Event-ID`` (``<stream id>.<sequence>``) names among ``streams``, and the
+    sequence to resume after; None for an id no stream of the session issued."""
+    stream_id, _, seq = event_id.rpartition(".")
+    stream = streams.get(stream_id)
+    if stream is None or not seq.isdigit():
+        return None
+    return stream, int(seq)
 
 
 class EventStream:
