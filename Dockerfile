@@ -10,7 +10,8 @@ COPY requirements/runtime.txt requirements/runtime.txt
 RUN pip install -r requirements/runtime.txt \
  && pip install --force-reinstall --no-deps \
       "opentelemetry-proto==$(sed -n 's/^opentelemetry-sdk==//p' requirements/runtime.txt)" \
-      googleapis-common-protos==1.76.0
+      googleapis-common-protos==1.76.0 \
+ && pip install --ignore-requires-python --no-deps opa-golib-python-bindings==0.4.4
 
 COPY pyproject.toml README.md ./
 COPY gateway gateway

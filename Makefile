@@ -16,6 +16,9 @@ $(STAMP): requirements/runtime.txt pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements/runtime.txt
 	$(BIN)/pip install -q --no-deps -e .
+	# OPA itself (Go, c-shared) for the policy kit; its metadata asks for Python 3.14 but the
+	# wheel is pure ctypes and runs on 3.11 (docs/dependencies.md, "OPA as the reference engine").
+	$(BIN)/pip install -q --ignore-requires-python --no-deps opa-golib-python-bindings==0.4.4
 	# xds-protos ships an old opentelemetry/proto and google/rpc that shadow the owners' files;
 	# reinstalling the owners last restores them (see docs/dependencies.md).
 	$(BIN)/pip install -q --force-reinstall --no-deps \

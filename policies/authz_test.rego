@@ -539,8 +539,8 @@ test_visible_schema_resources_follow_tables if {
 
 # authz.rego compares prefixes without normalizing them: they must be written normalized.
 test_data_file_prefixes_are_normalized if {
-	every r, role in data.gateway.roles {
-		every access, prefixes in role.files {
+	every _, role in data.gateway.roles {
+		every _, prefixes in role.files {
 			every pfx in prefixes {
 				pfx == authz.normalize_path(pfx)
 			}
@@ -564,7 +564,7 @@ test_time_tools_by_role if {
 
 # A server's masking override names roles that exist (a misspelt role would never apply).
 test_server_mask_overrides_name_known_roles if {
-	every s, server in data.gateway.servers {
+	every _, server in data.gateway.servers {
 		every r, _ in object.get(server, "mask_pii", {}) {
 			data.gateway.roles[r]
 		}
