@@ -19,11 +19,13 @@ from gateway.policy.errors import PolicyError
 from gateway.policy.input import build_policy_input
 from gateway.policy.rego import CompiledPolicy, load_sources
 from gateway.policy.testing import check_contract, discover_and_run
+from gatewayctl.commands import policy_check
 
 
 def register(subparsers: Any) -> None:
     policy = subparsers.add_parser("policy", help="test and explain Rego policies")
     sub = policy.add_subparsers(dest="policy_command", required=True)
+    policy_check.add_parser(sub)
 
     test = sub.add_parser("test", help="run every test_* rule of the policy folder")
     test.add_argument("--dir", help="policy folder (default: policy.dir of the config)")
