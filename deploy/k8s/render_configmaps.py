@@ -46,7 +46,9 @@ def expected() -> dict[str, str]:
     """File name -> content of every generated manifest."""
     gateway_yaml = (HERE / "gateway.yaml").read_text(encoding="utf-8")
     config = load_config(HERE / "gateway.yaml")
-    envoy_yaml = render(config, RenderOptions(relative_to=REPO))
+    # ext_proc runs in Kubernetes (ext-proc.yaml) as in compose: without its filter and cluster
+    # Envoy would pass every answer uninspected (no list filtering, no PII masking).
+    envoy_yaml = render(config, RenderOptions(ext_proc=True, relative_to=REPO))
     policies = {p.name: p.read_text(encoding="utf-8")
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}

@@ -53,12 +53,12 @@ def test_generated_configmaps_are_current() -> None:
 
 
 def test_python_services_scale_and_match_the_config() -> None:
-    """ext_authz and each server: Deployment with 2+ replicas, headless Service on the configured
+    """ext_authz, ext_proc and each server: Deployment with 2+ replicas, headless Service on the configured
     port, and an HPA on that Deployment."""
     config = load_config(K8S / "gateway.yaml")
     deployments, services = by_kind("Deployment"), by_kind("Service")
     hpas = by_kind("HorizontalPodAutoscaler")
-    targets = [("ext-authz", config.ext_authz.instances[0])]
+    targets = [("ext-authz", config.ext_authz.instances[0]), ("ext-proc", config.ext_proc.instances[0])]
     targets += [(s.name, s.instances[0]) for s in config.servers]
     for name, instance in targets:
         assert instance.host == f"{name}.mcp-gateway.svc.cluster.local"
