@@ -18,7 +18,8 @@ import rego.v1
 
 method := input.mcp.method
 
-server_name := input.server.name
+# Strings only: a name of another type would reach concat() below, a type error in OPA.
+server_name := input.server.name if is_string(input.server.name)
 
 tool := input.mcp.tool if is_string(input.mcp.tool)
 
@@ -52,7 +53,10 @@ known_server if data.gateway.servers[server_name]
 
 # ---------------------------------------------------------------- method classes
 
-is_notification if startswith(method, "notifications/")
+is_notification if {
+	is_string(method) # startswith() on null is a type error in OPA (a bodyless request)
+	startswith(method, "notifications/")
+}
 
 # The client answering a server request (sampling, elicitation, roots) carries no method.
 is_response if input.mcp.kind == "response"
@@ -143,6 +147,8 @@ tenant_ok if {
 
 file_tools := {"list_directory", "stat", "read_file", "search", "write_file"}
 
+is_file_tool if tool in file_tools
+
 write_tools := {"write_file"}
 
 # (gateway/policy/facts.py PATH_ARGUMENT_NAMES; a Python test keeps the two in step.)
@@ -175,6 +181,7 @@ checked_path_facts := [input.mcp.facts.resource] if {
 } else := [path_facts(resource_path)] if {
 	is_resource_method
 } else := input.mcp.facts.arguments if {
+	is_array(input.mcp.facts.arguments)
 	count(input.mcp.facts.arguments) > 0
 } else := [path_facts(p) | some p in file_paths] if {
 	not input.mcp.facts
@@ -224,8 +231,9 @@ path_tenant_fact(parts) := {"tenant": parts[1]} if {
 	parts[0] == "tenants"
 } else := {}
 
-# "tenants/<t>/..." belongs to tenant <t>, whatever the role (admin included).
-foreign_tenant_fact(f) if not object.get(f, "tenant", tenant) == tenant
+# "tenants/<t>/..." belongs to tenant <t>, whatever the role (admin included). (`!=`, not
+# `not ... ==`: OPA makes a negated call with an undefined argument, here tenant, undefined.)
+foreign_tenant_fact(f) if object.get(f, "tenant", tenant) != tenant
 
 path_access := "write" if {
 	tool in write_tools
@@ -261,6 +269,7 @@ path_fact_ok(f) if {
 # Whenever that does not hold, the general check decides.
 file_paths_ok if {
 	not is_resource_method
+	is_array(input.mcp.facts.arguments)
 	count(input.mcp.facts.arguments) > 0
 	every f in input.mcp.facts.arguments {
 		f.well_formed == true
@@ -348,18 +357,26 @@ sql_functions_ok if {
 	}
 }
 
+# A rule, so that `not describe_table_ok` means the same in rego-cpp and OPA when the argument
+# is absent (README.md, "Engine differences": a negated call with an undefined argument).
+describe_table_ok if table_allowed(input.mcp.arguments.table)
+
 database_arguments_ok if {
 	tool == "query"
 	sql_tables_ok
 	sql_functions_ok
 } else := true if {
 	tool == "describe_table"
-	table_allowed(input.mcp.arguments.table)
+	describe_table_ok
 } else := true if {
 	tool == "list_tables"
 }
 
 # ---------------------------------------------------------------- argument constraints by server
+
+# Servers whose arguments have rules of their own; `not server_with_argument_rules` rather than
+# `not server_name in {...}`, which OPA leaves undefined when server_name is.
+server_with_argument_rules if server_name in {"files", "database"}
 
 arguments_ok if {
 	server_name == "files"
@@ -368,7 +385,7 @@ arguments_ok if {
 	server_name == "database"
 	database_arguments_ok
 } else := true if {
-	not server_name in {"files", "database"}
+	not server_with_argument_rules
 }
 
 # ---------------------------------------------------------------- resources and prompts
@@ -377,6 +394,12 @@ role_grants_server(kind, server) if {
 	some r in roles
 	server in data.gateway.roles[r][kind]
 }
+
+# This request's server, as rules: `not role_grants_resources` is true in OPA too when
+# server_name is undefined (a negated call with an undefined argument is not).
+role_grants_resources if role_grants_server("resources", server_name)
+
+role_grants_prompts if role_grants_server("prompts", server_name)
 
 # "file:///shared/a.txt" -> "shared/a.txt". The gateway's facts accept a URI only in the one
 # spelling the files server reads it in (gateway.paths.file_uri_path, percent-escapes included);
@@ -393,15 +416,15 @@ resource_path := uri_path(input.mcp.resource_uri)
 
 resource_ok if {
 	server_name == "files"
-	role_grants_server("resources", server_name)
+	role_grants_resources
 	file_paths_ok
 } else := true if {
 	server_name == "database"
-	role_grants_server("resources", server_name)
-	table_allowed(database_resource_table)
+	role_grants_resources
+	database_resource_ok
 } else := true if {
-	not server_name in {"files", "database"}
-	role_grants_server("resources", server_name)
+	not server_with_argument_rules
+	role_grants_resources
 }
 
 # The database server's resources are table schemas, db://schema/<table>: the same table rule
@@ -413,6 +436,8 @@ schema_uri_table(uri) := substring(uri, count("db://schema/"), -1) if {
 
 database_resource_table := schema_uri_table(input.mcp.resource_uri)
 
+database_resource_ok if table_allowed(database_resource_table)
+
 # ---------------------------------------------------------------- grants
 
 # Arguments are an object, null or absent (the gateway's parser already insists; the policy does
@@ -422,8 +447,10 @@ arguments_well_formed if {
 } else := true if {
 	is_null(input.mcp.arguments)
 } else := true if {
-	not type_name(input.mcp.arguments)
+	not arguments_type # absent (`not type_name(...)` itself is never true in OPA when absent)
 }
+
+arguments_type := type_name(input.mcp.arguments)
 
 tool_call_ok if {
 	arguments_well_formed
@@ -457,7 +484,7 @@ granted := "tool_allowed" if {
 } else := "prompt_allowed" if {
 	is_prompt_method
 	tenant_ok
-	role_grants_server("prompts", server_name)
+	role_grants_prompts
 }
 
 # ---------------------------------------------------------------- denials: [priority, reason, missing scope]
@@ -547,7 +574,7 @@ denials contains [63, "unknown_file_tool", ""] if {
 	is_tool_call
 	server_name == "files"
 	tool
-	not tool in file_tools
+	not is_file_tool
 }
 
 denials contains [70, "sql_not_understood", ""] if {
@@ -569,7 +596,7 @@ denials contains [72, "table_not_allowed", ""] if {
 	is_tool_call
 	server_name == "database"
 	tool == "describe_table"
-	not table_allowed(input.mcp.arguments.table)
+	not describe_table_ok
 }
 
 denials contains [73, "function_not_allowed", ""] if {
@@ -583,18 +610,18 @@ denials contains [73, "function_not_allowed", ""] if {
 denials contains [74, "table_not_allowed", ""] if {
 	is_resource_method
 	server_name == "database"
-	role_grants_server("resources", server_name)
-	not table_allowed(database_resource_table)
+	role_grants_resources
+	not database_resource_ok
 }
 
 denials contains [80, "resource_not_allowed", ""] if {
 	is_resource_method
-	not role_grants_server("resources", server_name)
+	not role_grants_resources
 }
 
 denials contains [81, "prompt_not_allowed", ""] if {
 	is_prompt_method
-	not role_grants_server("prompts", server_name)
+	not role_grants_prompts
 }
 
 # The denial with the lowest priority number names the reason. (min, not sort(...)[0]:
@@ -730,14 +757,14 @@ visible_tools := scope_visible_tools if list_caller_ok
 
 visible_prompts contains name if {
 	list_caller_ok
-	role_grants_server("prompts", server_name)
+	role_grants_prompts
 	some item in input.items
 	name := item_name(item)
 }
 
 # A files resource is listed only where resources/read of it would be allowed; templates (and
 # other servers' resources) by role alone.
-resource_item_visible(_) if not server_name in {"files", "database"}
+resource_item_visible(_) if not server_with_argument_rules
 
 resource_item_visible(_) if input.kind == "resourceTemplates"
 
@@ -755,7 +782,7 @@ resource_item_visible(uri) if {
 
 visible_resources contains uri if {
 	list_caller_ok
-	role_grants_server("resources", server_name)
+	role_grants_resources
 	some item in input.items
 	uri := item_uri(item)
 	resource_item_visible(uri)
