@@ -7,6 +7,8 @@ tests/deploy/test_k8s.py fails when the checked-in ConfigMaps are stale.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from gatewayctl.envoy_config import RenderOptions, render  # noqa: E402
 
 HERE = REPO / "deploy" / "k8s"
 NAMESPACE = "mcp-gateway"
+# A pod template annotation `checksum/<ConfigMap name>: "<sha256>"`: the pods read that ConfigMap
+# only at start, so a changed hash (a changed config) makes `kubectl apply` roll them.
+CHECKSUM = re.compile(r'(?P<key>checksum/(?P<name>[a-z0-9-]+): )"[0-9a-f]*"')
 
 
 class _Literal(str):
@@ -42,8 +47,23 @@ def configmap(name: str, data: dict[str, str]) -> str:
     return header + yaml.safe_dump(doc, sort_keys=False, width=1000)
 
 
+def checksum(configmap_text: str) -> str:
+    return hashlib.sha256(configmap_text.encode()).hexdigest()
+
+
+def annotated(text: str, configmaps: dict[str, str]) -> str:
+    """``text`` with every checksum annotation set to the hash of the ConfigMap it names."""
+    def fill(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name not in configmaps:
+            raise SystemExit(f"checksum/{name}: no generated ConfigMap of that name")
+        return f'{match.group("key")}"{checksum(configmaps[name])}"'
+    return CHECKSUM.sub(fill, text)
+
+
 def expected() -> dict[str, str]:
-    """File name -> content of every generated manifest."""
+    """File name -> content of every generated manifest, and of each manifest whose pod template
+    carries a checksum annotation (with the hashes filled in)."""
     gateway_yaml = (HERE / "gateway.yaml").read_text(encoding="utf-8")
     config = load_config(HERE / "gateway.yaml")
     # ext_proc runs in Kubernetes (ext-proc.yaml) as in compose: without its filter and cluster
@@ -52,11 +72,21 @@ def expected() -> dict[str, str]:
     policies = {p.name: p.read_text(encoding="utf-8")
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}
-    return {
-        "configmap-gateway.yaml": configmap("mcp-gateway-config", {"gateway.yaml": gateway_yaml}),
-        "configmap-envoy.yaml": configmap("envoy-config", {"envoy.yaml": envoy_yaml}),
-        "configmap-policies.yaml": configmap("opa-policies", policies),
+    configmaps = {
+        "mcp-gateway-config": configmap("mcp-gateway-config", {"gateway.yaml": gateway_yaml}),
+        "envoy-config": configmap("envoy-config", {"envoy.yaml": envoy_yaml}),
+        "opa-policies": configmap("opa-policies", policies),
     }
+    files = {
+        "configmap-gateway.yaml": configmaps["mcp-gateway-config"],
+        "configmap-envoy.yaml": configmaps["envoy-config"],
+        "configmap-policies.yaml": configmaps["opa-policies"],
+    }
+    for path in sorted(HERE.glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        if path.name not in files and CHECKSUM.search(text):
+            files[path.name] = annotated(text, configmaps)
+    return files
 
 
 if __name__ == "__main__":

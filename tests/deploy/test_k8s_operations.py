@@ -1,0 +1,153 @@
+"""Kubernetes day-2 behaviour, checked statically: config changes roll the pods that read them,
+Envoy's memory limit sits above its overload manager's heap, evictions keep replicas serving,
+replicas spread over nodes, and Envoy drains before it stops."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+from gateway.config import load_config
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "deploy" / "k8s"
+# ConfigMaps whose readers load them only at start, so a change must roll them. opa-policies is
+# not among them: OPA keeps its policies until restarted (README.md, "Rolling out changes").
+ROLLED_CONFIGMAPS = {"mcp-gateway-config", "envoy-config"}
+# What Envoy needs above its heap (binary, thread stacks, allocator overhead): the limit must be
+# at least this multiple of the overload manager's max_heap_size_bytes.
+HEAP_HEADROOM = 1.25
+QUANTITY = re.compile(r"^(?P<n>\d+)(?P<unit>Ki|Mi|Gi|k|M|G)?$")
+UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def documents() -> list[dict[str, Any]]:
+    return [d for p in sorted(K8S.glob("*.yaml")) if p.name != "gateway.yaml"
+            for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def workloads() -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in documents() if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+def configmap_files() -> dict[str, str]:
+    """ConfigMap name -> text of the file that defines it."""
+    found = {}
+    for path in sorted(K8S.glob("configmap-*.yaml")):
+        (doc,) = [d for d in yaml.safe_load_all(path.read_text()) if d]
+        found[doc["metadata"]["name"]] = path.read_text()
+    return found
+
+
+def renderer() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("render_configmaps", K8S / "render_configmaps.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quantity(text: str) -> int:
+    match = QUANTITY.match(str(text))
+    assert match, f"unexpected quantity {text}"
+    return int(match["n"]) * UNITS[match["unit"]]
+
+
+def envoy_pod() -> dict[str, Any]:
+    spec: dict[str, Any] = workloads()["envoy"]["spec"]["template"]["spec"]
+    return spec
+
+
+def test_configmaps_are_mounted_as_folders() -> None:
+    """No ConfigMap is mounted through subPath (such a mount never sees an update)."""
+    for name, workload in workloads().items():
+        spec = workload["spec"]["template"]["spec"]
+        configmaps = {v["name"] for v in spec.get("volumes", []) if "configMap" in v}
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in configmaps:
+                    assert "subPath" not in mount and "subPathExpr" not in mount, f"{name}: {mount}"
+
+
+def test_pods_roll_when_the_config_they_read_changes() -> None:
+    """Each workload mounting the gateway or Envoy ConfigMap carries checksum/<name> on its pod
+    template, equal to the hash of the checked-in ConfigMap; a changed ConfigMap changes it."""
+    files = configmap_files()
+    render = renderer()
+    for name, workload in workloads().items():
+        template = workload["spec"]["template"]
+        mounted = {v["configMap"]["name"] for v in template["spec"].get("volumes", []) if "configMap" in v}
+        annotations = template["metadata"].get("annotations", {})
+        for configmap in mounted & ROLLED_CONFIGMAPS:
+            assert annotations.get(f"checksum/{configmap}") == render.checksum(files[configmap]), \
+                f"{name}: stale or missing checksum/{configmap} (run render_configmaps.py)"
+    line = '        checksum/envoy-config: "0"\n'
+    assert render.annotated(line, files) != render.annotated(line, {**files, "envoy-config": "changed"})
+
+
+def test_envoy_memory_limit_is_above_the_overload_heap() -> None:
+    """The container's memory limit exceeds the overload manager's heap (with headroom), so Envoy
+    sheds load (shrink heap, stop accepting) before the kernel kills it."""
+    (configmap,) = [d for d in documents()
+                    if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config"]
+    bootstrap = yaml.safe_load(configmap["data"]["envoy.yaml"])
+    (heap,) = [m["typed_config"]["max_heap_size_bytes"]
+               for m in bootstrap["overload_manager"]["resource_monitors"]
+               if m["name"] == "envoy.resource_monitors.fixed_heap"]
+    resources = envoy_pod()["containers"][0]["resources"]
+    limit = quantity(resources["limits"]["memory"])
+    assert limit >= heap * HEAP_HEADROOM, f"limit {limit} vs heap {heap}"
+    assert quantity(resources["requests"]["memory"]) <= limit
+
+
+def test_every_scaled_component_has_a_disruption_budget() -> None:
+    """Each workload with 2+ replicas has one PodDisruptionBudget selecting its pods that lets at
+    most one go at a time; single-replica ones have none (it would block node drains)."""
+    budgets = [d for d in documents() if d["kind"] == "PodDisruptionBudget"]
+    for name, workload in workloads().items():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        mine = [b for b in budgets if b["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        if workload["spec"]["replicas"] < 2:
+            assert not mine, name
+            continue
+        assert len(mine) == 1, f"{name}: {len(mine)} disruption budgets"
+        spec = mine[0]["spec"]
+        replicas = workload["spec"]["replicas"]
+        assert spec.get("maxUnavailable") == 1 or 1 <= spec.get("minAvailable", 0) < replicas, name
+    assert {"envoy", "ext-authz", "ext-proc"} <= {b["metadata"]["name"] for b in budgets}
+
+
+def test_replicas_spread_over_nodes() -> None:
+    """Each workload with 2+ replicas asks the scheduler to spread its pods over nodes."""
+    for name, workload in workloads().items():
+        if workload["spec"]["replicas"] < 2:
+            continue
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        spreads = workload["spec"]["template"]["spec"].get("topologySpreadConstraints", [])
+        assert any(s["topologyKey"] == "kubernetes.io/hostname"
+                   and s["labelSelector"]["matchLabels"].items() <= labels.items() for s in spreads), name
+
+
+def test_envoy_drains_before_it_stops() -> None:
+    """preStop starts a graceful drain on Envoy's admin address (from the gateway config) and
+    waits; the drain lasts no longer than that wait, which ends before the grace period: open
+    streams (SSE) get the whole wait, and SIGTERM comes from the hook, not the deadline."""
+    config = load_config(K8S / "gateway.yaml")
+    spec = envoy_pod()
+    container = spec["containers"][0]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/bash", "-c"]
+    script = command[2]
+    assert f"/dev/tcp/{config.admin.host}/{config.admin.port}" in script
+    assert "POST /drain_listeners?graceful " in script
+    sleep = int(shlex.split(script.rsplit(";", 1)[1])[1])
+    args = container["args"]
+    assert int(args[args.index("--drain-time-s") + 1]) <= sleep
+    assert args[args.index("--drain-strategy") + 1] == "immediate"
+    assert sleep + 10 <= spec["terminationGracePeriodSeconds"]
