@@ -11,9 +11,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import trustme
 import yaml
 
 from gateway.config import load_config
+from gatewayctl.envoy_config import validate
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -151,3 +153,43 @@ def test_envoy_drains_before_it_stops() -> None:
     assert int(args[args.index("--drain-time-s") + 1]) <= sleep
     assert args[args.index("--drain-strategy") + 1] == "immediate"
     assert sleep + 10 <= spec["terminationGracePeriodSeconds"]
+
+
+def test_traces_and_metrics_reach_the_observability_stack() -> None:
+    """The gateway config has a telemetry block: every Python pod's OTEL_EXPORTER_OTLP_ENDPOINT is
+    its otlp_endpoint; ext_authz / ext_proc expose /metrics on port + offset on every interface,
+    and Envoy its stats listener."""
+    config = load_config(K8S / "gateway.yaml")
+    telemetry = config.telemetry
+    assert telemetry.otlp_endpoint and telemetry.metrics_host == "0.0.0.0"
+    python = {n: w for n, w in workloads().items()
+              if w["spec"]["template"]["spec"]["containers"][0]["image"].startswith("mcp-gateway:")}
+    assert {"ext-authz", "ext-proc"} <= set(python)
+    for name, workload in python.items():
+        container = workload["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == telemetry.otlp_endpoint, name
+    for name, service in (("ext-authz", config.ext_authz), ("ext-proc", config.ext_proc)):
+        container = workloads()[name]["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert service.instances[0].port + telemetry.metrics_port_offset in ports, name
+    envoy_ports = {p["containerPort"] for p in envoy_pod()["containers"][0]["ports"]}
+    assert telemetry.envoy_stats_port in envoy_ports
+
+
+def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
+    """The real Envoy accepts the ConfigMap's config (ext_proc, tracing, stats listener), with
+    test certificates at its TLS paths."""
+    config = load_config(K8S / "gateway.yaml")
+    (configmap,) = [d for d in documents()
+                    if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config"]
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    text = configmap["data"]["envoy.yaml"]
+    text = text.replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
+    target = tmp_path / "envoy.yaml"
+    target.write_text(text)
+    validate(target)
