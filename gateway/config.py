@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from types import NoneType, UnionType
+from typing import Any, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -212,6 +213,7 @@ class ServiceConfig:
 # p99 already passed 0.5 s (504s). A hung ext_proc still fails closed, after 2 s.
 EXT_AUTHZ_TIMEOUT_MS = 500
 EXT_PROC_TIMEOUT_MS = 2000
+MAX_SERVICE_TIMEOUT_MS = 60_000  # a check or a message held longer only ties up Envoy's stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +293,59 @@ def _take(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise ConfigError(f"{where}.{key} must be {names}, got {type(value).__name__}")
     return value
+
+
+# Ranges of the numeric settings of the plain sections (auth, policy, telemetry, audit, catalog):
+# a value outside is refused naming its key, as a wrong type is (one rule for every field, so a
+# new field cannot be added unchecked: a field without a range here must not be numeric).
+_RANGES: dict[str, tuple[float, float]] = {
+    "auth.leeway_seconds": (0, 3600), "auth.max_token_bytes": (512, 1024 * 1024),
+    "auth.jwks_cooldown_seconds": (0, 86400), "auth.jwks_timeout_seconds": (0.1, 120),
+    "auth.token_cache_size": (0, 10_000_000),
+    "policy.decision_cache_size": (0, MAX_DECISION_CACHE_SIZE),
+    "policy.eval_timeout_ms": (1, MAX_EVAL_TIMEOUT_MS), "policy.eval_workers": (1, MAX_EVAL_THREADS),
+    "policy.eval_max_abandoned": (0, MAX_EVAL_THREADS), "policy.eval_max_waiting": (0, 100_000),
+    "telemetry.metrics_port_offset": (1, 65534), "telemetry.envoy_stats_port": (1, 65535),
+    "telemetry.trace_sample_percent": (0, 100),
+    "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000),
+    "catalog.refresh_seconds": (1, 86400),
+}
+
+
+def _section(cls: Any, raw: Any, where: str, **overrides: Any) -> Any:
+    """A config dataclass from a mapping: unknown keys, wrong types and out-of-range numbers
+    are refused naming ``where.key``; absent keys take the dataclass defaults."""
+    data = _only({} if raw is None else raw, {f.name for f in fields(cls)}, where)
+    hints = get_type_hints(cls)
+    for key, value in data.items():
+        if key in overrides:
+            continue
+        kinds = _kinds(hints[key])
+        ok = any(isinstance(value, k) and not (k in (int, float) and isinstance(value, bool))
+                 for k in kinds)
+        if not ok:
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds
+                                if not (k is int and float in kinds))
+            raise ConfigError(f"{where}.{key} must be {names}, got {value!r}")
+        bounds = _RANGES.get(f"{where}.{key}")
+        if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
+            what = "a number" if float in kinds else "an integer"
+            raise ConfigError(f"{where}.{key} must be {what} from {bounds[0]:g} to {bounds[1]:g}, "
+                              f"got {value!r}")
+    return cls(**{**data, **overrides})
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               NoneType: "null"}
+
+
+def _kinds(hint: Any) -> tuple[type, ...]:
+    args = get_args(hint) if isinstance(hint, UnionType) else (hint,)
+    kinds = tuple(a for a in args if isinstance(a, type))
+    if float in kinds:  # a whole number is a number: 1 where 1.5 could be written
+        kinds = tuple(k for k in kinds if k is not int and k is not float)
+        return (float, int, *kinds)
+    return kinds
 
 
 def _only(data: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -509,8 +564,12 @@ def _service(data: Any, where: str, timeout_ms: int, *, transports: tuple[str, .
     if transport not in transports:
         raise ConfigError(f"{where}.transport must be one of {', '.join(transports)}, "
                           f"not {transport!r}")
-    return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1),
-                         _take(data, "timeout_ms", int, where, timeout_ms), transport)
+    timeout = _take(data, "timeout_ms", int, where, timeout_ms)
+    if not 1 <= timeout <= MAX_SERVICE_TIMEOUT_MS:
+        raise ConfigError(f"{where}.timeout_ms must be from 1 to {MAX_SERVICE_TIMEOUT_MS}, "
+                          f"got {timeout}")
+    return ServiceConfig(_instances(data.get("instances"), f"{where}.instances", 1), timeout,
+                         transport)
 
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
@@ -585,23 +644,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if not issuers:
         raise ConfigError("issuers must name at least one token issuer")
 
-    auth_raw = _only(top.get("auth", {}), {f for f in AuthConfig.__slots__}, "auth")
-    auth = AuthConfig(**auth_raw)
-    pol_raw = _only(top.get("policy", {}), {"engine", "dir", "entrypoint", "opa_url", "dry_run",
-                                            "decision_cache_size", "eval_timeout_ms", "eval_workers",
-                                            "eval_max_abandoned", "eval_max_waiting"}, "policy")
-    policy = PolicyConfig(**{**pol_raw, "dir": path(pol_raw.get("dir", "policies"))})
-    cache_size = policy.decision_cache_size
-    if type(cache_size) is not int or not 0 <= cache_size <= MAX_DECISION_CACHE_SIZE:
-        raise ConfigError("policy.decision_cache_size must be an integer from 0 (off) to "
-                          f"{MAX_DECISION_CACHE_SIZE}, got {cache_size!r}")
-    for key, low, high in (("eval_timeout_ms", 1, MAX_EVAL_TIMEOUT_MS),
-                           ("eval_workers", 1, MAX_EVAL_THREADS),
-                           ("eval_max_abandoned", 0, MAX_EVAL_THREADS),
-                           ("eval_max_waiting", 0, 100_000)):
-        value = getattr(policy, key)
-        if type(value) is not int or not low <= value <= high:
-            raise ConfigError(f"policy.{key} must be an integer from {low} to {high}, got {value!r}")
+    auth = _section(AuthConfig, top.get("auth"), "auth")
+    pol_raw = top.get("policy") or {}
+    policy_dir = _take(pol_raw, "dir", str, "policy", "policies") if isinstance(pol_raw, dict) else ""
+    policy = _section(PolicyConfig, pol_raw, "policy", dir=path(policy_dir))
     if policy.engine not in ("embedded", "opa"):
         raise ConfigError("policy.engine must be 'embedded' or 'opa'")
     if policy.engine == "opa" and not policy.opa_url:
@@ -625,33 +671,23 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if rate_limits.backend == "redis" and not rate_limits.redis_url:
         raise ConfigError("rate_limits.redis_url is required when rate_limits.backend is 'redis'")
 
-    tel_raw = _only(top.get("telemetry", {}), set(TelemetryConfig.__slots__), "telemetry")
-    telemetry = TelemetryConfig(**tel_raw)
+    telemetry = _section(TelemetryConfig, top.get("telemetry"), "telemetry")
     if telemetry.otlp_endpoint is not None:
         otlp_target(telemetry.otlp_endpoint)
-    if not isinstance(telemetry.trace_sample_percent, (int, float)) or \
-            not 0 <= telemetry.trace_sample_percent <= 100:
-        raise ConfigError("telemetry.trace_sample_percent must be a number from 0 to 100")
-    if not 0 < telemetry.metrics_port_offset < 65535:
-        raise ConfigError("telemetry.metrics_port_offset must be 1-65534")
-    if not isinstance(telemetry.metrics_host, str) or not telemetry.metrics_host:
+    if not telemetry.metrics_host:
         raise ConfigError("telemetry.metrics_host must be a host name or address")
-    if telemetry.envoy_stats_port is not None and (
-            isinstance(telemetry.envoy_stats_port, bool) or not isinstance(telemetry.envoy_stats_port, int)
-            or not 0 < telemetry.envoy_stats_port < 65536):
-        raise ConfigError("telemetry.envoy_stats_port must be a port number (1-65535) or null")
     if telemetry.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("telemetry.log_level must be DEBUG, INFO, WARNING or ERROR")
     # Files that belong to one running gateway live under state_dir unless placed elsewhere.
     state_dir = path(_take(top, "state_dir", str, "config", ".run"))
     audit_raw = _only(top.get("audit", {}), set(AuditConfig.__slots__), "audit")
-    audit_dir = path(audit_raw["dir"]) if "dir" in audit_raw else str(Path(state_dir) / "audit")
-    audit = AuditConfig(**{**audit_raw, "dir": audit_dir})
-    if audit.max_bytes < 4096 or audit.keep < 1:
-        raise ConfigError("audit.max_bytes must be >= 4096 and audit.keep >= 1")
+    audit_dir = (path(_take(audit_raw, "dir", str, "audit")) if "dir" in audit_raw
+                 else str(Path(state_dir) / "audit"))
+    audit = _section(AuditConfig, audit_raw, "audit", dir=audit_dir)
     cat_raw = _only(top.get("catalog", {}), set(CatalogConfig.__slots__), "catalog")
-    cat_path = path(cat_raw["path"]) if "path" in cat_raw else str(Path(state_dir) / "catalog.sqlite")
-    catalog = CatalogConfig(**{**cat_raw, "path": cat_path})
+    cat_path = (path(_take(cat_raw, "path", str, "catalog")) if "path" in cat_raw
+                else str(Path(state_dir) / "catalog.sqlite"))
+    catalog = _section(CatalogConfig, cat_raw, "catalog", path=cat_path)
     if catalog.mode not in ("tofu", "require_approval"):
         raise ConfigError("catalog.mode must be 'tofu' or 'require_approval'")
 
@@ -663,17 +699,44 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         raise ConfigError(f"policy.eval_timeout_ms ({policy.eval_timeout_ms}) must be less than "
                           f"ext_authz.timeout_ms ({ext_authz.timeout_ms})")
 
+    admin = _instance(top.get("admin", {"port": 9901}), "admin")
+    ext_proc = _service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS)
+    _refuse_shared_ports([
+        ("listen", listen), ("admin", admin),
+        *((("telemetry.envoy_stats_port", Instance(listen.host, telemetry.envoy_stats_port)),)
+          if telemetry.envoy_stats_port is not None else ()),
+        *((f"ext_authz.instances[{i}]", inst) for i, inst in enumerate(ext_authz.instances)),
+        *((f"ext_proc.instances[{i}]", inst) for i, inst in enumerate(ext_proc.instances)),
+        *((f"servers.{s.name}.instances[{i}]", inst) for s in servers if s.kind != "url"
+          for i, inst in enumerate(s.instances)),
+        *((f"backends.{b.name}.instance", b.instance) for b in backends)])
+
     return GatewayConfig(
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
-        admin=_instance(top.get("admin", {"port": 9901}), "admin"),
+        admin=admin,
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
         ext_authz=ext_authz,
-        ext_proc=_service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS),
+        ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets,
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,
     )
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
+
+
+def _refuse_shared_ports(listeners: list[tuple[str, Instance]]) -> None:
+    """Two processes of one gateway cannot listen on one port of one address (a wildcard
+    address takes the port on every address): the second would fail at start, or on a
+    reused port quietly answer for the first."""
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for key, inst in listeners:
+        for other_key, other_host in seen.get(inst.port, []):
+            if inst.host == other_host or {inst.host, other_host} & _WILDCARD_HOSTS:
+                raise ConfigError(f"{key} and {other_key} both listen on port {inst.port}")
+        seen.setdefault(inst.port, []).append((key, inst.host))
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> GatewayConfig:

@@ -162,3 +162,64 @@ def test_policy_evaluation_defaults() -> None:
     assert 0 < cfg.policy.eval_timeout_ms <= cfg.ext_authz.timeout_ms // 2
     assert cfg.policy.eval_workers >= 1 and cfg.policy.eval_max_abandoned >= 0
     assert cfg.policy.eval_max_waiting >= 1
+
+
+# ---------------------------------------------------------------- every setting typed and bounded
+
+
+@pytest.mark.parametrize(("section", "key", "bad", "message"), [
+    ("auth", "leeway_seconds", "abc", r"auth\.leeway_seconds must be an integer, got 'abc'"),
+    ("auth", "leeway_seconds", -5, r"auth\.leeway_seconds must be an integer from 0 to 3600"),
+    ("auth", "jwks_timeout_seconds", "5s", r"auth\.jwks_timeout_seconds must be a number, got '5s'"),
+    ("auth", "max_token_bytes", True, r"auth\.max_token_bytes must be an integer, got True"),
+    ("audit", "keep", "ten", r"audit\.keep must be an integer, got 'ten'"),
+    ("audit", "keep", 0, r"audit\.keep must be an integer from 1"),
+    ("audit", "otlp_export", "yes", r"audit\.otlp_export must be true or false"),
+    ("audit", "dir", 5, r"audit\.dir must be str"),
+    ("catalog", "refresh_seconds", -1, r"catalog\.refresh_seconds must be a number from 1"),
+    ("catalog", "mode", 3, r"catalog\.mode must be a string"),
+    ("telemetry", "log_level", None, r"telemetry\.log_level must be a string, got None"),
+    ("telemetry", "trace_sample_percent", "all", r"telemetry\.trace_sample_percent must be a number"),
+    ("policy", "dry_run", "false", r"policy\.dry_run must be true or false"),
+    ("policy", "opa_url", 8181, r"policy\.opa_url must be a string or null"),
+    ("ext_authz", "timeout_ms", 0, r"ext_authz\.timeout_ms must be from 1 to 60000, got 0"),
+    ("ext_proc", "timeout_ms", -1, r"ext_proc\.timeout_ms must be from 1 to 60000"),
+])
+def test_a_bad_setting_is_refused_naming_its_key(section: str, key: str, bad: Any,
+                                                 message: str) -> None:
+    """Every plain setting is checked for its type and range when the file is read: a string
+    where a number belongs, a zero timeout or a negative count never reaches a service (where it
+    was a traceback or a silently odd behaviour)."""
+    raw = _default()
+    raw[section] = {**(raw.get(section) or {}), key: bad}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw, base_dir=Path.cwd())
+
+
+def test_a_whole_number_is_a_valid_number_setting() -> None:
+    raw = _default()
+    raw["auth"] = {**(raw.get("auth") or {}), "jwks_timeout_seconds": 2}
+    assert parse_config(raw, base_dir=Path.cwd()).auth.jwks_timeout_seconds == 2
+
+
+@pytest.mark.parametrize(("place", "message"), [
+    (lambda raw, port: raw["servers"]["database"]["instances"].__setitem__(
+        0, {"host": "127.0.0.1", "port": port}), r"servers\.database\.instances\[0\] and servers\.files"),
+    (lambda raw, port: raw.__setitem__("admin", {"port": port}), r"servers\.files\.instances\[0\] and admin"),
+    (lambda raw, port: raw["ext_authz"].__setitem__("instances", [{"host": "0.0.0.0", "port": port}]),
+     r"servers\.files\.instances\[0\] and ext_authz\.instances\[0\]"),
+])
+def test_two_listeners_on_one_port_are_refused(place: Any, message: str) -> None:
+    raw = _default()
+    port = raw["servers"]["files"]["instances"][0]["port"]
+    place(raw, port)
+    with pytest.raises(ConfigError, match=message + r".* both listen on port " + str(port)):
+        parse_config(raw, base_dir=Path.cwd())
+
+
+def test_one_port_on_two_distinct_hosts_is_allowed() -> None:
+    """In Kubernetes or compose each service has its own host: the same port number is fine."""
+    raw = _default()
+    port = raw["servers"]["files"]["instances"][0]["port"]
+    raw["ext_proc"]["instances"] = [{"host": "10.0.0.7", "port": port}]
+    assert parse_config(raw, base_dir=Path.cwd()).ext_proc.instances[0].port == port
