@@ -1,6 +1,7 @@
 """Policy benchmark (not a test): CPU per embedded-Rego decision and per visible_tools query.
 
     .venv/bin/python bench/bench_policy.py [--requests N] [--baseline DIR] [--no-hop]
+                                           [--test-suite [--runs N]] [--test-suite-only]
 
 Measures, in one run, the shipped ``policies/`` and optionally a baseline folder (e.g. the
 previous policy), each with the input pruned to what the policy references and with the full
@@ -12,12 +13,20 @@ Then the cost of the hop to a worker thread that every miss takes in the service
 (``EmbeddedEngine.evaluate``, ``gateway.policy.eval_worker``): the same misses inline on the
 calling thread and through the engine, CPU and wall time per query, one at a time and 16 at once.
 Prints a markdown table.
+
+With ``--test-suite``: the wall time and peak RSS of ``mcp-gateway policy test`` on the shipped
+``policies/``, each run a child process (min and median of ``--runs``), with the default engine
+(OPA in-process) beside ``--engine embedded`` (rego-cpp). Off by default: the rego-cpp runs take
+~7 s each, too long for ``make bench``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -179,12 +188,54 @@ def hop_rows(folder: Path, n: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def suite_run(engine: str) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS in MB, exit code) of one `mcp-gateway policy test` child."""
+    exe = Path(sys.executable).with_name("mcp-gateway")
+    start = time.perf_counter()
+    proc = subprocess.Popen([str(exe), "policy", "test", "--dir", str(ROOT / "policies"),
+                             "--engine", engine], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return wall, usage.ru_maxrss / 1024, proc.returncode
+
+
+def suite_rows(runs: int) -> list[tuple[str, float, float, float, float, int]]:
+    """Per engine: (label, min wall, median wall, min RSS, median RSS, exit code of the last)."""
+    rows = []
+    for engine, label in (("opa", "default (OPA in-process)"),
+                          ("embedded", "--engine embedded (rego-cpp)")):
+        samples = [suite_run(engine) for _ in range(runs)]
+        walls = [w for w, _, _ in samples]
+        rss = [m for _, m, _ in samples]
+        rows.append((label, min(walls), statistics.median(walls), min(rss),
+                     statistics.median(rss), samples[-1][2]))
+    return rows
+
+
+def print_suite(runs: int) -> None:
+    print(f"\n## `mcp-gateway policy test` on policies/ (a child process each, {runs} runs)\n")
+    print("| engine | wall min | wall median | peak RSS min | peak RSS median | exit |")
+    print("|---|---|---|---|---|---|")
+    for label, wmin, wmed, rmin, rmed, rc in suite_rows(runs):
+        print(f"| {label} | {wmin:.2f} s | {wmed:.2f} s | {rmin:.0f} MB | {rmed:.0f} MB | {rc} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--baseline", type=Path, help="another policy folder to measure alongside")
     parser.add_argument("--no-hop", action="store_true", help="skip the worker-thread hop rows")
+    parser.add_argument("--test-suite", action="store_true",
+                        help="also time `mcp-gateway policy test` on both engines (slow)")
+    parser.add_argument("--test-suite-only", action="store_true",
+                        help="only the `policy test` measurement")
+    parser.add_argument("--runs", type=int, default=3, help="runs per engine of --test-suite")
     args = parser.parse_args()
+    if args.test_suite_only:
+        print_suite(args.runs)
+        return
     rows = []
     if args.baseline is not None:
         rows += measure("baseline", args.baseline, args.requests)
@@ -200,6 +251,8 @@ def main() -> None:
         print("|---|---|---|")
         for name, cpu, wall in hop_rows(ROOT / "policies", args.requests):
             print(f"| {name} | {cpu:.0f} us | {wall:.0f} us |")
+    if args.test_suite:
+        print_suite(args.runs)
 
 
 if __name__ == "__main__":

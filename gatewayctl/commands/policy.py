@@ -1,4 +1,5 @@
-"""``mcp-gateway policy test|eval``: run the Rego unit tests; explain one decision."""
+"""``mcp-gateway policy test|eval``: run the Rego unit tests and check what the policy decides;
+decide and explain one request."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,17 @@ from gateway.mcp import NAME_PARAM, extract_context
 from gateway.policy.decision import ContractViolation, check_decision
 from gateway.policy.errors import PolicyError
 from gateway.policy.input import build_policy_input
-from gateway.policy.rego import CompiledPolicy, load_sources
-from gateway.policy.testing import check_contract, discover_and_run
+from gateway.policy.reference import ReferenceEngine
+from gateway.policy.rego import CompiledPolicy, PolicySources, load_sources
+from gateway.policy.static import run_check
+from gateway.policy.testing import (
+    TestResult,
+    check_samples,
+    describe_error,
+    discover_and_run,
+    explain_decision,
+    run_tests_opa,
+)
 from gatewayctl.commands import policy_check
 
 
@@ -32,6 +43,11 @@ def register(subparsers: Any) -> None:
     test.add_argument("-v", "--verbose", action="store_true", help="list every test, not only failures")
     test.add_argument("--run", metavar="REGEX",
                       help="only the tests whose name data.<package>.<rule> matches REGEX")
+    test.add_argument("--engine", choices=ENGINES, default="opa",
+                      help="run the tests on OPA in-process (default: fast, a trace of each "
+                           "failure), on rego-cpp as the gateway serves them (embedded: ~5 s and "
+                           "~2.5 GB for the shipped suite), or on both, reporting every test whose "
+                           "outcome differs")
     test.set_defaults(func=cmd_test)
 
     ev = sub.add_parser("eval", help="decide one request as the gateway would, and explain it")
@@ -51,8 +67,21 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                     help="an HTTP request header (repeatable)")
     ev.add_argument("--dir", help="policy folder (default: policy.dir of the config)")
-    ev.add_argument("--explain", action="store_true", help="show the value of every rule of the package")
+    ev.add_argument("--engine", choices=("embedded", "opa"), default="embedded",
+                    help="the engine whose decision is printed: embedded (rego-cpp, what the "
+                         "gateway decides; default) or opa (a remote-OPA deployment)")
+    ev.add_argument("--explain", action="store_true",
+                    help="trace the rules of the entrypoint's package that decided this request "
+                         "(computed with OPA; says so when OPA decides differently)")
     ev.set_defaults(func=cmd_eval)
+
+
+ENGINES = ("opa", "embedded", "both")
+# Static findings that do not fail `policy test` (everything else does).
+WARNING_KINDS = frozenset({"rego_unused_rule"})
+MAX_CONTRACT_LINES = 20
+MAX_PARITY_LINES = 20
+MAX_EXPLANATION_LINES = 12  # of one failing test
 
 
 def _policy_settings(args: argparse.Namespace) -> tuple[str, str, str]:
@@ -65,37 +94,94 @@ def cmd_test(args: argparse.Namespace) -> int:
     try:
         policy_dir, entrypoint, _ = _policy_settings(args)
         selected = re.compile(args.run) if args.run else None
-        results = discover_and_run(policy_dir, run=selected)
-        # Decisions production would refuse, whatever the tests assert (skipped with --run).
-        broken = [] if selected else check_contract(policy_dir, entrypoint)
     except re.error as exc:
         print(f"ERROR: --run {args.run!r} is not a regular expression: {exc}", file=sys.stderr)
         return 1
-    except (PolicyError, ConfigError) as exc:
+    except ConfigError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 1
+    engine = getattr(args, "engine", "opa")
+    start = time.perf_counter()
+    static_errors = 0
+    try:
+        # (1) what is wrong without running anything
+        for finding in run_check(policy_dir, entrypoint):
+            if finding.kind in WARNING_KINDS:
+                print(f"WARN  {finding}")
+            else:
+                static_errors += 1
+                print(f"STATIC {finding}")
+        # (2) the tests, on the engine(s) asked for
+        opa_results: list[TestResult] = []
+        embedded_results: list[TestResult] = []
+        notes: list[str] = []
+        if engine in ("opa", "both"):
+            opa_results, notes = run_tests_opa(policy_dir, run=selected, entrypoint=entrypoint)
+        if engine in ("embedded", "both"):
+            embedded_results = discover_and_run(policy_dir, run=selected)
+        # (3) sample requests: the contract and the two engines' agreement (skipped with --run)
+        report = None if selected else check_samples(policy_dir, entrypoint)
+    except PolicyError as exc:
+        print(f"ERROR: {exc}", file=sys.stderr)
+        return 1
+    results = embedded_results if engine == "embedded" else opa_results
     if not results:
         print(f"no test_* rules{' matching ' + repr(args.run) if args.run else ''} found in "
               f"{policy_dir}", file=sys.stderr)
         return 1
+    for note in notes:
+        print(f"NOTE  {note}")
     for r in results:
         if args.verbose or not r.passed:
-            line = f"{r.status:5} {r.file}: data.{r.package}.{r.name}"
+            line = f"{r.status:5} {r.file}:{r.line}: data.{r.package}.{r.name}"
             if r.detail:
                 line += f" ({r.detail})"
-            if args.verbose:
+            if args.verbose and r.duration_us:
                 line += f" [{r.duration_us / 1000:.1f} ms]"
             print(line)
+            shown = r.explanation[:MAX_EXPLANATION_LINES]
+            for text in shown:
+                print(f"      {text}")
+            if len(r.explanation) > len(shown):
+                print(f"      ... and {len(r.explanation) - len(shown)} more lines")
+    differ = _outcome_differences(opa_results, embedded_results) if engine == "both" else []
+    for text in differ:
+        print(text)
+    broken = report.contract if report else []
     for c in broken[:MAX_CONTRACT_LINES]:
         print(f"CONTRACT {entrypoint} for {c.request}: {c.problem}")
     if len(broken) > MAX_CONTRACT_LINES:
         print(f"CONTRACT ... and {len(broken) - MAX_CONTRACT_LINES} more sample requests")
+    parity = report.parity if report else []
+    for d in parity[:MAX_PARITY_LINES]:
+        print(f"PARITY {entrypoint} for {d.request}: rego-cpp {d.embedded}, OPA {d.opa}")
+    if len(parity) > MAX_PARITY_LINES:
+        print(f"PARITY ... and {len(parity) - MAX_PARITY_LINES} more sample requests")
     failed = sum(not r.passed for r in results)
+    if engine == "both":
+        failed = max(failed, sum(not r.passed for r in embedded_results))
     print("-" * 60)
     print(f"PASS: {len(results) - failed}/{len(results)}" + (f"  FAIL: {failed}" if failed else "")
+          + (f"  STATIC: {static_errors} error(s)" if static_errors else "")
           + (f"  CONTRACT: {len(broken)} sample decision(s) outside the decision contract"
-             if broken else ""))
-    return 1 if failed or broken else 0
+             if broken else "")
+          + (f"  PARITY: {len(parity)} sample request(s) decided differently by rego-cpp and OPA"
+             if parity else "")
+          + (f"  ENGINES: {len(differ)} test(s) with a different outcome" if differ else "")
+          + f"  [{engine}, {time.perf_counter() - start:.2f} s]")
+    return 1 if failed or broken or parity or differ or static_errors else 0
+
+
+def _outcome_differences(opa: list[TestResult], embedded: list[TestResult]) -> list[str]:
+    by_name = {(r.package, r.name): r for r in embedded}
+    lines = []
+    for r in opa:
+        other = by_name.get((r.package, r.name))
+        if other is not None and other.status != r.status:
+            lines.append(f"ENGINES {r.file}:{r.line}: data.{r.package}.{r.name}: OPA {r.status}"
+                         f"{' (' + r.detail + ')' if r.detail else ''}, rego-cpp {other.status}"
+                         f"{' (' + other.detail + ')' if other.detail else ''}")
+    return lines
 
 
 def _json_arg(value: str, what: str) -> Any:
@@ -159,7 +245,6 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         host=resource.split("/")[2], session=session, now=args.now)
 
 
-MAX_CONTRACT_LINES = 20
 # `policy eval` exit codes, so a script or CI job can assert a decision.
 EXIT_ALLOW, EXIT_DENY, EXIT_ERROR = 0, 1, 2
 
@@ -173,16 +258,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     except GatewayError as exc:  # e.g. an argument over a bound, as ext_authz refuses it
         return _refused_before_policy(exc)
-    package_path = entrypoint.rsplit("/", 1)[0]
+    engine = getattr(args, "engine", "embedded")
     try:
         sources = load_sources(policy_dir, include_tests=False)
-        rules = _package_rules(sources, package_path.replace("/", "."))
-        explain = [f"{package_path}/{r}" for r in rules] if args.explain else []
-        compiled = CompiledPolicy(sources, [entrypoint, *explain])
-        defined, value = compiled.evaluate(entrypoint, policy_input)
     except PolicyError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    embedded: tuple[bool, Any] | PolicyError | None = None
+    if engine == "embedded":
+        try:
+            embedded = CompiledPolicy(sources, [entrypoint]).evaluate(entrypoint, policy_input)
+        except PolicyError as exc:
+            embedded = exc
+    opa: tuple[bool, Any] | PolicyError | None = None
+    events: list[dict[str, Any]] = []
+    if engine == "opa" or args.explain or isinstance(embedded, PolicyError):
+        # OPA names the rule and line of a runtime error where rego-cpp names neither.
+        opa, events = _opa_decide(sources, entrypoint, policy_input, trace=args.explain)
+    primary = embedded if engine == "embedded" else opa
+    engine_name = "rego-cpp" if engine == "embedded" else "OPA"
+    if isinstance(primary, PolicyError) or primary is None:
+        print(f"ERROR: {primary}", file=sys.stderr)
+        if engine == "embedded" and isinstance(opa, PolicyError):
+            for text in describe_error(str(opa), sources):
+                print(f"  {text}", file=sys.stderr)
+        elif engine == "embedded" and opa is not None:
+            print(f"  OPA decides this input without an error: {_decision_text(opa)}",
+                  file=sys.stderr)
+        elif isinstance(primary, PolicyError):
+            for text in describe_error(str(primary), sources):
+                print(f"  {text}", file=sys.stderr)
+        return EXIT_ERROR
+    defined, value = primary
     try:
         decision = check_decision(value, defined=defined)
         verdict = "ALLOW" if decision.allow else "DENY"
@@ -195,18 +302,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rc = EXIT_ERROR
     print(json.dumps({"decision": value if defined else "<undefined>"}, indent=2, sort_keys=True))
     if args.explain:
-        print(f"\nrules of data.{package_path.replace('/', '.')} for this input:")
-        for rule, ep in zip(rules, explain, strict=True):
-            try:
-                rdef, rval = compiled.evaluate(ep, policy_input)
-            except PolicyError as exc:
-                print(f"  {rule} = <error: {exc}>")
-                continue
-            shown = json.dumps(rval, sort_keys=True) if rdef else "<undefined>"
-            print(f"  {rule} = {shown if len(shown) <= 160 else shown[:157] + '...'}")
+        package = entrypoint.rsplit("/", 1)[0].replace("/", ".")
+        if isinstance(opa, PolicyError):
+            print(f"\nno trace: OPA fails on this input: {opa}")
+            for text in describe_error(str(opa), sources):
+                print(f"  {text}")
+        else:
+            if engine == "embedded" and opa != primary:
+                print(f"\nNOTE: OPA decides this input differently from {engine_name}: "
+                      f"{_decision_text(opa)}")
+            print(f"\nrules of data.{package} that decided (OPA trace, in evaluation order; "
+                  "held = the rule body succeeded, failed = the expression that stopped it):")
+            for text in explain_decision(events, sources, entrypoint):
+                print(text)
         print("\npolicy input:")
         print(json.dumps(policy_input, indent=2, sort_keys=True))
     return rc
+
+
+def _opa_decide(sources: PolicySources, entrypoint: str, policy_input: Any, *,
+                trace: bool) -> tuple[tuple[bool, Any] | PolicyError, list[dict[str, Any]]]:
+    try:
+        with ReferenceEngine(sources) as ref:
+            defined, value, events = ref.evaluate(entrypoint, policy_input, trace=trace)
+    except PolicyError as exc:
+        return exc, []
+    return (defined, value), events
+
+
+def _decision_text(outcome: tuple[bool, Any] | PolicyError | None) -> str:
+    if not isinstance(outcome, tuple):
+        return f"error: {outcome}"
+    defined, value = outcome
+    return json.dumps(value, sort_keys=True) if defined else "<undefined>"
 
 
 def _refused_before_policy(exc: GatewayError) -> int:
@@ -215,11 +343,3 @@ def _refused_before_policy(exc: GatewayError) -> int:
     print(f"ERROR: the gateway would refuse this request before the policy: "
           f"{exc.code} (HTTP {exc.http_status}{extra}): {exc.message}", file=sys.stderr)
     return 2
-
-
-def _package_rules(sources: Any, package: str) -> list[str]:
-    names: list[str] = []
-    for module in sources.modules:
-        if module.package == package:
-            names.extend(n for n in module.rule_names() if n not in names)
-    return names
