@@ -81,3 +81,30 @@ async def test_dashboard_envoy_metrics_exist(stack: devstack.Stack) -> None:
     exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     wanted = {n for e in exprs for n in re.findall(r"\b(envoy_[a-z0-9_]+)\s*[{\[]", e)}
     assert wanted and wanted <= families(urls(stack)["envoy[0]"])
+
+
+def admin_url(stack: devstack.Stack, path: str) -> str:
+    admin = stack.config.admin
+    return f"http://{admin.host}:{admin.port}{path}"
+
+
+def test_edge_rate_limit_switches_are_live_runtime_keys(stack: devstack.Stack) -> None:
+    """The edge rate limit's runtime keys can be changed through Envoy's admin interface (a
+    runtime admin layer exists; without one Envoy answers "No admin layer specified") and are
+    removed again by an empty value."""
+    def post(query: str) -> tuple[int, str]:
+        request = urllib.request.Request(admin_url(stack, f"/runtime_modify?{query}"), method="POST")
+        with urllib.request.urlopen(request, timeout=5) as reply:  # noqa: S310  (loopback URL)
+            return reply.status, reply.read().decode()
+
+    def entries() -> dict[str, object]:
+        with urllib.request.urlopen(admin_url(stack, "/runtime"), timeout=5) as reply:  # noqa: S310
+            document: dict[str, dict[str, object]] = json.load(reply)
+        return document["entries"]
+
+    assert post("edge_rate_limit_enforced=0") == (200, "OK\n")
+    try:
+        assert entries()["edge_rate_limit_enforced"] == {"final_value": "0", "layer_values": ["0"]}
+    finally:
+        assert post("edge_rate_limit_enforced=")[0] == 200
+    assert "edge_rate_limit_enforced" not in entries()
