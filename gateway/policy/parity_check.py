@@ -1,11 +1,215 @@
-"""Constructs whose meaning differs between rego-cpp (serving) and OPA: see findings."""
+"""Constructs whose meaning differs between rego-cpp (serving) and OPA: see findings.
+
+Each check answers a difference that tests/gateway/policy/parity/cases.yaml shows and that can
+turn an allow into a deny (or back) between the embedded engine and OPA; policies/README.md,
+"Engine differences (rego-cpp vs OPA)", lists them all, including those left to `policy test`.
+The checks read the source text: string contents and comments are masked first (offsets kept,
+so a finding names the line), and anything the scanner cannot read is left alone.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 from gateway.policy.reference import Finding
-from gateway.policy.rego import PolicySources
+from gateway.policy.rego import PolicyModule, PolicySources
+
+KIND = "rego_engine_parity"
+
+_NUMERIC_TEXT_RE = re.compile(r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*|\s*0[xXoObB][0-9a-fA-F_]+\s*")
+_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?(?![A-Za-z0-9_])")
+_IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# <, <=, >, >= (not the `:=` / `==` / `!=` family, nor a `<` inside `<=` counted twice).
+_ORDERING_RE = re.compile(r"(?<![<>=!:])(<=|>=|<|>)(?!=)")
+_NOT_RE = re.compile(r"(?<![A-Za-z0-9_.])not\s+")
+_CALL_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*\(")
+_IN_RE = re.compile(r"(?<![A-Za-z0-9_.])in(?![A-Za-z0-9_])")
+_CONCAT_SET_RE = re.compile(r"(?<![A-Za-z0-9_.])concat\s*\(\s*\"[^\"]*\"\s*,\s*\{")
+_REGEX_CALL_RE = re.compile(r"(?<![A-Za-z0-9_])(?:regex\.[a-z_]+|re_match)\s*\(\s*(?=[\"`])")
+_BACKREFERENCE_RE = re.compile(r"\\[1-9]")
+_SCALAR_WORDS = ("null", "true", "false")
+
+
+@dataclass(frozen=True, slots=True)
+class _Masked:
+    """A module's source with comments blanked and string contents masked, offsets unchanged."""
+
+    source: str
+    code: str
+    strings: dict[int, str]  # offset of the opening quote -> the literal's text (escapes as written)
+
+    def line(self, offset: int) -> int:
+        return self.source.count("\n", 0, offset) + 1
+
+
+def _mask(source: str) -> _Masked:
+    out = list(source)
+    strings: dict[int, str] = {}
+    i, n = 0, len(source)
+    while i < n:
+        c = source[i]
+        if c == "#":
+            j = source.find("\n", i)
+            j = n if j == -1 else j
+            out[i:j] = " " * (j - i)
+            i = j
+        elif c in "\"`":
+            j = i + 1
+            while j < n and source[j] != c and not (c == '"' and source[j] == "\n"):
+                j += 2 if c == '"' and source[j] == "\\" else 1
+            j = min(j, n - 1)
+            strings[i] = source[i + 1:j]
+            for k in range(i + 1, j):
+                if out[k] != "\n":
+                    out[k] = "x"
+            out[i] = out[j] = '"'
+            i = j + 1
+        else:
+            i += 1
+    return _Masked(source, "".join(out), strings)
+
+
+def _operand_before(code: str, end: int) -> tuple[int, str]:
+    """Start and text of the operand ending just before ``end`` (a literal or a ref)."""
+    j = end
+    while j > 0 and code[j - 1] in " \t":
+        j -= 1
+    stop = j
+    if j and code[j - 1] in ")]}":
+        depth = 0
+        while j > 0:
+            j -= 1
+            if code[j] in ")]}":
+                depth += 1
+            elif code[j] in "([{":
+                depth -= 1
+                if depth == 0:
+                    break
+    elif j and code[j - 1] == '"':
+        j = code.rfind('"', 0, j - 1)
+    while j > 0 and (code[j - 1].isalnum() or code[j - 1] in "_.-"):
+        j -= 1
+    return j, code[j:stop]
+
+
+def _operand_after(code: str, start: int) -> tuple[int, str]:
+    """Start and text of the operand beginning just after ``start``."""
+    j = start
+    while j < len(code) and code[j] in " \t":
+        j += 1
+    m = re.compile(r'"[^"\n]*"|[\[{(]|-?[A-Za-z0-9_.]+').match(code, j)
+    return j, (m.group(0) if m else "")
+
+
+def _literal_kind(masked: _Masked, start: int, text: str) -> str | None:
+    """"numeric_string", "string", "number", "composite" or "scalar" for a literal; else None."""
+    if text.startswith('"'):
+        value = masked.strings.get(start, "")
+        return "numeric_string" if _NUMERIC_TEXT_RE.fullmatch(value) else "string"
+    if _NUMBER_RE.fullmatch(text):
+        return "number"
+    if text in _SCALAR_WORDS:
+        return "scalar"
+    if text[:1] in "[{":  # a ref never starts with a bracket: an array, object or set
+        return "composite"
+    if text.startswith("set(") or text == "set()":
+        return "composite"
+    return None
+
+
+def _ordering_findings(name: str, masked: _Masked) -> Iterator[Finding]:
+    code = masked.code
+    for m in _ORDERING_RE.finditer(code):
+        left_start, left = _operand_before(code, m.start())
+        right_start, right = _operand_after(code, m.end())
+        kinds = {_literal_kind(masked, left_start, left), _literal_kind(masked, right_start, right)}
+        reason = None
+        if "numeric_string" in kinds:
+            reason = ("an ordering comparison with a string that looks like a number: OPA orders "
+                      "every number before every string, rego-cpp does not; write the number")
+        elif {"number", "string"} <= kinds:
+            reason = "an ordering comparison of a number with a string: OPA and rego-cpp disagree"
+        elif kinds & {"composite", "scalar"}:
+            reason = ("an ordering comparison with null, a boolean, an array, an object or a set: "
+                      "rego-cpp does not order them as OPA does")
+        if reason:
+            yield Finding(name, masked.line(m.start()), KIND, f"`{left} {m.group(1)} {right}`: {reason}")
+
+
+def _expression_end(code: str, start: int) -> int:
+    """Where the expression starting at ``start`` ends (a newline, `;` or a closing brace at depth 0)."""
+    depth = 0
+    for j in range(start, len(code)):
+        c = code[j]
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            if depth == 0:
+                return j
+            depth -= 1
+        elif depth == 0 and c in ";\n":
+            return j
+    return len(code)
+
+
+def _may_be_undefined(expr: str, rules: frozenset[str]) -> list[str]:
+    """The refs in ``expr`` that may be undefined: input, data, or a rule of the package."""
+    found = []
+    for m in _IDENT_RE.finditer(expr):
+        word = m.group(0)
+        before = expr[m.start() - 1] if m.start() else ""
+        after = expr[m.end():].lstrip()[:1]
+        if before == "." or after == "(":  # a field of something, or a function's name
+            continue
+        if word in ("input", "data") or word in rules:
+            found.append(word)
+    return found
+
+
+def _negation_findings(name: str, masked: _Masked, rules: frozenset[str]) -> Iterator[Finding]:
+    code = masked.code
+    for m in _NOT_RE.finditer(code):
+        expr = code[m.end():_expression_end(code, m.end())]
+        calls = [c.group(1) for c in _CALL_RE.finditer(expr)]
+        if not calls and not _IN_RE.search(expr):
+            continue
+        refs = _may_be_undefined(expr, rules)
+        if refs:
+            what = f"{calls[0]}()" if calls else "`in`"
+            yield Finding(name, masked.line(m.start()), KIND,
+                          f"`not` over {what} with {refs[0]} as an argument: when {refs[0]} is "
+                          "undefined OPA leaves the expression undefined and rego-cpp makes it "
+                          "true; test a rule instead (`not r` with `r if ...`)")
+
+
+def _concat_set_findings(name: str, masked: _Masked) -> Iterator[Finding]:
+    for m in _CONCAT_SET_RE.finditer(masked.code):
+        yield Finding(name, masked.line(m.start()), KIND,
+                      "concat() over a set: OPA joins the elements in sorted order, rego-cpp does "
+                      "not; join a sorted array (concat(sep, sort(s)))")
+
+
+def _regex_findings(name: str, masked: _Masked) -> Iterator[Finding]:
+    for m in _REGEX_CALL_RE.finditer(masked.code):
+        pattern = masked.strings.get(m.end(), "")
+        if _BACKREFERENCE_RE.search(pattern.replace("\\\\", "\\") if masked.code[m.end()] == '"'
+                                    else pattern):
+            yield Finding(name, masked.line(m.start()), KIND,
+                          "a backreference in a regular expression: OPA (RE2) refuses it, an "
+                          "error; rego-cpp matches it")
+
+
+def module_findings(module: PolicyModule, rules: frozenset[str]) -> list[Finding]:
+    masked = _mask(module.source)
+    found = [*_ordering_findings(module.name, masked), *_negation_findings(module.name, masked, rules),
+             *_concat_set_findings(module.name, masked), *_regex_findings(module.name, masked)]
+    return sorted(found, key=lambda f: f.line)
 
 
 def findings(sources: PolicySources) -> list[Finding]:
     """Constructs in the non-test modules that can decide differently on the two engines."""
-    return []
+    modules = [m for m in sources.modules if not m.is_test]
+    rules = frozenset(name for m in modules for name in m.rule_names())
+    return [f for m in modules for f in module_findings(m, rules)]
