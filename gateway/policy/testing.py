@@ -188,6 +188,8 @@ def _decision_hook(sources: PolicySources, entrypoint: str) -> tuple[PolicySourc
         renamed += count
         modules.append(replace(module, source=source))
     if not renamed:
+        if not any(m.package == package for m in sources.modules):
+            return ""  # a folder of tests for another package: nothing to check
         return f"no rule {rule} in package {package}"
     hook = (f"package {package}\n\nimport rego.v1\n\n"
             f"{rule} := {impl}__all[0] if {{\n"
@@ -268,7 +270,8 @@ def run_tests_opa(policy_dir: str | os.PathLike[str], *, run: re.Pattern[str] | 
     if entrypoint is not None and tests:
         hooked = _decision_hook(sources, entrypoint)
         if isinstance(hooked, str):
-            notes.append(f"decisions computed in tests are not contract-checked: {hooked}")
+            if hooked:
+                notes.append(f"decisions computed in tests are not contract-checked: {hooked}")
         else:
             candidate = ReferenceEngine(hooked[0], include_tests=True,
                                         extra_modules=[(_HOOK_FILE, hooked[1])])

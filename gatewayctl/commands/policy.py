@@ -106,11 +106,13 @@ def cmd_test(args: argparse.Namespace) -> int:
     try:
         # (1) what is wrong without running anything
         for finding in run_check(policy_dir, entrypoint):
+            where = f"{finding.file}:{finding.line}: " if finding.file else ""
+            text = f"{where}{finding.message} ({finding.kind})"
             if finding.kind in WARNING_KINDS:
-                print(f"WARN  {finding}")
+                print(f"WARN  {text}")
             else:
                 static_errors += 1
-                print(f"STATIC {finding}")
+                print(f"STATIC {text}")
         # (2) the tests, on the engine(s) asked for
         opa_results: list[TestResult] = []
         embedded_results: list[TestResult] = []
