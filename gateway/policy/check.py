@@ -6,6 +6,11 @@ ext_authz would take every in-flight request with it. The child builds the bundl
 serving entrypoints and evaluates each once with an empty input, so a policy that crashes only
 when queried is caught too.
 
+The child then runs the error-level checks of ``mcp-gateway policy check``
+(``gateway.policy.static``: OPA's strict compile of every module, tests included, and undefined
+data paths), so a policy the check refuses never serves: rego-cpp compiles a misspelt rule name
+or an unbound variable as "undefined", which can quietly switch a condition off.
+
     python -m gateway.policy.check DIR ENTRYPOINT [ENTRYPOINT ...]   (exit 0: safe to build)
 """
 
@@ -20,6 +25,7 @@ from pathlib import Path
 
 from gateway.policy.errors import PolicyCompileError, PolicyError
 from gateway.policy.rego import CompiledPolicy, load_sources
+from gateway.policy.static import check_sources, describe, errors
 
 DEFAULT_CHECK_TIMEOUT_SECONDS = 30.0
 _MAX_STDERR = 64 * 1024
@@ -29,13 +35,21 @@ _PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def check(policy_dir: str, entrypoints: Sequence[str]) -> None:
-    """Build and query once in this process; raises PolicyError (or crashes, which is the point)."""
-    compiled = CompiledPolicy(load_sources(policy_dir, include_tests=False), entrypoints)
+    """Build and query once in this process, then check statically; raises PolicyError (or
+    crashes, which is the point)."""
+    sources = load_sources(policy_dir, include_tests=True)
+    compiled = CompiledPolicy(sources, entrypoints)  # the serving modules: tests left out
     for ep in compiled.entrypoints:
         try:
             compiled.evaluate(ep, {})
         except PolicyError:
             pass  # a runtime error on an empty input is the policy's business, not a crash
+    # After the build: what rego-cpp refuses keeps its own file:line:col message.
+    refused = errors(check_sources(sources, compiled.entrypoints[0],
+                                   extra_entrypoints=compiled.entrypoints[1:], serving_compile=False))
+    if refused:
+        raise PolicyCompileError("the policy fails `mcp-gateway policy check`:\n"
+                                 + "\n".join(map(describe, refused)))
 
 
 async def check_in_subprocess(policy_dir: str, entrypoints: Sequence[str], *,

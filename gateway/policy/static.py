@@ -54,7 +54,7 @@ SERVING_COMPILE_ERROR = "regocpp_compile_error"
 DATA_SCHEMA_ERROR = "data_schema_error"
 LOAD_ERROR = "policy_load_error"
 REFERENCE_UNAVAILABLE = "reference_unavailable"
-WARNING_KINDS = frozenset({UNUSED_RULE})
+WARNING_KINDS = frozenset({UNUSED_RULE, UNDEFINED_ENTRYPOINT})
 
 # The list filters ext_proc queries besides policy.entrypoint (ext_proc.settings
 # DEFAULT_LIST_ENTRYPOINTS; a test keeps the two in step): rules nothing else refers to.
@@ -74,6 +74,14 @@ RefPath = tuple[str | None, ...]  # the same with None for a key not known stati
 
 def is_warning(finding: Finding) -> bool:
     return finding.kind in WARNING_KINDS
+
+
+def describe(finding: Finding) -> str:
+    """``file:line: message (kind)``; ``file: message (kind)`` when no line applies (data.json)."""
+    if finding.file and finding.line:
+        return str(finding)
+    where = f"{finding.file}: " if finding.file else ""
+    return f"{where}{finding.message} ({finding.kind})"
 
 
 def errors(findings: Iterable[Finding]) -> list[Finding]:
