@@ -51,10 +51,15 @@ def test_depends_on_names_existing_services(compose: dict[str, Any]) -> None:
 
 
 def test_mounted_files_exist(compose: dict[str, Any]) -> None:
-    """Each bind-mounted path is in the repo (TLS comes from an env-overridable folder)."""
+    """Each bind-mounted path is in the repo (TLS comes from an env-overridable folder); each
+    other mount is a named volume the file declares."""
+    named = set(compose.get("volumes") or {})
     for name, svc in services(compose).items():
         for volume in svc.get("volumes", []):
             source = volume.split(":")[0] if not volume.startswith("${") else volume[:volume.index("}") + 1]
+            if not source.startswith((".", "/", "$")):
+                assert source in named, f"{name} mounts undeclared volume {source}"
+                continue
             env = ENV_MOUNT.match(source)
             if env:
                 assert env["var"] == "MCP_GATEWAY_TLS_DIR", f"{name}: unexpected env mount {source}"
