@@ -156,6 +156,32 @@ async def test_broken_edit_keeps_last_good_bundle(simple: EmbeddedEngine) -> Non
     assert not (await simple.decide({"token": {"sub": "bob"}})).allow
 
 
+async def test_edit_failing_policy_check_keeps_last_good_bundle(tmp_path: Path) -> None:
+    """An edit rego-cpp compiles but `policy check` refuses (a misspelt rule name, `not
+    sql_to_long`, which rego-cpp reads as always true) is refused at reload, naming file and
+    line; the last good bundle keeps serving."""
+    folder = tmp_path / "policies"
+    shutil.copytree(REPO_POLICIES, folder)
+    engine = EmbeddedEngine(folder, "mcp/authz/decision", reload_interval=0)
+    await engine.start()
+    try:
+        rev = engine.revision
+        rego = folder / "authz.rego"
+        source = rego.read_text(encoding="utf-8")
+        old = "\tsql_understood\n\tevery t in"
+        assert old in source
+        rego.write_text(source.replace(old, "\tsql_understood\n\tnot sql_to_long\n\tevery t in"),
+                        encoding="utf-8")
+        line = next(n for n, text in enumerate(rego.read_text().splitlines(), 1)
+                    if "not sql_to_long" in text)
+        assert not await engine.reload_if_changed()
+        assert engine.last_error and f"authz.rego:{line}: var sql_to_long is unsafe" in engine.last_error
+        assert engine.revision == rev
+        assert (await engine.decide(tool_call("shared/a.txt"))).reason == "tool_allowed"
+    finally:
+        await engine.close()
+
+
 async def test_watcher_task_reloads(tmp_path: Path) -> None:
     """The background watcher notices an edit without anyone asking (bounded poll)."""
     write(tmp_path, "authz.rego", SIMPLE % "first")
