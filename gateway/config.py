@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, get_args, get_type_hints
@@ -94,6 +94,62 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTuning:
+    """How Envoy treats one MCP server's instances (``envoy.upstream`` for every server,
+    ``servers.<name>.envoy`` for one). envoy/README.md has the table of what each changes."""
+
+    connect_timeout_ms: int = 1000
+    # The route's timeout for a whole answer. 0: none, because SSE answers and GET streams may
+    # stay open as long as the session lives; set it for servers that only answer JSON.
+    timeout_seconds: float = 0.0
+    # A stream with no bytes either way for this long is reset (0: none; HTTP/2 PING still
+    # finds dead peers).
+    idle_timeout_seconds: float = 0.0
+    # Retries only when the request provably never reached an instance (tools/call is not
+    # idempotent), never on the instance that just failed.
+    retries: int = 2
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 16  # retries in flight at once, across the cluster
+    health_interval_ms: int = 2000
+    # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
+    health_no_traffic_interval_ms: int = 5000
+    health_timeout_ms: int = 1000
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 1
+    outlier_consecutive_5xx: int = 5
+    outlier_consecutive_gateway_failure: int = 3
+    outlier_interval_ms: int = 5000
+    outlier_base_ejection_ms: int = 15000
+    outlier_max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class EnvoyTuning:
+    """The Envoy knobs of the ``envoy:`` section (edge defaults; envoy/README.md)."""
+
+    # The overload manager sheds load near this heap size: keep it below the container's limit.
+    max_heap_bytes: int = 1024 * 1024 * 1024
+    max_downstream_connections: int = 10_000
+    per_connection_buffer_bytes: int = 32 * 1024
+    request_headers_timeout_seconds: float = 10.0
+    # Time to receive the whole request (not the answer: SSE answers may stream for long).
+    request_timeout_seconds: float = 60.0
+    # Idle streams are closed after this, except on the MCP routes (their own idle timeout).
+    stream_idle_timeout_seconds: float = 300.0
+    connection_idle_timeout_seconds: float = 3600.0
+    http2_max_concurrent_streams: int = 100
+    http2_initial_stream_window_bytes: int = 65536
+    http2_initial_connection_window_bytes: int = 1048576
+    # Where the JSON access log goes: null for stdout, or a file path.
+    access_log_path: str | None = None
+    # Headers added to every answer (e.g. strict-transport-security), name -> value.
+    response_headers: tuple[tuple[str, str], ...] = ()
+    upstream: UpstreamTuning = UpstreamTuning()
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     name: str
     # module: started as `python -m <module> --host H --port P [extra args]`; "" for other kinds.
@@ -119,6 +175,8 @@ class ServerConfig:
     workdir: str | None = None
     # command: the packages its program comes from (None: the command is found on PATH).
     runtime: RuntimeConfig | None = None
+    # Envoy's treatment of this server: envoy.upstream with servers.<name>.envoy over it.
+    envoy: UpstreamTuning = UpstreamTuning()
 
     @property
     def upstream_path(self) -> str:
@@ -264,6 +322,7 @@ class GatewayConfig:
     audit: AuditConfig = AuditConfig()
     catalog: CatalogConfig = CatalogConfig()
     backends: tuple[BackendConfig, ...] = ()
+    envoy: EnvoyTuning = EnvoyTuning()
     # Names of secrets (environment variables) the dev stack hands to the processes that list
     # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
     secrets: tuple[str, ...] = ()
@@ -309,12 +368,35 @@ _RANGES: dict[str, tuple[float, float]] = {
     "telemetry.trace_sample_percent": (0, 100),
     "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000),
     "catalog.refresh_seconds": (1, 86400),
+    "envoy.max_heap_bytes": (64 << 20, 1 << 40), "envoy.max_downstream_connections": (1, 10_000_000),
+    "envoy.per_connection_buffer_bytes": (1024, 64 << 20),
+    "envoy.request_headers_timeout_seconds": (0.1, 300), "envoy.request_timeout_seconds": (1, 3600),
+    "envoy.stream_idle_timeout_seconds": (1, 86400),
+    "envoy.connection_idle_timeout_seconds": (1, 86400),
+    "envoy.http2_max_concurrent_streams": (1, 2_147_483_647),
+    # HTTP/2 flow-control windows (RFC 9113 bounds Envoy enforces).
+    "envoy.http2_initial_stream_window_bytes": (65535, 2_147_483_647),
+    "envoy.http2_initial_connection_window_bytes": (65535, 2_147_483_647),
+    "upstream.connect_timeout_ms": (1, 60_000), "upstream.timeout_seconds": (0, 86400),
+    "upstream.idle_timeout_seconds": (0, 86400), "upstream.retries": (0, 10),
+    "upstream.max_connections": (1, 1_000_000), "upstream.max_pending_requests": (1, 1_000_000),
+    "upstream.max_requests": (1, 1_000_000), "upstream.max_retries": (0, 1_000_000),
+    "upstream.health_interval_ms": (100, 3_600_000),
+    "upstream.health_no_traffic_interval_ms": (100, 3_600_000),
+    "upstream.health_timeout_ms": (10, 60_000), "upstream.unhealthy_threshold": (1, 100),
+    "upstream.healthy_threshold": (1, 100), "upstream.outlier_consecutive_5xx": (1, 1000),
+    "upstream.outlier_consecutive_gateway_failure": (1, 1000),
+    "upstream.outlier_interval_ms": (100, 3_600_000),
+    "upstream.outlier_base_ejection_ms": (100, 3_600_000),
+    "upstream.outlier_max_ejection_percent": (0, 100),
 }
 
 
-def _section(cls: Any, raw: Any, where: str, **overrides: Any) -> Any:
+def _section(cls: Any, raw: Any, where: str, *, ranges: str | None = None, base: Any = None,
+             **overrides: Any) -> Any:
     """A config dataclass from a mapping: unknown keys, wrong types and out-of-range numbers
-    are refused naming ``where.key``; absent keys take the dataclass defaults."""
+    are refused naming ``where.key``; absent keys take ``base``'s values (default: the
+    dataclass defaults). ``ranges`` names the _RANGES prefix when it is not ``where``."""
     data = _only({} if raw is None else raw, {f.name for f in fields(cls)}, where)
     hints = get_type_hints(cls)
     for key, value in data.items():
@@ -327,12 +409,35 @@ def _section(cls: Any, raw: Any, where: str, **overrides: Any) -> Any:
             names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds
                                 if not (k is int and float in kinds))
             raise ConfigError(f"{where}.{key} must be {names}, got {value!r}")
-        bounds = _RANGES.get(f"{where}.{key}")
+        bounds = _RANGES.get(f"{ranges or where}.{key}")
         if bounds is not None and value is not None and not bounds[0] <= value <= bounds[1]:
             what = "a number" if float in kinds else "an integer"
             raise ConfigError(f"{where}.{key} must be {what} from {bounds[0]:g} to {bounds[1]:g}, "
                               f"got {value!r}")
+    if base is not None:
+        return replace(base, **{**data, **overrides})
     return cls(**{**data, **overrides})
+
+
+def _envoy_tuning(raw: Any) -> EnvoyTuning:
+    data = _only({} if raw is None else raw, {f.name for f in fields(EnvoyTuning)}, "envoy")
+    upstream = _section(UpstreamTuning, data.get("upstream"), "envoy.upstream", ranges="upstream")
+    headers = _take(data, "response_headers", dict, "envoy", {})
+    for name, value in headers.items():
+        if not (isinstance(name, str) and _HEADER_NAME.match(name) and isinstance(value, str)
+                and "\r" not in value and "\n" not in value):
+            raise ConfigError(f"envoy.response_headers: {name!r}: a lower-case header name and a "
+                              f"one-line string value")
+    log = _take(data, "access_log_path", (str, type(None)), "envoy", None)
+    if log is not None and not log.startswith("/"):
+        raise ConfigError(f"envoy.access_log_path must be an absolute path or null, got {log!r}")
+    rest = {k: v for k, v in data.items() if k not in ("upstream", "response_headers")}
+    tuning: EnvoyTuning = _section(EnvoyTuning, rest, "envoy", upstream=upstream,
+                                   response_headers=tuple(sorted(headers.items())))
+    return tuning
+
+
+_HEADER_NAME = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
@@ -576,7 +681,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
                       "max_request_bytes", "telemetry", "audit", "catalog", "backends",
-                      "secrets"}, "config")
+                      "secrets", "envoy"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -601,12 +706,19 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     servers_raw = top.get("servers")
     if not isinstance(servers_raw, dict) or not servers_raw:
         raise ConfigError("servers must be a non-empty mapping of name -> server")
+    envoy = _envoy_tuning(top.get("envoy"))
     servers = []
     for name, sdata in servers_raw.items():
         where = f"servers.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: a server name is letters, digits, '-' and '_'")
-        servers.append(_server(name, sdata, where, secrets, path))
+        override = sdata.get("envoy") if isinstance(sdata, dict) else None
+        if isinstance(sdata, dict):
+            sdata = {k: v for k, v in sdata.items() if k != "envoy"}
+        server = _server(name, sdata, where, secrets, path)
+        tuning = _section(UpstreamTuning, override, f"{where}.envoy", ranges="upstream",
+                          base=envoy.upstream)
+        servers.append(replace(server, envoy=tuning))
     names = [s.name for s in servers]
 
     backends = []
@@ -717,7 +829,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         tls=tls, issuers=tuple(issuers), auth=auth, policy=policy, rate_limits=rate_limits,
         ext_authz=ext_authz,
         ext_proc=ext_proc,
-        servers=tuple(servers), backends=tuple(backends), secrets=secrets,
+        servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,

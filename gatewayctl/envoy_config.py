@@ -42,14 +42,9 @@ from gateway.wire import (
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 
-# Edge defaults (Envoy's edge best practices). Named here so a reviewer sees them in one place.
-BUFFER_LIMIT_BYTES = 32 * 1024
-MAX_HEAP_BYTES = 1024 * 1024 * 1024
-MAX_DOWNSTREAM_CONNECTIONS = 10_000
-# Concurrent requests per MCP server cluster. Every GET stream of a session holds an ext_proc
-# stream for as long as it stays open, so ext_proc admits as many as all servers together: the
-# streams held open on one server never starve inspection of the others.
-SERVER_MAX_REQUESTS = 1024
+# Edge defaults (Envoy's edge best practices) live in gateway.config.EnvoyTuning and
+# UpstreamTuning, where the `envoy:` section of the gateway config changes them. The checks of
+# the gateway's own services (ext_authz, ext_proc) stay fixed here.
 HEALTH_INTERVAL = "2s"
 # Envoy checks idle clusters only every 60 s by default; a dead instance must be found sooner.
 HEALTH_NO_TRAFFIC_INTERVAL = "5s"
@@ -83,11 +78,23 @@ def _q(value: str) -> str:
     return json.dumps(value)
 
 
+class _TemplateText(str):
+    """A template's text that remembers its file, for errors that name it."""
+
+    __slots__ = ("path",)
+    path: Path
+
+
 def _template(name: str) -> str:
-    return (TEMPLATE_DIR / name).read_text(encoding="utf-8")
+    path = TEMPLATE_DIR / name
+    text = _TemplateText(path.read_text(encoding="utf-8"))
+    text.path = path
+    return text
 
 
 def _fill(text: str, blocks: dict[str, str], scalars: dict[str, object]) -> str:
+    source = text
+
     def block(match: re.Match[str]) -> str:
         name = match.group("name")
         if name not in blocks:
@@ -102,7 +109,21 @@ def _fill(text: str, blocks: dict[str, str], scalars: dict[str, object]) -> str:
     text = "\n".join(line for line in text.split("\n") if line != "\x00")
     # Block contents were already filled; a `$` left in them would be a scalar placeholder of the
     # fragment's own template, so fragments are always filled before they are inserted.
-    return Template(text).substitute({k: str(v) for k, v in scalars.items()})
+    try:
+        return Template(text).substitute({k: str(v) for k, v in scalars.items()})
+    except (KeyError, ValueError) as exc:
+        where = getattr(source, "path", None) or "an Envoy template"
+        line = ""
+        if isinstance(exc, KeyError):
+            needle = re.compile(r"\$\{?" + re.escape(str(exc.args[0])) + r"\b")
+            for number, row in enumerate(source.split("\n"), 1):
+                if needle.search(row):
+                    line = f":{number}"
+                    break
+            problem = f"${exc.args[0]} has no value"
+        else:
+            problem = f"a stray '$' ({exc}); write $$ for a literal '$'"
+        raise EnvoyConfigError(f"{where}{line}: {problem}") from None
 
 
 def _is_ip(host: str) -> bool:
@@ -281,6 +302,7 @@ def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
     name = server.name
     tmpl = _template("mcp_route.yaml.tmpl")
     blocks, scalars, removed = _upstream_route(server)
+    scalars = {**scalars, **_server_tuning(server)}
     plain = _fill(tmpl, {"route_comment": _PLAIN_COMMENT if options.ext_proc else
                          "# The MCP endpoint (Streamable HTTP: POST + GET, JSON or SSE answers). "
                          "Servers serve /mcp.",
@@ -311,11 +333,61 @@ def _check(config: GatewayConfig) -> None:
                                f"Envoy's {headers_kb} KiB request header limit")
 
 
+def _seconds(value: float) -> str:
+    """A duration as Envoy reads it (``1.5s``; ``0s`` is "none" where Envoy says so)."""
+    return f"{value:g}s"
+
+
+def _ms(value: int) -> str:
+    return _seconds(value / 1000)
+
+
+def _server_tuning(server: ServerConfig) -> dict[str, object]:
+    """The scalars of one server's cluster and routes from its UpstreamTuning."""
+    t = server.envoy
+    return {
+        "connect_timeout": _ms(t.connect_timeout_ms), "route_timeout": _seconds(t.timeout_seconds),
+        "route_idle_timeout": _seconds(t.idle_timeout_seconds), "retries": t.retries,
+        "max_connections": t.max_connections, "max_pending_requests": t.max_pending_requests,
+        "max_requests": t.max_requests, "max_retries": t.max_retries,
+        "health_timeout": _ms(t.health_timeout_ms),
+        "server_health_interval": _ms(t.health_interval_ms),
+        "server_health_no_traffic_interval": _ms(t.health_no_traffic_interval_ms),
+        "unhealthy_threshold": t.unhealthy_threshold, "healthy_threshold": t.healthy_threshold,
+        "outlier_consecutive_5xx": t.outlier_consecutive_5xx,
+        "outlier_consecutive_gateway_failure": t.outlier_consecutive_gateway_failure,
+        "outlier_interval": _ms(t.outlier_interval_ms),
+        "outlier_base_ejection": _ms(t.outlier_base_ejection_ms),
+        "outlier_max_ejection_percent": t.outlier_max_ejection_percent,
+    }
+
+
+def _access_log(config: GatewayConfig, options: RenderOptions) -> tuple[dict[str, str], dict[str, object]]:
+    path = config.envoy.access_log_path
+    if path is None:
+        return {"access_log_path": ""}, {
+            "access_log_name": "envoy.access_loggers.stdout",
+            "access_log_type":
+                "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"}
+    return {"access_log_path": f"path: {_q(_path(path, options))}\n"}, {
+        "access_log_name": "envoy.access_loggers.file",
+        "access_log_type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"}
+
+
+def _response_headers(config: GatewayConfig) -> str:
+    if not config.envoy.response_headers:
+        return ""
+    return "# Added to every answer (envoy.response_headers).\nresponse_headers_to_add:\n" + "".join(
+        f"- header: {{key: {_q(name)}, value: {_q(value)}}}\n  append_action: OVERWRITE_IF_EXISTS_OR_ADD\n"
+        for name, value in config.envoy.response_headers)
+
+
 def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     """The Envoy bootstrap YAML for ``config`` (commented, deterministic)."""
     options = options or RenderOptions()
     _check(config)
-    buffer_limit = BUFFER_LIMIT_BYTES
+    tuning = config.envoy
+    buffer_limit = tuning.per_connection_buffer_bytes
     health = {"health_interval": HEALTH_INTERVAL,
               "health_no_traffic_interval": HEALTH_NO_TRAFFIC_INTERVAL}
 
@@ -328,13 +400,13 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         routes.append(_fill(route_tmpl, {"metadata_json": metadata,
                                          "mcp_routes": _mcp_routes(server, options)},
                             {"name": server.name}))
+        per_server = _server_tuning(server)
         clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances, server),
                                              "health_check": _health_check(server),
                                              "transport_socket": _upstream_tls(server, options)},
                               {"name": server.name, "instance_count": len(server.instances),
                                "discovery": _discovery(server.instances),
-                               "buffer_limit_bytes": buffer_limit,
-                               "server_max_requests": SERVER_MAX_REQUESTS, **health}))
+                               "buffer_limit_bytes": buffer_limit, **per_server}))
 
     mtls = config.tls.client_ca_file is not None
     client_validation = ""
@@ -353,7 +425,11 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         ext_proc_cluster = _fill(_template("ext_proc_cluster.yaml.tmpl"),
                                  {"ext_proc_endpoints": _endpoints(config.ext_proc.instances)},
                                  {"ext_proc_discovery": _discovery(config.ext_proc.instances),
-                                  "ext_proc_max_requests": SERVER_MAX_REQUESTS * len(config.servers),
+                                  # Every GET stream of a session holds an ext_proc stream while
+                                  # open: ext_proc admits as many as all servers together, so
+                                  # streams held on one server never starve the others.
+                                  "ext_proc_max_requests": sum(s.envoy.max_requests
+                                                               for s in config.servers),
                                   **health})
 
     edge_filter = ""
@@ -390,7 +466,10 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
 
     removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS))
+    log_blocks, log_scalars = _access_log(config, options)
     blocks = {
+        **log_blocks,
+        "response_headers": _response_headers(config),
         "client_validation": client_validation,
         "client_cert_details": client_cert_details,
         "identity_header_removals": removals,
@@ -413,8 +492,16 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         "source": _path(config.source, options) or "the embedded default config",
         "admin_host": _q(config.admin.host), "admin_port": config.admin.port,
         "listen_host": _q(config.listen.host), "listen_port": config.listen.port,
-        "max_heap_bytes": MAX_HEAP_BYTES,
-        "max_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+        **log_scalars,
+        "max_heap_bytes": tuning.max_heap_bytes,
+        "max_downstream_connections": tuning.max_downstream_connections,
+        "request_headers_timeout": _seconds(tuning.request_headers_timeout_seconds),
+        "request_timeout": _seconds(tuning.request_timeout_seconds),
+        "stream_idle_timeout": _seconds(tuning.stream_idle_timeout_seconds),
+        "connection_idle_timeout": _seconds(tuning.connection_idle_timeout_seconds),
+        "http2_max_concurrent_streams": tuning.http2_max_concurrent_streams,
+        "http2_initial_stream_window_bytes": tuning.http2_initial_stream_window_bytes,
+        "http2_initial_connection_window_bytes": tuning.http2_initial_connection_window_bytes,
         "buffer_limit_bytes": buffer_limit,
         "require_client_certificate": "true" if mtls else "false",
         "tls_min_version": config.tls.min_version,
