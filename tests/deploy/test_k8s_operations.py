@@ -15,7 +15,9 @@ import trustme
 import yaml
 
 from gateway.config import load_config
+from gateway.service import SHUTDOWN_GRACE_SECONDS
 from gatewayctl.envoy_config import validate
+from mcp_servers.core.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
@@ -193,3 +195,41 @@ def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
     target = tmp_path / "envoy.yaml"
     target.write_text(text)
     validate(target)
+
+
+# Envoy refreshes a STRICT_DNS cluster every 5 s (its default) and the cluster DNS caches an
+# answer up to its TTL (5 s in CoreDNS's kubernetes plugin): how long a terminating pod may still
+# get new calls.
+ENDPOINT_PROPAGATION_SECONDS = 10
+# How long each process's own drain may take after SIGTERM: the gRPC services' grace, the
+# servers' --shutdown-timeout default.
+OWN_DRAIN_SECONDS = {"ext-authz": SHUTDOWN_GRACE_SECONDS, "ext-proc": SHUTDOWN_GRACE_SECONDS,
+                     "files": ServerSettings().shutdown_timeout,
+                     "database": ServerSettings().shutdown_timeout}
+
+
+def test_python_services_keep_serving_until_envoy_stops_calling() -> None:
+    """ext_authz, ext_proc and each server sleep in preStop at least as long as Envoy may still
+    send them calls, and the grace period covers the sleep plus the process's own drain."""
+    for name, own_drain in OWN_DRAIN_SECONDS.items():
+        spec = workloads()[name]["spec"]["template"]["spec"]
+        command = spec["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+        assert command[0] == "sleep", name
+        sleep = int(command[1])
+        argv = spec["containers"][0]["command"]
+        assert "--shutdown-timeout" not in argv, f"{name}: the drain budget assumes the default"
+        assert sleep >= ENDPOINT_PROPAGATION_SECONDS, name
+        assert sleep + own_drain < spec.get("terminationGracePeriodSeconds", 30), name
+
+
+def test_stream_carriers_scale_down_slowly() -> None:
+    """Envoy and ext_proc carry long streams: each has an HPA (2+ replicas) whose scale-down waits
+    out a stabilization window and removes one pod at a time."""
+    hpas = {d["metadata"]["name"]: d["spec"] for d in documents() if d["kind"] == "HorizontalPodAutoscaler"}
+    for name in ("envoy", "ext-proc"):
+        spec = hpas[name]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert spec["minReplicas"] >= 2
+        down = spec["behavior"]["scaleDown"]
+        assert down["stabilizationWindowSeconds"] >= 300, name
+        assert all(p["type"] == "Pods" and p["value"] == 1 for p in down["policies"]), name
