@@ -147,6 +147,9 @@ class EnvoyTuning:
     # Headers added to every answer (e.g. strict-transport-security), name -> value.
     response_headers: tuple[tuple[str, str], ...] = ()
     upstream: UpstreamTuning = UpstreamTuning()
+    # The escape hatch: a folder whose *.yaml.tmpl files replace the shipped templates of the
+    # same name (envoy/templates/), for what the knobs above do not cover. None: shipped only.
+    templates_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -419,7 +422,7 @@ def _section(cls: Any, raw: Any, where: str, *, ranges: str | None = None, base:
     return cls(**{**data, **overrides})
 
 
-def _envoy_tuning(raw: Any) -> EnvoyTuning:
+def _envoy_tuning(raw: Any, path: Callable[[str], str]) -> EnvoyTuning:
     data = _only({} if raw is None else raw, {f.name for f in fields(EnvoyTuning)}, "envoy")
     upstream = _section(UpstreamTuning, data.get("upstream"), "envoy.upstream", ranges="upstream")
     headers = _take(data, "response_headers", dict, "envoy", {})
@@ -431,9 +434,15 @@ def _envoy_tuning(raw: Any) -> EnvoyTuning:
     log = _take(data, "access_log_path", (str, type(None)), "envoy", None)
     if log is not None and not log.startswith("/"):
         raise ConfigError(f"envoy.access_log_path must be an absolute path or null, got {log!r}")
-    rest = {k: v for k, v in data.items() if k not in ("upstream", "response_headers")}
+    templates = _take(data, "templates_dir", (str, type(None)), "envoy", None)
+    if templates is not None:
+        templates = path(templates)
+        if not Path(templates).is_dir():
+            raise ConfigError(f"envoy.templates_dir: {templates} is not a folder")
+    rest = {k: v for k, v in data.items() if k not in ("upstream", "response_headers", "templates_dir")}
     tuning: EnvoyTuning = _section(EnvoyTuning, rest, "envoy", upstream=upstream,
-                                   response_headers=tuple(sorted(headers.items())))
+                                   response_headers=tuple(sorted(headers.items())),
+                                   templates_dir=templates)
     return tuning
 
 
@@ -706,7 +715,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     servers_raw = top.get("servers")
     if not isinstance(servers_raw, dict) or not servers_raw:
         raise ConfigError("servers must be a non-empty mapping of name -> server")
-    envoy = _envoy_tuning(top.get("envoy"))
+    envoy = _envoy_tuning(top.get("envoy"), path)
     servers = []
     for name, sdata in servers_raw.items():
         where = f"servers.{name}"

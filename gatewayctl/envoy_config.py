@@ -16,6 +16,7 @@ Two kinds of placeholder:
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import ipaddress
 import json
@@ -85,8 +86,14 @@ class _TemplateText(str):
     path: Path
 
 
+# The operator's template folder (envoy.templates_dir) while render() runs: its files replace
+# the shipped ones of the same name.
+_OVERLAY: contextvars.ContextVar[Path | None] = contextvars.ContextVar("template_overlay", default=None)
+
+
 def _template(name: str) -> str:
-    path = TEMPLATE_DIR / name
+    overlay = _OVERLAY.get()
+    path = overlay / name if overlay is not None and (overlay / name).is_file() else TEMPLATE_DIR / name
     text = _TemplateText(path.read_text(encoding="utf-8"))
     text.path = path
     return text
@@ -384,7 +391,15 @@ def _response_headers(config: GatewayConfig) -> str:
 
 def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     """The Envoy bootstrap YAML for ``config`` (commented, deterministic)."""
-    options = options or RenderOptions()
+    overlay = config.envoy.templates_dir
+    token = _OVERLAY.set(Path(overlay) if overlay else None)
+    try:
+        return _render(config, options or RenderOptions())
+    finally:
+        _OVERLAY.reset(token)
+
+
+def _render(config: GatewayConfig, options: RenderOptions) -> str:
     _check(config)
     tuning = config.envoy
     buffer_limit = tuning.per_connection_buffer_bytes

@@ -156,3 +156,30 @@ def test_a_template_mistake_names_the_template_and_line(tmp_path: Path,
     config = parse_config(raw_config(), base_dir=REPO)
     with pytest.raises(EnvoyConfigError, match=rf"{cluster}:4: \$no_such_knob has no value"):
         render(config)
+
+
+def test_a_template_overlay_replaces_a_shipped_template(certs: Certs, tmp_path: Path) -> None:  # noqa: F811
+    """envoy.templates_dir: a file there replaces the shipped template of the same name (what
+    the knobs do not cover, without forking); the others stay the shipped ones."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    shipped = (envoy_config.TEMPLATE_DIR / "server_cluster.yaml.tmpl").read_text()
+    assert "lb_policy: RING_HASH" in shipped
+    (overlay / "server_cluster.yaml.tmpl").write_text(
+        shipped.replace("  lb_policy: RING_HASH\n",
+                        "  lb_policy: RING_HASH\n  ignore_health_on_host_removal: true\n"))
+    raw = raw_config(templates_dir=str(overlay))
+    config = with_certs(parse_config(raw, base_dir=REPO), certs)
+    text = render(config)
+    doc = yaml.safe_load(text)
+    assert all(c.get("ignore_health_on_host_removal") is True
+               for name, c in clusters(doc).items() if name.startswith("mcp_"))
+    assert "ignore_health_on_host_removal" not in str(clusters(doc)["ext_authz"])
+    validate_text(text, tmp_path)
+    # Rendering again without the overlay gives the shipped templates back.
+    assert "ignore_health_on_host_removal" not in render(parse_config(raw_config(), base_dir=REPO))
+
+
+def test_a_missing_template_overlay_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"envoy\.templates_dir: .*nowhere is not a folder"):
+        parse_config(raw_config(templates_dir=str(tmp_path / "nowhere")), base_dir=REPO)
