@@ -3,24 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from types import ModuleType
 
-from gatewayctl.commands import catalog, policy, stack
+# Command -> the module whose ``register`` adds it (and the group's other commands). Only the
+# group a command line names is imported: the groups pull in different halves of the gateway
+# (the policy kit, the catalog and its HTTP clients, the dev stack), and `policy test` should not
+# wait for the catalog's imports.
+COMMANDS = {"up": "stack", "down": "stack", "status": "stack", "token": "stack",
+            "config": "stack", "policy": "policy", "catalog": "catalog"}
+GROUPS = ("stack", "policy", "catalog")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _named_group(argv: list[str]) -> str | None:
+    """The command group of a command line (None: none named yet, e.g. ``--help``)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--config":
+            next(words, None)
+        elif not word.startswith("-"):
+            return COMMANDS.get(word)
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mcp-gateway", description="Enterprise MCP gateway on Envoy")
     parser.add_argument("--config", help="gateway config file (default: the embedded dev config)")
     sub = parser.add_subparsers(dest="command", required=True)
+    group = _named_group(sys.argv[1:] if argv is None else argv)
     # Each module's ``register`` adds its commands, and each command sets ``func``.
-    stack.register(sub)    # up, down, status, token, config
-    policy.register(sub)   # policy test, policy eval
-    catalog.register(sub)  # catalog list, approve, refresh
+    for name in (group,) if group else GROUPS:
+        module: ModuleType = importlib.import_module(f"gatewayctl.commands.{name}")
+        module.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     rc: int = args.func(args)
     return rc
 
