@@ -75,6 +75,16 @@ def cmd_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    try:
+        result = devstack.reload(_config(args))
+    except (ConfigError, devstack.StackError, envoy_config.EnvoyConfigError) as exc:
+        return _fail(str(exc))
+    print(f"Envoy reloaded without dropping requests: pid {result['pid']}, restart epoch "
+          f"{result['restart_epoch']} (the previous Envoy drains and exits)")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
         config = _config(args)
@@ -177,6 +187,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     down = subparsers.add_parser("down", help="stop a detached dev stack")
     down.set_defaults(func=cmd_down)
+
+    rl = subparsers.add_parser("reload", help="apply Envoy config and certificate changes to the "
+                               "running stack without dropping requests (Envoy hot restart)")
+    rl.set_defaults(func=cmd_reload)
 
     st = subparsers.add_parser("status", help="show each process of the dev stack")
     st.add_argument("--json", action="store_true", help="machine-readable output")

@@ -43,6 +43,7 @@ from gatewayctl.devstack.supervisor import (
     Stack,
     down,
     read_pid_file,
+    reload,
     running,
     status,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "plan",
     "probe",
     "read_pid_file",
+    "reload",
     "running",
     "serves_metrics",
     "signing_key",

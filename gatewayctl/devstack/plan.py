@@ -98,6 +98,31 @@ def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tup
             "--log-level", config.telemetry.log_level)
 
 
+# Envoy's hot restart (`mcp-gateway reload`): the new Envoy takes the listening sockets over, the
+# old one drains its connections for ENVOY_DRAIN_SECONDS and exits after
+# ENVOY_PARENT_SHUTDOWN_SECONDS (streams still open then, e.g. long SSE answers, are cut).
+ENVOY_DRAIN_SECONDS = 5
+ENVOY_PARENT_SHUTDOWN_SECONDS = 15
+
+
+def envoy_base_id(config: GatewayConfig) -> int:
+    """Envoy's --base-id: names the shared memory and sockets of its hot restart, so it must
+    differ between stacks on one machine; their listen ports already do."""
+    return config.listen.port
+
+
+def envoy_command(config: GatewayConfig) -> tuple[str, ...]:
+    """The stack's Envoy: its restarter (which adds ``--restart-epoch`` and hot-restarts it on
+    SIGHUP: Envoy with hot restart on dies with the process that started it) and Envoy's argv."""
+    return (sys.executable, "-m", "gatewayctl.envoy_restarter", "--state-dir",
+            str(paths(config).state_dir), "--",
+            str(envoy_config.find_envoy()), "-c", str(paths(config).envoy_yaml),
+            "--log-level", "warn", "--base-id", str(envoy_base_id(config)),
+            "--drain-time-s", str(ENVOY_DRAIN_SECONDS),
+            "--parent-shutdown-time-s", str(ENVOY_PARENT_SHUTDOWN_SECONDS),
+            "--concurrency", str(envoy_config.worker_threads()))
+
+
 def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
          modules: dict[str, str] | None = None) -> list[Component]:
     """Every process the stack runs, in start order (pure: starts nothing).
@@ -170,8 +195,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                   *server.args),
                                  Probe("http", inst.host, inst.port, "/ready"), env=server.env,
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
-    envoy_argv = (str(envoy_config.find_envoy()), "-c", str(p.envoy_yaml), "--log-level", "warn",
-                  "--disable-hot-restart", "--concurrency", str(envoy_config.worker_threads()))
+    envoy_argv = envoy_command(config)
     # Envoy reads url servers' static header secrets from its environment (%ENVIRONMENT%).
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
                          Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,

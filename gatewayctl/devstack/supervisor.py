@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import http.client
 import json
 import logging
 import os
@@ -32,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gatewayctl import envoy_config, runtimes
+from gatewayctl import envoy_config, envoy_restarter, runtimes
 from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
-from gatewayctl.devstack.health import probe, upstream_problem
+from gatewayctl.devstack.health import PROBE_TIMEOUT_SECONDS, probe, upstream_problem
 from gatewayctl.devstack.plan import (
     Component,
     Probe,
@@ -354,3 +355,65 @@ def down(config: GatewayConfig, timeout: float = STOP_TIMEOUT_SECONDS) -> list[i
     with contextlib.suppress(FileNotFoundError):
         paths(config).pid_file.unlink()
     return [e["pid"] for e, _ in live]
+
+
+# ---------------------------------------------------------------------------------- reload
+
+def reload(config: GatewayConfig, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -> dict[str, Any]:
+    """Apply the gateway config's Envoy side and the current certificates to a running stack
+    without dropping requests: render and validate the new Envoy config (a refused one changes
+    nothing), then have the stack's Envoy restarter (gatewayctl.envoy_restarter) hot-restart
+    Envoy. The new Envoy takes the listening sockets over; the old one finishes its requests,
+    drains and exits. Returns the new restart epoch.
+
+    Processes themselves (servers, ext_authz, ext_proc, their ports) are not changed by a reload:
+    those changes need ``down`` and ``up``."""
+    p = paths(config)
+    data = read_pid_file(config)
+    entries = (data or {}).get("components", [])
+    envoy = next((e for e in entries if e["component"] == "envoy" and _alive(e)), None)
+    admin = config.admin
+    current = _serving_epoch(admin.host, admin.port)
+    if data is None or not data.get("ready") or envoy is None or current is None:
+        raise StackError(f"no running dev stack with a live Envoy in {p.state_dir}: "
+                         f"start one with `mcp-gateway up`")
+    with_ext_proc = any(e["component"] == "ext_proc" for e in entries)
+    ensure_tls(config)  # certificates the stack makes itself are made again when removed
+    candidate = p.envoy_yaml.with_name("envoy.next.yaml")
+    candidate.write_text(envoy_config.render(
+        config, envoy_config.RenderOptions(ext_proc=with_ext_proc)), encoding="utf-8")
+    try:
+        envoy_config.validate(candidate, cwd=base_dir(config))
+    except envoy_config.EnvoyConfigError as exc:
+        raise StackError(f"the new Envoy config was refused; the running Envoy keeps serving the "
+                         f"old one:\n{exc}") from None
+    candidate.replace(p.envoy_yaml)
+    os.kill(int(envoy["pid"]), signal.SIGHUP)  # the restarter starts the next epoch
+    deadline = time.monotonic() + timeout
+    while _serving_epoch(admin.host, admin.port) != current + 1:
+        failed = envoy_restarter.failed_epoch(p.state_dir)
+        if failed == current + 1 or time.monotonic() > deadline:
+            log = Path(envoy.get("log") or p.logs / "envoy-0.log")
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-10:])
+            raise StackError(f"the new Envoy (restart epoch {current + 1}) did not take over; "
+                             f"the old one keeps serving:\n{tail}")
+        time.sleep(POLL_INTERVAL_SECONDS)
+    return {"restart_epoch": current + 1, "pid": envoy["pid"]}
+
+
+def _serving_epoch(host: str, port: int) -> int | None:
+    """The restart epoch of the LIVE Envoy answering on the admin port (None: none answers)."""
+    conn = http.client.HTTPConnection(host, port, timeout=PROBE_TIMEOUT_SECONDS)
+    try:
+        conn.request("GET", "/server_info")
+        reply = conn.getresponse()
+        if reply.status != 200:
+            return None
+        info = json.loads(reply.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    if info.get("state") != "LIVE":
+        return None
+    return int(info.get("command_line_options", {}).get("restart_epoch", 0))
