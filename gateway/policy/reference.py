@@ -12,9 +12,11 @@ this package), so that:
 * every difference between the two engines on the same input is visible (``policy test``
   compares the decisions of both on sample requests; ``tests/gateway/policy/parity``).
 
-OPA is used here as a library: the bridge compiles with OPA's strict mode (unused variables and
-imports are errors) and strict built-in errors (a type error in a built-in is an error, not
-undefined), which is stricter than a remote OPA server's default and only ever refuses more.
+OPA is used here as a library: the bridge compiles with OPA's strict mode (unused imports and
+unused declared variables, `some x` or the key of `every k, v`, are errors; an assigned variable
+nothing reads, `x := 1`, is not) and strict built-in errors (a type error in a built-in is an
+error, not undefined), which is stricter than a remote OPA server's default and only ever
+refuses more.
 """
 
 from __future__ import annotations

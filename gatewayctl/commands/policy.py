@@ -21,7 +21,7 @@ from gateway.policy.errors import PolicyError
 from gateway.policy.input import build_policy_input
 from gateway.policy.reference import ReferenceEngine
 from gateway.policy.rego import CompiledPolicy, PolicySources, load_sources
-from gateway.policy.static import run_check
+from gateway.policy.static import is_warning, run_check
 from gateway.policy.testing import (
     TestResult,
     check_samples,
@@ -77,8 +77,6 @@ def register(subparsers: Any) -> None:
 
 
 ENGINES = ("opa", "embedded", "both")
-# Static findings that do not fail `policy test` (everything else does).
-WARNING_KINDS = frozenset({"rego_unused_rule"})
 MAX_CONTRACT_LINES = 20
 MAX_PARITY_LINES = 20
 MAX_EXPLANATION_LINES = 12  # of one failing test
@@ -108,7 +106,7 @@ def cmd_test(args: argparse.Namespace) -> int:
         for finding in run_check(policy_dir, entrypoint):
             where = f"{finding.file}:{finding.line}: " if finding.file else ""
             text = f"{where}{finding.message} ({finding.kind})"
-            if finding.kind in WARNING_KINDS:
+            if is_warning(finding):
                 print(f"WARN  {text}")
             else:
                 static_errors += 1
