@@ -23,8 +23,31 @@ IDENTITY_HEADERS = (USER_HEADER, ISSUER_HEADER, TENANT_HEADER, CLIENT_ID_HEADER,
 # Set by ext_authz alone on requests whose answer ext_proc must inspect; Envoy routes on it, so a
 # client's copy would let it force inspection.
 INSPECT_HEADER = "x-mcp-inspect"
+# The aggregate endpoints (/mcp, /mcp/<virtual>; gateway.aggregate): ext_authz names the route
+# Envoy takes after its check (a server's name, or AGGREGATOR_ROUTE for the aggregator) and always
+# sets it there, so a client's copy never routes. For a call aimed at one server it also hands
+# Envoy's Lua filter the one byte-exact body rewrite it checked (at byte offset, length, the JSON
+# text put in: the real tool name, prompt name, URI or answer id) and the client's request id as
+# JSON text (for the JSON-RPC error Envoy answers when that server is down).
+ROUTE_HEADER = "x-mcp-route"
+AGGREGATOR_ROUTE = "_aggregator"
+REWRITE_AT_HEADER = "x-mcp-rw-at"
+REWRITE_LEN_HEADER = "x-mcp-rw-len"
+REWRITE_TO_HEADER = "x-mcp-rw-to"
+REWRITE_HEADERS = (REWRITE_AT_HEADER, REWRITE_LEN_HEADER, REWRITE_TO_HEADER)
+ID_JSON_HEADER = "x-mcp-id-json"
+# ext_authz sets or removes each of these on every allowed request (whatever the path), and a
+# policy's headers never set them; Envoy's edge strips a client's copies too.
+AGGREGATE_HEADERS = (ROUTE_HEADER, *REWRITE_HEADERS, ID_JSON_HEADER)
 # Every header the gateway owns towards the upstream: a client-sent copy never survives.
 GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+# Sent by the aggregator on its /mcp/<server> legs for a virtual server's session, naming the
+# view: ext_authz then accepts the virtual server's token there for what the view holds. Not a
+# gateway-owned header: a client that sends it only narrows its own access.
+VIEW_HEADER = "x-mcp-view"
+# Envoy's Lua filter on the aggregate routes keeps the server and the client's request id of a
+# routed call here (keys "server" and "id"), for the response rewrite and the local reply.
+AGGREGATE_NAMESPACE = "mcp.agg"
 
 # What ext_authz's HTTP transport says to Envoy in headers (never taken from a client either):
 # the real status of a 5xx it answers as 400, the caller context for ext_proc, the client's TCP

@@ -34,6 +34,7 @@ SESSION_AAD = b"mcp-agg"
 # Far above a session of a hundred servers (~60 characters per server), far below what a header
 # can hold; checked before any decoding.
 MAX_TOKEN_CHARS = 16 * 1024
+LATE_JOIN_PREFIX = "mcpgw:agg:"
 _B64URL = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -84,6 +85,13 @@ class KeyRing:
             except InvalidTag:
                 continue  # two keys of the ring may share a kid: try the next
         raise InvalidSessionId("not an aggregate token")
+
+
+def late_join_key(sid: str, server: str) -> str:
+    """The shared-store key (Redis) under which the aggregator keeps the upstream session id of
+    ``server`` when it joined the session ``sid`` after initialize; ext_authz reads it when the
+    token's ``upstream`` lacks the server. Holds a hash, never the id itself."""
+    return f"{LATE_JOIN_PREFIX}{hashlib.sha256(sid.encode()).hexdigest()[:32]}:{server}"
 
 
 def key_id(key: bytes) -> int:

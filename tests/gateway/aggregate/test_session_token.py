@@ -158,3 +158,11 @@ def test_size_stays_small() -> None:
                              upstream={s: "0123456789abcdef0123456789abcdef" for s in ("a", "b", "c")},
                              issued_at=1700000000)
     assert len(SessionSealer([K1]).seal(three)) < 450
+
+
+def test_late_join_key() -> None:
+    """The store key hashes the id, names the server, and differs per session and server."""
+    from gateway.aggregate.session_token import late_join_key
+    key = late_join_key("sid-1", "files")
+    assert key.startswith("mcpgw:agg:") and key.endswith(":files") and "sid-1" not in key
+    assert len({key, late_join_key("sid-2", "files"), late_join_key("sid-1", "db")}) == 3
