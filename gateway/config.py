@@ -308,6 +308,44 @@ class CatalogConfig:
     refresh_seconds: float = 60.0
 
 
+# The aggregator's defaults (mcp_aggregator): the secret holding its session keys.
+DEFAULT_AGGREGATE_SESSION_KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
+# Names of virtual servers (served at /mcp/<name>); server names share the rule's spirit: no
+# "__" (the separator of <server>__<tool>) and no "+" (of <server>+<uri>).
+_VIRTUAL_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+# One entry of virtual_servers.<name>.tools: "<server>/<tool glob>" (fnmatch: * ? [...]).
+_TOOL_GLOB = re.compile(r"^[A-Za-z0-9_.\-*?\[\]!]+$")
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateConfig:
+    """The aggregate endpoint ``/mcp`` (docs/aggregate.md): one MCP server merging the servers a
+    caller may use as ``<server>__<tool>``. Calls aimed at one server are routed by Envoy
+    itself; initialize, lists, GET streams and DELETE go to the aggregator processes
+    (``instances``), which fan out through Envoy's per-server routes on ``inner_listener``.
+    ``session_keys`` names a secret in ``secrets``: comma-separated base64url 32-byte AES keys,
+    newest first, that seal the aggregate session ids."""
+
+    enabled: bool = True
+    instances: tuple[Instance, ...] = ()
+    session_keys: str = DEFAULT_AGGREGATE_SESSION_KEYS
+    # Envoy's plain-HTTP listener the aggregator calls for its /mcp/<server> legs: the same
+    # routes and filters as the edge (the client's bearer token is checked by ext_authz again),
+    # without TLS. Loopback unless the aggregator runs on another host (then a private address
+    # that only the aggregator can reach). None: no listener (aggregate off).
+    inner_listener: Instance | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VirtualServerConfig:
+    """A curated selection of tools served at ``/mcp/<name>`` with the aggregate machinery.
+    ``tools`` are ``"<server>/<tool glob>"`` (``files/read_*``)."""
+
+    name: str
+    tools: tuple[str, ...]
+    description: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Instance
@@ -326,6 +364,9 @@ class GatewayConfig:
     catalog: CatalogConfig = CatalogConfig()
     backends: tuple[BackendConfig, ...] = ()
     envoy: EnvoyTuning = EnvoyTuning()
+    # The aggregate endpoint /mcp (off when the config has no aggregate: section).
+    aggregate: AggregateConfig = AggregateConfig(enabled=False)
+    virtual_servers: tuple[VirtualServerConfig, ...] = ()
     # Names of secrets (environment variables) the dev stack hands to the processes that list
     # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
     secrets: tuple[str, ...] = ()
@@ -342,6 +383,17 @@ class GatewayConfig:
     def resource_url(self, server: str) -> str:
         """The RFC 8707 resource identifier (token audience) of one MCP server."""
         return f"{self.public_url.rstrip('/')}/mcp/{server}"
+
+    def aggregate_url(self, virtual: str | None = None) -> str:
+        """The resource identifier of the aggregate endpoint /mcp, or of a virtual server."""
+        base = f"{self.public_url.rstrip('/')}/mcp"
+        return f"{base}/{virtual}" if virtual else base
+
+    def virtual_server(self, name: str) -> VirtualServerConfig:
+        for virtual in self.virtual_servers:
+            if virtual.name == name:
+                return virtual
+        raise KeyError(name)
 
 
 def _take(data: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -690,7 +742,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
                       "max_request_bytes", "telemetry", "audit", "catalog", "backends",
-                      "secrets", "envoy"}, "config")
+                      "secrets", "envoy", "aggregate", "virtual_servers"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -721,6 +773,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         where = f"servers.{name}"
         if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}: a server name is letters, digits, '-' and '_'")
+        if "__" in name or name.endswith("_"):
+            # /mcp exposes <server>__<tool>: the first "__" must end the server's name.
+            raise ConfigError(f"{where}: a server name may not contain '__' or end with '_' "
+                              f"(the aggregate endpoint names tools <server>__<tool>)")
         override = sdata.get("envoy") if isinstance(sdata, dict) else None
         if isinstance(sdata, dict):
             sdata = {k: v for k, v in sdata.items() if k != "envoy"}
@@ -729,6 +785,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                           base=envoy.upstream)
         servers.append(replace(server, envoy=tuning))
     names = [s.name for s in servers]
+    aggregate = _aggregate(top.get("aggregate"), secrets)
+    virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
 
     backends = []
     backends_raw = _take(top, "backends", dict, "config", {})
@@ -758,8 +816,11 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                                             "PS256", "PS384", "PS512", "EdDSA"}]
         if bad or not algs:
             raise ConfigError(f"{where}.algorithms: only asymmetric algorithms are allowed, got {bad}")
-        audiences = tuple(_take(idata, "audiences", list, where,
-                                [f"{public_url.rstrip('/')}/mcp/{n}" for n in names]))
+        base = f"{public_url.rstrip('/')}/mcp"
+        default_audiences = [f"{base}/{n}" for n in names]
+        if aggregate.enabled:
+            default_audiences += [base, *(f"{base}/{v.name}" for v in virtual_servers)]
+        audiences = tuple(_take(idata, "audiences", list, where, default_audiences))
         issuers.append(IssuerConfig(_take(idata, "issuer", str, where),
                                     _take(idata, "jwks_url", str, where), audiences, algs))
     if not issuers:
@@ -830,7 +891,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         *((f"ext_proc.instances[{i}]", inst) for i, inst in enumerate(ext_proc.instances)),
         *((f"servers.{s.name}.instances[{i}]", inst) for s in servers if s.kind != "url"
           for i, inst in enumerate(s.instances)),
-        *((f"backends.{b.name}.instance", b.instance) for b in backends)])
+        *((f"backends.{b.name}.instance", b.instance) for b in backends),
+        *((f"aggregate.instances[{i}]", inst) for i, inst in enumerate(aggregate.instances)),
+        *((("aggregate.inner_listener", aggregate.inner_listener),)
+          if aggregate.inner_listener is not None else ())])
 
     return GatewayConfig(
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
@@ -839,10 +903,77 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_authz=ext_authz,
         ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
+        aggregate=aggregate, virtual_servers=virtual_servers,
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,
     )
+
+
+def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:
+    """The aggregate: section. Absent: the aggregate endpoint is off."""
+    if raw is None:
+        return AggregateConfig(enabled=False)
+    data = _only(raw, {f.name for f in fields(AggregateConfig)}, "aggregate")
+    enabled = _take(data, "enabled", bool, "aggregate", True)
+    keys = _take(data, "session_keys", str, "aggregate", DEFAULT_AGGREGATE_SESSION_KEYS)
+    instances: tuple[Instance, ...] = ()
+    inner = None
+    if enabled or "instances" in data:
+        instances = _instances(data.get("instances"), "aggregate.instances", 1)
+    if enabled or "inner_listener" in data:
+        inner = _instance(_take(data, "inner_listener", dict, "aggregate"), "aggregate.inner_listener")
+    if enabled and keys not in secrets:
+        raise ConfigError(f"aggregate.session_keys: {keys!r} is not listed in secrets (it holds the "
+                          f"keys that seal aggregate session ids)")
+    return AggregateConfig(enabled, instances, keys, inner)
+
+
+def _virtual_servers(raw: Any, servers: list[str], aggregate: AggregateConfig
+                     ) -> tuple[VirtualServerConfig, ...]:
+    """virtual_servers: name -> {tools: ["<server>/<tool glob>", ...], description}."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ConfigError("virtual_servers must be a mapping of name -> virtual server")
+    if raw and not aggregate.enabled:
+        raise ConfigError("virtual_servers are served by the aggregate endpoint: they need "
+                          "aggregate.enabled")
+    out = []
+    for name, vdata in raw.items():
+        where = f"virtual_servers.{name}"
+        if not isinstance(name, str) or not _VIRTUAL_NAME.match(name):
+            raise ConfigError(f"{where}: a virtual server name is lower-case letters, digits and "
+                              f"'-', starting with a letter")
+        if name in servers:
+            raise ConfigError(f"{where}: {name!r} is also a server name (both would be /mcp/{name})")
+        vdata = _only(vdata, {"tools", "description"}, where)
+        tools = _take(vdata, "tools", list, where)
+        if not tools:
+            raise ConfigError(f"{where}.tools must list at least one \"<server>/<tool glob>\"")
+        for i, entry in enumerate(tools):
+            _tool_glob(entry, f"{where}.tools[{i}]", servers)
+        out.append(VirtualServerConfig(name, tuple(tools),
+                                       _take(vdata, "description", str, where, "")))
+    return tuple(out)
+
+
+def _tool_glob(entry: Any, where: str, servers: list[str]) -> None:
+    if not isinstance(entry, str) or "/" not in entry:
+        raise ConfigError(f"{where} must be \"<server>/<tool glob>\", got {entry!r}")
+    server, tool = entry.split("/", 1)
+    if server not in servers:
+        raise ConfigError(f"{where}: {server!r} is not a configured server")
+    if not tool or not _TOOL_GLOB.match(tool) or "/" in tool:
+        raise ConfigError(f"{where}: {tool!r} is not a tool name glob (letters, digits, _ . - and "
+                          f"the wildcards * ? [...])")
+    depth = 0
+    for char in tool:
+        depth += (char == "[") - (char == "]")
+        if depth not in (0, 1):
+            raise ConfigError(f"{where}: unbalanced '[' ']' in {tool!r}")
+    if depth:
+        raise ConfigError(f"{where}: unbalanced '[' ']' in {tool!r}")
 
 
 _WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})
