@@ -425,13 +425,13 @@ class Aggregator:
 
         fan_in = FanIn(self.upstreams, ctx, ids, join, window=self.settings.list_changed_window,
                        backoff=self.settings.stream_backoff, backoff_max=self.settings.stream_backoff_max)
-        response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "Mcp-Session-Id": sid})
-        await response.prepare(request)
-        await response.write(f"retry: {self.settings.sse_retry_ms}\n\n".encode())
         fan_in.start(view.servers)
         self.fan_ins.append(fan_in)
         closing = asyncio.create_task(self._closing.wait())
         try:
+            response = web.StreamResponse(status=200, headers={**SSE_HEADERS, "Mcp-Session-Id": sid})
+            await response.prepare(request)
+            await response.write(f"retry: {self.settings.sse_retry_ms}\n\n".encode())
             while not self._closing.is_set():
                 getter = asyncio.create_task(fan_in.queue.get())
                 done, _ = await asyncio.wait({getter, closing}, timeout=self.settings.sse_keepalive,
@@ -502,7 +502,8 @@ async def run(settings: AggregatorSettings, stop: asyncio.Event | None = None) -
     requests get ``drain_seconds``."""
     stop = stop or stop_event()
     app = make_app(settings)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    # Handler cancellation: a client that leaves a GET stream ends its upstream streams at once.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)

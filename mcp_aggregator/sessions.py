@@ -4,7 +4,8 @@ that cannot live in it.
 The id holds the owner, the view, the protocol version, the client's capabilities and each
 upstream's session id, so any replica serves it without shared state. Two facts arrive after the
 id was issued and live in a store shared with ext_authz (Redis when configured, else this
-process), under ``agg:<sha256(id)[:32]>:<server>`` with the session's TTL:
+process), under ``session_token.late_join_key(id, server)`` (a hash of the id, never the id) with
+the session's TTL, the value being plain text:
 
 - a late joiner: a server that was down at ``initialize`` and was initialized later; its upstream
   session id is looked up there only when the sealed id lacks the server;
@@ -14,7 +15,6 @@ process), under ``agg:<sha256(id)[:32]>:<server>`` with the session's TTL:
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -23,13 +23,12 @@ from typing import Protocol
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway.aggregate.session_token import AggregateSession, InvalidSessionId, SessionSealer
+from gateway.aggregate.session_token import AggregateSession, InvalidSessionId, SessionSealer, late_join_key
 from gateway.caller import SessionOwner
 from mcp_aggregator.errors import AggregatorError, SessionGone
 
 logger = logging.getLogger(__name__)
 
-KEY_PREFIX = "agg:"
 ENDED_SERVER = "*"
 ENDED = "ended"
 MAX_MEMORY_ENTRIES = 100_000
@@ -38,7 +37,7 @@ NOT_FOUND_MESSAGE = "session not found or ended; send a new initialize request"
 
 def store_key(sid: str, server: str) -> str:
     """The store key of one fact about session ``sid``: a hash of the id, never the id."""
-    return f"{KEY_PREFIX}{hashlib.sha256(sid.encode()).hexdigest()[:32]}:{server}"
+    return late_join_key(sid, server)
 
 
 class StoreUnavailable(AggregatorError):

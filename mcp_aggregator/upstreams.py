@@ -22,6 +22,7 @@ from gateway.errors import GatewayError
 from gateway.jsonrpc import validate_message
 from gateway.mcp import MODERN_VERSION, NAME_PARAM
 from gateway.sse import SseError, SseParser
+from gateway.wire import VIEW_HEADER
 from mcp_aggregator.errors import (
     BAD_ANSWER,
     HTTP_ERROR,
@@ -37,7 +38,6 @@ JSON_AND_SSE = "application/json, text/event-stream"
 SESSION_HEADER = "Mcp-Session-Id"
 # Headers of the client's request a leg carries as they came.
 FORWARDED_HEADERS = ("Authorization", "traceparent", "tracestate")
-VIEW_HEADER = "x-mcp-view"
 # An upstream answer bigger than this is refused (the client's own limit is the same order).
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
 
