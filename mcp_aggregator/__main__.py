@@ -12,7 +12,10 @@ from mcp_servers.core.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = AggregatorSettings.from_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = AggregatorSettings.from_argv(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        raise SystemExit(f"mcp_aggregator: {exc}") from None
     configure_logging("mcp_aggregator", settings.log_level)
     setup_tracing("mcp_aggregator", settings.otlp_endpoint)
     try:

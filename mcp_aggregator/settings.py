@@ -123,9 +123,12 @@ class AggregatorSettings:
         if ns.config is not None:
             if ns.server:
                 parser.error("--server and --config are exclusive (the config names the servers)")
-            from gateway.config import load_config
+            from gateway.config import ConfigError, load_config
 
-            cfg = load_config(ns.config)
+            try:
+                cfg = load_config(ns.config)
+            except ConfigError as exc:
+                parser.error(str(exc))
             views = views_from_config(cfg)
             if not views:
                 parser.error(f"{ns.config}: aggregate.enabled is false")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from prometheus_client import REGISTRY
 
 from gateway.aggregate.cursor import ListCursor, seal_cursor
 from gateway.caller import SessionOwner
+from mcp_aggregator.fanout import fan_out
 from mcp_aggregator.lists import UNAVAILABLE_META
 from mcp_aggregator.sessions import store_key
 from tests.mcp_aggregator.conftest import SERVERS, TOOLS, RawClient, Stack
@@ -222,3 +224,17 @@ async def test_ping_and_unknown_methods(stack: Stack) -> None:
     assert (await client.request("ping"))[1]["result"] == {}
     status, body = await client.request("tools/call", {"name": "alpha__read_a"})
     assert status == 200 and body["error"]["code"] == -32601
+
+
+async def test_a_leg_past_its_timeout_is_left_out() -> None:
+    """fan_out cancels a leg at its timeout and names the server with reason timeout."""
+    never = asyncio.Event()
+
+    async def leg(server: str) -> str:
+        if server == "slow":
+            await never.wait()
+        return server
+
+    fan = await fan_out(["fast", "slow"], leg, leg_timeout=0.05, method="tools/list")
+    assert fan.answers == {"fast": "fast"}
+    assert fan.unavailable == {"slow": "timeout"}

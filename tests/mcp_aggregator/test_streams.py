@@ -10,6 +10,7 @@ import aiohttp
 import orjson
 
 from gateway.caller import SessionOwner
+from mcp_aggregator.sessions import store_key
 from mcp_aggregator.streams import ListChangedDedup, client_message
 from mcp_servers.core.errors import SessionNotFound
 from tests.mcp_aggregator.conftest import JSON_AND_SSE, SERVERS, RawClient, Stack, wait_for
@@ -155,3 +156,27 @@ def test_stream_messages_are_prefixed() -> None:
                                        "params": {"uri": "file:///a"}})
     assert updated is not None and updated["params"]["uri"] == "files+file:///a"
     assert client_message("files", {"jsonrpc": "2.0", "id": 1, "result": {}}) is None
+
+
+async def test_get_stream_joins_a_server_once_it_recovers(stack: Stack) -> None:
+    """A server down at initialize joins the open GET stream when it comes back: its session
+    goes to the store and its list_changed reaches the client."""
+    stack.envoy.down.add("gamma")
+    client = RawClient(stack.http, stack.url)
+    await client.initialize()
+    assert client.session_id is not None
+    resp = await stack.http.get(client.url, headers={**client.headers(), "Accept": "text/event-stream"})
+    try:
+        assert resp.status == 200
+        fan_in = stack.aggregator.fan_ins[-1]
+        await wait_for(fan_in.open["alpha"], "the GET stream of alpha")
+        assert not fan_in.open["gamma"].is_set()
+        stack.envoy.down.clear()
+        await wait_for(fan_in.open["gamma"], "the GET stream of gamma after its recovery")
+        assert await stack.facts.get(store_key(client.session_id, "gamma")) is not None
+        status, _ = await upstream_call(stack, "gamma", "notify", None, user="erin")
+        assert status == 200
+        message = await next_message(sse_messages(resp))
+        assert message["method"] == "notifications/tools/list_changed"
+    finally:
+        resp.close()
