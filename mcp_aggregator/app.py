@@ -37,7 +37,7 @@ from gateway.mcp import (
 )
 from gateway.signals import stop_event
 from gateway.telemetry.metrics import add_metrics_route
-from mcp_aggregator.errors import RPC_ERROR, InvalidCursor, UnknownTarget, UpstreamFailed
+from mcp_aggregator.errors import RPC_ERROR, InvalidCursor, UpstreamFailed
 from mcp_aggregator.fanout import FanOut, fan_out
 from mcp_aggregator.lists import LIST_KINDS, UNAVAILABLE_META, ListKind, assemble, plan, union_capabilities
 from mcp_aggregator.sessions import MemoryFacts, RedisFacts, SessionFacts, Sessions
@@ -391,17 +391,18 @@ class Aggregator:
     async def _client_response(self, request: web.Request, view: View, msg: Message, sid: str | None,
                                owner: SessionOwner) -> None:
         """The client's answer to a server-to-client request: back to the server its id names,
-        with the server's own id."""
+        with the server's own id (Envoy's fast path does the same without this hop)."""
         if sid is None:
             raise BadTransportRequest("a response needs the Mcp-Session-Id of its session")
         session = await self.sessions.open(sid, owner, view.name)
         decoded = decode_request_id(msg.id, view.servers) if isinstance(msg.id, str) else None
-        if decoded is None:
-            raise UnknownTarget(f"no server of this endpoint sent a request with id {msg.id!r}")
-        server, upstream_id = decoded
         ids = await self._ids(view, sid, session)
-        if ids.get(server) is None:
-            raise UnknownTarget(f"server {server} has no session here")
+        if decoded is None or ids.get(decoded[0]) is None:
+            # Nothing here waits for it (the aggregator sends no requests of its own): not an
+            # error for the client, as in mcp_servers.core.
+            logger.info("ignored an answer to no server's request", extra={"rpc_id": msg.id})
+            return
+        server, upstream_id = decoded
         ctx = _leg_context(request, session.protocol_version, view)
         await self.upstreams.send(server, {**msg.raw, "id": upstream_id}, ctx, session_id=ids[server])
 

@@ -64,19 +64,3 @@ class InvalidCursor(AggregatorError):
     code = "invalid_params"
     rpc_code = INVALID_PARAMS
     http_status = 200
-
-
-class UnknownTarget(AggregatorError):
-    """A name, URI or response id whose prefix is no server of the view."""
-
-    code = "invalid_params"
-    rpc_code = INVALID_PARAMS
-    http_status = 200
-
-
-class UnknownView(AggregatorError):
-    """A path that names no view this aggregator serves."""
-
-    code = "unknown_view"
-    rpc_code = INVALID_PARAMS
-    http_status = 404

@@ -98,12 +98,15 @@ async def test_server_request_on_get_stream_gets_a_prefixed_id_and_the_answer_re
         resp.close()
 
 
-async def test_answer_with_an_unknown_prefix_is_refused(stack: Stack) -> None:
-    """A client answer whose id names no server of the view is -32602."""
+async def test_answer_to_no_servers_request_is_ignored(stack: Stack) -> None:
+    """A client answer whose id names no server of the view is accepted and goes nowhere."""
     client = RawClient(stack.http, stack.url)
     await client.initialize()
-    status, body = await client.post({"jsonrpc": "2.0", "id": "nosuch__s:1", "result": {}})
-    assert status == 200 and body["error"]["code"] == -32602
+    legs = len(stack.envoy.seen)
+    for rid in ("nosuch__s:1", "alpha__x:1", 5):
+        status, body = await client.post({"jsonrpc": "2.0", "id": rid, "result": {}})
+        assert status == 202 and body is None
+    assert len(stack.envoy.seen) == legs
 
 
 async def test_delete_ends_every_upstream_session(stack: Stack) -> None:
