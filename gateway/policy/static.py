@@ -54,7 +54,10 @@ SERVING_COMPILE_ERROR = "regocpp_compile_error"
 DATA_SCHEMA_ERROR = "data_schema_error"
 LOAD_ERROR = "policy_load_error"
 REFERENCE_UNAVAILABLE = "reference_unavailable"
-WARNING_KINDS = frozenset({UNUSED_RULE, UNDEFINED_ENTRYPOINT})
+# A data key that neither data.json nor a schema names, in a folder without data.schema.json:
+# it may be an optional key the Rego reads with a default (nothing says it is not), so warned.
+UNSCHEMATIZED_DATA_REF = "rego_unknown_data_ref"
+WARNING_KINDS = frozenset({UNUSED_RULE, UNDEFINED_ENTRYPOINT, UNSCHEMATIZED_DATA_REF})
 
 # The list filters ext_proc queries besides policy.entrypoint (ext_proc.settings
 # DEFAULT_LIST_ENTRYPOINTS; a test keeps the two in step): rules nothing else refers to.
@@ -552,7 +555,14 @@ def _data_ref_findings(tree: _Tree, modules: Sequence[_Module]) -> list[Finding]
                 continue
             index, message = problem
             seen.add(path[:index + 1])
-            kind = DATA_TYPE_ERROR if message.endswith("always undefined") else UNDEFINED_DATA_REF
+            if message.endswith("always undefined"):
+                kind = DATA_TYPE_ERROR
+            elif tree.schemas:
+                kind = UNDEFINED_DATA_REF
+            else:  # no schema says which keys exist: optional or misspelt, nothing tells
+                kind = UNSCHEMATIZED_DATA_REF
+                message += (f"; with no {DATA_SCHEMA} beside data.json it may be an optional key: "
+                            f"add a schema to make this an error")
             # The ref as written up to the bad key (the import line when the alias is bad), else
             # any line naming the bad key.
             if index >= len(base):

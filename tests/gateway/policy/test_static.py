@@ -206,3 +206,19 @@ def test_describe_without_a_line() -> None:
     """A finding with no line prints as `file: message (kind)`."""
     assert static.describe(Finding("data.json", 0, "k", "/a: bad")) == "data.json: /a: bad (k)"
     assert static.describe(Finding("a.rego", 3, "k", "bad")) == "a.rego:3: bad (k)"
+
+
+def test_without_a_schema_an_unknown_data_key_is_a_warning(tmp_path: Path) -> None:
+    """With no data.schema.json nothing says whether a key is optional (the shipped policy reads
+    data.gateway.mask_pii_combine only when present): an unknown key is a warning naming the
+    line, so a folder that worked before still loads; with the schema it is an error."""
+    folder = copy_with(tmp_path, "authz.rego", lambda s: s.replace(
+        "method in data.gateway.open_methods", "method in data.gateway.open_metods"))
+    (folder / "data.schema.json").unlink()
+    findings = run_check(folder, ENTRYPOINT)
+    assert errors(findings) == []
+    unknown = of_kind(findings, static.UNSCHEMATIZED_DATA_REF)
+    lines = {f.line for f in unknown}
+    assert line_of(folder, "authz.rego", "open_metods") in lines
+    assert line_of(folder, "authz.rego", 'data.gateway.mask_pii_combine == "most_trusted"') in lines
+    assert all(static.is_warning(f) and "add a schema" in f.message for f in unknown)
