@@ -3,6 +3,9 @@
 # Entrypoint: data.mcp.authz.decision (the decision contract is in README.md). List filters:
 # data.mcp.authz.visible_tools, visible_prompts, visible_resources.
 # Role, server and PII settings live in data.json (data.gateway); this file holds only logic.
+# Organisation rules (extra denials, restricting roles, per-tool scopes) live in package mcp.org
+# (org.rego, README.md "Organisation rules"): decision and the list filters read them here,
+# so adding one never means editing this file.
 #
 # Shape: a request is allowed only when a positive grant for its method holds (`granted`).
 # Denials are evaluated only for refused requests and exist to name the reason; since the grant
@@ -37,6 +40,17 @@ roles contains r if {
 	some r in input.token.roles
 	r in known_role_names
 }
+
+# ---------------------------------------------------------------- organisation rules (package mcp.org)
+
+# Each read through a comprehension, so a missing rule reads as empty (README.md, "Organisation
+# rules"; org.rego documents the shapes).
+org_denials := {reason | some reason in data.mcp.org.deny}
+
+# A restricting role grants nothing: its tools in data.json are the most its holder may call.
+restricting_roles := {r | some r in data.mcp.org.restricting_roles} & roles
+
+granting_roles := roles - restricting_roles
 
 scope_list := split(input.token.scope, " ") if {
 	is_string(input.token.scope)
@@ -92,14 +106,33 @@ is_bodyless_request if bodyless_grant
 
 # A pattern is an exact tool name, "*", or a prefix ending in "*" ("test_*").
 # The tool of this request: exact names first, patterns only when no exact name matched.
-role_grants_call if {
-	some r in roles
+granting_role_lists_call if {
+	some r in granting_roles
 	tool in data.gateway.roles[r].tools[server_name]
 } else := true if {
-	some r in roles
+	some r in granting_roles
 	some pattern in data.gateway.roles[r].tools[server_name]
 	endswith(pattern, "*")
 	startswith(tool, trim_suffix(pattern, "*"))
+}
+
+role_lists_tool(r, t) if {
+	t in data.gateway.roles[r].tools[server_name]
+} else := true if {
+	some pattern in data.gateway.roles[r].tools[server_name]
+	endswith(pattern, "*")
+	startswith(t, trim_suffix(pattern, "*"))
+}
+
+restricting_role_refuses_call if {
+	some r in restricting_roles
+	t := tool
+	not role_lists_tool(r, t)
+}
+
+role_grants_call if {
+	granting_role_lists_call
+	not restricting_role_refuses_call
 }
 
 required_scope := concat("", ["tools:call:", server_name, "/", tool])
@@ -111,6 +144,11 @@ scope_grants_call if {
 } else := true if {
 	server_scope in scope_list
 }
+
+# Scopes an organisation rule asks of this tool on top of tools:call (data.mcp.org.required_scopes).
+org_missing_scopes := {s | some s in data.mcp.org.required_scopes[server_name][tool]} - scopes
+
+org_scopes_grant_call if count(org_missing_scopes) == 0
 
 # ---------------------------------------------------------------- tenant isolation
 
@@ -456,6 +494,7 @@ tool_call_ok if {
 	arguments_well_formed
 	role_grants_call
 	scope_grants_call
+	org_scopes_grant_call
 	tenant_ok
 	arguments_ok
 }
@@ -542,6 +581,13 @@ denials contains [52, "insufficient_scope", required_scope] if {
 	is_tool_call
 	role_grants_call
 	not scope_grants_call
+}
+
+denials contains [53, "insufficient_scope", concat(" ", sort(org_missing_scopes))] if {
+	is_tool_call
+	role_grants_call
+	scope_grants_call
+	not org_scopes_grant_call
 }
 
 # Path denials apply to tools/call and resources/* on the files server alike.
@@ -682,12 +728,22 @@ default decision := {
 	"obligations": {},
 }
 
+# An organisation denial refuses what the core rules grant; the smallest reason names it.
 decision := {
 	"allow": true,
 	"reason": granted,
 	"http_status": 200,
 	"headers": {},
 	"obligations": obligations,
+} if {
+	granted
+	count(org_denials) == 0
+} else := {
+	"allow": false,
+	"reason": min(org_denials),
+	"http_status": 403,
+	"headers": {},
+	"obligations": {},
 } if {
 	granted
 } else := {
@@ -734,15 +790,22 @@ list_caller_ok if {
 # call, and a page can hold hundreds of tools.
 listed_names := {i | some i in input.items; is_string(i)} | {i.name | some i in input.items; is_string(i.name)}
 
-role_tool_patterns := {p | some r in roles; some p in data.gateway.roles[r].tools[server_name]}
+role_tool_patterns := {p | some r in granting_roles; some p in data.gateway.roles[r].tools[server_name]}
 
 # The wildcard patterns first, so the page is walked once per wildcard, not once per pattern.
 role_wildcard_prefixes := {trim_suffix(p, "*") | some p in role_tool_patterns; endswith(p, "*")}
 
-role_visible_tools := (listed_names & role_tool_patterns) | {n |
+role_visible_tools := ((listed_names & role_tool_patterns) | {n |
 	some w in role_wildcard_prefixes
 	some n in listed_names
 	startswith(n, w)
+}) - restricted_tools
+
+# Tools some restricting role of the caller does not list.
+restricted_tools := {n |
+	some r in restricting_roles
+	some n in listed_names
+	not role_lists_tool(r, n)
 }
 
 scope_prefix := concat("", ["tools:call:", server_name, "/"])
@@ -751,9 +814,26 @@ scope_visible_tools := role_visible_tools if {
 	server_scope in scope_list
 } else := role_visible_tools & {trim_prefix(s, scope_prefix) | some s in scope_list; startswith(s, scope_prefix)}
 
+# Tools an organisation rule refuses: missing required scopes, or a call of the tool without
+# arguments that a deny rule refuses (evaluated once per tool the caller could otherwise see,
+# never for the whole page).
+org_hidden_tools := {n |
+	some n in scope_visible_tools
+	some s in data.mcp.org.required_scopes[server_name][n]
+	not scopes[s]
+} | {n |
+	some n in scope_visible_tools
+	org_denies_listed_tool(n)
+}
+
+org_denies_listed_tool(n) if {
+	count(org_denials) > 0 with input.mcp.method as "tools/call"
+		with input.mcp.tool as n
+}
+
 default visible_tools := set()
 
-visible_tools := scope_visible_tools if list_caller_ok
+visible_tools := scope_visible_tools - org_hidden_tools if list_caller_ok
 
 visible_prompts contains name if {
 	list_caller_ok

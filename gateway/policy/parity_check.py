@@ -72,25 +72,31 @@ def _mask(source: str) -> _Masked:
 
 
 def _operand_before(code: str, end: int) -> tuple[int, str]:
-    """Start and text of the operand ending just before ``end`` (a literal or a ref)."""
+    """Start and text of the operand ending just before ``end`` (a literal or a ref, postfix
+    parts included: ``f(x)[0]``, ``a.b[c]``)."""
     j = end
     while j > 0 and code[j - 1] in " \t":
         j -= 1
     stop = j
-    if j and code[j - 1] in ")]}":
-        depth = 0
-        while j > 0:
-            j -= 1
-            if code[j] in ")]}":
-                depth += 1
-            elif code[j] in "([{":
-                depth -= 1
-                if depth == 0:
-                    break
-    elif j and code[j - 1] == '"':
-        j = code.rfind('"', 0, j - 1)
-    while j > 0 and (code[j - 1].isalnum() or code[j - 1] in "_.-"):
-        j -= 1
+    while j > 0:
+        c = code[j - 1]
+        if c in ")]}":
+            depth = 0
+            while j > 0:
+                j -= 1
+                if code[j] in ")]}":
+                    depth += 1
+                elif code[j] in "([{":
+                    depth -= 1
+                    if depth == 0:
+                        break
+        elif c == '"':
+            j = code.rfind('"', 0, j - 1)
+        elif c.isalnum() or c in "_.":
+            while j > 0 and (code[j - 1].isalnum() or code[j - 1] in "_."):
+                j -= 1
+        else:
+            break
     return j, code[j:stop]
 
 

@@ -23,13 +23,16 @@ from gateway.upstream import UpstreamError, targets
 
 REFRESH_TIMEOUT_S = 30.0
 
-# "Which roles may call each tool": (config, entries) -> {(server, tool): [roles]}, or None when
-# the policy cannot be asked (no config, or no role list in its data).
-RolesResolver = Callable[[GatewayConfig | None, list[Entry]], dict[tuple[str, str], list[str]] | None]
+# "Which roles may call each tool": (config, entries, scope) -> {(server, tool): [roles]}, or None
+# when the policy cannot be asked (no config, or no role list in its data).
+RolesResolver = Callable[[GatewayConfig | None, list[Entry], str],
+                         dict[tuple[str, str], list[str]] | None]
 LIST_ENTRYPOINT = "mcp/authz/visible_tools"
-# A listing identity per role: a tenant every server admits in the example policy, and the
-# server-wide scope, so what remains is the role's grant.
+# A listing identity per role: a tenant every server admits in the example policy, and by default
+# the server-wide scope, so what remains is the role's grant (and the organisation rules').
 PROBE_TENANT = "catalog-probe"
+# The token scope of the listing identity; {server} is each server's name.
+DEFAULT_PROBE_SCOPE = "tools:call:{server}/*"
 
 
 def _policy_roles(cfg: GatewayConfig) -> list[str]:
@@ -42,8 +45,8 @@ def _policy_roles(cfg: GatewayConfig) -> list[str]:
     return sorted(roles) if isinstance(roles, dict) else []
 
 
-async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: list[str]
-                      ) -> dict[tuple[str, str], list[str]]:
+async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: list[str],
+                      scope: str = DEFAULT_PROBE_SCOPE) -> dict[tuple[str, str], list[str]]:
     engine = build_engine(cfg.policy)
     await engine.start()
     out: dict[tuple[str, str], list[str]] = {}
@@ -53,7 +56,7 @@ async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: li
             for role in roles:
                 visible = await engine.query(LIST_ENTRYPOINT, {
                     "token": {"sub": "catalog-probe", "roles": [role], "tenant": PROBE_TENANT,
-                              "scope": f"tools:call:{server}/*"},
+                              "scope": scope.replace("{server}", server)},
                     "server": {"name": server}, "kind": "tools", "items": names})
                 for name in visible or ():
                     out.setdefault((server, name), []).append(role)
@@ -62,8 +65,8 @@ async def _ask_policy(cfg: GatewayConfig, tools: dict[str, list[str]], roles: li
     return out
 
 
-def _roles_from_policy(cfg: GatewayConfig | None, entries: list[Entry]
-                       ) -> dict[tuple[str, str], list[str]] | None:
+def _roles_from_policy(cfg: GatewayConfig | None, entries: list[Entry],
+                       scope: str = DEFAULT_PROBE_SCOPE) -> dict[tuple[str, str], list[str]] | None:
     if cfg is None:
         return None
     roles = _policy_roles(cfg)
@@ -73,7 +76,7 @@ def _roles_from_policy(cfg: GatewayConfig | None, entries: list[Entry]
     for e in entries:
         if e.kind == "tool":
             tools.setdefault(e.server, []).append(e.name)
-    return asyncio.run(_ask_policy(cfg, tools, roles))
+    return asyncio.run(_ask_policy(cfg, tools, roles, scope))
 
 
 roles_resolver: RolesResolver = _roles_from_policy
@@ -90,6 +93,10 @@ def register(subparsers: Any) -> None:
     db_arg(p_list)
     p_list.add_argument("--json", action="store_true", help="machine-readable output")
     p_list.add_argument("--kind", choices=("tool", "resource", "prompt", "all"), default="tool")
+    p_list.add_argument("--scope", default=DEFAULT_PROBE_SCOPE,
+                        help="token scope of the identity each role is listed as ({server}: the "
+                             f"server's name; default {DEFAULT_PROBE_SCOPE!r}): ROLES then shows "
+                             "who sees each tool with that scope, organisation rules included")
     p_list.set_defaults(func=cmd_list)
 
     p_approve = sub.add_parser("approve", help="approve the current definition of <server>/<tool>")
@@ -141,7 +148,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         kind = None if args.kind == "all" else args.kind
         entries = catalog.entries(kind=kind)
         shadowed = catalog.shadowed_names()
-        roles = roles_resolver(cfg, entries)
+        roles = roles_resolver(cfg, entries, args.scope)
     rows = []
     for e in entries:
         findings = [f"hidden chars {','.join(f['chars'])} in {f['field']}" for f in e.findings]
@@ -152,7 +159,8 @@ def cmd_list(args: argparse.Namespace) -> int:
                      "roles": None if roles is None else roles.get((e.server, e.name), [])})
     if args.json:
         sys.stdout.write(orjson.dumps({"items": rows, "shadowed": shadowed,
-                                       "roles_wired": roles is not None},
+                                       "roles_wired": roles is not None,
+                                       "scope": args.scope},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
         return 0
     header = ("SERVER", "KIND", "NAME", "HASH", "STATE", "ROLES", "FINDINGS")

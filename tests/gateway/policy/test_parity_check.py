@@ -33,6 +33,7 @@ def test_shipped_policies_have_no_findings() -> None:
     'allow if input.flag > false',
     'allow if input.x < null',
     'allow if input.o < {"a": 1}',
+    'allow if f(input.x)[0] < "10"',
 ])
 def test_ordering_across_types_is_refused(body: str) -> None:
     """A comparison with a numeric string, a number against a string, or a non-scalar literal."""
@@ -47,6 +48,8 @@ def test_ordering_across_types_is_refused(body: str) -> None:
     "allow if {\n\tx := input.a\n\tx := 1\n}",
     "# a comment: input.limit > \"100\"\nallow if input.x == \"<= 5\"",
     'x := {"a": 1, "b": 2}\n\nallow if x["a"] < 5',
+    'allow if time.clock([time.now_ns(), "UTC"])[0] >= 19',
+    'allow if input.list[0] < 10',
 ])
 def test_ordinary_comparisons_pass(body: str) -> None:
     """Numbers against numbers and text against text, and text inside strings or comments."""

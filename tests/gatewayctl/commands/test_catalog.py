@@ -75,6 +75,24 @@ def test_list_names_the_roles_the_policy_lets_call_each_tool(
     assert "viewer" in roles[("erp", "listOrders")]
 
 
+def test_list_scope_is_the_scope_each_role_lists_with(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--scope replaces the server-wide default scope: a tool outside it is shown to no role."""
+    db = tmp_path / "c.sqlite"
+    with Catalog(db) as cat:
+        cat.refresh("files", [{"name": "read_file"}, {"name": "stat"}])
+    assert run(["catalog", "list", "--json", "--db", str(db),
+                "--scope", "openid tools:call:{server}/read_file"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    roles = {i["name"]: set(i["roles"]) for i in data["items"]}
+    assert {"viewer", "admin"} <= roles["read_file"]
+    assert roles["stat"] == set()
+    assert data["scope"] == "openid tools:call:{server}/read_file"
+    assert run(["catalog", "list", "--json", "--db", str(db)]) == 0
+    default = {i["name"]: set(i["roles"]) for i in orjson.loads(capsys.readouterr().out)["items"]}
+    assert "viewer" in default["stat"]
+
+
 def test_approve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """approve rejects a malformed target and an unknown tool with exit code 2."""
     db = str(tmp_path / "c.sqlite")
