@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from ext_authz.errors import InvalidToken, MissingToken, TokenInQuery
 from gateway.caller import Caller
 from gateway.mcp import McpContext
-from gateway.policy.input import build_policy_input
+from gateway.policy.input import VIA_DIRECT, build_policy_input
 
 # Set by Envoy when the body was cut at max_request_bytes (allow_partial_message).
 PARTIAL_BODY_HEADER = "x-envoy-auth-partial-body"
@@ -93,11 +93,13 @@ def bearer_token(headers: dict[str, str]) -> str:
 
 def policy_input(req: HttpRequest, *, parsed_body: dict[str, Any] | None, mcp: McpContext | None,
                  caller: Caller, server: str, resource: str, now: float,
-                 session: Mapping[str, str | None] | None = None) -> dict[str, Any]:
+                 session: Mapping[str, str | None] | None = None, via: str = VIA_DIRECT,
+                 exposed_name: str | None = None) -> dict[str, Any]:
     """The document the policy decides on: the one builder ``policy eval`` uses too, fed from the
     Envoy request. ``session`` (the owner of the request's session, ``ext_authz.sessions``) only
-    when the request names a session."""
+    when the request names a session; ``via`` and ``exposed_name``: see ``build_policy_input``."""
     return build_policy_input(
         mcp, caller=caller, server_name=server, server_resource=resource, body=parsed_body,
         headers=req.headers, method=req.method, path=req.path, host=req.host, scheme=req.scheme,
-        request_id=req.id, source_address=req.source_address, session=session, now=now)
+        request_id=req.id, source_address=req.source_address, session=session, now=now, via=via,
+        exposed_name=exposed_name)

@@ -14,7 +14,17 @@ from google.protobuf import struct_pb2
 from gateway.caller import Caller
 from gateway.errors import GatewayError
 from gateway.jsonrpc import error_response
-from gateway.wire import DECISION_ID_HEADER, GATEWAY_HEADERS, TOOL_HEADER, encode_identity
+from gateway.wire import (
+    AGGREGATE_HEADERS,
+    DECISION_ID_HEADER,
+    GATEWAY_HEADERS,
+    ID_JSON_HEADER,
+    REWRITE_AT_HEADER,
+    REWRITE_LEN_HEADER,
+    REWRITE_TO_HEADER,
+    TOOL_HEADER,
+    encode_identity,
+)
 
 # google.rpc.Code values: Envoy only needs "not OK" plus the HTTP status of the denied answer.
 _RPC_OK = 0
@@ -31,6 +41,11 @@ MASKABLE_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 MASK_ALL = "all"
 # The client's credentials stop at the gateway (MCP: no token passthrough).
 STRIPPED_HEADERS = ("authorization",)
+# On an aggregate endpoint the routing and rewrite headers are gateway-owned too.
+_AGGREGATE_OWNED_HEADERS = (*GATEWAY_HEADERS, *AGGREGATE_HEADERS)
+# What an aggregate endpoint's allowed answer sets per request (not worth caching).
+_AGGREGATE_PER_REQUEST = frozenset({REWRITE_AT_HEADER, REWRITE_LEN_HEADER, REWRITE_TO_HEADER,
+                                    ID_JSON_HEADER, "mcp-session-id", "mcp-name"})
 _JSON = "application/json"
 
 
@@ -40,8 +55,11 @@ class Verdict:
 
     Allowed (``ok``): ``headers`` overwrite the upstream request's, ``metadata`` is the caller
     context for ext_proc. Denied: ``status``, ``headers`` and ``body`` are the client's answer.
-    Either way the client's token and every gateway-owned header not in ``headers`` are removed
-    from the upstream request (:data:`STRIPPED_HEADERS`, :data:`GATEWAY_HEADERS`).
+    Either way every gateway-owned header not in ``headers`` is removed from the upstream
+    request (:data:`GATEWAY_HEADERS`, and :data:`AGGREGATE_HEADERS` on an ``aggregate``
+    endpoint), and the client's token too (:data:`STRIPPED_HEADERS`) unless ``keep_token``: a
+    request to the aggregator, which presents it to Envoy again for each server (it never
+    reaches a server).
     """
 
     ok: bool
@@ -49,11 +67,13 @@ class Verdict:
     headers: Mapping[str, str]
     body: bytes = b""
     metadata: Mapping[str, Any] | None = None
+    keep_token: bool = False
+    aggregate: bool = False
 
     @classmethod
-    def allow(cls, headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None
-              ) -> Verdict:
-        return cls(True, 200, headers, b"", metadata)
+    def allow(cls, headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
+              *, keep_token: bool = False, aggregate: bool = False) -> Verdict:
+        return cls(True, 200, headers, b"", metadata, keep_token, aggregate)
 
     @classmethod
     def deny(cls, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Verdict:
@@ -62,17 +82,23 @@ class Verdict:
     def check_response(self) -> pb.CheckResponse:
         """The gRPC transport's answer."""
         if self.ok:
-            return allowed(self.headers, metadata=self.metadata)
+            return allowed(self.headers, metadata=self.metadata, keep_token=self.keep_token,
+                           aggregate=self.aggregate)
         return denied(self.status, self.body, self.headers)
 
     def removed_headers(self) -> list[str]:
         """Upstream request headers to drop on allow (see :func:`headers_to_remove`)."""
-        return headers_to_remove(self.headers)
+        return headers_to_remove(self.headers, keep_token=self.keep_token,
+                                 aggregate=self.aggregate)
 
 
-def headers_to_remove(set_headers: Mapping[str, str]) -> list[str]:
-    """The client's token and every gateway-owned header an allowed answer does not set."""
-    return [*STRIPPED_HEADERS, *(h for h in GATEWAY_HEADERS if h not in set_headers)]
+def headers_to_remove(set_headers: Mapping[str, str], *, keep_token: bool = False,
+                      aggregate: bool = False) -> list[str]:
+    """The client's token (unless ``keep_token``) and every gateway-owned header an allowed
+    answer does not set (the aggregate endpoints' own ones too when ``aggregate``)."""
+    owned = [h for h in (_AGGREGATE_OWNED_HEADERS if aggregate else GATEWAY_HEADERS)
+             if h not in set_headers]
+    return owned if keep_token else [*STRIPPED_HEADERS, *owned]
 
 
 def identity_headers(caller: Caller, tool: str | None, decision_id: str) -> dict[str, str]:
@@ -181,10 +207,30 @@ _ALLOWED_CACHE_SIZE = 1024
 _allowed_cache: dict[bytes, tuple[bytes, int]] = {}
 
 
-def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None
-            ) -> pb.CheckResponse:
-    """OK: overwrite the given headers, remove the token and unset gateway-owned headers."""
-    key = _allowed_key(set_headers, metadata)
+def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None,
+            keep_token: bool = False, aggregate: bool = False) -> pb.CheckResponse:
+    """OK: overwrite the given headers, remove the token (unless ``keep_token``) and unset
+    gateway-owned headers (see :func:`headers_to_remove`)."""
+    if aggregate:
+        # The rewrite, the ids and the session vary per request: added to the cached rest.
+        varying = {k: v for k, v in set_headers.items() if k in _AGGREGATE_PER_REQUEST}
+        if varying:
+            stable = {k: v for k, v in set_headers.items() if k not in varying}
+            resp = _allowed(stable, metadata, keep_token, aggregate, tuple(varying))
+            ok = resp.ok_response
+            for name, value in varying.items():
+                opt = ok.headers.add()
+                opt.header.key = name
+                opt.header.value = value
+                opt.append_action = OVERWRITE
+            return resp
+    return _allowed(set_headers, metadata, keep_token, aggregate, ())
+
+
+def _allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
+             keep_token: bool, aggregate: bool, added: tuple[str, ...]) -> pb.CheckResponse:
+    """:func:`allowed` without the headers named in ``added`` (set by the caller afterwards)."""
+    key = _allowed_key(set_headers, metadata, keep_token, aggregate, added)
     if key is not None:
         cached = _allowed_cache.get(key)
         if cached is not None:
@@ -202,7 +248,7 @@ def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | Non
                         else:
                             fields[name].string_value = value
             return resp
-    resp = _build_allowed(set_headers, metadata)
+    resp = _build_allowed(set_headers, metadata, keep_token, aggregate, added)
     if key is not None:
         if len(_allowed_cache) >= _ALLOWED_CACHE_SIZE:
             del _allowed_cache[next(iter(_allowed_cache))]
@@ -212,7 +258,9 @@ def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | Non
     return resp
 
 
-def _allowed_key(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None) -> bytes | None:
+def _allowed_key(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
+                 keep_token: bool = False, aggregate: bool = False,
+                 added: tuple[str, ...] = ()) -> bytes | None:
     """What an allowed answer depends on besides the per-request ids; None: do not cache."""
     headers: dict[str, str | None] = dict(set_headers)
     if _PER_REQUEST_HEADER in headers:
@@ -228,13 +276,14 @@ def _allowed_key(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | N
                 meta[name] = None  # present; the value is written per request
     try:
         # The same JSON text means the same Struct (as for the obligations cache above).
-        return orjson.dumps((headers, meta))
+        return orjson.dumps((headers, meta, keep_token, aggregate, sorted(added)))
     except TypeError:
         return None
 
 
-def _build_allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None
-                   ) -> pb.CheckResponse:
+def _build_allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
+                   keep_token: bool = False, aggregate: bool = False,
+                   added: tuple[str, ...] = ()) -> pb.CheckResponse:
     resp = pb.CheckResponse()
     resp.status.code = _RPC_OK
     ok = resp.ok_response
@@ -243,7 +292,9 @@ def _build_allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] |
         opt.header.key = name
         opt.header.value = value
         opt.append_action = OVERWRITE
-    ok.headers_to_remove.extend(headers_to_remove(set_headers))
+    kept = {**set_headers, **dict.fromkeys(added, "")} if added else set_headers
+    ok.headers_to_remove.extend(headers_to_remove(kept, keep_token=keep_token,
+                                                  aggregate=aggregate))
     if metadata:
         _fill_struct(resp.dynamic_metadata, metadata)
     return resp

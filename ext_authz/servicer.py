@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from dataclasses import replace as dc_replace
 from typing import Any, Protocol
 
 import grpc
@@ -28,12 +29,14 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from ext_authz.aggregate import FastPath, ToAggregator, UnknownTarget, UpstreamNotInSession, resolve
 from ext_authz.catalog import CatalogGate
 from ext_authz.decision_log import DecisionRecord, log_decision
 from ext_authz.errors import (
     AuthError,
     CatalogNotLoaded,
     CatalogUnavailable,
+    InvalidToken,
     KeysUnavailable,
     PolicyDenied,
     RateLimited,
@@ -45,6 +48,7 @@ from ext_authz.front import DecisionCore
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import RateLimiter, limits_for
 from ext_authz.request import (
+    MCP_PATH_PREFIX,
     PARTIAL_BODY_HEADER,
     HttpRequest,
     bearer_token,
@@ -63,16 +67,29 @@ from ext_authz.response import (
     needs_inspection,
 )
 from ext_authz.sessions import (
+    AGGREGATE_SERVER,
+    MAX_SESSION_ID_CHARS,
+    NOT_FOUND_MESSAGE,
+    SESSION_HEADER,
     MemorySessionStore,
     SessionBinder,
+    SessionNotFound,
     SessionStoreUnavailable,
     session_id_of,
 )
 from ext_authz.settings import Settings
+from gateway.aggregate.session_token import (
+    MAX_TOKEN_CHARS,
+    AggregateSession,
+    InvalidSessionId,
+    SessionSealer,
+)
+from gateway.aggregate.views import View, view_of_path
 from gateway.caller import Caller, SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
-from gateway.jsonrpc import best_effort_id, parse_message
+from gateway.jsonrpc import Message, best_effort_id, parse_message
 from gateway.mcp import McpContext, extract_context
+from gateway.policy.input import VIA_DIRECT
 from gateway.telemetry import (
     AuditEntry,
     AuditUnavailable,
@@ -85,7 +102,13 @@ from gateway.telemetry import (
     unbind,
 )
 from gateway.telemetry.audit import AUDITED_METHODS
-from gateway.wire import INSPECT_HEADER
+from gateway.wire import (
+    AGGREGATE_HEADERS,
+    AGGREGATOR_ROUTE,
+    INSPECT_HEADER,
+    ROUTE_HEADER,
+    VIEW_HEADER,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +174,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         # Never without a binding: a servicer built without one keeps its own in memory.
         self._sessions = sessions or SessionBinder(MemorySessionStore(
             ttl=settings.session_idle_seconds, max_bindings=settings.max_session_bindings))
+        self._sealer = SessionSealer(settings.session_keys) if settings.session_keys else None
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:
@@ -216,14 +240,23 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         headers = req.headers
         server = server_of(req.path)
         if server is None or server not in settings.servers:
-            return self._deny(rec, UnknownServer("no MCP server is served at this path"), req)
+            view = view_of_path(settings.views, _path_only(req.path)) if settings.views else None
+            if view is None:
+                return self._deny(rec, UnknownServer("no MCP server is served at this path"), req)
+            return await self._check_aggregate(req, rec, facts, view)
         rec.server = server
         resource = settings.resource_url(server)
 
+        narrowed: View | None = None
         try:
             check_query(req.path)
             token = bearer_token(headers)
-            claims = await self._verifier.verify(token, resource)
+            try:
+                claims = await self._verifier.verify(token, resource)
+            except InvalidToken as err:
+                if err.code != "invalid_audience" or not settings.views:
+                    raise
+                claims, narrowed = await self._aggregate_audience(token, server, headers, err)
         except AuthError as err:
             challenge = bearer_challenge(settings.resource_metadata_url(server), err.challenge_error)
             return self._deny(rec, err, req, {"www-authenticate": challenge})
@@ -237,19 +270,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         parsed: dict[str, Any] | None = None
         if req.method in _BODY_METHODS or req.body:
             try:
-                if req.method not in _BODY_METHODS:
-                    # Decided as the message in its body, a GET would be authorised as something
-                    # other than the stream it opens: one request, one thing to decide.
-                    raise InvalidRequest(f"a {req.method} request carries no JSON-RPC message")
-                if headers.get(PARTIAL_BODY_HEADER) == "true":
-                    raise PayloadTooLarge("the request body exceeds the gateway's limit")
-                encoding = headers.get("content-encoding", "identity").strip().lower()
-                if encoding not in ("", "identity"):
-                    raise UnsupportedEncoding(
-                        f"Content-Encoding {encoding!r} is not accepted; send the JSON-RPC body "
-                        "uncompressed")
-                msg = parse_message(req.body, max_bytes=settings.max_request_bytes)
+                msg = self._read_message(req)
                 ctx = extract_context(msg, headers)
+                if narrowed is not None:
+                    _within_view(narrowed, server, ctx)
             except GatewayError as err:
                 return self._deny(rec, err, req)
             parsed = facts.parsed = msg.raw
@@ -282,10 +306,219 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         except GatewayError as err:
             return self._deny(rec, err, req)
 
+        outcome = await self._govern(
+            req, rec, policy_req=req, parsed=parsed, ctx=ctx, caller=caller, server=server,
+            resource=resource, owner=owner, metadata_url=settings.resource_metadata_url(server))
+        if isinstance(outcome, Verdict):
+            return outcome
+        decision = outcome
+
+        if req.method == "DELETE" and session_id is not None:
+            # The client ends its session: its id is refused from now on, whatever the upstream
+            # answers (ext_authz never sees that answer).
+            try:
+                await self._sessions.end(server, session_id)
+            except SessionStoreUnavailable as err:
+                return self._deny(rec, err, req, {"retry-after": "1"})
+
+        upstream, metadata = self._allowed(req, rec, decision, caller, server, resource)
+        return Verdict.allow(upstream, metadata)
+
+    def _read_message(self, req: HttpRequest) -> Message:
+        """The request's one JSON-RPC message, strictly parsed; raises GatewayError."""
+        headers = req.headers
+        if req.method not in _BODY_METHODS:
+            # Decided as the message in its body, a GET would be authorised as something
+            # other than the stream it opens: one request, one thing to decide.
+            raise InvalidRequest(f"a {req.method} request carries no JSON-RPC message")
+        if headers.get(PARTIAL_BODY_HEADER) == "true":
+            raise PayloadTooLarge("the request body exceeds the gateway's limit")
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise UnsupportedEncoding(
+                f"Content-Encoding {encoding!r} is not accepted; send the JSON-RPC body "
+                "uncompressed")
+        return parse_message(req.body, max_bytes=self._settings.max_request_bytes)
+
+    async def _aggregate_audience(self, token: str, server: str, headers: dict[str, str],
+                                  refusal: InvalidToken) -> tuple[dict[str, Any], View | None]:
+        """A token that is not for ``/mcp/<server>`` itself: one for ``/mcp`` (the union of the
+        servers, so no more power here than there) is accepted; one for a virtual server only
+        when the request names that view in VIEW_HEADER and the view holds the server, and then
+        the request is narrowed to the view (returned). Else the original refusal."""
+        settings = self._settings
+        try:
+            return await self._verifier.verify(token, settings.aggregate_resource), None
+        except InvalidToken as err:
+            if err.code != "invalid_audience":
+                raise
+        name = headers.get(VIEW_HEADER)
+        view = settings.views.get(name) if name else None
+        if view is None or view.is_aggregate or not view.allows_server(server):
+            raise refusal
+        try:
+            return await self._verifier.verify(token, settings.view_resource(view)), view
+        except InvalidToken as err:
+            if err.code != "invalid_audience":
+                raise
+        raise refusal
+
+    async def _check_aggregate(self, req: HttpRequest, rec: DecisionRecord, facts: _Facts,
+                               view: View) -> Verdict:
+        """A request to an aggregate endpoint: a message aimed at one server is governed exactly
+        as on ``/mcp/<server>`` (policy input, rate limits, catalog, audit: the real server and
+        tool) and routed there by Envoy with the rewrite computed here; anything else goes to
+        the aggregator, whose calls to each server are governed on that server's route."""
+        settings = self._settings
+        headers = req.headers
+        resource = settings.view_resource(view)
+        metadata_url = settings.view_metadata_url(view)
+        try:
+            check_query(req.path)
+            token = bearer_token(headers)
+            try:
+                claims = await self._verifier.verify(token, resource)
+            except InvalidToken as err:
+                # A virtual server is a narrower view of /mcp: the /mcp token serves it too.
+                if err.code != "invalid_audience" or view.is_aggregate:
+                    raise
+                claims = await self._verifier.verify(token, settings.aggregate_resource)
+        except AuthError as err:
+            return self._deny(rec, err, req, {"www-authenticate": bearer_challenge(
+                metadata_url, err.challenge_error)})
+        except KeysUnavailable as err:
+            return self._deny(rec, err, req, {"retry-after": "1"})
+        caller = Caller.from_claims(claims)
+        rec.sub = caller.sub
+        facts.caller = caller
+
+        msg: Message | None = None
+        try:
+            if req.method in _BODY_METHODS or req.body:
+                msg = self._read_message(req)
+                client_ctx = extract_context(msg, headers)  # the client's Mcp-Name etc. checked
+                rec.method, rec.tool = client_ctx.method, client_ctx.tool
+            route = resolve(msg, req.body, view)
+        except GatewayError as err:
+            return self._deny(rec, err, req)
+        server = route.server if isinstance(route, FastPath) else AGGREGATOR_ROUTE
+        rec.server = server
+        bind(sub=caller.sub, tenant=caller.tenant, client_id=caller.client_id, server=server,
+             method=rec.method)
+
+        tool = route.target if isinstance(route, FastPath) and rec.method == "tools/call" else None
+        rec.tool = tool
+        try:
+            await self._limiter.acquire(limits_for(
+                settings.rate_limits, issuer=caller.issuer or "", sub=caller.sub, server=server,
+                tool=tool))
+        except RateLimited as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
+            return self._deny(rec, err, req, {"retry-after": str(err.retry_after)})
+        except RateLimitUnavailable as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
+            return self._deny(rec, err, req, {"retry-after": "1"})
+
+        # The sealed id names its owner and view: another caller's, another view's, an altered
+        # or an ended one does not exist (404), exactly as on /mcp/<server>.
+        owner: SessionOwner | None = None
+        session_id: str | None = None
+        try:
+            session_id = session_id_of(headers, max_chars=MAX_TOKEN_CHARS)
+            if session_id is not None:
+                owner, session = await self._aggregate_session(session_id, view, caller)
+                if isinstance(route, FastPath):
+                    upstream_sid = session.upstream.get(route.server)
+                    if upstream_sid is None:
+                        upstream_sid = await self._sessions.late_joined(session_id, route.server)
+                    if upstream_sid is None or not _valid_upstream_sid(upstream_sid):
+                        raise UpstreamNotInSession(
+                            f"server {route.server} is unavailable in this session (it was not "
+                            "reachable when the session started); start a new session",
+                            data={"server": route.server})
+                    route = dc_replace(route, upstream_sid=upstream_sid)
+        except SessionStoreUnavailable as err:
+            return self._deny(rec, err, req, {"retry-after": "1"})
+        except GatewayError as err:
+            return self._deny(rec, err, req)
+
+        if isinstance(route, ToAggregator):
+            return await self._to_aggregator(req, rec, caller, owner, session_id)
+
+        assert msg is not None
+        # From here on the request is what the server receives, as on /mcp/<server>.
+        server_path = _server_path(req.path, route.server)
+        server_headers = _as_server_headers(headers, route, server_path, len(req.body))
+        try:
+            ctx = extract_context(Message(route.message, msg.kind), server_headers)
+        except GatewayError as err:
+            return self._deny(rec, err, req)
+        facts.ctx, facts.parsed = ctx, route.message
+        policy_req = dc_replace(req, path=server_path, headers=server_headers)
+        outcome = await self._govern(
+            req, rec, policy_req=policy_req, parsed=route.message, ctx=ctx, caller=caller,
+            server=route.server, resource=settings.resource_url(route.server), owner=owner,
+            metadata_url=metadata_url, via=view.via, exposed_name=route.exposed_name)
+        if isinstance(outcome, Verdict):
+            return outcome
+        upstream, metadata = self._allowed(req, rec, outcome, caller, route.server,
+                                           settings.resource_url(route.server))
+        upstream.update(route.headers())
+        if route.upstream_sid is not None:
+            upstream[SESSION_HEADER] = route.upstream_sid
+        if _MCP_NAME in headers and ctx.name is not None:
+            upstream[_MCP_NAME] = ctx.name  # the server checks it against the rewritten body
+        return Verdict.allow(upstream, metadata, aggregate=True)
+
+    async def _aggregate_session(self, session_id: str, view: View, caller: Caller
+                                 ) -> tuple[SessionOwner, AggregateSession]:
+        """The sealed session and its owner; SessionNotFound unless it opens, belongs to the
+        caller and this view, and was not ended."""
+        if self._sealer is None:
+            raise SessionNotFound(NOT_FOUND_MESSAGE)
+        try:
+            session = self._sealer.open(session_id)
+        except InvalidSessionId:
+            raise SessionNotFound(NOT_FOUND_MESSAGE) from None
+        owner = SessionOwner(session.issuer, session.subject, session.tenant)
+        if not owner.same_principal(caller.owner) or session.view != view.name:
+            raise SessionNotFound(NOT_FOUND_MESSAGE)
+        # Records the sealed owner on first sight, and answers "ended" after a DELETE.
+        await self._sessions.owner(AGGREGATE_SERVER, session_id, owner)
+        return owner, session
+
+    async def _to_aggregator(self, req: HttpRequest, rec: DecisionRecord, caller: Caller,
+                             owner: SessionOwner | None, session_id: str | None) -> Verdict:
+        """Route to the aggregator. No policy here: each of its calls to a server is decided on
+        that server's route with this caller's token, which it therefore keeps."""
+        if owner is not None:
+            try:
+                self._sessions.check_tenant(owner, caller.owner)
+            except GatewayError as err:
+                return self._deny(rec, err, req)
+        if req.method == "DELETE" and session_id is not None:
+            try:
+                await self._sessions.end(AGGREGATE_SERVER, session_id)
+            except SessionStoreUnavailable as err:
+                return self._deny(rec, err, req, {"retry-after": "1"})
+        rec.allow, rec.http_status, rec.reason = True, 200, "to_aggregator"
+        upstream = identity_headers(caller, None, rec.decision_id)
+        upstream[ROUTE_HEADER] = AGGREGATOR_ROUTE
+        return Verdict.allow(upstream, None, keep_token=True, aggregate=True)
+
+    async def _govern(self, req: HttpRequest, rec: DecisionRecord, *, policy_req: HttpRequest,
+                      parsed: dict[str, Any] | None, ctx: McpContext | None, caller: Caller,
+                      server: str, resource: str, owner: SessionOwner | None, metadata_url: str,
+                      via: str = VIA_DIRECT, exposed_name: str | None = None
+                      ) -> PolicyDecision | Verdict:
+        """Policy, session tenant and tool catalog for one request to ``server``: the decision,
+        or the refusal. ``policy_req`` is the request as the policy sees it (on an aggregate
+        endpoint: as if sent to ``/mcp/<server>``); ``req`` the one the client sent."""
         build = functools.partial(
-            policy_input, req, parsed_body=parsed, mcp=ctx, caller=caller, server=server,
+            policy_input, policy_req, parsed_body=parsed, mcp=ctx, caller=caller, server=server,
             resource=resource, now=self._clock(),
-            session=owner.as_policy_input() if owner is not None else None)
+            session=owner.as_policy_input() if owner is not None else None, via=via,
+            exposed_name=exposed_name)
         try:
             document = await self._parse_sql(build) if _has_sql(ctx) else build()
         except SqlParserBusy as err:
@@ -301,7 +534,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             deny_headers = dict(decision.headers)
             if decision.missing_scope:
                 deny_headers["www-authenticate"] = bearer_challenge(
-                    settings.resource_metadata_url(server), "insufficient_scope",
+                    metadata_url, "insufficient_scope",
                     scope=decision.missing_scope)
             code = decision.error_code or decision.reason or "policy_denied"
             refusal = PolicyDenied(f"request denied by policy ({code})", code=code, http_status=status)
@@ -330,30 +563,31 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             except GatewayError as err:
                 return self._deny(rec, err, req)
 
-        if req.method == "DELETE" and session_id is not None:
-            # The client ends its session: its id is refused from now on, whatever the upstream
-            # answers (ext_authz never sees that answer).
-            try:
-                await self._sessions.end(server, session_id)
-            except SessionStoreUnavailable as err:
-                return self._deny(rec, err, req, {"retry-after": "1"})
+        return decision
 
+    def _allowed(self, req: HttpRequest, rec: DecisionRecord, decision: PolicyDecision,
+                 caller: Caller, server: str, resource: str
+                 ) -> tuple[dict[str, str], dict[str, Any]]:
+        """The upstream headers and ext_proc metadata of an allowed request to ``server``."""
         rec.allow, rec.http_status = True, 200
         rec.reason = decision.reason or "allowed"
         if not decision.allow:
             rec.reason = f"dry_run:{decision.error_code or decision.reason or 'policy_denied'}"
         mask = mask_types(decision.obligations)
         # Identity headers win over policy-provided headers of the same name, and only the
-        # gateway decides about inspection.
+        # gateway decides about inspection and routing.
         upstream = {**decision.headers, **identity_headers(caller, rec.tool, rec.decision_id)}
         upstream.pop(INSPECT_HEADER, None)
+        for name in AGGREGATE_HEADERS:
+            upstream.pop(name, None)
         if needs_inspection(rec.method, mask, req.method):
             upstream[INSPECT_HEADER] = "1"
         metadata = ext_proc_metadata(
             method=rec.method, server=server, tool=rec.tool, caller=caller, resource=resource,
             mask=mask, decision_id=rec.decision_id, request_id=rec.request_id,
             obligations=decision.obligations, http_method=req.method)
-        return Verdict.allow(upstream, metadata)
+        return upstream, metadata
+
 
     async def _parse_sql(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Build an input whose facts parse SQL (pure Python, up to tens of ms within its bounds,
@@ -403,6 +637,52 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         err.data = {**data, "decision_id": rec.decision_id}
         rid = best_effort_id(req.body) if req.body else None
         return Verdict.deny(err.http_status, error_body(rid, err), headers)
+
+_MCP_NAME = "mcp-name"
+
+
+def _path_only(path: str) -> str:
+    for sep in ("?", "#"):
+        path = path.split(sep, 1)[0]
+    return path
+
+
+def _server_path(path: str, server: str) -> str:
+    """The path the request would have had on ``/mcp/<server>`` (query kept)."""
+    q = path.find("?")
+    return f"{MCP_PATH_PREFIX}{server}" + (path[q:] if q != -1 else "")
+
+
+def _as_server_headers(headers: dict[str, str], route: FastPath, path: str, body_len: int
+                       ) -> dict[str, str]:
+    """The request's headers as the server receives them on ``path``: its own name in
+    Mcp-Name, its own session id, the rewritten body's length."""
+    out = dict(headers)
+    if _MCP_NAME in out and route.target is not None:
+        out[_MCP_NAME] = route.target
+    if SESSION_HEADER in out:
+        if route.upstream_sid is None:
+            del out[SESSION_HEADER]
+        else:
+            out[SESSION_HEADER] = route.upstream_sid
+    if ":path" in out:
+        out[":path"] = path
+    if "content-length" in out:
+        out["content-length"] = str(body_len - route.rewrite.length + len(route.rewrite.to))
+    return out
+
+
+def _valid_upstream_sid(value: str) -> bool:
+    # It becomes a header value: the same alphabet and bound as a client's session id.
+    return 0 < len(value) <= MAX_SESSION_ID_CHARS and all(
+        "\x21" <= ch <= "\x7e" and ch != "," for ch in value)
+
+
+def _within_view(view: View, server: str, ctx: McpContext) -> None:
+    """A request on ``/mcp/<server>`` under a virtual server's token: only what the view holds."""
+    if ctx.method == "tools/call" and (ctx.tool is None or not view.allows(server, ctx.tool)):
+        raise UnknownTarget(f"unknown tool {ctx.tool!r} on {view.path()}",
+                            data={"name": ctx.tool})
 
 
 @dataclass(slots=True)

@@ -14,6 +14,10 @@ on:
   it itself if the policy did not (:meth:`SessionBinder.check_tenant`);
 - ``DELETE`` ends the session: its id answers 404 for everyone until the record expires.
 
+An aggregate session (``/mcp``, ``/mcp/<virtual>``: a sealed id, ``gateway.aggregate``) is
+bound and ended the same way under the server :data:`AGGREGATE_SERVER`; its owner is the one
+sealed in it, so no first-use window exists there.
+
 Ids are checked before any lookup (length, visible ASCII without ","), and stored only as a
 keyed hash with the server name (the same id on two servers is two sessions; the store never
 holds a usable id). Bindings live in memory (LRU, idle TTL, a cap per principal) or, when the
@@ -37,6 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.aggregate.session_token import late_join_key
 from gateway.caller import SessionOwner
 from gateway.errors import FORBIDDEN, INTERNAL_ERROR, INVALID_REQUEST, SESSION_NOT_FOUND, GatewayError
 
@@ -55,6 +60,8 @@ MAX_BINDINGS = 100_000
 # ids would be claimable again): past this, its own oldest binding goes first.
 MAX_BINDINGS_PER_PRINCIPAL = 1_000
 REDIS_KEY_PREFIX = "mcpgw:sess:"
+# The server name under which aggregate session ids are bound and ended (never a server's name).
+AGGREGATE_SERVER = "*"
 REDIS_BACKOFF_SECONDS = 1.0
 _ENDED_TEXT = "ended"
 NOT_FOUND_MESSAGE = "session not found or ended; send a new initialize request"
@@ -103,16 +110,17 @@ def session_key(server: str, session_id: str) -> str:
     return digest.hexdigest()
 
 
-def session_id_of(headers: dict[str, str]) -> str | None:
-    """The request's session id, checked for size and alphabet before it is used for anything."""
+def session_id_of(headers: dict[str, str], *, max_chars: int = MAX_SESSION_ID_CHARS) -> str | None:
+    """The request's session id, checked for size and alphabet before it is used for anything.
+    ``max_chars``: larger on the aggregate endpoints, whose sealed ids grow with the servers."""
     value = headers.get(SESSION_HEADER)
     if value is None:
         return None
     if not value:
         raise InvalidSessionId("Mcp-Session-Id is empty", data={"limit": "session_id_chars"})
-    if len(value) > MAX_SESSION_ID_CHARS:
-        raise InvalidSessionId(f"Mcp-Session-Id is longer than {MAX_SESSION_ID_CHARS} characters",
-                               data={"limit": "session_id_chars", "max": MAX_SESSION_ID_CHARS})
+    if len(value) > max_chars:
+        raise InvalidSessionId(f"Mcp-Session-Id is longer than {max_chars} characters",
+                               data={"limit": "session_id_chars", "max": max_chars})
     for ch in value:
         if not "\x21" <= ch <= "\x7e" or ch in _FORBIDDEN_ID_CHARS:
             raise InvalidSessionId(
@@ -128,6 +136,10 @@ class SessionStore(Protocol):
 
     async def end(self, key: str) -> None:
         """Forget the owner; the id answers as ended until its record expires."""
+
+    async def late_joined(self, key: str) -> str | None:
+        """The upstream session id the aggregator stored under ``key``
+        (``gateway.aggregate.session_token.late_join_key``), if any."""
 
     async def close(self) -> None: ...
 
@@ -154,6 +166,9 @@ class MemorySessionStore:
         self._max = max_bindings
         self._max_per_principal = max_per_principal
         self._clock = clock
+        # Late-joined upstream sessions are written by the aggregator, another process: only a
+        # shared (Redis) store can hold them. This one serves tests and single-process setups.
+        self.late_joins: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -188,9 +203,13 @@ class MemorySessionStore:
         entry.last_seen = self._clock()
         self._entries.move_to_end(key)
 
+    async def late_joined(self, key: str) -> str | None:
+        return self.late_joins.get(key)
+
     async def close(self) -> None:
         self._entries.clear()
         self._by_principal.clear()
+        self.late_joins.clear()
 
     def _expire(self, now: float) -> None:
         # LRU order is last-use order: expired records are at the front.
@@ -261,6 +280,23 @@ class RedisSessionStore:
     async def end(self, key: str) -> None:
         await self._call(self._end, key, _ENDED_TEXT)
 
+    async def late_joined(self, key: str) -> str | None:
+        if self._clock() < self._down_until:
+            raise SessionStoreUnavailable("the session store is unavailable")
+        try:
+            raw = await self._redis.get(key)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._down_until = self._clock() + REDIS_BACKOFF_SECONDS
+            logger.warning("session store unavailable, refusing session requests for %.1fs: %s",
+                           REDIS_BACKOFF_SECONDS, exc)
+            raise SessionStoreUnavailable("the session store is unavailable") from None
+        if isinstance(raw, bytes):
+            try:
+                return raw.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+        return raw if isinstance(raw, str) else None
+
     async def close(self) -> None:
         await self._redis.aclose()
 
@@ -298,6 +334,11 @@ class SessionBinder:
 
     async def end(self, server: str, session_id: str) -> None:
         await self.store.end(session_key(server, session_id))
+
+    async def late_joined(self, aggregate_id: str, server: str) -> str | None:
+        """The upstream session id of ``server`` that joined the aggregate session
+        ``aggregate_id`` after its initialize (written by the aggregator), or None."""
+        return await self.store.late_joined(late_join_key(aggregate_id, server))
 
     async def close(self) -> None:
         await self.store.close()

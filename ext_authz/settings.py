@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.aggregate.session_token import parse_keys
+from gateway.aggregate.views import AGGREGATE_PATH, View, views_from_config
 from gateway.config import (
     AuditConfig,
     AuthConfig,
@@ -21,6 +24,8 @@ from gateway.config import (
 )
 from gateway.upstream import UpstreamTarget, targets
 
+logger = logging.getLogger(__name__)
+
 # Envoy must never wait on us longer than its own ext_authz timeout; these stay well below the
 # default 500 ms so that a slow dependency is answered (closed) instead of timing out in Envoy.
 REDIS_TIMEOUT_SECONDS = 0.2
@@ -29,6 +34,8 @@ JWKS_MAX_BYTES = 256 * 1024
 # the servers' own session idle timeout) and how many one process keeps in memory.
 SESSION_IDLE_SECONDS = 3600.0
 MAX_SESSION_BINDINGS = 100_000
+# The secret holding the aggregate session keys when the config does not name one.
+DEFAULT_SESSION_KEYS_SECRET = "MCP_GATEWAY_AGGREGATE_KEYS"  # noqa: S105  # a variable name, not a key
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,10 @@ class Settings:
     max_session_bindings: int = MAX_SESSION_BINDINGS
     # How many ext_authz processes share the traffic (per-process session bindings warn).
     processes: int = 1
+    # The aggregate endpoints (gateway.aggregate): views by name ("" is /mcp), and the key ring
+    # that opens their sealed session ids, newest first. No views: /mcp is not served.
+    views: Mapping[str, View] = field(default_factory=dict)
+    session_keys: tuple[bytes, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, port: int | None = None,
@@ -65,6 +76,7 @@ class Settings:
                 # Issuers are selected by `iss`; two entries for one issuer would be ambiguous.
                 raise ConfigError(f"issuers: {issuer.issuer!r} is configured twice")
             seen.add(issuer.issuer)
+        views, keys = _aggregate(cfg, os.environ)
         return cls(
             issuers=cfg.issuers, auth=cfg.auth, policy=cfg.policy, rate_limits=cfg.rate_limits,
             public_url=cfg.public_url.rstrip("/"),
@@ -75,6 +87,7 @@ class Settings:
             server_targets={s.name: targets(s, os.environ) for s in cfg.servers},
             transport=cfg.ext_authz.transport,
             processes=len(cfg.ext_authz.instances),
+            views=views, session_keys=keys,
         )
 
     def audit_path(self, port: int) -> Path:
@@ -88,3 +101,35 @@ class Settings:
     def resource_metadata_url(self, server: str) -> str:
         """The RFC 9728 protected resource metadata URL named in 401 challenges."""
         return f"{self.public_url}/.well-known/oauth-protected-resource/mcp/{server}"
+
+    def view_resource(self, view: View) -> str:
+        """The resource identifier (token audience) of an aggregate endpoint."""
+        return f"{self.public_url}{view.path()}"
+
+    def view_metadata_url(self, view: View) -> str:
+        return f"{self.public_url}/.well-known/oauth-protected-resource{view.path()}"
+
+    @property
+    def aggregate_resource(self) -> str:
+        """The audience of ``/mcp``: the union of the servers, accepted on each of them too."""
+        return f"{self.public_url}{AGGREGATE_PATH}"
+
+
+def _aggregate(cfg: GatewayConfig, environ: Mapping[str, str]
+               ) -> tuple[dict[str, View], tuple[bytes, ...]]:
+    """The views and the session key ring. Without the keys the aggregate endpoints are not
+    served (every session there would be refused anyway), and the log says which secret is
+    missing; a malformed key is a configuration error."""
+    views = views_from_config(cfg)
+    if not views:
+        return {}, ()
+    secret = getattr(getattr(cfg, "aggregate", None), "session_keys", DEFAULT_SESSION_KEYS_SECRET)
+    value = environ.get(secret)
+    if not value:
+        logger.error("the aggregate endpoint /mcp is not served: the secret %s (aggregate "
+                     "session keys) is not in ext_authz's environment", secret)
+        return {}, ()
+    try:
+        return views, parse_keys(value)
+    except ValueError as exc:
+        raise ConfigError(f"aggregate.session_keys: the secret {secret}: {exc}") from None

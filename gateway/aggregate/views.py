@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import translate
 from typing import TYPE_CHECKING, Any
@@ -81,7 +81,7 @@ def views_from_config(cfg: GatewayConfig) -> dict[str, View]:
     return views
 
 
-def view_of_path(views: dict[str, View], path: str) -> View | None:
+def view_of_path(views: Mapping[str, View], path: str) -> View | None:
     """The view served at ``path`` (no query string): ``/mcp`` or ``/mcp/<virtual>``."""
     if path == AGGREGATE_PATH:
         return views.get(AGGREGATE_VIEW)

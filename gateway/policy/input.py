@@ -18,6 +18,9 @@ from gateway.policy.facts import with_facts
 # Credentials never reach the policy (nor, through it, the decision log): the policy sees the
 # verified claims instead.
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+# ``input.mcp.via`` of a request sent to ``/mcp/<server>`` itself; the aggregate endpoints say
+# "aggregate" or "virtual:<name>" (gateway.aggregate.views.View.via).
+VIA_DIRECT = "direct"
 
 
 def build_policy_input(
@@ -36,6 +39,8 @@ def build_policy_input(
     source_address: str = "",
     session: Mapping[str, Any] | None = None,
     now: float | None = None,
+    via: str = VIA_DIRECT,
+    exposed_name: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the input document of one decision (ext_authz and ``policy eval`` alike).
 
@@ -45,7 +50,10 @@ def build_policy_input(
     request's headers; names are compared and kept lower-case (as Envoy sends them), credentials
     dropped. ``session``: the owner of the
     request's session (``ext_authz.sessions``: ``{"iss", "sub", "tenant"}``), or None.
-    ``now``: Unix seconds (defaults to the current time). Raises
+    ``now``: Unix seconds (defaults to the current time). ``via``: how the request reached the
+    server (``input.mcp.via``); ``exposed_name``: on an aggregate endpoint, the name, URI or
+    answer id the client wrote (``files__read_file``), while everything else in the input is
+    what the server receives, as if the request had been sent to ``/mcp/<server>``. Raises
     ``gateway.errors.InputLimitExceeded`` (and other 400s) for arguments over the facts' bounds.
     """
     http_headers: dict[str, str] = {}
@@ -70,7 +78,7 @@ def build_policy_input(
             "source": {"address": source_address},
         },
         "parsed_body": dict(body) if body is not None else None,
-        "mcp": with_facts(ctx.as_policy_input()) if ctx is not None else _no_message(http_headers),
+        "mcp": _mcp(ctx, http_headers, via, exposed_name),
         "token": caller.token(),
         "server": {"name": server_name, "resource": server_resource},
         "now": int(time.time() if now is None else now),
@@ -78,6 +86,14 @@ def build_policy_input(
     if session is not None:
         policy_input["session"] = dict(session)
     return policy_input
+
+
+def _mcp(ctx: McpContext | None, headers: Mapping[str, str], via: str,
+         exposed_name: str | None) -> dict[str, Any]:
+    mcp = ctx.as_policy_input() if ctx is not None else _no_message(headers)
+    mcp["via"] = via
+    mcp["exposed_name"] = exposed_name
+    return with_facts(mcp) if ctx is not None else mcp
 
 
 def _no_message(headers: Mapping[str, str]) -> dict[str, Any]:
