@@ -26,6 +26,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -33,10 +34,18 @@ from string import Template
 from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
 from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
+    AGGREGATE_HEADERS,
+    AGGREGATE_NAMESPACE,
+    AGGREGATOR_ROUTE,
     CONTEXT_HEADER,
     GATEWAY_HEADERS,
+    ID_JSON_HEADER,
     INSPECT_HEADER,
     PEER_HEADER,
+    REWRITE_AT_HEADER,
+    REWRITE_LEN_HEADER,
+    REWRITE_TO_HEADER,
+    ROUTE_HEADER,
     SIGNAL_HEADERS,
     STATUS_HEADER,
 )
@@ -309,6 +318,8 @@ def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
     name = server.name
     tmpl = _template("mcp_route.yaml.tmpl")
     blocks, scalars, removed = _upstream_route(server)
+    blocks = {**blocks, "path_match": f"path: /mcp/{name}",
+              "path_rewrite": f"prefix_rewrite: {scalars['upstream_path']}"}
     scalars = {**scalars, **_server_tuning(server)}
     plain = _fill(tmpl, {"route_comment": _PLAIN_COMMENT if options.ext_proc else
                          "# The MCP endpoint (Streamable HTTP: POST + GET, JSON or SSE answers). "
@@ -324,6 +335,141 @@ def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
                       {"name": name, "route_suffix": "mcp_inspected",
                        "headers_to_remove": f"authorization, {INSPECT_HEADER}{removed}", **scalars})
     return inspected + plain
+
+
+# --- The aggregate endpoint (/mcp, /mcp/<virtual>; docs/aggregate.md) ---
+
+LUA_SOURCE_NAME = "aggregate"
+_LUA_ON = f"""\
+  envoy.filters.http.lua:
+    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
+    disabled: false
+    config:
+      "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+      name: {LUA_SOURCE_NAME}
+"""
+
+
+def aggregate_paths(config: GatewayConfig) -> tuple[str, ...]:
+    """The paths the aggregate endpoint serves: /mcp and /mcp/<virtual> for each virtual server."""
+    return ("/mcp", *(f"/mcp/{v.name}" for v in config.virtual_servers))
+
+
+def _aggregate_path_match(config: GatewayConfig) -> str:
+    if not config.virtual_servers:
+        return "path: /mcp\n"
+    names = "|".join(v.name for v in config.virtual_servers)  # [a-z][a-z0-9-]*: no regex syntax
+    # Envoy matches the regex against the whole path.
+    return f"safe_regex: {{regex: {_q(f'/mcp(/({names}))?')}}}\n"
+
+
+def _aggregate_rewrite(config: GatewayConfig, upstream_path: str) -> str:
+    """The upstream path of a fast-path route: the whole matched path becomes the server's."""
+    if not config.virtual_servers:
+        return f"prefix_rewrite: {upstream_path}\n"
+    return f"regex_rewrite: {{pattern: {{regex: \"^/mcp.*\"}}, substitution: {upstream_path}}}\n"
+
+
+def _fast_path_routes(config: GatewayConfig, server: ServerConfig, options: RenderOptions) -> str:
+    """One server's routes on the aggregate paths: its /mcp/<server> routes (same template,
+    same tuning) matched by ext_authz's x-mcp-route instead of the path, with the Lua filter
+    on and the upstream's session id kept from the client."""
+    name = server.name
+    tmpl = _template("mcp_route.yaml.tmpl")
+    blocks, scalars, removed = _upstream_route(server)
+    route_match = (f"headers:\n- name: {ROUTE_HEADER}\n  string_match: {{exact: {_q(name)}}}\n")
+    blocks = {**blocks, "path_match": _aggregate_path_match(config),
+              "path_rewrite": _aggregate_rewrite(config, str(scalars["upstream_path"])),
+              "upstream_headers": blocks["upstream_headers"]
+              + "response_headers_to_remove: [mcp-session-id]\n"}
+    scalars = {**scalars, **_server_tuning(server)}
+    removed = f"{ROUTE_HEADER}{removed}"
+
+    def per_filter(ext_proc: str) -> str:
+        ext_proc = ext_proc.removeprefix("typed_per_filter_config:\n")
+        return "typed_per_filter_config:\n" + ext_proc + _LUA_ON
+
+    plain = _fill(tmpl, {"route_comment": f"# Aggregate: calls ext_authz routed to {name}.",
+                         "header_match": route_match,
+                         "ext_proc_per_route": per_filter(_EXT_PROC_OFF if options.ext_proc else ""),
+                         **blocks},
+                  {"name": name, "route_suffix": "aggregate_mcp",
+                   "headers_to_remove": f"authorization, {removed}", **scalars})
+    if not options.ext_proc:
+        return plain
+    inspected = _fill(tmpl, {"route_comment": f"# Aggregate: calls ext_authz routed to {name} whose "
+                                              f"answer ext_proc inspects.",
+                             "header_match": route_match + _HEADER_PRESENT.removeprefix("headers:\n"),
+                             "ext_proc_per_route": per_filter(_EXT_PROC_ON), **blocks},
+                      {"name": name, "route_suffix": "aggregate_mcp_inspected",
+                       "headers_to_remove": f"authorization, {INSPECT_HEADER}, {removed}", **scalars})
+    return inspected + plain
+
+
+def aggregate_resource_metadata(config: GatewayConfig, virtual: str | None = None) -> dict[str, object]:
+    """The RFC 9728 metadata of /mcp (every server) or of one virtual server."""
+    if virtual is None:
+        name, servers = "MCP gateway: every server you may use", [s.name for s in config.servers]
+    else:
+        view = config.virtual_server(virtual)
+        name = view.description or f"MCP virtual server {virtual}"
+        servers = sorted({t.split("/", 1)[0] for t in view.tools})
+    return {
+        "resource": config.aggregate_url(virtual),
+        "resource_name": name,
+        "authorization_servers": [i.issuer for i in config.issuers],
+        "bearer_methods_supported": ["header"],
+        "scopes_supported": [f"tools:call:{s}/*" for s in servers],
+    }
+
+
+def aggregate_lua() -> str:
+    """The Lua filter's source with the header names of gateway.wire."""
+    return _fill(_template("aggregate.lua"), {}, {
+        "route_header": ROUTE_HEADER, "rewrite_at_header": REWRITE_AT_HEADER,
+        "rewrite_len_header": REWRITE_LEN_HEADER, "rewrite_to_header": REWRITE_TO_HEADER,
+        "id_json_header": ID_JSON_HEADER, "metadata_namespace": AGGREGATE_NAMESPACE})
+
+
+def _aggregate(config: GatewayConfig, options: RenderOptions, health: dict[str, str]
+               ) -> dict[str, str]:
+    """The blocks of the aggregate endpoint (all empty when it is off)."""
+    names = ("aggregate_routes", "aggregate_lua_filter", "inner_listener", "aggregator_cluster",
+             "aggregate_local_reply")
+    agg = config.aggregate
+    if not agg.enabled or agg.inner_listener is None:
+        return dict.fromkeys(names, "")
+    meta_tmpl = _template("aggregate_metadata_route.yaml.tmpl")
+    metadata = "".join(
+        _fill(meta_tmpl, {"metadata_json": json.dumps(aggregate_resource_metadata(config, v),
+                                                      indent=2)},
+              {"route_name": f"aggregate_{v}" if v else "aggregate",
+               "metadata_path": "/.well-known/oauth-protected-resource" + (f"/mcp/{v}" if v else "/mcp")})
+        for v in (None, *(v.name for v in config.virtual_servers)))
+    ext_proc_off = (textwrap.dedent(_EXT_PROC_OFF.removeprefix("typed_per_filter_config:\n"))
+                    if options.ext_proc else "")
+    routes = _fill(_template("aggregate_routes.yaml.tmpl"), {
+        "metadata_routes": metadata,
+        "fast_path_routes": "".join(_fast_path_routes(config, s, options) for s in config.servers),
+        "path_match": _aggregate_path_match(config),
+        "aggregator_per_filter": ext_proc_off,
+    }, {"aggregate_paths": ", ".join(aggregate_paths(config)), "route_header": ROUTE_HEADER,
+        "aggregator_route": _q(AGGREGATOR_ROUTE)})
+    lua = _fill(_template("aggregate_lua_filter.yaml.tmpl"), {"lua_source": aggregate_lua()},
+                {"lua_source_name": LUA_SOURCE_NAME})
+    inner = agg.inner_listener
+    listener = _fill(_template("aggregate_inner_listener.yaml.tmpl"), {},
+                     {"inner_host": _q(inner.host), "inner_port": inner.port,
+                      "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes})
+    cluster = _fill(_template("aggregate_cluster.yaml.tmpl"),
+                    {"aggregator_endpoints": _endpoints(agg.instances)},
+                    {"aggregator_count": len(agg.instances),
+                     "aggregator_discovery": _discovery(agg.instances),
+                     "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes, **health})
+    reply = _fill(_template("aggregate_local_reply.yaml.tmpl"), {},
+                  {"metadata_namespace": AGGREGATE_NAMESPACE})
+    return {"aggregate_routes": routes, "aggregate_lua_filter": lua, "inner_listener": listener,
+            "aggregator_cluster": cluster, "aggregate_local_reply": reply}
 
 
 def _check(config: GatewayConfig) -> None:
@@ -476,11 +622,24 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
     # The names of the signal headers come from gateway.wire, as the services read them.
     wire_names: dict[str, object] = {"peer_header": PEER_HEADER, "context_header": CONTEXT_HEADER,
                   "status_header": STATUS_HEADER}
+    # On the aggregate endpoint ext_authz also sets the upstream session id and Mcp-Name of a
+    # call it routes to one server.
+    upstream_patterns = (", {exact: mcp-session-id}, {exact: mcp-name}"
+                         if config.aggregate.enabled else "")
     authz_service = _fill(_template(f"ext_authz_{transport}_service.yaml.tmpl"), {},
-                          {"ext_authz_timeout": authz_timeout, **wire_names})
+                          {"ext_authz_timeout": authz_timeout,
+                           "aggregate_upstream_patterns": upstream_patterns, **wire_names})
     authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
 
-    removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS))
+    removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS,
+                                                         *AGGREGATE_HEADERS))
+    aggregate = _aggregate(config, options, health)
+    local_reply_blocks = {
+        "aggregate_local_reply": aggregate.pop("aggregate_local_reply"),
+        "ext_authz_local_reply": _fill(_template("ext_authz_http_local_reply.yaml.tmpl"), {},
+                                       wire_names) if transport == "http" else ""}
+    local_reply = (_fill(_template("local_reply.yaml.tmpl"), local_reply_blocks, {})
+                   if any(local_reply_blocks.values()) else "")
     log_blocks, log_scalars = _access_log(config, options)
     blocks = {
         **log_blocks,
@@ -500,8 +659,8 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
         "ext_authz_endpoints": _endpoints(config.ext_authz.instances),
         "ext_authz_service": authz_service,
         "ext_authz_cluster_transport": authz_cluster,
-        "ext_authz_local_reply": _fill(_template("ext_authz_http_local_reply.yaml.tmpl"), {},
-                                       wire_names) if transport == "http" else "",
+        "local_reply": local_reply,
+        **aggregate,
     }
     scalars: dict[str, object] = {
         "source": _path(config.source, options) or "the embedded default config",

@@ -14,7 +14,13 @@ import yaml
 
 from ext_proc.servicer import RESPONSE_ATTRIBUTES
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, load_config, parse_config
-from gateway.wire import EXT_AUTHZ_NAMESPACE, GATEWAY_HEADERS, IDENTITY_HEADERS, SIGNAL_HEADERS
+from gateway.wire import (
+    AGGREGATE_HEADERS,
+    EXT_AUTHZ_NAMESPACE,
+    GATEWAY_HEADERS,
+    IDENTITY_HEADERS,
+    SIGNAL_HEADERS,
+)
 from gatewayctl import devstack
 from gatewayctl.envoy_config import (
     EnvoyConfigError,
@@ -188,14 +194,14 @@ def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
     x-mcp-* headers are dropped."""
     names = [f["name"] for f in hcm(doc)["http_filters"]]
     assert names == ["envoy.filters.http.header_mutation", "envoy.filters.http.local_ratelimit",
-                     "envoy.filters.http.ext_authz", "envoy.filters.http.stateful_session",
-                     "envoy.filters.http.router"]
+                     "envoy.filters.http.ext_authz", "envoy.filters.http.lua",
+                     "envoy.filters.http.stateful_session", "envoy.filters.http.router"]
     session = filters(doc)["envoy.filters.http.stateful_session"]["typed_config"]["session_state"]
     assert session["typed_config"]["header"] == {"name": "mcp-session-id"}
     removed = {m["remove"] for m in
                filters(doc)["envoy.filters.http.header_mutation"]["typed_config"]["mutations"]["request_mutations"]}
     assert set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-inspect"}
-    assert removed == {*GATEWAY_HEADERS, *SIGNAL_HEADERS}
+    assert removed == {*GATEWAY_HEADERS, *SIGNAL_HEADERS, *AGGREGATE_HEADERS}
 
 
 def test_ext_authz_fails_closed_with_body(doc: dict[str, Any]) -> None:
@@ -507,7 +513,9 @@ def test_http_transport_restores_carried_statuses(http_doc: dict[str, Any]) -> N
     from ext_authz.http_front import CARRIED_STATUSES
     from gateway.wire import STATUS_HEADER
 
-    mappers = hcm(http_doc)["local_reply_config"]["mappers"]
+    # (The aggregate endpoint's "server unavailable" mapper comes first; docs/aggregate.md.)
+    mappers = [m for m in hcm(http_doc)["local_reply_config"]["mappers"]
+               if "extension_filter" in m["filter"]]
     codes = [m["status_code"] for m in mappers]
     assert codes == sorted(CARRIED_STATUSES) == [500, 501, 502, 503, 504]
     for mapper in mappers:
@@ -519,11 +527,12 @@ def test_http_transport_restores_carried_statuses(http_doc: dict[str, Any]) -> N
 
 
 def test_grpc_transport_has_no_http_parts(certs: Certs, tmp_path: Path) -> None:
-    """transport grpc: grpc_service and the gRPC health check, no http_service, no
-    local_reply_config; Envoy accepts it."""
+    """transport grpc: grpc_service and the gRPC health check, no http_service, no ext_authz
+    local-reply mappers; Envoy accepts it."""
     text = render(with_certs(transport_config("grpc"), certs), RenderOptions(ext_proc=True))
     doc = yaml.safe_load(text)
-    assert "local_reply_config" not in hcm(doc)
+    # Only the aggregate endpoint's "server unavailable" mapper (docs/aggregate.md).
+    assert [list(m["filter"]) for m in hcm(doc)["local_reply_config"]["mappers"]] == [["and_filter"]]
     cfg = filters(doc)["envoy.filters.http.ext_authz"]["typed_config"]
     assert "http_service" not in cfg
     assert cfg["grpc_service"]["envoy_grpc"]["cluster_name"] == "ext_authz"
