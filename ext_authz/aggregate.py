@@ -98,6 +98,10 @@ class FastPath:
     exposed_name: str
     message: dict[str, Any]
 
+    def with_upstream_sid(self, sid: str) -> FastPath:
+        return FastPath(self.server, self.target, self.rewrite, self.id_json, sid,
+                        self.exposed_name, self.message)
+
     def headers(self) -> dict[str, str]:
         """The routing and rewrite headers for Envoy (gateway.wire)."""
         out = {ROUTE_HEADER: self.server, REWRITE_AT_HEADER: str(self.rewrite.at),
@@ -222,8 +226,10 @@ def _spellings(value: str) -> list[bytes]:
     # How JSON encoders write a string: UTF-8 as is (orjson, JavaScript) or \u-escaped non-ASCII
     # (Python's json default).
     plain = orjson.dumps(value)
+    if value.isascii() and "\x7f" not in value:  # then both encoders write it alike
+        return [plain]
     escaped = json.dumps(value).encode("ascii")
-    return [plain] if escaped == plain else [plain, escaped]
+    return [plain, escaped]
 
 
 def _replaced(raw: Mapping[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from dataclasses import replace as dc_replace
 from typing import Any, Protocol
 
 import grpc
@@ -76,6 +75,7 @@ from ext_authz.sessions import (
     SessionNotFound,
     SessionStoreUnavailable,
     session_id_of,
+    visible_ascii,
 )
 from ext_authz.settings import Settings
 from gateway.aggregate.session_token import (
@@ -436,7 +436,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
                             f"server {route.server} is unavailable in this session (it was not "
                             "reachable when the session started); start a new session",
                             data={"server": route.server})
-                    route = dc_replace(route, upstream_sid=upstream_sid)
+                    route = route.with_upstream_sid(upstream_sid)
         except SessionStoreUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
         except GatewayError as err:
@@ -454,7 +454,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         except GatewayError as err:
             return self._deny(rec, err, req)
         facts.ctx, facts.parsed = ctx, route.message
-        policy_req = dc_replace(req, path=server_path, headers=server_headers)
+        policy_req = HttpRequest(req.id, req.method, server_path, req.host, req.scheme,
+                                 server_headers, req.body, req.source_address)
         outcome = await self._govern(
             req, rec, policy_req=policy_req, parsed=route.message, ctx=ctx, caller=caller,
             server=route.server, resource=settings.resource_url(route.server), owner=owner,
@@ -674,8 +675,7 @@ def _as_server_headers(headers: dict[str, str], route: FastPath, path: str, body
 
 def _valid_upstream_sid(value: str) -> bool:
     # It becomes a header value: the same alphabet and bound as a client's session id.
-    return 0 < len(value) <= MAX_SESSION_ID_CHARS and all(
-        "\x21" <= ch <= "\x7e" and ch != "," for ch in value)
+    return 0 < len(value) <= MAX_SESSION_ID_CHARS and visible_ascii(value) and "," not in value
 
 
 def _within_view(view: View, server: str, ctx: McpContext) -> None:

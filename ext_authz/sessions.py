@@ -121,12 +121,16 @@ def session_id_of(headers: dict[str, str], *, max_chars: int = MAX_SESSION_ID_CH
     if len(value) > max_chars:
         raise InvalidSessionId(f"Mcp-Session-Id is longer than {max_chars} characters",
                                data={"limit": "session_id_chars", "max": max_chars})
-    for ch in value:
-        if not "\x21" <= ch <= "\x7e" or ch in _FORBIDDEN_ID_CHARS:
-            raise InvalidSessionId(
-                "Mcp-Session-Id must be one visible-ASCII value (repeated headers are refused)",
-                data={"limit": "session_id_charset"})
+    if not visible_ascii(value) or any(ch in value for ch in _FORBIDDEN_ID_CHARS):
+        raise InvalidSessionId(
+            "Mcp-Session-Id must be one visible-ASCII value (repeated headers are refused)",
+            data={"limit": "session_id_charset"})
     return value
+
+
+def visible_ascii(value: str) -> bool:
+    """Only characters 0x21-0x7E (checked in C: a sealed aggregate id is hundreds long)."""
+    return value.isascii() and value.isprintable() and " " not in value
 
 
 class SessionStore(Protocol):

@@ -175,3 +175,14 @@ def test_find_rewrite_checks_the_whole_result() -> None:
     assert rewrite.apply(body) == b'{"a":"x","b":"y"}'
     with pytest.raises(NotPlainName):
         find_rewrite(body, "x", "y", {"a": "y", "b": "y"})
+
+
+@pytest.mark.parametrize("char", [chr(c) for c in range(128)])
+def test_any_ascii_name_written_by_either_encoder_is_found(char: str) -> None:
+    """Whichever of the usual encoders wrote an ASCII name (controls and DEL escaped or not),
+    the rewrite finds it."""
+    name = f"files__a{char}b"
+    doc = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": name}}
+    for body in (orjson.dumps(doc), json.dumps(doc).encode()):
+        route, forwarded = _fast(body)
+        assert forwarded["params"]["name"] == f"a{char}b"
