@@ -5,6 +5,13 @@ both transports share (:meth:`AuthorizationServicer.decide`: an :class:`HttpRequ
 Order of checks, cheapest refusal first: known server -> token (401) -> body (400/413) -> rate
 limit (429) -> policy (403) -> tool catalog for ``tools/call`` (quarantine 403, arguments 400,
 catalog not loaded 503) -> audit entry on disk for audited methods (503 if it cannot be written).
+The aggregate endpoints (``/mcp``, ``/mcp/<virtual>``; ``ext_authz.aggregate``) run the same
+checks: a message aimed at one server is decided as on ``/mcp/<server>`` with the real server and
+tool (plus ``input.mcp.via``) after its sealed session id is opened (another owner's, an altered
+or an ended one: 404), and Envoy routes it there by ``x-mcp-route``; anything else is routed to
+the aggregator, undecided here because each of its calls to a server is decided on that server's
+route.
+
 Every path ends in exactly one decision log line, one metrics update and one span. Anything
 unexpected is answered 500 (deny): the service fails closed and keeps running.
 """
