@@ -340,13 +340,17 @@ def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
 # --- The aggregate endpoint (/mcp, /mcp/<virtual>; docs/aggregate.md) ---
 
 LUA_SOURCE_NAME = "aggregate"
+# Plain per-route configs (not FilterConfig): the Lua filter reads them from the route ext_authz's
+# headers select, after the chain was built from the first route (aggregate_routes.yaml.tmpl).
 _LUA_ON = f"""\
   envoy.filters.http.lua:
-    "@type": type.googleapis.com/envoy.config.route.v3.FilterConfig
-    disabled: false
-    config:
-      "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
-      name: {LUA_SOURCE_NAME}
+    "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+    name: {LUA_SOURCE_NAME}
+"""
+_LUA_OFF = """\
+envoy.filters.http.lua:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute
+  disabled: true
 """
 
 
@@ -446,13 +450,13 @@ def _aggregate(config: GatewayConfig, options: RenderOptions, health: dict[str, 
               {"route_name": f"aggregate_{v}" if v else "aggregate",
                "metadata_path": "/.well-known/oauth-protected-resource" + (f"/mcp/{v}" if v else "/mcp")})
         for v in (None, *(v.name for v in config.virtual_servers)))
-    ext_proc_off = (textwrap.dedent(_EXT_PROC_OFF.removeprefix("typed_per_filter_config:\n"))
-                    if options.ext_proc else "")
+    filters_off = _LUA_OFF + (textwrap.dedent(_EXT_PROC_OFF.removeprefix("typed_per_filter_config:\n"))
+                              if options.ext_proc else "")
     routes = _fill(_template("aggregate_routes.yaml.tmpl"), {
         "metadata_routes": metadata,
         "fast_path_routes": "".join(_fast_path_routes(config, s, options) for s in config.servers),
         "path_match": _aggregate_path_match(config),
-        "aggregator_per_filter": ext_proc_off,
+        "filters_off": filters_off,
     }, {"aggregate_paths": ", ".join(aggregate_paths(config)), "route_header": ROUTE_HEADER,
         "aggregator_route": _q(AGGREGATOR_ROUTE)})
     lua = _fill(_template("aggregate_lua_filter.yaml.tmpl"), {"lua_source": aggregate_lua()},

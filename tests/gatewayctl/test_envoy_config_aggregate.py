@@ -43,6 +43,7 @@ from tests.gatewayctl.test_envoy_config import (
 )
 from tests.ports import free_ports
 
+LUA_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.LuaPerRoute"
 READY_TIMEOUT = 30.0
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15)
 
@@ -91,7 +92,7 @@ def test_fast_path_routes_are_the_server_routes_matched_by_ext_authz_header() ->
             assert route["response_headers_to_remove"] == ["mcp-session-id"]
             assert {"authorization", ROUTE_HEADER} <= set(route["request_headers_to_remove"])
             lua = route["typed_per_filter_config"]["envoy.filters.http.lua"]
-            assert lua["disabled"] is False and lua["config"]["name"] == "aggregate"
+            assert lua == {"@type": LUA_PER_ROUTE, "name": "aggregate"}
         assert plain["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is True
         assert inspected["typed_per_filter_config"]["envoy.filters.http.ext_proc"]["disabled"] is False
         # The per-server route itself has no Lua and no header match on x-mcp-route.
@@ -116,11 +117,16 @@ def test_route_order_sends_the_rest_to_the_aggregator_and_refuses_undecided() ->
     per_filter = agg["typed_per_filter_config"]
     assert per_filter["envoy.filters.http.stateful_session"]["disabled"] is True
     assert per_filter["envoy.filters.http.ext_proc"]["disabled"] is True
+    assert per_filter["envoy.filters.http.lua"] == {"@type": LUA_PER_ROUTE, "disabled": True}
     assert routes(doc)["files_aggregate_mcp"]["route"]["prefix_rewrite"] == "/mcp"
     undecided = routes(doc)["aggregate_undecided"]
     assert undecided["match"] == {"path": "/mcp"} and undecided["direct_response"]["status"] == 503
-    # ext_authz runs there (it is never disabled on an aggregate route).
-    assert "typed_per_filter_config" not in undecided
+    # Envoy builds the filter chain from this first match: Lua and ext_proc (off by default) are
+    # named there as plain per-route configs, so they join the chain and read the config of the
+    # route ext_authz selects. ext_authz itself runs there.
+    per_filter = undecided["typed_per_filter_config"]
+    assert set(per_filter) == {"envoy.filters.http.lua", "envoy.filters.http.ext_proc"}
+    assert all(c["disabled"] is True and "FilterConfig" not in c["@type"] for c in per_filter.values())
 
 
 def test_aggregator_cluster_inner_listener_and_metadata() -> None:
