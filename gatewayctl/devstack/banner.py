@@ -61,9 +61,16 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
            components: list[Component] | None = None) -> str:
     """What a user needs to talk to the running stack: endpoints, token, CA and snippets."""
     host = config.public_url.rstrip("/")
-    first = config.servers[0].name
+    aggregate = config.aggregate.enabled
+    # The snippets connect to /mcp when it is served (one client entry for every server).
+    url = config.aggregate_url() if aggregate else config.resource_url(config.servers[0].name)
     ca = str(ca_file) if ca_file else "<your CA bundle>"
     lines = ["", "MCP gateway dev stack is up.", "", "Endpoints (Streamable HTTP, TLS):"]
+    if aggregate:
+        lines.append(f"  {config.aggregate_url()}  (every server you may use, tools named "
+                     f"<server>__<tool>; docs/aggregate.md)")
+        lines += [f"  {config.aggregate_url(v.name)}  (virtual server: {', '.join(v.tools)})"
+                  for v in config.virtual_servers]
     lines += [f"  {config.resource_url(s.name)}" + _upstream_note(s) for s in config.servers]
     lines += [
         f"  {host}/.well-known/oauth-protected-resource/mcp/<server>  (RFC 9728 metadata)",
@@ -79,7 +86,7 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         "  (another one: mcp-gateway token --sub alice --role analyst --tenant acme --ttl 3600)",
         "",
         "curl:",
-        f"  curl --cacert {ca} {config.resource_url(first)} \\",
+        f"  curl --cacert {ca} {url} \\",
         "    -H \"Authorization: Bearer $MCP_TOKEN\" -H 'Content-Type: application/json' \\",
         "    -H 'Accept: application/json, text/event-stream' \\",
         "    -d '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":"
@@ -93,7 +100,7 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         f"      tls = ssl.create_default_context(cafile={ca!r})",
         "      headers = {'Authorization': 'Bearer ' + os.environ['MCP_TOKEN']}",
         "      async with httpx2.AsyncClient(verify=tls, headers=headers) as http, \\",
-        f"              streamable_http_client({config.resource_url(first)!r}, http_client=http) "
+        f"              streamable_http_client({url!r}, http_client=http) "
         "as (r, w), \\",
         "              ClientSession(r, w) as session:",
         "          await session.initialize()",
@@ -102,15 +109,17 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         "",
         "MCP Inspector (CLI):",
         f"  NODE_EXTRA_CA_CERTS={ca} npx @modelcontextprotocol/inspector --cli \\",
-        f"    {config.resource_url(first)} --transport http --method tools/list \\",
+        f"    {url} --transport http --method tools/list \\",
         "    --header \"Authorization: Bearer $MCP_TOKEN\"",
         "",
         "Claude Code (.mcp.json; VS Code's .vscode/mcp.json uses \"servers\" instead of "
         "\"mcpServers\"); start the client with NODE_EXTRA_CA_CERTS=" + ca + ":",
     ]
-    mcp_json = {"mcpServers": {s.name: {"type": "http", "url": config.resource_url(s.name),
-                                        "headers": {"Authorization": "Bearer ${MCP_TOKEN}"}}
-                               for s in config.servers}}
+    auth = {"Authorization": "Bearer ${MCP_TOKEN}"}
+    entries = ({"mcp-gateway": {"type": "http", "url": url, "headers": auth}} if aggregate else
+               {s.name: {"type": "http", "url": config.resource_url(s.name), "headers": auth}
+                for s in config.servers})
+    mcp_json = {"mcpServers": entries}
     lines += ["  " + line for line in json.dumps(mcp_json, indent=2).splitlines()]
     lines += ["", "`mcp-gateway down` stops everything." if detach else "Ctrl-C stops everything."]
     return "\n".join(lines)

@@ -149,6 +149,10 @@ def mint(config: GatewayConfig, *, sub: str, roles: tuple[str, ...] = (),
     if scopes is None:
         scopes = tuple(f"tools:call:{n}/*" for n in names)
     audience = [config.resource_url(n) for n in names]
+    if server is None and config.aggregate.enabled:
+        # Valid for every server: also for /mcp and each virtual server (docs/aggregate.md).
+        audience += [config.aggregate_url(), *(config.aggregate_url(v.name)
+                                               for v in config.virtual_servers)]
     return tokens.mint_token(signing_key(config), issuer=config.issuers[0].issuer,
                              audience=audience[0] if len(audience) == 1 else audience,
                              sub=sub, roles=roles, scopes=scopes, tenant=tenant, ttl=ttl)

@@ -9,6 +9,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, ServerConfig
 from gatewayctl import envoy_config, runtimes
@@ -153,12 +154,14 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                              Probe("http", "127.0.0.1", port, url_path)))
     # url servers' static header secrets: Envoy sends them, ext_authz's catalog fetch too.
     upstream_secrets = envoy_config.envoy_environment(config)
+    # The aggregate session key ring: ext_authz opens the session ids the aggregator seals.
+    key_ring = (config.aggregate.session_keys,) if config.aggregate.enabled else ()
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
                              Probe("http", inst.host, inst.port, HTTP_AUTHZ_HEALTH_PATH)
                              if config.ext_authz.transport == "http" else
-                             Probe("grpc", inst.host, inst.port), env=upstream_secrets,
+                             Probe("grpc", inst.host, inst.port), env=(*upstream_secrets, *key_ring),
                              metrics_url=f"http://{inst.host}:{inst.port + offset}/metrics"))
     if ext_proc if ext_proc is not None else envoy_config.ext_proc_available():
         for i, inst in enumerate(config.ext_proc.instances):
@@ -195,6 +198,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                   *server.args),
                                  Probe("http", inst.host, inst.port, "/ready"), env=server.env,
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
+    out += aggregators(config)
     envoy_argv = envoy_command(config)
     # Envoy reads url servers' static header secrets from its environment (%ENVIRONMENT%).
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
@@ -204,10 +208,44 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     return out
 
 
+def inner_base_url(config: GatewayConfig) -> str:
+    """Where the aggregator reaches Envoy's inner listener (a wildcard address: loopback)."""
+    inner = config.aggregate.inner_listener
+    if inner is None:
+        raise StackError("aggregate.inner_listener is not set")
+    host = "127.0.0.1" if inner.host in ("0.0.0.0", "") else "::1" if inner.host in ("::", "[::]") \
+        else inner.host
+    return f"http://[{host}]:{inner.port}" if ":" in host else f"http://{host}:{inner.port}"
+
+
+def aggregators(config: GatewayConfig) -> list[Component]:
+    """The aggregator processes of the aggregate endpoint /mcp (none when it is off). They read
+    the servers, virtual servers and the key ring's name from the config (the embedded default
+    by its path: unlike the services, they have no built-in default), and answer to the public
+    host name that Envoy passes on."""
+    if not config.aggregate.enabled:
+        return []
+    source = Path(config.source).resolve() if config.source else DEFAULT_CONFIG_PATH
+    public_host = urlsplit(config.public_url).hostname or "127.0.0.1"
+    out = []
+    for i, inst in enumerate(config.aggregate.instances):
+        out.append(Component(
+            "aggregator", i, inst.host, inst.port,
+            (sys.executable, "-m", "mcp_aggregator", "--host", inst.host, "--port", str(inst.port),
+             "--config", str(source), "--upstream-base", inner_base_url(config),
+             "--allowed-host", public_host, "--log-level", config.telemetry.log_level),
+            Probe("http", inst.host, inst.port, "/ready"), env=(config.aggregate.session_keys,),
+            metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
+    return out
+
+
 def listening_ports(config: GatewayConfig, components: list[Component]) -> list[tuple[str, str, int]]:
     """(what, host, port) of every socket the stack binds."""
     ports = [(c.label, c.host, c.port) for c in components if not remote(c)]
     ports.append(("envoy admin", config.admin.host, config.admin.port))
+    inner = config.aggregate.inner_listener
+    if config.aggregate.enabled and inner is not None and any(c.name == "envoy" for c in components):
+        ports.append(("envoy inner listener", inner.host, inner.port))
     offset = config.telemetry.metrics_port_offset
     ports += [(f"{c.label} /metrics", c.host, c.port + offset) for c in components
               if c.name in SERVICE_MODULES]

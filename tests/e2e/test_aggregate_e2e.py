@@ -1,0 +1,199 @@
+"""The aggregate endpoint /mcp and a virtual server through the real stack: Envoy, ext_authz,
+ext_proc, the aggregator, the files and database servers and `mcp-server-time` from PyPI behind
+the stdio bridge, driven by the official `mcp` SDK client.
+
+/mcp lists the tools of every server a caller may use as <server>__<tool> and calls them through
+Envoy's fast path; the policy's denials, the per-caller list filtering and the masking hold as on
+/mcp/<server>; a session id that was altered does not exist; a virtual server shows and serves
+only its selection.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx2
+import pytest
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+
+from gateway.config import load_config
+from gatewayctl import devstack, runtimes
+from tests.e2e.conftest import HAS_EXT_PROC, installed
+from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, tls_context, wait_until
+from tests.ports import free_ports
+
+T = TypeVar("T")
+START_SECONDS = 60.0
+SHARED_CACHE = REPO / ".tools" / "runtimes-cache"
+IBAN = "DE89 3704 0044 0532 0130 00"  # analysts get IBANs masked (policies/data.json)
+CONTACT = f"Pay Jane Roe to {IBAN}\n"
+KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
+VIRTUAL = "readonly"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
+    missing = [m for m in ("ext_authz.__main__", "mcp_aggregator.__main__",
+                           "mcp_servers.files.__main__", "mcp_servers.database.__main__")
+               if not installed(m)]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+    tmp = tmp_path_factory.mktemp("aggregate")
+    root = tmp / "files-root"
+    (root / "shared").mkdir(parents=True)
+    (root / "shared" / "contact.txt").write_text(CONTACT, encoding="utf-8")
+    policies = tmp / "policies"
+    shutil.copytree(REPO / "policies", policies, ignore=shutil.ignore_patterns("*_test.rego"))
+    servers: dict[str, dict[str, Any]] = {
+        "files": {"module": "mcp_servers.files", "args": ["--root", str(root), "--allow-write"],
+                  "count": 1},
+        "database": {"module": "mcp_servers.database", "args": ["--seed-demo"], "count": 1},
+        "time": {"command": ["mcp-server-time", "--local-timezone", "UTC"],
+                 "runtime": {"pip": ["mcp-server-time==2026.10.19"]}, "count": 1},
+    }
+    aggregator, inner = free_ports(2)
+    extra = {
+        "policy": {"engine": "embedded", "dir": str(policies)},
+        "secrets": [KEYS],
+        "aggregate": {"instances": [{"port": aggregator}], "inner_listener": {"port": inner},
+                      "session_keys": KEYS},
+        "virtual_servers": {VIRTUAL: {"tools": ["files/read_*", "time/get_current_time"],
+                                      "description": "Read files, tell the time"}},
+    }
+    path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
+                        authz_transport=authz_transport())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(REPO))
+        mp.setenv(runtimes.CACHE_ENV, str(SHARED_CACHE))
+        with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
+                              startup_timeout=START_SECONDS) as running:
+            wait_until(lambda: _catalog_pinned(running), "the catalog to pin every server's tools")
+            yield running
+
+
+def _catalog_pinned(stack: devstack.Stack) -> bool:
+    from gateway.catalog import Catalog
+
+    with Catalog(stack.config.catalog.path) as catalog:
+        return all(catalog.get(server, tool) is not None for server, tool in
+                   (("files", "read_file"), ("files", "write_file"), ("database", "list_tables"),
+                    ("time", "get_current_time")))
+
+
+def _url(stack: devstack.Stack, virtual: str | None = None) -> str:
+    return stack.config.aggregate_url(virtual)
+
+
+async def _session(stack: devstack.Stack, role: str, work: Callable[[ClientSession], Awaitable[T]],
+                   *, virtual: str | None = None, session_ids: list[str] | None = None) -> T:
+    """``work`` on an initialized SDK client session on /mcp (or /mcp/<virtual>)."""
+    async def remember(response: httpx2.Response) -> None:
+        if session_ids is not None and "mcp-session-id" in response.headers:
+            session_ids.append(response.headers["mcp-session-id"])
+
+    token = bearer(stack.config, role)
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30,
+                                  headers={"authorization": f"Bearer {token}"},
+                                  event_hooks={"response": [remember]}) as http, \
+            streamable_http_client(_url(stack, virtual), http_client=http) as (r, w), \
+            ClientSession(r, w) as client:
+        await client.initialize()
+        return await work(client)
+
+
+async def _names(client: ClientSession) -> set[str]:
+    return {t.name for t in (await client.list_tools()).tools}
+
+
+def _text(result: Any) -> str:
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+async def test_one_endpoint_lists_and_calls_every_server(stack: devstack.Stack) -> None:
+    """An admin's /mcp lists the files, database and time servers' tools as <server>__<tool>
+    and calls one of each (the time one through the stdio bridge)."""
+    async def work(client: ClientSession) -> tuple[set[str], list[Any]]:
+        names = await _names(client)
+        results = [await client.call_tool("time__get_current_time", {"timezone": "UTC"}),
+                   await client.call_tool("files__read_file", {"path": "shared/contact.txt"}),
+                   await client.call_tool("database__list_tables", {})]
+        return names, results
+
+    names, (now, contact, tables) = await _session(stack, "admin", work)
+    assert {"time__get_current_time", "time__convert_time", "files__read_file",
+            "files__write_file", "database__list_tables"} <= names
+    assert all("__" in name and name.split("__", 1)[0] in {"files", "database", "time"}
+               for name in names)
+    assert not now.is_error and json.loads(_text(now))["timezone"] == "UTC"
+    assert not contact.is_error and IBAN in _text(contact)  # admins see it unmasked
+    assert not tables.is_error and "orders" in _text(tables)
+
+
+async def test_denied_tool_is_neither_listed_nor_callable(stack: devstack.Stack) -> None:
+    """An analyst may not write files: files__write_file is missing from /mcp's list and a call
+    is refused, as write_file is on /mcp/files; the analyst's read goes through masked."""
+    async def work(client: ClientSession) -> tuple[set[str], Any]:
+        names = await _names(client)
+        contact = await client.call_tool("files__read_file", {"path": "shared/contact.txt"})
+        with pytest.raises(MCPError):
+            await client.call_tool("files__write_file", {"path": "shared/x.txt", "content": "x"})
+        return names, contact
+
+    names, contact = await _session(stack, "analyst", work)
+    assert "files__read_file" in names and "time__get_current_time" in names
+    assert "files__write_file" not in names
+    assert not contact.is_error
+    assert IBAN not in _text(contact) and "[REDACTED:iban]" in _text(contact)
+    assert not (stack.config.state_dir and (Path(stack.config.state_dir).parent / "files-root"
+                                             / "shared" / "x.txt").exists())
+
+
+async def test_altered_session_id_does_not_exist(stack: devstack.Stack) -> None:
+    """A sealed session id with one character changed is unknown: 404, as for an ended one."""
+    ids: list[str] = []
+    await _session(stack, "admin", _names, session_ids=ids)
+    assert ids, "the aggregate endpoint answered without a session id"
+    sid = ids[0]
+    forged = sid[:-2] + ("A" if sid[-2] != "A" else "B") + sid[-1]
+    token = bearer(stack.config, "admin")
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30) as http:
+        answer = await http.post(_url(stack), headers={
+            "authorization": f"Bearer {token}", "mcp-session-id": forged,
+            "mcp-protocol-version": "2025-11-25", "content-type": "application/json",
+            "accept": "application/json, text/event-stream"},
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                  "params": {"name": "time__get_current_time", "arguments": {"timezone": "UTC"}}})
+        listing = await http.post(_url(stack), headers={
+            "authorization": f"Bearer {token}", "mcp-session-id": forged,
+            "mcp-protocol-version": "2025-11-25", "content-type": "application/json",
+            "accept": "application/json, text/event-stream"},
+            json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"})
+    assert answer.status_code == 404 and listing.status_code == 404
+
+
+async def test_virtual_server_serves_only_its_selection(stack: devstack.Stack) -> None:
+    """/mcp/readonly lists the files read tools and get_current_time only; a tool outside it is
+    refused even for an admin, one inside it is served."""
+    async def work(client: ClientSession) -> tuple[set[str], Any]:
+        names = await _names(client)
+        with pytest.raises(MCPError):
+            await client.call_tool("database__list_tables", {})
+        return names, await client.call_tool("time__get_current_time", {"timezone": "UTC"})
+
+    names, now = await _session(stack, "admin", work, virtual=VIRTUAL)
+    assert names == {"files__read_file", "time__get_current_time"} | {
+        n for n in names if n.startswith("files__read_")}
+    assert "time__get_current_time" in names and "files__read_file" in names
+    assert not now.is_error and json.loads(_text(now))["timezone"] == "UTC"
+
+
+def test_status_reports_the_aggregator(stack: devstack.Stack) -> None:
+    """The stack runs one aggregator and `status` sees it healthy."""
+    wait_until(lambda: any(row["component"] == "aggregator" and row["healthy"]
+                           for row in devstack.status(stack.config)), "the aggregator to be healthy")
