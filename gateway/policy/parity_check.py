@@ -30,6 +30,10 @@ _CONCAT_SET_RE = re.compile(r"(?<![A-Za-z0-9_.])concat\s*\(\s*\"[^\"]*\"\s*,\s*\
 _REGEX_CALL_RE = re.compile(r"(?<![A-Za-z0-9_])(?:regex\.[a-z_]+|re_match)\s*\(\s*(?=[\"`])")
 _BACKREFERENCE_RE = re.compile(r"\\[1-9]")
 _SCALAR_WORDS = ("null", "true", "false")
+# `name := "2000"`, `name = "2000"`, `default name := "2000"`: a name that holds a string.
+_STRING_ASSIGN_RE = re.compile(r'(?<![A-Za-z0-9_.])([A-Za-z_][A-Za-z0-9_]*)\s*:?=\s*(?=")')
+_IMPORT_RE = re.compile(r"^\s*import\s+(?:data|input)((?:\.[A-Za-z_][A-Za-z0-9_]*)*)"
+                        r"(?:\s+as\s+([A-Za-z_][A-Za-z0-9_]*))?", re.MULTILINE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,8 +113,22 @@ def _operand_after(code: str, start: int) -> tuple[int, str]:
     return j, (m.group(0) if m else "")
 
 
-def _literal_kind(masked: _Masked, start: int, text: str) -> str | None:
-    """"numeric_string", "string", "number", "composite" or "scalar" for a literal; else None."""
+def numeric_string_names(masked: _Masked) -> frozenset[str]:
+    """Names (rules and local variables) assigned a string that looks like a number: compared
+    with `<` or `>` they order as strings on OPA and as numbers on rego-cpp."""
+    names = set()
+    for m in _STRING_ASSIGN_RE.finditer(masked.code):
+        if _NUMERIC_TEXT_RE.fullmatch(masked.strings.get(m.end(), "")):
+            names.add(m.group(1))
+    return frozenset(names)
+
+
+def _literal_kind(masked: _Masked, start: int, text: str,
+                  numeric_names: frozenset[str] = frozenset()) -> str | None:
+    """"numeric_string", "string", "number", "composite" or "scalar" for a literal or a name
+    known to hold a numeric-looking string; else None."""
+    if text.rsplit(".", 1)[-1] in numeric_names and _IDENT_RE.fullmatch(text.rsplit(".", 1)[-1]):
+        return "numeric_string"
     if text.startswith('"'):
         value = masked.strings.get(start, "")
         return "numeric_string" if _NUMERIC_TEXT_RE.fullmatch(value) else "string"
@@ -125,12 +143,17 @@ def _literal_kind(masked: _Masked, start: int, text: str) -> str | None:
     return None
 
 
-def _ordering_findings(name: str, masked: _Masked) -> Iterator[Finding]:
+def _ordering_findings(name: str, masked: _Masked,
+                       numeric_names: frozenset[str] = frozenset()) -> Iterator[Finding]:
     code = masked.code
     for m in _ORDERING_RE.finditer(code):
         left_start, left = _operand_before(code, m.start())
         right_start, right = _operand_after(code, m.end())
-        kinds = {_literal_kind(masked, left_start, left), _literal_kind(masked, right_start, right)}
+        kinds = {_literal_kind(masked, left_start, left, numeric_names),
+                 _literal_kind(masked, right_start, right, numeric_names)}
+        # Shown as written (the scan masks string contents).
+        left = masked.source[left_start:left_start + len(left)]
+        right = masked.source[right_start:right_start + len(right)]
         reason = None
         if "numeric_string" in kinds:
             reason = ("an ordering comparison with a string that looks like a number: OPA orders "
@@ -207,9 +230,24 @@ def _regex_findings(name: str, masked: _Masked) -> Iterator[Finding]:
                           "error; rego-cpp matches it")
 
 
-def module_findings(module: PolicyModule, rules: frozenset[str]) -> list[Finding]:
+def import_aliases(masked: _Masked) -> frozenset[str]:
+    """The names a module's imports bind (``import data.mcp.authz`` binds ``authz``): refs
+    through them may be undefined like the rules they name."""
+    names = set()
+    for m in _IMPORT_RE.finditer(masked.code):
+        alias = m.group(2) or (m.group(1).rsplit(".", 1)[-1] if m.group(1) else "")
+        if alias and alias != "v1":  # `import rego.v1` never matches (not data/input)
+            names.add(alias)
+    return frozenset(names)
+
+
+def module_findings(module: PolicyModule, rules: frozenset[str],
+                    numeric_names: frozenset[str] = frozenset()) -> list[Finding]:
     masked = _mask(module.source)
-    found = [*_ordering_findings(module.name, masked), *_negation_findings(module.name, masked, rules),
+    local = numeric_names | numeric_string_names(masked)
+    refs = rules | import_aliases(masked)
+    found = [*_ordering_findings(module.name, masked, local),
+             *_negation_findings(module.name, masked, refs),
              *_concat_set_findings(module.name, masked), *_regex_findings(module.name, masked)]
     return sorted(found, key=lambda f: f.line)
 
@@ -218,4 +256,6 @@ def findings(sources: PolicySources) -> list[Finding]:
     """Constructs in the non-test modules that can decide differently on the two engines."""
     modules = [m for m in sources.modules if not m.is_test]
     rules = frozenset(name for m in modules for name in m.rule_names())
-    return [f for m in modules for f in module_findings(m, rules)]
+    # A rule constant of one module is compared in another through its package (org.limit).
+    numeric = frozenset(n for m in modules for n in numeric_string_names(_mask(m.source)))
+    return [f for m in modules for f in module_findings(m, rules, numeric)]

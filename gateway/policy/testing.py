@@ -99,14 +99,15 @@ class TestResult:
 
 def discover(sources: PolicySources, run: re.Pattern[str] | None = None) -> list[TestCase]:
     """The ``test_*`` rules of the folder in source order (with ``run``, those whose full name
-    ``data.<package>.<rule>`` it matches anywhere)."""
+    ``data.<package>.<rule>`` or whose rule name alone it matches anywhere, so ``^test_open``
+    works as ``opa test --run`` users expect)."""
     tests: list[TestCase] = []
     for module in sources.modules:
         package = module.package
         if package is None:
             continue
         for rule in module.test_rules():
-            if run is None or run.search(f"data.{package}.{rule}"):
+            if run is None or run.search(f"data.{package}.{rule}") or run.search(rule):
                 tests.append(TestCase(module.name, package, rule, _head_line(module.source, rule)))
     return tests
 

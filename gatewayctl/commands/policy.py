@@ -21,7 +21,7 @@ from gateway.policy.errors import PolicyError
 from gateway.policy.input import build_policy_input
 from gateway.policy.reference import ReferenceEngine
 from gateway.policy.rego import CompiledPolicy, PolicySources, load_sources
-from gateway.policy.static import is_warning, run_check
+from gateway.policy.static import describe, is_warning, run_check
 from gateway.policy.testing import (
     TestResult,
     check_samples,
@@ -259,6 +259,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except GatewayError as exc:  # e.g. an argument over a bound, as ext_authz refuses it
         return _refused_before_policy(exc)
     engine = getattr(args, "engine", "embedded")
+    # The gateway refuses to load a folder that fails the static check: a decision from it
+    # would describe a policy that never serves.
+    refused = [f for f in run_check(policy_dir, entrypoint) if not is_warning(f)]
+    if refused:
+        print("ERROR: the policy fails `mcp-gateway policy check`; the gateway would refuse to "
+              "load it:", file=sys.stderr)
+        for finding in refused[:MAX_CONTRACT_LINES]:
+            print(f"  {describe(finding)}", file=sys.stderr)
+        return EXIT_ERROR
     try:
         sources = load_sources(policy_dir, include_tests=False)
     except PolicyError as exc:

@@ -105,3 +105,42 @@ def test_finding_names_file_and_line_in_a_policy_folder(tmp_path: Path) -> None:
     found = findings(load_sources(tmp_path))
     assert [(f.file, f.line) for f in found] == [("org/limits.rego", 7)]
     assert "looks like a number" in found[0].message
+
+
+@pytest.mark.parametrize(("body", "line"), [
+    # a rule constant holding a numeric-looking string, then compared
+    ('sql_limit := "2000"\n\ndeny if count(input.sql) > sql_limit', 7),
+    ('default sql_limit := "2000"\n\ndeny if sql_limit < count(input.sql)', 7),
+    # a local variable
+    ('deny if {\n\tlimit := "2000"\n\tcount(input.sql) > limit\n}', 7),
+])
+def test_a_numeric_string_in_a_name_is_refused(body: str, line: int) -> None:
+    """Moving the string limit into a constant or a variable does not hide it: rego-cpp compares
+    it as a number and OPA as a string, so one denies what the other allows."""
+    assert _check(body) == [("p.rego", line)]
+
+
+def test_a_numeric_string_constant_of_another_module_is_refused() -> None:
+    org = "package org\n\nimport rego.v1\n\nsql_limit := \"2000\"\n"
+    core = ("package core\n\nimport rego.v1\n\nimport data.org\n\n"
+            "deny if count(input.sql) > org.sql_limit\n")
+    found = findings(PolicySources("<t>", (PolicyModule("org.rego", org),
+                                           PolicyModule("core.rego", core)), ()))
+    assert [(f.file, f.line) for f in found] == [("core.rego", 7)]
+
+
+def test_a_number_name_and_a_plain_string_name_are_fine() -> None:
+    assert _check('limit := 2000\n\nlabel := "two"\n\ndeny if count(input.sql) > limit') == []
+
+
+def test_not_over_a_call_on_an_imported_rule_is_refused() -> None:
+    """`not f(alias.rule)`: when the imported rule is undefined OPA leaves it undefined and
+    rego-cpp makes it true."""
+    assert _check('import data.mcp.authz\n\ndeny if not startswith(authz.tool, "get_")') == \
+        [("p.rego", 7)]
+
+
+def test_the_finding_shows_the_literal_as_written() -> None:
+    source = 'package p\n\nimport rego.v1\n\nallow if input.limit > "100"\n'
+    found = findings(PolicySources("<t>", (PolicyModule("p.rego", source),), ()))
+    assert '`input.limit > "100"`' in found[0].message

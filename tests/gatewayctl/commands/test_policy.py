@@ -143,6 +143,9 @@ def test_policy_test_runs_only_the_selected_tests(capsys: pytest.CaptureFixture[
     assert main(["policy", "test", "--dir", str(POLICIES), "--run", "time_tools", "-v"]) == 0
     out = capsys.readouterr().out
     assert "data.mcp.authz_test.test_time_tools_by_role" in out and "PASS: 1/1" in out
+    # As with `opa test --run`, the rule name alone matches too.
+    assert main(["policy", "test", "--dir", str(POLICIES), "--run", "^test_time_tools_by_role$"]) == 0
+    assert "PASS: 1/1" in capsys.readouterr().out
     assert main(["policy", "test", "--dir", str(POLICIES), "--run", "no_such_test"]) == 1
     assert main(["policy", "test", "--dir", str(POLICIES), "--run", "("]) == 1
     assert "not a regular expression" in capsys.readouterr().err
@@ -253,14 +256,15 @@ def test_policy_test_runtime_error_names_rule_and_line(
 
 
 def _quirk_policy(folder: Path) -> None:
-    """A policy rego-cpp and OPA decide differently: rego-cpp orders 20 after "2000"."""
+    """A policy rego-cpp and OPA decide differently, which policy check cannot see: rego-cpp's
+    upper() leaves non-ASCII letters alone."""
     folder.mkdir()
     (folder / "data.json").write_text(json.dumps(
         {"gateway": {"roles": {"viewer": {"tools": {"files": ["read_file"]}}},
                      "servers": {"files": {}}}}))
     (folder / "authz.rego").write_text(
         "package mcp.authz\nimport rego.v1\ndefault decision := false\n"
-        'decision := {"allow": true, "reason": "odd"} if 20 > "2000"\n')
+        'decision := {"allow": true, "reason": "odd"} if upper("\u00e9") == "\u00e9"\n')
     (folder / "authz_test.rego").write_text(
         "package mcp.authz_test\nimport rego.v1\ntest_ok if true\n")
 
@@ -290,6 +294,23 @@ def test_policy_eval_says_when_opa_decides_differently(
     assert capsys.readouterr().out.startswith("DENY  reason=denied")
     assert main([*args, "--explain"]) == 0
     assert "NOTE: OPA decides this input differently from rego-cpp: false" in capsys.readouterr().out
+
+
+def test_policy_eval_refuses_a_folder_the_gateway_would_refuse(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder that fails `policy check` (here: a typo'd rule, and a comparison the engines
+    decide differently) is an error (exit 2) naming file and line, not an ALLOW or DENY of a
+    policy that would never serve."""
+    for old, new, needle in (
+            ("not restricting_role_refuses_call", "not restricting_role_refuse_call",
+             r"authz\.rego:\d+: var restricting_role_refuse_call is unsafe"),
+            ('is_tool_call if method == "tools/call"', 'is_tool_call if {\n\tmethod == "tools/call"\n\t20 > "2000"\n}',
+             r'authz\.rego:\d+: `20 > "2000"`')):
+        folder = _copy_policies(tmp_path / old[:12].replace(" ", "_"), old, new)
+        assert main(["policy", "eval", "--dir", str(folder), "--claims", CLAIMS,
+                     "--request", call("shared/a")]) == 2
+        err = capsys.readouterr().err
+        assert "the gateway would refuse to load it" in err and re.search(needle, err), err
 
 
 def test_policy_eval_runtime_error_names_rule_and_line(
