@@ -304,7 +304,8 @@ def test_policy_eval_refuses_a_folder_the_gateway_would_refuse(
     for old, new, needle in (
             ("not restricting_role_refuses_call", "not restricting_role_refuse_call",
              r"authz\.rego:\d+: var restricting_role_refuse_call is unsafe"),
-            ('is_tool_call if method == "tools/call"', 'is_tool_call if {\n\tmethod == "tools/call"\n\t20 > "2000"\n}',
+            ('is_tool_call if method == "tools/call"',
+             'is_tool_call if {\n\tmethod == "tools/call"\n\t20 > "2000"\n}',
              r'authz\.rego:\d+: `20 > "2000"`')):
         folder = _copy_policies(tmp_path / old[:12].replace(" ", "_"), old, new)
         assert main(["policy", "eval", "--dir", str(folder), "--claims", CLAIMS,
