@@ -71,18 +71,18 @@ def _call(http: httpx2.Client, path: Endpoint, token: str, rid: int) -> None:
         raise SystemExit(f"{path.label}: call {rid} failed: {answer.status_code} {answer.text[:300]}")
 
 
-def _gateway_pids(stack: Any) -> list[int]:
+def _gateway_pids(stack: Any) -> dict[str, list[int]]:
     """Envoy (every process of its restarter's group), ext_authz and ext_proc processes."""
-    pids: list[int] = []
+    pids: dict[str, list[int]] = {name: [] for name in MEASURED}
     for comp in stack.components:
         proc = stack.procs.get(comp.label)
         if proc is not None and comp.name in MEASURED:
-            pids += group_members(os.getpgid(proc.pid))
+            pids[comp.name] += group_members(os.getpgid(proc.pid))
     return pids
 
 
-def _cpu(pids: list[int]) -> float:
-    return sum(cpu_seconds(pid) or 0.0 for pid in pids)
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) or 0.0 for pid in group) for name, group in pids.items()}
 
 
 def _config(work: Path) -> Path:
@@ -106,7 +106,7 @@ def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
     base = config.public_url.rstrip("/")
     paths = [Endpoint("per-server", f"{base}/mcp/bench", "echo"),
              Endpoint("aggregate", f"{base}/mcp", "bench__echo")]
-    cpu = {p.label: 0.0 for p in paths}
+    cpu = {p.label: dict.fromkeys(MEASURED, 0.0) for p in paths}
     with devstack.running(config, startup_timeout=90.0) as stack:
         token = devstack.mint(config, sub=BENCH_USER, roles=(BENCH_ROLE,), tenant=BENCH_TENANT,
                               ttl=3600)
@@ -122,12 +122,17 @@ def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
                     before = _cpu(pids)
                     for rid in range(calls):
                         _call(http, path, token, 1000 + rid)
-                    cpu[path.label] += _cpu(pids) - before
+                    after = _cpu(pids)
+                    for name in MEASURED:
+                        cpu[path.label][name] += after[name] - before[name]
     total = blocks * calls
-    per_call = {label: seconds / total * 1e6 for label, seconds in cpu.items()}
+    per_call = {label: sum(parts.values()) / total * 1e6 for label, parts in cpu.items()}
     overhead = (per_call["aggregate"] / per_call["per-server"] - 1) * 100
-    return {"calls_per_path": total, "gateway_cpu_us_per_call": {k: round(v, 1) for k, v in
-                                                                 per_call.items()},
+    return {"calls_per_path": total,
+            "gateway_cpu_us_per_call": {k: round(v, 1) for k, v in per_call.items()},
+            "by_component_us_per_call": {label: {name: round(v / total * 1e6, 1)
+                                                 for name, v in parts.items()}
+                                         for label, parts in cpu.items()},
             "aggregate_overhead_percent": round(overhead, 1)}
 
 

@@ -10,8 +10,11 @@ only its selection.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +28,17 @@ from mcp.shared.exceptions import MCPError
 from gateway.config import load_config
 from gatewayctl import devstack, runtimes
 from tests.e2e.conftest import HAS_EXT_PROC, installed
-from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, tls_context, wait_until
+from tests.e2e.helpers import (
+    MODERN,
+    MODERN_META,
+    REPO,
+    authz_transport,
+    bearer,
+    envoy_stat,
+    stack_config,
+    tls_context,
+    wait_until,
+)
 from tests.ports import free_ports
 
 T = TypeVar("T")
@@ -35,6 +48,7 @@ IBAN = "DE89 3704 0044 0532 0130 00"  # analysts get IBANs masked (policies/data
 CONTACT = f"Pay Jane Roe to {IBAN}\n"
 KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
 VIRTUAL = "readonly"
+DISABLED = "describe_table"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +64,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
     (root / "shared" / "contact.txt").write_text(CONTACT, encoding="utf-8")
     policies = tmp / "policies"
     shutil.copytree(REPO / "policies", policies, ignore=shutil.ignore_patterns("*_test.rego"))
+    # One organisation rule (policies/org.rego) switches a tool off for everyone: it must hold
+    # on /mcp as on /mcp/database.
+    org = policies / "org.rego"
+    org.write_text(org.read_text(encoding="utf-8").replace(
+        "disabled_tools := {}", f'disabled_tools := {{"database": ["{DISABLED}"]}}'), encoding="utf-8")
     servers: dict[str, dict[str, Any]] = {
         "files": {"module": "mcp_servers.files", "args": ["--root", str(root), "--allow-write"],
                   "count": 1},
@@ -197,3 +216,104 @@ def test_status_reports_the_aggregator(stack: devstack.Stack) -> None:
     """The stack runs one aggregator and `status` sees it healthy."""
     wait_until(lambda: any(row["component"] == "aggregator" and row["healthy"]
                            for row in devstack.status(stack.config)), "the aggregator to be healthy")
+
+
+async def test_a_rego_rule_denies_the_tool_on_both_paths(stack: devstack.Stack) -> None:
+    """The organisation rule that disables database/describe_table hides and refuses it on /mcp
+    and on /mcp/database alike, for an admin."""
+    async def work(client: ClientSession) -> set[str]:
+        names = await _names(client)
+        with pytest.raises(MCPError):
+            await client.call_tool(f"database__{DISABLED}", {"table": "orders"})
+        return names
+
+    names = await _session(stack, "admin", work)
+    assert "database__list_tables" in names and f"database__{DISABLED}" not in names
+    token = bearer(stack.config, "admin")
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30) as http:
+        direct = await http.post(stack.config.resource_url("database"), headers={
+            "authorization": f"Bearer {token}", "content-type": "application/json",
+            "accept": "application/json, text/event-stream", "mcp-protocol-version": MODERN,
+            "mcp-method": "tools/call", "mcp-name": DISABLED},
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                  "params": {"name": DISABLED, "arguments": {"table": "orders"},
+                             "_meta": MODERN_META}})
+    assert direct.status_code == 403 and "tool_disabled" in direct.text
+
+
+async def test_protocol_versions(stack: devstack.Stack) -> None:
+    """2025-06-18 and 2025-11-25 clients get their version back from initialize on /mcp; a
+    2026-07-28 client discovers /mcp and calls a prefixed tool without a session."""
+    token = bearer(stack.config, "admin")
+    base = {"authorization": f"Bearer {token}", "content-type": "application/json",
+            "accept": "application/json, text/event-stream"}
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30) as http:
+        for version in ("2025-06-18", "2025-11-25"):
+            answer = await http.post(_url(stack), headers=base, json={
+                "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                    "protocolVersion": version, "capabilities": {},
+                    "clientInfo": {"name": "e2e", "version": "1"}}})
+            assert answer.status_code == 200, answer.text
+            assert _result(answer)["protocolVersion"] == version
+            assert answer.headers["mcp-session-id"]
+        modern = {**base, "mcp-protocol-version": MODERN}
+        discover = await http.post(_url(stack), headers={**modern, "mcp-method": "server/discover"},
+                                   json={"jsonrpc": "2.0", "id": 2, "method": "server/discover",
+                                         "params": {"_meta": MODERN_META}})
+        assert discover.status_code == 200 and "tools" in _result(discover)["capabilities"]
+        call = await http.post(_url(stack), headers={
+            **modern, "mcp-method": "tools/call", "mcp-name": "time__get_current_time"},
+            json={"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+                "name": "time__get_current_time", "arguments": {"timezone": "UTC"},
+                "_meta": MODERN_META}})
+        assert call.status_code == 200, call.text
+        assert json.loads(_result(call)["content"][0]["text"])["timezone"] == "UTC"
+
+
+@contextlib.contextmanager
+def _paused(stack: devstack.Stack, name: str) -> Iterator[None]:
+    """Every process of server ``name`` stopped (SIGSTOP) for the block, then resumed; returns
+    once Envoy sees them healthy again (cluster ``mcp_<name>``), so later tests find it whole."""
+    procs = [p for label, p in stack.procs.items() if label.startswith(f"{name}[")]
+    for proc in procs:
+        os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for proc in procs:
+            os.kill(proc.pid, signal.SIGCONT)
+        wait_until(lambda: envoy_stat(stack.config, f"cluster.mcp_{name}.membership_healthy")
+                   == len(procs), f"Envoy to see {name} healthy again")
+
+
+def _result(answer: httpx2.Response) -> dict[str, Any]:
+    """The JSON-RPC result of a JSON or single-event SSE answer."""
+    text = answer.text
+    if answer.headers.get("content-type", "").startswith("text/event-stream"):
+        text = next(line[5:] for line in text.splitlines() if line.startswith("data:"))
+    message: dict[str, Any] = json.loads(text)
+    assert "result" in message, message
+    result: dict[str, Any] = message["result"]
+    return result
+
+
+async def test_a_down_server_is_left_out_and_named(stack: devstack.Stack) -> None:
+    """With the database server unreachable, /mcp still lists the other servers' tools (and names
+    the missing one), and a call to it gets a JSON-RPC error naming the server."""
+    with _paused(stack, "database"):
+        wait_until(lambda: envoy_stat(stack.config, "cluster.mcp_database.membership_healthy") == 0,
+                   "Envoy to see the database server down")
+
+        async def work(client: ClientSession) -> tuple[Any, MCPError]:
+            listed = await client.list_tools()
+            with pytest.raises(MCPError) as info:
+                await client.call_tool("database__list_tables", {})
+            return listed, info.value
+
+        listed, error = await _session(stack, "admin", work)
+        names = {t.name for t in listed.tools}
+        assert "files__read_file" in names and "time__get_current_time" in names
+        assert not {n for n in names if n.startswith("database__")}
+        unavailable = (listed.meta or {}).get("io.mcp-gateway/unavailable", [])
+        assert [u["server"] for u in unavailable] == ["database"]
+        assert error.error.code == -32603 and "database" in error.error.message
