@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import httpx2
 import pytest
-from mcp import ClientSession
+from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
@@ -54,7 +54,8 @@ DISABLED = "describe_table"
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
     missing = [m for m in ("ext_authz.__main__", "mcp_aggregator.__main__",
-                           "mcp_servers.files.__main__", "mcp_servers.database.__main__")
+                           "mcp_servers.files.__main__", "mcp_servers.database.__main__",
+                           "mcp_servers.conformance.__main__")
                if not installed(m)]
     if missing:
         pytest.skip(f"needs {', '.join(missing)}")
@@ -75,6 +76,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
         "database": {"module": "mcp_servers.database", "args": ["--seed-demo"], "count": 1},
         "time": {"command": ["mcp-server-time", "--local-timezone", "UTC"],
                  "runtime": {"pip": ["mcp-server-time==2026.10.19"]}, "count": 1},
+        "conformance": {"module": "mcp_servers.conformance", "count": 1},
     }
     aggregator, inner = free_ports(2)
     extra = {
@@ -102,7 +104,7 @@ def _catalog_pinned(stack: devstack.Stack) -> bool:
     with Catalog(stack.config.catalog.path) as catalog:
         return all(catalog.get(server, tool) is not None for server, tool in
                    (("files", "read_file"), ("files", "write_file"), ("database", "list_tables"),
-                    ("time", "get_current_time")))
+                    ("time", "get_current_time"), ("conformance", "test_elicitation")))
 
 
 def _url(stack: devstack.Stack, virtual: str | None = None) -> str:
@@ -110,7 +112,8 @@ def _url(stack: devstack.Stack, virtual: str | None = None) -> str:
 
 
 async def _session(stack: devstack.Stack, role: str, work: Callable[[ClientSession], Awaitable[T]],
-                   *, virtual: str | None = None, session_ids: list[str] | None = None) -> T:
+                   *, virtual: str | None = None, session_ids: list[str] | None = None,
+                   elicitation: Any = None) -> T:
     """``work`` on an initialized SDK client session on /mcp (or /mcp/<virtual>)."""
     async def remember(response: httpx2.Response) -> None:
         if session_ids is not None and "mcp-session-id" in response.headers:
@@ -121,7 +124,7 @@ async def _session(stack: devstack.Stack, role: str, work: Callable[[ClientSessi
                                   headers={"authorization": f"Bearer {token}"},
                                   event_hooks={"response": [remember]}) as http, \
             streamable_http_client(_url(stack, virtual), http_client=http) as (r, w), \
-            ClientSession(r, w) as client:
+            ClientSession(r, w, elicitation_callback=elicitation) as client:
         await client.initialize()
         return await work(client)
 
@@ -147,7 +150,7 @@ async def test_one_endpoint_lists_and_calls_every_server(stack: devstack.Stack) 
     names, (now, contact, tables) = await _session(stack, "admin", work)
     assert {"time__get_current_time", "time__convert_time", "files__read_file",
             "files__write_file", "database__list_tables"} <= names
-    assert all("__" in name and name.split("__", 1)[0] in {"files", "database", "time"}
+    assert all("__" in name and name.split("__", 1)[0] in {"files", "database", "time", "conformance"}
                for name in names)
     assert not now.is_error and json.loads(_text(now))["timezone"] == "UTC"
     assert not contact.is_error and IBAN in _text(contact)  # admins see it unmasked
@@ -317,3 +320,29 @@ async def test_a_down_server_is_left_out_and_named(stack: devstack.Stack) -> Non
         unavailable = (listed.meta or {}).get("io.mcp-gateway/unavailable", [])
         assert [u["server"] for u in unavailable] == ["database"]
         assert error.error.code == -32603 and "database" in error.error.message
+
+
+async def test_elicitation_and_progress_through_the_fast_path(stack: devstack.Stack) -> None:
+    """A call's SSE answer carries the conformance server's elicitation request (its id prefixed
+    by Envoy's Lua filter) to the client, whose answer is routed back to that server; progress
+    notifications arrive on the same stream."""
+    asked: list[str] = []
+    steps: list[float] = []
+
+    async def elicitation(_ctx: Any, params: types.ElicitRequestParams) -> types.ElicitResult:
+        asked.append(params.message)
+        return types.ElicitResult(action="accept", content={"username": "ada", "email": "a@x.org"})
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        steps.append(progress)
+
+    async def work(client: ClientSession) -> tuple[Any, Any]:
+        elicited = await client.call_tool("conformance__test_elicitation", {"message": "Who?"})
+        stepped = await client.call_tool("conformance__test_tool_with_progress", {},
+                                         progress_callback=on_progress)
+        return elicited, stepped
+
+    elicited, stepped = await _session(stack, "admin", work, elicitation=elicitation)
+    assert asked == ["Who?"]
+    assert not elicited.is_error and "action=accept" in _text(elicited) and "ada" in _text(elicited)
+    assert not stepped.is_error and steps == [0, 50, 100]
