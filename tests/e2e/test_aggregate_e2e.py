@@ -11,10 +11,15 @@ only its selection.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,8 +30,9 @@ from mcp import ClientSession, types
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from gateway.config import load_config
+from gateway.config import Instance, load_config
 from gatewayctl import devstack, runtimes
+from gatewayctl.envoy_config import RenderOptions, find_envoy, render
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import (
     MODERN,
@@ -346,3 +352,135 @@ async def test_elicitation_and_progress_through_the_fast_path(stack: devstack.St
     assert asked == ["Who?"]
     assert not elicited.is_error and "action=accept" in _text(elicited) and "ada" in _text(elicited)
     assert not stepped.is_error and steps == [0, 50, 100]
+
+
+# ------------------------------------------- replicas: two Envoys, two ext_authz, two aggregators
+
+@contextlib.contextmanager
+def _redis() -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    (port,) = free_ports(1)
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)  # polling a readiness probe with a deadline
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def _second_envoy(stack: devstack.Stack, folder: Path) -> Iterator[str]:
+    """Another Envoy from the same gateway config on ports of its own (the same ext_authz,
+    aggregators and servers behind it); yields its /mcp URL."""
+    listen, admin, inner = free_ports(3)
+    config = stack.config
+    assert config.aggregate.inner_listener is not None
+    other = dataclasses.replace(
+        config, listen=Instance("127.0.0.1", listen), admin=Instance("127.0.0.1", admin),
+        aggregate=dataclasses.replace(config.aggregate, inner_listener=Instance("127.0.0.1", inner)))
+    path = folder / "envoy-b.yaml"
+    path.write_text(render(other, RenderOptions(ext_proc=HAS_EXT_PROC)), encoding="utf-8")
+    log = folder / "envoy-b.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(find_envoy()), "-c", str(path), "--base-id", str(listen),
+                                 "--concurrency", "1", "--log-level", "warn"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"envoy B exited: {log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as answer:
+                    return bool(answer.status == 200)
+            except OSError:
+                return False
+        wait_until(ready, "the second Envoy to be ready")
+        yield f"https://127.0.0.1:{listen}/mcp"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[devstack.Stack, str]]:
+    """A stack with two ext_authz and two aggregators sharing Redis, and a second Envoy."""
+    if not installed("mcp_aggregator.__main__"):
+        pytest.skip("needs mcp_aggregator")
+    tmp = tmp_path_factory.mktemp("aggregate-replicas")
+    (tmp / "files-root" / "shared").mkdir(parents=True)
+    (tmp / "files-root" / "shared" / "a.txt").write_text("replicated\n", encoding="utf-8")
+    with _redis() as redis_url:
+        agg = free_ports(3)
+        extra = {
+            "secrets": [KEYS],
+            "rate_limits": {"backend": "redis", "redis_url": redis_url,
+                            "per_user": {"rate_per_second": 1000, "burst": 1000}},
+            "aggregate": {"instances": [{"port": agg[0]}, {"port": agg[1]}],
+                          "inner_listener": {"port": agg[2]}, "session_keys": KEYS},
+        }
+        servers: dict[str, dict[str, Any]] = {"files": {
+            "module": "mcp_servers.files", "args": ["--root", str(tmp / "files-root")]}}
+        path = stack_config(tmp, servers=servers, ext_authz=2, extra=extra,
+                            authz_transport=authz_transport())
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(REPO))
+            with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
+                                  startup_timeout=START_SECONDS) as running, \
+                    _second_envoy(running, tmp) as other:
+                yield running, other
+
+
+async def test_a_session_opened_on_one_replica_serves_on_another(
+        replicas: tuple[devstack.Stack, str]) -> None:
+    """initialize through Envoy A; list and call through Envoy B with that session id (any
+    ext_authz and aggregator opens the sealed id); DELETE through A ends it on B too (404)."""
+    stack, other = replicas
+    token = bearer(stack.config, "admin")
+    base = {"authorization": f"Bearer {token}", "content-type": "application/json",
+            "accept": "application/json, text/event-stream", "mcp-protocol-version": "2025-11-25"}
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30) as http:
+        opened = await http.post(_url(stack), headers=base, json={
+            "jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+                "protocolVersion": "2025-11-25", "capabilities": {},
+                "clientInfo": {"name": "e2e", "version": "1"}}})
+        assert opened.status_code == 200, opened.text
+        session = {**base, "mcp-session-id": opened.headers["mcp-session-id"]}
+        await http.post(_url(stack), headers=session,
+                        json={"jsonrpc": "2.0", "method": "notifications/initialized"})
+        names: set[str] = set()
+        for rid in range(2, 6):  # several lists: both aggregators answer some
+            listed = await http.post(other, headers=session,
+                                     json={"jsonrpc": "2.0", "id": rid, "method": "tools/list"})
+            assert listed.status_code == 200, listed.text
+            names |= {t["name"] for t in _result(listed)["tools"]}
+        assert "files__read_file" in names
+        for rid in range(6, 10):  # both ext_authz instances and both files instances
+            called = await http.post(other, headers=session, json={
+                "jsonrpc": "2.0", "id": rid, "method": "tools/call",
+                "params": {"name": "files__read_file", "arguments": {"path": "shared/a.txt"}}})
+            assert called.status_code == 200, called.text
+            assert "replicated" in _result(called)["content"][0]["text"]
+        ended = await http.delete(_url(stack), headers=session)
+        assert ended.status_code in (200, 202, 204), ended.text
+        after = await http.post(other, headers=session, json={
+            "jsonrpc": "2.0", "id": 10, "method": "tools/call",
+            "params": {"name": "files__read_file", "arguments": {"path": "shared/a.txt"}}})
+        assert after.status_code == 404
