@@ -399,6 +399,20 @@ async def test_sse_request_ids_get_the_server_prefix_across_chunks(lua_stack: Lu
     assert answer.count(b"\n\n") == 4
 
 
+@pytest.mark.parametrize("size", [1, 3, 17])
+async def test_sse_events_cut_into_small_pieces(lua_stack: LuaStack, size: int) -> None:
+    """Events with CRLF line ends cut into pieces of a few bytes (every cut position, including
+    inside the blank line) come out whole, ids prefixed, in order."""
+    asks = [{"jsonrpc": "2.0", "id": i, "method": "roots/list"} for i in range(3)]
+    text = "".join(_event(a).replace("\n", "\r\n") for a in asks)
+    chunks = [text[i:i + size] for i in range(0, len(text), size)]
+    _, _, answer = await _post(lua_stack.url + "/stream", json.dumps(chunks).encode(),
+                               {ROUTE_HEADER: "files"})
+    events = [json.loads(line[6:]) for line in answer.decode().split("\r\n") if line.startswith("data: ")]
+    assert events == [{**a, "id": f"files__n:{a['id']}"} for a in asks]
+    assert answer.count(b"\r\n\r\n") == 3
+
+
 async def test_json_answers_and_unrouted_requests_are_left_alone(lua_stack: LuaStack) -> None:
     """A JSON answer (which carries no server request) and a request without x-mcp-route pass
     byte for byte."""
