@@ -226,6 +226,9 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
         raw["ext_authz"]["transport"] = transport
     # Only the bench backend: no demo services next to it (they would share the cores).
     raw.pop("backends", None)
+    # The per-server path is what these rows measure: no aggregate endpoint (bench.aggregate_cpu
+    # measures /mcp against /mcp/<server> on a dev stack of its own).
+    raw.pop("aggregate", None)
     if "secrets" in raw:
         raw["secrets"] = []
     raw["servers"] = {"bench": {"module": "bench.backend", "instances": [{"port": free_port()}],
