@@ -14,6 +14,7 @@ or placeholder credential.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,8 +160,9 @@ async def probe(http: aiohttp.ClientSession, target: UpstreamTarget, kind: str, 
 async def _tcp(target: UpstreamTarget) -> None:
     url = URL(target.url)
     _, writer = await asyncio.open_connection(url.host, url.port)
-    writer.close()
-    await writer.wait_closed()
+    writer.close()  # closed before any await: a deadline or a reset cannot leave it open
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 async def _http(http: aiohttp.ClientSession, target: UpstreamTarget, path: str) -> None:

@@ -4,6 +4,7 @@ Python SDK: over HTTP at a path of its own, and over HTTPS with a client certifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -48,13 +49,15 @@ async def _wait_listening(server: SdkServer) -> None:
             raise RuntimeError(f"the SDK server exited: {server.log.read_text(errors='replace')}")
         try:
             _, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            writer.close()
-            await writer.wait_closed()
-            return
         except OSError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.05)
+            continue
+        writer.close()  # before any await, so nothing can leave the connection open
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
 
 
 def _stop(server: SdkServer) -> None:
