@@ -99,11 +99,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif not rows:
         print("no dev stack is running")
     else:
-        print(f"{'COMPONENT':<14}{'INST':>5}  {'ADDRESS':<22}{'PID':>8}  HEALTH")
+        print(f"{'COMPONENT':<14}{'INST':>5}  {'ADDRESS':<22}{'PID':>8}  {'HEALTH':<10}  ENVOY SEES")
         for r in rows:
             health = "healthy" if r["healthy"] else ("unhealthy" if r["alive"] else "stopped")
             pid = r["pid"] if r["pid"] is not None else "-"  # a url server runs elsewhere
-            print(f"{r['component']:<14}{r['instance']:>5}  {r['address']:<22}{pid:>8}  {health}")
+            seen = r.get("envoy") or "-"  # what Envoy's health checks and outlier detection say
+            print(f"{r['component']:<14}{r['instance']:>5}  {r['address']:<22}{pid:>8}  "
+                  f"{health:<10}  {seen}")
     if not running:
         return NOT_RUNNING
     return 0 if healthy else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import json
 import os
 import ssl
 from pathlib import Path
@@ -93,3 +94,54 @@ def probe(component: Component, config: GatewayConfig, ca_file: Path | None) -> 
         return http_status(host, config.listen.port, "/health", tls=ctx) == 200
     except (OSError, http.client.HTTPException):
         return False
+
+
+# ------------------------------------------------------------------------- Envoy's own view
+
+# Envoy's host health flags as its admin interface reports them, in the words `status` prints.
+_HOST_FLAGS = (
+    ("failed_active_health_check", "failed health check"),
+    ("failed_outlier_check", "ejected (outlier)"),
+    ("failed_eds_health", "unhealthy (discovery)"),
+    ("pending_active_hc", "first check pending"),
+    ("pending_dynamic_removal", "being removed"),
+    ("excluded_via_immediate_hc_fail", "excluded"),
+)
+
+
+def cluster_of(component: str, config: GatewayConfig) -> str | None:
+    """The Envoy cluster that sends traffic to a component's instances (None: not routed)."""
+    if component in ("ext_authz", "ext_proc", "aggregator"):
+        return component
+    if any(s.name == component for s in config.servers):
+        return f"mcp_{component}"
+    return None
+
+
+def envoy_view(config: GatewayConfig) -> dict[tuple[str, str], str] | None:
+    """How the running Envoy sees each upstream host, by (cluster, "host:port"): "healthy", or
+    the reasons it sends it nothing ("failed health check", "ejected (outlier)", ...), from the
+    admin interface's /clusters. None when Envoy does not answer."""
+    conn = http.client.HTTPConnection(config.admin.host, config.admin.port,
+                                      timeout=PROBE_TIMEOUT_SECONDS)
+    try:
+        conn.request("GET", "/clusters?format=json")
+        reply = conn.getresponse()
+        if reply.status != 200:
+            return None
+        document = json.loads(reply.read())
+    except (OSError, ValueError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    view: dict[tuple[str, str], str] = {}
+    for cluster in document.get("cluster_statuses", []):
+        for host in cluster.get("host_statuses", []):
+            address = host.get("address", {}).get("socket_address", {})
+            key = (cluster.get("name", ""), f"{address.get('address')}:{address.get('port_value')}")
+            health = host.get("health_status", {})
+            reasons = [words for flag, words in _HOST_FLAGS if health.get(flag)]
+            if health.get("eds_health_status") not in (None, "HEALTHY", "UNKNOWN"):
+                reasons.append(str(health["eds_health_status"]).lower())
+            view[key] = ", ".join(reasons) or "healthy"
+    return view

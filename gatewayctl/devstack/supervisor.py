@@ -35,7 +35,13 @@ from typing import Any
 from gateway.config import GatewayConfig
 from gatewayctl import envoy_config, envoy_restarter, runtimes
 from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
-from gatewayctl.devstack.health import PROBE_TIMEOUT_SECONDS, probe, upstream_problem
+from gatewayctl.devstack.health import (
+    PROBE_TIMEOUT_SECONDS,
+    cluster_of,
+    envoy_view,
+    probe,
+    upstream_problem,
+)
 from gatewayctl.devstack.plan import (
     Component,
     Probe,
@@ -301,6 +307,7 @@ def status(config: GatewayConfig) -> list[dict[str, Any]]:
     if data is None:
         return []
     ca = paths(config).ca_cert
+    view = envoy_view(config)
     rows = []
     for entry in data.get("components", []):
         alive = _alive(entry)
@@ -310,7 +317,8 @@ def status(config: GatewayConfig) -> list[dict[str, Any]]:
         rows.append({"component": entry["component"], "instance": entry["instance"],
                      "address": entry["address"], "pid": entry["pid"], "alive": alive,
                      "healthy": alive and probe(comp, config, ca if ca.exists() else None),
-                     "log": entry.get("log")})
+                     "log": entry.get("log"),
+                     "envoy": _seen_by_envoy(view, entry["component"], entry["address"], config)})
     # url servers run elsewhere: no process, their URL as address and their MCP-level check.
     for server in config.servers:
         for i, url in enumerate(server.urls):
@@ -318,8 +326,20 @@ def status(config: GatewayConfig) -> list[dict[str, Any]]:
                              Probe("mcp", url.host, url.port, url.url, server.name))
             rows.append({"component": server.name, "instance": i, "address": url.url,
                          "pid": None, "alive": True, "healthy": probe(comp, config, None),
-                         "log": None})
+                         "log": None,
+                         "envoy": _seen_by_envoy(view, server.name, f"{url.host}:{url.port}",
+                                                 config)})
     return rows
+
+
+def _seen_by_envoy(view: dict[tuple[str, str], str] | None, component: str, address: str,
+                   config: GatewayConfig) -> str | None:
+    """Envoy's word on one instance ("healthy", "ejected (outlier)", ...); None where Envoy
+    routes nothing to it (Envoy itself, the JWKS server, backends) or does not answer."""
+    cluster = cluster_of(component, config)
+    if view is None or cluster is None:
+        return None
+    return view.get((cluster, address), "not a member of its cluster")
 
 
 def down(config: GatewayConfig, timeout: float = STOP_TIMEOUT_SECONDS) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -164,3 +165,31 @@ def test_token_without_a_stack_key_is_refused(config_file: Path, capsys: pytest.
     assert main(["--config", str(config_file), "token", "--sub", "alice"]) != 0
     assert "no dev signing key" in capsys.readouterr().err
     assert not devstack.paths(load_config(config_file)).signing_key.exists()
+
+
+def test_status_shows_envoys_view_of_each_upstream(detached: Path) -> None:
+    """`status` says how Envoy sees each instance it routes to (its health checks and outlier
+    detection), next to the gateway's own probe: a killed server instance turns from healthy to
+    a failed health check in Envoy's eyes; processes Envoy routes nothing to have no such view."""
+    def rows() -> list[dict[str, Any]]:
+        status = run_cli(detached, "status", "--json")
+        parsed: list[dict[str, Any]] = json.loads(status.stdout)["components"]
+        return parsed
+
+    first = rows()
+    seen = {(r["component"], r["instance"]): r["envoy"] for r in first}
+    assert seen[("files", 0)] == seen[("files", 1)] == "healthy"
+    assert seen[("ext_authz", 0)] == "healthy"
+    assert seen[("jwks", 0)] is None and seen[("envoy", 0)] is None
+    victim = next(r for r in first if (r["component"], r["instance"]) == ("files", 1))
+    os.killpg(victim["pid"], signal.SIGKILL)
+    wait_for(lambda: pid_gone(victim["pid"]), "the files instance to die")
+
+    def envoy_noticed() -> bool:
+        now = {(r["component"], r["instance"]): r["envoy"] for r in rows()}
+        return now[("files", 1)] not in ("healthy", None) and now[("files", 0)] == "healthy"
+    wait_for(envoy_noticed, "Envoy to stop sending the dead instance traffic")
+    table = run_cli(detached, "status")
+    assert "ENVOY SEES" in table.stdout
+    assert re.search(r"files\s+1\s+\S+\s+-?\d*\s+stopped\s+(failed health check|ejected)",
+                     table.stdout), table.stdout
