@@ -12,8 +12,9 @@ from types import ModuleType
 # group a command line names is imported: the groups pull in different halves of the gateway
 # (the policy kit, the catalog and its HTTP clients, the dev stack), and `policy test` should not
 # wait for the catalog's imports.
-COMMANDS = {"up": "stack", "down": "stack", "reload": "stack", "status": "stack", "token": "stack",
-            "config": "stack", "policy": "policy", "catalog": "catalog"}
+COMMANDS = {"up": "stack", "down": "stack", "reload": "stack", "restart": "stack",
+            "status": "stack", "token": "stack", "config": "stack", "policy": "policy",
+            "catalog": "catalog"}
 GROUPS = ("stack", "policy", "catalog")
 
 

@@ -44,6 +44,7 @@ from gatewayctl.devstack.supervisor import (
     down,
     read_pid_file,
     reload,
+    restart,
     running,
     status,
 )
@@ -76,6 +77,7 @@ __all__ = [
     "probe",
     "read_pid_file",
     "reload",
+    "restart",
     "running",
     "serves_metrics",
     "signing_key",

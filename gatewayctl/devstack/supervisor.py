@@ -109,6 +109,18 @@ def _tell(line: str) -> None:
     print(f"  {line}", flush=True)
 
 
+def _stack_env(config: GatewayConfig) -> dict[str, str]:
+    """The environment every process of the stack starts from."""
+    # A secret reaches only the processes that list it, whatever the parent environment holds.
+    env = {k: v for k, v in os.environ.items() if k not in config.secrets}
+    env["PYTHONUNBUFFERED"] = "1"
+    if config.telemetry.otlp_endpoint:
+        # MCP servers take their collector from the standard OpenTelemetry variable (a server
+        # module need not accept a flag for it); ext_authz and ext_proc read the config.
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = config.telemetry.otlp_endpoint
+    return env
+
+
 def _component_env(base: dict[str, str], comp: Component, secrets: dict[str, str]
                    ) -> dict[str, str]:
     """A component's environment: the stack's, the secrets it lists, and its PATH prefix."""
@@ -170,13 +182,7 @@ class Stack:
         self.prepare()
         hook = None if detach else _die_with_parent_hook()
         cwd = base_dir(self.config)
-        # A secret reaches only the processes that list it, whatever the parent environment holds.
-        env = {k: v for k, v in os.environ.items() if k not in self.config.secrets}
-        env["PYTHONUNBUFFERED"] = "1"
-        if self.config.telemetry.otlp_endpoint:
-            # MCP servers take their collector from the standard OpenTelemetry variable (a server
-            # module need not accept a flag for it); ext_authz and ext_proc read the config.
-            env["OTEL_EXPORTER_OTLP_ENDPOINT"] = self.config.telemetry.otlp_endpoint
+        env = _stack_env(self.config)
         # Backends first (servers may read from them at start-up); then the Python processes in
         # parallel; Envoy once they answer, so its first round of active health checks finds
         # them up instead of marking them failed.
@@ -214,7 +220,10 @@ class Stack:
                             "address": comp.address, "pid": proc.pid,
                             "start_time": _start_time(proc.pid),
                             "log": str(paths(self.config).logs / f"{comp.name}-{comp.instance}.log"),
-                            "probe": asdict(comp.probe)})
+                            "probe": asdict(comp.probe),
+                            # What `restart` starts again: the same process, not a re-plan.
+                            "argv": list(comp.argv), "env": list(comp.env),
+                            "path_prefix": list(comp.path_prefix)})
         # `ready`: every component answered its health check once (start-up is over).
         data: dict[str, Any] = {"config": self.config.source, "ready": ready, "components": entries}
         if supervisor is not None:
@@ -256,8 +265,23 @@ class Stack:
             return f"(no log at {log})"
         return "\n".join(f"  | {line}" for line in text) + f"\n  (full log: {log})"
 
+    def _replaced(self, label: str, pid: int) -> bool:
+        """Whether the PID file now names another live process for ``label`` (a restart)."""
+        with contextlib.suppress(StackError):
+            for entry in (read_pid_file(self.config) or {}).get("components", []):
+                if f"{entry['component']}[{entry['instance']}]" == label and entry["pid"] != pid:
+                    return _alive(entry)
+        return False
+
     def stop(self) -> None:
         """Stop every started child, newest first; SIGKILL what ignores SIGTERM (idempotent)."""
+        # A process `restart` started is not this process's child: stop it by its PID file entry.
+        with contextlib.suppress(StackError):
+            mine = {proc.pid for proc in self.procs.values()}
+            for entry in (read_pid_file(self.config) or {}).get("components", []):
+                if entry["pid"] not in mine and _alive(entry):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(entry["pid"], signal.SIGTERM)
         for comp in reversed(self.components):
             proc = self.procs.get(comp.label)
             if proc is not None and proc.poll() is None:
@@ -281,6 +305,9 @@ class Stack:
             for label, proc in self.procs.items():
                 if label not in reported and proc.poll() is not None:
                     reported.add(label)
+                    if self._replaced(label, proc.pid):
+                        print(f"{label} was restarted (`mcp-gateway restart`)", flush=True)
+                        continue
                     comp = next(c for c in self.components if c.label == label)
                     print(f"!! {label} exited with code {proc.returncode}\n{self.log_tail(comp, 5)}",
                           file=sys.stderr, flush=True)
@@ -330,6 +357,61 @@ def status(config: GatewayConfig) -> list[dict[str, Any]]:
                          "envoy": _seen_by_envoy(view, server.name, f"{url.host}:{url.port}",
                                                  config)})
     return rows
+
+
+def restart(config: GatewayConfig, component: str, instance: int | None = None, *,
+            timeout: float = STARTUP_TIMEOUT_SECONDS) -> list[dict[str, Any]]:
+    """Stop and start again the processes of one component of a running stack (one instance,
+    or all of them one after the other, so the others keep serving), exactly as they were
+    started, and wait until each is healthy. Returns their PID file entries. Envoy is
+    restarted by ``reload`` (hot restart), not here."""
+    p = paths(config)
+    data = read_pid_file(config)
+    entries = (data or {}).get("components", [])
+    chosen = [e for e in entries if e["component"] == component
+              and (instance is None or e["instance"] == instance)]
+    if data is None or not chosen:
+        names = sorted({f"{e['component']}[{e['instance']}]" for e in entries})
+        raise StackError(f"no {component}{'' if instance is None else f'[{instance}]'} in the "
+                         f"running stack ({', '.join(names) or 'none is running'})")
+    if any("argv" not in e for e in chosen):
+        raise StackError("this stack was started by an older mcp-gateway: `down` and `up` it")
+    secrets = ensure_secrets(config)
+    base = _stack_env(config)
+    ca = p.ca_cert if p.ca_cert.exists() else None
+    for entry in chosen:
+        label = f"{entry['component']}[{entry['instance']}]"
+        if _alive(entry):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(entry["pid"], signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+            while _alive(entry) and time.monotonic() < deadline:
+                time.sleep(POLL_INTERVAL_SECONDS)
+            if _alive(entry):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(entry["pid"], signal.SIGKILL)
+        host, _, port = entry["address"].rpartition(":")
+        comp = Component(entry["component"], entry["instance"], host, int(port),
+                         tuple(entry["argv"]), Probe(**entry["probe"]), env=tuple(entry["env"]),
+                         path_prefix=tuple(entry.get("path_prefix", ())))
+        with open(entry["log"], "ab") as out:
+            proc = subprocess.Popen(comp.argv, stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=subprocess.STDOUT, cwd=base_dir(config),
+                                    env=_component_env(base, comp, secrets), start_new_session=True)
+        entry.update(pid=proc.pid, start_time=_start_time(proc.pid))
+        tmp = p.pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        tmp.replace(p.pid_file)
+        deadline = time.monotonic() + timeout
+        while not probe(comp, config, ca):
+            if proc.poll() is not None:
+                raise StackError(f"{label} exited with code {proc.returncode} after the restart "
+                                 f"(log: {entry['log']})")
+            if time.monotonic() > deadline:
+                raise StackError(f"{label} was not healthy within {timeout:g} s after the restart "
+                                 f"(log: {entry['log']})")
+            time.sleep(POLL_INTERVAL_SECONDS)
+    return chosen
 
 
 def _seen_by_envoy(view: dict[tuple[str, str], str] | None, component: str, address: str,

@@ -193,3 +193,32 @@ def test_status_shows_envoys_view_of_each_upstream(detached: Path) -> None:
     assert "ENVOY SEES" in table.stdout
     assert re.search(r"files\s+1\s+\S+\s+-?\d*\s+stopped\s+(failed health check|ejected)",
                      table.stdout), table.stdout
+
+
+def test_restart_one_instance_and_all_of_a_component(detached: Path) -> None:
+    """`restart files 1` replaces that instance only (same address, healthy again, the other
+    untouched); `restart ext_authz` replaces every instance; the PID file names the new
+    processes, so `down` stops them; an unknown component is a clear error."""
+    def pids() -> dict[tuple[str, int], int]:
+        rows = json.loads(run_cli(detached, "status", "--json").stdout)["components"]
+        return {(r["component"], r["instance"]): r["pid"] for r in rows}
+
+    before = pids()
+    one = run_cli(detached, "restart", "files", "1")
+    assert one.returncode == 0, one.stderr
+    assert "files[1] restarted" in one.stdout
+    after = pids()
+    assert after[("files", 1)] != before[("files", 1)] and pid_gone(before[("files", 1)])
+    assert after[("files", 0)] == before[("files", 0)]
+
+    every = run_cli(detached, "restart", "ext_authz")
+    assert every.returncode == 0, every.stderr
+    again = pids()
+    assert all(again[("ext_authz", i)] != after[("ext_authz", i)] for i in (0, 1))
+    status = run_cli(detached, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["healthy"]
+
+    unknown = run_cli(detached, "restart", "nosuch")
+    assert unknown.returncode == 1 and "no nosuch in the running stack" in unknown.stderr
+    assert run_cli(detached, "down").returncode == 0
+    assert all(pid_gone(pid) for pid in again.values())
