@@ -693,7 +693,32 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
         "ext_authz_discovery": _discovery(config.ext_authz.instances),
         **health,
     }
-    return _fill(_template("bootstrap.yaml.tmpl"), blocks, scalars)
+    text = _fill(_template("bootstrap.yaml.tmpl"), blocks, {**scalars, "config_digest": _DIGEST_SLOT})
+    return text.replace(_DIGEST_SLOT, config_digest(text), 1)
+
+
+# Where the rendered file's own digest goes; the digest is computed with this text in its place.
+_DIGEST_SLOT = "0" * 64
+_DIGEST_RE = re.compile(r'config_sha256: "([0-9a-f]{64})"')
+
+
+def config_digest(text: str) -> str:
+    """The digest of a rendered bootstrap, with its own recorded digest left out (so a file can
+    be checked against the digest it carries)."""
+    import hashlib
+
+    return hashlib.sha256(_DIGEST_RE.sub(f'config_sha256: "{_DIGEST_SLOT}"', text, 1).encode()).hexdigest()
+
+
+def without_digest(text: str) -> str:
+    """The rendering with its digest blanked (two renderings compared line by line)."""
+    return _DIGEST_RE.sub(f'config_sha256: "{_DIGEST_SLOT}"', text, 1)
+
+
+def recorded_digest(text: str) -> str | None:
+    """The digest a rendered bootstrap carries (None: not one of ours, or an older rendering)."""
+    match = _DIGEST_RE.search(text)
+    return match.group(1) if match else None
 
 
 def worker_threads(cpus: int | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import shutil
 import signal
@@ -73,6 +74,36 @@ def cmd_down(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     print(f"stopped {len(stopped)} process(es)" if stopped else "no dev stack is running")
     return 0
+
+
+def cmd_config_diff(args: argparse.Namespace) -> int:
+    """What would change in the running Envoy if the gateway config were applied now."""
+    try:
+        config = _config(args)
+        running_file = devstack.paths(config).envoy_yaml
+        live = devstack.running_envoy_digest(config)
+        if live is None:
+            return _fail(f"no Envoy answers on the admin interface {config.admin.host}:"
+                         f"{config.admin.port}: start the stack (`mcp-gateway up`)")
+        running = running_file.read_text(encoding="utf-8") if running_file.exists() else ""
+        if envoy_config.config_digest(running) != live:
+            return _fail(f"the running Envoy's config (digest {live[:12]}) is not {running_file}: "
+                         "it was started from another rendering; `mcp-gateway reload` applies "
+                         "the current one")
+        with_ext_proc = "envoy.filters.http.ext_proc" in running
+        fresh = _render(config, "on" if with_ext_proc else "off")
+    except (ConfigError, devstack.StackError, envoy_config.EnvoyConfigError, OSError) as exc:
+        return _fail(str(exc))
+    strip = envoy_config.without_digest
+    lines = list(difflib.unified_diff(strip(running).splitlines(), strip(fresh).splitlines(),
+                                      "running", "rendered now", lineterm="", n=args.context))
+    if not lines:
+        print(f"the running Envoy runs the rendering of {config.source} (digest {live[:12]})")
+        return 0
+    print("\n".join(lines))
+    print(f"\n`mcp-gateway reload` applies it ({sum(1 for x in lines if x[:1] in '+-') - 2} "
+          "changed line(s))", file=sys.stderr)
+    return 1
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
@@ -248,3 +279,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     validate.add_argument("--ext-proc", choices=("auto", "on", "off"), default="auto",
                           help="render the ext_proc filter and cluster (auto: when ext_proc is installed)")
     validate.set_defaults(func=cmd_config_validate)
+    diff = cfg_sub.add_parser("diff", help="what applying the gateway config would change in the "
+                              "running Envoy (exit 1: a difference)")
+    diff.add_argument("-U", "--context", type=int, default=3, help="lines of context")
+    diff.set_defaults(func=cmd_config_diff)

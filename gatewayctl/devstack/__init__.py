@@ -46,6 +46,7 @@ from gatewayctl.devstack.supervisor import (
     reload,
     restart,
     running,
+    running_envoy_digest,
     status,
 )
 
@@ -79,6 +80,7 @@ __all__ = [
     "reload",
     "restart",
     "running",
+    "running_envoy_digest",
     "serves_metrics",
     "signing_key",
     "status",

@@ -503,8 +503,18 @@ def reload(config: GatewayConfig, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -
     return {"restart_epoch": current + 1, "pid": envoy["pid"]}
 
 
-def _serving_epoch(host: str, port: int) -> int | None:
-    """The restart epoch of the LIVE Envoy answering on the admin port (None: none answers)."""
+def running_envoy_digest(config: GatewayConfig) -> str | None:
+    """The digest of the rendering the running Envoy was started from (its node metadata,
+    admin /server_info); None when no Envoy answers or it carries none."""
+    info = _server_info(config.admin.host, config.admin.port)
+    if info is None:
+        return None
+    metadata = info.get("node", {}).get("metadata", {})
+    digest = metadata.get("config_sha256") if isinstance(metadata, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def _server_info(host: str, port: int) -> dict[str, Any] | None:
     conn = http.client.HTTPConnection(host, port, timeout=PROBE_TIMEOUT_SECONDS)
     try:
         conn.request("GET", "/server_info")
@@ -516,6 +526,12 @@ def _serving_epoch(host: str, port: int) -> int | None:
         return None
     finally:
         conn.close()
-    if info.get("state") != "LIVE":
+    return info if isinstance(info, dict) else None
+
+
+def _serving_epoch(host: str, port: int) -> int | None:
+    """The restart epoch of the LIVE Envoy answering on the admin port (None: none answers)."""
+    info = _server_info(host, port)
+    if info is None or info.get("state") != "LIVE":
         return None
     return int(info.get("command_line_options", {}).get("restart_epoch", 0))

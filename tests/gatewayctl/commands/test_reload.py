@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import ssl
 import threading
 from collections.abc import Iterator
@@ -163,3 +164,22 @@ def test_a_config_envoy_refuses_changes_nothing(detached: Path) -> None:
 def test_reload_without_a_stack_is_a_clear_error(config_file: Path) -> None:
     reload = run_cli(config_file, "reload")
     assert reload.returncode == 1 and "no running dev stack" in reload.stderr
+
+
+def test_config_diff_shows_what_a_reload_would_change(detached: Path) -> None:
+    """`config diff` compares the rendering the running Envoy carries (its digest, read back
+    from the admin interface) with the config as it is now: no difference, then the changed
+    lines after an edit, and none again once `reload` applied it."""
+    same = run_cli(detached, "config", "diff")
+    assert same.returncode == 0, same.stderr
+    assert "the running Envoy runs the rendering of" in same.stdout
+    raw = yaml.safe_load(detached.read_text())
+    raw["envoy"] = {"response_headers": {"x-diffed": "yes"}}
+    detached.write_text(yaml.safe_dump(raw))
+    changed = run_cli(detached, "config", "diff")
+    assert changed.returncode == 1
+    assert re.search(r'^\+.*"x-diffed"', changed.stdout, re.MULTILINE), changed.stdout
+    assert "`mcp-gateway reload` applies it" in changed.stderr
+    assert run_cli(detached, "reload").returncode == 0
+    after = run_cli(detached, "config", "diff")
+    assert after.returncode == 0, after.stdout + after.stderr
