@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -54,7 +55,7 @@ from ext_proc.inspect import NOTHING, Inspector, Plan, SseInspector, listed_coun
 from ext_proc.metadata import CallerContext, parse_caller_context
 from ext_proc.settings import Settings
 from gateway.errors import GatewayError
-from gateway.telemetry import bind, extract_context, get_tracer, unbind
+from gateway.telemetry import bind, extract_context, get_tracer, metrics, unbind
 from gateway.telemetry.metrics import MASKED_VALUES
 
 logger = logging.getLogger(__name__)
@@ -324,6 +325,8 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
             exchange.cancelled = True
             raise
         finally:
+            if not first:  # a stream that carried a message
+                metrics.EXT_PROC_STREAMS.labels(exchange.outcome()).inc()
             if span is not None:
                 _end_span(span, exchange)
             if logger.isEnabledFor(logging.DEBUG):
@@ -355,8 +358,12 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
                     # Headers and trailers are answered without ever suspending, so a timeout
                     # could not interrupt them anyway: skip arming one.
                     return exchange.answer(req), exchange.complete
-                async with asyncio.timeout(timeout):
-                    return await exchange.handle(req), exchange.complete
+                started = time.perf_counter()
+                try:
+                    async with asyncio.timeout(timeout):
+                        return await exchange.handle(req), exchange.complete
+                finally:
+                    metrics.EXT_PROC_BODY_LATENCY.observe(time.perf_counter() - started)
             except GatewayError as err:  # SseError included
                 failure = err
             except TimeoutError:
@@ -375,6 +382,7 @@ class ExternalProcessorServicer(pb_grpc.ExternalProcessorServicer):  # type: ign
     def _fail(exchange: Exchange, err: GatewayError) -> pb.ProcessingResponse:
         ctx = exchange.ctx
         exchange.error_code = err.code
+        metrics.EXT_PROC_FAILURES.labels(err.code).inc()
         data = err.data if isinstance(err.data, dict) else {}
         if ctx is not None:
             err.data = {**data, "decision_id": ctx.decision_id}

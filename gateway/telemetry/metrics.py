@@ -61,6 +61,19 @@ TOOL_CALLS = Counter(
     "tool_calls", "tools/call results by server, tool and outcome (ok, error, timeout, ...).",
     ["server", "tool", "outcome"], namespace=NAMESPACE,
 )
+EXT_PROC_STREAMS = Counter(
+    "ext_proc_streams", "ext_proc streams (one per inspected answer) by outcome: passed, filtered, "
+    "masked, withheld (an inspection error: the answer never reached the client), cancelled.",
+    ["outcome"], namespace=NAMESPACE,
+)
+EXT_PROC_FAILURES = Counter(
+    "ext_proc_failures", "Answers ext_proc withheld, by error code (inspection_timeout, ...).",
+    ["code"], namespace=NAMESPACE,
+)
+EXT_PROC_BODY_LATENCY = Histogram(
+    "ext_proc_body_duration_seconds", "Time to inspect one response body message (a JSON answer "
+    "or one SSE chunk).", namespace=NAMESPACE, buckets=DECISION_BUCKETS,
+)
 AUDIT_ENTRIES = Counter(
     "audit_entries", "Audit entries by outcome (written, failed, rejected).",
     ["outcome"], namespace=NAMESPACE,

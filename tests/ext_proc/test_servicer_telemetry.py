@@ -276,3 +276,28 @@ def test_no_span_without_tracing_or_context(policy: StandinPolicy) -> None:
     """Tracing off and no trace context: no span is started (no per-stream cost)."""
     servicer: ExternalProcessorServicer = make_servicer(policy)
     assert servicer._start_span({}) is None
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_streams_failures_and_body_time_are_counted(policy: StandinPolicy) -> None:
+    """ext_proc's own metrics: a stream by its outcome, a withheld answer by its error code, and
+    the time spent on each response body."""
+    masked_before = _sample("mcp_gateway_ext_proc_streams_total", outcome="masked")
+    withheld_before = _sample("mcp_gateway_ext_proc_streams_total", outcome="withheld")
+    failures_before = _sample("mcp_gateway_ext_proc_failures_total", code="unsupported_content")
+    bodies_before = _sample("mcp_gateway_ext_proc_body_duration_seconds_count")
+
+    body = jsonrpc_result(tool_result(f"mail {EMAIL}"))
+    await run(make_servicer(policy), response_headers(meta=caller()), response_body(body))
+    await run(make_servicer(policy), response_headers("text/html", meta=caller()))
+
+    assert _sample("mcp_gateway_ext_proc_streams_total", outcome="masked") == masked_before + 1
+    assert _sample("mcp_gateway_ext_proc_streams_total", outcome="withheld") == withheld_before + 1
+    assert _sample("mcp_gateway_ext_proc_failures_total", code="unsupported_content") == \
+        failures_before + 1
+    assert _sample("mcp_gateway_ext_proc_body_duration_seconds_count") == bodies_before + 1
