@@ -1,6 +1,6 @@
 """Metrics through the running stack (issue 6): Envoy's /stats/prometheus on the admin port and
-ext_authz's and ext_proc's /metrics move as requests are made; the Grafana dashboard's Envoy series
-exist."""
+ext_authz's and ext_proc's /metrics move as requests are made; the Envoy series the Grafana
+dashboard and the alert rules read exist."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gatewayctl import devstack
+from tests.deploy.test_alerts import dashboard_exprs, metric_names, rules
 from tests.e2e.conftest import HAS_EXT_PROC
-from tests.e2e.helpers import REPO, bearer, stateless_call
+from tests.e2e.helpers import bearer, stateless_call
 
 
 def scrape(url: str, sample: str, **labels: str) -> float:
@@ -72,15 +73,18 @@ async def test_ext_proc_masking_counter_moves(stack: devstack.Stack) -> None:
     assert "mcp_gateway_masked_values_total" in families(url)
 
 
-async def test_dashboard_envoy_metrics_exist(stack: devstack.Stack) -> None:
-    """Every envoy_* series the Grafana dashboard queries is exposed by the real Envoy once a
-    request went through."""
+async def test_dashboard_and_alert_envoy_metrics_exist(stack: devstack.Stack) -> None:
+    """Every envoy_* series the Grafana dashboard and the Prometheus alert rules read is exposed
+    by the real Envoy once a request went through."""
     reply = await stateless_call(stack, "pii", bearer(stack.config, "admin"), "echo")
     assert reply.status_code == 200
-    dashboard = json.loads((REPO / "deploy/grafana/dashboards/mcp-gateway.json").read_text())
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    wanted = {n for e in exprs for n in re.findall(r"\b(envoy_[a-z0-9_]+)\s*[{\[]", e)}
-    assert wanted and wanted <= families(urls(stack)["envoy[0]"])
+    exprs = [*dashboard_exprs(), *(rule["expr"] for rule in rules())]
+    wanted = {name for expr in exprs for name in metric_names(expr) if name.startswith("envoy_")}
+    assert {"envoy_cluster_membership_healthy", "envoy_http_ext_authz_error",
+            "envoy_http_ext_proc_streams_failed"} <= wanted
+    if not HAS_EXT_PROC:  # without ext_proc Envoy has no ext_proc filter and so no stats of it
+        wanted = {name for name in wanted if not name.startswith("envoy_http_ext_proc_")}
+    assert wanted - families(urls(stack)["envoy[0]"]) == set()
 
 
 def admin_url(stack: devstack.Stack, path: str) -> str:
