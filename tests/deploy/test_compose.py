@@ -155,13 +155,15 @@ def scrape_targets() -> dict[str, tuple[str, list[str]]]:
 
 def test_prometheus_scrapes_every_process(compose: dict[str, Any]) -> None:
     """Every scrape target is a compose service on the port it serves metrics on, and every
-    ext_authz, ext_proc and MCP server instance, Envoy and the collector are scraped."""
+    ext_authz, ext_proc, MCP server and aggregator instance, Envoy and the collector are scraped."""
     config = load_config(GATEWAY)
     offset = config.telemetry.metrics_port_offset
     expected = {("/stats/prometheus", f"envoy:{config.telemetry.envoy_stats_port}")}
     expected |= {("/metrics", f"{i.host}:{i.port + offset}")
                  for i in (*config.ext_authz.instances, *config.ext_proc.instances)}
     expected |= {("/metrics", f"{i.host}:{i.port}") for server in config.servers for i in server.instances}
+    if config.aggregate.enabled:
+        expected |= {("/metrics", f"{i.host}:{i.port}") for i in config.aggregate.instances}
     collector: dict[str, Any] = yaml.safe_load(COLLECTOR.read_text())
     collector_port = collector["exporters"]["prometheus"]["endpoint"].rsplit(":", 1)[1]
     expected.add(("/metrics", f"otel-collector:{collector_port}"))
