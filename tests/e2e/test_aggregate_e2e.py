@@ -35,8 +35,10 @@ from gatewayctl import devstack, runtimes
 from gatewayctl.envoy_config import RenderOptions, find_envoy, render
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import (
+    INSPECTOR,
     MODERN,
     MODERN_META,
+    NODE,
     REPO,
     authz_transport,
     bearer,
@@ -277,6 +279,117 @@ async def test_protocol_versions(stack: devstack.Stack) -> None:
                 "_meta": MODERN_META}})
         assert call.status_code == 200, call.text
         assert json.loads(_result(call)["content"][0]["text"])["timezone"] == "UTC"
+
+
+def _inspector(stack: devstack.Stack, role: str, home: Path, *args: str,
+               virtual: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The MCP Inspector's CLI (``make tools``), a client this project did not write, on /mcp (or
+    /mcp/<virtual>) with a token of ``role``; the finished process (``inspector_cli`` in helpers
+    does the same for /mcp/<server>)."""
+    if not (NODE.is_file() and INSPECTOR.exists()):
+        raise AssertionError("the MCP Inspector is missing under .tools: run `make tools`")
+    token = bearer(stack.config, role)
+    env = {"PATH": f"{NODE.parent}:/usr/bin:/bin", "HOME": str(home),
+           "MCP_CATALOG_PATH": str(home / "inspector-catalog.json"),
+           "NODE_EXTRA_CA_CERTS": str(stack.ca_file)}
+    return subprocess.run(
+        [str(NODE), str(INSPECTOR), "--cli", _url(stack, virtual), "--transport", "http",
+         "--header", f"Authorization: Bearer {token}", *args],
+        env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _inspected(proc: subprocess.CompletedProcess[str]) -> Any:
+    """The Inspector's JSON output of a call that succeeded."""
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _unknown_to_inspector(proc: subprocess.CompletedProcess[str], tool: str) -> bool:
+    """Whether the Inspector refused to call ``tool`` because the endpoint's list lacks it."""
+    return proc.returncode != 0 and f"Tool '{tool}' not found" in proc.stderr
+
+
+async def _sent_anyway(stack: devstack.Stack, role: str, tool: str, arguments: dict[str, Any],
+                       virtual: str | None = None) -> httpx2.Response:
+    """``tools/call`` of ``tool`` sent to /mcp (or /mcp/<virtual>) although it is not listed: one
+    stateless 2026-07-28 request, as a client that skips the list would send it."""
+    async with httpx2.AsyncClient(verify=tls_context(stack), timeout=30) as http:
+        return await http.post(_url(stack, virtual), headers={
+            "authorization": f"Bearer {bearer(stack.config, role)}",
+            "content-type": "application/json", "accept": "application/json, text/event-stream",
+            "mcp-protocol-version": MODERN, "mcp-method": "tools/call", "mcp-name": tool},
+            json={"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+                "name": tool, "arguments": arguments, "_meta": MODERN_META}})
+
+
+def _refused_by_gateway(answer: httpx2.Response) -> bool:
+    """Whether the gateway refused a call: HTTP 403, or a JSON-RPC error instead of a result."""
+    if answer.status_code == 403:
+        return True
+    text = answer.text
+    if answer.headers.get("content-type", "").startswith("text/event-stream"):
+        text = next((line[5:] for line in text.splitlines() if line.startswith("data:")), "{}")
+    return "error" in json.loads(text) and "result" not in json.loads(text)
+
+
+def _inspector_call(stack: devstack.Stack, role: str, home: Path, tool: str, *arguments: str,
+                    virtual: str | None = None) -> subprocess.CompletedProcess[str]:
+    return _inspector(stack, role, home, "--method", "tools/call", "--tool-name", tool,
+                      *(("--tool-arg", *arguments) if arguments else ()), virtual=virtual)
+
+
+async def test_mcp_inspector_lists_and_calls_every_server(stack: devstack.Stack,
+                                                          tmp_path: Path) -> None:
+    """The MCP Inspector CLI on /mcp as an analyst: it lists the files, database and time servers'
+    tools (time is `mcp-server-time` from PyPI) and calls one of each; write_file, which analysts
+    may not use, is neither listed nor callable (the Inspector does not find it, and the gateway
+    refuses it to a client that sends it anyway)."""
+    listed = _inspected(_inspector(stack, "analyst", tmp_path, "--method", "tools/list"))
+    names = {t["name"] for t in listed["tools"]}
+    assert {"files__read_file", "database__list_tables", "time__get_current_time"} <= names
+    assert "files__write_file" not in names
+    now = _inspected(_inspector_call(stack, "analyst", tmp_path, "time__get_current_time",
+                                     "timezone=UTC"))
+    assert not now.get("isError") and json.loads(now["content"][0]["text"])["timezone"] == "UTC"
+    contact = _inspected(_inspector_call(stack, "analyst", tmp_path, "files__read_file",
+                                         "path=shared/contact.txt"))
+    text = contact["content"][0]["text"]
+    assert not contact.get("isError") and "[REDACTED:iban]" in text and IBAN not in text
+    tables = _inspected(_inspector_call(stack, "analyst", tmp_path, "database__list_tables"))
+    assert not tables.get("isError") and "orders" in tables["content"][0]["text"]
+    written = _inspector_call(stack, "analyst", tmp_path, "files__write_file",
+                              "path=shared/inspector.txt", "content=x")
+    assert _unknown_to_inspector(written, "files__write_file"), written.stdout + written.stderr
+    sent = await _sent_anyway(stack, "analyst", "files__write_file",
+                              {"path": "shared/inspector.txt", "content": "x"})
+    assert _refused_by_gateway(sent), (sent.status_code, sent.text)
+    read = _inspector_call(stack, "admin", tmp_path, "files__read_file", "path=shared/inspector.txt")
+    assert read.returncode != 0 and "does not exist" in read.stdout, read.stdout  # nothing written
+
+
+async def test_mcp_inspector_on_a_virtual_server(stack: devstack.Stack, tmp_path: Path) -> None:
+    """The MCP Inspector CLI on /mcp/readonly as an analyst: it lists the curated selection only
+    and calls both of its servers' tools; a tool of another server and the denied write_file are
+    neither listed nor callable there (not for the Inspector, and not for a client that sends
+    them anyway)."""
+    listed = _inspected(_inspector(stack, "analyst", tmp_path, "--method", "tools/list",
+                                   virtual=VIRTUAL))
+    names = {t["name"] for t in listed["tools"]}
+    assert "files__read_file" in names and "time__get_current_time" in names
+    assert all(n == "time__get_current_time" or n.startswith("files__read_") for n in names), names
+    now = _inspected(_inspector_call(stack, "analyst", tmp_path, "time__get_current_time",
+                                     "timezone=UTC", virtual=VIRTUAL))
+    assert not now.get("isError") and json.loads(now["content"][0]["text"])["timezone"] == "UTC"
+    contact = _inspected(_inspector_call(stack, "analyst", tmp_path, "files__read_file",
+                                         "path=shared/contact.txt", virtual=VIRTUAL))
+    assert not contact.get("isError") and "[REDACTED:iban]" in contact["content"][0]["text"]
+    for tool, arguments in (("database__list_tables", {}),
+                            ("files__write_file", {"path": "shared/virtual.txt", "content": "x"})):
+        called = _inspector_call(stack, "analyst", tmp_path, tool,
+                                 *(f"{k}={v}" for k, v in arguments.items()), virtual=VIRTUAL)
+        assert _unknown_to_inspector(called, tool), called.stdout + called.stderr
+        sent = await _sent_anyway(stack, "analyst", tool, arguments, virtual=VIRTUAL)
+        assert _refused_by_gateway(sent), (tool, sent.status_code, sent.text)
 
 
 @contextlib.contextmanager
