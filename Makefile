@@ -72,7 +72,8 @@ lint: $(TEST_STAMP)
 clean:
 	rm -rf $(VENV) $(TOOLS) .pytest_cache .mypy_cache .ruff_cache
 
-# Benchmarks side by side with ContextForge (bench/, docs/benchmarks.md); QUICK=1 for a short run.
+# Benchmarks side by side with ContextForge, and tools/call on /mcp against /mcp/<server>
+# (bench/, docs/benchmarks.md); QUICK=1 for a short run.
 # make bench [QUICK=1] [SOAK=1]: side-by-side benchmarks (docs/benchmarks.md); SOAK=1 adds the
 # 10-minute soak of the full gateway (docs/soak.md), 1 minute with QUICK=1.
 bench: $(STAMP)

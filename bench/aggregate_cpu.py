@@ -1,13 +1,15 @@
 """The aggregate endpoint's cost per call: gateway CPU of `tools/call bench__echo` on /mcp against
 `tools/call echo` on /mcp/bench, same stack, same session kind.
 
-    .venv/bin/python -m bench.aggregate_cpu [--blocks 6] [--calls 200] [--budget 10] [--work DIR]
+    .venv/bin/python -m bench.aggregate_cpu [--blocks 12] [--calls 200] [--budget 10] [--work DIR]
+                                            [--out FILE]
 
 The dev stack runs with the bench backend and the aggregate endpoint on. The two paths alternate
 in blocks (per-server, aggregate, per-server, ...) so that load from other jobs on the machine
 falls on both alike; each block's CPU is read from /proc for Envoy (its restarter's process
 group), ext_authz and ext_proc. Exit status 1 when the aggregate path costs more than
-``--budget`` percent over the per-server path (docs/aggregate.md, "Limits").
+``--budget`` percent over the per-server path (docs/aggregate.md, "Limits"). ``make bench``
+runs it too (bench/run.py) and reports both paths side by side (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=10.0,
                         help="allowed CPU overhead of /mcp in percent (default 10)")
     parser.add_argument("--work", type=Path, default=None, help="state folder (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result as JSON to this file")
     ns = parser.parse_args(argv)
     if ns.work is not None:
         ns.work.mkdir(parents=True, exist_ok=True)
@@ -151,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="aggregate-bench-") as tmp:
             result = run(Path(tmp), ns.blocks, ns.calls)
     result["budget_percent"] = ns.budget
-    print(json.dumps(result, indent=2))
+    result["blocks"], result["calls_per_block"] = ns.blocks, ns.calls
+    text = json.dumps(result, indent=2)
+    if ns.out is not None:
+        ns.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
     return 1 if result["aggregate_overhead_percent"] > ns.budget else 0
 
 

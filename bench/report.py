@@ -15,6 +15,7 @@ TARGET_THROUGHPUT_RATIO = 0.6
 TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 5.0
 TARGET_VS_CF = 30.0
+TARGET_AGGREGATE_OVERHEAD = 10.0  # percent of gateway CPU per tools/call (docs/aggregate.md)
 COLORS = {"direct": "#555555", "envoy_tls": "#1f77b4", "gateway": "#d62728", "gateway_grpc": "#ff7f0e",
           "contextforge": "#9467bd", "contextforge_stateful": "#2ca02c"}
 
@@ -180,6 +181,8 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
         row.update(value="not measured", met=None, bound=_missing(confs, "gateway"))
     rows.append(row)
 
+    rows.append(_aggregate_row(result.get("aggregate")))
+
     errs = {c["key"]: sum(r["errors"] for r in c.get("runs", []) + ([c["paced"]] if c.get("paced") else []))
             for c in result["configurations"] if not c["key"].startswith("contextforge")}
     failed = [c["key"] for c in result["configurations"] if c.get("failed")]
@@ -195,6 +198,56 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                if r["errors"] and r.get("error_sample"))}
     rows.append(row)
     return rows
+
+
+def _aggregate_row(agg: dict[str, Any] | None) -> dict[str, Any]:
+    """The aggregate endpoint's budget: gateway CPU per tools/call on /mcp over /mcp/<server>."""
+    budget = float((agg or {}).get("budget_percent", TARGET_AGGREGATE_OVERHEAD))
+    row: dict[str, Any] = {"target": f"tools/call through /mcp <= +{budget:g} % gateway CPU per "
+                                     "call over /mcp/<server> (Envoy + ext_authz + ext_proc)"}
+    if not agg or agg.get("failed"):
+        row.update(value="not measured", met=None,
+                   bound=(agg or {}).get("failed", "not run")[:300].replace("|", "/"))
+        return row
+    cpu = agg["gateway_cpu_us_per_call"]
+    overhead = float(agg["aggregate_overhead_percent"])
+    row.update(value=f"{overhead:+.1f} % ({cpu['aggregate']:.0f} vs {cpu['per-server']:.0f} us, "
+                     f"{agg['calls_per_path']} calls per path)",
+               met=overhead <= budget,
+               bound="" if overhead <= budget else (
+                   "by component (us/call, /mcp vs /mcp/<server>): " + ", ".join(
+                       f"{name} {agg['by_component_us_per_call']['aggregate'][name]:.0f} vs "
+                       f"{us:.0f}"
+                       for name, us in agg["by_component_us_per_call"]["per-server"].items())))
+    return row
+
+
+def _aggregate_table(agg: dict[str, Any] | None) -> list[str]:
+    """``tools/call`` through /mcp next to /mcp/<server>: CPU per call by process and the ratio."""
+    lines = ["## Aggregate endpoint: /mcp against /mcp/<server>", ""]
+    if not agg or agg.get("failed"):
+        return [*lines, f"not measured: {(agg or {}).get('failed', 'not run')[:500]}"]
+    by = agg["by_component_us_per_call"]
+    names = list(by["per-server"])
+    cpu = agg["gateway_cpu_us_per_call"]
+    base = cpu["per-server"] or float("nan")
+    lines += [
+        "`bench/aggregate_cpu.py`: one dev stack (the bench backend, the aggregate endpoint on), one",
+        "MCP session (2025-11-25) per path, `tools/call` of `bench__echo` on `/mcp` (ext_authz resolves",
+        "the name, Envoy routes by header, the Lua filter rewrites it) and of `echo` on `/mcp/bench`,",
+        f"one call at a time, in {agg.get('blocks', '?')} interleaved blocks of "
+        f"{agg.get('calls_per_block', '?')} calls per path ({agg['calls_per_path']} calls each), so",
+        "that load from other work on the machine falls on both alike. CPU: utime+stime from",
+        "`/proc` of Envoy, ext_authz and ext_proc around each block (the backend and the aggregator,",
+        "which `tools/call` does not reach, are left out).",
+        "",
+        "| path | " + " | ".join(f"{n} us/call" for n in names) + " | gateway us/call | ratio |",
+        "|---|" + "---:|" * (len(names) + 2),
+    ]
+    for label, path in (("per-server", "/mcp/bench"), ("aggregate", "/mcp")):
+        lines.append(f"| `{path}` | " + " | ".join(f"{by[label][n]:.0f}" for n in names)
+                     + f" | {cpu[label]:.0f} | {cpu[label] / base:.3f} |")
+    return lines
 
 
 def _authz_transport(conf: dict[str, Any] | None) -> str:
@@ -386,6 +439,8 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
     if prof:
         from bench.profile import markdown as profile_markdown
         lines += ["", "## Where the CPU goes (py-spy, full gateway)", ""] + profile_markdown(prof)
+    if "aggregate" in result:
+        lines += ["", *_aggregate_table(result["aggregate"])]
     lines += ["", "## Charts", ""]
     for title, name in charts:
         lines += [f"### {title}", "", f"![{title}](benchmarks/{name})", ""]

@@ -3,8 +3,10 @@
 For each configuration: start it, warm up, then for each workload and concurrency level run wrk
 for a fixed time while reading CPU time and peak RSS of each of its processes from /proc. The
 full gateway and Envoy-with-TLS-only also get a paced run at half of the gateway's saturation
-throughput (the latency target). Writes ``bench/results/<timestamp>.json``, then
-``docs/benchmarks.json``, ``docs/benchmarks.md`` and the charts in ``docs/benchmarks/``.
+throughput (the latency target). Then ``bench/aggregate_cpu.py`` compares ``tools/call`` through
+the aggregate endpoint ``/mcp`` with ``/mcp/<server>`` (gateway CPU per call). Writes
+``bench/results/<timestamp>.json``, then ``docs/benchmarks.json``, ``docs/benchmarks.md``
+and the charts in ``docs/benchmarks/``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ class Plan:
     variant_levels: tuple[int, ...] | None = None
     variant_workloads: tuple[str, ...] | None = None
     variant_paced: bool = True
+    # bench/aggregate_cpu.py: interleaved blocks of calls per path (/mcp and /mcp/<server>).
+    aggregate_blocks: int = 12
+    aggregate_calls: int = 200
+    aggregate_timeout: float = 300
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
@@ -77,7 +83,7 @@ QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "re
                          "bench_ext_proc.py": ["--requests", "150"],
                          "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
              micro_timeout=40, variant_levels=(16,), variant_workloads=("echo",),
-             variant_paced=False)
+             variant_paced=False, aggregate_blocks=4, aggregate_calls=100, aggregate_timeout=150)
 
 
 def measure(conf: Configuration, workload: Workload, connections: int, seconds: float,
@@ -167,6 +173,28 @@ def run_profile(ctx: RunContext, plan: Plan) -> dict[str, Any]:
         return {"failed": f"{type(exc).__name__}: {exc}"[:1000]}
 
 
+def run_aggregate(ctx: RunContext, plan: Plan) -> dict[str, Any]:
+    """``tools/call`` through /mcp against /mcp/<server>: bench/aggregate_cpu.py on a stack of its
+    own; its result (exit status 1 = over its budget, still a result), or why there is none."""
+    print("== aggregate endpoint: tools/call on /mcp against /mcp/bench", flush=True)
+    out = ctx.work / "aggregate.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.aggregate_cpu", "--blocks", str(plan.aggregate_blocks),
+             "--calls", str(plan.aggregate_calls), "--work", str(ctx.work / "aggregate"),
+             "--out", str(out)],
+            capture_output=True, text=True, timeout=plan.aggregate_timeout, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {plan.aggregate_timeout:g} s"}
+    if proc.returncode not in (0, 1) or not out.exists():
+        return {"failed": f"exit status {proc.returncode}: {(proc.stderr or proc.stdout)[-1000:]}"}
+    result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    print(f"    gateway CPU per call: /mcp/bench {result['gateway_cpu_us_per_call']['per-server']:.0f} us,"
+          f" /mcp {result['gateway_cpu_us_per_call']['aggregate']:.0f} us"
+          f" ({result['aggregate_overhead_percent']:+.1f} %)", flush=True)
+    return result
+
+
 def run_micro(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for script in MICRO:
@@ -189,7 +217,8 @@ def run_micro(plan: Plan) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 3 min)")
-    parser.add_argument("--only", help=f"comma-separated configurations of {', '.join(ORDER)}")
+    parser.add_argument("--only", help=f"comma-separated configurations of {', '.join(ORDER)}, "
+                        "aggregate (/mcp against /mcp/<server>)")
     parser.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the py-spy profile of the full gateway")
@@ -199,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
     plan = QUICK if args.quick else FULL
     keys = [k for k in ORDER if not args.only or k in args.only.split(",")]
+    aggregate = not args.only or "aggregate" in args.only.split(",")
     find_wrk()
 
     # SIGTERM (e.g. from make's parent) unwinds like Ctrl-C so every `finally` stops its processes.
@@ -226,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         if "gateway" in keys and not args.no_profile:
             print("== py-spy profile of the full gateway", flush=True)
             result["profile"] = run_profile(ctx, plan)
+        if aggregate:
+            result["aggregate"] = run_aggregate(ctx, plan)
         if not args.no_micro:
             result["micro"] = run_micro(plan)
     except KeyboardInterrupt:
