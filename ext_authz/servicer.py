@@ -290,16 +290,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         bind(sub=caller.sub, tenant=caller.tenant, client_id=caller.client_id,
              server=server, method=rec.method, tool=rec.tool)
 
-        try:
-            await self._limiter.acquire(limits_for(
-                settings.rate_limits, issuer=caller.issuer or "", sub=caller.sub, server=server,
-                tool=ctx.tool if ctx is not None else None))
-        except RateLimited as err:
-            metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
-            return self._deny(rec, err, req, {"retry-after": str(err.retry_after)})
-        except RateLimitUnavailable as err:
-            metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
-            return self._deny(rec, err, req, {"retry-after": "1"})
+        refused = await self._rate_limit(rec, req, caller, server,
+                                         ctx.tool if ctx is not None else None)
+        if refused is not None:
+            return refused
 
         # After the rate limit (probing ids costs tokens), before the policy (which reads the
         # owner): a session of another issuer or subject does not exist for this caller.
@@ -415,16 +409,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
 
         tool = route.target if isinstance(route, FastPath) and rec.method == "tools/call" else None
         rec.tool = tool
-        try:
-            await self._limiter.acquire(limits_for(
-                settings.rate_limits, issuer=caller.issuer or "", sub=caller.sub, server=server,
-                tool=tool))
-        except RateLimited as err:
-            metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
-            return self._deny(rec, err, req, {"retry-after": str(err.retry_after)})
-        except RateLimitUnavailable as err:
-            metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
-            return self._deny(rec, err, req, {"retry-after": "1"})
+        refused = await self._rate_limit(rec, req, caller, server, tool)
+        if refused is not None:
+            return refused
 
         # The sealed id names its owner and view: another caller's, another view's, an altered
         # or an ended one does not exist (404), exactly as on /mcp/<server>.
@@ -637,6 +624,22 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
                 return verdict  # refused either way
             return self._deny(rec, err, facts.req, {"retry-after": "1"})
         return verdict
+
+    async def _rate_limit(self, rec: DecisionRecord, req: HttpRequest, caller: Caller,
+                          server: str, tool: str | None) -> Verdict | None:
+        """The per-user and per-tool limits for one request: None when it may go on, else the
+        refusal (429, or 503 when the shared counter store cannot be reached)."""
+        try:
+            await self._limiter.acquire(limits_for(
+                self._settings.rate_limits, issuer=caller.issuer or "", sub=caller.sub,
+                server=server, tool=tool))
+        except RateLimited as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels(err.scope).inc()
+            return self._deny(rec, err, req, {"retry-after": str(err.retry_after)})
+        except RateLimitUnavailable as err:
+            metrics.RATE_LIMIT_REJECTIONS.labels("store_unavailable").inc()
+            return self._deny(rec, err, req, {"retry-after": "1"})
+        return None
 
     def _deny(self, rec: DecisionRecord, err: GatewayError, req: HttpRequest,
               headers: dict[str, str] | None = None) -> Verdict:
