@@ -23,6 +23,7 @@ from ext_authz.ratelimit import RateLimiter, build_rate_limiter
 from ext_authz.servicer import AuthorizationServicer, PolicyEngine
 from ext_authz.sessions import SessionBinder, build_session_binder
 from ext_authz.settings import Settings
+from gateway import inner_tls
 from gateway.catalog import Catalog
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
@@ -116,7 +117,8 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         front = GrpcSettings("ext_authz", SERVICE_NAME, settings.listen,
                              metrics_host=settings.telemetry.metrics_host,
                              metrics_port_offset=settings.telemetry.metrics_port_offset,
-                             otlp_endpoint=settings.telemetry.otlp_endpoint)
+                             otlp_endpoint=settings.telemetry.otlp_endpoint,
+                             tls=inner_tls.files_from_env())
         service: GrpcService | HttpService
         if settings.transport == "http":
             service = await HttpService.open(front, max_body=settings.max_request_bytes)

@@ -31,6 +31,7 @@ from aiohttp import web
 from ext_authz.front import DecisionCore
 from ext_authz.request import HttpRequest
 from ext_authz.response import Verdict
+from gateway.inner_tls import ReloadingTls
 from gateway.service import (
     SHUTDOWN_GRACE_SECONDS,
     GrpcSettings,
@@ -116,6 +117,7 @@ class HttpService:
         self._serving = False
         self._stopped = False
         self._closed = False
+        self._tls: ReloadingTls | None = None
 
     @classmethod
     async def open(cls, settings: GrpcSettings, *, max_body: int) -> HttpService:
@@ -134,8 +136,10 @@ class HttpService:
                                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         listen = settings.listen
+        tls = ReloadingTls(settings.tls) if settings.tls is not None else None
         # reuse_port off: a second instance on a taken port must fail, not silently share it.
-        site = web.TCPSite(runner, listen.host, listen.port, reuse_port=False)
+        site = web.TCPSite(runner, listen.host, listen.port, reuse_port=False,
+                           ssl_context=tls.context if tls is not None else None)
         try:
             await site.start()
         except BaseException:
@@ -149,6 +153,9 @@ class HttpService:
             raise
         service = cls(settings, runner, port, metrics, tracing, max_body)
         holder.append(service)
+        if tls is not None:
+            service._tls = tls
+            tls.start()
         return service
 
     def register(self, core: DecisionCore) -> None:
@@ -173,6 +180,8 @@ class HttpService:
             return
         self._closed = True
         await self.drain(None)
+        if self._tls is not None:
+            await self._tls.stop()
         await stop_observability(self.metrics, self.tracing)
 
     async def stop(self, grace: float | None = SHUTDOWN_GRACE_SECONDS) -> None:

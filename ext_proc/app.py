@@ -12,6 +12,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from ext_proc.inspect import Inspector, ListPolicy
 from ext_proc.servicer import ExternalProcessorServicer
 from ext_proc.settings import Settings
+from gateway import inner_tls
 from gateway.catalog import Catalog
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcHandle, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
@@ -63,7 +64,7 @@ async def start_service(settings: Settings, policy: ManagedPolicy | None, *,
         service = await GrpcService.open(GrpcSettings(
             "ext_proc", SERVICE_NAME, settings.listen, metrics_host=settings.metrics_host,
             metrics_port_offset=settings.metrics_port_offset,
-            otlp_endpoint=settings.otlp_endpoint))
+            otlp_endpoint=settings.otlp_endpoint, tls=inner_tls.files_from_env()))
         servicer = ExternalProcessorServicer(settings, inspector, tracing=service.tracing)
         service.register(
             lambda server: pb_grpc.add_ExternalProcessorServicer_to_server(servicer, server))

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway import inner_tls
+
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 # Entries of the embedded engine's exact decision cache (gateway/policy/cache.py); 0 turns it off.
 DEFAULT_DECISION_CACHE_SIZE = 10000
@@ -346,6 +348,37 @@ class VirtualServerConfig:
     description: str = ""
 
 
+INNER_TLS_DEFAULT_DOMAIN = "mcp-gateway.internal"
+_DNS_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_NAME = re.compile(rf"^(?=.{{1,200}}$){_DNS_LABEL}(\.{_DNS_LABEL})*$")
+
+
+@dataclass(frozen=True, slots=True)
+class InnerTlsConfig:
+    """mTLS on the inner hops (docs/inner-tls.md). ``dir`` holds each component's
+    ``<identity>.pem`` / ``<identity>.key`` (identities in gateway.inner_tls) and the CA; Envoy's
+    own pair and the CA may live elsewhere (cert_file, key_file, ca_file). Each certificate
+    carries the DNS name ``<identity>.<domain>``, which its peer checks."""
+
+    enabled: bool = False
+    dir: str = ""
+    ca_file: str = ""
+    cert_file: str = ""  # Envoy's certificate: its client certificate and the inner listener's
+    key_file: str = ""
+    domain: str = INNER_TLS_DEFAULT_DOMAIN
+    sds_dir: str = ""  # where Envoy reads its SDS resource files (written by the renderer's caller)
+
+    def san(self, identity: str) -> str:
+        return f"{identity}.{self.domain}"
+
+    def files(self, identity: str) -> inner_tls.TlsFiles:
+        """The certificate, key and CA files of one component (Envoy's are cert_file/key_file)."""
+        if identity == inner_tls.ENVOY:
+            return inner_tls.TlsFiles(self.cert_file, self.key_file, self.ca_file)
+        return inner_tls.TlsFiles(str(Path(self.dir) / f"{identity}.pem"),
+                        str(Path(self.dir) / f"{identity}.key"), self.ca_file)
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Instance
@@ -367,6 +400,7 @@ class GatewayConfig:
     # The aggregate endpoint /mcp (off when the config has no aggregate: section).
     aggregate: AggregateConfig = AggregateConfig(enabled=False)
     virtual_servers: tuple[VirtualServerConfig, ...] = ()
+    inner_tls: InnerTlsConfig = InnerTlsConfig()
     # Names of secrets (environment variables) the dev stack hands to the processes that list
     # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
     secrets: tuple[str, ...] = ()
@@ -742,7 +776,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
                       "max_request_bytes", "telemetry", "audit", "catalog", "backends",
-                      "secrets", "envoy", "aggregate", "virtual_servers"}, "config")
+                      "secrets", "envoy", "aggregate", "virtual_servers", "inner_tls"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -904,6 +938,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
         aggregate=aggregate, virtual_servers=virtual_servers,
+        inner_tls=_inner_tls(top.get("inner_tls"), path, state_dir),
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,
@@ -927,6 +962,30 @@ def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:
         raise ConfigError(f"aggregate.session_keys: {keys!r} is not listed in secrets (it holds the "
                           f"keys that seal aggregate session ids)")
     return AggregateConfig(enabled, instances, keys, inner)
+
+
+def _inner_tls(raw: Any, path: Callable[[str], str], state_dir: str) -> InnerTlsConfig:
+    """The inner_tls: section. Absent: off. Paths default under <state_dir>/tls/inner."""
+    if raw is None:
+        raw = {}
+    data = _only(raw, {f.name for f in fields(InnerTlsConfig)}, "inner_tls")
+    for key in ("dir", "ca_file", "cert_file", "key_file", "sds_dir"):
+        if not _take(data, key, str, "inner_tls", "x"):
+            raise ConfigError(f"inner_tls.{key} must be a non-empty path")
+    enabled = _take(data, "enabled", bool, "inner_tls", False)
+    domain = _take(data, "domain", str, "inner_tls", INNER_TLS_DEFAULT_DOMAIN)
+    if not _DNS_NAME.match(domain):
+        raise ConfigError(f"inner_tls.domain must be a lower-case DNS name, got {domain!r}")
+    folder = path(data["dir"]) if "dir" in data else str(Path(state_dir) / "tls" / "inner")
+
+    def file(key: str, default: str) -> str:
+        return path(data[key]) if key in data else str(Path(folder) / default)
+
+    return InnerTlsConfig(enabled=enabled, dir=folder, ca_file=file("ca_file", "ca.pem"),
+                          cert_file=file("cert_file", f"{inner_tls.ENVOY}.pem"),
+                          key_file=file("key_file", f"{inner_tls.ENVOY}.key"), domain=domain,
+                          sds_dir=path(data["sds_dir"]) if "sds_dir" in data
+                          else str(Path(state_dir) / "envoy-sds"))
 
 
 def _virtual_servers(raw: Any, servers: list[str], aggregate: AggregateConfig

@@ -28,6 +28,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.config import Instance
+from gateway.inner_tls import TlsFiles, grpc_server_credentials
 from gateway.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
 from gateway.telemetry.metrics import MetricsServer
 
@@ -45,6 +46,8 @@ class GrpcSettings:
     # A fixed port pair in deployments (Prometheus targets are static); any free one on port 0.
     metrics_port_offset: int = 1000
     otlp_endpoint: str | None = None  # None: tracing off
+    # inner_tls: serve TLS only, requiring the gateway's client certificate (None: plain text).
+    tls: TlsFiles | None = None
 
 
 class GrpcService:
@@ -75,7 +78,9 @@ class GrpcService:
         server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         listen = settings.listen
-        port = server.add_insecure_port(f"{listen.host}:{listen.port}")
+        address = f"{listen.host}:{listen.port}"
+        port = (server.add_secure_port(address, grpc_server_credentials(settings.tls))
+                if settings.tls is not None else server.add_insecure_port(address))
         if port == 0:
             raise OSError(f"cannot listen on {listen.host}:{listen.port}")
         metrics, tracing = start_observability(settings, port)

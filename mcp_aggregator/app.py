@@ -20,6 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from gateway import inner_tls
 from gateway.aggregate.cursor import InvalidCursor as CursorRefused
 from gateway.aggregate.cursor import open_cursor, seal_cursor
 from gateway.aggregate.naming import decode_request_id
@@ -110,9 +111,14 @@ class Aggregator:
         return self._upstreams
 
     async def lifespan(self, _app: web.Application) -> AsyncIterator[None]:
+        # inner_tls: the legs go to Envoy's inner listener over TLS with this process's
+        # certificate (the same files it serves with; reloaded on change).
+        files = inner_tls.files_from_env()
+        client = inner_tls.ReloadingTls(files, server=False) if files is not None else None
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.settings.leg_timeout),
-                auto_decompress=True) as http:
+                connector=aiohttp.TCPConnector(ssl=client.context if client is not None else True),
+                auto_decompress=True) as http, inner_tls.watching(client):
             self._upstreams = Upstreams(self.settings.base, http)
             yield
             self._closing.set()
@@ -507,13 +513,17 @@ async def run(settings: AggregatorSettings, stop: asyncio.Event | None = None) -
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
+    tls = inner_tls.server_tls_from_env()
+    site = web.TCPSite(runner, settings.host, settings.port,
+                       ssl_context=tls.context if tls is not None else None)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     logger.info("listening", extra={"host": settings.host, "port": port, "upstream_base": settings.base,
                                     "views": sorted(v.path() for v in settings.views.values())})
     try:
-        await stop.wait()
+        async with inner_tls.watching(tls):
+            await stop.wait()
         logger.info("shutting down")
         await app[AGGREGATOR_KEY].begin_shutdown()
     finally:

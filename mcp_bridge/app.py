@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway import inner_tls
 from gateway.signals import stop_event
 from mcp_bridge.child import become_subreaper, reap_orphans
 from mcp_bridge.settings import BridgeSettings
@@ -59,13 +60,17 @@ async def run(settings: BridgeSettings, stop: asyncio.Event | None = None) -> No
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
+    tls = inner_tls.server_tls_from_env()
+    site = web.TCPSite(runner, settings.host, settings.port,
+                       ssl_context=tls.context if tls is not None else None)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     logger.info("listening", extra={"server": settings.name, "host": settings.host, "port": port,
                                     "path": settings.path, "argv": list(settings.argv)})
     try:
-        await stop.wait()
+        async with inner_tls.watching(tls):
+            await stop.wait()
         logger.info("shutting down", extra={"server": settings.name})
         await app[BRIDGE_KEY].drain()
     finally:

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway import inner_tls
 from gateway.config import GatewayConfig
 from gatewayctl import tokens
 from gatewayctl.devstack.state import StackError, paths
@@ -52,6 +53,122 @@ def _inside(path: Path, folder: Path) -> bool:
     return path.resolve().is_relative_to(folder.resolve())
 
 
+def _dev_ca(config: GatewayConfig) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The dev CA's key and certificate, made on first use."""
+    p = paths(config)
+    now = datetime.datetime.now(datetime.UTC)
+    if p.ca_cert.exists() and p.ca_key.exists():
+        ca_key = serialization.load_pem_private_key(p.ca_key.read_bytes(), password=None)
+        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+            raise StackError(f"{p.ca_key} is not the EC key of the dev CA; delete {p.tls_dir}")
+        return ca_key, x509.load_pem_x509_certificate(p.ca_cert.read_bytes())
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mcp-gateway dev CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=DEV_CERT_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    _write_private(p.ca_key, ca_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    p.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return ca_key, ca_cert
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str,
+           names: list[str], usages: list[x509.ObjectIdentifier]
+           ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """A leaf certificate for ``names`` (DNS names or IP addresses) with the given key usages."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=DEV_CERT_DAYS))
+        .add_extension(x509.SubjectAlternativeName([_san_for(h) for h in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256()))
+    return key, cert
+
+
+def inner_identities(config: GatewayConfig) -> dict[str, tuple[list[str], bool]]:
+    """Each inner component's identity -> (the hosts it listens on, whether it is also a client).
+
+    Envoy is the client of every inner hop and the server of the inner listener; the aggregator
+    serves Envoy and is the inner listener's client; the others only serve."""
+    out: dict[str, tuple[list[str], bool]] = {}
+    inner = config.aggregate.inner_listener
+    out[inner_tls.ENVOY] = ([inner.host] if inner is not None else [], True)
+    out[inner_tls.EXT_AUTHZ] = ([i.host for i in config.ext_authz.instances], False)
+    out[inner_tls.EXT_PROC] = ([i.host for i in config.ext_proc.instances], False)
+    if config.aggregate.enabled:
+        out[inner_tls.AGGREGATOR] = ([i.host for i in config.aggregate.instances], True)
+    for server in config.servers:
+        if server.kind != "url":  # a url server has its own TLS settings (servers.<name>.tls)
+            out[inner_tls.server_identity(server.name)] = ([i.host for i in server.instances], False)
+    return out
+
+
+def issue_inner_tls(config: GatewayConfig, *, only_missing: bool = True) -> list[str]:
+    """Issue (``only_missing=False``: reissue, i.e. rotate) the inner certificates from the dev
+    CA: ``<identity>.pem`` / ``.key`` per component and the CA file. Each pair is replaced by
+    renames (key first), so a reader sees the old or the new file, never a partial one. Returns
+    the identities issued. Files outside state_dir are the operator's: never made here."""
+    it = config.inner_tls
+    state = paths(config).state_dir
+    wanted = inner_identities(config)
+    todo = []
+    for identity in wanted:
+        files = it.files(identity)
+        have = Path(files.cert_file).exists() and Path(files.key_file).exists()
+        if have and only_missing:
+            continue
+        for name in (files.cert_file, files.key_file):
+            if not _inside(Path(name), state):
+                if have:
+                    break  # the operator's files: rotating them is the operator's job
+                raise StackError(f"inner TLS file {name} does not exist (inner_tls)")
+        else:
+            todo.append(identity)
+    if not todo and Path(it.ca_file).exists():
+        return []
+    ca_key, ca_cert = _dev_ca(config)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    if not Path(it.ca_file).exists() or Path(it.ca_file).read_bytes() != ca_pem:
+        if not _inside(Path(it.ca_file), state):
+            raise StackError(f"inner TLS file {it.ca_file} does not exist (inner_tls.ca_file)")
+        _write_private(Path(it.ca_file), ca_pem)
+    for identity in todo:
+        hosts, client = wanted[identity]
+        names = [it.san(identity), "localhost", "127.0.0.1", "::1"]
+        names += [h for h in hosts if h and h not in names and h not in ("0.0.0.0", "::")]  # noqa: S104
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, *([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])]
+        key, cert = _issue(ca_key, ca_cert, it.san(identity), names, usages)
+        files = it.files(identity)
+        _write_private(Path(files.key_file), key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        _write_private(Path(files.cert_file), cert.public_bytes(serialization.Encoding.PEM))
+    if todo:
+        logger.info("issued inner TLS certificates for %s in %s", ", ".join(todo), it.dir)
+    return todo
+
+
 def ensure_tls(config: GatewayConfig) -> Path | None:
     """Create a dev CA and server certificate when the configured ones live in state_dir and are
     missing. Returns the CA file clients should trust (None: the certificates are the user's)."""
@@ -64,31 +181,7 @@ def ensure_tls(config: GatewayConfig) -> Path | None:
         # Never invent a certificate for a path the operator chose: that would hide a mistake.
         raise StackError(f"TLS file {missing} does not exist (tls.cert_file / tls.key_file)")
     now = datetime.datetime.now(datetime.UTC)
-    if p.ca_cert.exists() and p.ca_key.exists():
-        ca_key = serialization.load_pem_private_key(p.ca_key.read_bytes(), password=None)
-        if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-            raise StackError(f"{p.ca_key} is not the EC key of the dev CA; delete {p.tls_dir}")
-        ca_cert = x509.load_pem_x509_certificate(p.ca_cert.read_bytes())
-    else:
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mcp-gateway dev CA")])
-        ca_cert = (
-            x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-            .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=DEV_CERT_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                         key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                         encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256()))
-        _write_private(p.ca_key, ca_key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        p.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    ca_key, ca_cert = _dev_ca(config)
     hosts = ["localhost", "127.0.0.1", "::1"]
     for extra in (config.listen.host, urlsplit(config.public_url).hostname or ""):
         if extra and extra not in hosts and extra not in ("0.0.0.0", "::"):  # noqa: S104

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
 
+from gateway import inner_tls
 from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.metrics import add_metrics_route
@@ -143,7 +144,10 @@ async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, access_log=None,
                            handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
+    tls = inner_tls.server_tls_from_env()
+    site = web.TCPSite(runner, settings.host, settings.port,
+                       ssl_context=tls.context if tls is not None else None)
     await site.start()
     port = settings.port
     if runner.addresses:
@@ -151,7 +155,8 @@ async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.
     logger.info("listening", extra={"server": server.name, "host": settings.host, "port": port,
                                     "path": settings.path})
     try:
-        await stop.wait()
+        async with inner_tls.watching(tls):
+            await stop.wait()
         logger.info("shutting down", extra={"server": server.name})
         await app[TRANSPORT_KEY].begin_shutdown()
         if settings.drain_seconds > 0:

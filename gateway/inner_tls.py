@@ -1,0 +1,244 @@
+"""mTLS on the inner hops (docs/inner-tls.md): Envoy -> ext_authz, ext_proc, the MCP servers, the
+bridge and the aggregator, and the aggregator -> Envoy's inner listener.
+
+Each of our services learns its files from three environment variables (the same in the dev
+stack, docker compose and Kubernetes): its own certificate and key, and the inner CA that signed
+the gateway's client certificate. Set, the service serves TLS only and refuses a client without a
+certificate from that CA; unset, it serves plain HTTP/gRPC as before. Setting only some of them is
+an error (never a quiet fall back to plain text).
+
+Certificates rotate without a restart: an aiohttp service reloads the files into its live
+``SSLContext`` when they change (new connections get the new certificate, open ones keep
+theirs); a grpc.aio service uses dynamic credentials whose fetcher hands gRPC the new files on
+the next handshake."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import ssl
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+CERT_ENV = "MCP_INNER_TLS_CERT_FILE"
+KEY_ENV = "MCP_INNER_TLS_KEY_FILE"
+CA_ENV = "MCP_INNER_TLS_CA_FILE"
+ENV_NAMES = (CERT_ENV, KEY_ENV, CA_ENV)
+# How often an aiohttp service looks at its files (a stat of three files).
+RELOAD_CHECK_SECONDS = 1.0
+
+# The identities (the first DNS SAN is "<identity>.<inner_tls.domain>") of the inner components.
+ENVOY = "envoy"
+EXT_AUTHZ = "ext-authz"
+EXT_PROC = "ext-proc"
+AGGREGATOR = "aggregator"
+
+
+def server_identity(name: str) -> str:
+    """The identity of an MCP server of kind module or command (its bridge) named ``name``."""
+    return "server-" + name.replace("_", "-").lower()
+
+
+class InnerTlsError(ValueError):
+    """The inner TLS files are incomplete or unreadable; the message names the variable or file."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """One component's certificate chain and key (PEM), and the CA its peers are checked with."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def env(self) -> dict[str, str]:
+        return {CERT_ENV: self.cert_file, KEY_ENV: self.key_file, CA_ENV: self.ca_file}
+
+    def digest(self) -> str:
+        """A hash of the three files' bytes ("" while one cannot be read)."""
+        h = hashlib.sha256()
+        try:
+            for name in (self.cert_file, self.key_file, self.ca_file):
+                h.update(Path(name).read_bytes())
+                h.update(b"\0")
+        except OSError:
+            return ""
+        return h.hexdigest()
+
+
+def files_from_env(environ: Mapping[str, str] | None = None) -> TlsFiles | None:
+    """The service's files from its environment; None when no variable is set (plain text)."""
+    env = os.environ if environ is None else environ
+    values = {name: env.get(name, "") for name in ENV_NAMES}
+    if not any(values.values()):
+        return None
+    missing = [name for name, value in values.items() if not value]
+    if missing:
+        raise InnerTlsError(f"inner TLS needs {', '.join(ENV_NAMES)} together; {', '.join(missing)} "
+                            f"is not set")
+    return TlsFiles(values[CERT_ENV], values[KEY_ENV], values[CA_ENV])
+
+
+def _load(ctx: ssl.SSLContext, files: TlsFiles) -> None:
+    try:
+        ctx.load_cert_chain(files.cert_file, files.key_file)
+        ctx.load_verify_locations(cafile=files.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InnerTlsError(f"cannot load inner TLS files {files.cert_file}, {files.key_file}, "
+                            f"{files.ca_file}: {exc}") from exc
+
+
+def server_context(files: TlsFiles) -> ssl.SSLContext:
+    """A TLS 1.2+ server context that requires a client certificate signed by ``files.ca_file``
+    (OpenSSL also requires the clientAuth usage of it: a server's certificate is no client's)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    _load(ctx, files)
+    return ctx
+
+
+def client_context(files: TlsFiles | None, *, ca_file: str | None = None,
+                   check_hostname: bool = True) -> ssl.SSLContext:
+    """A client context trusting the inner CA and presenting ``files``' certificate when given."""
+    ca = files.ca_file if files is not None else ca_file
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = check_hostname
+    if files is not None:
+        try:
+            ctx.load_cert_chain(files.cert_file, files.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise InnerTlsError(f"cannot load {files.cert_file} / {files.key_file}: {exc}") from exc
+    return ctx
+
+
+class ReloadingTls:
+    """An ``SSLContext`` (a server's, or with ``server=False`` a client's) whose certificate,
+    key and CA are reloaded when the files change.
+
+    ``check()`` reloads into the same context object (so the listening socket needs no change);
+    a half-written pair (the certificate changed, the key not yet) fails to load and the old one
+    stays until the next check. ``watch()`` is the cleanup_ctx-style loop that calls it."""
+
+    def __init__(self, files: TlsFiles, *, server: bool = True) -> None:
+        self.files = files
+        self.context = server_context(files) if server else client_context(files)
+        self._digest = files.digest()
+        self.reloads = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def check(self) -> bool:
+        """Reload when the files changed; True when a new certificate was taken."""
+        digest = self.files.digest()
+        if not digest or digest == self._digest:
+            return False
+        try:
+            # OpenSSL installs the certificate before it finds that the key does not match:
+            # a failed load would break the live context. So: one snapshot of the bytes, tried
+            # on a scratch context first, then loaded into the live one.
+            with tempfile.TemporaryDirectory(prefix="inner-tls-") as folder:
+                snap = TlsFiles(*(str(Path(folder) / n) for n in ("cert.pem", "key.pem", "ca.pem")))
+                for source, target in zip((self.files.cert_file, self.files.key_file,
+                                           self.files.ca_file), (snap.cert_file, snap.key_file,
+                                                                 snap.ca_file), strict=True):
+                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(Path(source).read_bytes())
+                _load(ssl.SSLContext(self.context.protocol), snap)
+                _load(self.context, snap)
+        except (InnerTlsError, OSError) as exc:
+            logger.warning("inner TLS reload failed, keeping the current certificate: %s", exc)
+            return False
+        self._digest = digest
+        self.reloads += 1
+        logger.info("inner TLS certificate reloaded from %s", self.files.cert_file)
+        return True
+
+    def start(self, every: float = RELOAD_CHECK_SECONDS) -> None:
+        """Check the files every ``every`` seconds on the running loop until :meth:`stop`."""
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(every)  # a periodic file check, not a readiness wait
+                self.check()
+
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(loop())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    @contextlib.asynccontextmanager
+    async def watch(self, every: float = RELOAD_CHECK_SECONDS) -> AsyncIterator[None]:
+        self.start(every)
+        try:
+            yield
+        finally:
+            await self.stop()
+
+
+def server_tls_from_env(environ: Mapping[str, str] | None = None) -> ReloadingTls | None:
+    files = files_from_env(environ)
+    return ReloadingTls(files) if files is not None else None
+
+
+@contextlib.asynccontextmanager
+async def watching(tls: ReloadingTls | None) -> AsyncIterator[None]:
+    """``tls.watch()``, or nothing when the service serves plain text."""
+    if tls is None:
+        yield
+        return
+    async with tls.watch():
+        yield
+
+
+def grpc_server_credentials(files: TlsFiles) -> Any:
+    """grpc.aio server credentials requiring a client certificate from the inner CA, re-read on
+    the first handshake after the files change (gRPC calls the fetcher on each new connection)."""
+    import grpc
+
+    def configuration() -> Any:
+        try:
+            cert = Path(files.cert_file).read_bytes()
+            key = Path(files.key_file).read_bytes()
+            ca = Path(files.ca_file).read_bytes()
+        except OSError as exc:
+            raise InnerTlsError(f"cannot read inner TLS files: {exc}") from exc
+        # gRPC takes the pair as given: check it matches (a half-rotated pair would fail every
+        # handshake until the next change).
+        server_context(files)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    state = {"digest": files.digest()}
+    lock = threading.Lock()
+
+    def fetch() -> Any:
+        # Runs on gRPC's threads: the lock keeps two handshakes from both reloading.
+        with lock:
+            digest = files.digest()
+            if not digest or digest == state["digest"]:
+                return None  # no change: gRPC keeps the current configuration
+            try:
+                config = configuration()
+            except InnerTlsError as exc:
+                logger.warning("inner TLS reload failed, keeping the current certificate: %s", exc)
+                return None
+            state["digest"] = digest
+            logger.info("inner TLS certificate reloaded from %s", files.cert_file)
+            return config
+
+    return grpc.dynamic_ssl_server_credentials(configuration(), fetch,
+                                               require_client_authentication=True)
