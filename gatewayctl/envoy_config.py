@@ -49,6 +49,7 @@ from gateway.wire import (
     SIGNAL_HEADERS,
     STATUS_HEADER,
 )
+from gatewayctl import envoy_errors
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "envoy" / "templates"
 
@@ -66,7 +67,8 @@ VALIDATE_TIMEOUT_SECONDS = 60.0
 ENVOY_CPU_SHARE = 0.5
 
 
-_BLOCK_LINE = re.compile(r"^(?P<indent>[ \t]*)\$\{(?P<name>\w+)\}[ \t]*$", re.MULTILINE)
+_BLOCK_LINE = re.compile(r"^(?P<indent>[ \t]*)\$\{(?P<name>\w+)\}[ \t]*(?P<mark>\x01\d+\x01)?$",
+                         re.MULTILINE)
 
 
 class EnvoyConfigError(ValueError):
@@ -100,16 +102,26 @@ class _TemplateText(str):
 _OVERLAY: contextvars.ContextVar[Path | None] = contextvars.ContextVar("template_overlay", default=None)
 
 
+# While render_traced() runs: where each rendered line came from (gatewayctl.envoy_errors).
+_TRACE: contextvars.ContextVar[envoy_errors.Trace | None] = contextvars.ContextVar("template_trace",
+                                                                                  default=None)
+
+
 def _template(name: str) -> str:
     overlay = _OVERLAY.get()
     path = overlay / name if overlay is not None and (overlay / name).is_file() else TEMPLATE_DIR / name
-    text = _TemplateText(path.read_text(encoding="utf-8"))
+    raw = path.read_text(encoding="utf-8")
+    trace = _TRACE.get()
+    text = _TemplateText(trace.tag(path, raw) if trace is not None else raw)
     text.path = path
     return text
 
 
 def _fill(text: str, blocks: dict[str, str], scalars: dict[str, object]) -> str:
     source = text
+    trace = _TRACE.get()
+    if trace is not None:
+        text = trace.fork(text, scalars)
 
     def block(match: re.Match[str]) -> str:
         name = match.group("name")
@@ -118,6 +130,8 @@ def _fill(text: str, blocks: dict[str, str], scalars: dict[str, object]) -> str:
         body = blocks[name].rstrip("\n")
         if not body:
             return "\x00"  # marker: drop the whole line below
+        if trace is not None:
+            body = trace.adopt(body, match.group("mark"), name, scalars)
         indent = match.group("indent")
         return "\n".join(indent + line if line else line for line in body.split("\n"))
 
@@ -491,8 +505,10 @@ def _check(config: GatewayConfig) -> None:
 
 
 def _seconds(value: float) -> str:
-    """A duration as Envoy reads it (``1.5s``; ``0s`` is "none" where Envoy says so)."""
-    return f"{value:g}s"
+    """A duration as Envoy reads it (``1.5s``; ``0s`` is "none" where Envoy says so). Never in
+    exponent form (``1e-05s`` is refused by Envoy), and a tiny timeout never becomes ``0s``."""
+    text = f"{value:.9f}".rstrip("0").rstrip(".")
+    return f"{'0.000000001' if text == '0' and value > 0 else text}s"
 
 
 def _ms(value: int) -> str:
@@ -547,6 +563,24 @@ def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
         return _render(config, options or RenderOptions())
     finally:
         _OVERLAY.reset(token)
+
+
+def render_traced(config: GatewayConfig, options: RenderOptions | None = None
+                  ) -> tuple[str, envoy_errors.Origins]:
+    """The rendering of ``render`` and, for each of its lines, the template line (and the
+    gateway key, where one is known) it came from: Envoy's refusals are explained with it."""
+    trace = envoy_errors.Trace()
+    token = _TRACE.set(trace)
+    try:
+        text = render(config, options)
+    finally:
+        _TRACE.reset(token)
+    text, origins = trace.finish(text)
+    # The digest was taken over the marked text: take it again over the plain one.
+    marked = recorded_digest(text)
+    if marked is not None:
+        text = text.replace(marked, config_digest(text), 1)
+    return text, origins
 
 
 def _render(config: GatewayConfig, options: RenderOptions) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gatewayctl import devstack, envoy_config
+from gatewayctl import devstack, envoy_config, envoy_errors
 
 # Exit codes: 0 ok, 1 failure, 2 usage (argparse), 3 the stack is not running.
 NOT_RUNNING = 3
@@ -182,6 +182,12 @@ def _render(config: GatewayConfig, ext_proc: str = "auto", relative_to: str | No
         ext_proc=with_ext_proc, relative_to=Path(relative_to) if relative_to else None))
 
 
+def _render_traced(config: GatewayConfig, ext_proc: str = "auto"
+                   ) -> tuple[str, envoy_errors.Origins]:
+    with_ext_proc = envoy_config.ext_proc_available() if ext_proc == "auto" else ext_proc == "on"
+    return envoy_config.render_traced(config, envoy_config.RenderOptions(ext_proc=with_ext_proc))
+
+
 def cmd_config_render(args: argparse.Namespace) -> int:
     try:
         text = _render(_config(args), args.ext_proc, args.relative_to)
@@ -197,11 +203,18 @@ def cmd_config_render(args: argparse.Namespace) -> int:
 def cmd_config_validate(args: argparse.Namespace) -> int:
     try:
         if args.file:
-            output = envoy_config.validate(args.file)
+            try:
+                output = envoy_config.validate(args.file)
+            except envoy_config.EnvoyConfigError as exc:
+                text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+                raise envoy_config.EnvoyConfigError(
+                    f"Envoy refused {args.file}: {envoy_errors.explain(str(exc), text, None)}"
+                ) from None
             print(output or f"{args.file}: OK")
             return 0
         config = _config(args)
-        text = _render(config, args.ext_proc)
+        text, origins = _render_traced(config, args.ext_proc)
+        traced = text  # the lines the origins are for (stand-ins below re-dump the YAML)
         if not args.no_files:
             # The dev certificates are created the way `up` does, so a fresh clone validates.
             devstack.ensure_tls(config)
@@ -215,9 +228,12 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         try:
             envoy_config.validate(rendered)
         except envoy_config.EnvoyConfigError as exc:
-            # Kept for the operator to open: Envoy's message names this file and its lines.
-            raise envoy_config.EnvoyConfigError(f"{exc}\n(the rendered config is kept at {rendered})"
-                                                ) from None
+            # Traced back to the template line and gateway key; the rendered config is kept for
+            # the operator to open (its line numbers are the ones named).
+            raise envoy_config.EnvoyConfigError(
+                f"Envoy refused the config rendered from {config.source}: "
+                f"{envoy_errors.explain(str(exc), traced, origins)}\n"
+                f"(the rendered config is kept at {rendered})") from None
         shutil.rmtree(scratch, ignore_errors=True)
         print(f"Envoy config rendered from {config.source} is valid")
         return 0
