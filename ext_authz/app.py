@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from ext_authz.sessions import SessionBinder, build_session_binder
 from ext_authz.settings import Settings
 from gateway import inner_tls
 from gateway.catalog import Catalog
+from gateway.credentials.provider import CredentialProvider
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
@@ -57,6 +59,7 @@ class Service:
     _engine: ManagedEngine
     _catalog_writer: Catalog
     _sessions: SessionBinder
+    _credentials: CredentialProvider | None = None
     _stopped: bool = field(default=False)
 
     @property
@@ -78,6 +81,8 @@ class Service:
         await self._engine.close()
         await self._limiter.close()
         await self._sessions.close()
+        if self._credentials is not None:
+            await self._credentials.close()
         await self._session.close()
         self.catalog.catalog.close()
         self._catalog_writer.close()
@@ -133,8 +138,12 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
                             keep=settings.audit.keep, exporter=exporter)
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
+        # The upstream credentials' secrets come from ext_authz's environment, read once here.
+        credentials = CredentialProvider(settings.credentials, os.environ)
+        cleanup.append(credentials.close)
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
-                                         audit=audit, tracing=service.tracing, sessions=sessions)
+                                         audit=audit, tracing=service.tracing, sessions=sessions,
+                                         credentials=credentials)
         if isinstance(service, HttpService):
             service.register(servicer)
         else:
@@ -157,7 +166,7 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
                 settings.policy.engine, settings.rate_limits.backend, settings.policy.dry_run,
                 service.metrics.host, service.metrics.port, audit.path, settings.catalog.path)
     return Service(service, servicer, jwks, gate, refresher, audit, session, limiter, engine,
-                   writer, sessions)
+                   writer, sessions, credentials)
 
 
 def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:

@@ -88,7 +88,7 @@ def answer(verdict: Verdict) -> web.Response:
         status = verdict.status if verdict.status in CARRIED_STATUSES else 503
         return web.Response(status=CARRIER_STATUS, body=verdict.body,
                             headers={**_JSON, **verdict.headers, STATUS_HEADER: str(status)})
-    headers = dict(verdict.headers)
+    headers = verdict.upstream_headers()
     headers[REMOVE_HEADER] = ",".join(verdict.removed_headers())
     if verdict.metadata:
         headers[CONTEXT_HEADER] = context_text(verdict.metadata)

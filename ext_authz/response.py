@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -39,8 +40,10 @@ LIST_METHODS = frozenset({"tools/list", "prompts/list", "resources/list", "resou
 MASKABLE_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 # The PII type name ext_proc's masker expands to every type it knows.
 MASK_ALL = "all"
-# The client's credentials stop at the gateway (MCP: no token passthrough).
+# The client's credentials stop at the gateway (MCP: no token passthrough). An upstream
+# credential in the same header (gateway.credentials) is set in their place, never beside them.
 STRIPPED_HEADERS = ("authorization",)
+NO_CREDENTIALS: Mapping[str, str] = MappingProxyType({})
 # On an aggregate endpoint the routing and rewrite headers are gateway-owned too.
 _AGGREGATE_OWNED_HEADERS = (*GATEWAY_HEADERS, *AGGREGATE_HEADERS)
 # What an aggregate endpoint's allowed answer sets per request (not worth caching).
@@ -59,7 +62,9 @@ class Verdict:
     request (:data:`GATEWAY_HEADERS`, and :data:`AGGREGATE_HEADERS` on an ``aggregate``
     endpoint), and the client's token too (:data:`STRIPPED_HEADERS`) unless ``keep_token``: a
     request to the aggregator, which presents it to Envoy again for each server (it never
-    reaches a server).
+    reaches a server). ``credentials`` are the upstream credential's headers
+    (gateway.credentials): set per request, never cached, and a stripped header they name
+    (``authorization``) holds the credential instead of being removed.
     """
 
     ok: bool
@@ -69,11 +74,15 @@ class Verdict:
     metadata: Mapping[str, Any] | None = None
     keep_token: bool = False
     aggregate: bool = False
+    credentials: Mapping[str, str] = field(default_factory=lambda: NO_CREDENTIALS)
 
     @classmethod
     def allow(cls, headers: Mapping[str, str], metadata: Mapping[str, Any] | None = None,
-              *, keep_token: bool = False, aggregate: bool = False) -> Verdict:
-        return cls(True, 200, headers, b"", metadata, keep_token, aggregate)
+              *, keep_token: bool = False, aggregate: bool = False,
+              credentials: Mapping[str, str] = NO_CREDENTIALS) -> Verdict:
+        if keep_token and credentials:
+            raise ValueError("a request that keeps the client's token carries no credential")
+        return cls(True, 200, headers, b"", metadata, keep_token, aggregate, credentials)
 
     @classmethod
     def deny(cls, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> Verdict:
@@ -83,13 +92,18 @@ class Verdict:
         """The gRPC transport's answer."""
         if self.ok:
             return allowed(self.headers, metadata=self.metadata, keep_token=self.keep_token,
-                           aggregate=self.aggregate)
+                           aggregate=self.aggregate, credentials=self.credentials)
         return denied(self.status, self.body, self.headers)
 
     def removed_headers(self) -> list[str]:
         """Upstream request headers to drop on allow (see :func:`headers_to_remove`)."""
-        return headers_to_remove(self.headers, keep_token=self.keep_token,
-                                 aggregate=self.aggregate)
+        removed = headers_to_remove(self.headers, keep_token=self.keep_token,
+                                    aggregate=self.aggregate)
+        return [h for h in removed if h not in self.credentials] if self.credentials else removed
+
+    def upstream_headers(self) -> dict[str, str]:
+        """Every header an allowed answer sets on the upstream request, credentials last."""
+        return {**self.headers, **self.credentials} if self.credentials else dict(self.headers)
 
 
 def headers_to_remove(set_headers: Mapping[str, str], *, keep_token: bool = False,
@@ -208,9 +222,27 @@ _allowed_cache: dict[bytes, tuple[bytes, int]] = {}
 
 
 def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None,
-            keep_token: bool = False, aggregate: bool = False) -> pb.CheckResponse:
+            keep_token: bool = False, aggregate: bool = False,
+            credentials: Mapping[str, str] = NO_CREDENTIALS) -> pb.CheckResponse:
     """OK: overwrite the given headers, remove the token (unless ``keep_token``) and unset
-    gateway-owned headers (see :func:`headers_to_remove`)."""
+    gateway-owned headers (see :func:`headers_to_remove`); then set the upstream credential's
+    headers, which no removal names (they hold the credential, not the client's value)."""
+    resp = _allowed_rest(set_headers, metadata, keep_token, aggregate)
+    if credentials:
+        ok = resp.ok_response
+        for name, value in credentials.items():
+            opt = ok.headers.add()
+            opt.header.key = name
+            opt.header.value = value
+            opt.append_action = OVERWRITE
+        kept = [h for h in ok.headers_to_remove if h not in credentials]
+        del ok.headers_to_remove[:]
+        ok.headers_to_remove.extend(kept)
+    return resp
+
+
+def _allowed_rest(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
+                  keep_token: bool, aggregate: bool) -> pb.CheckResponse:
     if aggregate:
         # The rewrite, the ids and the session vary per request: added to the cached rest.
         varying = {k: v for k, v in set_headers.items() if k in _AGGREGATE_PER_REQUEST}

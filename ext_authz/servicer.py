@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -93,6 +93,7 @@ from gateway.aggregate.session_token import (
 )
 from gateway.aggregate.views import View, view_of_path
 from gateway.caller import Caller, SessionOwner
+from gateway.credentials.provider import CredentialProvider
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
 from gateway.jsonrpc import Message, best_effort_id, parse_message
 from gateway.mcp import McpContext, extract_context
@@ -166,7 +167,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
     def __init__(self, settings: Settings, verifier: TokenVerifier, limiter: RateLimiter,
                  engine: PolicyEngine, *, clock: Callable[[], float] = time.time,
                  catalog: CatalogGate | None = None, audit: AuditWriter | None = None,
-                 tracing: bool = False, sessions: SessionBinder | None = None) -> None:
+                 tracing: bool = False, sessions: SessionBinder | None = None,
+                 credentials: CredentialProvider | None = None) -> None:
         self._settings = settings
         self._verifier = verifier
         self._limiter = limiter
@@ -182,6 +184,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         self._sessions = sessions or SessionBinder(MemorySessionStore(
             ttl=settings.session_idle_seconds, max_bindings=settings.max_session_bindings))
         self._sealer = SessionSealer(settings.session_keys) if settings.session_keys else None
+        # Built without secrets, a static credential is refused (503), never skipped.
+        self._credentials = credentials or CredentialProvider(settings.credentials, {})
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:
@@ -323,7 +327,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
                 return self._deny(rec, err, req, {"retry-after": "1"})
 
         upstream, metadata = self._allowed(req, rec, decision, caller, server, resource)
-        return Verdict.allow(upstream, metadata)
+        creds = await self._credential(rec, req, caller, token, server)
+        if isinstance(creds, Verdict):
+            return creds
+        return Verdict.allow(upstream, metadata, credentials=creds)
 
     def _read_message(self, req: HttpRequest) -> Message:
         """The request's one JSON-RPC message, strictly parsed; raises GatewayError."""
@@ -463,7 +470,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             upstream[SESSION_HEADER] = route.upstream_sid
         if _MCP_NAME in headers and ctx.name is not None:
             upstream[_MCP_NAME] = ctx.name  # the server checks it against the rewritten body
-        return Verdict.allow(upstream, metadata, aggregate=True)
+        creds = await self._credential(rec, req, caller, token, route.server)
+        if isinstance(creds, Verdict):
+            return creds
+        return Verdict.allow(upstream, metadata, aggregate=True, credentials=creds)
 
     async def _aggregate_session(self, session_id: str, view: View, caller: Caller
                                  ) -> tuple[SessionOwner, AggregateSession]:
@@ -624,6 +634,16 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
                 return verdict  # refused either way
             return self._deny(rec, err, facts.req, {"retry-after": "1"})
         return verdict
+
+    async def _credential(self, rec: DecisionRecord, req: HttpRequest, caller: Caller, token: str,
+                          server: str) -> Mapping[str, str] | Verdict:
+        """The upstream credential's headers for an allowed request (last: a caller refused
+        earlier never costs a token exchange), or the refusal when it cannot be had."""
+        try:
+            return await self._credentials.headers(server, caller, token)
+        except GatewayError as err:
+            retry = {"retry-after": "1"} if err.http_status == 503 else None
+            return self._deny(rec, err, req, retry)
 
     async def _rate_limit(self, rec: DecisionRecord, req: HttpRequest, caller: Caller,
                           server: str, tool: str | None) -> Verdict | None:

@@ -22,6 +22,7 @@ from gateway.config import (
     RateLimitConfig,
     TelemetryConfig,
 )
+from gateway.credentials.config import CredentialsConfig
 from gateway.upstream import UpstreamTarget, targets
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ class Settings:
     # that opens their sealed session ids, newest first. No views: /mcp is not served.
     views: Mapping[str, View] = field(default_factory=dict)
     session_keys: tuple[bytes, ...] = ()
+    # server name -> what ext_authz presents upstream for the caller (gateway.credentials).
+    credentials: Mapping[str, CredentialsConfig] = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, port: int | None = None,
@@ -88,6 +91,7 @@ class Settings:
             transport=cfg.ext_authz.transport,
             processes=len(cfg.ext_authz.instances),
             views=views, session_keys=keys,
+            credentials={s.name: s.credentials for s in cfg.servers},
         )
 
     def audit_path(self, port: int) -> Path:

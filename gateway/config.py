@@ -18,6 +18,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from gateway import inner_tls
+from gateway.credentials.config import (
+    CredentialsConfig,
+    CredentialsConfigError,
+    NoCredentials,
+    TokenExchangeCredentials,
+    parse_credentials,
+)
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 # Entries of the embedded engine's exact decision cache (gateway/policy/cache.py); 0 turns it off.
@@ -182,6 +189,8 @@ class ServerConfig:
     runtime: RuntimeConfig | None = None
     # Envoy's treatment of this server: envoy.upstream with servers.<name>.envoy over it.
     envoy: UpstreamTuning = UpstreamTuning()
+    # What ext_authz presents to the upstream for the caller (docs/upstream-credentials.md).
+    credentials: CredentialsConfig = NoCredentials()
 
     @property
     def upstream_path(self) -> str:
@@ -812,12 +821,24 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
             raise ConfigError(f"{where}: a server name may not contain '__' or end with '_' "
                               f"(the aggregate endpoint names tools <server>__<tool>)")
         override = sdata.get("envoy") if isinstance(sdata, dict) else None
+        creds_raw = sdata.get("credentials") if isinstance(sdata, dict) else None
         if isinstance(sdata, dict):
-            sdata = {k: v for k, v in sdata.items() if k != "envoy"}
+            sdata = {k: v for k, v in sdata.items() if k not in ("envoy", "credentials")}
         server = _server(name, sdata, where, secrets, path)
         tuning = _section(UpstreamTuning, override, f"{where}.envoy", ranges="upstream",
                           base=envoy.upstream)
-        servers.append(replace(server, envoy=tuning))
+        try:
+            creds = parse_credentials(
+                creds_raw, where, secrets=secrets,
+                audience=server.urls[0].url if server.urls else
+                f"{public_url.rstrip('/')}/mcp/{name}",
+                state_dir=path(_take(top, "state_dir", str, "config", ".run")), path=path)
+        except CredentialsConfigError as exc:
+            raise ConfigError(str(exc)) from None
+        if creds.header is not None and creds.header in dict(server.headers):
+            raise ConfigError(f"{where}.credentials.header: {creds.header} is also in "
+                              f"{where}.headers (one of them would overwrite the other)")
+        servers.append(replace(server, envoy=tuning, credentials=creds))
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
@@ -914,6 +935,12 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     if policy.engine == "embedded" and policy.eval_timeout_ms >= ext_authz.timeout_ms:
         raise ConfigError(f"policy.eval_timeout_ms ({policy.eval_timeout_ms}) must be less than "
                           f"ext_authz.timeout_ms ({ext_authz.timeout_ms})")
+    for server in servers:
+        # The exchange runs inside the check: its own deadline must fire before Envoy's.
+        creds = server.credentials
+        if isinstance(creds, TokenExchangeCredentials) and creds.timeout_ms >= ext_authz.timeout_ms:
+            raise ConfigError(f"servers.{server.name}.credentials.timeout_ms ({creds.timeout_ms}) "
+                              f"must be less than ext_authz.timeout_ms ({ext_authz.timeout_ms})")
 
     admin = _instance(top.get("admin", {"port": 9901}), "admin")
     ext_proc = _service(top.get("ext_proc"), "ext_proc", EXT_PROC_TIMEOUT_MS)

@@ -326,6 +326,29 @@ def _upstream_route(server: ServerConfig) -> tuple[dict[str, str], dict[str, obj
             {"upstream_path": _q(server.upstream_path)}, ", origin")
 
 
+def _credential_headers(config: GatewayConfig) -> list[str]:
+    """The headers ext_authz sets an upstream credential in, each once, in config order."""
+    names: list[str] = []
+    for server in config.servers:
+        header = server.credentials.header
+        if header is not None and header not in names:
+            names.append(header)
+    return names
+
+
+def _token_removal(server: ServerConfig) -> str:
+    """The route's removal of the client's token: ``authorization`` unless the server's
+    credential goes in that header. Then ext_authz alone removes the client's copy and sets
+    the credential in its place (a route removal runs after ext_authz and would drop it);
+    every allowed answer for such a server does one or the other."""
+    return "" if server.credentials.header == "authorization" else "authorization"
+
+
+def _removal_list(*parts: str) -> str:
+    """Comma-separated header lists joined, without empty entries."""
+    return ", ".join(h.strip() for part in parts for h in part.split(",") if h.strip())
+
+
 def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
     """The route(s) of one server's MCP endpoint: with ext_proc, an inspected route matching
     x-mcp-inspect (first: routes match in order) and a plain one with ext_proc off."""
@@ -341,13 +364,15 @@ def _mcp_routes(server: ServerConfig, options: RenderOptions) -> str:
                          "header_match": "", "ext_proc_per_route": _EXT_PROC_OFF if options.ext_proc else "",
                          **blocks},
                   {"name": name, "route_suffix": "mcp",
-                   "headers_to_remove": f"authorization{removed}", **scalars})
+                   "headers_to_remove": _removal_list(_token_removal(server), removed),
+                   **scalars})
     if not options.ext_proc:
         return plain
     inspected = _fill(tmpl, {"route_comment": _INSPECTED_COMMENT, "header_match": _HEADER_PRESENT,
                              "ext_proc_per_route": _EXT_PROC_ON, **blocks},
                       {"name": name, "route_suffix": "mcp_inspected",
-                       "headers_to_remove": f"authorization, {INSPECT_HEADER}{removed}", **scalars})
+                       "headers_to_remove": _removal_list(_token_removal(server), INSPECT_HEADER, removed),
+                       **scalars})
     return inspected + plain
 
 
@@ -412,7 +437,7 @@ def _fast_path_routes(config: GatewayConfig, server: ServerConfig, options: Rend
                          "ext_proc_per_route": per_filter(_EXT_PROC_OFF if options.ext_proc else ""),
                          **blocks},
                   {"name": name, "route_suffix": "aggregate_mcp",
-                   "headers_to_remove": f"authorization, {removed}", **scalars})
+                   "headers_to_remove": _removal_list(_token_removal(server), removed), **scalars})
     if not options.ext_proc:
         return plain
     inspected = _fill(tmpl, {"route_comment": f"# Aggregate: calls ext_authz routed to {name} whose "
@@ -420,7 +445,8 @@ def _fast_path_routes(config: GatewayConfig, server: ServerConfig, options: Rend
                              "header_match": route_match + _HEADER_PRESENT.removeprefix("headers:\n"),
                              "ext_proc_per_route": per_filter(_EXT_PROC_ON), **blocks},
                       {"name": name, "route_suffix": "aggregate_mcp_inspected",
-                       "headers_to_remove": f"authorization, {INSPECT_HEADER}, {removed}", **scalars})
+                       "headers_to_remove": _removal_list(_token_removal(server), INSPECT_HEADER, removed),
+                       **scalars})
     return inspected + plain
 
 
@@ -664,6 +690,9 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
     # call it routes to one server.
     upstream_patterns = (", {exact: mcp-session-id}, {exact: mcp-name}"
                          if config.aggregate.enabled else "")
+    # And the upstream credentials' headers (gateway.credentials) other than x- ones.
+    upstream_patterns += "".join(f", {{exact: {_q(h)}}}" for h in _credential_headers(config)
+                                 if not h.startswith("x-"))
     authz_service = _fill(_template(f"ext_authz_{transport}_service.yaml.tmpl"), {},
                           {"ext_authz_timeout": authz_timeout,
                            "aggregate_upstream_patterns": upstream_patterns, **wire_names})

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, ServerConfig
+from gateway.credentials.config import credential_secrets
 from gatewayctl import envoy_config, runtimes
 from gatewayctl.devstack.credentials import local_jwks_issuer
 from gatewayctl.devstack.state import StackError, paths
@@ -155,7 +156,10 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     # url servers' static header secrets: Envoy sends them, ext_authz's catalog fetch too.
     upstream_secrets = envoy_config.envoy_environment(config)
     # The aggregate session key ring: ext_authz opens the session ids the aggregator seals.
-    key_ring = (config.aggregate.session_keys,) if config.aggregate.enabled else ()
+    key_ring: tuple[str, ...] = (config.aggregate.session_keys,) if config.aggregate.enabled else ()
+    # The upstream credentials' secrets (static values, token endpoint client secrets, store keys).
+    key_ring += tuple(dict.fromkeys(n for s in config.servers
+                                    for n in credential_secrets(s.credentials)))
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),

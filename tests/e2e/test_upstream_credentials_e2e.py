@@ -1,0 +1,159 @@
+"""Upstream credentials through the real Envoy (docs/upstream-credentials.md): one upstream that
+reports the raw header lines it received, behind several gateway servers with different
+``credentials``. In every case the client's bearer token is not among those lines; a static
+credential arrives in its header.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import yaml
+
+from gateway.catalog import Catalog
+from gateway.config import load_config
+from gatewayctl import devstack
+from tests.e2e.conftest import HAS_EXT_PROC, installed
+from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, stateless_call, wait_until
+from tests.ports import free_port
+
+START_SECONDS = 20.0
+STATIC_SECRET = "static-upstream-secret-1"  # noqa: S105  # a test value
+KEY_SECRET = "api-key-upstream-secret-2"  # noqa: S105  # a test value
+SERVERS = ("plain", "static_auth", "static_key")
+
+
+@dataclass
+class Env:
+    stack: devstack.Stack
+    tmp: Path
+
+    def call(self, server: str, token: str | None = None) -> tuple[httpx2.Response, str]:
+        """One stateless call of ``headers`` on ``server``; the answer and the token used."""
+        token = token or bearer(self.stack.config, "admin")
+        return asyncio.run(stateless_call(self.stack, server, token, "headers")), token
+
+
+def received(reply: httpx2.Response) -> list[tuple[str, str]]:
+    """The upstream's raw header lines, from its answer."""
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert "result" in body, body
+    return [(k.lower(), v) for k, v in json.loads(body["result"]["content"][0]["text"])]
+
+
+def assert_no_client_token(lines: list[tuple[str, str]], token: str) -> None:
+    """Neither the token nor any part of it (its signature) is in any header line."""
+    signature = token.rsplit(".", 1)[-1]
+    for name, value in lines:
+        assert token not in value and signature not in value, (name, value)
+
+
+def _policy(target: Path, servers: tuple[str, ...]) -> Path:
+    target.mkdir()
+    for rego in (REPO / "policies").glob("*.rego"):
+        if not rego.name.endswith("_test.rego"):
+            shutil.copy(rego, target / rego.name)
+    data = json.loads((REPO / "policies" / "data.json").read_text(encoding="utf-8"))
+    for server in servers:
+        data["gateway"]["servers"][server] = {"tenants": ["*"]}
+        data["gateway"]["roles"]["admin"]["tools"][server] = ["*"]
+    (target / "data.json").write_text(json.dumps(data), encoding="utf-8")
+    return target
+
+
+def _pinned(stack: devstack.Stack, servers: tuple[str, ...]) -> bool:
+    with Catalog(stack.config.catalog.path) as catalog:
+        return all(catalog.get(s, "headers") is not None for s in servers)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    if not installed("ext_authz.__main__"):
+        pytest.skip("needs ext_authz")
+    tmp = tmp_path_factory.mktemp("upstream-credentials")
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.e2e.credentials_upstream",
+                               "--port", str(port)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    url = f"http://127.0.0.1:{port}/mcp"
+    servers: dict[str, dict[str, Any]] = {
+        "plain": {"url": url},
+        "static_auth": {"url": url, "credentials": {"kind": "static", "secret": "UP_STATIC",
+                                                    "prefix": "Bearer "}},
+        "static_key": {"url": url, "credentials": {"kind": "static", "secret": "UP_API_KEY",
+                                                   "header": "x-api-key"}},
+    }
+    extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies", SERVERS))},
+             "secrets": ["UP_STATIC", "UP_API_KEY"]}
+    path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
+                        authz_transport=authz_transport())
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw["catalog"] = {**raw["catalog"], "mode": "tofu", "refresh_seconds": 1.0}
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(REPO))
+            mp.setenv("UP_STATIC", STATIC_SECRET)
+            mp.setenv("UP_API_KEY", KEY_SECRET)
+            with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
+                                  startup_timeout=START_SECONDS) as stack:
+                wait_until(lambda: _pinned(stack, SERVERS), "the catalog to pin every server's tool")
+                yield Env(stack, tmp)
+    finally:
+        for proc in procs:
+            _stop(proc)
+
+
+def test_no_credential_server_gets_no_authorization(env: Env) -> None:
+    """A server without credentials receives no Authorization line and nothing of the token."""
+    reply, token = env.call("plain")
+    lines = received(reply)
+    assert "authorization" not in {name for name, _ in lines}
+    assert_no_client_token(lines, token)
+
+
+def test_static_credential_replaces_the_token_in_authorization(env: Env) -> None:
+    """A static credential in Authorization arrives as the only Authorization line."""
+    reply, token = env.call("static_auth")
+    lines = received(reply)
+    assert [v for n, v in lines if n == "authorization"] == [f"Bearer {STATIC_SECRET}"]
+    assert_no_client_token(lines, token)
+
+
+def test_static_credential_in_its_own_header(env: Env) -> None:
+    """A static credential in x-api-key arrives there; Authorization is still removed."""
+    reply, token = env.call("static_key")
+    lines = received(reply)
+    assert [v for n, v in lines if n == "x-api-key"] == [KEY_SECRET]
+    assert "authorization" not in {name for name, _ in lines}
+    assert_no_client_token(lines, token)
+
+
+def test_a_client_sent_credential_header_is_overwritten(env: Env) -> None:
+    """A client that sends the credential's header itself does not get its value through."""
+    token = bearer(env.stack.config, "admin")
+    reply = asyncio.run(stateless_call(env.stack, "static_key", token, "headers",
+                                       headers={"x-api-key": "forged"}))
+    lines = received(reply)
+    assert [v for n, v in lines if n == "x-api-key"] == [KEY_SECRET]
+    assert_no_client_token(lines, token)

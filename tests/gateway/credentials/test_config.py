@@ -1,0 +1,122 @@
+"""servers.<name>.credentials: each kind's keys and defaults, and every mistake named by its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, parse_config
+from gateway.credentials.config import (
+    ACCESS_TOKEN_TYPE,
+    NoCredentials,
+    StaticCredentials,
+    TokenExchangeCredentials,
+    UserStoreCredentials,
+    credential_secrets,
+)
+
+
+def _config(credentials: Any, *, secrets: tuple[str, ...] = ("UP_KEY", "STS_SECRET", "STORE_KEY"),
+            url: bool = False, **extra: Any) -> GatewayConfig:
+    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    server: dict[str, Any] = ({"url": "https://crm.example:8443/v1/mcp"} if url else
+                              {"module": "m", "instances": [{"port": 9201}]})
+    if credentials is not ...:
+        server["credentials"] = credentials
+    raw["servers"] = {"crm": server}
+    raw.pop("virtual_servers", None)
+    raw["secrets"] = [*raw.get("secrets", []), *secrets]
+    raw.update(extra)
+    return parse_config(raw, base_dir=Path("/srv/gw"))
+
+
+def test_default_is_none() -> None:
+    """A server without credentials gets none (and no secret is needed for it)."""
+    creds = _config(...).server("crm").credentials
+    assert creds == NoCredentials() and creds.header is None
+    assert credential_secrets(creds) == ()
+
+
+def test_static_names_a_secret_and_a_header() -> None:
+    """static: the header, the secret's name (never a value) and an optional prefix."""
+    creds = _config({"kind": "static", "header": "x-api-key", "secret": "UP_KEY"}).server("crm").credentials
+    assert creds == StaticCredentials("x-api-key", "UP_KEY", "")
+    creds = _config({"kind": "static", "secret": "UP_KEY", "prefix": "Bearer "}).server("crm").credentials
+    assert isinstance(creds, StaticCredentials) and creds.header == "authorization"
+    assert credential_secrets(creds) == ("UP_KEY",)
+
+
+def test_token_exchange_defaults() -> None:
+    """token_exchange: audience defaults to the upstream (a url server's URL, else its gateway
+    resource), the client token as subject, an access token requested, Bearer in Authorization."""
+    raw = {"kind": "token_exchange", "token_endpoint": "https://sts.example/token",
+           "client_id": "gateway", "client_secret": "STS_SECRET"}
+    creds = _config(raw, url=True).server("crm").credentials
+    assert isinstance(creds, TokenExchangeCredentials)
+    assert creds.audience == "https://crm.example:8443/v1/mcp"
+    assert creds.subject == "client_token" and creds.requested_token_type == ACCESS_TOKEN_TYPE
+    assert (creds.header, creds.prefix, creds.timeout_ms) == ("authorization", "Bearer ", 250)
+    module = _config(raw).server("crm").credentials
+    assert isinstance(module, TokenExchangeCredentials)
+    assert module.audience == "https://127.0.0.1:8443/mcp/crm"
+    custom = _config({**raw, "audience": "urn:crm", "resource": "https://crm.example/",
+                      "scope": "read", "subject": "assertion"}).server("crm").credentials
+    assert isinstance(custom, TokenExchangeCredentials)
+    assert (custom.audience, custom.resource, custom.scope, custom.subject) == \
+        ("urn:crm", "https://crm.example/", "read", "assertion")
+
+
+def test_user_store_defaults_to_the_state_dir() -> None:
+    """user_store: the SQLite file under state_dir unless a path is given, the key's secret."""
+    creds = _config({"kind": "user_store", "key": "STORE_KEY"}, state_dir="/var/gw").server("crm").credentials
+    assert creds == UserStoreCredentials("/var/gw/credentials.sqlite", "STORE_KEY")
+    creds = _config({"kind": "user_store", "key": "STORE_KEY", "path": "creds.db"}).server("crm").credentials
+    assert isinstance(creds, UserStoreCredentials) and creds.path == "/srv/gw/creds.db"
+
+
+EXCHANGE = {"kind": "token_exchange", "token_endpoint": "https://sts.example/token",
+            "client_id": "gateway", "client_secret": "STS_SECRET"}
+
+
+@pytest.mark.parametrize(("credentials", "message"), [
+    ("static", "servers.crm.credentials must be a mapping"),
+    ({"kind": "vault"}, "servers.crm.credentials.kind must be one of"),
+    ({"kind": "none", "secret": "UP_KEY"}, "servers.crm.credentials: unknown key(s) secret"),
+    ({"kind": "static"}, "servers.crm.credentials.secret is required"),
+    ({"kind": "static", "secret": "NOT_LISTED"}, "servers.crm.credentials.secret: 'NOT_LISTED' is "
+                                                 "not listed in secrets"),
+    ({"kind": "static", "secret": "UP_KEY", "header": "x-mcp-user"}, "servers.crm.credentials.header"),
+    ({"kind": "static", "secret": "UP_KEY", "header": "Host"}, "servers.crm.credentials.header"),
+    ({"kind": "static", "secret": "UP_KEY", "prefix": "a\nb"}, "servers.crm.credentials.prefix"),
+    ({**EXCHANGE, "token_endpoint": "ftp://sts"}, "servers.crm.credentials.token_endpoint"),
+    ({**EXCHANGE, "token_endpoint": "https://u:p@sts/t"}, "servers.crm.credentials.token_endpoint"),
+    ({**EXCHANGE, "client_secret": "s3cr3t"}, "servers.crm.credentials.client_secret"),
+    ({**EXCHANGE, "subject": "password"}, "servers.crm.credentials.subject"),
+    ({**EXCHANGE, "requested_token_type": "jwt"}, "servers.crm.credentials.requested_token_type"),
+    ({**EXCHANGE, "timeout_ms": 0}, "servers.crm.credentials.timeout_ms"),
+    ({**EXCHANGE, "timeout_ms": 500}, "servers.crm.credentials.timeout_ms (500) must be less than "
+                                      "ext_authz.timeout_ms (500)"),
+    ({**EXCHANGE, "cache_size": -1}, "servers.crm.credentials.cache_size"),
+    ({**EXCHANGE, "token_endpoint": "http://sts/t", "ca_file": "ca.pem"},
+     "servers.crm.credentials.ca_file"),
+    ({"kind": "user_store"}, "servers.crm.credentials.key is required"),
+])
+def test_mistakes_are_named(credentials: Any, message: str) -> None:
+    """Each invalid credentials entry is refused with a message naming its key."""
+    with pytest.raises(ConfigError) as err:
+        _config(credentials)
+    assert message in str(err.value)
+
+
+def test_a_credential_header_may_not_clash_with_a_static_url_header() -> None:
+    """A url server's static header and its credential may not name the same header."""
+    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw.pop("virtual_servers", None)
+    raw["secrets"] = [*raw.get("secrets", []), "UP_KEY"]
+    raw["servers"] = {"crm": {"url": "http://crm:80/mcp", "headers": {"authorization": "Bearer ${UP_KEY}"},
+                              "credentials": {"kind": "static", "secret": "UP_KEY"}}}
+    with pytest.raises(ConfigError, match=r"servers\.crm\.credentials\.header: authorization is also"):
+        parse_config(raw, base_dir=Path("/srv/gw"))
