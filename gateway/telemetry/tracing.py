@@ -10,6 +10,8 @@ from those headers is what joins Envoy, ext_authz and the MCP servers into one t
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -62,18 +64,45 @@ class _FollowingTracerProvider(trace.TracerProvider):
 
 _NOOP_TRACER = trace.NoOpTracer()
 
+# The OpenTelemetry SDKs' standard variables; the traces-only one wins, as the specification says.
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+_ENDPOINT = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(?::\d{1,5})?/?$")
+MAX_ENDPOINT_CHARS = 2048
+
+
+def endpoint_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
+    """The collector the standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT variable names, for a
+    service whose config names none (None: unset). A value that is not ``http(s)://host[:port]``
+    is ignored with an error naming the variable: tracing stays off rather than guessing."""
+    env = os.environ if environ is None else environ
+    for name in ENDPOINT_VARIABLES:
+        value = env.get(name, "").strip()
+        if not value:
+            continue
+        if len(value) > MAX_ENDPOINT_CHARS or not _ENDPOINT.match(value):
+            logger.error("%s must be http(s)://host[:port] (OTLP/gRPC), got %.100r: tracing off",
+                         name, value)
+            return None
+        return value
+    return None
+
 
 def setup_tracing(service: str, otlp_endpoint: str | None = None, *, insecure: bool = True) -> bool:
-    """Export spans of this process to an OTLP/gRPC collector at ``otlp_endpoint``.
+    """Export spans of this process to an OTLP/gRPC collector at ``otlp_endpoint``, or, when the
+    config names none, at the one the standard OTEL_EXPORTER_OTLP_ENDPOINT variable names (TLS
+    for an https:// one).
 
-    Returns False (and does nothing) when no endpoint is given. The process-global provider (which
+    Returns False (and does nothing) when there is no endpoint either way. The process-global provider (which
     OpenTelemetry lets a process set only once) is set to one that follows this module, so code
     using ``opentelemetry.trace.get_tracer`` directly also exports here, and stops exporting after
     :func:`shutdown_tracing`.
     """
     global _provider, _global_set
     if not otlp_endpoint:
-        return False
+        otlp_endpoint = endpoint_from_environment()
+        if otlp_endpoint is None:
+            return False
+        insecure = not otlp_endpoint.startswith("https://")
     if _provider is not None:
         shutdown_tracing()
     provider = TracerProvider(resource=Resource.create({"service.name": service}))

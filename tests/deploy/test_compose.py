@@ -85,7 +85,7 @@ def test_ports_agree_with_the_gateway_config(compose: dict[str, Any]) -> None:
     service whose command listens on the configured port; OPA and Redis URLs point at services."""
     config = load_config(GATEWAY)
     svcs = services(compose)
-    assert svcs["envoy"]["ports"] == [f"443:{config.listen.port}"]
+    assert svcs["envoy"]["ports"] == [f"${{GATEWAY_BIND:-127.0.0.1}}:443:{config.listen.port}"]
     instances = [*config.ext_authz.instances, *config.ext_proc.instances]
     for server in config.servers:
         instances += server.instances
@@ -133,7 +133,7 @@ def test_admin_stays_private_and_stats_are_published_to_prometheus(compose: dict
     listener, and the Python services bind their /metrics where other containers reach them."""
     config = load_config(GATEWAY)
     assert config.admin.host == "127.0.0.1"
-    assert services(compose)["envoy"]["ports"] == [f"443:{config.listen.port}"]
+    assert services(compose)["envoy"]["ports"] == [f"${{GATEWAY_BIND:-127.0.0.1}}:443:{config.listen.port}"]
     assert config.telemetry.envoy_stats_port is not None and config.listen.host == "0.0.0.0"
     assert config.telemetry.metrics_host == "0.0.0.0"
     rendered = yaml.safe_load(ENVOY.read_text())

@@ -23,8 +23,10 @@ def _no_tracing_left_on() -> Iterator[None]:
     tracing.shutdown_tracing()
 
 
-def test_setup_without_endpoint_is_a_noop() -> None:
+def test_setup_without_endpoint_is_a_noop(monkeypatch: pytest.MonkeyPatch) -> None:
     """With no endpoint nothing is exported, yet the caller's trace id is adopted for logs."""
+    for name in tracing.ENDPOINT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     assert tracing.setup_tracing("svc", None) is False
     with tracing.start_server_span("check", {"Traceparent": TRACEPARENT}) as span:
         assert not span.is_recording()
@@ -91,3 +93,37 @@ async def test_global_api_tracer_follows_setup_and_shutdown(otlp_receiver: OtlpR
     await otlp_receiver.wait_for(lambda: any(s.name == "library.span" for _, s in otlp_receiver.spans))
     with api_tracer.start_as_current_span("after.shutdown") as span:
         assert not span.is_recording()
+
+
+async def test_standard_environment_variable_is_the_fallback(otlp_receiver: OtlpReceiver,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no endpoint in the config, spans go to OTEL_EXPORTER_OTLP_ENDPOINT (what ext_authz,
+    ext_proc and the servers pass when telemetry.otlp_endpoint is unset)."""
+    monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://{otlp_receiver.endpoint}")
+    assert tracing.setup_tracing("ext_proc-env", None) is True
+    with tracing.start_server_span("ext_proc.process", {}):
+        pass
+    await asyncio.to_thread(tracing.shutdown_tracing)
+    await otlp_receiver.wait_for(lambda: len(otlp_receiver.spans) >= 1)
+    assert otlp_receiver.spans[0][0] == "ext_proc-env"
+
+
+def test_environment_endpoints_are_read_by_the_standard_rules(caplog: pytest.LogCaptureFixture) -> None:
+    """The traces-only variable wins; a value that is not http(s)://host[:port] leaves tracing
+    off with an error naming the variable; unset is None."""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+           "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://traces.example:4317"}
+    assert tracing.endpoint_from_environment(env) == "https://traces.example:4317"
+    assert tracing.endpoint_from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://[::1]:4317/"}) \
+        == "http://[::1]:4317/"
+    assert tracing.endpoint_from_environment({}) is None
+    with caplog.at_level("ERROR", logger="gateway.telemetry.tracing"):
+        assert tracing.endpoint_from_environment({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}) is None
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT must be http(s)://host[:port]" in caplog.text
+
+
+def test_the_config_endpoint_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """telemetry.otlp_endpoint, when set, is used as it is: the variable is only the fallback."""
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")
+    assert tracing.setup_tracing("svc", "http://127.0.0.1:9") is True
