@@ -15,11 +15,14 @@ from types import MappingProxyType
 
 from gateway.caller import Caller
 from gateway.credentials.config import (
+    ACCESS_TOKEN_TYPE,
     CredentialsConfig,
     NoCredentials,
     StaticCredentials,
+    TokenExchangeCredentials,
 )
-from gateway.credentials.errors import CredentialUnavailable
+from gateway.credentials.errors import CredentialUnavailable, TokenExchangeRefused
+from gateway.credentials.exchange import TokenExchangeClient, subject_expiry
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +49,7 @@ class CredentialProvider:
 
     def __init__(self, servers: Mapping[str, CredentialsConfig], environ: Mapping[str, str]) -> None:
         self._static: dict[str, Mapping[str, str] | None] = {}
+        self._exchange: dict[str, TokenExchangeClient | None] = {}
         self._configs = dict(servers)
         for name, creds in servers.items():
             if isinstance(creds, StaticCredentials):
@@ -57,6 +61,13 @@ class CredentialProvider:
                     self._static[name] = None
                 else:
                     self._static[name] = MappingProxyType({creds.header: value})
+            elif isinstance(creds, TokenExchangeCredentials):
+                secret = environ.get(creds.client_secret, "")
+                if not secret:
+                    logger.error("server %s: token exchange is refused until the secret %s (the "
+                                 "gateway's client secret at %s) is set in ext_authz's environment",
+                                 name, creds.client_secret, creds.token_endpoint)
+                self._exchange[name] = TokenExchangeClient(name, creds, secret) if secret else None
             elif not isinstance(creds, NoCredentials):
                 raise ValueError(f"servers.{name}.credentials.kind {creds.kind} is not supported")
 
@@ -78,8 +89,31 @@ class CredentialProvider:
                     f"the gateway has no usable credential for server {server} (its secret is not "
                     f"set); ask the gateway's operator", data={"server": server})
             return static
+        if isinstance(creds, TokenExchangeCredentials):
+            return await self._exchanged(server, creds, caller, token)
         raise CredentialUnavailable(f"server {server}: credential kind {creds.kind} unavailable",
                                     data={"server": server})
 
+    async def _exchanged(self, server: str, creds: TokenExchangeCredentials, caller: Caller,
+                         token: str) -> Mapping[str, str]:
+        client = self._exchange.get(server)
+        if client is None:
+            raise CredentialUnavailable(
+                f"the gateway cannot exchange tokens for server {server} (its client secret is "
+                f"not set); ask the gateway's operator", data={"server": server})
+        # The subject is the client's verified token: the cache is keyed by its digest, and an
+        # exchanged token is dropped when the subject expires.
+        issued = await client.token(token, ACCESS_TOKEN_TYPE,
+                                    key=client.cache_key(token, creds.audience),
+                                    not_after=subject_expiry(caller.claims))
+        value = header_value(creds.prefix, issued)
+        if value is None:
+            raise TokenExchangeRefused(f"the token endpoint issued an unusable token for server "
+                                       f"{server}", data={"server": server, "error": "invalid_answer"})
+        return {creds.header: value}
+
     async def close(self) -> None:
-        """Release connections and files (nothing for static credentials)."""
+        """Release the token endpoints' connections."""
+        for client in self._exchange.values():
+            if client is not None:
+                await client.close()

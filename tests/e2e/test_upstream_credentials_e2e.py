@@ -30,13 +30,19 @@ from tests.ports import free_port
 START_SECONDS = 20.0
 STATIC_SECRET = "static-upstream-secret-1"  # noqa: S105  # a test value
 KEY_SECRET = "api-key-upstream-secret-2"  # noqa: S105  # a test value
-SERVERS = ("plain", "static_auth", "static_key")
+STS_SECRET = "sts-client-secret-3"  # noqa: S105  # a test value
+SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down")
 
 
 @dataclass
 class Env:
     stack: devstack.Stack
     tmp: Path
+    sts_url: str
+
+    def sts_log(self) -> dict[str, Any]:
+        """What the token endpoint received and issued."""
+        return dict(httpx2.get(f"{self.sts_url}/-/requests", timeout=5).json())
 
     def call(self, server: str, token: str | None = None) -> tuple[httpx2.Response, str]:
         """One stateless call of ``headers`` on ``server``; the answer and the token used."""
@@ -77,6 +83,13 @@ def _pinned(stack: devstack.Stack, servers: tuple[str, ...]) -> bool:
         return all(catalog.get(s, "headers") is not None for s in servers)
 
 
+def _answers(url: str) -> bool:
+    try:
+        return httpx2.get(url, timeout=1).status_code == 200
+    except httpx2.HTTPError:
+        return False
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -95,16 +108,26 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     procs = [subprocess.Popen([sys.executable, "-m", "tests.e2e.credentials_upstream",
                                "--port", str(port)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    sts_port = free_port()
+    procs.append(subprocess.Popen([sys.executable, "-m", "tests.gateway.credentials.sts",
+                                   "--port", str(sts_port), "--client-secret", STS_SECRET], cwd=REPO,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    sts_url = f"http://127.0.0.1:{sts_port}"
     url = f"http://127.0.0.1:{port}/mcp"
+    exchange = {"kind": "token_exchange", "client_id": "gateway", "client_secret": "STS_SECRET",
+                "audience": "urn:crm"}
     servers: dict[str, dict[str, Any]] = {
         "plain": {"url": url},
         "static_auth": {"url": url, "credentials": {"kind": "static", "secret": "UP_STATIC",
                                                     "prefix": "Bearer "}},
         "static_key": {"url": url, "credentials": {"kind": "static", "secret": "UP_API_KEY",
                                                    "header": "x-api-key"}},
+        "exchange": {"url": url, "credentials": {**exchange, "token_endpoint": f"{sts_url}/token"}},
+        "exchange_down": {"url": url, "credentials": {
+            **exchange, "token_endpoint": f"http://127.0.0.1:{free_port()}/token"}},
     }
     extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies", SERVERS))},
-             "secrets": ["UP_STATIC", "UP_API_KEY"]}
+             "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET"]}
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -115,10 +138,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             mp.setenv("PYTHONPATH", str(REPO))
             mp.setenv("UP_STATIC", STATIC_SECRET)
             mp.setenv("UP_API_KEY", KEY_SECRET)
+            mp.setenv("STS_SECRET", STS_SECRET)
+            wait_until(lambda: _answers(f"{sts_url}/-/health"), "the token endpoint to answer")
             with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
                                   startup_timeout=START_SECONDS) as stack:
                 wait_until(lambda: _pinned(stack, SERVERS), "the catalog to pin every server's tool")
-                yield Env(stack, tmp)
+                yield Env(stack, tmp, sts_url)
     finally:
         for proc in procs:
             _stop(proc)
@@ -157,3 +182,29 @@ def test_a_client_sent_credential_header_is_overwritten(env: Env) -> None:
     lines = received(reply)
     assert [v for n, v in lines if n == "x-api-key"] == [KEY_SECRET]
     assert_no_client_token(lines, token)
+
+
+def test_token_exchange_round_trip_is_cached(env: Env) -> None:
+    """Two calls with one client token: one exchange (the token is its subject, the upstream
+    the audience); both calls carry the issued token as the only Authorization line."""
+    token = bearer(env.stack.config, "admin", sub="xchg-user")
+    first, _ = env.call("exchange", token)
+    second, _ = env.call("exchange", token)
+    log = env.sts_log()
+    mine = [i for i in log["issued"] if i["subject_token"] == token]
+    assert len(mine) == 1 and mine[0]["audience"] == "urn:crm"
+    for reply in (first, second):
+        lines = received(reply)
+        assert [v for n, v in lines if n == "authorization"] == [f"Bearer {mine[0]['token']}"]
+        assert_no_client_token(lines, token)
+
+
+def test_token_endpoint_down_fails_closed(env: Env) -> None:
+    """An unreachable token endpoint: 503 with a JSON-RPC error naming the reason and the
+    server; nothing reaches the upstream."""
+    reply, _ = env.call("exchange_down")
+    assert reply.status_code == 503, reply.text
+    error = reply.json()["error"]
+    assert error["data"]["reason"] == "token_exchange_unavailable"
+    assert error["data"]["server"] == "exchange_down"
+    assert reply.headers["retry-after"] == "1"

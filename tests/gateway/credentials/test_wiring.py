@@ -33,6 +33,7 @@ from tests.ext_authz.conftest import (
     token_for,
     upstream,
 )
+from tests.gateway.credentials.sts import TokenServer
 
 SECRET = "up-secret-value-42"
 CALLER = Caller(sub="alice", issuer="https://idp", tenant="acme", client_id="c", roles=("analyst",))
@@ -150,3 +151,36 @@ def test_rendered_routes_leave_authorization_to_ext_authz_only_where_credentiale
     assert all("authorization" in routes[n] for n in database)
     if transport == "http":
         assert '{exact: "authorization"}' in rendered
+
+
+async def test_token_exchange_through_the_check(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey) -> None:
+    """An allowed check carries the exchanged token in Authorization (the client's token was
+    the subject); a second check of the same caller is served from the cache; an endpoint that
+    refuses answers 502, one that is down 503 with Retry-After."""
+    sts = TokenServer(client_secret=SECRET)
+    await sts.start()
+    authz = _harness(jwks_server.url, session, {
+        "kind": "token_exchange", "token_endpoint": sts.url, "client_id": "gateway",
+        "client_secret": "UP_KEY", "audience": "urn:files"}, {"UP_KEY": SECRET})
+    try:
+        token = token_for(rsa_key)
+        for _ in range(2):
+            headers, removed = upstream(await authz.check(check_request("post_tools_call_files", token)))
+            assert headers["authorization"] == f"Bearer {sts.issued[0].token}"
+            assert "authorization" not in removed
+        assert len(sts.requests) == 1
+        assert sts.issued[0].subject_token == token and sts.issued[0].audience == "urn:files"
+        sts.mode = "refuse"
+        status, _, body = denial(await authz.check(check_request(
+            "post_tools_call_files", token_for(rsa_key, ttl=599))))
+        assert status == 502 and body["error"]["data"]["reason"] == "token_exchange_refused"
+        assert body["error"]["data"]["error"] == "invalid_grant"
+        await sts.stop()
+        status, headers, body = denial(await authz.check(check_request(
+            "post_tools_call_files", token_for(rsa_key, ttl=598))))
+        assert status == 503 and headers["retry-after"] == "1"
+        assert body["error"]["data"]["reason"] == "token_exchange_unavailable"
+    finally:
+        await sts.stop()
+        await authz.servicer._credentials.close()
