@@ -9,6 +9,7 @@ never logged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -20,9 +21,11 @@ from gateway.credentials.config import (
     NoCredentials,
     StaticCredentials,
     TokenExchangeCredentials,
+    UserStoreCredentials,
 )
-from gateway.credentials.errors import CredentialUnavailable, TokenExchangeRefused
+from gateway.credentials.errors import CredentialMissing, CredentialUnavailable, TokenExchangeRefused
 from gateway.credentials.exchange import TokenExchangeClient, subject_expiry
+from gateway.credentials.store import CredentialStore, StoreError, derive_keys
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class CredentialProvider:
     def __init__(self, servers: Mapping[str, CredentialsConfig], environ: Mapping[str, str]) -> None:
         self._static: dict[str, Mapping[str, str] | None] = {}
         self._exchange: dict[str, TokenExchangeClient | None] = {}
+        self._stores: dict[str, CredentialStore | None] = {}
+        opened: dict[tuple[str, str], CredentialStore | None] = {}
         self._configs = dict(servers)
         for name, creds in servers.items():
             if isinstance(creds, StaticCredentials):
@@ -68,6 +73,11 @@ class CredentialProvider:
                                  "gateway's client secret at %s) is set in ext_authz's environment",
                                  name, creds.client_secret, creds.token_endpoint)
                 self._exchange[name] = TokenExchangeClient(name, creds, secret) if secret else None
+            elif isinstance(creds, UserStoreCredentials):
+                where = (creds.path, creds.key)
+                if where not in opened:
+                    opened[where] = _open_store(name, creds, environ.get(creds.key, ""))
+                self._stores[name] = opened[where]
             elif not isinstance(creds, NoCredentials):
                 raise ValueError(f"servers.{name}.credentials.kind {creds.kind} is not supported")
 
@@ -91,6 +101,8 @@ class CredentialProvider:
             return static
         if isinstance(creds, TokenExchangeCredentials):
             return await self._exchanged(server, creds, caller, token)
+        if isinstance(creds, UserStoreCredentials):
+            return await self._registered(server, creds, caller)
         raise CredentialUnavailable(f"server {server}: credential kind {creds.kind} unavailable",
                                     data={"server": server})
 
@@ -112,8 +124,49 @@ class CredentialProvider:
                                        f"{server}", data={"server": server, "error": "invalid_answer"})
         return {creds.header: value}
 
+    async def _registered(self, server: str, creds: UserStoreCredentials, caller: Caller
+                          ) -> Mapping[str, str]:
+        store = self._stores.get(server)
+        if store is None:
+            raise CredentialUnavailable(
+                f"the gateway cannot read registered credentials for server {server}; ask the "
+                f"gateway's operator", data={"server": server})
+        try:
+            value = await asyncio.to_thread(store.get, caller.issuer or "", caller.sub, server)
+        except StoreError as exc:
+            logger.error("server %s: the credential store failed closed: %s", server, exc)
+            raise CredentialUnavailable(
+                f"the registered credential for server {server} cannot be read now; ask the "
+                f"gateway's operator", data={"server": server}) from None
+        if value is None:
+            raise CredentialMissing(
+                f"you have no credential registered for server {server}: register one for this "
+                f"server (`mcp-gateway credentials set --server {server} --sub <your user>`, "
+                f"run by the gateway's operator), then retry",
+                data={"server": server, "action": "register_credential"})
+        header = header_value(creds.prefix, value)
+        if header is None:
+            raise CredentialUnavailable(f"the registered credential for server {server} cannot "
+                                        f"be sent (not one line of printable ASCII); register it "
+                                        f"again", data={"server": server})
+        return {creds.header: header}
+
     async def close(self) -> None:
-        """Release the token endpoints' connections."""
+        """Release the token endpoints' connections and the stores' files."""
         for client in self._exchange.values():
             if client is not None:
                 await client.close()
+        for store in {id(s): s for s in self._stores.values() if s is not None}.values():
+            store.close()
+
+
+def _open_store(name: str, creds: UserStoreCredentials, secret: str) -> CredentialStore | None:
+    """The store of a server, or None (refused per request) with the reason logged."""
+    try:
+        return CredentialStore(creds.path, derive_keys(secret))
+    except ValueError as exc:
+        logger.error("server %s: registered credentials are refused until the secret %s is set "
+                     "in ext_authz's environment (%s)", name, creds.key, exc)
+    except StoreError as exc:
+        logger.error("server %s: %s", name, exc)
+    return None

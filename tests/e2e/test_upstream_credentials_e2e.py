@@ -22,7 +22,7 @@ import yaml
 
 from gateway.catalog import Catalog
 from gateway.config import load_config
-from gatewayctl import devstack
+from gatewayctl import cli, devstack
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, stateless_call, wait_until
 from tests.ports import free_port
@@ -31,7 +31,8 @@ START_SECONDS = 20.0
 STATIC_SECRET = "static-upstream-secret-1"  # noqa: S105  # a test value
 KEY_SECRET = "api-key-upstream-secret-2"  # noqa: S105  # a test value
 STS_SECRET = "sts-client-secret-3"  # noqa: S105  # a test value
-SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down")
+STORE_KEY = "e2e-store-key-0123456789abcdef"
+SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down", "store")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Env:
     stack: devstack.Stack
     tmp: Path
     sts_url: str
+    config_path: Path
 
     def sts_log(self) -> dict[str, Any]:
         """What the token endpoint received and issued."""
@@ -125,9 +127,10 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "exchange": {"url": url, "credentials": {**exchange, "token_endpoint": f"{sts_url}/token"}},
         "exchange_down": {"url": url, "credentials": {
             **exchange, "token_endpoint": f"http://127.0.0.1:{free_port()}/token"}},
+        "store": {"url": url, "credentials": {"kind": "user_store", "key": "STORE_KEY"}},
     }
     extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies", SERVERS))},
-             "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET"]}
+             "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET", "STORE_KEY"]}
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -139,11 +142,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             mp.setenv("UP_STATIC", STATIC_SECRET)
             mp.setenv("UP_API_KEY", KEY_SECRET)
             mp.setenv("STS_SECRET", STS_SECRET)
+            mp.setenv("STORE_KEY", STORE_KEY)
             wait_until(lambda: _answers(f"{sts_url}/-/health"), "the token endpoint to answer")
             with devstack.running(load_config(path), ext_proc=HAS_EXT_PROC,
                                   startup_timeout=START_SECONDS) as stack:
                 wait_until(lambda: _pinned(stack, SERVERS), "the catalog to pin every server's tool")
-                yield Env(stack, tmp, sts_url)
+                yield Env(stack, tmp, sts_url, path)
     finally:
         for proc in procs:
             _stop(proc)
@@ -208,3 +212,33 @@ def test_token_endpoint_down_fails_closed(env: Env) -> None:
     assert error["data"]["reason"] == "token_exchange_unavailable"
     assert error["data"]["server"] == "exchange_down"
     assert reply.headers["retry-after"] == "1"
+
+
+def test_user_store_register_call_revoke(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No registered credential: 403 telling the user how to register one. After
+    `mcp-gateway credentials set` the call carries it (and not the client's token); after
+    `credentials revoke` the same 403 again."""
+    token = bearer(env.stack.config, "admin", sub="store-user")
+    reply, _ = env.call("store", token)
+    assert reply.status_code == 403, reply.text
+    error = reply.json()["error"]
+    assert error["data"]["reason"] == "upstream_credential_missing"
+    assert error["data"]["action"] == "register_credential"
+    assert "mcp-gateway credentials set --server store" in error["message"]
+
+    monkeypatch.setenv("USER_CRED", "crm-token-of-store-user")
+    assert cli.main(["--config", str(env.config_path), "credentials", "set", "--server", "store",
+                     "--sub", "store-user", "--from-env", "USER_CRED"]) == 0
+    reply, _ = env.call("store", token)
+    lines = received(reply)
+    assert [v for n, v in lines if n == "authorization"] == ["Bearer crm-token-of-store-user"]
+    assert_no_client_token(lines, token)
+
+    other = bearer(env.stack.config, "admin", sub="someone-else")  # another user: not theirs
+    assert env.call("store", other)[0].status_code == 403
+
+    assert cli.main(["--config", str(env.config_path), "credentials", "revoke", "--server",
+                     "store", "--sub", "store-user"]) == 0
+    reply, _ = env.call("store", token)
+    assert reply.status_code == 403
+    assert reply.json()["error"]["data"]["reason"] == "upstream_credential_missing"

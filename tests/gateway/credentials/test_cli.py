@@ -1,0 +1,71 @@
+"""``mcp-gateway credentials set|list|revoke``: the value from stdin or an environment variable
+(never argv, never printed), the store key from the named secret, clear refusals."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import DEFAULT_CONFIG_PATH
+from gateway.credentials.store import CredentialStore, derive_keys
+from gatewayctl import cli
+
+KEY = "cli-store-key-0123456789"
+VALUE = "cli-user-credential-XYZ"
+
+
+@pytest.fixture
+def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw.pop("virtual_servers", None)
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["secrets"] = [*raw.get("secrets", []), "STORE_KEY"]
+    raw["servers"]["files"]["credentials"] = {"kind": "user_store", "key": "STORE_KEY"}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    monkeypatch.setenv("STORE_KEY", KEY)
+    return path
+
+
+def _run(config: Path, *args: str, stdin: str = "") -> int:
+    import sys
+    old = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        return cli.main(["--config", str(config), "credentials", *args])
+    finally:
+        sys.stdin = old
+
+
+def test_set_list_revoke(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """set stores the value sealed (for the default issuer), list shows who without the value,
+    revoke forgets it and a second revoke says there is none."""
+    assert _run(config, "set", "--server", "files", "--sub", "alice", stdin=VALUE + "\n") == 0
+    store = CredentialStore(tmp_path / "state" / "credentials.sqlite", derive_keys(KEY))
+    assert store.get("https://dev-issuer.mcp-gateway.local", "alice", "files") == VALUE
+    store.close()
+    assert _run(config, "list", "--json") == 0
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("["):])
+    assert [(r["server"], r["sub"]) for r in rows] == [("files", "alice")]
+    assert VALUE not in out
+    assert _run(config, "revoke", "--server", "files", "--sub", "alice") == 0
+    assert _run(config, "revoke", "--server", "files", "--sub", "alice") == 2
+    assert "has no credential" in capsys.readouterr().err
+
+
+def test_set_from_env_and_refusals(config: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--from-env reads the value there; a server without a user store, or a multi-line value,
+    is refused naming the problem."""
+    monkeypatch.setenv("MY_CRED", VALUE)
+    assert _run(config, "set", "--server", "files", "--sub", "bob", "--from-env", "MY_CRED") == 0
+    assert _run(config, "set", "--server", "database", "--sub", "bob", stdin=VALUE) == 2
+    assert "keeps no per-user credentials" in capsys.readouterr().err
+    assert _run(config, "set", "--server", "files", "--sub", "bob", stdin="two\nlines") == 2
+    assert "one line of printable ASCII" in capsys.readouterr().err
