@@ -286,15 +286,18 @@ async def test_cache_hits_skip_the_workers(tmp_path: Path) -> None:
 
 async def test_reload_while_an_evaluation_runs(engine: EmbeddedEngine, tmp_path: Path) -> None:
     """A reload during an evaluation: that one ends on its own bundle, the next ones use the new one."""
-    slow = asyncio.create_task(engine.decide(SLOW))
+    # Longer than the default slow input, so the reload starts well inside it; whether the
+    # reload's compile (another thread) ends before it does not matter: its answer is v1's.
+    n = SLOW_N * 4
+    slow = asyncio.create_task(engine.decide(SLOW | {"n": n}))
     await until(lambda: engine.pool.idle == 0 and engine.pool.live == 1, "the slow one is on a worker")
     write_policy(tmp_path, "v2")
+    assert not slow.done()  # the reload below starts while the evaluation runs
     assert await engine.reload_if_changed()
-    assert not slow.done()
     d = await engine.decide(cheap())
     assert d.allow and d.reason == "v2"
     old = await slow
-    assert old.allow and old.reason == f"v1_{SLOW_N - 3}"
+    assert old.allow and old.reason == f"v1_{n - 3}"
     # New entrypoints rebuild the bundle too; the workers follow.
     assert await engine.query("mcp/authz/above", {"n": 6}) == [4, 5, 6]
     assert (await engine.decide(SLOW | {"n": 15})).reason == "v2_12"
