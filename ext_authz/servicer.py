@@ -640,7 +640,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         """The upstream credential's headers for an allowed request (last: a caller refused
         earlier never costs a token exchange), or the refusal when it cannot be had."""
         try:
-            return await self._credentials.headers(server, caller, token)
+            return await self._credentials.headers(server, caller, token,
+                                                   decision_id=rec.decision_id)
         except GatewayError as err:
             retry = {"retry-after": "1"} if err.http_status == 503 else None
             return self._deny(rec, err, req, retry)

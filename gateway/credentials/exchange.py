@@ -66,9 +66,10 @@ class TokenExchangeClient:
         """Who the token is for and where: a digest, so the cache never holds a subject token."""
         return hashlib.sha256(f"{audience}\0{subject_token}".encode()).hexdigest()
 
-    async def token(self, subject_token: str, subject_token_type: str, *, key: str,
-                    not_after: float | None = None) -> str:
+    async def token(self, subject_token: str | Callable[[], str], subject_token_type: str, *,
+                    key: str, not_after: float | None = None) -> str:
         """An issued token for ``key`` (the caller and audience, see :meth:`cache_key`).
+        ``subject_token`` may be a function, called on a miss only (a minted assertion).
         ``not_after``: when the subject stops being valid (the cached token is dropped then)."""
         now = self._clock()
         hit = self._cache.get(key)
@@ -79,7 +80,8 @@ class TokenExchangeClient:
             del self._cache[key]
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._fetch(subject_token, subject_token_type, key, not_after))
+            subject = subject_token() if callable(subject_token) else subject_token
+            task = asyncio.create_task(self._fetch(subject, subject_token_type, key, not_after))
             self._inflight[key] = task
             task.add_done_callback(lambda t: self._done(key, t))
         # A caller that gives up (Envoy's deadline) does not cancel the others' exchange.

@@ -10,13 +10,16 @@ never logged.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from gateway.caller import Caller
 from gateway.credentials.config import (
     ACCESS_TOKEN_TYPE,
+    JWT_TOKEN_TYPE,
     CredentialsConfig,
     NoCredentials,
     StaticCredentials,
@@ -26,6 +29,9 @@ from gateway.credentials.config import (
 from gateway.credentials.errors import CredentialMissing, CredentialUnavailable, TokenExchangeRefused
 from gateway.credentials.exchange import TokenExchangeClient, subject_expiry
 from gateway.credentials.store import CredentialStore, StoreError, derive_keys
+
+if TYPE_CHECKING:
+    from gateway.assertion import AssertionSigner
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +56,9 @@ class CredentialProvider:
     or unusable is refused per request (503) with the reason logged once at start, so one
     misconfigured upstream does not take the others down."""
 
-    def __init__(self, servers: Mapping[str, CredentialsConfig], environ: Mapping[str, str]) -> None:
+    def __init__(self, servers: Mapping[str, CredentialsConfig], environ: Mapping[str, str], *,
+                 signer: AssertionSigner | None = None) -> None:
+        self._signer = signer
         self._static: dict[str, Mapping[str, str] | None] = {}
         self._exchange: dict[str, TokenExchangeClient | None] = {}
         self._stores: dict[str, CredentialStore | None] = {}
@@ -81,14 +89,21 @@ class CredentialProvider:
             elif not isinstance(creds, NoCredentials):
                 raise ValueError(f"servers.{name}.credentials.kind {creds.kind} is not supported")
 
+    def use_signer(self, signer: AssertionSigner | None) -> None:
+        """The gateway's assertion signer (identity.assertion), for token exchanges whose
+        subject is the caller assertion; None: such exchanges are refused (503)."""
+        self._signer = signer
+
     def header_of(self, server: str) -> str | None:
         """The header a server's credential goes in (None: the server gets none)."""
         creds = self._configs.get(server)
         return creds.header if creds is not None else None
 
-    async def headers(self, server: str, caller: Caller, token: str) -> Mapping[str, str]:
+    async def headers(self, server: str, caller: Caller, token: str, *,
+                      decision_id: str = "") -> Mapping[str, str]:
         """The credential headers for ``caller`` (whose verified bearer token is ``token``) on
-        ``server``; raises a ``GatewayError`` when the credential cannot be had."""
+        ``server``; raises a ``GatewayError`` when the credential cannot be had. ``decision_id``
+        goes into a caller assertion minted as a token exchange's subject."""
         creds = self._configs.get(server)
         if creds is None or isinstance(creds, NoCredentials):
             return NO_HEADERS
@@ -100,24 +115,37 @@ class CredentialProvider:
                     f"set); ask the gateway's operator", data={"server": server})
             return static
         if isinstance(creds, TokenExchangeCredentials):
-            return await self._exchanged(server, creds, caller, token)
+            return await self._exchanged(server, creds, caller, token, decision_id)
         if isinstance(creds, UserStoreCredentials):
             return await self._registered(server, creds, caller)
         raise CredentialUnavailable(f"server {server}: credential kind {creds.kind} unavailable",
                                     data={"server": server})
 
     async def _exchanged(self, server: str, creds: TokenExchangeCredentials, caller: Caller,
-                         token: str) -> Mapping[str, str]:
+                         token: str, decision_id: str) -> Mapping[str, str]:
         client = self._exchange.get(server)
         if client is None:
             raise CredentialUnavailable(
                 f"the gateway cannot exchange tokens for server {server} (its client secret is "
                 f"not set); ask the gateway's operator", data={"server": server})
-        # The subject is the client's verified token: the cache is keyed by its digest, and an
-        # exchanged token is dropped when the subject expires.
-        issued = await client.token(token, ACCESS_TOKEN_TYPE,
-                                    key=client.cache_key(token, creds.audience),
-                                    not_after=subject_expiry(caller.claims))
+        # An exchanged token is dropped when the client's token expires, whichever the subject.
+        not_after = subject_expiry(caller.claims)
+        if creds.subject == "assertion":
+            signer = self._signer
+            if signer is None:
+                raise CredentialUnavailable(
+                    f"server {server} exchanges the gateway's caller assertion, which is off "
+                    f"(identity.assertion); ask the gateway's operator", data={"server": server})
+            # A fresh assertion per exchange (unique jti); the cache is keyed by who the
+            # caller is, since the assertion itself differs every time.
+            issued = await client.token(
+                lambda: signer.mint(caller, creds.audience, decision_id), JWT_TOKEN_TYPE,
+                key=client.cache_key(caller_key(caller), creds.audience), not_after=not_after)
+        else:
+            # The client's verified token: the cache is keyed by its digest.
+            issued = await client.token(token, ACCESS_TOKEN_TYPE,
+                                        key=client.cache_key(token, creds.audience),
+                                        not_after=not_after)
         value = header_value(creds.prefix, issued)
         if value is None:
             raise TokenExchangeRefused(f"the token endpoint issued an unusable token for server "
@@ -158,6 +186,14 @@ class CredentialProvider:
                 await client.close()
         for store in {id(s): s for s in self._stores.values() if s is not None}.values():
             store.close()
+
+
+def caller_key(caller: Caller) -> str:
+    """Who the caller is, for the exchange cache of assertion subjects: everything an
+    assertion says about them (a change of roles or tenant is another caller)."""
+    text = "\0".join((caller.issuer or "", caller.sub, caller.tenant or "", caller.client_id or "",
+                      ",".join(caller.roles)))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _open_store(name: str, creds: UserStoreCredentials, secret: str) -> CredentialStore | None:

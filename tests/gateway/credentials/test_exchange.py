@@ -11,11 +11,20 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import jwt
 import pytest
+from jwt.algorithms import ECAlgorithm
 
-from gateway.credentials.config import ACCESS_TOKEN_TYPE, TokenExchangeCredentials
-from gateway.credentials.errors import TokenExchangeRefused, TokenExchangeUnavailable
+from gateway.assertion import AssertionSigner, KeyRing, new_private_jwk
+from gateway.caller import Caller
+from gateway.credentials.config import ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, TokenExchangeCredentials
+from gateway.credentials.errors import (
+    CredentialUnavailable,
+    TokenExchangeRefused,
+    TokenExchangeUnavailable,
+)
 from gateway.credentials.exchange import GRANT_TYPE, TokenExchangeClient
+from gateway.credentials.provider import CredentialProvider
 from tests.gateway.credentials.sts import TokenServer
 from tests.ports import free_port
 
@@ -210,3 +219,33 @@ async def test_secrets_and_tokens_are_never_logged(sts: TokenServer,
     assert "refused" in text
     for secret in (SUBJECT, "second-subject", issued, SECRET):
         assert secret not in text
+
+
+async def test_assertion_as_subject(sts: TokenServer) -> None:
+    """subject: assertion exchanges a fresh gateway-signed assertion (a JWT for the upstream's
+    audience naming the caller); the cache is per caller, so a repeat costs nothing, while
+    another caller (other roles) is exchanged anew; without a signer the call is refused."""
+    key = new_private_jwk()
+    signer = AssertionSigner(KeyRing.from_jwks({"keys": [key]}), "https://gw.example")
+    creds = _config(sts.url, subject="assertion")
+    caller = Caller(sub="alice", issuer="https://idp", tenant="acme", roles=("analyst",),
+                    claims={"sub": "alice", "exp": time.time() + 600})
+    provider = CredentialProvider({"crm": creds}, {"STS": SECRET}, signer=signer)
+    try:
+        first = await provider.headers("crm", caller, "client-token", decision_id="d1")
+        assert await provider.headers("crm", caller, "other-token", decision_id="d2") == first
+        assert len(sts.requests) == 1
+        form = sts.requests[0]["form"]
+        assert form["subject_token_type"] == JWT_TOKEN_TYPE
+        public = ECAlgorithm.from_jwk({k: v for k, v in key.items() if k != "d"})
+        claims = jwt.decode(form["subject_token"], public, algorithms=["ES256"],  # type: ignore[arg-type]
+                            audience="https://crm.example/mcp", issuer="https://gw.example")
+        assert claims["sub"] == "alice" and claims["decision_id"] == "d1"
+        assert "client-token" not in form.values()
+        await provider.headers("crm", replace(caller, roles=("admin",)), "client-token")
+        assert len(sts.requests) == 2
+        provider.use_signer(None)
+        with pytest.raises(CredentialUnavailable, match="identity.assertion"):
+            await provider.headers("crm", replace(caller, sub="bob"), "client-token")
+    finally:
+        await provider.close()
