@@ -22,7 +22,7 @@ import os
 import ssl
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,21 @@ def client_context(files: TlsFiles | None, *, ca_file: str | None = None,
     return ctx
 
 
+@contextlib.contextmanager
+def _snapshot(files: TlsFiles) -> Iterator[TlsFiles]:
+    """One consistent copy of the three files (private, temporary), checked to load as a server
+    pair: a rotation caught between its two renames is refused here, not half-installed."""
+    with tempfile.TemporaryDirectory(prefix="inner-tls-") as folder:
+        snap = TlsFiles(*(str(Path(folder) / n) for n in ("cert.pem", "key.pem", "ca.pem")))
+        for source, target in zip((files.cert_file, files.key_file, files.ca_file),
+                                  (snap.cert_file, snap.key_file, snap.ca_file), strict=True):
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(Path(source).read_bytes())
+        server_context(snap)
+        yield snap
+
+
 class ReloadingTls:
     """An ``SSLContext`` (a server's, or with ``server=False`` a client's) whose certificate,
     key and CA are reloaded when the files change.
@@ -146,15 +161,7 @@ class ReloadingTls:
             # OpenSSL installs the certificate before it finds that the key does not match:
             # a failed load would break the live context. So: one snapshot of the bytes, tried
             # on a scratch context first, then loaded into the live one.
-            with tempfile.TemporaryDirectory(prefix="inner-tls-") as folder:
-                snap = TlsFiles(*(str(Path(folder) / n) for n in ("cert.pem", "key.pem", "ca.pem")))
-                for source, target in zip((self.files.cert_file, self.files.key_file,
-                                           self.files.ca_file), (snap.cert_file, snap.key_file,
-                                                                 snap.ca_file), strict=True):
-                    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    with os.fdopen(fd, "wb") as fh:
-                        fh.write(Path(source).read_bytes())
-                _load(ssl.SSLContext(self.context.protocol), snap)
+            with _snapshot(self.files) as snap:
                 _load(self.context, snap)
         except (InnerTlsError, OSError) as exc:
             logger.warning("inner TLS reload failed, keeping the current certificate: %s", exc)
@@ -212,14 +219,12 @@ def grpc_server_credentials(files: TlsFiles) -> Any:
 
     def configuration() -> Any:
         try:
-            cert = Path(files.cert_file).read_bytes()
-            key = Path(files.key_file).read_bytes()
-            ca = Path(files.ca_file).read_bytes()
+            with _snapshot(files) as snap:
+                cert, key, ca = (Path(n).read_bytes() for n in (snap.cert_file, snap.key_file,
+                                                                  snap.ca_file))
         except OSError as exc:
             raise InnerTlsError(f"cannot read inner TLS files: {exc}") from exc
-        # gRPC takes the pair as given: check it matches (a half-rotated pair would fail every
-        # handshake until the next change).
-        server_context(files)
+        # gRPC takes the bytes as given: they were checked to be a matching pair above.
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     state = {"digest": files.digest()}

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from gateway import inner_tls
 from gateway.config import ServerConfig
 from gateway.errors import GatewayError
 from gateway.jsonrpc import loads_strict
@@ -108,10 +109,14 @@ def ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
 
 
 def targets(server: ServerConfig, environ: Mapping[str, str]) -> tuple[UpstreamTarget, ...]:
-    """Every endpoint of ``server``."""
+    """Every endpoint of ``server``. A module or command server is reached over TLS with this
+    process's inner certificate when ``environ`` names one (inner_tls: the server requires it)."""
     if server.kind != "url":
-        return tuple(UpstreamTarget(server.name, f"http://{_authority(i.host, i.port)}/mcp")
-                     for i in server.instances)
+        files = inner_tls.files_from_env(environ)
+        context = inner_tls.client_context(files) if files is not None else None
+        scheme = "https" if files is not None else "http"
+        return tuple(UpstreamTarget(server.name, f"{scheme}://{_authority(i.host, i.port)}/mcp",
+                                    ssl=context) for i in server.instances)
     headers = resolve_headers(server, environ)
     context = ssl_context(server)
     sni = server.tls.server_name if server.tls is not None else None

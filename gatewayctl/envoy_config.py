@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
+from gateway import inner_tls
 from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
 from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
@@ -245,6 +246,78 @@ def _upstream_tls(server: ServerConfig, options: RenderOptions) -> str:
             f"        private_key: {{filename: {_q(_path(tls.client_key_file, options))}}}",
         ]
     return "\n".join(lines) + "\n"
+
+
+# inner_tls (docs/inner-tls.md): the names of Envoy's two SDS secrets and their files in
+# inner_tls.sds_dir (sds_documents writes them; they name the certificate files Envoy watches).
+INNER_CERTIFICATE_SECRET = "inner_tls_certificate"  # noqa: S105  (a resource name, not a secret)
+INNER_CA_SECRET = "inner_tls_ca"  # noqa: S105  (a resource name, not a secret)
+INNER_CERTIFICATE_SDS = "inner-tls-certificate.yaml"
+INNER_CA_SDS = "inner-tls-ca.yaml"
+
+
+def _inner_sds(config: GatewayConfig, options: RenderOptions) -> dict[str, object]:
+    folder = Path(config.inner_tls.sds_dir)
+    return {"certificate_secret": INNER_CERTIFICATE_SECRET, "ca_secret": INNER_CA_SECRET,
+            "certificate_sds": _q(_path(str(folder / INNER_CERTIFICATE_SDS), options)),
+            "ca_sds": _q(_path(str(folder / INNER_CA_SDS), options))}
+
+
+def _inner_upstream_tls(config: GatewayConfig, identity: str, options: RenderOptions, *,
+                        http2: bool = False) -> str:
+    """The transport socket of a cluster of our own components under inner_tls ("" when off)."""
+    if not config.inner_tls.enabled:
+        return ""
+    san = config.inner_tls.san(identity)
+    # gRPC servers want HTTP/2 negotiated by ALPN; the aiohttp servers speak HTTP/1.1 only.
+    alpn = "alpn_protocols: [h2]\n" if http2 else ""
+    return _fill(_template("inner_tls_upstream.yaml.tmpl"), {"alpn": alpn},
+                 {"san": san, "san_q": _q(san), **_inner_sds(config, options)})
+
+
+def _inner_downstream_tls(config: GatewayConfig, options: RenderOptions) -> str:
+    """The inner listener's transport socket under inner_tls ("" when off)."""
+    if not config.inner_tls.enabled:
+        return ""
+    san = config.inner_tls.san(inner_tls.AGGREGATOR)
+    return _fill(_template("inner_tls_downstream.yaml.tmpl"), {},
+                 {"san": san, "san_q": _q(san), **_inner_sds(config, options)})
+
+
+def sds_documents(config: GatewayConfig, options: RenderOptions | None = None) -> dict[str, str]:
+    """The SDS resource files Envoy reads under inner_tls (file name in inner_tls.sds_dir ->
+    YAML); empty when inner_tls is off. They only name the certificate files: written once,
+    they stay valid across rotations."""
+    if not config.inner_tls.enabled:
+        return {}
+    opts = options or RenderOptions()
+    it = config.inner_tls
+    resource = '- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n'
+    return {
+        INNER_CERTIFICATE_SDS: (
+            "# Envoy's inner certificate (inner_tls.cert_file / key_file); rotated in place.\n"
+            f"resources:\n{resource}  name: {INNER_CERTIFICATE_SECRET}\n  tls_certificate:\n"
+            f"    certificate_chain: {{filename: {_q(_path(it.cert_file, opts))}}}\n"
+            f"    private_key: {{filename: {_q(_path(it.key_file, opts))}}}\n"),
+        INNER_CA_SDS: (
+            "# The inner CA (inner_tls.ca_file): peers' certificates must chain to it.\n"
+            f"resources:\n{resource}  name: {INNER_CA_SECRET}\n  validation_context:\n"
+            f"    trusted_ca: {{filename: {_q(_path(it.ca_file, opts))}}}\n"),
+    }
+
+
+def write_sds_documents(config: GatewayConfig, options: RenderOptions | None = None) -> list[Path]:
+    """Write ``sds_documents`` into inner_tls.sds_dir (by rename: Envoy never reads half a file)."""
+    out = []
+    for name, text in sds_documents(config, options).items():
+        path = Path(config.inner_tls.sds_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        out.append(path)
+    return out
 
 
 def _from_environment(value: str) -> str:
@@ -502,11 +575,13 @@ def _aggregate(config: GatewayConfig, options: RenderOptions, health: dict[str, 
     lua = _fill(_template("aggregate_lua_filter.yaml.tmpl"), {"lua_source": aggregate_lua()},
                 {"lua_source_name": LUA_SOURCE_NAME})
     inner = agg.inner_listener
-    listener = _fill(_template("aggregate_inner_listener.yaml.tmpl"), {},
+    listener = _fill(_template("aggregate_inner_listener.yaml.tmpl"),
+                     {"transport_socket": _inner_downstream_tls(config, options)},
                      {"inner_host": _q(inner.host), "inner_port": inner.port,
                       "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes})
     cluster = _fill(_template("aggregate_cluster.yaml.tmpl"),
-                    {"aggregator_endpoints": _endpoints(agg.instances)},
+                    {"aggregator_endpoints": _endpoints(agg.instances),
+                     "transport_socket": _inner_upstream_tls(config, inner_tls.AGGREGATOR, options)},
                     {"aggregator_count": len(agg.instances),
                      "aggregator_discovery": _discovery(agg.instances),
                      "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes, **health})
@@ -628,7 +703,10 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
         per_server = _server_tuning(server)
         clusters.append(_fill(cluster_tmpl, {"endpoints": _endpoints(server.instances, server),
                                              "health_check": _health_check(server),
-                                             "transport_socket": _upstream_tls(server, options)},
+                                             "transport_socket": _upstream_tls(server, options)
+                                             or (_inner_upstream_tls(
+                                                 config, inner_tls.server_identity(server.name), options)
+                                                 if server.kind != "url" else "")},
                               {"name": server.name, "instance_count": len(server.instances),
                                "discovery": _discovery(server.instances),
                                "buffer_limit_bytes": buffer_limit, **per_server}))
@@ -648,7 +726,9 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
         ext_proc_filter = _fill(_template("ext_proc_filter.yaml.tmpl"), {},
                                 {"ext_proc_timeout": f"{config.ext_proc.timeout_ms / 1000:g}s"})
         ext_proc_cluster = _fill(_template("ext_proc_cluster.yaml.tmpl"),
-                                 {"ext_proc_endpoints": _endpoints(config.ext_proc.instances)},
+                                 {"ext_proc_endpoints": _endpoints(config.ext_proc.instances),
+                                  "transport_socket": _inner_upstream_tls(
+                                      config, inner_tls.EXT_PROC, options, http2=True)},
                                  {"ext_proc_discovery": _discovery(config.ext_proc.instances),
                                   # Every GET stream of a session holds an ext_proc stream while
                                   # open: ext_proc admits as many as all servers together, so
@@ -697,6 +777,8 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
                           {"ext_authz_timeout": authz_timeout,
                            "aggregate_upstream_patterns": upstream_patterns, **wire_names})
     authz_cluster = _fill(_template(f"ext_authz_{transport}_cluster.yaml.tmpl"), {}, {**health})
+    authz_cluster += _inner_upstream_tls(config, inner_tls.EXT_AUTHZ, options,
+                                         http2=transport == "grpc")
 
     removals = "".join(f"- remove: {_q(h)}\n" for h in (*GATEWAY_HEADERS, *SIGNAL_HEADERS,
                                                          *AGGREGATE_HEADERS))

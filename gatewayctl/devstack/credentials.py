@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig
-from gatewayctl import tokens
+from gatewayctl import envoy_config, tokens
 from gatewayctl.devstack.state import StackError, paths
 
 logger = logging.getLogger(__name__)
@@ -110,11 +111,12 @@ def inner_identities(config: GatewayConfig) -> dict[str, tuple[list[str], bool]]
     """Each inner component's identity -> (the hosts it listens on, whether it is also a client).
 
     Envoy is the client of every inner hop and the server of the inner listener; the aggregator
-    serves Envoy and is the inner listener's client; the others only serve."""
+    serves Envoy and is the inner listener's client; ext_authz fetches the servers' tool lists
+    itself (the catalog); the others only serve."""
     out: dict[str, tuple[list[str], bool]] = {}
     inner = config.aggregate.inner_listener
     out[inner_tls.ENVOY] = ([inner.host] if inner is not None else [], True)
-    out[inner_tls.EXT_AUTHZ] = ([i.host for i in config.ext_authz.instances], False)
+    out[inner_tls.EXT_AUTHZ] = ([i.host for i in config.ext_authz.instances], True)
     out[inner_tls.EXT_PROC] = ([i.host for i in config.ext_proc.instances], False)
     if config.aggregate.enabled:
         out[inner_tls.AGGREGATOR] = ([i.host for i in config.aggregate.instances], True)
@@ -167,6 +169,20 @@ def issue_inner_tls(config: GatewayConfig, *, only_missing: bool = True) -> list
     if todo:
         logger.info("issued inner TLS certificates for %s in %s", ", ".join(todo), it.dir)
     return todo
+
+
+def ensure_inner_tls(config: GatewayConfig) -> None:
+    """Under inner_tls: the missing inner certificates issued and Envoy's SDS files written."""
+    if not config.inner_tls.enabled:
+        return
+    issue_inner_tls(config)
+    envoy_config.write_sds_documents(config)
+
+
+def inner_client_context(config: GatewayConfig) -> ssl.SSLContext:
+    """A client context with the gateway's (Envoy's) inner certificate, for the stack's own
+    probes and scrapes of components that require it (the host name is not checked: liveness)."""
+    return inner_tls.client_context(config.inner_tls.files(inner_tls.ENVOY), check_hostname=False)
 
 
 def ensure_tls(config: GatewayConfig) -> Path | None:

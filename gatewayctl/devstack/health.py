@@ -13,9 +13,12 @@ from typing import Any
 
 import aiohttp
 
+from gateway import inner_tls
 from gateway.config import GatewayConfig
+from gateway.inner_tls import TlsFiles
 from gateway.upstream import ProbeFailed, UpstreamError, targets
 from gateway.upstream import probe as upstream_probe
+from gatewayctl.devstack.credentials import inner_client_context
 from gatewayctl.devstack.plan import Component
 
 PROBE_TIMEOUT_SECONDS = 1.0
@@ -37,11 +40,21 @@ def http_status(host: str, port: int, path: str, *, tls: ssl.SSLContext | None =
         conn.close()
 
 
-def _grpc_serving(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS) -> bool:
+def _grpc_serving(host: str, port: int, timeout: float = PROBE_TIMEOUT_SECONDS, *,
+                  tls: TlsFiles | None = None, tls_name: str = "") -> bool:
     import grpc  # grpc starts threads: load it only to probe
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(f"{host}:{port}") as channel:
+    if tls is not None:
+        # inner_tls: the gateway's client certificate; the server's must name tls_name.
+        creds = grpc.ssl_channel_credentials(Path(tls.ca_file).read_bytes(),
+                                             Path(tls.key_file).read_bytes(),
+                                             Path(tls.cert_file).read_bytes())
+        channel_ctx = grpc.secure_channel(f"{host}:{port}", creds,
+                                          options=[("grpc.ssl_target_name_override", tls_name)])
+    else:
+        channel_ctx = grpc.insecure_channel(f"{host}:{port}")
+    with channel_ctx as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # generated stub: untyped methods
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
@@ -78,6 +91,12 @@ def probe(component: Component, config: GatewayConfig, ca_file: Path | None) -> 
     if pr.kind == "mcp":
         return upstream_problem(component, config) is None
     try:
+        if pr.tls_name:
+            # inner_tls: the component wants the gateway's client certificate.
+            if pr.kind == "grpc":
+                return _grpc_serving(pr.host, pr.port, tls=config.inner_tls.files(inner_tls.ENVOY),
+                                     tls_name=pr.tls_name)
+            return http_status(pr.host, pr.port, pr.path, tls=inner_client_context(config)) == 200
         if pr.kind == "grpc":
             return _grpc_serving(pr.host, pr.port)
         if pr.kind == "http":

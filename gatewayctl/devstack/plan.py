@@ -7,10 +7,11 @@ from __future__ import annotations
 import errno
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from gateway import inner_tls
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, ServerConfig
 from gateway.credentials.config import credential_secrets
 from gatewayctl import envoy_config, runtimes
@@ -39,6 +40,9 @@ class Probe:
     port: int
     path: str = "/"  # mcp: the endpoint's URL
     server: str = ""  # mcp: the server's name in the config
+    # inner_tls: the name the component's certificate carries; the probe then speaks TLS with
+    # the gateway's client certificate ("" : plain text).
+    tls_name: str = ""
 
 
 def remote(component: Component) -> bool:
@@ -60,6 +64,8 @@ class Component:
     # Folders put first on this process's PATH: a command server's runtime (gatewayctl.runtimes),
     # so the bridge, and the stdio server it starts, find the installed program.
     path_prefix: tuple[str, ...] = ()
+    # inner_tls: the MCP_INNER_TLS_* variables naming this process's certificate files.
+    tls_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def label(self) -> str:
@@ -209,7 +215,33 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                          Probe("envoy", config.admin.host, config.admin.port, "/ready"), wave=2,
                          env=upstream_secrets,
                          metrics_url=f"http://{config.admin.host}:{config.admin.port}/stats/prometheus"))
-    return out
+    return [with_inner_tls(config, c) for c in out]
+
+
+def inner_identity(config: GatewayConfig, component: str) -> str | None:
+    """The inner_tls identity of a component the stack runs (None: it has no inner certificate:
+    Envoy's is its client one, backends and the JWKS server are not behind Envoy)."""
+    if component in ("ext_authz", "ext_proc"):
+        return inner_tls.EXT_AUTHZ if component == "ext_authz" else inner_tls.EXT_PROC
+    if component == "aggregator" and config.aggregate.enabled:
+        return inner_tls.AGGREGATOR
+    if any(s.name == component and s.kind != "url" for s in config.servers):
+        return inner_tls.server_identity(component)
+    return None
+
+
+def with_inner_tls(config: GatewayConfig, comp: Component) -> Component:
+    """Under inner_tls: the component's certificate files in its environment, its probe over
+    TLS, and its same-port /metrics over https."""
+    identity = inner_identity(config, comp.name) if config.inner_tls.enabled else None
+    if identity is None or remote(comp):
+        return comp
+    metrics = comp.metrics_url
+    if metrics is not None and metrics.startswith(f"http://{comp.host}:{comp.port}/"):
+        metrics = "https" + metrics.removeprefix("http")
+    return replace(comp, tls_env=tuple(config.inner_tls.files(identity).env().items()),
+                   probe=replace(comp.probe, tls_name=config.inner_tls.san(identity)),
+                   metrics_url=metrics)
 
 
 def inner_base_url(config: GatewayConfig) -> str:
@@ -219,7 +251,9 @@ def inner_base_url(config: GatewayConfig) -> str:
         raise StackError("aggregate.inner_listener is not set")
     host = "127.0.0.1" if inner.host in ("0.0.0.0", "") else "::1" if inner.host in ("::", "[::]") \
         else inner.host
-    return f"http://[{host}]:{inner.port}" if ":" in host else f"http://{host}:{inner.port}"
+    # inner_tls: the inner listener serves TLS and wants the aggregator's client certificate.
+    scheme = "https" if config.inner_tls.enabled else "http"
+    return f"{scheme}://[{host}]:{inner.port}" if ":" in host else f"{scheme}://{host}:{inner.port}"
 
 
 def aggregators(config: GatewayConfig) -> list[Component]:

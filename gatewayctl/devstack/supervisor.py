@@ -34,7 +34,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gatewayctl import envoy_config, envoy_restarter, runtimes
-from gatewayctl.devstack.credentials import ensure_secrets, ensure_tls, signing_key
+from gatewayctl.devstack.credentials import ensure_inner_tls, ensure_secrets, ensure_tls, signing_key
 from gatewayctl.devstack.health import (
     PROBE_TIMEOUT_SECONDS,
     cluster_of,
@@ -124,7 +124,7 @@ def _stack_env(config: GatewayConfig) -> dict[str, str]:
 def _component_env(base: dict[str, str], comp: Component, secrets: dict[str, str]
                    ) -> dict[str, str]:
     """A component's environment: the stack's, the secrets it lists, and its PATH prefix."""
-    env = {**base, **{n: secrets[n] for n in comp.env}}
+    env = {**base, **{n: secrets[n] for n in comp.env}, **dict(comp.tls_env)}
     if comp.path_prefix:
         env["PATH"] = os.pathsep.join([*comp.path_prefix, base.get("PATH", os.defpath)])
     return env
@@ -159,6 +159,7 @@ class Stack:
         p.logs.mkdir(parents=True, exist_ok=True)
         self.prepare_commands()
         self.ca_file = ensure_tls(self.config)
+        ensure_inner_tls(self.config)
         self.secrets = ensure_secrets(self.config)
         signing_key(self.config)
         with_ext_proc = any(c.name == "ext_proc" for c in self.components)
@@ -223,7 +224,8 @@ class Stack:
                             "probe": asdict(comp.probe),
                             # What `restart` starts again: the same process, not a re-plan.
                             "argv": list(comp.argv), "env": list(comp.env),
-                            "path_prefix": list(comp.path_prefix)})
+                            "path_prefix": list(comp.path_prefix),
+                            "tls_env": dict(comp.tls_env)})
         # `ready`: every component answered its health check once (start-up is over).
         data: dict[str, Any] = {"config": self.config.source, "ready": ready, "components": entries}
         if supervisor is not None:
@@ -393,7 +395,8 @@ def restart(config: GatewayConfig, component: str, instance: int | None = None, 
         host, _, port = entry["address"].rpartition(":")
         comp = Component(entry["component"], entry["instance"], host, int(port),
                          tuple(entry["argv"]), Probe(**entry["probe"]), env=tuple(entry["env"]),
-                         path_prefix=tuple(entry.get("path_prefix", ())))
+                         path_prefix=tuple(entry.get("path_prefix", ())),
+                         tls_env=tuple(entry.get("tls_env", {}).items()))
         with open(entry["log"], "ab") as out:
             proc = subprocess.Popen(comp.argv, stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, cwd=base_dir(config),
@@ -481,6 +484,7 @@ def reload(config: GatewayConfig, *, timeout: float = STARTUP_TIMEOUT_SECONDS) -
                          f"start one with `mcp-gateway up`")
     with_ext_proc = any(e["component"] == "ext_proc" for e in entries)
     ensure_tls(config)  # certificates the stack makes itself are made again when removed
+    ensure_inner_tls(config)
     candidate = p.envoy_yaml.with_name("envoy.next.yaml")
     candidate.write_text(envoy_config.render(
         config, envoy_config.RenderOptions(ext_proc=with_ext_proc)), encoding="utf-8")

@@ -28,6 +28,7 @@ import yaml
 from gateway.catalog import Catalog
 from gateway.config import GatewayConfig, load_config
 from gatewayctl import devstack
+from gatewayctl.devstack.credentials import inner_client_context
 from tests.e2e.helpers import REPO, authz_transport, stack_config
 
 T = TypeVar("T")
@@ -142,7 +143,9 @@ class Gateway:
                 continue
             if self.stack.procs[comp.label].poll() is not None:
                 continue
-            with urllib.request.urlopen(comp.metrics_url, timeout=5) as reply:
+            # inner_tls: a server's same-port /metrics wants the gateway's client certificate.
+            ctx = inner_client_context(self.config) if comp.metrics_url.startswith("https:") else None
+            with urllib.request.urlopen(comp.metrics_url, timeout=5, context=ctx) as reply:
                 text = reply.read().decode()
             for line in text.splitlines():
                 if line.startswith(name) and line[len(name)] in " {":

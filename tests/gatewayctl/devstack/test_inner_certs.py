@@ -44,7 +44,8 @@ def _usages(cert: x509.Certificate) -> set[x509.ObjectIdentifier]:
 def test_each_inner_component_gets_its_certificate(tmp_path: Path) -> None:
     """Envoy, ext_authz, ext_proc, the aggregator and each module/command server get a
     certificate from the dev CA naming <identity>.<domain> and loopback; url servers get none;
-    only Envoy and the aggregator may act as clients; keys are private."""
+    only Envoy, the aggregator and ext_authz (its catalog fetch) may act as clients; keys are
+    private."""
     config = _config(tmp_path)
     issued = issue_inner_tls(config)
     assert set(issued) == {"envoy", "ext-authz", "ext-proc", "aggregator", "server-files", "server-tools"}
@@ -59,7 +60,7 @@ def test_each_inner_component_gets_its_certificate(tmp_path: Path) -> None:
         assert sans.get_values_for_type(x509.DNSName)[0] == f"{identity}.mcp-gateway.internal"
         assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
         client = ExtendedKeyUsageOID.CLIENT_AUTH in _usages(cert)
-        assert client == (identity in ("envoy", "aggregator"))
+        assert client == (identity in ("envoy", "aggregator", "ext-authz"))
         assert ExtendedKeyUsageOID.SERVER_AUTH in _usages(cert)
         assert Path(files.key_file).stat().st_mode & 0o077 == 0
         # The pair loads as the service will load it.
