@@ -24,14 +24,25 @@ from gateway.catalog import Catalog
 from gateway.config import load_config
 from gatewayctl import cli, devstack
 from tests.e2e.conftest import HAS_EXT_PROC, installed
-from tests.e2e.helpers import REPO, authz_transport, bearer, stack_config, stateless_call, wait_until
-from tests.ports import free_port
+from tests.e2e.helpers import (
+    MODERN,
+    MODERN_META,
+    REPO,
+    authz_transport,
+    bearer,
+    stack_config,
+    stateless_call,
+    tls_context,
+    wait_until,
+)
+from tests.ports import free_port, free_ports
 
 START_SECONDS = 20.0
 STATIC_SECRET = "static-upstream-secret-1"  # noqa: S105  # a test value
 KEY_SECRET = "api-key-upstream-secret-2"  # noqa: S105  # a test value
 STS_SECRET = "sts-client-secret-3"  # noqa: S105  # a test value
 STORE_KEY = "e2e-store-key-0123456789abcdef"
+AGGREGATE_KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
 SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down", "store")
 
 
@@ -103,8 +114,8 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    if not installed("ext_authz.__main__"):
-        pytest.skip("needs ext_authz")
+    if not (installed("ext_authz.__main__") and installed("mcp_aggregator.__main__")):
+        pytest.skip("needs ext_authz and mcp_aggregator")
     tmp = tmp_path_factory.mktemp("upstream-credentials")
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.e2e.credentials_upstream",
@@ -129,8 +140,11 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
             **exchange, "token_endpoint": f"http://127.0.0.1:{free_port()}/token"}},
         "store": {"url": url, "credentials": {"kind": "user_store", "key": "STORE_KEY"}},
     }
+    aggregator, inner = free_ports(2)
     extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies", SERVERS))},
-             "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET", "STORE_KEY"]}
+             "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET", "STORE_KEY", AGGREGATE_KEYS],
+             "aggregate": {"instances": [{"port": aggregator}], "inner_listener": {"port": inner},
+                           "session_keys": AGGREGATE_KEYS}}
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -242,3 +256,28 @@ def test_user_store_register_call_revoke(env: Env, monkeypatch: pytest.MonkeyPat
     reply, _ = env.call("store", token)
     assert reply.status_code == 403
     assert reply.json()["error"]["data"]["reason"] == "upstream_credential_missing"
+
+
+def _aggregate_call(env: Env, tool: str, token: str) -> httpx2.Response:
+    """One stateless tools/call of ``tool`` (``<server>__headers``) on /mcp."""
+    async def call() -> httpx2.Response:
+        async with httpx2.AsyncClient(verify=tls_context(env.stack), timeout=20) as http:
+            return await http.post(env.stack.config.aggregate_url(), json={
+                "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                "params": {"name": tool, "arguments": {}, "_meta": MODERN_META}}, headers={
+                "authorization": f"Bearer {token}", "content-type": "application/json",
+                "accept": "application/json, text/event-stream", "mcp-protocol-version": MODERN,
+                "mcp-method": "tools/call", "mcp-name": tool})
+    return asyncio.run(call())
+
+
+def test_aggregate_endpoint_calls_carry_the_credential_not_the_token(env: Env) -> None:
+    """A call routed by /mcp to a credentialed server carries its credential in place of the
+    client's token; one to a server without credentials carries no Authorization."""
+    token = bearer(env.stack.config, "admin")
+    lines = received(_aggregate_call(env, "static_auth__headers", token))
+    assert [v for n, v in lines if n == "authorization"] == [f"Bearer {STATIC_SECRET}"]
+    assert_no_client_token(lines, token)
+    lines = received(_aggregate_call(env, "plain__headers", token))
+    assert "authorization" not in {name for name, _ in lines}
+    assert_no_client_token(lines, token)
