@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import NoneType, UnionType
 from typing import Any, get_args, get_type_hints
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yaml
 
@@ -243,6 +243,9 @@ class PolicyConfig:
     dir: str = "policies"
     entrypoint: str = "mcp/authz/decision"
     opa_url: str | None = None
+    # The bearer token the gateway sends to a remote OPA that requires one, named as ${SECRET}
+    # (a name in `secrets`, read from the environment when the engine starts; never the token).
+    opa_token: str | None = None
     dry_run: bool = False
     decision_cache_size: int = DEFAULT_DECISION_CACHE_SIZE  # embedded engine only; 0: off
     # Embedded engine only: misses are evaluated on worker threads under this deadline.
@@ -261,7 +264,8 @@ class RateSpec:
 @dataclass(frozen=True, slots=True)
 class RateLimitConfig:
     backend: str = "memory"  # "memory" | "redis"
-    redis_url: str | None = None
+    # May hold Redis's password (filled from a secret): kept out of repr() and so out of logs.
+    redis_url: str | None = field(default=None, repr=False)
     per_user: RateSpec | None = RateSpec(50.0, 100)
     per_tool: RateSpec | None = None
     # Envoy's coarse per-process flood guard in front of ext_authz (None: no edge limit).
@@ -611,6 +615,32 @@ _SERVER_KEYS = {
 }
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _secret_url(url: str | None, where: str, secrets: tuple[str, ...]) -> str | None:
+    """A URL whose ${NAME} parts (names from `secrets`, e.g. a Redis password) are filled from
+    the environment, percent-encoded. A name not set here stays as written: tools that never
+    connect (config render) work without the secret, and a service connecting with it is refused
+    by the server (a rate limit that cannot reach Redis denies)."""
+    if url is None:
+        return None
+    for name in _SECRET_REF.findall(url):
+        if name not in secrets:
+            raise ConfigError(f"{where}: ${{{name}}} is not listed in secrets")
+    return _SECRET_REF.sub(lambda m: quote(os.environ[m.group(1)], safe="")
+                           if m.group(1) in os.environ else m.group(0), url)
+
+
+def secret_value(reference: str, where: str) -> str:
+    """The value of a ``${NAME}`` secret reference from the environment, else a ConfigError
+    naming the key and the variable."""
+    match = _SECRET_REF.fullmatch(reference)
+    if match is None:
+        raise ConfigError(f"{where} must be ${{NAME}}, a secret's name")
+    value = os.environ.get(match.group(1), "")
+    if not value:
+        raise ConfigError(f"{where}: the secret {match.group(1)} is not set in this process's environment")
+    return value
 # Headers a static upstream header may not set: Envoy's own, the gateway's, hop-by-hop ones.
 _RESERVED_UPSTREAM_HEADERS = frozenset({
     "host", "content-length", "content-type", "transfer-encoding", "connection", "te", "upgrade",
@@ -889,12 +919,17 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         raise ConfigError("policy.engine must be 'embedded' or 'opa'")
     if policy.engine == "opa" and not policy.opa_url:
         raise ConfigError("policy.opa_url is required when policy.engine is 'opa'")
+    token_ref = _SECRET_REF.fullmatch(policy.opa_token or "")
+    if policy.opa_token is not None and (token_ref is None or token_ref.group(1) not in secrets):
+        raise ConfigError("policy.opa_token must name a secret listed in secrets, as ${NAME} "
+                          "(the token itself never goes in the config)")
 
     rl_raw = _only(top.get("rate_limits", {}), {"backend", "redis_url", "per_user", "per_tool",
                                                 "edge"}, "rate_limits")
     rate_limits = RateLimitConfig(
         backend=_take(rl_raw, "backend", str, "rate_limits", "memory"),
-        redis_url=_take(rl_raw, "redis_url", (str, type(None)), "rate_limits", None),
+        redis_url=_secret_url(_take(rl_raw, "redis_url", (str, type(None)), "rate_limits", None),
+                              "rate_limits.redis_url", secrets),
         per_user=_rate(rl_raw.get("per_user", {"rate_per_second": 50, "burst": 100}), "rate_limits.per_user"),
         per_tool=_rate(rl_raw.get("per_tool"), "rate_limits.per_tool"),
         edge=_rate(rl_raw.get("edge", {"rate_per_second": 1000, "burst": 2000}), "rate_limits.edge"),

@@ -1,4 +1,5 @@
-"""Regenerate the ConfigMaps in deploy/k8s/ from deploy/k8s/gateway.yaml and policies/.
+"""Regenerate the ConfigMaps in deploy/k8s/ from deploy/k8s/gateway.yaml, policies/ and
+deploy/opa/system-authz.rego.
 
     .venv/bin/python deploy/k8s/render_configmaps.py
 
@@ -72,15 +73,18 @@ def expected() -> dict[str, str]:
     policies = {p.name: p.read_text(encoding="utf-8")
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}
+    system_authz = (REPO / "deploy" / "opa" / "system-authz.rego").read_text(encoding="utf-8")
     configmaps = {
         "mcp-gateway-config": configmap("mcp-gateway-config", {"gateway.yaml": gateway_yaml}),
         "envoy-config": configmap("envoy-config", {"envoy.yaml": envoy_yaml}),
         "opa-policies": configmap("opa-policies", policies),
+        "opa-system-authz": configmap("opa-system-authz", {"system-authz.rego": system_authz}),
     }
     files = {
         "configmap-gateway.yaml": configmaps["mcp-gateway-config"],
         "configmap-envoy.yaml": configmaps["envoy-config"],
         "configmap-policies.yaml": configmaps["opa-policies"],
+        "configmap-opa-system-authz.yaml": configmaps["opa-system-authz"],
     }
     for path in sorted(HERE.glob("*.yaml")):
         text = path.read_text(encoding="utf-8")

@@ -6,7 +6,7 @@ import the interface.
 
 from __future__ import annotations
 
-from gateway.config import PolicyConfig
+from gateway.config import ConfigError, PolicyConfig, secret_value
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.engine import DEFAULT_OPA_TIMEOUT_SECONDS, DEFAULT_RELOAD_INTERVAL_SECONDS, PolicyEngine
 from gateway.policy.errors import PolicyError
@@ -27,5 +27,11 @@ def build_engine(cfg: PolicyConfig, *, reload_interval: float = DEFAULT_RELOAD_I
     if cfg.engine == "opa":
         if not cfg.opa_url:
             raise PolicyError("policy.opa_url is required when policy.engine is 'opa'")
-        return OpaEngine(cfg.opa_url, cfg.entrypoint, timeout=opa_timeout)
+        token = None
+        if cfg.opa_token is not None:
+            try:
+                token = secret_value(cfg.opa_token, "policy.opa_token")
+            except ConfigError as exc:
+                raise PolicyError(str(exc)) from None
+        return OpaEngine(cfg.opa_url, cfg.entrypoint, timeout=opa_timeout, token=token)
     raise PolicyError(f"unknown policy engine {cfg.engine!r}: expected 'embedded' or 'opa'")

@@ -5,6 +5,10 @@ means the rule is undefined (a deny by the contract). One client, and so one aio
 its keep-alive connections, lives from ``start()`` to ``close()``. Every query is bounded by
 ``timeout`` and never retried: the client's own retries sleep with backoff, which a request in
 flight cannot afford, so they are switched off.
+
+An OPA run with ``--authentication=token --authorization=basic`` wants every query to carry
+``Authorization: Bearer <token>`` and answers 401 without a valid one (its ``system.authz``
+policy decides); ``token`` is sent on every request of the session.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ from gateway.policy.errors import PolicyError, PolicyEvalError, PolicyInputError
 
 logger = logging.getLogger(__name__)
 
+MAX_TOKEN_CHARS = 4096
+
 
 class OpaEngine(PolicyEngine):
-    def __init__(self, url: str, entrypoint: str, *, timeout: float = DEFAULT_OPA_TIMEOUT_SECONDS) -> None:
+    def __init__(self, url: str, entrypoint: str, *, timeout: float = DEFAULT_OPA_TIMEOUT_SECONDS,
+                 token: str | None = None) -> None:
         super().__init__(entrypoint)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -33,11 +40,15 @@ class OpaEngine(PolicyEngine):
             raise PolicyError(f"policy.opa_url must name the OPA server only (no path), got {url!r}")
         if timeout <= 0:
             raise PolicyError("the OPA timeout must be positive")
+        if token is not None and not (0 < len(token) <= MAX_TOKEN_CHARS and token.isascii()
+                                      and token.isprintable() and " " not in token):
+            raise PolicyError(f"policy.opa_token: the token must be 1-{MAX_TOKEN_CHARS} visible "
+                              f"ASCII characters")
         self.url = url
         self.timeout = timeout
         self._client = AsyncOpaClient(
             host=parts.hostname, port=parts.port or (443 if parts.scheme == "https" else 80),
-            ssl=parts.scheme == "https", retries=0, timeout=timeout,
+            ssl=parts.scheme == "https", retries=0, timeout=timeout, token=token,
         )
         self._started = False
 
@@ -62,6 +73,9 @@ class OpaEngine(PolicyEngine):
         except TimeoutError:
             raise PolicyEvalError(f"OPA did not answer within {self.timeout:.3f}s") from None
         except aiohttp.ClientResponseError as exc:
+            if exc.status in (401, 403):
+                raise PolicyEvalError(f"OPA refused the gateway's credentials (HTTP {exc.status}): "
+                                      f"check policy.opa_token and OPA's system.authz") from None
             raise PolicyEvalError(f"OPA answered HTTP {exc.status} for {entrypoint}") from None
         except aiohttp.ClientError as exc:
             raise PolicyEvalError(f"OPA unreachable at {self.url}: {type(exc).__name__}: {exc}") from None

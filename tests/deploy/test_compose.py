@@ -94,7 +94,7 @@ def test_ports_agree_with_the_gateway_config(compose: dict[str, Any]) -> None:
         command = svcs[inst.host]["command"]
         assert command[command.index("--port") + 1] == str(inst.port)
     assert config.policy.opa_url == "http://opa:8181" and "opa" in svcs
-    assert config.rate_limits.redis_url and "//redis:" in config.rate_limits.redis_url
+    assert config.rate_limits.redis_url and "@redis:6379/" in config.rate_limits.redis_url
     opa = svcs["opa"]
     assert "./policies:/policies:ro" in opa["volumes"] and "/policies" in opa["command"]
 

@@ -11,7 +11,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway.config import PolicyConfig
 from gateway.policy import PolicyError
+from gateway.policy.errors import PolicyEvalError
+from gateway.policy.factory import build_engine
 from gateway.policy.opa import OpaEngine
 
 
@@ -26,9 +29,16 @@ class FakeOpa:
     raw_body: str | None = None
     seen: list[tuple[str, Any]] = field(default_factory=list)
     peers: set[Any] = field(default_factory=set)
+    # OPA run with --authentication=token --authorization=basic: this bearer token or 401.
+    token: str | None = None
+    authorizations: list[str | None] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         path = request.match_info["path"]
+        self.authorizations.append(request.headers.get("Authorization"))
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response({"code": "unauthorized", "message": "request rejected by "
+                                      "administrative policy"}, status=401)
         body = await request.json()
         self.seen.append((path, body.get("input")))
         if request.transport is not None:
@@ -152,3 +162,64 @@ def test_rejects_url_with_path() -> None:
     """The OPA URL names the server only; the data path comes from the entrypoint."""
     with pytest.raises(PolicyError, match="no path"):
         OpaEngine("http://127.0.0.1:8181/v1/data/x", "mcp/authz/decision")
+
+
+TOKEN = "k" * 40
+
+
+async def test_bearer_token_is_sent(opa: tuple[FakeOpa, str]) -> None:
+    """With a token, every query carries Authorization: Bearer <token>, which an OPA requiring
+    token authentication accepts."""
+    opa[0].token = TOKEN
+    opa[0].results["mcp/authz/decision"] = True
+    eng = OpaEngine(opa[1], "mcp/authz/decision", timeout=2.0, token=TOKEN)
+    await eng.start()
+    try:
+        assert (await eng.decide({})).allow
+        assert (await eng.decide({})).allow
+    finally:
+        await eng.close()
+    assert opa[0].authorizations == [f"Bearer {TOKEN}"] * 2
+
+
+@pytest.mark.parametrize("token", [None, "w" * 40])
+async def test_refused_credentials_fail_closed(opa: tuple[FakeOpa, str], token: str | None) -> None:
+    """No token or a wrong one: OPA answers 401, the decision is a policy_error deny and the
+    error says the credentials were refused."""
+    opa[0].token = TOKEN
+    opa[0].results["mcp/authz/decision"] = True
+    eng = OpaEngine(opa[1], "mcp/authz/decision", timeout=2.0, token=token)
+    await eng.start()
+    try:
+        d = await eng.decide({})
+        assert not d.allow and d.error_code == "policy_error"
+        with pytest.raises(PolicyEvalError, match=r"refused the gateway's credentials \(HTTP 401\)"):
+            await eng.evaluate("mcp/authz/decision", {})
+    finally:
+        await eng.close()
+
+
+@pytest.mark.parametrize("token", ["", "a b", "x\ny", "é", "t" * 4097])
+def test_rejects_unsendable_tokens(token: str) -> None:
+    """A token that is not one header-safe word is refused at construction, naming the key."""
+    with pytest.raises(PolicyError, match="policy.opa_token"):
+        OpaEngine("http://127.0.0.1:8181", "mcp/authz/decision", token=token)
+
+
+async def test_factory_reads_the_token_secret(opa: tuple[FakeOpa, str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """policy.opa_token: ${NAME} is read from the environment when the engine is built; an unset
+    secret stops the build naming the key and the variable."""
+    cfg = PolicyConfig(engine="opa", opa_url=opa[1], opa_token="${MCP_GATEWAY_OPA_TOKEN}")
+    monkeypatch.delenv("MCP_GATEWAY_OPA_TOKEN", raising=False)
+    with pytest.raises(PolicyError, match=r"policy\.opa_token: the secret MCP_GATEWAY_OPA_TOKEN is not set"):
+        build_engine(cfg)
+    monkeypatch.setenv("MCP_GATEWAY_OPA_TOKEN", TOKEN)
+    opa[0].token = TOKEN
+    opa[0].results["mcp/authz/decision"] = True
+    eng = build_engine(cfg)
+    await eng.start()
+    try:
+        assert (await eng.decide({})).allow
+    finally:
+        await eng.close()
