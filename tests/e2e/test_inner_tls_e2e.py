@@ -20,6 +20,7 @@ from typing import Any
 import httpx2
 import pytest
 import trustme
+from cryptography import x509
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig, load_config
@@ -200,6 +201,17 @@ def test_direct_clients_without_the_gateway_certificate_fail_the_handshake(
 CLUSTERS = ("ext_authz", "ext_proc", "aggregator", "mcp_pii", "mcp_toy")
 
 
+def _envoy_serials(config: GatewayConfig) -> list[int]:
+    """The serial number of Envoy's inner certificate in each TLS context holding it (admin
+    /certs; SDS hands the files' contents over, so the entries are found by the name)."""
+    url = f"http://{config.admin.host}:{config.admin.port}/certs"
+    with urllib.request.urlopen(url, timeout=5) as reply:  # noqa: S310  (loopback admin URL)
+        document = json.loads(reply.read())
+    name = {"dns": config.inner_tls.san(inner_tls.ENVOY)}
+    return [int(entry["serial_number"], 16) for cert in document.get("certificates", [])
+            for entry in cert.get("cert_chain", []) if name in entry.get("subject_alt_names", [])]
+
+
 def _sds_updates(config: GatewayConfig) -> dict[str, int]:
     """How often each inner cluster's TLS context was rebuilt from SDS."""
     return {c: envoy_stat(config, f"cluster.{c}.client_ssl_socket_factory.ssl_context_update_by_sds")
@@ -242,9 +254,10 @@ async def test_rotating_every_certificate_under_load_drops_no_request(stack: dev
             return all(after[n] != before[n] for n in before)
 
         await asyncio.to_thread(wait_until, rotated, "every component to serve its new certificate")
-        # Envoy took its new certificate through SDS: the inner listener serves it, and every
-        # inner cluster's client TLS context was rebuilt from the same SDS secret.
+        # Envoy took its new certificate through SDS: the inner listener serves it, every inner
+        # cluster's client TLS context was rebuilt and holds it (admin /certs).
         envoy_pem = Path(config.inner_tls.cert_file).read_text().strip()
+        serial = x509.load_pem_x509_certificate(envoy_pem.encode()).serial_number
         aggregator = inner_tls.client_context(config.inner_tls.files(inner_tls.AGGREGATOR),
                                               check_hostname=False)
         assert inner is not None
@@ -252,7 +265,9 @@ async def test_rotating_every_certificate_under_load_drops_no_request(stack: dev
         def envoy_rotated() -> bool:
             served = ssl.DER_cert_to_PEM_cert(_served(inner.port, aggregator)).strip()
             now = _sds_updates(config)
-            return served == envoy_pem and all(now[c] > updates[c] for c in CLUSTERS)
+            held = _envoy_serials(config)
+            return (served == envoy_pem and all(now[c] > updates[c] for c in CLUSTERS)
+                    and len(held) > len(CLUSTERS) and set(held) == {serial})
 
         await asyncio.to_thread(wait_until, envoy_rotated, "Envoy to take its new certificate")
         mark = calls
