@@ -30,6 +30,7 @@ import orjson
 
 from gateway.credentials.config import TokenExchangeCredentials
 from gateway.credentials.errors import TokenExchangeRefused, TokenExchangeUnavailable
+from gateway.credentials.metrics import CREDENTIALS
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class TokenExchangeClient:
         self._inflight: dict[str, asyncio.Task[tuple[str, float]]] = {}
         self._session: aiohttp.ClientSession | None = None
         self.exchanges = 0  # answers asked of the endpoint (metrics and tests)
+        self._count = {outcome: CREDENTIALS.labels(server, "token_exchange", outcome)
+                       for outcome in ("cached", "exchanged", "unavailable", "refused")}
 
     @staticmethod
     def cache_key(subject_token: str, audience: str) -> str:
@@ -76,6 +79,7 @@ class TokenExchangeClient:
         if hit is not None:
             if now < hit[1]:
                 self._cache.move_to_end(key)
+                self._count["cached"].inc()
                 return hit[0]
             del self._cache[key]
         task = self._inflight.get(key)
@@ -96,7 +100,15 @@ class TokenExchangeClient:
 
     async def _fetch(self, subject_token: str, subject_token_type: str, key: str,
                      not_after: float | None) -> tuple[str, float]:
-        token, expires_in = await self._exchange(subject_token, subject_token_type)
+        try:
+            token, expires_in = await self._exchange(subject_token, subject_token_type)
+        except TokenExchangeUnavailable:
+            self._count["unavailable"].inc()
+            raise
+        except TokenExchangeRefused:
+            self._count["refused"].inc()
+            raise
+        self._count["exchanged"].inc()
         now = self._clock()
         until = now + expires_in - self._config.refresh_before_seconds if expires_in else now
         if not_after is not None:

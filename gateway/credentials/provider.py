@@ -28,6 +28,7 @@ from gateway.credentials.config import (
 )
 from gateway.credentials.errors import CredentialMissing, CredentialUnavailable, TokenExchangeRefused
 from gateway.credentials.exchange import TokenExchangeClient, subject_expiry
+from gateway.credentials.metrics import CREDENTIALS
 from gateway.credentials.store import CredentialStore, StoreError, derive_keys
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class CredentialProvider:
             return NO_HEADERS
         if isinstance(creds, StaticCredentials):
             static = self._static.get(server)
+            CREDENTIALS.labels(server, creds.kind, "sent" if static else "unavailable").inc()
             if static is None:
                 raise CredentialUnavailable(
                     f"the gateway has no usable credential for server {server} (its secret is not "
@@ -156,6 +158,7 @@ class CredentialProvider:
                           ) -> Mapping[str, str]:
         store = self._stores.get(server)
         if store is None:
+            CREDENTIALS.labels(server, creds.kind, "unavailable").inc()
             raise CredentialUnavailable(
                 f"the gateway cannot read registered credentials for server {server}; ask the "
                 f"gateway's operator", data={"server": server})
@@ -163,9 +166,11 @@ class CredentialProvider:
             value = await asyncio.to_thread(store.get, caller.issuer or "", caller.sub, server)
         except StoreError as exc:
             logger.error("server %s: the credential store failed closed: %s", server, exc)
+            CREDENTIALS.labels(server, creds.kind, "unavailable").inc()
             raise CredentialUnavailable(
                 f"the registered credential for server {server} cannot be read now; ask the "
                 f"gateway's operator", data={"server": server}) from None
+        CREDENTIALS.labels(server, creds.kind, "missing" if value is None else "sent").inc()
         if value is None:
             raise CredentialMissing(
                 f"you have no credential registered for server {server}: register one for this "

@@ -14,6 +14,7 @@ from dataclasses import replace
 import jwt
 import pytest
 from jwt.algorithms import ECAlgorithm
+from prometheus_client import REGISTRY
 
 from gateway.assertion import AssertionSigner, KeyRing, new_private_jwk
 from gateway.caller import Caller
@@ -249,3 +250,27 @@ async def test_assertion_as_subject(sts: TokenServer) -> None:
             await provider.headers("crm", replace(caller, sub="bob"), "client-token")
     finally:
         await provider.close()
+
+
+def _count(server: str, outcome: str) -> float:
+    value = REGISTRY.get_sample_value("mcp_gateway_upstream_credentials_total",
+                                      {"server": server, "kind": "token_exchange", "outcome": outcome})
+    return value or 0.0
+
+
+async def test_outcomes_are_counted(sts: TokenServer) -> None:
+    """Exchanged, cached, refused and unavailable answers each move their series."""
+    client = TokenExchangeClient("metrics-crm", _config(sts.url), SECRET)
+    try:
+        await _token(client)
+        await _token(client)
+        sts.mode = "refuse"
+        with pytest.raises(TokenExchangeRefused):
+            await _token(client, "s2")
+        sts.mode = "fail"
+        with pytest.raises(TokenExchangeUnavailable):
+            await _token(client, "s3")
+    finally:
+        await client.close()
+    assert [_count("metrics-crm", o) for o in ("exchanged", "cached", "refused", "unavailable")] \
+        == [1, 1, 1, 1]
