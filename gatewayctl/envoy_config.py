@@ -949,8 +949,29 @@ def stand_in_missing_files(text: str, folder: Path) -> tuple[str, list[str]]:
             stand_ins.update(cert=str(folder / "stand-in.crt"), key=str(key_path))
         return stand_ins[kind]
 
+    def sds_stand_in(node: dict[str, object]) -> None:
+        # inner_tls: an SDS file (and the files it names) not on this machine.
+        source = node.get("sds_config")
+        files = source.get("path_config_source") if isinstance(source, dict) else None
+        path = files.get("path") if isinstance(files, dict) else None
+        if not isinstance(files, dict) or not isinstance(path, str) or Path(path).exists():
+            return
+        replaced.append(path)
+        name = node.get("name")
+        target = folder / f"stand-in-{name}.yaml"
+        entry = ({"trusted_ca": {"filename": stand_in("cert")}} if name == INNER_CA_SECRET else
+                 {"certificate_chain": {"filename": stand_in("cert")},
+                  "private_key": {"filename": stand_in("key")}})
+        field = "validation_context" if name == INNER_CA_SECRET else "tls_certificate"
+        target.write_text(yaml.safe_dump({"resources": [{
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+            "name": name, field: entry}]}), encoding="utf-8")
+        files["path"] = str(target)
+
     def walk(node: object) -> None:
         if isinstance(node, dict):
+            if "sds_config" in node:
+                sds_stand_in(node)
             for field, value in node.items():
                 kind = _FILE_FIELDS.get(field)
                 if (kind and isinstance(value, dict) and isinstance(value.get("filename"), str)

@@ -15,6 +15,7 @@ from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gatewayctl import devstack, envoy_config, envoy_errors
+from gatewayctl.devstack.credentials import ensure_inner_tls
 
 # Exit codes: 0 ok, 1 failure, 2 usage (argparse), 3 the stack is not running.
 NOT_RUNNING = 3
@@ -218,6 +219,7 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
         if not args.no_files:
             # The dev certificates are created the way `up` does, so a fresh clone validates.
             devstack.ensure_tls(config)
+            ensure_inner_tls(config)  # inner_tls: its certificates and Envoy's SDS files
         scratch = Path(tempfile.mkdtemp(prefix="mcp-gateway-validate-"))
         if args.no_files:
             text, stood_in = envoy_config.stand_in_missing_files(text, scratch)

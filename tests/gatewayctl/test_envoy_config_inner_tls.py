@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 
 from gateway.config import GatewayConfig, parse_config
-from gatewayctl import envoy_config
+from gatewayctl import devstack, envoy_config
+from gatewayctl.devstack.credentials import ensure_inner_tls
 from gatewayctl.envoy_config import RenderOptions, render, sds_documents, write_sds_documents
 from tests.e2e.helpers import stack_config
 from tests.ports import free_ports
@@ -22,7 +24,7 @@ SERVERS: dict[str, dict[str, Any]] = {
     "files": {"module": "tests.e2e.standin_upstream"},
     "tools": {"command": ["true"]},
     "remote": {"url": "https://mcp.example.test:8443/mcp",
-               "tls": {"ca_file": "/pki/remote-ca.pem", "server_name": "mcp.example.test"}},
+               "tls": {"ca_file": "remote-ca.pem", "server_name": "mcp.example.test"}},
 }
 
 
@@ -33,6 +35,7 @@ def _config(tmp_path: Path, enabled: bool, transport: str = "grpc") -> GatewayCo
                         "session_keys": "AGG_KEYS"}
     raw["secrets"] = [*raw.get("secrets", []), "AGG_KEYS"]
     raw["inner_tls"] = {"enabled": enabled}
+    trustme.CA().cert_pem.write_to_path(tmp_path / "remote-ca.pem")
     return parse_config(raw, base_dir=tmp_path)
 
 
@@ -80,9 +83,10 @@ def test_every_inner_cluster_presents_the_client_certificate_and_checks_the_name
 def test_url_servers_keep_their_own_tls(tmp_path: Path) -> None:
     """A url server's cluster carries its servers.<name>.tls settings, not the inner ones."""
     socket = _clusters(_bootstrap(_config(tmp_path, True)))["mcp_remote"]["transport_socket"]
+    remote_ca = str(tmp_path / "remote-ca.pem")
     common = socket["typed_config"]["common_tls_context"]
     assert socket["typed_config"]["sni"] == "mcp.example.test"
-    assert common["validation_context"]["trusted_ca"] == {"filename": "/pki/remote-ca.pem"}
+    assert common["validation_context"]["trusted_ca"] == {"filename": remote_ca}
     assert "tls_certificate_sds_secret_configs" not in common
 
 
@@ -120,3 +124,20 @@ def test_sds_documents_name_the_files_envoy_watches(tmp_path: Path) -> None:
                                          "private_key": {"filename": config.inner_tls.key_file}}
     ca = yaml.safe_load((Path(config.inner_tls.sds_dir) / envoy_config.INNER_CA_SDS).read_text())
     assert ca["resources"][0]["validation_context"] == {"trusted_ca": {"filename": config.inner_tls.ca_file}}
+
+
+def test_envoy_accepts_the_rendering_with_and_without_the_files(tmp_path: Path) -> None:
+    """With the dev stack's certificates and SDS files Envoy validates the rendering; on a
+    machine without them (`config validate --no-files`) stand-ins replace the SDS files too."""
+    config = _config(tmp_path, True)
+    text = render(config, RenderOptions(ext_proc=True))
+    stood_in, missing = envoy_config.stand_in_missing_files(text, tmp_path / "stand-ins")
+    sds = Path(config.inner_tls.sds_dir)
+    names = (envoy_config.INNER_CERTIFICATE_SDS, envoy_config.INNER_CA_SDS)
+    assert {str(sds / name) for name in names} <= set(missing)
+    (tmp_path / "stood-in.yaml").write_text(stood_in)
+    envoy_config.validate(tmp_path / "stood-in.yaml")
+    devstack.ensure_tls(config)
+    ensure_inner_tls(config)
+    (tmp_path / "envoy.yaml").write_text(text)
+    envoy_config.validate(tmp_path / "envoy.yaml")
