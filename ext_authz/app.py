@@ -144,6 +144,8 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         servicer = AuthorizationServicer(settings, verifier, limiter, engine, catalog=gate,
                                          audit=audit, tracing=service.tracing, sessions=sessions,
                                          credentials=credentials)
+        # With identity.assertion on, the catalog fetch presents the gateway's own assertion.
+        refresher.identity = servicer.catalog_identity
         if isinstance(service, HttpService):
             service.register(servicer)
         else:

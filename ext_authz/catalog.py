@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import aiohttp
@@ -27,7 +27,7 @@ from ext_authz.errors import (
     ToolUnknown,
 )
 from gateway.catalog import APPROVED, NEW, QUARANTINED, Catalog, CatalogError, InvalidArguments
-from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
+from gateway.catalog.client import CATALOG_IDENTITY, FetchError, Listing, fetch_listing
 from gateway.telemetry import metrics
 from gateway.upstream import UpstreamTarget
 
@@ -147,8 +147,12 @@ class CatalogRefresher:
 
     def __init__(self, gate: CatalogGate, writer: Catalog,
                  server_targets: Mapping[str, tuple[UpstreamTarget, ...]],
-                 http: aiohttp.ClientSession) -> None:
+                 http: aiohttp.ClientSession,
+                 identity: Callable[[str], Mapping[str, str]] | None = None) -> None:
         self.gate = gate
+        # server -> fresh headers naming the gateway (a caller assertion) for each request;
+        # None: the bare identity headers CATALOG_IDENTITY.
+        self.identity = identity
         self._writer = writer
         self._urls = server_targets
         self._http = http
@@ -207,7 +211,7 @@ class CatalogRefresher:
             url = target.url
             try:
                 async with asyncio.timeout(FETCH_TIMEOUT_SECONDS):
-                    listing = await fetch_listing(self._http, target, headers=CATALOG_IDENTITY)
+                    listing = await self._fetch(server, target)
             except FetchError as exc:
                 errors.append(f"{url}: {exc.message}")
                 continue
@@ -229,6 +233,13 @@ class CatalogRefresher:
             return True
         logger.warning("catalog refresh of %s failed: %s", server, "; ".join(errors))
         return False
+
+    async def _fetch(self, server: str, target: UpstreamTarget) -> Listing:
+        identity = self.identity
+        if identity is None:
+            return await fetch_listing(self._http, target, headers=CATALOG_IDENTITY)
+        return await fetch_listing(self._http, target, headers={},
+                                   per_request=lambda: identity(server))
 
     def _record(self, server: str, lists: Mapping[str, list[dict[str, Any]]]) -> list[str]:
         changed: list[str] = []

@@ -17,6 +17,7 @@ from gateway.errors import GatewayError
 from gateway.jsonrpc import error_response
 from gateway.wire import (
     AGGREGATE_HEADERS,
+    ASSERTION_HEADER,
     DECISION_ID_HEADER,
     GATEWAY_HEADERS,
     ID_JSON_HEADER,
@@ -215,10 +216,11 @@ def _obligations_bytes(value: Mapping[str, Any]) -> bytes:
 # the rest of an allowed answer repeats per caller, tool and policy answer. Building it through
 # the protobuf API costs ~20 us, parsing a serialized copy and writing the ids in ~4 us, so each
 # distinct rest is built once and kept serialized (bounded, oldest dropped first).
-_PER_REQUEST_HEADER = DECISION_ID_HEADER
+# The caller assertion (a fresh jti each time) is per request too.
+_PER_REQUEST_HEADERS = (DECISION_ID_HEADER, ASSERTION_HEADER)
 _PER_REQUEST_METADATA = ("decision_id", "request_id")
 _ALLOWED_CACHE_SIZE = 1024
-_allowed_cache: dict[bytes, tuple[bytes, int]] = {}
+_allowed_cache: dict[bytes, tuple[bytes, tuple[tuple[int, str], ...]]] = {}
 
 
 def allowed(set_headers: Mapping[str, str], *, metadata: Mapping[str, Any] | None = None,
@@ -266,10 +268,10 @@ def _allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
     if key is not None:
         cached = _allowed_cache.get(key)
         if cached is not None:
-            template, header_index = cached
+            template, header_indexes = cached
             resp = pb.CheckResponse.FromString(template)
-            if header_index >= 0:
-                resp.ok_response.headers[header_index].header.value = set_headers[_PER_REQUEST_HEADER]
+            for header_index, header_name in header_indexes:
+                resp.ok_response.headers[header_index].header.value = set_headers[header_name]
             if metadata:
                 fields = resp.dynamic_metadata.fields
                 for name in _PER_REQUEST_METADATA:
@@ -285,8 +287,8 @@ def _allowed(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | None,
         if len(_allowed_cache) >= _ALLOWED_CACHE_SIZE:
             del _allowed_cache[next(iter(_allowed_cache))]
         names = list(set_headers)
-        index = names.index(_PER_REQUEST_HEADER) if _PER_REQUEST_HEADER in set_headers else -1
-        _allowed_cache[key] = (resp.SerializeToString(), index)
+        indexes = tuple((names.index(h), h) for h in _PER_REQUEST_HEADERS if h in set_headers)
+        _allowed_cache[key] = (resp.SerializeToString(), indexes)
     return resp
 
 
@@ -295,8 +297,9 @@ def _allowed_key(set_headers: Mapping[str, str], metadata: Mapping[str, Any] | N
                  added: tuple[str, ...] = ()) -> bytes | None:
     """What an allowed answer depends on besides the per-request ids; None: do not cache."""
     headers: dict[str, str | None] = dict(set_headers)
-    if _PER_REQUEST_HEADER in headers:
-        headers[_PER_REQUEST_HEADER] = None
+    for name in _PER_REQUEST_HEADERS:
+        if name in headers:
+            headers[name] = None
     meta: dict[str, Any] | None = None
     if metadata is not None:
         meta = dict(metadata)

@@ -92,6 +92,7 @@ from gateway.aggregate.session_token import (
     SessionSealer,
 )
 from gateway.aggregate.views import View, view_of_path
+from gateway.assertion import AssertionSigner, signer_for
 from gateway.caller import Caller, SessionOwner
 from gateway.credentials.provider import CredentialProvider
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
@@ -113,6 +114,8 @@ from gateway.telemetry.audit import AUDITED_METHODS
 from gateway.wire import (
     AGGREGATE_HEADERS,
     AGGREGATOR_ROUTE,
+    ASSERTION_HEADER,
+    IDENTITY_HEADERS,
     INSPECT_HEADER,
     ROUTE_HEADER,
     VIEW_HEADER,
@@ -130,6 +133,9 @@ MAX_SQL_QUEUE = 4
 # Bounded well below Envoy's ext_authz timeout (500 ms by default).
 CATALOG_WAIT_SECONDS = 0.25
 SERVICE = "ext_authz"
+# Who the catalog fetch acts for, in an assertion (the bare-header form is CATALOG_IDENTITY).
+CATALOG_CALLER = Caller(sub="system:mcp-gateway-catalog", roles=("gateway-catalog",),
+                        client_id="mcp-gateway")
 
 
 class PolicyDecision(Protocol):
@@ -184,6 +190,10 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         self._sessions = sessions or SessionBinder(MemorySessionStore(
             ttl=settings.session_idle_seconds, max_bindings=settings.max_session_bindings))
         self._sealer = SessionSealer(settings.session_keys) if settings.session_keys else None
+        # With identity.assertion on, an upstream gets a signed assertion instead of the identity
+        # headers; a key file that cannot be read fails start-up (ConfigError naming the key).
+        self._signer: AssertionSigner | None = \
+            signer_for(settings.identity, settings.public_url) if settings.identity.assertion else None
         # Built without secrets, a static credential is refused (503), never skipped.
         self._credentials = credentials or CredentialProvider(settings.credentials, {})
 
@@ -507,7 +517,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             except SessionStoreUnavailable as err:
                 return self._deny(rec, err, req, {"retry-after": "1"})
         rec.allow, rec.http_status, rec.reason = True, 200, "to_aggregator"
-        upstream = identity_headers(caller, None, rec.decision_id)
+        # The aggregator is one service for /mcp and every virtual server: one audience.
+        upstream = self._identity(caller, None, rec.decision_id, self._settings.aggregate_resource)
         upstream[ROUTE_HEADER] = AGGREGATOR_ROUTE
         return Verdict.allow(upstream, None, keep_token=True, aggregate=True)
 
@@ -581,7 +592,11 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         mask = mask_types(decision.obligations)
         # Identity headers win over policy-provided headers of the same name, and only the
         # gateway decides about inspection and routing.
-        upstream = {**decision.headers, **identity_headers(caller, rec.tool, rec.decision_id)}
+        upstream = {**decision.headers, **self._identity(caller, rec.tool, rec.decision_id,
+                                                         self._settings.audience(server))}
+        if self._signer is not None:
+            for name in IDENTITY_HEADERS:  # a policy header never stands in for the assertion
+                upstream.pop(name, None)
         upstream.pop(INSPECT_HEADER, None)
         for name in AGGREGATE_HEADERS:
             upstream.pop(name, None)
@@ -593,6 +608,24 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             obligations=decision.obligations, http_method=req.method)
         return upstream, metadata
 
+
+    @property
+    def catalog_identity(self) -> Callable[[str], dict[str, str]] | None:
+        """Fresh headers naming the gateway itself towards ``server`` (its catalog fetch), or
+        None without assertions (the fetch sends the bare CATALOG_IDENTITY headers)."""
+        signer = self._signer
+        if signer is None:
+            return None
+        return lambda server: {ASSERTION_HEADER: signer.mint(
+            CATALOG_CALLER, self._settings.audience(server), new_decision_id())}
+
+    def _identity(self, caller: Caller, tool: str | None, decision_id: str, audience: str
+                  ) -> dict[str, str]:
+        """Who the upstream request acts for: a signed assertion for ``audience`` when
+        identity.assertion is on (ES256, ~30 us), else the identity headers."""
+        if self._signer is None:
+            return identity_headers(caller, tool, decision_id)
+        return {ASSERTION_HEADER: self._signer.mint(caller, audience, decision_id, tool)}
 
     async def _parse_sql(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Build an input whose facts parse SQL (pure Python, up to tens of ms within its bounds,

@@ -16,6 +16,7 @@ from gateway.config import (
     CatalogConfig,
     ConfigError,
     GatewayConfig,
+    IdentityConfig,
     Instance,
     IssuerConfig,
     PolicyConfig,
@@ -66,6 +67,10 @@ class Settings:
     # that opens their sealed session ids, newest first. No views: /mcp is not served.
     views: Mapping[str, View] = field(default_factory=dict)
     session_keys: tuple[bytes, ...] = ()
+    # The caller assertion (gateway.assertion): off here unless the config turns it on; then
+    # server name -> the `aud` its assertions carry (servers.<name>.audience or its resource).
+    identity: IdentityConfig = IdentityConfig()
+    audiences: Mapping[str, str] = field(default_factory=dict)
     # server name -> what ext_authz presents upstream for the caller (gateway.credentials).
     credentials: Mapping[str, CredentialsConfig] = field(default_factory=dict)
 
@@ -91,6 +96,7 @@ class Settings:
             transport=cfg.ext_authz.transport,
             processes=len(cfg.ext_authz.instances),
             views=views, session_keys=keys,
+            identity=cfg.identity, audiences={s.name: cfg.server_audience(s.name) for s in cfg.servers},
             credentials={s.name: s.credentials for s in cfg.servers},
         )
 
@@ -101,6 +107,10 @@ class Settings:
     def resource_url(self, server: str) -> str:
         """The RFC 8707 resource identifier of a server: the audience its tokens must carry."""
         return f"{self.public_url}/mcp/{server}"
+
+    def audience(self, server: str) -> str:
+        """The `aud` of the caller assertions for ``server``."""
+        return self.audiences.get(server) or self.resource_url(server)
 
     def resource_metadata_url(self, server: str) -> str:
         """The RFC 9728 protected resource metadata URL named in 401 challenges."""

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from jwt.algorithms import ECAlgorithm
 
 from gateway.caller import MAX_ROLES, Caller
+from gateway.config import ConfigError, IdentityConfig
 from gateway.errors import UNAUTHORIZED, GatewayError
 
 logger = logging.getLogger(__name__)
@@ -501,3 +502,14 @@ def _caller(claims: Mapping[str, Any]) -> Caller:
         out[name] = value
     return Caller(sub=sub, issuer=out[CLAIM_CALLER_ISSUER], tenant=out[CLAIM_TENANT],
                   client_id=out[CLAIM_CLIENT_ID], roles=tuple(roles))
+
+
+def signer_for(identity: IdentityConfig, issuer: str) -> AssertionSigner:
+    """The signer ``identity`` (the config's identity: section) describes, following its key
+    file; raises ConfigError naming ``identity.keys`` when the file cannot be used."""
+    try:
+        keys = KeyFile(identity.keys)
+    except KeyFileError as exc:
+        raise ConfigError(f"identity.keys: {exc} (`mcp-gateway keys init` creates one; "
+                          f"docs/identity.md)") from None
+    return AssertionSigner(keys, issuer.rstrip("/"), ttl=identity.ttl_seconds)

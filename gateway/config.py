@@ -189,6 +189,8 @@ class ServerConfig:
     runtime: RuntimeConfig | None = None
     # Envoy's treatment of this server: envoy.upstream with servers.<name>.envoy over it.
     envoy: UpstreamTuning = UpstreamTuning()
+    # The resource id the caller assertion names in `aud` (None: <public_url>/mcp/<name>).
+    audience: str | None = None
     # What ext_authz presents to the upstream for the caller (docs/upstream-credentials.md).
     credentials: CredentialsConfig = NoCredentials()
 
@@ -393,6 +395,22 @@ class InnerTlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """The caller assertion (gateway.assertion, docs/identity.md). ``keys``: the private JWK set
+    ext_authz signs with (the first key signs); ``jwks_file``: its public half, which Envoy
+    publishes at JWKS_PATH and our servers verify with."""
+
+    assertion: bool = False
+    ttl_seconds: int = 60
+    keys: str = ""
+    jwks_file: str = ""
+
+
+# Where Envoy publishes the assertion keys (unauthenticated GET).
+JWKS_PATH = "/.well-known/mcp-gateway/jwks.json"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Instance
     public_url: str
@@ -413,6 +431,8 @@ class GatewayConfig:
     # The aggregate endpoint /mcp (off when the config has no aggregate: section).
     aggregate: AggregateConfig = AggregateConfig(enabled=False)
     virtual_servers: tuple[VirtualServerConfig, ...] = ()
+    # The caller assertion ext_authz signs for upstreams (docs/identity.md); off when absent.
+    identity: IdentityConfig = IdentityConfig()
     inner_tls: InnerTlsConfig = InnerTlsConfig()
     # Names of secrets (environment variables) the dev stack hands to the processes that list
     # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
@@ -430,6 +450,11 @@ class GatewayConfig:
     def resource_url(self, server: str) -> str:
         """The RFC 8707 resource identifier (token audience) of one MCP server."""
         return f"{self.public_url.rstrip('/')}/mcp/{server}"
+
+    def server_audience(self, server: str) -> str:
+        """The `aud` of the caller assertions for one server: servers.<name>.audience, else its
+        resource identifier."""
+        return self.server(server).audience or self.resource_url(server)
 
     def aggregate_url(self, virtual: str | None = None) -> str:
         """The resource identifier of the aggregate endpoint /mcp, or of a virtual server."""
@@ -608,10 +633,10 @@ def _env(data: dict[str, Any], where: str, secrets: tuple[str, ...]) -> tuple[st
 
 
 _SERVER_KEYS = {
-    "module": {"module", "instances", "args", "description", "env"},
+    "module": {"module", "instances", "args", "description", "env", "audience"},
     "url": {"url", "instances", "description", "tls", "host_header", "headers", "health",
-            "health_path"},
-    "command": {"command", "instances", "description", "env", "workdir", "runtime"},
+            "health_path", "audience"},
+    "command": {"command", "instances", "description", "env", "workdir", "runtime", "audience"},
 }
 _HEADER_NAME = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _SECRET_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -813,7 +838,7 @@ def _service(data: Any, where: str, timeout_ms: int, *, transports: tuple[str, .
 
 def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig:
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
-                      "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir",
+                      "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir", "identity",
                       "max_request_bytes", "telemetry", "audit", "catalog", "backends",
                       "secrets", "envoy", "aggregate", "virtual_servers", "inner_tls"}, "config")
 
@@ -869,6 +894,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
             raise ConfigError(f"{where}.credentials.header: {creds.header} is also in "
                               f"{where}.headers (one of them would overwrite the other)")
         servers.append(replace(server, envoy=tuning, credentials=creds))
+    servers = [_with_audience(s, servers_raw[s.name]) for s in servers]
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
@@ -1000,11 +1026,47 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
         aggregate=aggregate, virtual_servers=virtual_servers,
+        identity=_identity(top.get("identity"), path, state_dir),
         inner_tls=_inner_tls(top.get("inner_tls"), path, state_dir),
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),
         source=source,
     )
+
+
+def _identity(raw: Any, path: Callable[[str], str], state_dir: str) -> IdentityConfig:
+    """The identity: section. Absent: no assertion (the identity headers of gateway.wire go
+    upstream, as before). Key files default under <state_dir>/keys."""
+    if raw is None:
+        return IdentityConfig(keys=str(Path(state_dir) / "keys" / "assertion-keys.json"),
+                              jwks_file=str(Path(state_dir) / "keys" / "assertion-jwks.json"))
+    data = _only(raw, {f.name for f in fields(IdentityConfig)}, "identity")
+    assertion = _take(data, "assertion", bool, "identity", True)
+    ttl = _take(data, "ttl_seconds", int, "identity", 60)
+    if isinstance(ttl, bool) or not 1 <= ttl <= 60:
+        raise ConfigError(f"identity.ttl_seconds must be 1..60 (an assertion lives a minute at "
+                          f"most), got {ttl!r}")
+    keys = _take(data, "keys", str, "identity", "") or str(Path(state_dir) / "keys" / "assertion-keys.json")
+    jwks = _take(data, "jwks_file", str, "identity", "") \
+        or str(Path(keys).with_name("assertion-jwks.json"))
+    keys, jwks = path(keys), path(jwks)
+    if keys == jwks:
+        raise ConfigError("identity.jwks_file must differ from identity.keys (the JWKS is published; "
+                          "the key file holds private keys)")
+    return IdentityConfig(assertion, ttl, keys, jwks)
+
+
+def _with_audience(server: ServerConfig, raw: Any) -> ServerConfig:
+    """servers.<name>.audience: the assertion's `aud` for this upstream (an absolute URI)."""
+    if not isinstance(raw, dict) or "audience" not in raw:
+        return server
+    where = f"servers.{server.name}.audience"
+    value = raw["audience"]
+    if not isinstance(value, str) or not value.strip() or len(value) > 2048 \
+            or not value.isascii() or any(c.isspace() for c in value) or ":" not in value:
+        raise ConfigError(f"{where} must be an absolute URI (e.g. https://files.example/mcp), "
+                          f"got {value!r}")
+    return replace(server, audience=value)
 
 
 def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:

@@ -20,6 +20,9 @@ TOOL_HEADER = "x-mcp-tool"
 DECISION_ID_HEADER = "x-mcp-decision-id"
 IDENTITY_HEADERS = (USER_HEADER, ISSUER_HEADER, TENANT_HEADER, CLIENT_ID_HEADER, ROLES_HEADER,
                     TOOL_HEADER, DECISION_ID_HEADER)
+# The caller assertion (gateway.assertion): a short-lived JWT ext_authz signs for each allowed
+# request, sent upstream in place of the identity headers above when ``identity.assertion`` is on.
+ASSERTION_HEADER = "x-mcp-assertion"
 # Set by ext_authz alone on requests whose answer ext_proc must inspect; Envoy routes on it, so a
 # client's copy would let it force inspection.
 INSPECT_HEADER = "x-mcp-inspect"
@@ -40,7 +43,7 @@ ID_JSON_HEADER = "x-mcp-id-json"
 # policy's headers never set them; Envoy's edge strips a client's copies too.
 AGGREGATE_HEADERS = (ROUTE_HEADER, *REWRITE_HEADERS, ID_JSON_HEADER)
 # Every header the gateway owns towards the upstream: a client-sent copy never survives.
-GATEWAY_HEADERS = (*IDENTITY_HEADERS, INSPECT_HEADER)
+GATEWAY_HEADERS = (*IDENTITY_HEADERS, ASSERTION_HEADER, INSPECT_HEADER)
 # Sent by the aggregator on its /mcp/<server> legs for a virtual server's session, naming the
 # view: ext_authz then accepts the virtual server's token there for what the view holds. Not a
 # gateway-owned header: a client that sends it only narrows its own access.

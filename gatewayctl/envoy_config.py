@@ -32,7 +32,7 @@ from pathlib import Path
 from string import Template
 
 from gateway import inner_tls
-from gateway.config import GatewayConfig, Instance, ServerConfig, otlp_target
+from gateway.config import JWKS_PATH, GatewayConfig, Instance, ServerConfig, otlp_target
 from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
     AGGREGATE_HEADERS,
@@ -344,6 +344,12 @@ def resource_metadata(config: GatewayConfig, server: ServerConfig) -> dict[str, 
         # The policies in policies/ grant tools by scope `tools:call:<server>/<tool>` or `/*`.
         "scopes_supported": [f"tools:call:{server.name}/*"],
     }
+
+
+def _jwks_route(config: GatewayConfig, options: RenderOptions) -> str:
+    """The route publishing the caller assertion's public keys (identity.jwks_file) at JWKS_PATH."""
+    return _fill(_template("jwks_route.yaml.tmpl"), {},
+                 {"jwks_path": JWKS_PATH, "jwks_file": _q(_path(config.identity.jwks_file, options))})
 
 
 def _path(value: str, options: RenderOptions) -> str:
@@ -691,7 +697,7 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
     health = {"health_interval": HEALTH_INTERVAL,
               "health_no_traffic_interval": HEALTH_NO_TRAFFIC_INTERVAL}
 
-    routes = []
+    routes = [_jwks_route(config, options)] if config.identity.assertion else []
     clusters = []
     route_tmpl = _template("server_routes.yaml.tmpl")
     cluster_tmpl = _template("server_cluster.yaml.tmpl")

@@ -26,6 +26,7 @@ from gateway.aggregate.cursor import open_cursor, seal_cursor
 from gateway.aggregate.naming import decode_request_id
 from gateway.aggregate.session_token import AggregateSession, SessionSealer
 from gateway.aggregate.views import View
+from gateway.assertion import DEFAULT_LEEWAY_SECONDS, InvalidAssertion
 from gateway.caller import SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
@@ -56,6 +57,7 @@ from mcp_servers.core.http import (
     read_body,
     request_caller,
 )
+from mcp_servers.core.identity import RequestIdentity, identity_context, refusal_log
 from mcp_servers.core.transport import (
     CACHEABLE_METHODS,
     META_SERVER_INFO,
@@ -94,6 +96,8 @@ class Aggregator:
 
     def __init__(self, settings: AggregatorSettings, facts: SessionFacts | None = None) -> None:
         self.settings = settings
+        # The verifier is installed by the app when assertion_jwks is set (make_app).
+        self.identity = RequestIdentity()
         self.sealer = SessionSealer(settings.keys)
         if facts is None:
             facts = RedisFacts(settings.redis_url) if settings.redis_url else MemoryFacts()
@@ -136,6 +140,11 @@ class Aggregator:
             try:
                 check_host_and_origin(request, self._allowed_hosts,
                                       ("*",) if "*" in self._allowed_hosts else ())
+                try:
+                    await self.identity.establish(request)
+                except InvalidAssertion as exc:
+                    refusal_log(request, exc)
+                    raise
                 if request.method == "POST":
                     return await self._post(request, view)
                 if request.method == "GET":
@@ -491,6 +500,11 @@ def make_app(settings: AggregatorSettings, facts: SessionFacts | None = None) ->
     app = web.Application(handler_args={"max_field_size": 16384})
     app[AGGREGATOR_KEY] = aggregator
     app.cleanup_ctx.append(aggregator.lifespan)
+    if settings.assertion_jwks is not None:
+        assert settings.assertion_issuer is not None and settings.assertion_audience is not None
+        app.cleanup_ctx.append(identity_context(
+            aggregator.identity, settings.assertion_jwks, issuer=settings.assertion_issuer,
+            audience=settings.assertion_audience, leeway=DEFAULT_LEEWAY_SECONDS))
     app.router.add_get("/health", aggregator.health)
     app.router.add_get("/ready", aggregator.ready_check)
     add_metrics_route(app)

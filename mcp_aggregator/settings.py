@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from gateway.aggregate.session_token import parse_keys
 from gateway.aggregate.views import AGGREGATE_VIEW, View, aggregate_view, views_from_config
 from gateway.jsonrpc import DEFAULT_MAX_BYTES
+from mcp_servers.core.identity import add_assertion_arguments
 from mcp_servers.core.settings import LOOPBACK_HOSTS
 
 DEFAULT_KEYS_ENV = "MCP_GATEWAY_AGGREGATE_KEYS"
@@ -55,8 +56,15 @@ class AggregatorSettings:
     server_name: str = SERVER_NAME
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
+    # The gateway's caller assertion (mcp_servers.core.identity): required when the JWKS is set;
+    # with --config and identity.assertion on, taken from the gateway config.
+    assertion_jwks: str | None = None
+    assertion_issuer: str | None = None
+    assertion_audience: str | None = None
 
     def __post_init__(self) -> None:
+        if self.assertion_jwks is not None and not (self.assertion_issuer and self.assertion_audience):
+            raise ValueError("--assertion-jwks needs --assertion-issuer and --assertion-audience")
         parts = urlsplit(self.upstream_base)
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/") \
                 or parts.query or parts.fragment:
@@ -117,7 +125,9 @@ class AggregatorSettings:
         parser.add_argument("--log-level", default="INFO")
         parser.add_argument("--otlp-endpoint", default=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
                             help="OTLP/gRPC collector for spans (default $OTEL_EXPORTER_OTLP_ENDPOINT)")
+        add_assertion_arguments(parser, environ)
         ns = parser.parse_args(list(argv))
+        assertion = (ns.assertion_jwks, ns.assertion_issuer, ns.assertion_audience)
         keys_env = ns.keys_env
         redis_url = ns.redis_url
         if ns.config is not None:
@@ -136,6 +146,10 @@ class AggregatorSettings:
             keys_env = keys_env or getattr(aggregate, "session_keys", None)
             if redis_url is None and cfg.rate_limits.backend == "redis":
                 redis_url = cfg.rate_limits.redis_url
+            identity = cfg.identity
+            if identity.assertion and assertion[0] is None:
+                # The gateway mints the aggregator's assertions for <public_url>/mcp.
+                assertion = (identity.jwks_file, cfg.public_url.rstrip("/"), cfg.aggregate_url())
         else:
             if not ns.server:
                 parser.error("name the servers: --config FILE or --server NAME ...")
@@ -151,4 +165,6 @@ class AggregatorSettings:
         return cls(upstream_base=ns.upstream_base, views=views, keys=keys, host=ns.host, port=ns.port,
                    allowed_hosts=(*LOOPBACK_HOSTS, *(h.lower() for h in ns.allowed_host)),
                    leg_timeout=ns.leg_timeout, drain_seconds=ns.drain_seconds, redis_url=redis_url,
-                   log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint)
+                   log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint,
+                   assertion_jwks=assertion[0], assertion_issuer=assertion[1],
+                   assertion_audience=assertion[2])

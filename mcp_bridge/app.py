@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway import inner_tls
+from gateway.assertion import DEFAULT_LEEWAY_SECONDS
 from gateway.signals import stop_event
 from mcp_bridge.child import become_subreaper, reap_orphans
 from mcp_bridge.settings import BridgeSettings
 from mcp_bridge.transport import Bridge
+from mcp_servers.core.identity import identity_context
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,11 @@ def make_app(settings: BridgeSettings) -> web.Application:
         reap_orphans()
 
     app.cleanup_ctx.append(children)
+    if settings.assertion_jwks is not None:
+        assert settings.assertion_issuer is not None and settings.assertion_audience is not None
+        app.cleanup_ctx.append(identity_context(
+            bridge.identity, settings.assertion_jwks, issuer=settings.assertion_issuer,
+            audience=settings.assertion_audience, leeway=DEFAULT_LEEWAY_SECONDS))
     app.router.add_get("/ready", bridge.ready)
     app.router.add_get("/metrics", bridge.metrics)
     app.router.add_get("/-/children", bridge.children)

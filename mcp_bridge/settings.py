@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mcp_servers.core.identity import add_assertion_arguments
 from mcp_servers.core.settings import LOOPBACK_HOSTS
 
 # Environment a child inherits (as the SDK's stdio client does, plus LANG and TZ); everything else
@@ -74,6 +75,10 @@ class BridgeSettings:
     retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
     log_level: str = "INFO"
     otlp_endpoint: str | None = None  # OTLP/gRPC collector for spans; None: no export
+    # The gateway's caller assertion (mcp_servers.core.identity): required when the JWKS is set.
+    assertion_jwks: str | None = None
+    assertion_issuer: str | None = None
+    assertion_audience: str | None = None
 
     def __post_init__(self) -> None:
         if not self.argv:
@@ -93,6 +98,8 @@ class BridgeSettings:
                      "restart_backoff_max", "crash_loop_window", "sse_keepalive"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        if self.assertion_jwks is not None and not (self.assertion_issuer and self.assertion_audience):
+            raise ValueError("--assertion-jwks needs --assertion-issuer and --assertion-audience")
         if self.workdir is not None and not Path(self.workdir).is_dir():
             raise ValueError(f"workdir {self.workdir!r} is not a directory")
 
@@ -134,6 +141,7 @@ class BridgeSettings:
         parser.add_argument("--log-level", default="INFO")
         parser.add_argument("--otlp-endpoint", default=environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
                             help="OTLP/gRPC collector for spans (default $OTEL_EXPORTER_OTLP_ENDPOINT)")
+        add_assertion_arguments(parser, environ)
         ns = parser.parse_args(options)
         env: dict[str, str] = {}
         for name in ns.env:
@@ -147,4 +155,6 @@ class BridgeSettings:
                    session_idle_seconds=ns.session_idle_seconds, max_line_bytes=ns.max_line_bytes,
                    drain_seconds=ns.drain_seconds, start_timeout=ns.start_timeout,
                    restart_backoff=ns.restart_backoff,
-                   log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint)
+                   log_level=ns.log_level, otlp_endpoint=ns.otlp_endpoint,
+                   assertion_jwks=ns.assertion_jwks, assertion_issuer=ns.assertion_issuer,
+                   assertion_audience=ns.assertion_audience)

@@ -16,6 +16,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from gateway.assertion import InvalidAssertion
 from gateway.caller import SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
@@ -43,6 +44,7 @@ from mcp_servers.core.http import (
     read_body,
     request_caller,
 )
+from mcp_servers.core.identity import RequestIdentity, refusal_log
 from mcp_servers.core.streams import EventStream
 from mcp_servers.core.transport import MODERN_ERROR_STATUS, SSE_HEADERS, UnsupportedVersion
 
@@ -57,6 +59,8 @@ class Bridge:
 
     def __init__(self, settings: BridgeSettings) -> None:
         self.settings = settings
+        # The verifier is installed by the app when assertion_jwks is set (make_app).
+        self.identity = RequestIdentity()
         self.exits = ExitLog(settings)
         self.sessions = SessionTable(settings, self.exits)
         self.pool = Pool(settings, self.exits)
@@ -99,6 +103,11 @@ class Bridge:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
             self._check_host_and_origin(request)
+            try:
+                await self.identity.establish(request)
+            except InvalidAssertion as exc:
+                refusal_log(request, exc)
+                raise
             if request.method == "POST":
                 return await self._post(request)
             if request.method == "GET":

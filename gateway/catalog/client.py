@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +56,10 @@ class Listing:
 
 class _Rpc:
     def __init__(self, http: aiohttp.ClientSession, target: UpstreamTarget,
-                 headers: Mapping[str, str], version: str) -> None:
+                 headers: Mapping[str, str], version: str,
+                 per_request: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.http = http
+        self.per_request = per_request
         self.url = target.url
         self.kwargs = target.request_kwargs()
         self.base_headers = {**target.headers, **headers,
@@ -70,6 +72,8 @@ class _Rpc:
 
     def headers_for(self, method: str) -> dict[str, str]:
         h = dict(self.base_headers)
+        if self.per_request is not None:
+            h.update(self.per_request())  # a caller assertion: one per request (its jti)
         if self.negotiated:
             h["MCP-Protocol-Version"] = self.version
         if self.session_id is not None:
@@ -134,15 +138,17 @@ async def _list_all(rpc: _Rpc, method: str, key: str) -> list[dict[str, Any]]:
 
 async def fetch_listing(http: aiohttp.ClientSession, target: UpstreamTarget | str, *,
                         headers: Mapping[str, str],
-                        protocol_version: str = LATEST_HANDSHAKE_VERSION) -> Listing:
+                        protocol_version: str = LATEST_HANDSHAKE_VERSION,
+                        per_request: Callable[[], Mapping[str, str]] | None = None) -> Listing:
     """Everything one server lists, following every ``nextCursor``. ``target``: the endpoint
-    (``gateway.upstream``), or a plain URL."""
+    (``gateway.upstream``), or a plain URL. ``per_request`` adds headers made afresh for each
+    request (the gateway's caller assertion, which a server accepts once)."""
     if protocol_version not in PROTOCOL_VERSIONS:
         raise FetchError(f"unsupported protocol version {protocol_version!r}")
     if isinstance(target, str):
         target = UpstreamTarget("", target)
     url = target.url
-    rpc = _Rpc(http, target, headers, protocol_version)
+    rpc = _Rpc(http, target, headers, protocol_version, per_request)
     capabilities: dict[str, Any] | None = None
     listing = Listing(protocol_version)
     try:

@@ -96,6 +96,16 @@ SERVICE_MODULES = {"ext_authz": "ext_authz", "ext_proc": "ext_proc"}
 HTTP_AUTHZ_HEALTH_PATH = "/-/health"
 
 
+def assertion_args(config: GatewayConfig, name: str) -> tuple[str, ...]:
+    """Flags of a server (or bridge) behind the gateway with identity.assertion on: require the
+    gateway's signed caller assertion, verified with the published JWKS file."""
+    if not config.identity.assertion:
+        return ()
+    return ("--assertion-jwks", config.identity.jwks_file,
+            "--assertion-issuer", config.public_url.rstrip("/"),
+            "--assertion-audience", config.server_audience(name))
+
+
 def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tuple[str, ...]:
     """Flags every server built on mcp_servers.core takes: its own audit file (the writer locks
     it, so one per instance) and the log level. Tracing reaches servers through the
@@ -103,7 +113,7 @@ def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tup
     audit = config.audit
     return ("--audit-file", str(Path(audit.dir) / f"{name}-{inst.port}.jsonl"),
             "--audit-max-bytes", str(audit.max_bytes), "--audit-keep", str(audit.keep),
-            "--log-level", config.telemetry.log_level)
+            "--log-level", config.telemetry.log_level, *assertion_args(config, name))
 
 
 # Envoy's hot restart (`mcp-gateway reload`): the new Envoy takes the listening sockets over, the
@@ -196,7 +206,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                     server.name, i, inst.host, inst.port,
                     (py, "-m", "mcp_bridge", "--host", inst.host, "--port", str(inst.port),
                      "--name", server.name, "--workdir", str(workdir(config, server)),
-                     "--log-level", config.telemetry.log_level,
+                     "--log-level", config.telemetry.log_level, *assertion_args(config, server.name),
                      *(a for n in server.env for a in ("--env", n)), "--", *server.command),
                     Probe("http", inst.host, inst.port, "/ready"), env=server.env,
                     metrics_url=f"http://{inst.host}:{inst.port}/metrics", path_prefix=prefix))

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
-from gatewayctl import envoy_config, envoy_restarter, runtimes
+from gatewayctl import assertion_keys, envoy_config, envoy_restarter, runtimes
 from gatewayctl.devstack.credentials import ensure_inner_tls, ensure_secrets, ensure_tls, signing_key
 from gatewayctl.devstack.health import (
     PROBE_TIMEOUT_SECONDS,
@@ -162,6 +162,10 @@ class Stack:
         ensure_inner_tls(self.config)
         self.secrets = ensure_secrets(self.config)
         signing_key(self.config)
+        try:  # the caller assertion's keys (made on first up; Envoy publishes the JWKS file)
+            assertion_keys.ensure(self.config)
+        except assertion_keys.KeysError as exc:
+            raise StackError(str(exc)) from None
         with_ext_proc = any(c.name == "ext_proc" for c in self.components)
         p.envoy_yaml.write_text(envoy_config.render(
             self.config, envoy_config.RenderOptions(ext_proc=with_ext_proc)), encoding="utf-8")

@@ -17,6 +17,7 @@ from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.metrics import add_metrics_route
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
+from mcp_servers.core.identity import add_assertion_arguments, identity_context
 from mcp_servers.core.logs import configure_logging
 from mcp_servers.core.server import Lifespan, MCPServer
 from mcp_servers.core.settings import ServerSettings
@@ -74,6 +75,12 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
     for lifespan in server.lifespans:
         app.cleanup_ctx.append(_app_lifespan(lifespan))
     app.cleanup_ctx.append(transport_ctx)
+    if settings.assertion_jwks is not None:
+        # Behind the gateway: the caller comes from its signed assertion only.
+        assert settings.assertion_issuer is not None and settings.assertion_audience is not None
+        app.cleanup_ctx.append(identity_context(
+            transport.identity, settings.assertion_jwks, issuer=settings.assertion_issuer,
+            audience=settings.assertion_audience, leeway=settings.assertion_leeway))
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     add_metrics_route(app)
@@ -124,6 +131,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotated audit files to keep")
     parser.add_argument("--audit-otlp-export", action="store_true",
                         help="also ship audit entries as OTLP logs to --otlp-endpoint")
+    add_assertion_arguments(parser)
+
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -135,7 +144,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
                           otlp_endpoint=args.otlp_endpoint or None, audit_file=args.audit_file,
                           audit_max_bytes=args.audit_max_bytes, audit_keep=args.audit_keep,
-                          audit_otlp_export=args.audit_otlp_export)
+                          audit_otlp_export=args.audit_otlp_export,
+                          assertion_jwks=args.assertion_jwks, assertion_issuer=args.assertion_issuer,
+                          assertion_audience=args.assertion_audience)
 
 
 async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.Event) -> None:

@@ -12,9 +12,11 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from gateway.assertion import Assertion
 from gateway.caller import Caller
 from gateway.errors import PayloadTooLarge
 from mcp_servers.core.errors import BadTransportRequest
+from mcp_servers.core.identity import ASSERTION_KEY
 
 READ_CHUNK_BYTES = 65536
 ALLOWED_METHODS = "GET, POST, DELETE"
@@ -65,8 +67,12 @@ def check_host_and_origin(request: web.Request, allowed_hosts: Collection[str],
 
 
 def request_caller(request: web.Request) -> Caller | None:
-    """The caller the gateway's identity headers name (gateway.caller), or None without them; a
-    spelling the gateway never sends is refused (400), so one identity has exactly one form."""
+    """The caller the gateway's verified assertion names (mcp_servers.core.identity), else the one
+    its identity headers name (gateway.caller), or None without them; a spelling the gateway
+    never sends is refused (400), so one identity has exactly one form."""
+    assertion: Assertion | None = request.get(ASSERTION_KEY)
+    if assertion is not None:
+        return assertion.caller
     try:
         return Caller.from_headers(request.headers.get)
     except ValueError:

@@ -47,6 +47,13 @@ class ServerSettings:
     audit_keep: int = 10
     audit_timeout: float = 5.0
     audit_otlp_export: bool = False
+    # The gateway's caller assertion (mcp_servers.core.identity): its published JWKS (a file or
+    # an http(s) URL; None: no assertion, the identity headers name the caller), the gateway's
+    # issuer (its public URL), this server's resource id (the `aud`), the clock skew allowed.
+    assertion_jwks: str | None = None
+    assertion_issuer: str | None = None
+    assertion_audience: str | None = None
+    assertion_leeway: int = 5
 
     def __post_init__(self) -> None:
         if not self.path.startswith("/"):
@@ -68,5 +75,10 @@ class ServerSettings:
             raise ValueError("audit_file is empty")
         if self.audit_otlp_export and not (self.audit_file and self.otlp_endpoint):
             raise ValueError("audit OTLP export needs an audit file and an OTLP endpoint")
+        if self.assertion_jwks is not None and not (self.assertion_issuer and self.assertion_audience):
+            raise ValueError("assertion_jwks needs assertion_issuer and assertion_audience (the "
+                             "gateway's public URL and this server's resource id)")
+        if not 0 <= self.assertion_leeway <= 60:
+            raise ValueError("assertion_leeway must be 0..60 seconds")
         if not self.allowed_hosts:
             raise ValueError("allowed_hosts is empty: no request could be served (use '*' to disable)")

@@ -24,6 +24,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from gateway.assertion import InvalidAssertion
 from gateway.caller import Caller, SessionOwner
 from gateway.errors import (
     HEADER_MISMATCH,
@@ -72,6 +73,7 @@ from mcp_servers.core.http import (
     read_body,
     request_caller,
 )
+from mcp_servers.core.identity import RequestIdentity, decision_id_of, refusal_log
 from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
 from mcp_servers.core.session import InFlight, Session, SessionStore
@@ -213,6 +215,8 @@ class Transport:
         self.pending: dict[str, _Pending] = {}
         self.ready = True
         self.recorder = CallRecorder(server.name)
+        # The verifier is installed by the app when assertion_jwks is set (make_app).
+        self.identity = RequestIdentity()
         self._allowed_hosts = {h.lower() for h in settings.allowed_hosts}
         self._allowed_origins = {o.lower().rstrip("/") for o in settings.allowed_origins}
         self._background: set[asyncio.Task[Any]] = set()
@@ -225,11 +229,23 @@ class Transport:
         # Capped: without Envoy in front a client picks this value, and it lands in logs and audit.
         rid = (headers.get(REQUEST_ID_HEADER) or new_token(8))[:MAX_REQUEST_ID_LEN]
         request[REQUEST_ID_KEY] = rid
+        # Behind the gateway with assertions: no request goes further without a valid one.
+        try:
+            asserted = await self.identity.establish(request)
+        except InvalidAssertion as exc:
+            refusal_log(request, exc)
+            return _error(None, exc)
+        if asserted is not None:
+            who = asserted.caller
+            ids = {"decision_id": asserted.decision_id, "sub": who.sub, "tenant": who.tenant,
+                   "client_id": who.client_id}
+        else:
+            ids = {"decision_id": headers.get(DECISION_ID_HEADER),
+                   "sub": _log_value(headers.get(USER_HEADER)),
+                   "tenant": _log_value(headers.get(TENANT_HEADER)),
+                   "client_id": _log_value(headers.get(CLIENT_ID_HEADER))}
         # Every log line of this request (handlers included) carries these ids and the trace ids.
-        with bind_request(request_id=rid, decision_id=headers.get(DECISION_ID_HEADER),
-                          sub=_log_value(headers.get(USER_HEADER)),
-                          tenant=_log_value(headers.get(TENANT_HEADER)),
-                          client_id=_log_value(headers.get(CLIENT_ID_HEADER))):
+        with bind_request(request_id=rid, **ids):
             if request.method == "POST":
                 # The parent is Envoy's span (W3C traceparent), joining this server to the trace.
                 with start_server_span("mcp", headers, tracer_name=TRACER,
@@ -403,7 +419,7 @@ class Transport:
                           client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
                           log_level=log_level, cancelled=cancelled,
                           http_request_id=request.get(REQUEST_ID_KEY),
-                          decision_id=request.headers.get(DECISION_ID_HEADER))
+                          decision_id=decision_id_of(request))
         task = asyncio.create_task(self.answer(msg, ctx, modern))
         if session is not None:
             track_inflight(session, rid, task, cancelled)

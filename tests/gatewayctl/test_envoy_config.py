@@ -200,7 +200,7 @@ def test_filter_order_and_identity_scrub(doc: dict[str, Any]) -> None:
     assert session["typed_config"]["header"] == {"name": "mcp-session-id"}
     removed = {m["remove"] for m in
                filters(doc)["envoy.filters.http.header_mutation"]["typed_config"]["mutations"]["request_mutations"]}
-    assert set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-inspect"}
+    assert set(GATEWAY_HEADERS) == {*IDENTITY_HEADERS, "x-mcp-assertion", "x-mcp-inspect"}
     assert removed == {*GATEWAY_HEADERS, *SIGNAL_HEADERS, *AGGREGATE_HEADERS}
 
 
