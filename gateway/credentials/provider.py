@@ -95,11 +95,6 @@ class CredentialProvider:
         subject is the caller assertion; None: such exchanges are refused (503)."""
         self._signer = signer
 
-    def header_of(self, server: str) -> str | None:
-        """The header a server's credential goes in (None: the server gets none)."""
-        creds = self._configs.get(server)
-        return creds.header if creds is not None else None
-
     async def headers(self, server: str, caller: Caller, token: str, *,
                       decision_id: str = "") -> Mapping[str, str]:
         """The credential headers for ``caller`` (whose verified bearer token is ``token``) on
@@ -140,9 +135,18 @@ class CredentialProvider:
                     f"(identity.assertion); ask the gateway's operator", data={"server": server})
             # A fresh assertion per exchange (unique jti); the cache is keyed by who the
             # caller is, since the assertion itself differs every time.
+            def mint() -> str:
+                try:
+                    return signer.mint(caller, creds.audience, decision_id)
+                except (ValueError, OSError) as exc:  # the key file went missing or bad
+                    logger.error("server %s: no caller assertion could be minted: %s", server, exc)
+                    raise CredentialUnavailable(
+                        f"the gateway cannot sign a caller assertion for server {server} now",
+                        data={"server": server}) from None
+
             issued = await client.token(
-                lambda: signer.mint(caller, creds.audience, decision_id), JWT_TOKEN_TYPE,
-                key=client.cache_key(caller_key(caller), creds.audience), not_after=not_after)
+                mint, JWT_TOKEN_TYPE, key=client.cache_key(caller_key(caller), creds.audience),
+                not_after=not_after)
         else:
             # The client's verified token: the cache is keyed by its digest.
             issued = await client.token(token, ACCESS_TOKEN_TYPE,

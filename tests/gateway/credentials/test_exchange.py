@@ -274,3 +274,21 @@ async def test_outcomes_are_counted(sts: TokenServer) -> None:
         await client.close()
     assert [_count("metrics-crm", o) for o in ("exchanged", "cached", "refused", "unavailable")] \
         == [1, 1, 1, 1]
+
+
+class _BrokenSigner(AssertionSigner):
+    def mint(self, caller: Caller, audience: str, decision_id: str, tool: str | None = None) -> str:
+        raise ValueError("the key file is gone")
+
+
+async def test_an_assertion_that_cannot_be_minted_fails_closed(sts: TokenServer) -> None:
+    """A signer failure (key file gone) answers 503 and asks nothing of the token endpoint."""
+    signer = _BrokenSigner(KeyRing.from_jwks({"keys": [new_private_jwk()]}), "https://gw.example")
+    provider = CredentialProvider({"crm": _config(sts.url, subject="assertion")}, {"STS": SECRET},
+                                  signer=signer)
+    try:
+        with pytest.raises(CredentialUnavailable, match="cannot sign a caller assertion"):
+            await provider.headers("crm", Caller(sub="alice"), "client-token")
+    finally:
+        await provider.close()
+    assert sts.requests == []
