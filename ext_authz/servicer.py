@@ -196,6 +196,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             signer_for(settings.identity, settings.public_url) if settings.identity.assertion else None
         # Built without secrets, a static credential is refused (503), never skipped.
         self._credentials = credentials or CredentialProvider(settings.credentials, {})
+        # A token exchange whose subject is the caller assertion mints it with the same signer.
+        self._credentials.use_signer(self._signer)
 
     async def Check(self, request: pb.CheckRequest, context: grpc.aio.ServicerContext[Any, Any] | None
                     ) -> pb.CheckResponse:

@@ -1018,6 +1018,14 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         *((("aggregate.inner_listener", aggregate.inner_listener),)
           if aggregate.inner_listener is not None else ())])
 
+    identity = _identity(top.get("identity"), path, state_dir)
+    for server in servers:
+        creds = server.credentials
+        if isinstance(creds, TokenExchangeCredentials) and creds.subject == "assertion" \
+                and not identity.assertion:
+            raise ConfigError(f"servers.{server.name}.credentials.subject: assertion needs "
+                              f"identity.assertion: true (the gateway signs the assertion it "
+                              f"exchanges)")
     return GatewayConfig(
         listen=listen, telemetry=telemetry, audit=audit, catalog=catalog, public_url=public_url,
         admin=admin,
@@ -1026,7 +1034,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
         aggregate=aggregate, virtual_servers=virtual_servers,
-        identity=_identity(top.get("identity"), path, state_dir),
+        identity=identity,
         inner_tls=_inner_tls(top.get("inner_tls"), path, state_dir),
         state_dir=state_dir,
         max_request_bytes=_take(top, "max_request_bytes", int, "config", 1024 * 1024),

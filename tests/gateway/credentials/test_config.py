@@ -63,7 +63,8 @@ def test_token_exchange_defaults() -> None:
     assert isinstance(module, TokenExchangeCredentials)
     assert module.audience == "https://127.0.0.1:8443/mcp/crm"
     custom = _config({**raw, "audience": "urn:crm", "resource": "https://crm.example/",
-                      "scope": "read", "subject": "assertion"}).server("crm").credentials
+                      "scope": "read", "subject": "assertion"},
+                     identity={"assertion": True}).server("crm").credentials
     assert isinstance(custom, TokenExchangeCredentials)
     assert (custom.audience, custom.resource, custom.scope, custom.subject) == \
         ("urn:crm", "https://crm.example/", "read", "assertion")
@@ -120,3 +121,13 @@ def test_a_credential_header_may_not_clash_with_a_static_url_header() -> None:
                               "credentials": {"kind": "static", "secret": "UP_KEY"}}}
     with pytest.raises(ConfigError, match=r"servers\.crm\.credentials\.header: authorization is also"):
         parse_config(raw, base_dir=Path("/srv/gw"))
+
+
+def test_assertion_subject_needs_the_assertion_on() -> None:
+    """subject: assertion without identity.assertion is refused naming both keys."""
+    raw = {**EXCHANGE, "subject": "assertion"}
+    with pytest.raises(ConfigError, match=r"servers\.crm\.credentials\.subject: assertion needs "
+                                          r"identity\.assertion: true"):
+        _config(raw)
+    with pytest.raises(ConfigError, match="identity.assertion"):
+        _config(raw, identity={"assertion": False})

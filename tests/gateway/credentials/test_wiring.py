@@ -4,9 +4,12 @@ server only; every other server still loses the client's token."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 import yaml
 
@@ -14,6 +17,7 @@ from ext_authz.http_front import answer
 from ext_authz.response import Verdict
 from ext_authz.servicer import AuthorizationServicer
 from ext_authz.settings import Settings
+from gateway.assertion import new_private_jwk
 from gateway.caller import Caller
 from gateway.config import GatewayConfig
 from gateway.credentials.config import StaticCredentials
@@ -184,3 +188,35 @@ async def test_token_exchange_through_the_check(
     finally:
         await sts.stop()
         await authz.servicer._credentials.close()
+
+
+async def test_assertion_subject_through_the_check(
+        jwks_server: JwksServer, session: aiohttp.ClientSession, rsa_key: SigningKey,
+        tmp_path: Path) -> None:
+    """With identity.assertion on, a server exchanging the caller assertion gets a token issued
+    for an assertion the gateway signed (its own signer), never the client's token."""
+    keys = tmp_path / "assertion-keys.json"
+    keys.write_text(json.dumps({"keys": [new_private_jwk()]}), encoding="utf-8")
+    sts = TokenServer(client_secret=SECRET)
+    await sts.start()
+    config = make_config(
+        jwks_server.url, secrets=["UP_KEY"], identity={"assertion": True, "keys": str(keys)},
+        servers={"files": {"module": "m", "instances": [{"port": 9201}], "credentials": {
+            "kind": "token_exchange", "token_endpoint": sts.url, "client_id": "gateway",
+            "client_secret": "UP_KEY", "subject": "assertion"}}})
+    settings = Settings.from_config(config, port=0, host="127.0.0.1")
+    harness = build(settings, session, StubEngine())
+    servicer = AuthorizationServicer(
+        settings, harness.servicer._verifier, harness.servicer._limiter, harness.engine,
+        credentials=CredentialProvider(settings.credentials, {"UP_KEY": SECRET}))
+    try:
+        token = token_for(rsa_key)
+        headers, _ = upstream(await servicer.Check(check_request("post_tools_call_files", token), None))
+        assert headers["authorization"] == f"Bearer {sts.issued[0].token}"
+        form = sts.requests[0]["form"]
+        assert form["subject_token_type"] == "urn:ietf:params:oauth:token-type:jwt"
+        assert form["subject_token"] != token and token not in form.values()
+        assert jwt.decode(form["subject_token"], options={"verify_signature": False})["sub"] == "alice"
+    finally:
+        await sts.stop()
+        await servicer._credentials.close()
