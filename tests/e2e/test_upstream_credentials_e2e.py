@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx2
+import jwt
 import pytest
 import yaml
+from jwt.algorithms import ECAlgorithm
 
 from gateway.catalog import Catalog
-from gateway.config import load_config
+from gateway.config import JWKS_PATH, load_config
 from gatewayctl import cli, devstack
 from tests.e2e.conftest import HAS_EXT_PROC, installed
 from tests.e2e.helpers import (
@@ -43,7 +45,8 @@ KEY_SECRET = "api-key-upstream-secret-2"  # noqa: S105  # a test value
 STS_SECRET = "sts-client-secret-3"  # noqa: S105  # a test value
 STORE_KEY = "e2e-store-key-0123456789abcdef"
 AGGREGATE_KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
-SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down", "store")
+SERVERS = ("plain", "static_auth", "static_key", "exchange", "exchange_down", "store",
+           "exchange_assertion")
 
 
 @dataclass
@@ -139,12 +142,15 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         "exchange_down": {"url": url, "credentials": {
             **exchange, "token_endpoint": f"http://127.0.0.1:{free_port()}/token"}},
         "store": {"url": url, "credentials": {"kind": "user_store", "key": "STORE_KEY"}},
+        "exchange_assertion": {"url": url, "credentials": {
+            **exchange, "token_endpoint": f"{sts_url}/token", "subject": "assertion"}},
     }
     aggregator, inner = free_ports(2)
     extra = {"policy": {"engine": "embedded", "dir": str(_policy(tmp / "policies", SERVERS))},
              "secrets": ["UP_STATIC", "UP_API_KEY", "STS_SECRET", "STORE_KEY", AGGREGATE_KEYS],
              "aggregate": {"instances": [{"port": aggregator}], "inner_listener": {"port": inner},
-                           "session_keys": AGGREGATE_KEYS}}
+                           "session_keys": AGGREGATE_KEYS},
+             "identity": {"assertion": True}}
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=authz_transport())
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -281,3 +287,28 @@ def test_aggregate_endpoint_calls_carry_the_credential_not_the_token(env: Env) -
     lines = received(_aggregate_call(env, "plain__headers", token))
     assert "authorization" not in {name for name, _ in lines}
     assert_no_client_token(lines, token)
+
+
+def test_token_exchange_of_the_caller_assertion(env: Env) -> None:
+    """subject: assertion: the token endpoint receives a gateway-signed assertion (verifiable
+    with the JWKS Envoy publishes, audience the upstream, naming the caller), never the client's
+    token; the upstream receives the issued token."""
+    token = bearer(env.stack.config, "admin", sub="assertion-user")
+    reply, _ = env.call("exchange_assertion", token)
+    lines = received(reply)
+    log = env.sts_log()
+    (request,) = [r for r in log["requests"]
+                  if r["form"]["subject_token_type"] == "urn:ietf:params:oauth:token-type:jwt"]
+    form = request["form"]
+    assert token not in form.values()
+    issued = [i["token"] for i in log["issued"] if i["subject_token"] == form["subject_token"]]
+    assert [v for n, v in lines if n == "authorization"] == [f"Bearer {issued[0]}"]
+    assert_no_client_token(lines, token)
+    jwks_url = f"{env.stack.config.public_url}{JWKS_PATH}"
+    keys = httpx2.get(jwks_url, verify=tls_context(env.stack), timeout=5).json()
+    header = jwt.get_unverified_header(form["subject_token"])
+    (jwk,) = [k for k in keys["keys"] if k["kid"] == header["kid"]]
+    claims = jwt.decode(form["subject_token"], ECAlgorithm.from_jwk(jwk),  # type: ignore[arg-type]
+                        algorithms=["ES256"], audience="urn:crm",
+                        issuer=env.stack.config.public_url.rstrip("/"))
+    assert claims["sub"] == "assertion-user"
