@@ -92,7 +92,7 @@ from gateway.aggregate.session_token import (
     SessionSealer,
 )
 from gateway.aggregate.views import View, view_of_path
-from gateway.assertion import AssertionSigner, signer_for
+from gateway.assertion import CATALOG_CALLER, AssertionSigner, signer_for
 from gateway.caller import Caller, SessionOwner
 from gateway.credentials.provider import CredentialProvider
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
@@ -133,9 +133,6 @@ MAX_SQL_QUEUE = 4
 # Bounded well below Envoy's ext_authz timeout (500 ms by default).
 CATALOG_WAIT_SECONDS = 0.25
 SERVICE = "ext_authz"
-# Who the catalog fetch acts for, in an assertion (the bare-header form is CATALOG_IDENTITY).
-CATALOG_CALLER = Caller(sub="system:mcp-gateway-catalog", roles=("gateway-catalog",),
-                        client_id="mcp-gateway")
 
 
 class PolicyDecision(Protocol):

@@ -68,6 +68,10 @@ CLAIM_TOOL = "tool"
 # server binding state to a user needs both (gateway.caller.SessionOwner).
 CLAIM_CALLER_ISSUER = "caller_iss"
 _REQUIRED = ["iss", "aud", "sub", "exp", "iat", "jti"]
+# Who the gateway's own catalog fetch acts for (the bare-header form is
+# gateway.catalog.client.CATALOG_IDENTITY).
+CATALOG_CALLER = Caller(sub="system:mcp-gateway-catalog", roles=("gateway-catalog",),
+                        client_id="mcp-gateway")
 
 
 class InvalidAssertion(GatewayError):

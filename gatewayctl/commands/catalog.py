@@ -14,12 +14,14 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.assertion import CATALOG_CALLER, signer_for
 from gateway.catalog import Catalog, CatalogError, Entry
 from gateway.catalog.client import CATALOG_IDENTITY, FetchError, fetch_listing
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.mcp import LATEST_HANDSHAKE_VERSION
 from gateway.policy.factory import build_engine
 from gateway.upstream import UpstreamError, targets
+from gateway.wire import ASSERTION_HEADER
 
 REFRESH_TIMEOUT_S = 30.0
 
@@ -193,9 +195,21 @@ def cmd_approve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assertion(cfg: GatewayConfig, server: str) -> Callable[[], dict[str, str]] | None:
+    """Fresh assertion headers naming the gateway's catalog towards ``server`` (signed with the
+    key file, as ext_authz does), or None when identity.assertion is off."""
+    if not cfg.identity.assertion:
+        return None
+    signer = signer_for(cfg.identity, cfg.public_url)
+    audience = cfg.server_audience(server)
+    return lambda: {ASSERTION_HEADER: signer.mint(CATALOG_CALLER, audience, "cli-catalog-refresh")}
+
+
 async def _refresh(cfg: GatewayConfig, catalog: Catalog, servers: list[str] | None,
                    version: str) -> int:
     failures = 0
+    # With identity.assertion on, servers accept only the gateway's signed assertion.
+    identity = {} if cfg.identity.assertion else CATALOG_IDENTITY
     timeout = aiohttp.ClientTimeout(total=REFRESH_TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as http:
         for server in cfg.servers:
@@ -211,8 +225,9 @@ async def _refresh(cfg: GatewayConfig, catalog: Catalog, servers: list[str] | No
             for target in endpoints:
                 url = target.url
                 try:
-                    listing = await fetch_listing(http, target, headers=CATALOG_IDENTITY,
-                                                  protocol_version=version)
+                    listing = await fetch_listing(http, target, headers=identity,
+                                                  protocol_version=version,
+                                                  per_request=_assertion(cfg, server.name))
                     break
                 except FetchError as exc:
                     errors.append(f"{url}: {exc.message}")

@@ -22,7 +22,8 @@ def test_every_command_is_registered_by_its_group() -> None:
     """Without a named group every group registers; each command maps to the group that adds it."""
     parser = build_parser([])
     full = {"config": ["config", "render"], "policy": ["policy", "test"], "catalog": ["catalog", "list"],
-            "restart": ["restart", "files"], "credentials": ["credentials", "list"]}
+            "restart": ["restart", "files"], "credentials": ["credentials", "list"],
+            "keys": ["keys", "list"]}
     for command, group in COMMANDS.items():
         argv = full.get(command, [command])
         assert build_parser(argv).parse_args(argv).command == command, group
