@@ -220,6 +220,10 @@ class TlsConfig:
     key_file: str
     client_ca_file: str | None = None  # set to require client certificates (mTLS)
     min_version: str = "TLSv1_2"
+    # Envoy takes cert_file/key_file through SDS from this file (which the renderer's caller
+    # writes: gatewayctl.envoy_config.edge_sds_document) and reads them again whenever their
+    # folder changes, e.g. a Kubernetes Secret volume renewed by cert-manager. None: read once.
+    sds_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -847,14 +851,16 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
 
     listen = _instance(top.get("listen", {"port": 8443}), "listen")
     public_url = _take(top, "public_url", str, "config", f"https://127.0.0.1:{listen.port}")
-    tls_raw = _only(top.get("tls"), {"cert_file", "key_file", "client_ca_file", "min_version"}, "tls")
+    tls_raw = _only(top.get("tls"), {"cert_file", "key_file", "client_ca_file", "min_version",
+                                     "sds_file"}, "tls")
     min_version = _take(tls_raw, "min_version", str, "tls", "TLSv1_2")
     if min_version not in ("TLSv1_2", "TLSv1_3"):
         raise ConfigError("tls.min_version must be TLSv1_2 or TLSv1_3 (older versions are unsafe)")
     ca = _take(tls_raw, "client_ca_file", (str, type(None)), "tls", None)
+    sds_file = _take(tls_raw, "sds_file", (str, type(None)), "tls", None)
     tls = TlsConfig(path(_take(tls_raw, "cert_file", str, "tls")),
                     path(_take(tls_raw, "key_file", str, "tls")),
-                    path(ca) if ca else None, min_version)
+                    path(ca) if ca else None, min_version, path(sds_file) if sds_file else None)
 
     secrets = tuple(_take(top, "secrets", list, "config", []))
     for name in secrets:

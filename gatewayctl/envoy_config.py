@@ -284,6 +284,45 @@ def _inner_downstream_tls(config: GatewayConfig, options: RenderOptions) -> str:
                  {"san": san, "san_q": _q(san), **_inner_sds(config, options)})
 
 
+# tls.sds_file: the edge certificate through SDS, re-read when its folder changes.
+EDGE_CERTIFICATE_SECRET = "edge_certificate"  # noqa: S105  (a resource name, not a secret)
+
+
+def _edge_certificate(config: GatewayConfig, options: RenderOptions) -> str:
+    """The listener's certificate: the files read once, or (tls.sds_file) through SDS."""
+    tls = config.tls
+    if tls.sds_file is None:
+        return ("tls_certificates:\n"
+                f"- certificate_chain: {{filename: {_q(_path(tls.cert_file, options))}}}\n"
+                f"  private_key: {{filename: {_q(_path(tls.key_file, options))}}}\n")
+    return ("# tls.sds_file: the certificate comes through SDS, read again whenever its folder\n"
+            "# changes (a renewed Kubernetes Secret; no restart, no dropped connection).\n"
+            "tls_certificate_sds_secret_configs:\n"
+            f"- name: {EDGE_CERTIFICATE_SECRET}\n"
+            "  sds_config:\n"
+            "    resource_api_version: V3\n"
+            f"    path_config_source: {{path: {_q(_path(tls.sds_file, options))}}}\n")
+
+
+def edge_sds_document(config: GatewayConfig, options: RenderOptions | None = None) -> str | None:
+    """The SDS file tls.sds_file names (None: no SDS). It names cert_file and key_file and
+    watches their folder: Kubernetes updates a Secret volume by swapping a symlink in that
+    folder, which a watch on the files themselves would miss."""
+    tls = config.tls
+    if tls.sds_file is None:
+        return None
+    opts = options or RenderOptions()
+    folder = str(Path(tls.cert_file).parent)
+    return ("# The edge certificate (tls.cert_file / key_file), re-read when its folder changes.\n"
+            "resources:\n"
+            '- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret\n'
+            f"  name: {EDGE_CERTIFICATE_SECRET}\n"
+            "  tls_certificate:\n"
+            f"    certificate_chain: {{filename: {_q(_path(tls.cert_file, opts))}}}\n"
+            f"    private_key: {{filename: {_q(_path(tls.key_file, opts))}}}\n"
+            f"    watched_directory: {{path: {_q(_path(folder, opts))}}}\n")
+
+
 def sds_documents(config: GatewayConfig, options: RenderOptions | None = None) -> dict[str, str]:
     """The SDS resource files Envoy reads under inner_tls (file name in inner_tls.sds_dir ->
     YAML); empty when inner_tls is off. They only name the certificate files: written once,
@@ -800,6 +839,7 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
         **log_blocks,
         "response_headers": _response_headers(config),
         "client_validation": client_validation,
+        "edge_certificate": _edge_certificate(config, options),
         "client_cert_details": client_cert_details,
         "identity_header_removals": removals,
         "ext_proc_filter": ext_proc_filter,

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from gateway.config import load_config  # noqa: E402
-from gatewayctl.envoy_config import RenderOptions, render  # noqa: E402
+from gatewayctl.envoy_config import RenderOptions, edge_sds_document, render  # noqa: E402
 
 HERE = REPO / "deploy" / "k8s"
 NAMESPACE = "mcp-gateway"
@@ -70,13 +70,18 @@ def expected() -> dict[str, str]:
     # ext_proc runs in Kubernetes (ext-proc.yaml) as in compose: without its filter and cluster
     # Envoy would pass every answer uninspected (no list filtering, no PII masking).
     envoy_yaml = render(config, RenderOptions(ext_proc=True, relative_to=REPO))
+    envoy_files = {"envoy.yaml": envoy_yaml}
+    # tls.sds_file: the edge certificate's SDS file, beside envoy.yaml in the same ConfigMap.
+    edge_sds = edge_sds_document(config, RenderOptions(relative_to=REPO))
+    if edge_sds is not None and config.tls.sds_file is not None:
+        envoy_files[Path(config.tls.sds_file).name] = edge_sds
     policies = {p.name: p.read_text(encoding="utf-8")
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}
     system_authz = (REPO / "deploy" / "opa" / "system-authz.rego").read_text(encoding="utf-8")
     configmaps = {
         "mcp-gateway-config": configmap("mcp-gateway-config", {"gateway.yaml": gateway_yaml}),
-        "envoy-config": configmap("envoy-config", {"envoy.yaml": envoy_yaml}),
+        "envoy-config": configmap("envoy-config", envoy_files),
         "opa-policies": configmap("opa-policies", policies),
         "opa-system-authz": configmap("opa-system-authz", {"system-authz.rego": system_authz}),
     }

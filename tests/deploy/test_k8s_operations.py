@@ -190,8 +190,15 @@ def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
-    text = configmap["data"]["envoy.yaml"]
-    text = text.replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
+    def here(text: str) -> str:
+        text = text.replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
+        return text.replace(f'"{Path(config.tls.cert_file).parent}"', f'"{tmp_path}"')
+
+    text = here(configmap["data"]["envoy.yaml"])
+    if config.tls.sds_file is not None:  # the edge certificate's SDS file, from the same ConfigMap
+        sds = tmp_path / Path(config.tls.sds_file).name
+        sds.write_text(here(configmap["data"][sds.name]))
+        text = text.replace(config.tls.sds_file, str(sds))
     target = tmp_path / "envoy.yaml"
     target.write_text(text)
     validate(target)

@@ -21,7 +21,7 @@ from gateway.wire import (
     IDENTITY_HEADERS,
     SIGNAL_HEADERS,
 )
-from gatewayctl import devstack
+from gatewayctl import devstack, envoy_config
 from gatewayctl.envoy_config import (
     EnvoyConfigError,
     RenderOptions,
@@ -104,9 +104,13 @@ def filters(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_every_shipped_config_renders_and_validates(source: Path, certs: Certs, tmp_path: Path) -> None:
     """Each gateway config in the repo renders to an Envoy config the real Envoy accepts."""
     raw = yaml.safe_load(source.read_text())
-    config = parse_config(raw, base_dir=source.parent if source != DEFAULT_CONFIG_PATH else REPO,
-                          source=str(source))
-    validate_text(render(with_certs(config, certs)), tmp_path)
+    config = with_certs(parse_config(raw, base_dir=source.parent if source != DEFAULT_CONFIG_PATH
+                                     else REPO, source=str(source)), certs)
+    if config.tls.sds_file is not None:  # the edge certificate through SDS: its file, here
+        tls = dataclasses.replace(config.tls, sds_file=str(tmp_path / "edge-sds.yaml"))
+        config = dataclasses.replace(config, tls=tls)
+        (tmp_path / "edge-sds.yaml").write_text(envoy_config.edge_sds_document(config) or "")
+    validate_text(render(config), tmp_path)
 
 
 def test_mtls_and_ext_proc_variants_validate(certs: Certs, tmp_path: Path) -> None:
