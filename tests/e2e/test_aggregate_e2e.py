@@ -92,6 +92,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]:
         "secrets": [KEYS],
         "aggregate": {"instances": [{"port": aggregator}], "inner_listener": {"port": inner},
                       "session_keys": KEYS},
+        # The servers, the stdio bridge and the aggregator take the caller from the gateway's
+        # signed assertion only (docs/identity.md): every path below runs with it.
+        "identity": {"assertion": True},
         "virtual_servers": {VIRTUAL: {"tools": ["files/read_*", "time/get_current_time"],
                                       "description": "Read files, tell the time"}},
     }
