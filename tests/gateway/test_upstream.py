@@ -101,12 +101,37 @@ def servers(pki: dict[str, str], tmp_path_factory: pytest.TempPathFactory
         _stop(tls)
 
 
+def _open_connections_to(ports: set[int]) -> int:
+    """This process's TCP sockets whose remote end is one of ``ports`` (from /proc)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as fh:
+            for line in fh.readlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes and int(fields[2].rsplit(":", 1)[1], 16) in ports:
+                    count += 1
+    return count
+
+
 @pytest.fixture
 async def http(servers: tuple[SdkServer, SdkServer]) -> AsyncIterator[aiohttp.ClientSession]:
     for server in servers:
         await _wait_listening(server)
     async with aiohttp.ClientSession() as session:
         yield session
+    # A connection aiohttp closed on an error answer ends with an asynchronous TLS shutdown the
+    # session does not wait for; let it finish on this test's loop, so no transport outlives it.
+    ports = {server.port for server in servers}
+    deadline = asyncio.get_running_loop().time() + 40  # > asyncio's 30 s TLS shutdown bound
+    while _open_connections_to(ports):
+        assert asyncio.get_running_loop().time() < deadline, "a connection to a server stays open"
+        await asyncio.sleep(0.05)
 
 
 def _server(entry: dict[str, Any], secrets: tuple[str, ...] = ()) -> ServerConfig:
