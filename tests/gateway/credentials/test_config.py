@@ -128,6 +128,6 @@ def test_assertion_subject_needs_the_assertion_on() -> None:
     raw = {**EXCHANGE, "subject": "assertion"}
     with pytest.raises(ConfigError, match=r"servers\.crm\.credentials\.subject: assertion needs "
                                           r"identity\.assertion: true"):
-        _config(raw)
+        _config(raw, identity=None)  # no identity: section
     with pytest.raises(ConfigError, match="identity.assertion"):
         _config(raw, identity={"assertion": False})
