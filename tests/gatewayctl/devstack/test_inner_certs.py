@@ -15,6 +15,7 @@ from gateway import inner_tls
 from gateway.config import GatewayConfig, parse_config
 from gatewayctl import devstack
 from gatewayctl.devstack.credentials import issue_inner_tls
+from gatewayctl.devstack.plan import plan
 from tests.e2e.helpers import stack_config
 from tests.ports import free_ports
 
@@ -90,3 +91,26 @@ def test_operator_files_are_never_invented(tmp_path: Path) -> None:
     config = _config(tmp_path, dir=str(tmp_path / "pki"))
     with pytest.raises(devstack.StackError, match="pki/ext-authz|pki/envoy|inner TLS file"):
         issue_inner_tls(config)
+
+
+def test_plan_hands_each_process_its_files_and_probes_over_tls(tmp_path: Path) -> None:
+    """Under inner_tls each of our processes gets its three MCP_INNER_TLS_* variables, a probe
+    that speaks TLS to its name and an https same-port /metrics; the aggregator calls the inner
+    listener over https. Off: none of that."""
+    config = _config(tmp_path)
+    components = {c.name: c for c in plan(config, ext_proc=True)}
+    for name, identity in (("ext_authz", "ext-authz"), ("ext_proc", "ext-proc"),
+                           ("aggregator", "aggregator"), ("files", "server-files"),
+                           ("tools", "server-tools")):
+        comp = components[name]
+        assert dict(comp.tls_env) == config.inner_tls.files(identity).env(), name
+        assert comp.probe.tls_name == f"{identity}.mcp-gateway.internal", name
+    assert components["files"].metrics_url is not None
+    assert components["files"].metrics_url.startswith("https://")
+    argv = components["aggregator"].argv
+    assert argv[argv.index("--upstream-base") + 1].startswith("https://127.0.0.1:")
+    for name in ("envoy", "jwks", "remote"):
+        assert components[name].tls_env == () and components[name].probe.tls_name == "", name
+    off = parse_config({**yaml.safe_load(stack_config(tmp_path, servers=SERVERS).read_text())},
+                       base_dir=tmp_path)
+    assert all(c.tls_env == () and not c.probe.tls_name for c in plan(off, ext_proc=True))
