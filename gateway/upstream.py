@@ -63,10 +63,14 @@ class UpstreamTarget:
     headers: Mapping[str, str] = field(default_factory=dict)  # Host and static headers
     ssl: ssl.SSLContext | None = None
     server_hostname: str | None = None  # SNI and the certificate's name, when not the URL's host
+    # inner_tls: the client certificate behind ``ssl``, re-read when its files changed.
+    inner: inner_tls.ReloadingTls | None = None
 
     def request_kwargs(self) -> dict[str, Any]:
         """What aiohttp's request methods need besides the URL and headers."""
         out: dict[str, Any] = {}
+        if self.inner is not None:
+            self.inner.check()  # a rotated certificate for the next connection (a stat and a hash)
         if self.ssl is not None:
             out["ssl"] = self.ssl
         if self.server_hostname is not None:
@@ -113,10 +117,11 @@ def targets(server: ServerConfig, environ: Mapping[str, str]) -> tuple[UpstreamT
     process's inner certificate when ``environ`` names one (inner_tls: the server requires it)."""
     if server.kind != "url":
         files = inner_tls.files_from_env(environ)
-        context = inner_tls.client_context(files) if files is not None else None
-        scheme = "https" if files is not None else "http"
+        client = inner_tls.ReloadingTls(files, server=False) if files is not None else None
+        scheme = "https" if client is not None else "http"
         return tuple(UpstreamTarget(server.name, f"{scheme}://{_authority(i.host, i.port)}/mcp",
-                                    ssl=context) for i in server.instances)
+                                    ssl=client.context if client is not None else None,
+                                    inner=client) for i in server.instances)
     headers = resolve_headers(server, environ)
     context = ssl_context(server)
     sni = server.tls.server_name if server.tls is not None else None

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from gateway import inner_tls
 from gateway.config import DEFAULT_CONFIG_PATH, ConfigError, GatewayConfig, load_config, parse_config
 from gateway.inner_tls import InnerTlsError, ReloadingTls, TlsFiles
+from gateway.upstream import targets
 
 DEADLINE_SECONDS = 10.0
 
@@ -268,3 +269,19 @@ async def test_grpc_server_takes_rotated_files_on_the_next_connection(pki: Pki) 
         await _grpc_check(port, pki.client, pki.server.ca_file)
     finally:
         await server.stop(None)
+
+
+def test_catalog_targets_of_our_servers_use_the_inner_certificate(pki: Pki) -> None:
+    """With the variables set, a module server's endpoints are https with this process's
+    certificate, re-read when rotated; without them, plain http as before."""
+    server = load_config().server("files")
+    plain = targets(server, {})
+    assert all(t.url.startswith("http://") and t.ssl is None for t in plain)
+    env = TlsFiles(pki.client.cert_file, pki.client.key_file, pki.server.ca_file).env()
+    secured = targets(server, env)
+    assert all(t.url.startswith("https://") and t.ssl is not None for t in secured)
+    target = secured[0]
+    assert target.inner is not None and target.request_kwargs()["ssl"] is target.ssl
+    pki.write(pki.client, pki.ca.issue_cert("ext-authz.mcp-gateway.internal"))
+    target.request_kwargs()
+    assert target.inner.reloads == 1
