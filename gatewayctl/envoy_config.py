@@ -1024,6 +1024,12 @@ def stand_in_missing_files(text: str, folder: Path) -> tuple[str, list[str]]:
                         and not Path(value["filename"]).exists()):
                     replaced.append(value["filename"])
                     value["filename"] = stand_in(kind)
+                elif (field == "body" and isinstance(value, dict)
+                      and isinstance(value.get("filename"), str)
+                      and not Path(value["filename"]).exists()):
+                    # A direct response read from a file (the published assertion JWKS).
+                    replaced.append(value["filename"])
+                    node[field] = {"inline_string": "{\"keys\": []}"}
                 else:
                     walk(value)
         elif isinstance(node, list):

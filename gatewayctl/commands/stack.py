@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gatewayctl import devstack, envoy_config, envoy_errors
+from gatewayctl import assertion_keys, devstack, envoy_config, envoy_errors
 from gatewayctl.devstack.credentials import ensure_inner_tls
 
 # Exit codes: 0 ok, 1 failure, 2 usage (argparse), 3 the stack is not running.
@@ -220,6 +220,11 @@ def cmd_config_validate(args: argparse.Namespace) -> int:
             # The dev certificates are created the way `up` does, so a fresh clone validates.
             devstack.ensure_tls(config)
             ensure_inner_tls(config)  # inner_tls: its certificates and Envoy's SDS files
+            try:  # identity: the assertion key and the JWKS file Envoy publishes
+                assertion_keys.ensure(config)
+            except assertion_keys.KeysError as exc:
+                print(f"mcp-gateway config validate: {exc}", file=sys.stderr)
+                return 1
         scratch = Path(tempfile.mkdtemp(prefix="mcp-gateway-validate-"))
         if args.no_files:
             text, stood_in = envoy_config.stand_in_missing_files(text, scratch)

@@ -42,6 +42,7 @@ class Certs:
     cert: Path
     key: Path
     ca: Path
+    jwks: Path  # the published assertion JWKS (Envoy reads it: identity.jwks_file)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,9 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     leaf.private_key_pem.write_to_path(str(folder / "server.key"))
     leaf.cert_chain_pems[0].write_to_path(str(folder / "server.pem"))
     ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    return Certs(folder / "server.pem", folder / "server.key", folder / "ca.pem")
+    (folder / "jwks.json").write_text('{"keys": []}\n', encoding="utf-8")
+    return Certs(folder / "server.pem", folder / "server.key", folder / "ca.pem",
+                 folder / "jwks.json")
 
 
 def default_config() -> GatewayConfig:
@@ -61,11 +64,13 @@ def default_config() -> GatewayConfig:
 
 
 def with_certs(config: GatewayConfig, certs: Certs, *, mtls: bool | None = None) -> GatewayConfig:
-    """The same config with TLS files that exist here (validation loads them)."""
+    """The same config with TLS files (and the published assertion JWKS) that exist here
+    (validation loads them)."""
     want_ca = config.tls.client_ca_file is not None if mtls is None else mtls
     tls = dataclasses.replace(config.tls, cert_file=str(certs.cert), key_file=str(certs.key),
                               client_ca_file=str(certs.ca) if want_ca else None)
-    return dataclasses.replace(config, tls=tls)
+    identity = dataclasses.replace(config.identity, jwks_file=str(certs.jwks))
+    return dataclasses.replace(config, tls=tls, identity=identity)
 
 
 def validate_text(text: str, folder: Path, cwd: Path | None = None) -> None:
@@ -137,6 +142,9 @@ def test_checked_in_dev_example_is_current_and_valid(certs: Certs, tmp_path: Pat
     tls.mkdir(parents=True)
     (tls / "server.pem").write_bytes(certs.cert.read_bytes())
     (tls / "server.key").write_bytes(certs.key.read_bytes())
+    keys = tmp_path / ".run" / "keys"  # the published assertion JWKS (`up` writes it)
+    keys.mkdir(parents=True)
+    (keys / "assertion-jwks.json").write_bytes(certs.jwks.read_bytes())
     validate(DEV_EXAMPLE, cwd=tmp_path)
 
 

@@ -38,6 +38,8 @@ def _config(pki: dict[str, str], servers: dict[str, Any]) -> GatewayConfig:
     raw["servers"] = servers
     raw["secrets"] = [*raw.get("secrets", []), "REMOTE_KEY"]
     raw["tls"] = {"cert_file": pki["cert"], "key_file": pki["key"]}
+    # Upstream routes only: without the caller assertion, whose route needs its JWKS file here.
+    raw.pop("identity", None)
     return parse_config(raw, base_dir=REPO)
 
 
