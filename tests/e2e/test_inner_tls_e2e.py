@@ -77,6 +77,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         "aggregate": {"instances": [{"port": aggregator}], "inner_listener": {"port": inner},
                       "session_keys": KEYS},
         "inner_tls": {"enabled": True},
+        # As shipped in compose and Kubernetes: the servers take the caller from the gateway's
+        # signed assertion only, so both trust mechanisms run together here.
+        "identity": {"assertion": True},
     }
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=request.param)
