@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from gateway.config import GatewayConfig, ServerConfig
-from gatewayctl.devstack.credentials import DEV_TOKEN_ROLES, DEV_TOKEN_SUB, DEV_TOKEN_TTL
+from gatewayctl.devstack.credentials import (
+    DEV_TOKEN_ROLES,
+    DEV_TOKEN_SUB,
+    DEV_TOKEN_TTL,
+    inner_client_context,
+)
 from gatewayctl.devstack.health import http_status
 from gatewayctl.devstack.plan import Component
 from gatewayctl.devstack.state import paths
 
 
-def serves_metrics(url: str) -> bool:
-    """Whether a /metrics URL answers 200 (services grow their endpoints issue by issue)."""
+def serves_metrics(url: str, tls: ssl.SSLContext | None = None) -> bool:
+    """Whether a /metrics URL answers 200 (services grow their endpoints issue by issue);
+    an https one (inner_tls) is asked with ``tls``."""
     parts = urlsplit(url)
     try:
-        return http_status(parts.hostname or "127.0.0.1", parts.port or 80, parts.path) == 200
+        return http_status(parts.hostname or "127.0.0.1", parts.port or 80, parts.path,
+                           tls=tls if parts.scheme == "https" else None) == 200
     except (OSError, http.client.HTTPException):
         return False
 
@@ -78,7 +86,8 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
         f"Envoy admin (loopback only): http://{config.admin.host}:{config.admin.port}",
         f"CA certificate: {ca}",
         f"Logs: {paths(config).logs}",
-        *observability_lines(config, components or [], live=serves_metrics),
+        *observability_lines(config, components or [], live=lambda url: serves_metrics(
+            url, inner_client_context(config) if url.startswith("https:") else None)),
         "",
         f"Token ({DEV_TOKEN_SUB}, roles {','.join(DEV_TOKEN_ROLES)}, every server, "
         f"{DEV_TOKEN_TTL // 3600} h):",

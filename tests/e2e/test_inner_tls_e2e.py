@@ -129,8 +129,8 @@ def _plain_http_refused(port: int) -> bool:
 
 def test_status_and_metrics_reach_the_components_over_mtls(stack: devstack.Stack) -> None:
     """`status` probes each component with the gateway's client certificate (all healthy, and
-    Envoy sees them healthy through the same TLS), and a server's same-port /metrics is
-    https and answers that certificate."""
+    Envoy sees them healthy through the same TLS), and a server's same-port /metrics is https,
+    answers that certificate only, and is what `up`'s banner checks it with."""
     rows = devstack.status(stack.config)
     assert rows and all(row["healthy"] for row in rows), rows
     assert all(row["envoy"] in (None, "healthy") for row in rows), rows
@@ -140,6 +140,10 @@ def test_status_and_metrics_reach_the_components_over_mtls(stack: devstack.Stack
     with urllib.request.urlopen(pii.metrics_url, timeout=5,  # noqa: S310  (loopback, https)
                                 context=inner_client_context(stack.config)) as reply:
         assert reply.status == 200
+    # `up`'s banner lists it: asked with the certificate it answers, without it it does not.
+    assert devstack.serves_metrics(pii.metrics_url, inner_client_context(stack.config))
+    assert not devstack.serves_metrics(pii.metrics_url, inner_tls.client_context(
+        None, ca_file=stack.config.inner_tls.ca_file, check_hostname=False))
 
 
 async def test_tools_call_through_every_inner_hop_over_mtls(stack: devstack.Stack) -> None:
