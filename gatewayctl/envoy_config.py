@@ -337,11 +337,15 @@ def sds_documents(config: GatewayConfig, options: RenderOptions | None = None) -
             "# Envoy's inner certificate (inner_tls.cert_file / key_file); rotated in place.\n"
             f"resources:\n{resource}  name: {INNER_CERTIFICATE_SECRET}\n  tls_certificate:\n"
             f"    certificate_chain: {{filename: {_q(_path(it.cert_file, opts))}}}\n"
-            f"    private_key: {{filename: {_q(_path(it.key_file, opts))}}}\n"),
+            f"    private_key: {{filename: {_q(_path(it.key_file, opts))}}}\n"
+            # Any rename in the folder (the dev stack's, or the kubelet's ..data swap when
+            # cert-manager renews a Secret volume) makes Envoy read the pair again.
+            f"    watched_directory: {{path: {_q(_path(str(Path(it.cert_file).parent), opts))}}}\n"),
         INNER_CA_SDS: (
             "# The inner CA (inner_tls.ca_file): peers' certificates must chain to it.\n"
             f"resources:\n{resource}  name: {INNER_CA_SECRET}\n  validation_context:\n"
-            f"    trusted_ca: {{filename: {_q(_path(it.ca_file, opts))}}}\n"),
+            f"    trusted_ca: {{filename: {_q(_path(it.ca_file, opts))}}}\n"
+            f"    watched_directory: {{path: {_q(_path(str(Path(it.ca_file).parent), opts))}}}\n"),
     }
 
 

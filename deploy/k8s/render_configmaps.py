@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from gateway.config import load_config  # noqa: E402
-from gatewayctl.envoy_config import RenderOptions, edge_sds_document, render  # noqa: E402
+from gatewayctl.envoy_config import RenderOptions, edge_sds_document, render, sds_documents  # noqa: E402
 
 HERE = REPO / "deploy" / "k8s"
 NAMESPACE = "mcp-gateway"
@@ -75,6 +75,11 @@ def expected() -> dict[str, str]:
     edge_sds = edge_sds_document(config, RenderOptions(relative_to=REPO))
     if edge_sds is not None and config.tls.sds_file is not None:
         envoy_files[Path(config.tls.sds_file).name] = edge_sds
+    # inner_tls: Envoy's SDS files (its inner certificate and the CA) in the same folder.
+    if config.inner_tls.enabled:
+        if Path(config.inner_tls.sds_dir) != Path("/etc/envoy/config"):
+            raise SystemExit("inner_tls.sds_dir must be /etc/envoy/config, where envoy-config is mounted")
+        envoy_files.update(sds_documents(config, RenderOptions(relative_to=REPO)))
     policies = {p.name: p.read_text(encoding="utf-8")
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}

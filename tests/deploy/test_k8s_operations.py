@@ -182,23 +182,29 @@ def test_traces_and_metrics_reach_the_observability_stack() -> None:
 def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
     """The real Envoy accepts the ConfigMap's config (ext_proc, tracing, stats listener), with
     test certificates at its TLS paths."""
-    config = load_config(K8S / "gateway.yaml")
     (configmap,) = [d for d in documents()
                     if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "envoy-config"]
+    # The pod's folders here: the ConfigMap (envoy.yaml and its SDS files), the edge Secret and
+    # the inner_tls Secret, with test certificates in the files cert-manager would write.
+    folders = {"/etc/envoy/config": tmp_path / "config", "/etc/envoy/tls": tmp_path / "tls",
+               "/etc/envoy/inner": tmp_path / "inner"}
+    for folder in folders.values():
+        folder.mkdir()
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost")
-    cert, key = tmp_path / "server.pem", tmp_path / "server.key"
-    leaf.cert_chain_pems[0].write_to_path(str(cert))
-    leaf.private_key_pem.write_to_path(str(key))
-    def here(text: str) -> str:
-        text = text.replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
-        return text.replace(f'"{Path(config.tls.cert_file).parent}"', f'"{tmp_path}"')
+    for cert, key in (("tls/server.pem", "tls/server.key"), ("inner/tls.crt", "inner/tls.key")):
+        leaf.cert_chain_pems[0].write_to_path(str(tmp_path / cert))
+        leaf.private_key_pem.write_to_path(str(tmp_path / key))
+    ca.cert_pem.write_to_path(str(tmp_path / "inner/ca.crt"))
 
-    text = here(configmap["data"]["envoy.yaml"])
-    if config.tls.sds_file is not None:  # the edge certificate's SDS file, from the same ConfigMap
-        sds = tmp_path / Path(config.tls.sds_file).name
-        sds.write_text(here(configmap["data"][sds.name]))
-        text = text.replace(config.tls.sds_file, str(sds))
+    def here(text: str) -> str:
+        for mounted, local in folders.items():
+            text = text.replace(mounted, str(local))
+        return text
+
+    for name, content in configmap["data"].items():
+        (folders["/etc/envoy/config"] / name).write_text(here(content))
+    text = (folders["/etc/envoy/config"] / "envoy.yaml").read_text()
     target = tmp_path / "envoy.yaml"
     target.write_text(text)
     validate(target)

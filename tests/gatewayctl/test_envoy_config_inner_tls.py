@@ -120,10 +120,15 @@ def test_sds_documents_name_the_files_envoy_watches(tmp_path: Path) -> None:
     cert = yaml.safe_load((Path(config.inner_tls.sds_dir) / envoy_config.INNER_CERTIFICATE_SDS).read_text())
     secret = cert["resources"][0]
     assert secret["name"] == envoy_config.INNER_CERTIFICATE_SECRET
+    # The folders are watched: a rename there (the kubelet's ..data swap) reloads the files.
+    folder = {"path": str(Path(config.inner_tls.cert_file).parent)}
     assert secret["tls_certificate"] == {"certificate_chain": {"filename": config.inner_tls.cert_file},
-                                         "private_key": {"filename": config.inner_tls.key_file}}
+                                         "private_key": {"filename": config.inner_tls.key_file},
+                                         "watched_directory": folder}
     ca = yaml.safe_load((Path(config.inner_tls.sds_dir) / envoy_config.INNER_CA_SDS).read_text())
-    assert ca["resources"][0]["validation_context"] == {"trusted_ca": {"filename": config.inner_tls.ca_file}}
+    assert ca["resources"][0]["validation_context"] == {
+        "trusted_ca": {"filename": config.inner_tls.ca_file},
+        "watched_directory": {"path": str(Path(config.inner_tls.ca_file).parent)}}
 
 
 def test_envoy_accepts_the_rendering_with_and_without_the_files(tmp_path: Path) -> None:
