@@ -30,6 +30,7 @@ from gateway.credentials.provider import CredentialProvider
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
+from gateway.telemetry.audit_chain import CheckpointSigner
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +135,12 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         exporter = None
         if settings.audit.otlp_export and settings.telemetry.otlp_endpoint:
             exporter = OtlpAuditExporter(settings.telemetry.otlp_endpoint, "ext_authz")
+        # A configured checkpoint key that cannot be loaded fails start-up (ValueError names the key).
+        signer = (CheckpointSigner.from_file(settings.audit.signing_key)
+                  if settings.audit.signing_key else None)
         audit = AuditWriter(settings.audit_path(port), max_bytes=settings.audit.max_bytes,
-                            keep=settings.audit.keep, exporter=exporter)
+                            keep=settings.audit.keep, exporter=exporter, signer=signer,
+                            checkpoint_seconds=settings.audit.checkpoint_seconds)
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         # The upstream credentials' secrets come from ext_authz's environment, read once here.

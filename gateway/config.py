@@ -320,6 +320,12 @@ class AuditConfig:
     max_bytes: int = 100 * 1024 * 1024
     keep: int = 10
     otlp_export: bool = False
+    # Ed25519 private key (PEM) signing the chain's checkpoints; None: checkpoints are unsigned.
+    signing_key: str | None = None
+    checkpoint_seconds: float = 60.0
+    # The name of a secret (in `secrets`) holding a base64url 32-byte key that wraps the
+    # per-subject keys personal fields are encrypted under; None: personal fields in clear.
+    master_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -497,7 +503,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "policy.eval_max_abandoned": (0, MAX_EVAL_THREADS), "policy.eval_max_waiting": (0, 100_000),
     "telemetry.metrics_port_offset": (1, 65534), "telemetry.envoy_stats_port": (1, 65535),
     "telemetry.trace_sample_percent": (0, 100),
-    "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000),
+    "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000), "audit.checkpoint_seconds": (1, 86_400),
     "catalog.refresh_seconds": (1, 86400),
     "envoy.max_heap_bytes": (64 << 20, 1 << 40), "envoy.max_downstream_connections": (1, 10_000_000),
     "envoy.per_connection_buffer_bytes": (1024, 64 << 20),
@@ -987,7 +993,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     audit_raw = _only(top.get("audit", {}), set(AuditConfig.__slots__), "audit")
     audit_dir = (path(_take(audit_raw, "dir", str, "audit")) if "dir" in audit_raw
                  else str(Path(state_dir) / "audit"))
-    audit = _section(AuditConfig, audit_raw, "audit", dir=audit_dir)
+    audit_key = path(_take(audit_raw, "signing_key", str, "audit")) if audit_raw.get("signing_key") else None
+    audit = _section(AuditConfig, audit_raw, "audit", dir=audit_dir, signing_key=audit_key)
+    if audit.master_key is not None and audit.master_key not in secrets:
+        raise ConfigError(f"audit.master_key: {audit.master_key!r} is not listed in secrets")
     cat_raw = _only(top.get("catalog", {}), set(CatalogConfig.__slots__), "catalog")
     cat_path = (path(_take(cat_raw, "path", str, "catalog")) if "path" in cat_raw
                 else str(Path(state_dir) / "catalog.sqlite"))

@@ -14,8 +14,8 @@ from types import ModuleType
 # wait for the catalog's imports.
 COMMANDS = {"up": "stack", "down": "stack", "reload": "stack", "restart": "stack",
             "status": "stack", "token": "stack", "config": "stack", "policy": "policy",
-            "catalog": "catalog", "credentials": "credentials", "keys": "keys"}
-GROUPS = ("stack", "policy", "catalog", "credentials", "keys")
+            "catalog": "catalog", "credentials": "credentials", "keys": "keys", "audit": "audit"}
+GROUPS = ("stack", "policy", "catalog", "credentials", "keys", "audit")
 
 
 def _named_group(argv: list[str]) -> str | None:

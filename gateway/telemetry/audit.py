@@ -43,10 +43,15 @@ import orjson
 
 from gateway.errors import GatewayError
 from gateway.telemetry import metrics
+from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, CheckpointSigner, checkpoint_line
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Every entry of a writer's chain starts with this head: its place in the chain and the hash of the
+# entry before it (hex SHA-256 of that line without its newline). See gateway/telemetry/audit_chain.py.
+_CHAIN_HEAD = b'{"v":%d,"seq":%d,"prev":"%s",'
+GENESIS = "0" * 64
 AUDITED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 REDACTED = "[REDACTED]"
 
@@ -183,9 +188,23 @@ class AuditEntry:
     ts: str = field(default_factory=_now_rfc3339)
 
     def to_line(self) -> bytes:
-        """The entry as one JSON line (newline included); keys are always all present."""
-        # orjson serializes the dataclass natively (~10x faster than asdict); splice in the version.
-        return b'{"v":%d,' % SCHEMA_VERSION + orjson.dumps(self)[1:] + b"\n"
+        """The entry as one JSON line (newline included) outside any chain (seq 0, genesis prev)."""
+        return chain_line(self.body(), 0, GENESIS.encode())
+
+    def body(self) -> bytes:
+        """The entry's fields as the tail of a JSON object (without its ``{``, newline included)."""
+        # orjson serializes the dataclass natively (~10x faster than asdict).
+        return orjson.dumps(self)[1:] + b"\n"
+
+
+def chain_line(body: bytes, seq: int, prev: bytes) -> bytes:
+    """The line of entry ``body`` at place ``seq`` of a chain whose previous line hashes to ``prev``."""
+    return _CHAIN_HEAD % (SCHEMA_VERSION, seq, prev) + body
+
+
+def line_hash(line: bytes) -> bytes:
+    """The chain hash of one line (``line`` without its newline): hex SHA-256, as bytes."""
+    return hashlib.sha256(line).hexdigest().encode()
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,15 +328,28 @@ class AuditWriter:
 
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 64 * 1024 * 1024, keep: int = 10,
                  max_batch: int = 1024, max_queue: int = 10_000, timeout: float = 5.0,
-                 exporter: AuditExporter | None = None) -> None:
+                 exporter: AuditExporter | None = None, signer: CheckpointSigner | None = None,
+                 checkpoint_seconds: float = 60.0, checkpoint_entries: int = 10_000) -> None:
         if max_bytes <= 0 or keep < 0 or max_batch <= 0 or max_queue <= 0 or timeout <= 0:
             raise ValueError("max_bytes, max_batch, max_queue and timeout must be > 0 and keep >= 0")
+        if checkpoint_seconds <= 0 or checkpoint_entries <= 0:
+            raise ValueError("checkpoint_seconds and checkpoint_entries must be > 0")
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.keep = keep
         self.max_batch = max_batch
         self.timeout = timeout
         self._exporter = exporter
+        # The chain: the next entry's place and the hash of the last line written (audit_chain.py).
+        self._signer = signer
+        self.checkpoint_seconds = checkpoint_seconds
+        self.checkpoint_entries = checkpoint_entries
+        self.checkpoint_path = self.path.with_name(self.path.name + CHECKPOINT_SUFFIX)
+        self._seq = 0
+        self._prev = GENESIS.encode()
+        self._cp_fd = -1
+        self._cp_seq = -1  # the seq the last checkpoint covers
+        self._cp_time = 0.0
         self._queue: asyncio.Queue[_QueueItem] = asyncio.Queue(maxsize=max_queue)
         # One thread owns the file descriptor: writes, fsyncs and renames never run concurrently.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-io")
@@ -367,7 +399,7 @@ class AuditWriter:
         if self._failed is not None or self._closing or self._task is None or self._task.done():
             metrics.AUDIT_ENTRIES.labels("rejected").inc()
             raise AuditUnavailable("audit trail unavailable")
-        line = entry.to_line()
+        line = entry.body()
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         try:
@@ -427,10 +459,9 @@ class AuditWriter:
             if self._failed is not None:
                 self._settle(batch, self._failed)
                 continue
-            data = b"".join(line for line, _ in batch)
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._io, self._append, data)
+                lines = await loop.run_in_executor(self._io, self._append, [body for body, _ in batch])
             except OSError as exc:
                 self._failed = exc
                 metrics.AUDIT_ENTRIES.labels("failed").inc(len(batch))
@@ -441,7 +472,7 @@ class AuditWriter:
             metrics.AUDIT_ENTRIES.labels("written").inc(len(batch))
             self._settle(batch, None)
             if self._exporter is not None:
-                self._export([line for line, _ in batch])
+                self._export(lines)
 
     @staticmethod
     def _settle(batch: list[tuple[bytes, asyncio.Future[None]]], exc: BaseException | None) -> None:
@@ -478,38 +509,42 @@ class AuditWriter:
             self._lock_fd = -1
             raise AuditUnavailable(f"audit file {self.path} is in use by another writer") from None
         self._open_current()
-        self._drop_torn_tail()
+        self._size = _drop_torn_tail(self.path, self._fd, self._size)
+        self._cp_fd = os.open(self.checkpoint_path,
+                              os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _drop_torn_tail(self.checkpoint_path, self._cp_fd, os.fstat(self._cp_fd).st_size)
+        self._resume_chain()
+        self._cp_time = time.monotonic()
+
+    def _resume_chain(self) -> None:
+        """Continue the chain from the last line of the current file, else of the newest rotated one."""
+        for candidate in (self.path, Path(f"{self.path}.1")):
+            last = _last_line(candidate)
+            if last is None:
+                continue
+            self._prev = line_hash(last)
+            try:
+                self._seq = int(orjson.loads(last).get("seq", -1)) + 1
+            except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+                self._seq = 0
+            self._cp_seq = self._seq - 1
+            return
 
     def _open_current(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._size = os.fstat(self._fd).st_size
         self._fsync_dir()
 
-    def _drop_torn_tail(self) -> None:
-        # A line without its newline was never acknowledged (its fsync did not finish), so it can
-        # go; appending after it would glue the next entry onto it and corrupt both.
-        if self._size == 0:
-            return
-        with open(self.path, "rb") as f:
-            pos = self._size
-            while pos > 0:
-                start = max(0, pos - 65536)
-                f.seek(start)
-                chunk = f.read(pos - start)
-                nl = chunk.rfind(b"\n")
-                if nl >= 0:
-                    keep = start + nl + 1
-                    break
-                pos = start
-            else:
-                keep = 0
-        if keep != self._size:
-            logger.warning("audit file %s: dropping %d bytes of torn tail", self.path, self._size - keep)
-            os.ftruncate(self._fd, keep)
-            os.fsync(self._fd)
-            self._size = keep
-
-    def _append(self, data: bytes) -> None:
+    def _append(self, bodies: list[bytes]) -> list[bytes]:
+        """Chain, write and fsync one batch; return its lines."""
+        lines = []
+        seq, prev = self._seq, self._prev
+        for body in bodies:
+            line = _CHAIN_HEAD % (SCHEMA_VERSION, seq, prev) + body
+            prev = hashlib.sha256(line[:-1]).hexdigest().encode()
+            seq += 1
+            lines.append(line)
+        data = b"".join(lines)
         if self._size > 0 and self._size + len(data) > self.max_bytes:
             self._rotate()
         view = memoryview(data)
@@ -518,6 +553,22 @@ class AuditWriter:
             view = view[written:]
         self._sync(self._fd)
         self._size += len(data)
+        # Only a committed batch advances the chain: after a failed write nothing is appended again.
+        self._seq, self._prev = seq, prev
+        if (self._seq - 1 - self._cp_seq >= self.checkpoint_entries
+                or time.monotonic() - self._cp_time >= self.checkpoint_seconds):
+            self._checkpoint()
+        return lines
+
+    def _checkpoint(self) -> None:
+        """Append a (signed) checkpoint naming the last committed entry's place and hash."""
+        if self._seq == 0 or self._seq - 1 == self._cp_seq or self._cp_fd < 0:
+            return
+        line = checkpoint_line(self.path.name, self._seq - 1, self._prev.decode(), self._signer)
+        os.write(self._cp_fd, line)
+        self._sync(self._cp_fd)
+        self._cp_seq = self._seq - 1
+        self._cp_time = time.monotonic()
 
     def _sync(self, fd: int) -> None:
         """fsync ``fd``; a seam for fault-injection tests (stuck or failing disks)."""
@@ -554,11 +605,66 @@ class AuditWriter:
         if self._fd >= 0:
             if self._failed is None:
                 os.fsync(self._fd)
+                self._checkpoint()
             os.close(self._fd)
             self._fd = -1
+        if self._cp_fd >= 0:
+            os.close(self._cp_fd)
+            self._cp_fd = -1
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _drop_torn_tail(path: Path, fd: int, size: int) -> int:
+    """Truncate an unterminated last line of ``path`` (open as ``fd``); return the new size.
+
+    A line without its newline was never acknowledged (its fsync did not finish), so it can go;
+    appending after it would glue the next entry onto it and corrupt both.
+    """
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        pos = size
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        else:
+            keep = 0
+    if keep != size:
+        logger.warning("audit file %s: dropping %d bytes of torn tail", path, size - keep)
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+    return keep
+
+
+def _last_line(path: Path) -> bytes | None:
+    """The last newline-terminated line of ``path``, without its newline (None: no such line)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        size = 4096
+        while True:
+            start = max(0, end - size)
+            f.seek(start)
+            data = f.read(end - start)
+            cut = data.rfind(b"\n")
+            if cut >= 0:
+                nl = data.rfind(b"\n", 0, cut)
+                if nl >= 0 or start == 0:
+                    return data[nl + 1:cut] or None
+            elif start == 0:
+                return None
+            size *= 4
 
 
 def entries_by_request_id(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

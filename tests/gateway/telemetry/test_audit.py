@@ -45,7 +45,7 @@ async def test_entries_round_trip_with_stable_schema(tmp_path: Path) -> None:
     async with AuditWriter(path) as writer:
         await writer.write(entry(1, decision="deny", reason="tool_not_allowed", status="denied"))
     (got,) = list(iter_audit(path))
-    assert got["v"] == 1 and got["request_id"] == "r1" and got["decision"] == "deny"
+    assert got["v"] == 2 and got["request_id"] == "r1" and got["decision"] == "deny"
     assert got["reason"] == "tool_not_allowed" and got["sub"] == "alice" and got["tenant"] == "acme"
     assert got["args_digest"].startswith("sha256:") and got["ts"].endswith("Z")
     assert set(got) >= {"method", "server", "target", "client_id", "status", "latency_ms", "decision_id"}
@@ -64,7 +64,7 @@ async def test_concurrent_writes_share_commits(tmp_path: Path) -> None:
 async def test_rotation_keeps_n_files_and_newest_entries(tmp_path: Path) -> None:
     """Size rotation renames to .1..N, drops older files, and keeps a contiguous newest tail in order."""
     path = tmp_path / "audit.jsonl"
-    line_len = len(entry(100).to_line())
+    line_len = len(entry(100).to_line()) + 2  # chained lines carry a seq of up to 3 digits
     async with AuditWriter(path, max_bytes=line_len * 5, keep=3) as writer:
         for n in range(100, 200):
             await writer.write(entry(n))

@@ -1,4 +1,5 @@
-"""SIGKILL under load loses no audit entry for a request whose answer reached the client."""
+"""SIGKILL under load loses no audit entry for a request whose answer reached the client, and the
+chain the killed writer left still verifies."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import aiohttp
 
 from gateway.telemetry.audit import AuditFileReport, iter_audit
+from gateway.telemetry.audit_verify import verify_chain
 
 ROOT = Path(__file__).resolve().parents[3]
 TOTAL = 300
@@ -71,3 +73,5 @@ async def test_sigkill_under_load_loses_no_acknowledged_entry(tmp_path: Path) ->
     missing = set(acknowledged) - audited
     assert not missing, f"{len(missing)} acknowledged requests have no audit entry: {sorted(missing)[:5]}"
     assert report.entries == len(audited)
+    chain = verify_chain(audit_path)
+    assert chain.ok and chain.entries == report.entries, chain.problem
