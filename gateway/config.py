@@ -1207,6 +1207,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> GatewayConfig:
     except yaml.YAMLError as exc:
         raise ConfigError(f"config {p} is not valid YAML: {exc}") from None
     # Relative paths in the embedded default resolve against the working directory (the
-    # checkout); in a user's file, against the file's folder.
-    base = Path.cwd() if path is None else p.resolve().parent
+    # checkout), whether it is loaded by default or by its path (the dev stack hands its path to
+    # the aggregator, which must find the same state_dir); in a user's file, against its folder.
+    embedded = path is None or p.resolve() == DEFAULT_CONFIG_PATH.resolve()
+    base = Path.cwd() if embedded else p.resolve().parent
     return parse_config(raw, base_dir=base, source=str(p))

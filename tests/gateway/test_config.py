@@ -224,3 +224,14 @@ def test_one_port_on_two_distinct_hosts_is_allowed() -> None:
     port = raw["servers"]["files"]["instances"][0]["port"]
     raw["ext_proc"]["instances"] = [{"host": "10.0.0.7", "port": port}]
     assert parse_config(raw, base_dir=Path.cwd()).ext_proc.instances[0].port == port
+
+
+def test_the_embedded_default_loaded_by_its_path_resolves_like_the_default(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dev stack hands the embedded default's path to the aggregator: its state_dir and the
+    key files under it are the same ones the stack made (the working directory's), not a folder
+    beside the packaged file."""
+    monkeypatch.chdir(tmp_path)
+    by_default, by_path = load_config(), load_config(DEFAULT_CONFIG_PATH)
+    assert by_path.state_dir == by_default.state_dir == str(tmp_path / ".run")
+    assert by_path.identity.jwks_file == by_default.identity.jwks_file
