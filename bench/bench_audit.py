@@ -43,10 +43,10 @@ async def run(directory: Path, entries: int, concurrency: int, fsync: bool) -> d
     async with cls(path, max_bytes=1 << 30) as writer:
         original = writer._append
 
-        def counting_append(bodies: list[bytes]) -> list[bytes]:
+        def counting_append(entries: list[AuditEntry]) -> list[bytes]:
             nonlocal batches
             batches += 1
-            return original(bodies)
+            return original(entries)
 
         writer._append = counting_append  # type: ignore[method-assign]
 

@@ -30,10 +30,11 @@ import hmac
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -44,6 +45,7 @@ import orjson
 from gateway.errors import GatewayError
 from gateway.telemetry import metrics
 from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, CheckpointSigner, checkpoint_line
+from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore
 
 logger = logging.getLogger(__name__)
 
@@ -317,7 +319,7 @@ class _Closed:
 
 
 _CLOSED = _Closed()
-_QueueItem = tuple[bytes, "asyncio.Future[None]"] | _Closed
+_QueueItem = tuple[AuditEntry, "asyncio.Future[None]"] | _Closed
 
 
 class AuditWriter:
@@ -329,7 +331,8 @@ class AuditWriter:
     def __init__(self, path: str | os.PathLike[str], *, max_bytes: int = 64 * 1024 * 1024, keep: int = 10,
                  max_batch: int = 1024, max_queue: int = 10_000, timeout: float = 5.0,
                  exporter: AuditExporter | None = None, signer: CheckpointSigner | None = None,
-                 checkpoint_seconds: float = 60.0, checkpoint_entries: int = 10_000) -> None:
+                 checkpoint_seconds: float = 60.0, checkpoint_entries: int = 10_000,
+                 keys: SubjectKeyStore | None = None) -> None:
         if max_bytes <= 0 or keep < 0 or max_batch <= 0 or max_queue <= 0 or timeout <= 0:
             raise ValueError("max_bytes, max_batch, max_queue and timeout must be > 0 and keep >= 0")
         if checkpoint_seconds <= 0 or checkpoint_entries <= 0:
@@ -342,6 +345,7 @@ class AuditWriter:
         self._exporter = exporter
         # The chain: the next entry's place and the hash of the last line written (audit_chain.py).
         self._signer = signer
+        self._keys = keys  # None: personal fields in clear; else sealed per subject (audit_keys.py)
         self.checkpoint_seconds = checkpoint_seconds
         self.checkpoint_entries = checkpoint_entries
         self.checkpoint_path = self.path.with_name(self.path.name + CHECKPOINT_SUFFIX)
@@ -399,7 +403,7 @@ class AuditWriter:
         if self._failed is not None or self._closing or self._task is None or self._task.done():
             metrics.AUDIT_ENTRIES.labels("rejected").inc()
             raise AuditUnavailable("audit trail unavailable")
-        line = entry.body()
+        line = entry  # serialized (and sealed) on the audit-io thread, off the event loop
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         try:
@@ -426,7 +430,7 @@ class AuditWriter:
         metrics.AUDIT_ENTRIES.labels("rejected").inc()
         logger.error("audit entry not committed within %.1fs", self.timeout)
 
-    async def _write_with_backpressure(self, line: bytes, done: asyncio.Future[None]) -> None:
+    async def _write_with_backpressure(self, line: AuditEntry, done: asyncio.Future[None]) -> None:
         """A full queue: wait for room and the commit, both within the timeout."""
         try:
             async with asyncio.timeout(self.timeout):
@@ -443,7 +447,7 @@ class AuditWriter:
         loop = asyncio.get_running_loop()
         stop = False
         while not stop:
-            batch: list[tuple[bytes, asyncio.Future[None]]] = []
+            batch: list[tuple[AuditEntry, asyncio.Future[None]]] = []
             item = await self._queue.get()
             # Whatever queued up while the previous fsync ran goes into this one: group commit.
             while True:
@@ -461,7 +465,13 @@ class AuditWriter:
                 continue
             started = time.perf_counter()
             try:
-                lines = await loop.run_in_executor(self._io, self._append, [body for body, _ in batch])
+                lines = await loop.run_in_executor(self._io, self._append, [e for e, _ in batch])
+            except (KeyStoreError, sqlite3.Error) as exc:
+                # Nothing of the batch was written (sealing precedes the write): the chain is intact.
+                metrics.AUDIT_ENTRIES.labels("failed").inc(len(batch))
+                logger.error("audit key store failed: %s", exc)
+                self._settle(batch, exc)
+                continue
             except OSError as exc:
                 self._failed = exc
                 metrics.AUDIT_ENTRIES.labels("failed").inc(len(batch))
@@ -475,7 +485,7 @@ class AuditWriter:
                 self._export(lines)
 
     @staticmethod
-    def _settle(batch: list[tuple[bytes, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    def _settle(batch: list[tuple[AuditEntry, asyncio.Future[None]]], exc: BaseException | None) -> None:
         for _, fut in batch:
             if fut.done():
                 continue
@@ -535,11 +545,20 @@ class AuditWriter:
         self._size = os.fstat(self._fd).st_size
         self._fsync_dir()
 
-    def _append(self, bodies: list[bytes]) -> list[bytes]:
-        """Chain, write and fsync one batch; return its lines."""
+    def _body(self, entry: AuditEntry) -> bytes:
+        """The entry's JSON tail, its personal fields sealed under its subject's key if configured."""
+        if self._keys is None or entry.sub is None:
+            return entry.body()
+        sid, pii = self._keys.seal({"sub": entry.sub, "client_id": entry.client_id, "tenant": entry.tenant,
+                                    "args_digest": entry.args_digest}, entry.sub)
+        blank = replace(entry, sub=None, client_id=None, tenant=None, args_digest=None)
+        return orjson.dumps(blank)[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid.encode(), pii.encode())
+
+    def _append(self, entries: list[AuditEntry]) -> list[bytes]:
+        """Seal, chain, write and fsync one batch; return its lines."""
         lines = []
         seq, prev = self._seq, self._prev
-        for body in bodies:
+        for body in map(self._body, entries):
             line = _CHAIN_HEAD % (SCHEMA_VERSION, seq, prev) + body
             prev = hashlib.sha256(line[:-1]).hexdigest().encode()
             seq += 1

@@ -1,17 +1,28 @@
-"""``mcp-gateway audit verify|erase|export``: the audit trail's integrity and data subjects' rights
-(docs/compliance.md)."""
+"""``mcp-gateway audit verify|erase|export|hold|release``: the audit trail's integrity and data
+subjects' rights (docs/compliance.md)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import sqlite3
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
+import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.telemetry.audit_chain import load_public_key
-from gateway.telemetry.audit_verify import verify_dir
+from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, audit_files
+from gateway.telemetry.audit_chain import CheckpointSigner, load_public_key
+from gateway.telemetry.audit_keys import PERSONAL_FIELDS, KeyStoreError, SubjectKeyStore, parse_master_key
+from gateway.telemetry.audit_verify import chain_bases, verify_dir
+
+# The command line's own chain: erasures, holds and releases are audited like calls.
+CLI_AUDIT_FILE = "mcp-gateway-cli.jsonl"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,7 +32,97 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verify.add_argument("--dir", type=Path, help="the audit directory (default: audit.dir)")
     verify.add_argument("--public-key", type=Path,
                         help="Ed25519 key (PEM) the checkpoints are signed with (default: audit.signing_key)")
+    erase = asub.add_parser("erase", help="crypto-shred a subject: their entries stay, unreadable")
+    erase.add_argument("--sub", required=True, help="the subject (the token's sub)")
+    export = asub.add_parser("export", help="everything the trail holds about a subject, as JSON lines")
+    export.add_argument("--sub", required=True, help="the subject (the token's sub)")
+    export.add_argument("--since", help="only entries at or after this RFC 3339 time (or date)")
+    export.add_argument("--until", help="only entries before this RFC 3339 time (or date)")
+    export.add_argument("-o", "--output", type=Path, help="write to this file (default: stdout)")
+    for name, text in (("hold", "exempt from erasure and pruning until released"),
+                       ("release", "end a legal hold")):
+        p = asub.add_parser(name, help=text)
+        which = p.add_mutually_exclusive_group(required=True)
+        which.add_argument("--sub", help="a subject")
+        which.add_argument("--case", help="a case id (holds the whole trail)")
+        if name == "hold":
+            p.add_argument("--reason", help="a note kept with the hold")
+    asub.add_parser("holds", help="list the legal holds")
     audit.set_defaults(func=run)
+
+
+def master_key(config: GatewayConfig) -> bytes:
+    """The master key: from the environment variable audit.master_key names, else the dev stack's
+    generated secret in state_dir/secrets."""
+    name = config.audit.master_key
+    if name is None:
+        raise KeyStoreError("audit.master_key is not set: personal fields are not sealed, nothing to do")
+    value = os.environ.get(name)
+    if not value:
+        path = Path(config.state_dir) / "secrets" / name
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise KeyStoreError(f"audit.master_key: the secret {name} is neither in the environment "
+                                f"nor in {path}") from None
+    return parse_master_key(value, f"audit.master_key ({name})")
+
+
+def key_store(config: GatewayConfig) -> SubjectKeyStore:
+    return SubjectKeyStore(config.audit.dir, master_key(config))
+
+
+async def record(config: GatewayConfig, method: str, target: str, reason: str | None, status: str) -> None:
+    """Append an audit entry about an administrative act to the command line's own chain."""
+    signer = CheckpointSigner.from_file(config.audit.signing_key) if config.audit.signing_key else None
+    async with AuditWriter(Path(config.audit.dir) / CLI_AUDIT_FILE, signer=signer) as writer:
+        await writer.write(AuditEntry(method=method, server="audit", target=target, sub=None, client_id=None,
+                                      tenant=None, decision="allow", reason=reason, status=status,
+                                      latency_ms=None, request_id=None, decision_id=None,
+                                      service="mcp-gateway-cli"))
+
+
+def trail_entries(directory: Path) -> Iterator[dict[str, Any]]:
+    """Every entry of every chain in ``directory``, one line at a time (torn lines skipped)."""
+    for base in chain_bases(directory):
+        for file in audit_files(base):
+            with file.open("rb") as f:
+                for raw in f:
+                    if not raw.endswith(b"\n"):
+                        continue
+                    try:
+                        entry = orjson.loads(raw)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(entry, dict):
+                        yield entry
+
+
+def export(config: GatewayConfig, sub: str, out: IO[bytes], since: str | None = None,
+           until: str | None = None) -> tuple[int, int]:
+    """Write ``sub``'s entries, opened, to ``out``: (entries written, entries whose key was erased)."""
+    store = key_store(config) if config.audit.master_key else None
+    sid = store.subject_id(sub) if store else None
+    written = erased = 0
+    try:
+        for entry in trail_entries(Path(config.audit.dir)):
+            ts = str(entry.get("ts", ""))
+            if (since and ts < since) or (until and ts >= until):
+                continue
+            if sid is not None and entry.get("sid") == sid and store is not None:
+                fields = store.open(entry)
+                if fields is None or fields.get("sub") != sub:
+                    erased += 1
+                    continue
+                entry = {k: v for k, v in entry.items() if k not in ("sid", "pii")} | fields
+            elif entry.get("sub") != sub:
+                continue
+            out.write(orjson.dumps({k: entry.get(k) for k in (*entry, *PERSONAL_FIELDS)}) + b"\n")
+            written += 1
+    finally:
+        if store is not None:
+            store.close()
+    return written, erased
 
 
 def _public_key(args: argparse.Namespace, config: GatewayConfig) -> Ed25519PublicKey | None:
@@ -61,8 +162,58 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mcp-gateway audit: {exc}", file=sys.stderr)
         return 2
+    command = args.audit_command
     try:
-        return verify(args, config)
-    except (OSError, ValueError) as exc:
+        if command == "verify":
+            return verify(args, config)
+        if command == "export":
+            if args.output:
+                with args.output.open("wb") as f:
+                    written, erased = export(config, args.sub, f, args.since, args.until)
+            else:
+                written, erased = export(config, args.sub, sys.stdout.buffer, args.since, args.until)
+                sys.stdout.flush()
+            note = f"; {erased} more are erased (unreadable)" if erased else ""
+            print(f"exported {written} entries{note}", file=sys.stderr)
+            return 0
+        if command == "holds":
+            store = key_store(config)
+            for kind, value, reason in store.holds():
+                print(f"{kind}\t{value}\t{reason or ''}")
+            store.close()
+            return 0
+        return change(args, config)
+    except (OSError, ValueError, sqlite3.Error, AuditUnavailable) as exc:
         print(f"mcp-gateway audit {args.audit_command}: {exc}", file=sys.stderr)
         return 2
+
+
+def change(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """erase, hold and release: change the key store, then audit the change."""
+    command = args.audit_command
+    store = key_store(config)
+    try:
+        if command == "erase":
+            sid = store.subject_id(args.sub)
+            if store.is_held(sid):
+                print(f"mcp-gateway audit erase: subject {sid} is under legal hold; release it first",
+                      file=sys.stderr)
+                return 1
+            sid, kid = store.erase(args.sub)
+            asyncio.run(record(config, "audit/erase", sid, f"key {kid}" if kid else "no key",
+                               "ok" if kid else "no_key"))
+            print(f"erased subject {sid}" + (f" (key {kid})" if kid else ": it had no key"))
+            return 0
+        kind, value = ("sub", store.subject_id(args.sub)) if args.sub else ("case", args.case)
+        if command == "hold":
+            store.hold(kind, value, args.reason)
+            asyncio.run(record(config, "audit/hold", f"{kind}:{value}", args.reason, "ok"))
+            print(f"held {kind} {value}")
+            return 0
+        released = store.release(kind, value)
+        asyncio.run(record(config, "audit/release", f"{kind}:{value}", None,
+                           "ok" if released else "not_held"))
+        print(f"released {kind} {value}" if released else f"no hold on {kind} {value}")
+        return 0 if released else 1
+    finally:
+        store.close()

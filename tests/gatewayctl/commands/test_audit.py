@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
+import orjson
 import pytest
 import yaml
 
-from gateway.telemetry.audit import AuditEntry, AuditWriter, args_digest
+from gateway.config import load_config
+from gateway.telemetry.audit import AuditEntry, AuditWriter, args_digest, iter_audit_all
 from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key
+from gateway.telemetry.audit_keys import new_master_key
 from gatewayctl.cli import main
+from gatewayctl.commands.audit import CLI_AUDIT_FILE, key_store
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -46,3 +51,87 @@ async def test_verify_reports_ok_then_the_altered_line(tmp_path: Path,
     path.write_bytes(b"".join(data))
     assert main(["--config", str(config), "audit", "verify", "--dir", str(tmp_path / "audit")]) == 1
     assert "FAIL ext_authz-1.jsonl:2: entry altered" in capsys.readouterr().out
+
+
+MASTER = "MCP_GATEWAY_AUDIT_MASTER_KEY"
+
+
+def sealed_trail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A config with sealing on and a trail of alice's and bob's entries (alternating, 3 files)."""
+    monkeypatch.setenv(MASTER, new_master_key())
+    config = write_config(tmp_path, master_key=MASTER)
+    raw = yaml.safe_load(config.read_text())
+    raw["secrets"] = [*raw.get("secrets", []), MASTER]
+    config.write_text(yaml.safe_dump(raw))
+    cfg = load_config(str(config))
+    store = key_store(cfg)
+    signer = CheckpointSigner.from_file(tmp_path / "audit.key")
+
+    async def write() -> None:
+        async with AuditWriter(tmp_path / "audit" / "ext_authz-1.jsonl", signer=signer, keys=store,
+                               max_bytes=3000, keep=20) as writer:
+            for n in range(12):
+                await writer.write(entry(n, "alice" if n % 2 == 0 else "bob"))
+
+    asyncio.run(write())  # the command line runs its own event loop: the tests here run none
+    store.close()
+    return config
+
+
+def export_lines(config: Path, sub: str, *extra: str) -> list[dict[str, object]]:
+    out = config.parent / f"export-{sub}.jsonl"
+    assert main(["--config", str(config), "audit", "export", "--sub", sub, "-o", str(out), *extra]) == 0
+    return [orjson.loads(line) for line in out.read_bytes().splitlines()]
+
+
+def test_sealed_trail_holds_no_subject_and_exports_exactly_theirs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Personal fields are only in sealed form on disk; export returns exactly the subject's entries."""
+    config = sealed_trail(tmp_path, monkeypatch)
+    files = list((tmp_path / "audit").glob("ext_authz-1.jsonl*"))
+    assert len(files) >= 3
+    for file in files:
+        data = file.read_bytes()
+        assert b"alice" not in data and b"bob" not in data and b"vscode" not in data and b"acme" not in data
+    alice = export_lines(config, "alice")
+    assert [e["request_id"] for e in alice] == [f"r{n}" for n in range(0, 12, 2)]
+    assert all(e["sub"] == "alice" and e["client_id"] == "vscode" and e["tenant"] == "acme" for e in alice)
+    assert alice[1]["args_digest"] == args_digest({"n": 2}) and "pii" not in alice[0]
+    window = export_lines(config, "bob", "--since", str(alice[1]["ts"]), "--until", str(alice[4]["ts"]))
+    assert [e["request_id"] for e in window] == ["r3", "r5", "r7"]
+
+
+def test_erase_shreds_one_subject_and_the_trail_still_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """After `audit erase --sub alice` her entries are unreadable, bob's read back, verify passes,
+    and the erasure is itself an audit entry."""
+    config = sealed_trail(tmp_path, monkeypatch)
+    assert main(["--config", str(config), "audit", "erase", "--sub", "alice"]) == 0
+    assert export_lines(config, "alice") == []
+    assert "6 more are erased" in capsys.readouterr().err
+    assert [e["request_id"] for e in export_lines(config, "bob")] == [f"r{n}" for n in range(1, 12, 2)]
+    store = key_store(load_config(str(config)))
+    sid = store.subject_id("alice")
+    sealed = [e for e in iter_audit_all(tmp_path / "audit" / "ext_authz-1.jsonl") if e["sid"] == sid]
+    assert len(sealed) == 6 and all(store.open(e) is None for e in sealed)
+    store.close()
+    assert main(["--config", str(config), "audit", "verify"]) == 0
+    (erasure,) = iter_audit_all(tmp_path / "audit" / CLI_AUDIT_FILE)
+    assert erasure["method"] == "audit/erase" and erasure["target"] == sid and erasure["status"] == "ok"
+    assert b"alice" not in (tmp_path / "audit" / CLI_AUDIT_FILE).read_bytes()
+
+
+def test_legal_hold_blocks_erasure_until_released(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subject under legal hold cannot be erased; after release the erasure goes through."""
+    config = sealed_trail(tmp_path, monkeypatch)
+    base = ["--config", str(config), "audit"]
+    assert main([*base, "hold", "--sub", "alice", "--reason", "case 7"]) == 0
+    assert main([*base, "erase", "--sub", "alice"]) == 1
+    assert len(export_lines(config, "alice")) == 6
+    assert main([*base, "release", "--sub", "alice"]) == 0
+    assert main([*base, "erase", "--sub", "alice"]) == 0
+    assert export_lines(config, "alice") == []
+    methods = [e["method"] for e in iter_audit_all(tmp_path / "audit" / CLI_AUDIT_FILE)]
+    assert methods == ["audit/hold", "audit/release", "audit/erase"]
+    assert main([*base, "verify"]) == 0
