@@ -16,6 +16,7 @@ TARGET_ADDED_P50_MS = 1.0
 TARGET_ADDED_P99_MS = 5.0
 TARGET_VS_CF = 30.0
 TARGET_AGGREGATE_OVERHEAD = 10.0  # percent of gateway CPU per tools/call (docs/aggregate.md)
+TARGET_TRUST_OVERHEAD = 15.0  # percent: inner TLS + caller assertion (docs/inner-tls.md, identity.md)
 COLORS = {"direct": "#555555", "envoy_tls": "#1f77b4", "gateway": "#d62728", "gateway_grpc": "#ff7f0e",
           "contextforge": "#9467bd", "contextforge_stateful": "#2ca02c"}
 
@@ -182,6 +183,7 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows.append(row)
 
     rows.append(_aggregate_row(result.get("aggregate")))
+    rows.append(_trust_row(result.get("trust")))
 
     errs = {c["key"]: sum(r["errors"] for r in c.get("runs", []) + ([c["paced"]] if c.get("paced") else []))
             for c in result["configurations"] if not c["key"].startswith("contextforge")}
@@ -247,6 +249,72 @@ def _aggregate_table(agg: dict[str, Any] | None) -> list[str]:
     for label, path in (("per-server", "/mcp/bench"), ("aggregate", "/mcp")):
         lines.append(f"| `{path}` | " + " | ".join(f"{by[label][n]:.0f}" for n in names)
                      + f" | {cpu[label]:.0f} | {cpu[label] / base:.3f} |")
+    return lines
+
+
+TRUST_LABELS = {"plain": "inner TLS off, assertion off", "assertion": "assertion on",
+                "inner_tls+assertion": "inner TLS on, assertion on"}
+
+
+def _trust_row(trust: dict[str, Any] | None) -> dict[str, Any]:
+    """The inner hops' budget: gateway CPU per tools/call with inner TLS and the caller assertion
+    on over both off (bench/trust_cpu.py)."""
+    budget = float((trust or {}).get("budget_percent", TARGET_TRUST_OVERHEAD))
+    row: dict[str, Any] = {"target": f"inner TLS + caller assertion <= +{budget:g} % gateway CPU "
+                                     "per call (Envoy + ext_authz + ext_proc + server)"}
+    if not trust or trust.get("failed"):
+        row.update(value="not measured", met=None,
+                   bound=(trust or {}).get("failed", "not run")[:300].replace("|", "/"))
+        return row
+    cpu = trust["gateway_cpu_us_per_call"]
+    both = float(trust["overhead_percent"]["inner_tls+assertion"])
+    alone = float(trust["overhead_percent"]["assertion"])
+    by = trust["by_process_us_per_call"]
+    row.update(value=f"{both:+.1f} % ({cpu['inner_tls+assertion']:.0f} vs {cpu['plain']:.0f} us "
+                     f"median; assertion alone {alone:+.1f} %; {trust['calls_per_variant']} calls "
+                     "per variant)",
+               met=both <= budget,
+               bound="" if both <= budget else (
+                   "by process (us/call, both on vs off): " + ", ".join(
+                       f"{name} {by['inner_tls+assertion'][name]:.0f} vs {us:.0f}"
+                       for name, us in by["plain"].items())))
+    return row
+
+
+def _trust_table(trust: dict[str, Any] | None, started: str) -> list[str]:
+    """``tools/call`` with inner TLS and the assertion off / on: CPU per call by process."""
+    lines = ["## Inner TLS and the caller assertion: CPU per tools/call", ""]
+    if not trust or trust.get("failed"):
+        return [*lines, f"not measured: {(trust or {}).get('failed', 'not run')[:500]}"]
+    by = trust["by_process_us_per_call"]
+    names = list(by["plain"])
+    cpu = trust["gateway_cpu_us_per_call"]
+    over = trust["overhead_percent"]
+    when = trust.get("measured_at")
+    lines += [
+        "`bench/trust_cpu.py`: three dev stacks side by side with the bench config but for",
+        "`inner_tls.enabled` and `identity.assertion`; one MCP session (2025-11-25) each, `tools/call`",
+        "of `echo` on `/mcp/bench` one call at a time, in rounds of one block per stack (the order",
+        f"rotates), {trust.get('blocks', '?')} blocks of {trust.get('calls_per_block', '?')} calls",
+        f"per variant ({trust['calls_per_variant']} calls each). CPU: utime+stime from `/proc` of",
+        "Envoy, ext_authz, ext_proc and the bench server around each block; each figure is the",
+        "median over the blocks, the overhead the median over rounds of the ratio of the totals."
+        + (f" Measured in run {when}." if when and when != started else ""),
+        "",
+        "| variant | " + " | ".join(f"{n} us/call" for n in names)
+        + " | gateway us/call | overhead |",
+        "|---|" + "---:|" * (len(names) + 2),
+    ]
+    for label, title in TRUST_LABELS.items():
+        extra = f"{over[label]:+.1f} %" if label in over else "-"
+        lines.append(f"| {title} | " + " | ".join(f"{by[label][n]:.0f}" for n in names)
+                     + f" | {cpu[label]:.0f} | {extra} |")
+    counters = trust.get("envoy_clusters", {}).get("inner_tls+assertion", {})
+    if counters:
+        lines += ["", "Envoy's upstream connections and requests per cluster at the end (inner TLS on): "
+                  + ", ".join(f"`{name}` {c.get('cx_total', 0)} / {c.get('rq_total', 0)}"
+                              for name, c in sorted(counters.items()))
+                  + " (connections are reused: no TLS handshake per request)."]
     return lines
 
 
@@ -413,9 +481,9 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
         "  added to the policy data for the `engineer` role (the example policy masks PII for it);",
         "  (4) IBM ContextForge 1.1.0 with JWT auth in front of the same backend, default mode and",
         "  `USE_STATEFUL_SESSIONS=true` (one MCP session shared by the connections).",
-        f"- Load: wrk (HTTP/1.1, TLS where the configuration has it), {plan['levels']} connections "
+        f"- Load: wrk (HTTP/1.1, TLS where the configuration has it), {tuple(plan['levels'])} connections "
         f"for {plan['seconds']:g} s each after a {plan['warmup']:g} s warm-up per workload; "
-        f"ContextForge {plan['cf_levels']} connections for {plan['cf_seconds']:g} s. At most 2 wrk "
+        f"ContextForge {tuple(plan['cf_levels'])} connections for {plan['cf_seconds']:g} s. At most 2 wrk "
         "threads. Every request has a unique JSON-RPC id; a response is OK only when it is HTTP 200 "
         "with a JSON-RPC result for that id (not an error, not `isError`). req/s counts OK "
         "responses only; errors count everything else (including timeouts and socket errors).",
@@ -441,6 +509,8 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
         lines += ["", "## Where the CPU goes (py-spy, full gateway)", ""] + profile_markdown(prof)
     if "aggregate" in result:
         lines += ["", *_aggregate_table(result["aggregate"])]
+    if "trust" in result:
+        lines += ["", *_trust_table(result["trust"], result["started"])]
     lines += ["", "## Charts", ""]
     for title, name in charts:
         lines += [f"### {title}", "", f"![{title}](benchmarks/{name})", ""]
@@ -464,6 +534,22 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
               "`.bench/cf-venv` with Python 3.12 (set `CF_PYTHON` to another 3.12/3.13 interpreter).",
               ""]
     return "\n".join(lines)
+
+
+def merge_docs(partial: dict[str, Any], docs: Path, keys: tuple[str, ...]) -> Path:
+    """A run of side-by-side comparisons only (``--only aggregate,trust``): their results replace
+    those in the last full run's ``benchmarks.json`` and ``benchmarks.md`` is rendered again from
+    it; its charts stay as they are."""
+    md = docs / "benchmarks.md"
+    result: dict[str, Any] = json.loads((docs / "benchmarks.json").read_text(encoding="utf-8"))
+    for key in keys:
+        if key in partial:
+            result[key] = partial[key]
+    charts = re.findall(r"^!\[([^\]]*)\]\(benchmarks/([^)]+)\)$", md.read_text(encoding="utf-8"),
+                        flags=re.MULTILINE)
+    (docs / "benchmarks.json").write_text(json.dumps(result, indent=1))
+    md.write_text(render_markdown(result, charts))
+    return md
 
 
 def write_docs(result: dict[str, Any], docs: Path) -> Path:

@@ -4,9 +4,12 @@ For each configuration: start it, warm up, then for each workload and concurrenc
 for a fixed time while reading CPU time and peak RSS of each of its processes from /proc. The
 full gateway and Envoy-with-TLS-only also get a paced run at half of the gateway's saturation
 throughput (the latency target). Then ``bench/aggregate_cpu.py`` compares ``tools/call`` through
-the aggregate endpoint ``/mcp`` with ``/mcp/<server>`` (gateway CPU per call). Writes
+the aggregate endpoint ``/mcp`` with ``/mcp/<server>`` (gateway CPU per call), and
+``bench/trust_cpu.py`` compares ``tools/call`` with inner TLS and the signed caller assertion
+off, the assertion on, and both on (gateway CPU per call). Writes
 ``bench/results/<timestamp>.json``, then ``docs/benchmarks.json``, ``docs/benchmarks.md``
-and the charts in ``docs/benchmarks/``.
+and the charts in ``docs/benchmarks/``. ``--only aggregate,trust`` (comparisons only) puts
+their results into the last full run's ``docs/benchmarks.json`` and renders the report again.
 """
 
 from __future__ import annotations
@@ -68,6 +71,10 @@ class Plan:
     aggregate_blocks: int = 12
     aggregate_calls: int = 200
     aggregate_timeout: float = 300
+    # bench/trust_cpu.py: interleaved blocks of calls per variant (inner TLS / assertion off, on).
+    trust_blocks: int = 10
+    trust_calls: int = 200
+    trust_timeout: float = 360
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
@@ -83,7 +90,8 @@ QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "re
                          "bench_ext_proc.py": ["--requests", "150"],
                          "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
              micro_timeout=40, variant_levels=(16,), variant_workloads=("echo",),
-             variant_paced=False, aggregate_blocks=4, aggregate_calls=100, aggregate_timeout=150)
+             variant_paced=False, aggregate_blocks=4, aggregate_calls=100, aggregate_timeout=150,
+             trust_blocks=4, trust_calls=100, trust_timeout=200)
 
 
 def measure(conf: Configuration, workload: Workload, connections: int, seconds: float,
@@ -195,6 +203,29 @@ def run_aggregate(ctx: RunContext, plan: Plan) -> dict[str, Any]:
     return result
 
 
+def run_trust(ctx: RunContext, plan: Plan, stamp: str) -> dict[str, Any]:
+    """``tools/call`` with inner TLS and the caller assertion off, the assertion on, both on:
+    bench/trust_cpu.py on three stacks of its own; its result (exit status 1 = over its budget,
+    still a result), or why there is none."""
+    print("== inner TLS and caller assertion: tools/call with them off and on", flush=True)
+    out = ctx.work / "trust.json"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.trust_cpu", "--blocks", str(plan.trust_blocks),
+             "--calls", str(plan.trust_calls), "--work", str(ctx.work / "trust"), "--out", str(out)],
+            capture_output=True, text=True, timeout=plan.trust_timeout, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"timed out after {plan.trust_timeout:g} s"}
+    if proc.returncode not in (0, 1) or not out.exists():
+        return {"failed": f"exit status {proc.returncode}: {(proc.stderr or proc.stdout)[-1000:]}"}
+    result: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    result["measured_at"] = stamp
+    cpu = result["gateway_cpu_us_per_call"]
+    print("    gateway CPU per call: " + ", ".join(f"{k} {v:.0f} us" for k, v in cpu.items())
+          + f" ({result['overhead_percent']['inner_tls+assertion']:+.1f} %)", flush=True)
+    return result
+
+
 def run_micro(plan: Plan) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for script in MICRO:
@@ -218,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 3 min)")
     parser.add_argument("--only", help=f"comma-separated configurations of {', '.join(ORDER)}, "
-                        "aggregate (/mcp against /mcp/<server>)")
+                        "aggregate (/mcp against /mcp/<server>), trust (inner TLS and the "
+                        "caller assertion off and on)")
     parser.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     parser.add_argument("--no-profile", action="store_true",
                         help="skip the py-spy profile of the full gateway")
@@ -229,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = QUICK if args.quick else FULL
     keys = [k for k in ORDER if not args.only or k in args.only.split(",")]
     aggregate = not args.only or "aggregate" in args.only.split(",")
+    trust = not args.only or "trust" in args.only.split(",")
     find_wrk()
 
     # SIGTERM (e.g. from make's parent) unwinds like Ctrl-C so every `finally` stops its processes.
@@ -258,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             result["profile"] = run_profile(ctx, plan)
         if aggregate:
             result["aggregate"] = run_aggregate(ctx, plan)
+        if trust:
+            result["trust"] = run_trust(ctx, plan, stamp)
         if not args.no_micro:
             result["micro"] = run_micro(plan)
     except KeyboardInterrupt:
@@ -270,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = results_dir / f"{stamp}.json"
     raw.write_text(json.dumps(result, indent=1))
     print(f"raw results: {raw}")
-    if not args.no_docs:
+    if not args.no_docs and not keys and (ROOT / "docs" / "benchmarks.json").exists():
+        # Comparisons only (--only aggregate,trust): into the last full run's report.
+        md = report.merge_docs(result, ROOT / "docs", ("aggregate", "trust"))
+        print(f"report: {md} (the comparisons of this run, the rest from the last full run)")
+    elif not args.no_docs:
         md = report.write_docs(result, ROOT / "docs")
         print(f"report: {md}")
     print(report.targets_text(result))

@@ -13,3 +13,34 @@ def test_bench_gateway_config_loads(tmp_path: Path) -> None:
         config = load_gateway_config(RunContext(tmp_path / (transport or "default")), transport)
         assert [s.name for s in config.servers] == ["bench"]
         assert not config.aggregate.enabled
+
+
+def test_trust_variants_load_with_their_switches(tmp_path: Path) -> None:
+    """bench/trust_cpu.py's three stacks differ only in inner_tls and identity.assertion."""
+    from bench.trust_cpu import VARIANTS, _config
+    from gateway.config import load_config
+    seen = {}
+    for label, (inner_tls, assertion) in VARIANTS.items():
+        folder = tmp_path / label.replace("+", "-")
+        folder.mkdir()
+        config = load_config(_config(folder, inner_tls, assertion))
+        seen[label] = (config.inner_tls.enabled, config.identity.assertion)
+        assert [s.name for s in config.servers] == ["bench"]
+    assert seen == VARIANTS
+
+
+def test_trust_row_verdict_follows_the_budget() -> None:
+    """The targets row of the inner TLS + assertion comparison is met at or under 15 %, not over."""
+    from bench.report import _trust_row, _trust_table
+    by = {n: 100.0 for n in ("envoy", "ext_authz", "ext_proc", "backend")}
+    trust = {"budget_percent": 15.0, "calls_per_variant": 10, "blocks": 1, "calls_per_block": 10,
+             "gateway_cpu_us_per_call": {"plain": 400.0, "assertion": 420.0,
+                                         "inner_tls+assertion": 440.0},
+             "by_process_us_per_call": {"plain": by, "assertion": by, "inner_tls+assertion": by},
+             "overhead_percent": {"assertion": 5.0, "inner_tls+assertion": 10.0}}
+    assert _trust_row(trust)["met"] is True
+    trust["overhead_percent"] = {"assertion": 5.0, "inner_tls+assertion": 15.1}
+    row = _trust_row(trust)
+    assert row["met"] is False and "by process" in row["bound"]
+    assert any(line.startswith("| inner TLS on, assertion on |") for line in _trust_table(trust, "x"))
+    assert _trust_row(None)["met"] is None

@@ -1,0 +1,176 @@
+"""What the inner hops' protection costs: gateway CPU per ``tools/call`` with inner TLS and the
+signed caller assertion off, with the assertion on, and with both on.
+
+    .venv/bin/python -m bench.trust_cpu [--blocks 8] [--calls 200] [--budget 15] [--work DIR]
+                                        [--out FILE]
+
+Three dev stacks run side by side, the same bench config but for two keys: (a) ``inner_tls``
+off and ``identity.assertion`` off; (b) the assertion on; (c) ``inner_tls`` on and the assertion
+on. One MCP session each, ``tools/call echo`` on /mcp/bench one call at a time, in rounds of one
+block per stack (the order rotates every round), so that load from other jobs on the machine
+falls on all three alike. Each block's CPU is read from /proc for Envoy (its restarter's process
+group), ext_authz, ext_proc and the backend server (which verifies the assertion and terminates
+the inner TLS). The figures are medians over the blocks; the overhead of (c) over (a) is the
+median over rounds of the per-round ratio of the totals. Envoy's upstream connection and request
+counters of each cluster are read at the end: connections reused (few connections, many
+requests) means no TLS handshake per request. Exit status 1 when (c) costs more than
+``--budget`` percent over (a) (issue 17). ``make bench`` runs it too (bench/run.py) and reports
+the three rows (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import ssl
+import statistics
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import yaml
+
+from bench.aggregate_cpu import Endpoint, _call, _open
+from bench.configs import BENCH_ROLE, BENCH_TENANT, BENCH_USER, ROOT, RunContext, gateway_config_raw
+from bench.procs import cpu_seconds, group_members
+
+MEASURED = ("envoy", "ext_authz", "ext_proc", "backend")
+# label -> (inner_tls.enabled, identity.assertion)
+VARIANTS: dict[str, tuple[bool, bool]] = {
+    "plain": (False, False), "assertion": (False, True), "inner_tls+assertion": (True, True)}
+WARMUP_CALLS = 60
+
+
+def _config(work: Path, inner_tls: bool, assertion: bool) -> Path:
+    raw = gateway_config_raw(RunContext(work))
+    raw["inner_tls"] = {"enabled": inner_tls}
+    raw["identity"] = {"assertion": assertion}
+    path = work / "gateway-trust.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _pids(stack: Any) -> dict[str, list[int]]:
+    """Envoy (every process of its restarter's group), ext_authz, ext_proc and the bench server."""
+    pids: dict[str, list[int]] = {name: [] for name in MEASURED}
+    for comp in stack.components:
+        proc = stack.procs.get(comp.label)
+        role = "backend" if comp.name == "bench" else comp.name
+        if proc is not None and role in MEASURED:
+            pids[role] += group_members(os.getpgid(proc.pid))
+    return pids
+
+
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(cpu_seconds(pid) or 0.0 for pid in group) for name, group in pids.items()}
+
+
+def cluster_counters(admin: str) -> dict[str, dict[str, int]]:
+    """``upstream_cx_total`` and ``upstream_rq_total`` of every cluster that saw a request."""
+    url = f"{admin}/stats?filter=^cluster\\.[^.]+\\.upstream_(cx|rq)_total$"
+    with urllib.request.urlopen(url, timeout=10) as answer:  # noqa: S310 (loopback admin)
+        text = answer.read().decode()
+    out: dict[str, dict[str, int]] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        parts = name.split(".")
+        if len(parts) == 3 and value.strip().isdigit():
+            out.setdefault(parts[1], {})[parts[2].removeprefix("upstream_")] = int(value)
+    return {k: v for k, v in out.items() if v.get("rq_total")}
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
+    from gateway.config import load_config
+    from gatewayctl import devstack
+
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    labels = list(VARIANTS)
+    # per label, per block: CPU seconds by process
+    samples: dict[str, list[dict[str, float]]] = {label: [] for label in labels}
+    counters: dict[str, Any] = {}
+    with contextlib.ExitStack() as stacks:
+        ready = []
+        for label, (inner_tls, assertion) in VARIANTS.items():
+            folder = work / label.replace("+", "-")
+            folder.mkdir(parents=True, exist_ok=True)
+            config = load_config(_config(folder, inner_tls, assertion))
+            devstack.ensure_tls(config)
+            stack = stacks.enter_context(devstack.running(config, startup_timeout=90.0))
+            token = devstack.mint(config, sub=BENCH_USER, roles=(BENCH_ROLE,), tenant=BENCH_TENANT,
+                                  ttl=3600)
+            http = stacks.enter_context(httpx2.Client(
+                verify=ssl.create_default_context(cafile=str(stack.ca_file)), timeout=30))
+            path = Endpoint(label, f"{config.public_url.rstrip('/')}/mcp/bench", "echo")
+            _open(http, path, token)
+            for rid in range(1, WARMUP_CALLS + 1):  # caches, connections, the Lua VM
+                _call(http, path, token, rid)
+            admin = f"http://{config.admin.host}:{config.admin.port}"
+            ready.append((label, http, path, token, _pids(stack), admin))
+        for block in range(blocks):
+            shift = block % len(ready)
+            for label, http, path, token, pids, _ in ready[shift:] + ready[:shift]:
+                before = _cpu(pids)
+                for rid in range(calls):
+                    _call(http, path, token, 1000 + rid)
+                after = _cpu(pids)
+                samples[label].append({n: after[n] - before[n] for n in MEASURED})
+        for label, *_, admin in ready:
+            counters[label] = cluster_counters(admin)
+    by_process = {label: {n: round(_median([s[n] / calls * 1e6 for s in blocks_]), 1)
+                          for n in MEASURED}
+                  for label, blocks_ in samples.items()}
+    totals = {label: [sum(s.values()) / calls * 1e6 for s in blocks_]
+              for label, blocks_ in samples.items()}
+    base = totals["plain"]
+
+    def overhead(label: str) -> float:
+        return round((_median([t / b for t, b in zip(totals[label], base, strict=True)]) - 1) * 100, 1)
+
+    return {"calls_per_variant": blocks * calls,
+            "variants": {label: {"inner_tls": t, "assertion": a}
+                         for label, (t, a) in VARIANTS.items()},
+            "gateway_cpu_us_per_call": {label: round(_median(v), 1) for label, v in totals.items()},
+            "by_process_us_per_call": by_process,
+            "overhead_percent": {"assertion": overhead("assertion"),
+                                 "inner_tls+assertion": overhead("inner_tls+assertion")},
+            "envoy_clusters": counters}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=int, default=8, help="blocks per variant (default 8)")
+    parser.add_argument("--calls", type=int, default=200, help="calls per block (default 200)")
+    parser.add_argument("--budget", type=float, default=15.0,
+                        help="allowed CPU overhead of inner TLS + assertion in percent (default 15)")
+    parser.add_argument("--work", type=Path, default=None, help="state folder (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also write the result as JSON to this file")
+    ns = parser.parse_args(argv)
+    if ns.blocks < 1 or ns.calls < 1:
+        parser.error("--blocks and --calls must be at least 1")
+    if ns.work is not None:
+        ns.work.mkdir(parents=True, exist_ok=True)
+        result = run(ns.work.resolve(), ns.blocks, ns.calls)
+    else:
+        with tempfile.TemporaryDirectory(prefix="trust-bench-") as tmp:
+            result = run(Path(tmp), ns.blocks, ns.calls)
+    result["budget_percent"] = ns.budget
+    result["blocks"], result["calls_per_block"] = ns.blocks, ns.calls
+    text = json.dumps(result, indent=2)
+    if ns.out is not None:
+        ns.out.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 1 if result["overhead_percent"]["inner_tls+assertion"] > ns.budget else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
