@@ -26,11 +26,13 @@ from ext_authz.sessions import SessionBinder, build_session_binder
 from ext_authz.settings import Settings
 from gateway import inner_tls
 from gateway.catalog import Catalog
+from gateway.config import secret_value
 from gateway.credentials.provider import CredentialProvider
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.audit_chain import CheckpointSigner
+from gateway.telemetry.audit_keys import SubjectKeyStore, parse_master_key
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +140,17 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         # A configured checkpoint key that cannot be loaded fails start-up (ValueError names the key).
         signer = (CheckpointSigner.from_file(settings.audit.signing_key)
                   if settings.audit.signing_key else None)
+        keys = None
+        if settings.audit.master_key:
+            # Personal fields sealed per subject (crypto-shredding); the key store is shared by
+            # every writer of the trail. A missing or malformed key fails start-up, naming it.
+            master = parse_master_key(secret_value("${" + settings.audit.master_key + "}",
+                                                   "audit.master_key"))
+            keys = await asyncio.to_thread(SubjectKeyStore, settings.audit.dir, master)
+            cleanup.append(_async(keys.close))
         audit = AuditWriter(settings.audit_path(port), max_bytes=settings.audit.max_bytes,
                             keep=settings.audit.keep, exporter=exporter, signer=signer,
-                            checkpoint_seconds=settings.audit.checkpoint_seconds)
+                            checkpoint_seconds=settings.audit.checkpoint_seconds, keys=keys)
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         # The upstream credentials' secrets come from ext_authz's environment, read once here.

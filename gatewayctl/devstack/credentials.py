@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig
+from gateway.telemetry.audit_chain import generate_signing_key
 from gatewayctl import envoy_config, tokens
 from gatewayctl.devstack.state import StackError, paths
 
@@ -265,6 +266,19 @@ def mint(config: GatewayConfig, *, sub: str, roles: tuple[str, ...] = (),
     return tokens.mint_token(signing_key(config), issuer=config.issuers[0].issuer,
                              audience=audience[0] if len(audience) == 1 else audience,
                              sub=sub, roles=roles, scopes=scopes, tenant=tenant, ttl=ttl)
+
+
+def ensure_audit_key(config: GatewayConfig) -> None:
+    """The audit checkpoints' Ed25519 signing key (audit.signing_key), made on first use when it
+    lies under state_dir; elsewhere it is the operator's key and must exist."""
+    if not config.audit.signing_key:
+        return
+    key = Path(config.audit.signing_key)
+    if key.exists():
+        return
+    if not _inside(key, paths(config).state_dir):
+        raise StackError(f"audit.signing_key {key} does not exist")
+    generate_signing_key(key)
 
 
 def ensure_secrets(config: GatewayConfig) -> dict[str, str]:

@@ -176,6 +176,9 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     # The upstream credentials' secrets (static values, token endpoint client secrets, store keys).
     key_ring += tuple(dict.fromkeys(n for s in config.servers
                                     for n in credential_secrets(s.credentials)))
+    # The audit master key: ext_authz seals the personal fields of its entries under it.
+    if config.audit.master_key and config.audit.master_key not in key_ring:
+        key_ring += (config.audit.master_key,)
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),

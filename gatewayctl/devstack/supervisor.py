@@ -34,7 +34,13 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gatewayctl import assertion_keys, envoy_config, envoy_restarter, runtimes
-from gatewayctl.devstack.credentials import ensure_inner_tls, ensure_secrets, ensure_tls, signing_key
+from gatewayctl.devstack.credentials import (
+    ensure_audit_key,
+    ensure_inner_tls,
+    ensure_secrets,
+    ensure_tls,
+    signing_key,
+)
 from gatewayctl.devstack.health import (
     PROBE_TIMEOUT_SECONDS,
     cluster_of,
@@ -160,6 +166,7 @@ class Stack:
         self.prepare_commands()
         self.ca_file = ensure_tls(self.config)
         ensure_inner_tls(self.config)
+        ensure_audit_key(self.config)
         self.secrets = ensure_secrets(self.config)
         signing_key(self.config)
         try:  # the caller assertion's keys (made on first up; Envoy publishes the JWKS file)

@@ -11,10 +11,12 @@ import yaml
 
 from gateway.config import load_config
 from gateway.telemetry.audit import AuditEntry, AuditWriter, args_digest, iter_audit_all
-from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key
+from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key, load_public_key
 from gateway.telemetry.audit_keys import new_master_key
 from gatewayctl.cli import main
 from gatewayctl.commands.audit import CLI_AUDIT_FILE, key_store
+from gatewayctl.devstack.credentials import ensure_audit_key
+from gatewayctl.devstack.state import StackError
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -135,3 +137,17 @@ def test_legal_hold_blocks_erasure_until_released(
     methods = [e["method"] for e in iter_audit_all(tmp_path / "audit" / CLI_AUDIT_FILE)]
     assert methods == ["audit/hold", "audit/release", "audit/erase"]
     assert main([*base, "verify"]) == 0
+
+
+def test_dev_stack_makes_the_checkpoint_key_under_state_dir_only(tmp_path: Path) -> None:
+    """The dev stack creates a missing audit.signing_key under state_dir; elsewhere it must exist."""
+    raw = yaml.safe_load((ROOT / "gateway" / "default_config.yaml").read_text())
+    raw["state_dir"] = str(tmp_path / "state")
+    raw["audit"] = {"signing_key": str(tmp_path / "state" / "audit-signing.key")}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
+    ensure_audit_key(load_config(str(tmp_path / "g.yaml")))
+    assert load_public_key(tmp_path / "state" / "audit-signing.key")
+    raw["audit"] = {"signing_key": str(tmp_path / "elsewhere.key")}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(StackError, match="audit.signing_key"):
+        ensure_audit_key(load_config(str(tmp_path / "g.yaml")))

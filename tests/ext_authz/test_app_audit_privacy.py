@@ -1,0 +1,55 @@
+"""ext_authz's audit trail with a checkpoint key and a master key: signed, sealed, verifiable."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import grpc
+import pytest
+from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
+
+from ext_authz.app import start_service
+from gateway.telemetry import iter_audit
+from gateway.telemetry.audit_chain import generate_signing_key, load_public_key
+from gateway.telemetry.audit_keys import SubjectKeyStore, new_master_key, parse_master_key
+from gateway.telemetry.audit_verify import verify_chain
+from gatewayctl.tokens import SigningKey
+from tests.ext_authz.conftest import (
+    JwksServer,
+    McpServer,
+    StubEngine,
+    check_request,
+    make_settings,
+    token_for,
+)
+
+MASTER = "TEST_AUDIT_MASTER_KEY"
+
+
+async def test_entries_are_sealed_and_checkpoints_signed(
+        jwks_server: JwksServer, mcp_server: McpServer, rsa_key: SigningKey, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With audit.signing_key and audit.master_key, the caller is only in sealed form on disk, the
+    chain verifies under the key, and the key store opens the entry."""
+    master = new_master_key()
+    monkeypatch.setenv(MASTER, master)
+    generate_signing_key(tmp_path / "audit.key")
+    settings = make_settings(jwks_server.url, files_port=mcp_server.port)
+    audit = dataclasses.replace(settings.audit, dir=str(tmp_path / "audit"),
+                                signing_key=str(tmp_path / "audit.key"), master_key=MASTER)
+    svc = await start_service(dataclasses.replace(settings, audit=audit), StubEngine())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = pb_grpc.AuthorizationStub(channel)
+            await stub.Check(check_request("post_tools_call_files", token_for(rsa_key)), timeout=5)
+    finally:
+        await svc.stop(grace=None)
+    (entry,) = iter_audit(svc.audit.path)
+    assert entry["sub"] is None and entry["client_id"] is None and entry["pii"]
+    store = SubjectKeyStore(tmp_path / "audit", parse_master_key(master))
+    opened = store.open(entry)
+    store.close()
+    assert opened is not None and opened["sub"] and opened["sub"].encode() not in svc.audit.path.read_bytes()
+    report = verify_chain(svc.audit.path, load_public_key(tmp_path / "audit.key"))
+    assert report.ok and report.signed_checkpoints == 1, report.problem
