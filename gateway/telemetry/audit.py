@@ -319,7 +319,10 @@ class _Closed:
 
 
 _CLOSED = _Closed()
-_QueueItem = tuple[AuditEntry, "asyncio.Future[None]"] | _Closed
+# An entry's JSON tail, or the entry itself when its personal fields are to be sealed (on the
+# audit-io thread: the key store may have to read its database).
+_Pending = bytes | AuditEntry
+_QueueItem = tuple[_Pending, "asyncio.Future[None]"] | _Closed
 
 
 class AuditWriter:
@@ -403,7 +406,7 @@ class AuditWriter:
         if self._failed is not None or self._closing or self._task is None or self._task.done():
             metrics.AUDIT_ENTRIES.labels("rejected").inc()
             raise AuditUnavailable("audit trail unavailable")
-        line = entry  # serialized (and sealed) on the audit-io thread, off the event loop
+        line: _Pending = entry.body() if self._keys is None or entry.sub is None else entry
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         try:
@@ -430,7 +433,7 @@ class AuditWriter:
         metrics.AUDIT_ENTRIES.labels("rejected").inc()
         logger.error("audit entry not committed within %.1fs", self.timeout)
 
-    async def _write_with_backpressure(self, line: AuditEntry, done: asyncio.Future[None]) -> None:
+    async def _write_with_backpressure(self, line: _Pending, done: asyncio.Future[None]) -> None:
         """A full queue: wait for room and the commit, both within the timeout."""
         try:
             async with asyncio.timeout(self.timeout):
@@ -447,7 +450,7 @@ class AuditWriter:
         loop = asyncio.get_running_loop()
         stop = False
         while not stop:
-            batch: list[tuple[AuditEntry, asyncio.Future[None]]] = []
+            batch: list[tuple[_Pending, asyncio.Future[None]]] = []
             item = await self._queue.get()
             # Whatever queued up while the previous fsync ran goes into this one: group commit.
             while True:
@@ -485,7 +488,7 @@ class AuditWriter:
                 self._export(lines)
 
     @staticmethod
-    def _settle(batch: list[tuple[AuditEntry, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    def _settle(batch: list[tuple[_Pending, asyncio.Future[None]]], exc: BaseException | None) -> None:
         for _, fut in batch:
             if fut.done():
                 continue
@@ -545,16 +548,17 @@ class AuditWriter:
         self._size = os.fstat(self._fd).st_size
         self._fsync_dir()
 
-    def _body(self, entry: AuditEntry) -> bytes:
-        """The entry's JSON tail, its personal fields sealed under its subject's key if configured."""
-        if self._keys is None or entry.sub is None:
-            return entry.body()
+    def _body(self, entry: _Pending) -> bytes:
+        """The entry's JSON tail, its personal fields sealed under its subject's key."""
+        if isinstance(entry, bytes):
+            return entry
+        assert self._keys is not None and entry.sub is not None
         sid, pii = self._keys.seal({"sub": entry.sub, "client_id": entry.client_id, "tenant": entry.tenant,
                                     "args_digest": entry.args_digest}, entry.sub)
         blank = replace(entry, sub=None, client_id=None, tenant=None, args_digest=None)
         return orjson.dumps(blank)[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid.encode(), pii.encode())
 
-    def _append(self, entries: list[AuditEntry]) -> list[bytes]:
+    def _append(self, entries: list[_Pending]) -> list[bytes]:
         """Seal, chain, write and fsync one batch; return its lines."""
         lines = []
         seq, prev = self._seq, self._prev
