@@ -150,7 +150,8 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
             cleanup.append(_async(keys.close))
         audit = AuditWriter(settings.audit_path(port), max_bytes=settings.audit.max_bytes,
                             keep=settings.audit.keep, exporter=exporter, signer=signer,
-                            checkpoint_seconds=settings.audit.checkpoint_seconds, keys=keys)
+                            checkpoint_seconds=settings.audit.checkpoint_seconds, keys=keys,
+                            retention_days=settings.audit.retention_days)
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         # The upstream credentials' secrets come from ext_authz's environment, read once here.

@@ -46,6 +46,7 @@ from gateway.errors import GatewayError
 from gateway.telemetry import metrics
 from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, CheckpointSigner, checkpoint_line
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore
+from gateway.telemetry.audit_retention import prune_chain, write_anchor
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +336,8 @@ class AuditWriter:
                  max_batch: int = 1024, max_queue: int = 10_000, timeout: float = 5.0,
                  exporter: AuditExporter | None = None, signer: CheckpointSigner | None = None,
                  checkpoint_seconds: float = 60.0, checkpoint_entries: int = 10_000,
-                 keys: SubjectKeyStore | None = None) -> None:
+                 keys: SubjectKeyStore | None = None, retention_days: float | None = None,
+                 prune_interval: float = 3600.0) -> None:
         if max_bytes <= 0 or keep < 0 or max_batch <= 0 or max_queue <= 0 or timeout <= 0:
             raise ValueError("max_bytes, max_batch, max_queue and timeout must be > 0 and keep >= 0")
         if checkpoint_seconds <= 0 or checkpoint_entries <= 0:
@@ -349,6 +351,11 @@ class AuditWriter:
         # The chain: the next entry's place and the hash of the last line written (audit_chain.py).
         self._signer = signer
         self._keys = keys  # None: personal fields in clear; else sealed per subject (audit_keys.py)
+        # Retention (audit_retention.py): expired rotated files go at most every prune_interval.
+        self.retention_days = retention_days
+        self.prune_interval = prune_interval
+        self._pruned_at = -float("inf")
+        self._notes: list[_Pending] = []  # entries the writer adds itself (removals), next batch
         self.checkpoint_seconds = checkpoint_seconds
         self.checkpoint_entries = checkpoint_entries
         self.checkpoint_path = self.path.with_name(self.path.name + CHECKPOINT_SUFFIX)
@@ -562,6 +569,8 @@ class AuditWriter:
         """Seal, chain, write and fsync one batch; return its lines."""
         lines = []
         seq, prev = self._seq, self._prev
+        if self._notes:
+            entries, self._notes = self._notes + entries, []
         for body in map(self._body, entries):
             line = _CHAIN_HEAD % (SCHEMA_VERSION, seq, prev) + body
             prev = hashlib.sha256(line[:-1]).hexdigest().encode()
@@ -581,7 +590,24 @@ class AuditWriter:
         if (self._seq - 1 - self._cp_seq >= self.checkpoint_entries
                 or time.monotonic() - self._cp_time >= self.checkpoint_seconds):
             self._checkpoint()
+        if self.retention_days is not None and time.monotonic() - self._pruned_at >= self.prune_interval:
+            self._prune()
         return lines
+
+    def _prune(self) -> None:
+        """Remove expired rotated files; the removal is the first entry of the next batch."""
+        self._pruned_at = time.monotonic()
+        assert self.retention_days is not None
+        try:
+            removed = prune_chain(self.path, self.retention_days, self._signer)
+        except OSError as exc:  # the trail itself is intact: retry at the next interval
+            logger.error("audit retention: pruning %s failed: %s", self.path, exc)
+            return
+        if removed:
+            names = ",".join(p.name for p, _ in removed)
+            logger.info("audit retention: removed %s", names)
+            note = retention_entry(self.path.name, names, removed[-1][1], self.retention_days)
+            self._notes.append(note.body())
 
     def _checkpoint(self) -> None:
         """Append a (signed) checkpoint naming the last committed entry's place and hash."""
@@ -602,10 +628,18 @@ class AuditWriter:
         self._fd = -1
         base = str(self.path)
         if self.keep == 0:
+            last = _last_line(self.path)
+            if last is not None:
+                write_anchor(self.path, last, self._signer)
             os.unlink(base)
         else:
+            oldest = Path(f"{base}.{self.keep}")
+            last = _last_line(oldest)
+            if last is not None:
+                # The chain now starts after the oldest file's last entry: say so, signed, first.
+                write_anchor(self.path, last, self._signer)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{base}.{self.keep}")
+                os.unlink(oldest)
             for n in range(self.keep - 1, 0, -1):
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(f"{base}.{n}", f"{base}.{n + 1}")
@@ -637,6 +671,14 @@ class AuditWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def retention_entry(chain: str, names: str, last_seq: int, days: float) -> AuditEntry:
+    """The audit entry recording that retention removed files ``names`` of ``chain``."""
+    return AuditEntry(method="audit/prune", server="audit", target=chain, sub=None, client_id=None,
+                      tenant=None, decision="allow", reason=f"retention {days:g} days: removed {names} "
+                      f"(entries up to seq {last_seq})", status="ok", latency_ms=None, request_id=None,
+                      decision_id=None)
 
 
 def _drop_torn_tail(path: Path, fd: int, size: int) -> int:

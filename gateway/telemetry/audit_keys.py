@@ -39,8 +39,6 @@ CREATE TABLE IF NOT EXISTS subject_keys (sid TEXT PRIMARY KEY, kid INTEGER NOT N
                                          wrapped BLOB NOT NULL, created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS erasures (sid TEXT NOT NULL, kid INTEGER NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS holds (kind TEXT NOT NULL, value TEXT NOT NULL, reason TEXT,
-                                  at REAL NOT NULL, PRIMARY KEY (kind, value));
 """
 
 
@@ -156,27 +154,6 @@ class SubjectKeyStore:
                 raise
             self._cache.pop(sid, None)
         return sid, (int(row[0]) if row is not None else None)
-
-    # -- legal holds (kind "sub" holds the subject's sid, kind "case" a case id) ------------------
-
-    def hold(self, kind: str, value: str, reason: str | None = None) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO holds VALUES (?, ?, ?, ?)",
-                             (kind, value, reason, time.time()))
-
-    def release(self, kind: str, value: str) -> bool:
-        with self._lock:
-            return self._db.execute("DELETE FROM holds WHERE kind=? AND value=?", (kind, value)).rowcount > 0
-
-    def holds(self) -> list[tuple[str, str, str | None]]:
-        with self._lock:
-            return [(str(k), str(v), r) for k, v, r in
-                    self._db.execute("SELECT kind, value, reason FROM holds ORDER BY at")]
-
-    def is_held(self, sid: str) -> bool:
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM holds WHERE kind='sub' AND value=?",
-                                    (sid,)).fetchone() is not None
 
     # -- sealing ----------------------------------------------------------------------------------
 

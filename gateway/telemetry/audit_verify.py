@@ -5,7 +5,8 @@ size verifies in constant memory. The first problem of a chain stops that chain'
 reported with the file and line where the chain breaks:
 
 - an altered entry: the next entry's ``prev`` (or a checkpoint's ``hash``) no longer matches it;
-- a removed entry or file: ``seq`` jumps forward;
+- a removed entry or file: ``seq`` jumps forward, or the oldest entry does not follow the chain's
+  anchor (seq 0, or the last entry retention or rotation removed, see audit_retention.py);
 - an inserted, duplicated or reordered entry: ``seq`` is not the one due;
 - a truncated file: a rotated file whose last line has no newline, or checkpoints covering
   entries past the end of the trail.
@@ -25,8 +26,9 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from gateway.telemetry.audit import audit_files, line_hash
+from gateway.telemetry.audit import GENESIS, audit_files, line_hash
 from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, checkpoint_signature_ok
+from gateway.telemetry.audit_retention import anchor_path, read_anchor
 
 _CHAIN_FILE = re.compile(r"^(?P<base>.+\.jsonl)(?:\.\d+)?$")
 
@@ -135,6 +137,18 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None) -> Ch
     report.problem = cps.advance()
     if report.problem:
         return report
+    # Where the chain legitimately starts: after the last entry retention or rotation removed.
+    anchor = read_anchor(base)
+    anchor_seq, anchor_hash = -1, GENESIS
+    if anchor is not None:
+        name = anchor_path(base).name
+        if anchor.get("file") != f"{base.name}:anchor" or not isinstance(anchor.get("seq"), int):
+            report.problem = Problem(name, None, "anchor is not valid (altered)")
+            return report
+        if public is not None and not checkpoint_signature_ok(anchor, public):
+            report.problem = Problem(name, None, "anchor signature is not valid")
+            return report
+        anchor_seq, anchor_hash = int(anchor["seq"]), str(anchor["hash"])
     expected: int | None = None
     prev_hash: bytes | None = None
     prev_place: tuple[str, int] | None = None
@@ -163,6 +177,15 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None) -> Ch
             if not isinstance(seq, int) or not isinstance(prev, str):
                 report.problem = Problem(file.name, n, "entry has no valid seq/prev (altered)")
                 return report
+            if expected is None and prev_hash is None:
+                if seq <= anchor_seq:
+                    continue  # removed by retention: a crash came between the anchor and the unlink
+                if seq != anchor_seq + 1 or prev != anchor_hash:
+                    what = (f"seq {anchor_seq} (the anchor)" if anchor is not None
+                            else "the chain's start (seq 0)")
+                    report.problem = Problem(file.name, n, f"oldest entry does not follow {what}: entries "
+                                             "before it were removed without being recorded")
+                    return report
             if expected is not None and prev_hash is not None and prev_place is not None:
                 if seq > expected:
                     where = (f"; the end of {prev_place[0]} or a whole file before this one is missing"

@@ -1,10 +1,11 @@
-"""``mcp-gateway audit verify|erase|export|hold|release``: the audit trail's integrity and data
+"""``mcp-gateway audit verify|erase|export|hold|release|holds|prune``: the audit trail's integrity and data
 subjects' rights (docs/compliance.md)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import os
 import sqlite3
 import sys
@@ -16,9 +17,10 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, audit_files
+from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, audit_files, retention_entry
 from gateway.telemetry.audit_chain import CheckpointSigner, load_public_key
 from gateway.telemetry.audit_keys import PERSONAL_FIELDS, KeyStoreError, SubjectKeyStore, parse_master_key
+from gateway.telemetry.audit_retention import load_holds, prune_chain, set_hold
 from gateway.telemetry.audit_verify import chain_bases, verify_dir
 
 # The command line's own chain: erasures, holds and releases are audited like calls.
@@ -43,11 +45,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        ("release", "end a legal hold")):
         p = asub.add_parser(name, help=text)
         which = p.add_mutually_exclusive_group(required=True)
-        which.add_argument("--sub", help="a subject")
+        which.add_argument("--sub", help="a subject (kept in clear in legal-holds.json)")
         which.add_argument("--case", help="a case id (holds the whole trail)")
         if name == "hold":
             p.add_argument("--reason", help="a note kept with the hold")
     asub.add_parser("holds", help="list the legal holds")
+    asub.add_parser("prune", help="remove files older than audit.retention_days (unless held)")
     audit.set_defaults(func=run)
 
 
@@ -177,43 +180,78 @@ def run(args: argparse.Namespace) -> int:
             print(f"exported {written} entries{note}", file=sys.stderr)
             return 0
         if command == "holds":
-            store = key_store(config)
-            for kind, value, reason in store.holds():
-                print(f"{kind}\t{value}\t{reason or ''}")
-            store.close()
+            for kind, held in load_holds(config.audit.dir).items():
+                for value, info in held.items():
+                    print(f"{kind}\t{value}\t{info.get('at')}\t{info.get('reason') or ''}")
             return 0
-        return change(args, config)
+        if command == "prune":
+            return prune(config)
+        if command == "erase":
+            return erase(args, config)
+        return hold(args, config)
     except (OSError, ValueError, sqlite3.Error, AuditUnavailable) as exc:
         print(f"mcp-gateway audit {args.audit_command}: {exc}", file=sys.stderr)
         return 2
 
 
-def change(args: argparse.Namespace, config: GatewayConfig) -> int:
-    """erase, hold and release: change the key store, then audit the change."""
-    command = args.audit_command
+def erase(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """Destroy a subject's key (unless held), then audit the erasure (by pseudonym only)."""
+    if args.sub in load_holds(config.audit.dir)["sub"]:
+        print("mcp-gateway audit erase: the subject is under legal hold; release it first", file=sys.stderr)
+        return 1
     store = key_store(config)
     try:
-        if command == "erase":
-            sid = store.subject_id(args.sub)
-            if store.is_held(sid):
-                print(f"mcp-gateway audit erase: subject {sid} is under legal hold; release it first",
-                      file=sys.stderr)
-                return 1
-            sid, kid = store.erase(args.sub)
-            asyncio.run(record(config, "audit/erase", sid, f"key {kid}" if kid else "no key",
-                               "ok" if kid else "no_key"))
-            print(f"erased subject {sid}" + (f" (key {kid})" if kid else ": it had no key"))
-            return 0
-        kind, value = ("sub", store.subject_id(args.sub)) if args.sub else ("case", args.case)
-        if command == "hold":
-            store.hold(kind, value, args.reason)
-            asyncio.run(record(config, "audit/hold", f"{kind}:{value}", args.reason, "ok"))
-            print(f"held {kind} {value}")
-            return 0
-        released = store.release(kind, value)
-        asyncio.run(record(config, "audit/release", f"{kind}:{value}", None,
-                           "ok" if released else "not_held"))
-        print(f"released {kind} {value}" if released else f"no hold on {kind} {value}")
-        return 0 if released else 1
+        sid, kid = store.erase(args.sub)
     finally:
         store.close()
+    asyncio.run(record(config, "audit/erase", sid, f"key {kid}" if kid else "no key",
+                       "ok" if kid else "no_key"))
+    print(f"erased subject {sid}" + (f" (key {kid})" if kid else ": it had no key"))
+    return 0
+
+
+def hold(args: argparse.Namespace, config: GatewayConfig) -> int:
+    """hold / release: change legal-holds.json, then audit the change (a subject by pseudonym)."""
+    if args.sub:
+        sid = None
+        if config.audit.master_key:
+            store = key_store(config)
+            sid = store.subject_id(args.sub)
+            store.close()
+        kind, value, shown = "sub", args.sub, f"sub:{sid or '(subject)'}"
+    else:
+        kind, value, shown, sid = "case", args.case, f"case:{args.case}", None
+    held = args.audit_command == "hold"
+    changed = set_hold(config.audit.dir, kind, value, sid=sid, reason=getattr(args, "reason", None),
+                       held=held)
+    asyncio.run(record(config, f"audit/{args.audit_command}", shown, getattr(args, "reason", None),
+                       "ok" if changed else "not_held"))
+    print(f"{'held' if held else 'released'} {kind} {value}" if changed else f"no hold on {kind} {value}")
+    return 0 if changed else 1
+
+
+def prune(config: GatewayConfig) -> int:
+    """Remove expired files of chains no running writer holds (running writers prune their own)."""
+    days = config.audit.retention_days
+    if days is None:
+        print("mcp-gateway audit prune: audit.retention_days is not set: nothing expires", file=sys.stderr)
+        return 0
+    signer = CheckpointSigner.from_file(config.audit.signing_key) if config.audit.signing_key else None
+    directory = Path(config.audit.dir)
+    for base in chain_bases(directory):
+        lock = os.open(base.with_name(base.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"{base.name}: in use, its writer prunes it")
+                continue
+            removed = prune_chain(base, days, signer)
+        finally:
+            os.close(lock)
+        if removed:
+            names = ",".join(p.name for p, _ in removed)
+            entry = retention_entry(base.name, names, removed[-1][1], days)
+            asyncio.run(record(config, entry.method, entry.target or base.name, entry.reason, "ok"))
+        print(f"{base.name}: removed {len(removed)} expired file(s)")
+    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -151,3 +152,32 @@ def test_dev_stack_makes_the_checkpoint_key_under_state_dir_only(tmp_path: Path)
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(StackError, match="audit.signing_key"):
         ensure_audit_key(load_config(str(tmp_path / "g.yaml")))
+
+
+def test_prune_removes_expired_files_of_stopped_writers_only(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`audit prune` removes a stopped chain's expired files (recorded, verify passes) and leaves
+    a chain whose writer is running to that writer."""
+    config = write_config(tmp_path, retention_days=7)
+    signer = CheckpointSigner.from_file(tmp_path / "audit.key")
+    old = "2020-01-01T00:00:00.000000Z"
+
+    async def scenario() -> None:
+        for name in ("stopped.jsonl", "live.jsonl"):
+            async with AuditWriter(tmp_path / "audit" / name, signer=signer, max_bytes=1500, keep=50) as w:
+                for n in range(10):
+                    await w.write(dataclasses.replace(entry(n, "alice"), ts=old))
+                await w.write(entry(10, "alice"))
+        async with AuditWriter(tmp_path / "audit" / "live.jsonl", signer=signer, max_bytes=1500, keep=50):
+            rc = await asyncio.to_thread(main, ["--config", str(config), "audit", "prune"])
+            assert rc == 0
+
+    asyncio.run(scenario())
+    out = capsys.readouterr().out
+    assert "live.jsonl: in use" in out and "stopped.jsonl: removed" in out
+    stopped = [e["request_id"] for e in iter_audit_all(tmp_path / "audit" / "stopped.jsonl")]
+    assert "r0" not in stopped and "r10" in stopped
+    assert "r0" in [e["request_id"] for e in iter_audit_all(tmp_path / "audit" / "live.jsonl")]
+    (note,) = iter_audit_all(tmp_path / "audit" / CLI_AUDIT_FILE)
+    assert note["method"] == "audit/prune" and note["target"] == "stopped.jsonl"
+    assert main(["--config", str(config), "audit", "verify"]) == 0

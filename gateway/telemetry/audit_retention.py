@@ -1,0 +1,151 @@
+"""Retention of the audit trail, legal holds, and the chain's anchor.
+
+Retention removes a chain's oldest rotated files whose newest entry is older than
+``audit.retention_days``, oldest first and never the current file, so what remains is still one
+unbroken chain. Before a file goes, ``<audit file>.anchor`` is replaced (atomically) by a record
+of the last entry removed, ``{"file": "<name>:anchor", "seq", "hash", "ts", "kid", "sig"}``,
+signed like a checkpoint: ``audit verify`` then requires the oldest remaining entry to follow
+exactly that entry, so removing more than retention (or size rotation) did is caught.
+
+Legal holds (``legal-holds.json`` beside the trail, replaced atomically) exempt entries from
+pruning and erasure until released: a case hold stops all pruning of the trail, a subject hold
+keeps every file holding an entry of that subject (and everything newer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.telemetry.audit_chain import CheckpointSigner, checkpoint_line
+
+ANCHOR_SUFFIX = ".anchor"
+HOLDS_FILE = "legal-holds.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+# -- legal holds ----------------------------------------------------------------------------------
+
+
+def load_holds(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """{"sub": {subject: {"sid", "reason", "at"}}, "case": {case id: {"reason", "at"}}}."""
+    try:
+        data = orjson.loads((Path(directory) / HOLDS_FILE).read_bytes())
+    except FileNotFoundError:
+        return {"sub": {}, "case": {}}
+    return {"sub": dict(data.get("sub", {})), "case": dict(data.get("case", {}))}
+
+
+def set_hold(directory: str | Path, kind: str, value: str, *, sid: str | None = None,
+             reason: str | None = None, held: bool = True) -> bool:
+    """Add (``held``) or remove a hold; returns whether anything changed."""
+    holds = load_holds(directory)
+    if held:
+        holds[kind][value] = {"sid": sid, "reason": reason,
+                              "at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")}
+        changed = True
+    else:
+        changed = holds[kind].pop(value, None) is not None
+    if changed:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        _write_atomic(Path(directory) / HOLDS_FILE, orjson.dumps(holds, option=orjson.OPT_INDENT_2))
+    return changed
+
+
+def _needles(holds: dict[str, dict[str, Any]]) -> list[bytes]:
+    """Byte strings that mark an entry of a held subject, sealed (sid) or in clear (sub)."""
+    out = []
+    for sub, info in holds["sub"].items():
+        out.append(b'"sub":' + orjson.dumps(sub))
+        if info.get("sid"):
+            out.append(b'"sid":"%s"' % str(info["sid"]).encode())
+    return out
+
+
+def file_is_held(path: Path, needles: list[bytes]) -> bool:
+    if not needles:
+        return False
+    with path.open("rb") as f:
+        return any(n in line for line in f for n in needles)
+
+
+# -- the anchor -----------------------------------------------------------------------------------
+
+
+def anchor_path(base: Path) -> Path:
+    return base.with_name(base.name + ANCHOR_SUFFIX)
+
+
+def read_anchor(base: Path) -> dict[str, Any] | None:
+    try:
+        record = orjson.loads(anchor_path(base).read_bytes())
+    except FileNotFoundError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def write_anchor(base: Path, last_line: bytes, signer: CheckpointSigner | None) -> None:
+    """Record that the chain of ``base`` now legitimately starts after ``last_line``."""
+    seq = int(orjson.loads(last_line)["seq"])
+    digest = hashlib.sha256(last_line).hexdigest()
+    _write_atomic(anchor_path(base), checkpoint_line(f"{base.name}:anchor", seq, digest, signer))
+
+
+def _last_entry(path: Path) -> tuple[bytes, dict[str, Any]] | None:
+    from gateway.telemetry.audit import _last_line
+
+    line = _last_line(path)
+    if line is None:
+        return None
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    return (line, entry) if isinstance(entry, dict) and "seq" in entry else None
+
+
+def prune_chain(base: Path, retention_days: float, signer: CheckpointSigner | None, *,
+                now: datetime | None = None) -> list[tuple[Path, int]]:
+    """Remove the expired oldest rotated files of ``base``'s chain: [(file, its last seq)].
+
+    The caller must be the chain's writer (or hold its lock): files are deleted, never renamed.
+    """
+    from gateway.telemetry.audit import audit_files
+
+    holds = load_holds(base.parent)
+    if holds["case"]:
+        return []
+    cutoff = ((now or datetime.now(UTC)) - timedelta(days=retention_days)).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+    needles = _needles(holds)
+    removed: list[tuple[Path, int]] = []
+    for path in audit_files(base)[:-1]:  # never the current file
+        last = _last_entry(path)
+        if last is None or str(last[1].get("ts", "")) >= cutoff or file_is_held(path, needles):
+            break
+        write_anchor(base, last[0], signer)  # first: a crash now leaves an anchor ahead of the files
+        path.unlink()
+        removed.append((path, int(last[1]["seq"])))
+    return removed

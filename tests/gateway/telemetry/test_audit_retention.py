@@ -1,0 +1,95 @@
+"""Audit retention: expired rotated files removed oldest first, the anchor carried forward, holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.telemetry.audit import AuditEntry, AuditWriter, audit_files, iter_audit, iter_audit_all
+from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key, load_public_key
+from gateway.telemetry.audit_retention import set_hold
+from gateway.telemetry.audit_verify import verify_chain
+
+OLD = "2020-01-01T00:00:00.000000Z"
+
+
+def entry(n: int, ts: str | None = None, sub: str = "alice") -> AuditEntry:
+    extra = {"ts": ts} if ts else {}
+    return AuditEntry(method="tools/call", server="files", target="read_file", sub=sub, client_id="c",
+                      tenant="t", decision="allow", reason=None, status="ok", latency_ms=1.0,
+                      request_id=f"r{n}", decision_id=None, **extra)
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> CheckpointSigner:
+    generate_signing_key(tmp_path / "k.pem")
+    return CheckpointSigner.from_file(tmp_path / "k.pem")
+
+
+async def write(path: Path, signer: CheckpointSigner, entries: list[AuditEntry], **kw: object) -> None:
+    async with AuditWriter(path, max_bytes=1500, keep=100, signer=signer,
+                           **kw) as writer:  # type: ignore[arg-type]
+        for e in entries:
+            await writer.write(e)
+
+
+async def test_writer_removes_exactly_the_expired_files_and_verify_passes(
+        tmp_path: Path, signer: CheckpointSigner) -> None:
+    """Files whose newest entry is past retention go, newer ones stay, the removal is an entry of
+    the chain, and the chain verifies from its signed anchor."""
+    path = tmp_path / "a.jsonl"
+    await write(path, signer, [entry(n, OLD) for n in range(12)])
+    old_files = audit_files(path)
+    assert len(old_files) >= 3
+    await write(path, signer, [entry(n) for n in range(12, 30)], retention_days=30, prune_interval=0.0)
+    remaining = [e["request_id"] for e in iter_audit_all(path) if e["method"] == "tools/call"]
+    # The first new batch rotated the last old file out too: every old entry went, no new one.
+    assert remaining == [f"r{n}" for n in range(12, 30)]
+    (note,) = [e for e in iter_audit_all(path) if e["method"] == "audit/prune"]
+    assert "retention 30 days" in note["reason"]
+    report = verify_chain(path, load_public_key(tmp_path / "k.pem"))
+    assert report.ok, report.problem
+    assert report.first_seq and report.first_seq > 0
+
+
+async def test_removing_the_oldest_file_without_the_anchor_fails(tmp_path: Path,
+                                                                signer: CheckpointSigner) -> None:
+    """Deleting the oldest file (or its first line) by hand is caught: nothing recorded the removal."""
+    path = tmp_path / "a.jsonl"
+    await write(path, signer, [entry(n) for n in range(20)])
+    oldest = audit_files(path)[0]
+    data = oldest.read_bytes().splitlines(keepends=True)
+    oldest.write_bytes(b"".join(data[1:]))
+    report = verify_chain(path)
+    assert report.problem is not None and (report.problem.file, report.problem.line) == (oldest.name, 1)
+    oldest.unlink()
+    assert not verify_chain(path).ok
+
+
+async def test_size_rotation_past_keep_carries_the_anchor(tmp_path: Path,
+                                                          signer: CheckpointSigner) -> None:
+    """Rotation dropping the oldest file beyond `keep` records the anchor, so the rest verifies."""
+    path = tmp_path / "a.jsonl"
+    async with AuditWriter(path, max_bytes=1500, keep=2, signer=signer) as writer:
+        for n in range(30):
+            await writer.write(entry(n))
+    report = verify_chain(path, load_public_key(tmp_path / "k.pem"))
+    assert report.ok and report.first_seq and report.first_seq > 0, report.problem
+
+
+async def test_holds_exempt_files_from_pruning(tmp_path: Path, signer: CheckpointSigner) -> None:
+    """A subject hold keeps the files holding that subject's entries; a case hold keeps everything."""
+    path = tmp_path / "a.jsonl"
+    await write(path, signer, [entry(n, OLD, sub="bob" if n == 6 else "alice") for n in range(12)])
+    set_hold(tmp_path, "case", "C-1", reason="litigation")
+    await write(path, signer, [entry(12)], retention_days=30, prune_interval=0.0)
+    assert "r0" in [e["request_id"] for e in iter_audit_all(path)]
+    set_hold(tmp_path, "case", "C-1", held=False)
+    set_hold(tmp_path, "sub", "bob")
+    await write(path, signer, [entry(13)], retention_days=30, prune_interval=0.0)
+    ids = [e["request_id"] for e in iter_audit_all(path)]
+    assert "r6" in ids and "r0" not in ids
+    bob_file = next(p for p in audit_files(path) if any(e["request_id"] == "r6" for e in iter_audit(p)))
+    assert bob_file == audit_files(path)[0]
+    assert verify_chain(path, load_public_key(tmp_path / "k.pem")).ok
