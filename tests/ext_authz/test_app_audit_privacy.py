@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import grpc
+import orjson
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2_grpc as pb_grpc
 
@@ -53,3 +55,30 @@ async def test_entries_are_sealed_and_checkpoints_signed(
     assert opened is not None and opened["sub"] and opened["sub"].encode() not in svc.audit.path.read_bytes()
     report = verify_chain(svc.audit.path, load_public_key(tmp_path / "audit.key"))
     assert report.ok and report.signed_checkpoints == 1, report.problem
+
+
+@pytest.mark.parametrize("tool", ["read_file", "delete_file"])
+async def test_logs_and_audit_never_hold_raw_arguments(
+        jwks_server: JwksServer, mcp_server: McpServer, rsa_key: SigningKey, tool: str,
+        caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> None:
+    """After allowed and denied calls with distinctive argument values, neither the decision log,
+    any other log record, the process's output nor the audit file contains those values."""
+    caplog.set_level(logging.DEBUG)
+    marker = f"zebra-{tool}-7f3a9c"
+    body = orjson.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                         "params": {"name": tool, "arguments": {"path": f"/srv/{marker}", "note": marker}}})
+    svc = await start_service(make_settings(jwks_server.url, files_port=mcp_server.port),
+                              StubEngine(deny_tools={"delete_file"}))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = pb_grpc.AuthorizationStub(channel)
+            await stub.Check(check_request("post_tools_call_files", token_for(rsa_key), body=body), timeout=5)
+    finally:
+        await svc.stop(grace=None)
+    (entry,) = iter_audit(svc.audit.path)
+    assert entry["target"] == tool and entry["args_digest"]  # the call was parsed and audited
+    decisions = [r for r in caplog.records if r.name == "mcp_gateway.decisions"]
+    assert decisions, "the decision log saw the call"
+    out, err = capfd.readouterr()
+    for text in (caplog.text, out, err, svc.audit.path.read_text()):
+        assert marker not in text
