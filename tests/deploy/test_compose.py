@@ -4,7 +4,9 @@ Envoy config it mounts, which must be current and accepted by the real Envoy bin
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gateway.config import load_config, parse_config
 from gateway.telemetry import metrics
-from gatewayctl.envoy_config import RenderOptions, render, validate
+from gatewayctl import compose_init
+from gatewayctl.devstack.credentials import inner_identities
+from gatewayctl.envoy_config import RenderOptions, render, validate, write_sds_documents
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -115,14 +119,26 @@ def test_envoy_workers_are_bounded(compose: dict[str, Any]) -> None:
 
 
 def test_mounted_envoy_config_validates(tmp_path: Path) -> None:
-    """The real Envoy accepts the mounted config (with test certificates at its TLS paths)."""
+    """The real Envoy accepts the mounted config (with test certificates at its TLS paths, and the
+    inner pair pki-init issues read through SDS files naming them)."""
     config = load_config(GATEWAY)
     ca = trustme.CA()
     leaf = ca.issue_cert("localhost")
     cert, key = tmp_path / "server.pem", tmp_path / "server.key"
     leaf.cert_chain_pems[0].write_to_path(str(cert))
     leaf.private_key_pem.write_to_path(str(key))
+    out = tmp_path / "out"
+    for identity in (*inner_identities(config), compose_init.SCRAPER):
+        (out / identity).mkdir(parents=True)
+    assert compose_init.main(["--config", str(GATEWAY), "--pki", str(tmp_path / "pki"),
+                              "--out", str(out), "--uid", str(os.geteuid()),
+                              "--envoy-uid", str(os.geteuid())]) == 0
+    envoy_dir, sds = out / "envoy", tmp_path / "sds"
+    write_sds_documents(replace(config, inner_tls=replace(
+        config.inner_tls, cert_file=str(envoy_dir / "tls.crt"), key_file=str(envoy_dir / "tls.key"),
+        ca_file=str(envoy_dir / "ca.crt"), sds_dir=str(sds))))
     text = ENVOY.read_text().replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
+    text = text.replace(f'"{config.inner_tls.sds_dir}/', f'"{sds}/')
     target = tmp_path / "envoy.yaml"
     target.write_text(text)
     validate(target)

@@ -21,7 +21,11 @@ HEAP_HEADROOM = 1.25  # as for Kubernetes (tests/deploy/test_k8s_operations.py)
 SIZE = re.compile(r"^(?P<n>\d+)(?P<unit>[kKmMgG]?)[bB]?$")
 # Third-party services that run without a health check: their images have no shell or client to
 # run one with (OPA, the collector: distroless), or nothing waits on them (the UI services).
-UNCHECKED = {"opa", "otel-collector", "jaeger", "prometheus", "grafana", "state-init"}
+UNCHECKED = {"opa", "otel-collector", "jaeger", "prometheus", "grafana", "state-init", "pki-init"}
+# The one-shot services of the gateway image (they run to completion before the others start).
+ONE_SHOT = ("state-init", "pki-init")
+# Named volumes pki-init fills with one component's inner TLS pair (tests/deploy/test_compose_inner_tls.py).
+INNER_TLS_VOLUME = "inner-tls-"
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +47,14 @@ def mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def gateway_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {n: s for n, s in services.items() if "build" in s and n != "state-init"}
+    return {n: s for n, s in services.items() if "build" in s and n not in ONE_SHOT}
 
 
 def test_gateway_services_have_health_checks(services: dict[str, dict[str, Any]]) -> None:
     """Each gateway process, Envoy and Redis has a health check that probes the port it serves
-    on (ext_authz /-/health, ext_proc gRPC health, servers /ready, Envoy's admin /ready)."""
+    on: under inner_tls ext_authz asks /-/health over https with its own client certificate,
+    ext_proc and the servers (server-only certificates) are probed by TCP on their port, Envoy
+    on its admin /ready."""
     config = load_config(GATEWAY)
     for name, service in services.items():
         if name in UNCHECKED:
@@ -56,16 +62,14 @@ def test_gateway_services_have_health_checks(services: dict[str, dict[str, Any]]
         check = service.get("healthcheck", {})
         assert check.get("test") and not check.get("disable"), name
         assert check["test"][0] == "CMD", name
-    expected = {i.host: f"127.0.0.1:{i.port}"
-                for i in (*config.ext_authz.instances, *config.ext_proc.instances,
-                          *(i for s in config.servers for i in s.instances))}
-    for host, address in expected.items():
-        assert any(address in arg for arg in services[host]["healthcheck"]["test"]), host
-    for host in (i.host for i in config.ext_authz.instances):
-        assert f"http://127.0.0.1:{config.ext_authz.instances[0].port}/-/health" in \
-            services[host]["healthcheck"]["test"]
-    for host in (i.host for i in config.ext_proc.instances):
-        assert "HealthCheckResponse.SERVING" in " ".join(services[host]["healthcheck"]["test"])
+    assert config.inner_tls.enabled
+    for inst in config.ext_authz.instances:
+        test = services[inst.host]["healthcheck"]["test"]
+        assert f"https://127.0.0.1:{inst.port}/-/health" in test, inst.host
+        assert "load_cert_chain(e['MCP_INNER_TLS_CERT_FILE'], e['MCP_INNER_TLS_KEY_FILE'])" in test[3]
+    for inst in (*config.ext_proc.instances, *(i for s in config.servers for i in s.instances)):
+        test = services[inst.host]["healthcheck"]["test"]
+        assert test[4] == str(inst.port) and "socket.create_connection(('127.0.0.1'" in test[3], inst.host
     envoy_check = " ".join(services["envoy"]["healthcheck"]["test"])
     assert f"/dev/tcp/{config.admin.host}/{config.admin.port}" in envoy_check and "GET /ready" in envoy_check
 
@@ -149,9 +153,9 @@ def test_state_volumes_are_handed_to_the_image_user(services: dict[str, dict[str
     targets = mounts(init)
     owned = {targets[path] for path in init["command"][2:]}
     used = {source for s in gateway_services(services).values()
-            for source in mounts(s).values() if not source.startswith((".", "/", "$"))}
+            for source in mounts(s).values() if not source.startswith((".", "/", "$", INNER_TLS_VOLUME))}
     assert used and used <= owned
     for name, service in gateway_services(services).items():
-        if any(not src.startswith((".", "/", "$")) for src in mounts(service).values()):
+        if any(not src.startswith((".", "/", "$", INNER_TLS_VOLUME)) for src in mounts(service).values()):
             done = {"condition": "service_completed_successfully"}
             assert service["depends_on"]["state-init"] == done, name

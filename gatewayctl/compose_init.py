@@ -1,0 +1,143 @@
+"""``python -m gatewayctl.compose_init``: docker compose's one-shot ``pki-init`` service.
+
+It issues the inner TLS certificates of the compose gateway config (inner_tls) from a CA kept in a
+folder only this service mounts (``--pki``), with the dev stack's issuance
+(``gatewayctl.devstack.credentials.issue_inner_tls``: a certificate names ``<identity>.<domain>``
+and the component's hosts), and copies each component's pair and the CA certificate into that
+component's own folder under ``--out`` (``<out>/<identity>/tls.crt``, ``tls.key``, ``ca.crt``: the
+layout of a cert-manager Secret), owned by the user that component runs as. Each folder is a
+volume mounted read-only by that component only, so no container holds another's key.
+
+Run again it issues only what is missing; ``--rotate`` reissues every pair (the files are replaced
+by renames, key first: Envoy and the Python services pick the new pair up without a restart)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import inner_tls
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gatewayctl.devstack import credentials
+from gatewayctl.devstack.state import StackError
+
+SERVICE_UID = 10001  # the gateway image's user (Dockerfile)
+ENVOY_UID = 101  # the envoy image's `envoy` user (docker-compose.yml sets ENVOY_UID to it)
+PROMETHEUS_UID = 65534  # the prometheus image's `nobody`
+# Prometheus scrapes the servers' and aggregators' /metrics, which share their TLS port: it gets a
+# client-only certificate (no serverAuth, so no component can be impersonated with it). It opens
+# a TLS connection to those ports, nothing more: with identity.assertion on, a request without the
+# gateway's signed assertion is refused.
+SCRAPER = "prometheus"
+
+
+def pki_config(config: GatewayConfig, pki: Path) -> GatewayConfig:
+    """``config`` with the CA and every issued pair under ``pki`` (the dev stack's layout)."""
+    folder = pki / "inner"
+    it = replace(config.inner_tls, dir=str(folder), ca_file=str(folder / "ca.pem"),
+                 cert_file=str(folder / f"{inner_tls.ENVOY}.pem"),
+                 key_file=str(folder / f"{inner_tls.ENVOY}.key"))
+    return replace(config, state_dir=str(pki), inner_tls=it)
+
+
+def _install(data: bytes, target: Path, mode: int, uid: int) -> bool:
+    """Write ``target`` by rename (readers see the old or the new file); False when unchanged."""
+    if target.exists() and target.read_bytes() == data:
+        os.chmod(target, mode)
+        if os.geteuid() == 0:
+            os.chown(target, uid, uid)
+        return False
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(tmp, mode)
+    if os.geteuid() == 0:
+        os.chown(tmp, uid, uid)
+    tmp.replace(target)
+    return True
+
+
+def issue_scraper(config: GatewayConfig, *, rotate: bool) -> bool:
+    """The scraper's client certificate (``SCRAPER``) from the same CA, next to the others."""
+    it = config.inner_tls
+    cert, key = Path(it.dir) / f"{SCRAPER}.pem", Path(it.dir) / f"{SCRAPER}.key"
+    if cert.exists() and key.exists() and not rotate:
+        return False
+    ca_key, ca_cert = credentials._dev_ca(config)  # noqa: SLF001  (the same CA as issue_inner_tls)
+    new_key, new_cert = credentials._issue(  # noqa: SLF001
+        ca_key, ca_cert, it.san(SCRAPER), [it.san(SCRAPER)], [ExtendedKeyUsageOID.CLIENT_AUTH])
+    credentials._write_private(key, new_key.private_bytes(  # noqa: SLF001
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    credentials._write_private(cert, new_cert.public_bytes(serialization.Encoding.PEM))  # noqa: SLF001
+    return True
+
+
+def hand_out(config: GatewayConfig, out: Path, *, uid: int = SERVICE_UID,
+             envoy_uid: int = ENVOY_UID) -> list[str]:
+    """Copy each identity's pair and the CA into ``out/<identity>/`` (key first); the folders
+    must exist (the mounted volumes). Returns the identities whose files changed."""
+    changed = []
+    ca = Path(config.inner_tls.ca_file).read_bytes()
+    owners = {identity: envoy_uid if identity == inner_tls.ENVOY else uid
+              for identity in credentials.inner_identities(config)}
+    owners[SCRAPER] = PROMETHEUS_UID
+    for identity, owner in owners.items():
+        folder = out / identity
+        if not folder.is_dir():
+            raise StackError(f"{folder} is not mounted (docker-compose.yml, pki-init: one volume "
+                             f"per inner identity)")
+        files = (inner_tls.TlsFiles(str(Path(config.inner_tls.dir) / f"{SCRAPER}.pem"),
+                                    str(Path(config.inner_tls.dir) / f"{SCRAPER}.key"),
+                                    config.inner_tls.ca_file)
+                 if identity == SCRAPER else config.inner_tls.files(identity))
+        wrote = [_install(Path(files.key_file).read_bytes(), folder / "tls.key", 0o600, owner),
+                 _install(Path(files.cert_file).read_bytes(), folder / "tls.crt", 0o644, owner),
+                 _install(ca, folder / "ca.crt", 0o644, owner)]
+        if os.geteuid() == 0:
+            os.chown(folder, owner, owner)
+        os.chmod(folder, 0o700)
+        if any(wrote):
+            changed.append(identity)
+    return changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gatewayctl.compose_init", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="the compose gateway config")
+    parser.add_argument("--pki", required=True, type=Path,
+                        help="the CA and the issued pairs (mounted by this service only)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="one mounted folder per inner identity: <out>/<identity>/")
+    parser.add_argument("--rotate", action="store_true", help="reissue every pair")
+    parser.add_argument("--uid", type=int, default=SERVICE_UID, help="owner of the Python services' files")
+    parser.add_argument("--envoy-uid", type=int, default=ENVOY_UID, help="owner of Envoy's files")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        if not config.inner_tls.enabled:
+            print("inner_tls is off in the config: nothing to issue", file=sys.stderr)
+            return 0
+        issuing = pki_config(config, args.pki)
+        issued = credentials.issue_inner_tls(issuing, only_missing=not args.rotate)
+        if issue_scraper(issuing, rotate=args.rotate):
+            issued.append(SCRAPER)
+        changed = hand_out(issuing, args.out, uid=args.uid, envoy_uid=args.envoy_uid)
+    except (ConfigError, StackError, OSError) as exc:
+        print(f"compose_init: {exc}", file=sys.stderr)
+        return 1
+    print(f"inner TLS: issued {', '.join(issued) or 'nothing'}; "
+          f"updated {', '.join(changed) or 'nothing'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
