@@ -34,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -562,8 +562,11 @@ class AuditWriter:
         assert self._keys is not None and entry.sub is not None
         sid, pii = self._keys.seal({"sub": entry.sub, "client_id": entry.client_id, "tenant": entry.tenant,
                                     "args_digest": entry.args_digest}, entry.sub)
-        blank = replace(entry, sub=None, client_id=None, tenant=None, args_digest=None)
-        return orjson.dumps(blank)[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid.encode(), pii.encode())
+        # The same keys in the same order as an unsealed entry, personal ones null (no
+        # dataclasses.replace: it costs more than the encryption).
+        values = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
+        values.update(_BLANK)
+        return orjson.dumps(values)[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid, pii)
 
     def _append(self, entries: list[_Pending]) -> list[bytes]:
         """Seal, chain, write and fsync one batch; return its lines."""
@@ -671,6 +674,10 @@ class AuditWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
+_BLANK = dict.fromkeys(("sub", "client_id", "tenant", "args_digest"))
 
 
 def retention_entry(chain: str, names: str, last_seq: int, days: float) -> AuditEntry:

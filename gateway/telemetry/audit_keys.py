@@ -71,7 +71,8 @@ class SubjectKeyStore:
         self.path = Path(directory) / KEY_STORE_NAME
         self._index_key = hmac.new(master_key, b"mcp-gateway audit subject index", hashlib.sha256).digest()
         self._wrap = AESGCM(hmac.new(master_key, b"mcp-gateway audit key wrap", hashlib.sha256).digest())
-        self._cache: OrderedDict[str, tuple[float, int, AESGCM]] = OrderedDict()
+        # subject -> (expiry, sid, kid, key): a hit costs neither the HMAC nor the database.
+        self._cache: OrderedDict[str, tuple[float, str, int, AESGCM]] = OrderedDict()
         self._cache_size = cache_size
         self._cache_ttl = cache_ttl
         self._lock = threading.Lock()
@@ -106,13 +107,14 @@ class SubjectKeyStore:
 
     def key_for(self, sub: str) -> tuple[str, int, AESGCM]:
         """(sid, kid, key) for sealing ``sub``'s fields; creates the key on first use."""
-        sid = self.subject_id(sub)
         now = time.monotonic()
         with self._lock:
-            hit = self._cache.get(sid)
+            hit = self._cache.get(sub)
             if hit is not None and hit[0] > now:
-                self._cache.move_to_end(sid)
-                return sid, hit[1], hit[2]
+                self._cache.move_to_end(sub)
+                return hit[1], hit[2], hit[3]
+        sid = self.subject_id(sub)
+        with self._lock:
             row = self._db.execute("SELECT kid, wrapped FROM subject_keys WHERE sid=?", (sid,)).fetchone()
             if row is None:
                 (last,) = self._db.execute("SELECT MAX(kid) FROM erasures WHERE sid=?", (sid,)).fetchone()
@@ -125,7 +127,7 @@ class SubjectKeyStore:
                                  (sid, kid, wrapped, time.time()))
                 row = self._db.execute("SELECT kid, wrapped FROM subject_keys WHERE sid=?", (sid,)).fetchone()
             kid, aead = int(row[0]), self._unwrap(sid, int(row[0]), bytes(row[1]))
-            self._cache[sid] = (now + self._cache_ttl, kid, aead)
+            self._cache[sub] = (now + self._cache_ttl, sid, kid, aead)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
             return sid, kid, aead
@@ -152,17 +154,17 @@ class SubjectKeyStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._cache.pop(sid, None)
+            self._cache.pop(sub, None)
         return sid, (int(row[0]) if row is not None else None)
 
     # -- sealing ----------------------------------------------------------------------------------
 
-    def seal(self, fields: dict[str, Any], sub: str) -> tuple[str, str]:
-        """(sid, "pii" value) for the personal ``fields`` of ``sub``."""
+    def seal(self, fields: dict[str, Any], sub: str) -> tuple[bytes, bytes]:
+        """(sid, "pii" value), ASCII, for the personal ``fields`` of ``sub``."""
         sid, kid, aead = self.key_for(sub)
-        nonce = os.urandom(12)
+        nonce = os.urandom(12)  # random per entry: a nonce must never repeat under one key
         sealed = aead.encrypt(nonce, orjson.dumps(fields), sid.encode())
-        return sid, f"{kid}:{base64.b64encode(nonce + sealed).decode()}"
+        return sid.encode(), b"%d:%s" % (kid, base64.b64encode(nonce + sealed))
 
     def open(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """The personal fields of a sealed entry; None when its subject's key was erased."""
