@@ -173,6 +173,19 @@ async def test_missing_and_garbage_are_refused() -> None:
     assert await reason(v, "not.a.jwt") == "malformed"
 
 
+async def test_malformed_segments_are_refused_before_a_key_is_looked_up() -> None:
+    """Wrong segment count, non-base64url characters, padding or a header that is not a JSON
+    object: refused as malformed by the verifier's own header parse."""
+    keys = ring()
+    good = AssertionSigner(keys, ISS).mint(CALLER, AUD, "d")
+    head, body, sig = good.split(".")
+    array_head = base64.urlsafe_b64encode(b"[1]").rstrip(b"=").decode()
+    v = verifier(keys)
+    for token in (f"{head}.{body}", f"{good}.x", f"{head}!.{body}.{sig}", f"{head}.{body}=.{sig}",
+                  f"{head}.{body}.{sig}abc", f"{array_head}.{body}.{sig}", f"{head}.{body}.{sig}\n"):
+        assert await reason(v, token) == "malformed", token
+
+
 async def test_lifetime_over_a_minute_is_refused() -> None:
     """A genuinely signed assertion that lives longer than 60 s is refused."""
     keys, clock = ring(), Clock()
