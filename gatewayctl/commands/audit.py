@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import fcntl
 import os
 import sqlite3
@@ -31,7 +32,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     audit = sub.add_parser("audit", help="the audit trail: verify, erase, export")
     asub = audit.add_subparsers(dest="audit_command", required=True)
     verify = asub.add_parser("verify", help="check every chain and checkpoint of the trail")
-    verify.add_argument("--dir", type=Path, help="the audit directory (default: audit.dir)")
     verify.add_argument("--public-key", type=Path,
                         help="Ed25519 key (PEM) the checkpoints are signed with (default: audit.signing_key)")
     erase = asub.add_parser("erase", help="crypto-shred a subject: their entries stay, unreadable")
@@ -51,6 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             p.add_argument("--reason", help="a note kept with the hold")
     asub.add_parser("holds", help="list the legal holds")
     asub.add_parser("prune", help="remove files older than audit.retention_days (unless held)")
+    for parser in asub.choices.values():
+        parser.add_argument("--dir", type=Path,
+                            help="the audit directory and its key store (default: audit.dir)")
     audit.set_defaults(func=run)
 
 
@@ -134,7 +137,7 @@ def _public_key(args: argparse.Namespace, config: GatewayConfig) -> Ed25519Publi
 
 
 def verify(args: argparse.Namespace, config: GatewayConfig) -> int:
-    directory = args.dir or Path(config.audit.dir)
+    directory = Path(config.audit.dir)
     if not directory.is_dir():
         print(f"mcp-gateway audit verify: {directory} is not a directory (audit.dir)", file=sys.stderr)
         return 2
@@ -165,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mcp-gateway audit: {exc}", file=sys.stderr)
         return 2
+    if args.dir is not None:  # e.g. one pod's folder on a shared volume
+        config = dataclasses.replace(config, audit=dataclasses.replace(config.audit, dir=str(args.dir)))
     command = args.audit_command
     try:
         if command == "verify":
