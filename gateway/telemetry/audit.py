@@ -55,6 +55,8 @@ SCHEMA_VERSION = 2
 # entry before it (hex SHA-256 of that line without its newline). See gateway/telemetry/audit_chain.py.
 _CHAIN_HEAD = b'{"v":%d,"seq":%d,"prev":"%s",'
 GENESIS = "0" * 64
+# Files one retention pass of a writer removes at most: commits wait while it runs.
+PRUNE_MAX_FILES = 16
 AUDITED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 REDACTED = "[REDACTED]"
 
@@ -602,7 +604,7 @@ class AuditWriter:
         self._pruned_at = time.monotonic()
         assert self.retention_days is not None
         try:
-            removed = prune_chain(self.path, self.retention_days, self._signer)
+            removed = prune_chain(self.path, self.retention_days, self._signer, max_files=PRUNE_MAX_FILES)
         except OSError as exc:  # the trail itself is intact: retry at the next interval
             logger.error("audit retention: pruning %s failed: %s", self.path, exc)
             return

@@ -85,10 +85,18 @@ def _needles(holds: dict[str, dict[str, Any]]) -> list[bytes]:
 
 
 def file_is_held(path: Path, needles: list[bytes]) -> bool:
+    """Whether ``path`` holds any needle: chunked C-speed search (a writer's commits wait on it)."""
     if not needles:
         return False
+    overlap = max(len(n) for n in needles) - 1
+    tail = b""
     with path.open("rb") as f:
-        return any(n in line for line in f for n in needles)
+        while chunk := f.read(1 << 20):
+            data = tail + chunk
+            if any(n in data for n in needles):
+                return True
+            tail = data[-overlap:] if overlap else b""
+    return False
 
 
 # -- the anchor -----------------------------------------------------------------------------------
@@ -127,10 +135,11 @@ def _last_entry(path: Path) -> tuple[bytes, dict[str, Any]] | None:
 
 
 def prune_chain(base: Path, retention_days: float, signer: CheckpointSigner | None, *,
-                now: datetime | None = None) -> list[tuple[Path, int]]:
+                now: datetime | None = None, max_files: int | None = None) -> list[tuple[Path, int]]:
     """Remove the expired oldest rotated files of ``base``'s chain: [(file, its last seq)].
 
     The caller must be the chain's writer (or hold its lock): files are deleted, never renamed.
+    ``max_files`` bounds one pass (a writer's commits wait while it prunes).
     """
     from gateway.telemetry.audit import audit_files
 
@@ -142,6 +151,8 @@ def prune_chain(base: Path, retention_days: float, signer: CheckpointSigner | No
     needles = _needles(holds)
     removed: list[tuple[Path, int]] = []
     for path in audit_files(base)[:-1]:  # never the current file
+        if max_files is not None and len(removed) >= max_files:
+            break
         last = _last_entry(path)
         if last is None or str(last[1].get("ts", "")) >= cutoff or file_is_held(path, needles):
             break

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.telemetry.audit import AuditEntry, AuditWriter, audit_files, iter_audit, iter_audit_all
 from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key, load_public_key
-from gateway.telemetry.audit_retention import set_hold
+from gateway.telemetry.audit_retention import file_is_held, set_hold
 from gateway.telemetry.audit_verify import verify_chain
 
 OLD = "2020-01-01T00:00:00.000000Z"
@@ -93,3 +93,11 @@ async def test_holds_exempt_files_from_pruning(tmp_path: Path, signer: Checkpoin
     bob_file = next(p for p in audit_files(path) if any(e["request_id"] == "r6" for e in iter_audit(p)))
     assert bob_file == audit_files(path)[0]
     assert verify_chain(path, load_public_key(tmp_path / "k.pem")).ok
+
+
+def test_held_subject_found_across_read_chunks(tmp_path: Path) -> None:
+    """The hold scan finds a subject whose entry straddles the scanner's 1 MiB read boundary."""
+    needle = b'"sid":"0123456789abcdef"'
+    path = tmp_path / "f.jsonl"
+    path.write_bytes(b"x" * ((1 << 20) - 7) + needle + b"\n")
+    assert file_is_held(path, [needle]) and not file_is_held(path, [b'"sid":"fedcba"'])
