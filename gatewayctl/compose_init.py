@@ -9,7 +9,13 @@ layout of a cert-manager Secret), owned by the user that component runs as. Each
 volume mounted read-only by that component only, so no container holds another's key.
 
 Run again it issues only what is missing; ``--rotate`` reissues every pair (the files are replaced
-by renames, key first: Envoy and the Python services pick the new pair up without a restart)."""
+by renames, key first: Envoy and the Python services pick the new pair up without a restart).
+
+Under identity.assertion it also makes the caller assertion's key file (``identity.keys``) and its
+public JWKS (``identity.jwks_file``) when the key file is missing (``mcp-gateway keys init``), and
+hands both to the services' user: the key file 0600 in a folder only ext_authz mounts, the JWKS
+0644 for Envoy, the servers and the aggregators. Rotation is ``mcp-gateway keys add|promote|retire``
+run as that user (deploy/compose/README.md)."""
 
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import inner_tls
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gatewayctl import assertion_keys
 from gatewayctl.devstack import credentials
 from gatewayctl.devstack.state import StackError
 
@@ -109,6 +116,26 @@ def hand_out(config: GatewayConfig, out: Path, *, uid: int = SERVICE_UID,
     return changed
 
 
+def ensure_assertion_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -> bool:
+    """identity.keys made when missing (True), then both files and their folders (which must be
+    mounted) given to ``uid``: the key file and its folder private, the JWKS readable by all."""
+    identity = config.identity
+    keys, jwks = Path(identity.keys), Path(identity.jwks_file)
+    for path, key in ((keys, "identity.keys"), (jwks, "identity.jwks_file")):
+        if not path.parent.is_dir():
+            raise StackError(f"{path.parent} ({key}) is not mounted (docker-compose.yml, pki-init)")
+    made = not keys.exists()
+    if made:
+        assertion_keys.init(identity)
+    for path, mode, folder_mode in ((keys, 0o600, 0o700), (jwks, 0o644, 0o755)):
+        if os.geteuid() == 0:
+            os.chown(path.parent, uid, uid)
+            os.chown(path, uid, uid)
+        os.chmod(path.parent, folder_mode)
+        os.chmod(path, mode)
+    return made
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gatewayctl.compose_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        if config.identity.assertion and ensure_assertion_key(config, uid=args.uid):
+            print(f"caller assertion: made {config.identity.keys} and {config.identity.jwks_file}")
         if not config.inner_tls.enabled:
             print("inner_tls is off in the config: nothing to issue", file=sys.stderr)
             return 0
@@ -131,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if issue_scraper(issuing, rotate=args.rotate):
             issued.append(SCRAPER)
         changed = hand_out(issuing, args.out, uid=args.uid, envoy_uid=args.envoy_uid)
-    except (ConfigError, StackError, OSError) as exc:
+    except (ConfigError, StackError, assertion_keys.KeysError, OSError) as exc:
         print(f"compose_init: {exc}", file=sys.stderr)
         return 1
     print(f"inner TLS: issued {', '.join(issued) or 'nothing'}; "

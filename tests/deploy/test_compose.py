@@ -130,7 +130,12 @@ def test_mounted_envoy_config_validates(tmp_path: Path) -> None:
     out = tmp_path / "out"
     for identity in (*inner_identities(config), compose_init.SCRAPER):
         (out / identity).mkdir(parents=True)
-    assert compose_init.main(["--config", str(GATEWAY), "--pki", str(tmp_path / "pki"),
+    # The caller assertion's key and JWKS (volumes in compose) under tmp_path.
+    relocated = tmp_path / "gateway.yaml"
+    relocated.write_text(GATEWAY.read_text().replace("/etc/mcp-gateway/assertion-", f"{tmp_path}/assertion-"))
+    for folder in ("assertion-keys", "assertion-jwks"):
+        (tmp_path / folder).mkdir()
+    assert compose_init.main(["--config", str(relocated), "--pki", str(tmp_path / "pki"),
                               "--out", str(out), "--uid", str(os.geteuid()),
                               "--envoy-uid", str(os.geteuid())]) == 0
     envoy_dir, sds = out / "envoy", tmp_path / "sds"
@@ -139,6 +144,7 @@ def test_mounted_envoy_config_validates(tmp_path: Path) -> None:
         ca_file=str(envoy_dir / "ca.crt"), sds_dir=str(sds))))
     text = ENVOY.read_text().replace(config.tls.cert_file, str(cert)).replace(config.tls.key_file, str(key))
     text = text.replace(f'"{config.inner_tls.sds_dir}/', f'"{sds}/')
+    text = text.replace(config.identity.jwks_file, str(tmp_path / "assertion-jwks" / "assertion-jwks.json"))
     target = tmp_path / "envoy.yaml"
     target.write_text(text)
     validate(target)

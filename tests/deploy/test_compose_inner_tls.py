@@ -6,6 +6,7 @@ ports with a client-only certificate."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path, PurePosixPath
@@ -29,6 +30,7 @@ GATEWAY = REPO / "deploy" / "compose" / "gateway.yaml"
 SDS = REPO / "deploy" / "compose" / "envoy-sds"
 PROMETHEUS = REPO / "deploy" / "compose" / "prometheus.yml"
 INNER = "/etc/mcp-gateway/inner"
+ASSERTION = "/etc/mcp-gateway/assertion"  # + -keys (private), -jwks (public)
 ENV = {inner_tls.CERT_ENV: f"{INNER}/tls.crt", inner_tls.KEY_ENV: f"{INNER}/tls.key",
        inner_tls.CA_ENV: f"{INNER}/ca.crt"}
 
@@ -64,13 +66,24 @@ def identity_of_hosts(config: GatewayConfig) -> dict[str, str]:
     return out
 
 
+def relocated(tmp_path: Path) -> Path:
+    """The compose config with the caller assertion's folders (volumes in compose) under tmp_path."""
+    text = GATEWAY.read_text().replace(f"{ASSERTION}-", f"{tmp_path}/assertion-")
+    for folder in ("assertion-keys", "assertion-jwks"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    target = tmp_path / "gateway.yaml"
+    target.write_text(text)
+    return target
+
+
 def issue(tmp_path: Path, config: GatewayConfig, *extra: str) -> Path:
+    """Run pki-init's entry point as compose does, into folders standing for its volumes."""
     out = tmp_path / "out"
     for identity in (*inner_identities(config), compose_init.SCRAPER):
         (out / identity).mkdir(parents=True, exist_ok=True)
     uid = str(os.geteuid())
-    assert compose_init.main(["--config", str(GATEWAY), "--pki", str(tmp_path / "pki"), "--out", str(out),
-                              "--uid", uid, "--envoy-uid", uid, *extra]) == 0
+    assert compose_init.main(["--config", str(relocated(tmp_path)), "--pki", str(tmp_path / "pki"),
+                              "--out", str(out), "--uid", uid, "--envoy-uid", uid, *extra]) == 0
     return out
 
 
@@ -179,7 +192,7 @@ def test_pki_init_issues_each_pair_once_and_rotates_on_demand(tmp_path: Path, co
 def test_pki_init_refuses_a_missing_volume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A component's folder that is not mounted is an error naming it, not a silent skip."""
     (tmp_path / "out").mkdir()
-    assert compose_init.main(["--config", str(GATEWAY), "--pki", str(tmp_path / "pki"),
+    assert compose_init.main(["--config", str(relocated(tmp_path)), "--pki", str(tmp_path / "pki"),
                               "--out", str(tmp_path / "out")]) == 1
     assert "is not mounted" in capsys.readouterr().err
 
@@ -196,3 +209,53 @@ def test_prometheus_scrapes_mtls_ports_with_its_client_certificate(
         assert scrape[job]["tls_config"] == {"ca_file": str(folder / "ca.crt"),
                                              "cert_file": str(folder / "tls.crt"),
                                              "key_file": str(folder / "tls.key")}, job
+
+
+def test_caller_assertion_is_on_with_the_key_in_ext_authz_only(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """identity.assertion is on; the key file's volume is mounted by pki-init (which makes it)
+    and ext_authz (read-only) only; the JWKS's volume by Envoy (at identity.jwks_file, which its
+    rendered config serves), the servers and the aggregators, read-only."""
+    identity = config.identity
+    assert identity.assertion
+    key_dir, jwks_dir = str(Path(identity.keys).parent), str(Path(identity.jwks_file).parent)
+    users: dict[str, set[str]] = {"assertion-keys": set(), "assertion-jwks": set()}
+    for name, service in services.items():
+        for target, (source, options) in mounts(service).items():
+            if source in users:
+                assert target == (key_dir if source == "assertion-keys" else jwks_dir), name
+                assert options == ("" if name == "pki-init" else "ro"), name
+                users[source].add(name)
+    ext_authz = {i.host for i in config.ext_authz.instances}
+    readers = {"envoy", *(i.host for i in config.aggregate.instances),
+               *(i.host for s in config.servers for i in s.instances)}
+    assert users["assertion-keys"] == {"pki-init", *ext_authz}
+    assert users["assertion-jwks"] == {"pki-init", *readers}
+    assert f'body: {{filename: "{identity.jwks_file}"}}' in (REPO / "deploy/compose/envoy.yaml").read_text()
+
+
+def test_servers_verify_the_assertion_for_their_own_audience(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """Each server instance gets MCP_ASSERTION_JWKS (identity.jwks_file), _ISSUER (public_url)
+    and _AUDIENCE (its own resource id: servers.<name>.audience or <public_url>/mcp/<name>)."""
+    for server in config.servers:
+        for inst in server.instances:
+            env = services[inst.host]["environment"]
+            assert env["MCP_ASSERTION_JWKS"] == config.identity.jwks_file, inst.host
+            assert env["MCP_ASSERTION_ISSUER"] == config.public_url.rstrip("/"), inst.host
+            assert env["MCP_ASSERTION_AUDIENCE"] == config.server_audience(server.name), inst.host
+
+
+def test_pki_init_makes_the_assertion_key_once(tmp_path: Path, config: GatewayConfig) -> None:
+    """pki-init makes the key file (0600, in a private folder) and the JWKS (0644) on first run,
+    then keeps them: a second run does not replace the key ext_authz signs with."""
+    issue(tmp_path, config)
+    keys = tmp_path / "assertion-keys" / "assertion-keys.json"
+    jwks = tmp_path / "assertion-jwks" / "assertion-jwks.json"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600 and stat.S_IMODE(keys.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(jwks.stat().st_mode) == 0o644
+    published = json.loads(jwks.read_text())["keys"]
+    assert len(published) == 1 and "d" not in published[0]
+    before = keys.read_bytes()
+    issue(tmp_path, config)
+    assert keys.read_bytes() == before

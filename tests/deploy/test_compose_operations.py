@@ -24,8 +24,9 @@ SIZE = re.compile(r"^(?P<n>\d+)(?P<unit>[kKmMgG]?)[bB]?$")
 UNCHECKED = {"opa", "otel-collector", "jaeger", "prometheus", "grafana", "state-init", "pki-init"}
 # The one-shot services of the gateway image (they run to completion before the others start).
 ONE_SHOT = ("state-init", "pki-init")
-# Named volumes pki-init fills with one component's inner TLS pair (tests/deploy/test_compose_inner_tls.py).
-INNER_TLS_VOLUME = "inner-tls-"
+# Named volumes pki-init fills and owns (one component's inner TLS pair, the caller assertion's
+# key and JWKS: tests/deploy/test_compose_inner_tls.py).
+PKI_VOLUMES = ("inner-tls-", "assertion-")
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +154,9 @@ def test_state_volumes_are_handed_to_the_image_user(services: dict[str, dict[str
     targets = mounts(init)
     owned = {targets[path] for path in init["command"][2:]}
     used = {source for s in gateway_services(services).values()
-            for source in mounts(s).values() if not source.startswith((".", "/", "$", INNER_TLS_VOLUME))}
+            for source in mounts(s).values() if not source.startswith((".", "/", "$", *PKI_VOLUMES))}
     assert used and used <= owned
     for name, service in gateway_services(services).items():
-        if any(not src.startswith((".", "/", "$", INNER_TLS_VOLUME)) for src in mounts(service).values()):
+        if any(not src.startswith((".", "/", "$", *PKI_VOLUMES)) for src in mounts(service).values()):
             done = {"condition": "service_completed_successfully"}
             assert service["depends_on"]["state-init"] == done, name
