@@ -34,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -195,6 +195,19 @@ class AuditEntry:
     def to_line(self) -> bytes:
         """The entry as one JSON line (newline included) outside any chain (seq 0, genesis prev)."""
         return chain_line(self.body(), 0, GENESIS.encode())
+
+    def sealed_body(self, sid: bytes, pii: bytes) -> bytes:
+        """:meth:`body` with the personal fields null, followed by the subject's pseudonym and the
+        sealed personal fields (see audit_keys.py)."""
+        # The same keys in the same order as body() (a test holds them equal), written out: a
+        # dataclasses.replace or a comprehension over the fields costs more than the encryption.
+        return orjson.dumps({
+            "method": self.method, "server": self.server, "target": self.target, "sub": None,
+            "client_id": None, "tenant": None, "decision": self.decision, "reason": self.reason,
+            "status": self.status, "latency_ms": self.latency_ms, "request_id": self.request_id,
+            "decision_id": self.decision_id, "args_digest": None, "trace_id": self.trace_id,
+            "service": self.service, "ts": self.ts,
+        })[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid, pii)
 
     def body(self) -> bytes:
         """The entry's fields as the tail of a JSON object (without its ``{``, newline included)."""
@@ -564,11 +577,7 @@ class AuditWriter:
         assert self._keys is not None and entry.sub is not None
         sid, pii = self._keys.seal({"sub": entry.sub, "client_id": entry.client_id, "tenant": entry.tenant,
                                     "args_digest": entry.args_digest}, entry.sub)
-        # The same keys in the same order as an unsealed entry, personal ones null (no
-        # dataclasses.replace: it costs more than the encryption).
-        values = {name: getattr(entry, name) for name in _ENTRY_FIELDS}
-        values.update(_BLANK)
-        return orjson.dumps(values)[1:-1] + b',"sid":"%s","pii":"%s"}\n' % (sid, pii)
+        return entry.sealed_body(sid, pii)
 
     def _append(self, entries: list[_Pending]) -> list[bytes]:
         """Seal, chain, write and fsync one batch; return its lines."""
@@ -676,10 +685,6 @@ class AuditWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
-
-
-_ENTRY_FIELDS = tuple(f.name for f in fields(AuditEntry))
-_BLANK = dict.fromkeys(("sub", "client_id", "tenant", "args_digest"))
 
 
 def retention_entry(chain: str, names: str, last_seq: int, days: float) -> AuditEntry:

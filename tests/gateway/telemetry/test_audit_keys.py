@@ -34,6 +34,8 @@ async def test_sealed_entries_open_until_erased_then_a_new_key(tmp_path: Path) -
     assert store.open(again) == {"sub": "carol", "client_id": "cli", "tenant": "t1",
                                  "args_digest": "sha256:abc"}
     assert again["pii"].startswith("2:") and verify_chain(path).ok
+    # A sealed entry has every key of an unsealed one, in the same order, plus sid and pii.
+    assert list(first) == [*anonymous, "sid", "pii"]
     store.close()
 
 
