@@ -11,9 +11,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import orjson
 import trustme
 import yaml
 
+from gateway.assertion import KeyRing, new_private_jwk
 from gateway.config import load_config
 from gateway.service import SHUTDOWN_GRACE_SECONDS
 from gatewayctl.envoy_config import validate
@@ -187,7 +189,8 @@ def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
     # The pod's folders here: the ConfigMap (envoy.yaml and its SDS files), the edge Secret and
     # the inner_tls Secret, with test certificates in the files cert-manager would write.
     folders = {"/etc/envoy/config": tmp_path / "config", "/etc/envoy/tls": tmp_path / "tls",
-               "/etc/envoy/inner": tmp_path / "inner"}
+               "/etc/envoy/inner": tmp_path / "inner",
+               "/etc/mcp-gateway/assertion-jwks": tmp_path / "assertion-jwks"}
     for folder in folders.values():
         folder.mkdir()
     ca = trustme.CA()
@@ -196,6 +199,9 @@ def test_rendered_envoy_config_validates(tmp_path: Path) -> None:
         leaf.cert_chain_pems[0].write_to_path(str(tmp_path / cert))
         leaf.private_key_pem.write_to_path(str(tmp_path / key))
     ca.cert_pem.write_to_path(str(tmp_path / "inner/ca.crt"))
+    # The operator's ConfigMap mcp-gateway-assertion-jwks (identity.jwks_file), which Envoy serves.
+    jwks = KeyRing.from_jwks({"keys": [new_private_jwk()]}).public_jwks()
+    (tmp_path / "assertion-jwks/assertion-jwks.json").write_bytes(orjson.dumps(jwks))
 
     def here(text: str) -> str:
         for mounted, local in folders.items():
