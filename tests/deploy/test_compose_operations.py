@@ -5,6 +5,7 @@ volumes (one catalog for every ext_authz and ext_proc, one audit volume per writ
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -160,3 +161,12 @@ def test_state_volumes_are_handed_to_the_image_user(services: dict[str, dict[str
         if any(not src.startswith((".", "/", "$", *PKI_VOLUMES)) for src in mounts(service).values()):
             done = {"condition": "service_completed_successfully"}
             assert service["depends_on"]["state-init"] == done, name
+
+
+def test_compose_secret_files_are_ignored_by_git() -> None:
+    """The .env files compose reads its secrets from (next to docker-compose.yml, or in
+    deploy/compose/) are ignored by git, so a secret is never committed by accident."""
+    paths = [".env", "deploy/compose/.env"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO,  # noqa: S607
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.stdout.split() == paths
