@@ -911,6 +911,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                               f"{where}.headers (one of them would overwrite the other)")
         servers.append(replace(server, envoy=tuning, credentials=creds))
     servers = [_with_audience(s, servers_raw[s.name]) for s in servers]
+    _refuse_shared_audiences(servers, public_url)
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
@@ -1094,6 +1095,25 @@ def _with_audience(server: ServerConfig, raw: Any) -> ServerConfig:
         raise ConfigError(f"{where} must be an absolute URI (e.g. https://files.example/mcp), "
                           f"got {value!r}")
     return replace(server, audience=value)
+
+
+def _refuse_shared_audiences(servers: list[ServerConfig], public_url: str) -> None:
+    """A caller assertion minted for one party must never be one another server accepts: no
+    token exchange sends its assertion subject to (token_endpoint) or asks a token for
+    (credentials.audience) another server's assertion audience."""
+    base = f"{public_url.rstrip('/')}/mcp"
+    accepted = {s.audience or f"{base}/{s.name}": s.name for s in servers}
+    for server in servers:
+        creds = server.credentials
+        if not isinstance(creds, TokenExchangeCredentials):
+            continue
+        where = f"servers.{server.name}.credentials"
+        for key, value, own in (("audience", creds.audience, server.name),
+                                ("token_endpoint", creds.token_endpoint, None)):
+            other = accepted.get(value)
+            if other is not None and other != own:
+                raise ConfigError(f"{where}.{key} {value!r} is the caller assertion audience of "
+                                  f"server {other}: that server would accept what is sent there")
 
 
 def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:

@@ -133,11 +133,13 @@ class CredentialProvider:
                 raise CredentialUnavailable(
                     f"server {server} exchanges the gateway's caller assertion, which is off "
                     f"(identity.assertion); ask the gateway's operator", data={"server": server})
-            # A fresh assertion per exchange (unique jti); the cache is keyed by who the
-            # caller is, since the assertion itself differs every time.
+            # A fresh assertion per exchange (unique jti) whose audience is the token endpoint
+            # (RFC 8693: the STS is the subject token's audience), never an upstream, so neither
+            # the endpoint nor its traffic holds an assertion an upstream would accept. The cache
+            # is keyed by who the caller is, since the assertion itself differs every time.
             def mint() -> str:
                 try:
-                    return signer.mint(caller, creds.audience, decision_id)
+                    return signer.mint(caller, creds.token_endpoint, decision_id)
                 except (ValueError, OSError) as exc:  # the key file went missing or bad
                     logger.error("server %s: no caller assertion could be minted: %s", server, exc)
                     raise CredentialUnavailable(

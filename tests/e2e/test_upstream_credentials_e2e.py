@@ -291,7 +291,8 @@ def test_aggregate_endpoint_calls_carry_the_credential_not_the_token(env: Env) -
 
 def test_token_exchange_of_the_caller_assertion(env: Env) -> None:
     """subject: assertion: the token endpoint receives a gateway-signed assertion (verifiable
-    with the JWKS Envoy publishes, audience the upstream, naming the caller), never the client's
+    with the JWKS Envoy publishes, audience the token endpoint and not the upstream, naming the
+    caller), never the client's
     token; the upstream receives the issued token."""
     token = bearer(env.stack.config, "admin", sub="assertion-user")
     reply, _ = env.call("exchange_assertion", token)
@@ -309,6 +310,6 @@ def test_token_exchange_of_the_caller_assertion(env: Env) -> None:
     header = jwt.get_unverified_header(form["subject_token"])
     (jwk,) = [k for k in keys["keys"] if k["kid"] == header["kid"]]
     claims = jwt.decode(form["subject_token"], ECAlgorithm.from_jwk(jwk),  # type: ignore[arg-type]
-                        algorithms=["ES256"], audience="urn:crm",
+                        algorithms=["ES256"], audience=f"{env.sts_url}/token",
                         issuer=env.stack.config.public_url.rstrip("/"))
     assert claims["sub"] == "assertion-user"

@@ -131,3 +131,27 @@ def test_assertion_subject_needs_the_assertion_on() -> None:
         _config(raw, identity=None)  # no identity: section
     with pytest.raises(ConfigError, match="identity.assertion"):
         _config(raw, identity={"assertion": False})
+
+
+def _servers(servers: dict[str, Any], **extra: Any) -> GatewayConfig:
+    raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    raw.pop("virtual_servers", None)
+    raw["secrets"] = [*raw.get("secrets", []), "UP_KEY", "STS_SECRET", "STORE_KEY"]
+    raw["servers"] = servers
+    raw.update(extra)
+    return parse_config(raw, base_dir=Path("/srv/gw"))
+
+
+def test_an_exchange_may_not_target_another_servers_assertion_audience() -> None:
+    """Neither a token exchange's audience nor its token endpoint may be a URI another server
+    accepts caller assertions for (its audience key, else its gateway resource)."""
+    files = {"url": "https://files.example/mcp", "audience": "https://files.example/aud"}
+    crm = {"url": "https://crm.example/mcp", "credentials": EXCHANGE}
+    _servers({"crm": crm, "files": files})
+    for key, value, message in (
+            ("audience", "https://files.example/aud", "server files"),
+            ("audience", "https://127.0.0.1:8443/mcp/docs", "server docs"),
+            ("token_endpoint", "https://files.example/aud", "server files")):
+        bad = {**crm, "credentials": {**EXCHANGE, key: value}}
+        with pytest.raises(ConfigError, match=rf"servers\.crm\.credentials\.{key} .*{message}"):
+            _servers({"crm": bad, "files": files, "docs": {"url": "https://docs.example/mcp"}})

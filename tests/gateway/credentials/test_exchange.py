@@ -223,9 +223,10 @@ async def test_secrets_and_tokens_are_never_logged(sts: TokenServer,
 
 
 async def test_assertion_as_subject(sts: TokenServer) -> None:
-    """subject: assertion exchanges a fresh gateway-signed assertion (a JWT for the upstream's
-    audience naming the caller); the cache is per caller, so a repeat costs nothing, while
-    another caller (other roles) is exchanged anew; without a signer the call is refused."""
+    """subject: assertion exchanges a fresh gateway-signed assertion (a JWT whose audience is
+    the token endpoint, not the upstream, naming the caller); the cache is per caller, so a
+    repeat costs nothing, while another caller (other roles) is exchanged anew; without a signer
+    the call is refused."""
     key = new_private_jwk()
     signer = AssertionSigner(KeyRing.from_jwks({"keys": [key]}), "https://gw.example")
     creds = _config(sts.url, subject="assertion")
@@ -240,8 +241,12 @@ async def test_assertion_as_subject(sts: TokenServer) -> None:
         assert form["subject_token_type"] == JWT_TOKEN_TYPE
         public = ECAlgorithm.from_jwk({k: v for k, v in key.items() if k != "d"})
         claims = jwt.decode(form["subject_token"], public, algorithms=["ES256"],  # type: ignore[arg-type]
-                            audience="https://crm.example/mcp", issuer="https://gw.example")
+                            audience=sts.url, issuer="https://gw.example")
         assert claims["sub"] == "alice" and claims["decision_id"] == "d1"
+        assert form["audience"] == "https://crm.example/mcp"
+        with pytest.raises(jwt.InvalidAudienceError):
+            jwt.decode(form["subject_token"], public, algorithms=["ES256"],  # type: ignore[arg-type]
+                       audience="https://crm.example/mcp")
         assert "client-token" not in form.values()
         await provider.headers("crm", replace(caller, roles=("admin",)), "client-token")
         assert len(sts.requests) == 2
