@@ -906,6 +906,11 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                 state_dir=path(_take(top, "state_dir", str, "config", ".run")), path=path)
         except CredentialsConfigError as exc:
             raise ConfigError(str(exc)) from None
+        if server.kind != "url" and not isinstance(creds, NoCredentials):
+            # A command server's bridge forwards no header to its stdio child and a module's
+            # tools cannot read request headers: the credential would reach nothing.
+            raise ConfigError(f"{where}.credentials: kind {creds.kind} is for url servers only "
+                              f"(a {server.kind} server never receives request headers)")
         if creds.header is not None and creds.header in dict(server.headers):
             raise ConfigError(f"{where}.credentials.header: {creds.header} is also in "
                               f"{where}.headers (one of them would overwrite the other)")

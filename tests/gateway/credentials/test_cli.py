@@ -25,7 +25,8 @@ def config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     raw.pop("virtual_servers", None)
     raw["state_dir"] = str(tmp_path / "state")
     raw["secrets"] = [*raw.get("secrets", []), "STORE_KEY"]
-    raw["servers"]["files"]["credentials"] = {"kind": "user_store", "key": "STORE_KEY"}
+    raw["servers"]["files"] = {"url": "http://127.0.0.1:9201/mcp",
+                               "credentials": {"kind": "user_store", "key": "STORE_KEY"}}
     path = tmp_path / "gateway.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     monkeypatch.setenv("STORE_KEY", KEY)

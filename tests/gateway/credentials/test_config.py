@@ -20,10 +20,12 @@ from gateway.credentials.config import (
 
 
 def _config(credentials: Any, *, secrets: tuple[str, ...] = ("UP_KEY", "STS_SECRET", "STORE_KEY"),
-            url: bool = False, **extra: Any) -> GatewayConfig:
+            kind: str = "url", **extra: Any) -> GatewayConfig:
     raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    server: dict[str, Any] = ({"url": "https://crm.example:8443/v1/mcp"} if url else
-                              {"module": "m", "instances": [{"port": 9201}]})
+    server: dict[str, Any] = {
+        "url": {"url": "https://crm.example:8443/v1/mcp"},
+        "module": {"module": "m", "instances": [{"port": 9201}]},
+        "command": {"command": ["crm-mcp"], "instances": [{"port": 9201}]}}[kind]
     if credentials is not ...:
         server["credentials"] = credentials
     raw["servers"] = {"crm": server}
@@ -50,18 +52,15 @@ def test_static_names_a_secret_and_a_header() -> None:
 
 
 def test_token_exchange_defaults() -> None:
-    """token_exchange: audience defaults to the upstream (a url server's URL, else its gateway
-    resource), the client token as subject, an access token requested, Bearer in Authorization."""
+    """token_exchange: audience defaults to the upstream (the server's URL), the client token
+    as subject, an access token requested, Bearer in Authorization."""
     raw = {"kind": "token_exchange", "token_endpoint": "https://sts.example/token",
            "client_id": "gateway", "client_secret": "STS_SECRET"}
-    creds = _config(raw, url=True).server("crm").credentials
+    creds = _config(raw).server("crm").credentials
     assert isinstance(creds, TokenExchangeCredentials)
     assert creds.audience == "https://crm.example:8443/v1/mcp"
     assert creds.subject == "client_token" and creds.requested_token_type == ACCESS_TOKEN_TYPE
     assert (creds.header, creds.prefix, creds.timeout_ms) == ("authorization", "Bearer ", 250)
-    module = _config(raw).server("crm").credentials
-    assert isinstance(module, TokenExchangeCredentials)
-    assert module.audience == "https://127.0.0.1:8443/mcp/crm"
     custom = _config({**raw, "audience": "urn:crm", "resource": "https://crm.example/",
                       "scope": "read", "subject": "assertion"},
                      identity={"assertion": True}).server("crm").credentials
@@ -155,3 +154,15 @@ def test_an_exchange_may_not_target_another_servers_assertion_audience() -> None
         bad = {**crm, "credentials": {**EXCHANGE, key: value}}
         with pytest.raises(ConfigError, match=rf"servers\.crm\.credentials\.{key} .*{message}"):
             _servers({"crm": bad, "files": files, "docs": {"url": "https://docs.example/mcp"}})
+
+
+@pytest.mark.parametrize("kind", ["module", "command"])
+@pytest.mark.parametrize("credentials", [
+    {"kind": "static", "secret": "UP_KEY"}, EXCHANGE, {"kind": "user_store", "key": "STORE_KEY"}])
+def test_credentials_are_for_url_servers_only(kind: str, credentials: Any) -> None:
+    """A module or command server never receives request headers (the stdio bridge forwards
+    none, module tools cannot read them): any credential but none is refused at load."""
+    assert _config({"kind": "none"}, kind=kind).server("crm").credentials == NoCredentials()
+    with pytest.raises(ConfigError, match=rf"servers\.crm\.credentials: kind {credentials['kind']} "
+                                          rf"is for url servers only \(a {kind} server"):
+        _config(credentials, kind=kind)

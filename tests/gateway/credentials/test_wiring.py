@@ -46,7 +46,7 @@ CALLER = Caller(sub="alice", issuer="https://idp", tenant="acme", client_id="c",
 def _config(jwks_url: str, credentials: dict[str, Any], transport: str = "grpc") -> GatewayConfig:
     return make_config(jwks_url, secrets=["UP_KEY"], ext_authz={"transport": transport,
                                                                  "instances": [{"port": 9101}]},
-                       servers={"files": {"module": "m", "instances": [{"port": 9201}],
+                       servers={"files": {"url": "http://127.0.0.1:9201/mcp",
                                           "credentials": credentials},
                                 "database": {"module": "m", "instances": [{"port": 9211}]}})
 
@@ -201,7 +201,7 @@ async def test_assertion_subject_through_the_check(
     await sts.start()
     config = make_config(
         jwks_server.url, secrets=["UP_KEY"], identity={"assertion": True, "keys": str(keys)},
-        servers={"files": {"module": "m", "instances": [{"port": 9201}], "credentials": {
+        servers={"files": {"url": "http://127.0.0.1:9201/mcp", "credentials": {
             "kind": "token_exchange", "token_endpoint": sts.url, "client_id": "gateway",
             "client_secret": "UP_KEY", "subject": "assertion"}}})
     settings = Settings.from_config(config, port=0, host="127.0.0.1")
