@@ -22,10 +22,11 @@ from gateway.credentials.config import (
 def _config(credentials: Any, *, secrets: tuple[str, ...] = ("UP_KEY", "STS_SECRET", "STORE_KEY"),
             kind: str = "url", **extra: Any) -> GatewayConfig:
     raw: dict[str, Any] = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    server: dict[str, Any] = {
+    kinds: dict[str, dict[str, Any]] = {
         "url": {"url": "https://crm.example:8443/v1/mcp"},
         "module": {"module": "m", "instances": [{"port": 9201}]},
-        "command": {"command": ["crm-mcp"], "instances": [{"port": 9201}]}}[kind]
+        "command": {"command": ["crm-mcp"], "instances": [{"port": 9201}]}}
+    server = kinds[kind]
     if credentials is not ...:
         server["credentials"] = credentials
     raw["servers"] = {"crm": server}
