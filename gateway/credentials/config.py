@@ -8,6 +8,7 @@ this), so it has its own small readers.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,6 +144,11 @@ def parse_credentials(raw: Any, where: str, *, secrets: tuple[str, ...], audienc
             or parts.username is not None or parts.password is not None:
         raise CredentialsConfigError(f"{where}.token_endpoint must be an http(s) URL without "
                                      f"credentials or fragment, got {endpoint!r}")
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        # The client secret and the subject token cross this connection.
+        raise CredentialsConfigError(f"{where}.token_endpoint: plain http only to a loopback host "
+                                     f"(127.0.0.0/8, ::1, localhost); use https for "
+                                     f"{parts.hostname!r}")
     client_id = _text(raw, "client_id", where)
     if not client_id:
         raise CredentialsConfigError(f"{where}.client_id must not be empty")
@@ -182,6 +188,15 @@ def credential_secrets(credentials: CredentialsConfig) -> tuple[str, ...]:
     if isinstance(credentials, UserStoreCredentials):
         return (credentials.key,)
     return ()
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _text(raw: dict[str, Any], key: str, where: str, default: str | None = None) -> str:

@@ -101,7 +101,7 @@ EXCHANGE = {"kind": "token_exchange", "token_endpoint": "https://sts.example/tok
     ({**EXCHANGE, "timeout_ms": 500}, "servers.crm.credentials.timeout_ms (500) must be less than "
                                       "ext_authz.timeout_ms (500)"),
     ({**EXCHANGE, "cache_size": -1}, "servers.crm.credentials.cache_size"),
-    ({**EXCHANGE, "token_endpoint": "http://sts/t", "ca_file": "ca.pem"},
+    ({**EXCHANGE, "token_endpoint": "http://127.0.0.1/t", "ca_file": "ca.pem"},
      "servers.crm.credentials.ca_file"),
     ({"kind": "user_store"}, "servers.crm.credentials.key is required"),
 ])
@@ -167,3 +167,16 @@ def test_credentials_are_for_url_servers_only(kind: str, credentials: Any) -> No
     with pytest.raises(ConfigError, match=rf"servers\.crm\.credentials: kind {credentials['kind']} "
                                           rf"is for url servers only \(a {kind} server"):
         _config(credentials, kind=kind)
+
+
+@pytest.mark.parametrize("endpoint", ["http://sts.example/token", "http://10.0.0.7:8080/token",
+                                      "http://[2001:db8::1]/token", "http://[::ffff:127.0.0.1]/t"])
+def test_plain_http_token_endpoint_only_on_loopback(endpoint: str) -> None:
+    """The client secret and subject token cross the token endpoint's connection: plain http is
+    refused except to a loopback host (127.0.0.0/8, ::1, localhost)."""
+    with pytest.raises(ConfigError, match=r"servers\.crm\.credentials\.token_endpoint: plain "
+                                          r"http only to a loopback host"):
+        _config({**EXCHANGE, "token_endpoint": endpoint})
+    for local in ("http://127.0.0.2:8080/token", "http://[::1]/token", "http://localhost/token"):
+        creds = _config({**EXCHANGE, "token_endpoint": local}).server("crm").credentials
+        assert isinstance(creds, TokenExchangeCredentials) and creds.token_endpoint == local
