@@ -916,10 +916,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
                               f"{where}.headers (one of them would overwrite the other)")
         servers.append(replace(server, envoy=tuning, credentials=creds))
     servers = [_with_audience(s, servers_raw[s.name]) for s in servers]
-    _refuse_shared_audiences(servers, public_url)
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
+    _refuse_shared_audiences(servers, public_url, [v.name for v in virtual_servers])
 
     backends = []
     backends_raw = _take(top, "backends", dict, "config", {})
@@ -1102,12 +1102,25 @@ def _with_audience(server: ServerConfig, raw: Any) -> ServerConfig:
     return replace(server, audience=value)
 
 
-def _refuse_shared_audiences(servers: list[ServerConfig], public_url: str) -> None:
-    """A caller assertion minted for one party must never be one another server accepts: no
-    token exchange sends its assertion subject to (token_endpoint) or asks a token for
-    (credentials.audience) another server's assertion audience."""
+def _refuse_shared_audiences(servers: list[ServerConfig], public_url: str,
+                             virtual: list[str]) -> None:
+    """A caller assertion minted for one party must never be one another accepts: each server
+    has its own assertion audience, never the aggregate endpoint's (<public_url>/mcp) nor a
+    virtual server's, and no token exchange sends its assertion subject to (token_endpoint) or
+    asks a token for (credentials.audience) another server's assertion audience."""
     base = f"{public_url.rstrip('/')}/mcp"
-    accepted = {s.audience or f"{base}/{s.name}": s.name for s in servers}
+    endpoints = {base: "the aggregate endpoint /mcp",
+                 **{f"{base}/{v}": f"the virtual server {v}" for v in virtual}}
+    accepted: dict[str, str] = {}
+    for server in servers:
+        audience = server.audience or f"{base}/{server.name}"
+        taken = endpoints.get(audience) or (f"server {accepted[audience]}"
+                                            if audience in accepted else None)
+        if taken is not None:
+            raise ConfigError(f"servers.{server.name}.audience {audience!r} is already the caller "
+                              f"assertion audience of {taken}: each server needs its own (an "
+                              f"assertion for one would be accepted by the other)")
+        accepted[audience] = server.name
     for server in servers:
         creds = server.credentials
         if not isinstance(creds, TokenExchangeCredentials):

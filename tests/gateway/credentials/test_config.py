@@ -180,3 +180,24 @@ def test_plain_http_token_endpoint_only_on_loopback(endpoint: str) -> None:
     for local in ("http://127.0.0.2:8080/token", "http://[::1]/token", "http://localhost/token"):
         creds = _config({**EXCHANGE, "token_endpoint": local}).server("crm").credentials
         assert isinstance(creds, TokenExchangeCredentials) and creds.token_endpoint == local
+
+
+def test_each_server_has_its_own_assertion_audience() -> None:
+    """Two servers may not share a caller assertion audience (explicit, or one's default
+    <public_url>/mcp/<name>), nor take the aggregate endpoint's or a virtual server's."""
+    files = {"url": "https://files.example/mcp", "audience": "https://files.example/aud"}
+    config = _servers({"crm": {"url": "https://crm.example/mcp"}, "files": files})
+    assert config.server_audience("files") == "https://files.example/aud"
+    for audience, taken in (("https://files.example/aud", "server files"),
+                            ("https://127.0.0.1:8443/mcp/files", "server files"),
+                            ("https://127.0.0.1:8443/mcp", "the aggregate endpoint /mcp")):
+        with pytest.raises(ConfigError, match=rf"servers\.(crm|files)\.audience '.*' is already the "
+                                              rf"caller assertion audience of {taken}"):
+            _servers({"files": files if "aud" in audience else {"url": "https://files.example/mcp"},
+                      "crm": {"url": "https://crm.example/mcp", "audience": audience}})
+    raw: dict[str, Any] = {"crm": {"url": "https://crm.example/mcp",
+                                   "audience": "https://127.0.0.1:8443/mcp/reports"}}
+    with pytest.raises(ConfigError, match=r"servers\.crm\.audience .* of the virtual server reports"):
+        _servers(raw, aggregate={"enabled": True, "session_keys": "UP_KEY",
+                                 "instances": [{"port": 9301}], "inner_listener": {"port": 9302}},
+                 virtual_servers={"reports": {"tools": ["crm/*"]}})
