@@ -8,31 +8,18 @@ from gateway.errors import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     RATE_LIMITED,
-    UNAUTHORIZED,
     GatewayError,
 )
 
-
-class AuthError(GatewayError):
-    """Authentication failed: answered 401 with a ``WWW-Authenticate: Bearer`` challenge.
-
-    ``challenge_error`` is the RFC 6750 error code of the challenge; ``None`` when the client
-    sent no credentials at all (RFC 6750 section 3.1: no error code then).
-    """
-
-    code = "invalid_token"
-    rpc_code = UNAUTHORIZED
-    http_status = 401
-    challenge_error: str | None = "invalid_token"
+# Defined in gateway.errors (gateway.jwks raises them too); the same classes under these names.
+from gateway.errors import AuthError as AuthError
+from gateway.errors import InvalidToken as InvalidToken
+from gateway.errors import KeysUnavailable as KeysUnavailable
 
 
 class MissingToken(AuthError):
     code = "missing_token"
     challenge_error = None
-
-
-class InvalidToken(AuthError):
-    """The token is malformed, unsigned by a trusted key, or its claims are not acceptable."""
 
 
 class TokenInQuery(AuthError):
@@ -41,14 +28,6 @@ class TokenInQuery(AuthError):
     code = "token_in_query"
     http_status = 400
     challenge_error = "invalid_request"
-
-
-class KeysUnavailable(GatewayError):
-    """The issuer's JWKS could not be fetched, so no token of it can be verified (fail closed)."""
-
-    code = "jwks_unavailable"
-    rpc_code = INTERNAL_ERROR
-    http_status = 503
 
 
 class SqlParserBusy(GatewayError):

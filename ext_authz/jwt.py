@@ -22,8 +22,8 @@ import jwt
 import orjson
 
 from ext_authz.errors import InvalidToken
-from ext_authz.jwks import JwksClient, VerificationKey
 from gateway.config import AuthConfig, IssuerConfig
+from gateway.jwks import JwksClient, VerificationKey
 
 REQUIRED_CLAIMS = ("exp", "iat", "sub", "aud", "iss")
 # Header parameters that point at keys or change processing rules; a verifier that honoured any

@@ -90,3 +90,30 @@ class InputLimitExceeded(GatewayError):
     code = "input_limit_exceeded"
     rpc_code = INVALID_PARAMS
     http_status = 400
+
+
+# Token verification errors, shared by ext_authz (a client's token) and any verifier that uses
+# gateway.jwks (a server checking a JWKS by URL): ext_authz.errors re-exports them.
+class AuthError(GatewayError):
+    """Authentication failed: answered 401 with a ``WWW-Authenticate: Bearer`` challenge.
+
+    ``challenge_error`` is the RFC 6750 error code of the challenge; ``None`` when the client
+    sent no credentials at all (RFC 6750 section 3.1: no error code then).
+    """
+
+    code = "invalid_token"
+    rpc_code = UNAUTHORIZED
+    http_status = 401
+    challenge_error: str | None = "invalid_token"
+
+
+class InvalidToken(AuthError):
+    """The token is malformed, unsigned by a trusted key, or its claims are not acceptable."""
+
+
+class KeysUnavailable(GatewayError):
+    """The issuer's JWKS could not be fetched, so no token of it can be verified (fail closed)."""
+
+    code = "jwks_unavailable"
+    rpc_code = INTERNAL_ERROR
+    http_status = 503

@@ -207,3 +207,41 @@ def test_type_checking_imports_and_parent_packages_are_not_edges(tmp_path: Path)
     graph = import_graph(tmp_path, ["pkg"])
     assert [e.target for e in graph["pkg.a"]] == []
     assert find_cycles(graph) == []
+
+
+# Layering: what runs behind the gateway does not depend on the gateway's Envoy filters.
+BEHIND_THE_GATEWAY = ("mcp_servers", "mcp_bridge", "mcp_aggregator")
+FILTERS = ("ext_authz", "ext_proc")
+
+
+def _in(module: str, packages: Iterable[str]) -> bool:
+    return any(module == p or module.startswith(f"{p}.") for p in packages)
+
+
+def test_servers_bridge_and_aggregator_import_nothing_from_ext_authz_or_ext_proc() -> None:
+    """No module of mcp_servers, mcp_bridge or mcp_aggregator reaches ext_authz or ext_proc by
+    any chain of imports (a server verifies the caller with gateway.* only: gateway.jwks,
+    gateway.assertion)."""
+    graph = import_graph(ROOT, (*PACKAGES, "mcp_aggregator"))
+    starts = [m for m in graph if _in(m, BEHIND_THE_GATEWAY)]
+    assert any(m.startswith("mcp_aggregator") for m in starts)  # the walk found every package
+    came_from: dict[str, tuple[str, Edge]] = {}
+    frontier, seen = list(starts), set(starts)
+    while frontier:
+        following = []
+        for node in frontier:
+            for edge in graph.get(node, []):
+                if edge.target not in seen:
+                    seen.add(edge.target)
+                    came_from[edge.target] = (node, edge)
+                    following.append(edge.target)
+        frontier = following
+    bad = sorted(m for m in seen if _in(m, FILTERS))
+    chains = []
+    for module in bad:
+        steps, node = [], module
+        while node in came_from:
+            node, edge = came_from[node]
+            steps.append(f"{node} ({edge.where})")
+        chains.append(" -> ".join([*reversed(steps), module]))
+    assert not bad, "imports of the gateway's filters from behind it:\n" + "\n".join(chains)

@@ -20,8 +20,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ext_authz.errors import InvalidToken, KeysUnavailable
-from ext_authz.jwks import JwksClient
 from gateway.assertion import (
     Assertion,
     AssertionVerifier,
@@ -29,6 +27,8 @@ from gateway.assertion import (
     JwksFileKeys,
     KeySource,
 )
+from gateway.errors import InvalidToken, KeysUnavailable
+from gateway.jwks import JwksClient
 from gateway.wire import ASSERTION_HEADER, DECISION_ID_HEADER
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ JWKS_MAX_BYTES = 64 * 1024
 
 
 class UrlKeys:
-    """The gateway's JWKS fetched from a URL with ext_authz's JWKS client (kid lookup in the set
-    only, refetch on unknown kid rate-limited, keys not for signatures ignored)."""
+    """The gateway's JWKS fetched from a URL with the gateway's JWKS client (gateway.jwks: kid
+    lookup in the set only, refetch on unknown kid rate-limited, keys not for signatures ignored)."""
 
     def __init__(self, client: JwksClient) -> None:
         self._client = client

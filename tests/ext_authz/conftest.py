@@ -24,12 +24,12 @@ from envoy.service.auth.v3 import external_auth_pb2 as pb
 from google.protobuf import json_format
 
 from ext_authz.catalog import CatalogGate
-from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import MemoryRateLimiter
 from ext_authz.servicer import AuthorizationServicer
 from ext_authz.settings import Settings
 from gateway.config import GatewayConfig, parse_config
+from gateway.jwks import JwksClient
 from gateway.telemetry import AuditWriter
 from gatewayctl.tokens import SigningKey, generate_key, mint_token
 from tests.gateway.catalog import mcp_stub

@@ -10,12 +10,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import MemoryRateLimiter
 from ext_authz.servicer import AuthorizationServicer
 from gateway.config import PolicyConfig
 from gateway.errors import FORBIDDEN
+from gateway.jwks import JwksClient
 from gateway.policy.embedded import EmbeddedEngine
 from gateway.policy.engine import PolicyEngine
 from gateway.policy.factory import build_engine

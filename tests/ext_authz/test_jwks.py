@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from ext_authz.errors import InvalidToken, KeysUnavailable
-from ext_authz.jwks import FAILURE_COOLDOWN_SECONDS, JwksClient, parse_jwks
+from gateway.jwks import FAILURE_COOLDOWN_SECONDS, JwksClient, parse_jwks
 from gatewayctl.tokens import SigningKey, generate_key
 from tests.ext_authz.conftest import JwksServer
 
@@ -154,3 +154,18 @@ def test_parse_jwks_rejects_non_jwks() -> None:
     """A document without a keys list is an error (the fetch counts as failed)."""
     with pytest.raises(ValueError):
         parse_jwks({"keys": "nope"})
+
+
+def test_the_client_in_gateway_raises_the_errors_ext_authz_maps() -> None:
+    """The JWKS client lives in gateway.jwks (servers use it without ext_authz); ext_authz.jwks
+    names the same objects, and its errors are ext_authz's InvalidToken / KeysUnavailable."""
+    import ext_authz.errors  # noqa: PLC0415
+    import ext_authz.jwks  # noqa: PLC0415
+    import gateway.errors  # noqa: PLC0415
+    import gateway.jwks  # noqa: PLC0415
+
+    assert ext_authz.jwks.JwksClient is gateway.jwks.JwksClient
+    assert ext_authz.jwks.VerificationKey is gateway.jwks.VerificationKey
+    assert ext_authz.errors.InvalidToken is gateway.errors.InvalidToken
+    assert ext_authz.errors.KeysUnavailable is gateway.errors.KeysUnavailable
+    assert issubclass(gateway.errors.InvalidToken, ext_authz.errors.AuthError)

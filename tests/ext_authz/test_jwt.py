@@ -16,8 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from ext_authz.errors import InvalidToken
-from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
+from gateway.jwks import JwksClient
 from gatewayctl.tokens import SigningKey, generate_key
 from tests.ext_authz.conftest import ISSUER, JwksServer, make_config, resource, token_for
 

@@ -22,10 +22,10 @@ from prometheus_client import REGISTRY
 
 from ext_authz import servicer as servicer_module
 from ext_authz.decision_log import LOGGER_NAME
-from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.servicer import AuthorizationServicer, new_decision_id
 from gateway.errors import FORBIDDEN, HEADER_MISMATCH, PARSE_ERROR, RATE_LIMITED, UNAUTHORIZED
+from gateway.jwks import JwksClient
 from gateway.policy import facts as facts_module
 from gateway.policy.sql import sql_facts
 from gateway.telemetry import AuditWriter, args_digest, configure_logging, iter_audit
@@ -499,7 +499,7 @@ async def test_every_log_line_of_a_check_carries_its_ids(
     assert deciding["decision_id"] == headers["x-mcp-decision-id"]
     assert (deciding["sub"], deciding["tenant"], deciding["server"], deciding["method"],
             deciding["tool"]) == ("alice", "acme", "files", "tools/call", "read_file")
-    jwks_line = next(x for x in lines if x["logger"] == "ext_authz.jwks")
+    jwks_line = next(x for x in lines if x["logger"] == "gateway.jwks")
     assert jwks_line["decision_id"] == headers["x-mcp-decision-id"]
     after = next(x for x in lines if x["message"] == "after the check")
     assert "decision_id" not in after and "request_id" not in after

@@ -10,7 +10,6 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from ext_authz.jwks import JwksClient
 from ext_authz.jwt import TokenVerifier
 from ext_authz.ratelimit import MemoryRateLimiter
 from ext_authz.servicer import AuthorizationServicer
@@ -30,6 +29,7 @@ from ext_authz.sessions import (
 )
 from gateway.caller import Caller, SessionOwner
 from gateway.errors import SESSION_NOT_FOUND
+from gateway.jwks import JwksClient
 from gatewayctl.tokens import SigningKey
 from tests.ext_authz.conftest import (
     ISSUER,

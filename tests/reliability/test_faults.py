@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from ext_authz.jwks import FAILURE_COOLDOWN_SECONDS
 from ext_authz.ratelimit import REDIS_BACKOFF_SECONDS
+from gateway.jwks import FAILURE_COOLDOWN_SECONDS
 from gatewayctl import tokens
 from tests.ports import free_ports
 from tests.reliability import load
