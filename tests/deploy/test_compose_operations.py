@@ -54,9 +54,9 @@ def gateway_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str,
 
 def test_gateway_services_have_health_checks(services: dict[str, dict[str, Any]]) -> None:
     """Each gateway process, Envoy and Redis has a health check that probes the port it serves
-    on: under inner_tls ext_authz asks /-/health over https with its own client certificate,
-    ext_proc and the servers (server-only certificates) are probed by TCP on their port, Envoy
-    on its admin /ready."""
+    on: under inner_tls (ports that admit only the callers' client certificates) ext_authz,
+    ext_proc, the servers and the aggregators by a TCP connect to their port, Envoy on its admin
+    /ready."""
     config = load_config(GATEWAY)
     for name, service in services.items():
         if name in UNCHECKED:
@@ -65,11 +65,8 @@ def test_gateway_services_have_health_checks(services: dict[str, dict[str, Any]]
         assert check.get("test") and not check.get("disable"), name
         assert check["test"][0] == "CMD", name
     assert config.inner_tls.enabled
-    for inst in config.ext_authz.instances:
-        test = services[inst.host]["healthcheck"]["test"]
-        assert f"https://127.0.0.1:{inst.port}/-/health" in test, inst.host
-        assert "load_cert_chain(e['MCP_INNER_TLS_CERT_FILE'], e['MCP_INNER_TLS_KEY_FILE'])" in test[3]
-    for inst in (*config.ext_proc.instances, *(i for s in config.servers for i in s.instances)):
+    for inst in (*config.ext_authz.instances, *config.ext_proc.instances, *config.aggregate.instances,
+                 *(i for s in config.servers for i in s.instances)):
         test = services[inst.host]["healthcheck"]["test"]
         assert test[4] == str(inst.port) and "socket.create_connection(('127.0.0.1'" in test[3], inst.host
     envoy_check = " ".join(services["envoy"]["healthcheck"]["test"])
