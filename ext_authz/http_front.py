@@ -31,7 +31,8 @@ from aiohttp import web
 from ext_authz.front import DecisionCore
 from ext_authz.request import HttpRequest
 from ext_authz.response import Verdict
-from gateway.inner_tls import ReloadingTls
+from gateway.inner_peers import PeerGate
+from gateway.inner_tls import PeerPolicy, ReloadingTls
 from gateway.service import (
     SHUTDOWN_GRACE_SECONDS,
     GrpcSettings,
@@ -118,6 +119,8 @@ class HttpService:
         self._stopped = False
         self._closed = False
         self._tls: ReloadingTls | None = None
+        # inner_tls: the callers' certificates checked once per connection (Envoy's only).
+        self._peers: PeerGate | None = None
 
     @classmethod
     async def open(cls, settings: GrpcSettings, *, max_body: int) -> HttpService:
@@ -136,7 +139,8 @@ class HttpService:
                                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         listen = settings.listen
-        tls = ReloadingTls(settings.tls) if settings.tls is not None else None
+        tls = (ReloadingTls(settings.tls, peers=PeerPolicy(settings.tls.cert_file, settings.peers))
+               if settings.tls is not None else None)
         # reuse_port off: a second instance on a taken port must fail, not silently share it.
         site = web.TCPSite(runner, listen.host, listen.port, reuse_port=False,
                            ssl_context=tls.context if tls is not None else None)
@@ -152,10 +156,12 @@ class HttpService:
             await runner.cleanup()
             raise
         service = cls(settings, runner, port, metrics, tracing, max_body)
-        holder.append(service)
         if tls is not None:
             service._tls = tls
+            assert tls.peers is not None
+            service._peers = PeerGate(tls.peers, settings.name)
             tls.start()
+        holder.append(service)
         return service
 
     def register(self, core: DecisionCore) -> None:
@@ -189,6 +195,8 @@ class HttpService:
         await self.close()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self._peers is not None and (refused := self._peers.refusal(request)) is not None:
+            return refused
         path = request.raw_path
         if path.startswith(PATH_PREFIX) and path[len(PATH_PREFIX):len(PATH_PREFIX) + 1] == "/":
             core = self._core

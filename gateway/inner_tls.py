@@ -10,7 +10,12 @@ an error (never a quiet fall back to plain text).
 Certificates rotate without a restart: an aiohttp service reloads the files into its live
 ``SSLContext`` when they change (new connections get the new certificate, open ones keep
 theirs); a grpc.aio service uses dynamic credentials whose fetcher hands gRPC the new files on
-the next handshake."""
+the next handshake.
+
+Who may call whom is checked on top of the CA (``gateway.inner_peers``): each service names the
+identities it accepts (:data:`ENVOY_ONLY`, :data:`SERVER_CALLERS`) and refuses any other
+certificate of the inner CA; the domain those identities live in is read from the service's own
+certificate (:class:`PeerPolicy`)."""
 
 from __future__ import annotations
 
@@ -41,6 +46,18 @@ ENVOY = "envoy"
 EXT_AUTHZ = "ext-authz"
 EXT_PROC = "ext-proc"
 AGGREGATOR = "aggregator"
+# docker compose's Prometheus (gatewayctl.compose_init.SCRAPER): a client-only certificate that may
+# GET /metrics on a service that serves it on its TLS port, and nothing else.
+METRICS_SCRAPER = "prometheus"
+METRICS_PATH = "/metrics"
+
+# Who may call whom (docs/inner-tls.md): ext_authz, ext_proc and the aggregator are called by
+# Envoy only; the MCP servers and bridges also by ext_authz, whose catalog fetch lists their tools.
+ENVOY_ONLY = frozenset({ENVOY})
+SERVER_CALLERS = frozenset({ENVOY, EXT_AUTHZ})
+# The JSON-RPC error's data.reason (and the log's) when a certificate of the inner CA names a
+# component that may not call this one.
+PEER_NOT_ALLOWED = "peer_not_allowed"
 
 
 def server_identity(name: str) -> str:
@@ -73,6 +90,85 @@ class TlsFiles:
         except OSError:
             return ""
         return h.hexdigest()
+
+
+def first_dns_name(cert_pem: bytes) -> str | None:
+    """The first DNS subject alternative name of the first certificate in ``cert_pem``."""
+    from cryptography import x509  # only services with inner TLS on read certificates
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return None
+    dns = names.get_values_for_type(x509.DNSName)
+    return dns[0].lower() if dns else None
+
+
+def own_domain(cert_file: str) -> str:
+    """The inner domain of this service: its certificate's first DNS SAN after the identity
+    label (``server-files.mcp-gateway.internal`` -> ``mcp-gateway.internal``)."""
+    try:
+        name = first_dns_name(Path(cert_file).read_bytes())
+    except OSError as exc:
+        raise InnerTlsError(f"cannot read {cert_file} ({CERT_ENV}): {exc}") from exc
+    label, _, domain = (name or "").partition(".")
+    if not label or not domain:
+        raise InnerTlsError(f"the certificate {cert_file} ({CERT_ENV}) names no DNS name "
+                            f"<identity>.<domain> first (found {name!r})")
+    return domain
+
+
+@dataclass(frozen=True, slots=True)
+class PeerVerdict:
+    """What one client certificate may do here: call the service, or GET /metrics only."""
+
+    peer: str  # the certificate's first DNS name ("" when it has none), for the logs
+    allowed: bool
+    metrics_only: bool = False
+
+    def admits(self, method: str, path: str) -> bool:
+        return self.allowed or (self.metrics_only and method in ("GET", "HEAD")
+                                and path == METRICS_PATH)
+
+
+class PeerPolicy:
+    """The identities that may call a service, as the DNS names ``<identity>.<domain>`` their
+    certificates carry first; the domain is that of the service's own certificate, re-read by
+    :meth:`refresh` when the certificate rotates. Anything else is refused: no DNS name, another
+    domain, another identity."""
+
+    def __init__(self, cert_file: str, callers: frozenset[str], *, scraper: bool = False) -> None:
+        if not callers:
+            raise InnerTlsError("a service must accept at least one caller identity")
+        self.callers = callers
+        self.scraper = scraper
+        self.domain = ""
+        self._verdicts: dict[str, PeerVerdict] = {}
+        self.refresh(cert_file)
+
+    def refresh(self, cert_file: str) -> None:
+        """Take the domain of ``cert_file``; raises InnerTlsError (keeping the current one)."""
+        domain = own_domain(cert_file)
+        verdicts = {f"{identity}.{domain}": PeerVerdict(f"{identity}.{domain}", True)
+                    for identity in self.callers}
+        if self.scraper:
+            name = f"{METRICS_SCRAPER}.{domain}"
+            verdicts.setdefault(name, PeerVerdict(name, False, metrics_only=True))
+        self.domain, self._verdicts = domain, verdicts
+
+    def verdict(self, dns_name: str | None) -> PeerVerdict:
+        """The verdict for a client whose certificate's first DNS name is ``dns_name``."""
+        if not dns_name:
+            return PeerVerdict("", False)
+        name = dns_name.lower()
+        return self._verdicts.get(name) or PeerVerdict(name[:255], False)
+
+    def verdict_for_peercert(self, peercert: Any) -> PeerVerdict:
+        """The verdict for ``ssl``'s decoded peer certificate (``getpeercert()``)."""
+        names = peercert.get("subjectAltName", ()) if isinstance(peercert, dict) else ()
+        first = next((value for kind, value in names if kind == "DNS"), None)
+        return self.verdict(first if isinstance(first, str) else None)
 
 
 def files_from_env(environ: Mapping[str, str] | None = None) -> TlsFiles | None:
@@ -145,9 +241,12 @@ class ReloadingTls:
     a half-written pair (the certificate changed, the key not yet) fails to load and the old one
     stays until the next check. ``watch()`` is the cleanup_ctx-style loop that calls it."""
 
-    def __init__(self, files: TlsFiles, *, server: bool = True) -> None:
+    def __init__(self, files: TlsFiles, *, server: bool = True,
+                 peers: PeerPolicy | None = None) -> None:
         self.files = files
         self.context = server_context(files) if server else client_context(files)
+        # A server's callers (gateway.inner_peers checks them); its domain follows the certificate.
+        self.peers = peers
         self._digest = files.digest()
         self.reloads = 0
         self._task: asyncio.Task[None] | None = None
@@ -162,6 +261,8 @@ class ReloadingTls:
             # a failed load would break the live context. So: one snapshot of the bytes, tried
             # on a scratch context first, then loaded into the live one.
             with _snapshot(self.files) as snap:
+                if self.peers is not None:
+                    self.peers.refresh(snap.cert_file)
                 _load(self.context, snap)
         except (InnerTlsError, OSError) as exc:
             logger.warning("inner TLS reload failed, keeping the current certificate: %s", exc)
@@ -197,9 +298,14 @@ class ReloadingTls:
             await self.stop()
 
 
-def server_tls_from_env(environ: Mapping[str, str] | None = None) -> ReloadingTls | None:
+def server_tls_from_env(environ: Mapping[str, str] | None = None, *, callers: frozenset[str],
+                        scraper: bool = False) -> ReloadingTls | None:
+    """The service's TLS when its variables are set, accepting the ``callers`` identities (and
+    with ``scraper`` Prometheus's certificate on GET /metrics); None: plain text."""
     files = files_from_env(environ)
-    return ReloadingTls(files) if files is not None else None
+    if files is None:
+        return None
+    return ReloadingTls(files, peers=PeerPolicy(files.cert_file, callers, scraper=scraper))
 
 
 @contextlib.asynccontextmanager
@@ -212,14 +318,17 @@ async def watching(tls: ReloadingTls | None) -> AsyncIterator[None]:
         yield
 
 
-def grpc_server_credentials(files: TlsFiles) -> Any:
+def grpc_server_credentials(files: TlsFiles, peers: PeerPolicy | None = None) -> Any:
     """grpc.aio server credentials requiring a client certificate from the inner CA, re-read on
-    the first handshake after the files change (gRPC calls the fetcher on each new connection)."""
+    the first handshake after the files change (gRPC calls the fetcher on each new connection);
+    ``peers`` takes the domain of each new certificate."""
     import grpc
 
     def configuration() -> Any:
         try:
             with _snapshot(files) as snap:
+                if peers is not None:
+                    peers.refresh(snap.cert_file)
                 cert, key, ca = (Path(n).read_bytes() for n in (snap.cert_file, snap.key_file,
                                                                   snap.ca_file))
         except OSError as exc:

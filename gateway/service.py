@@ -28,7 +28,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from gateway.config import Instance
-from gateway.inner_tls import TlsFiles, grpc_server_credentials
+from gateway.inner_peers import PeerInterceptor
+from gateway.inner_tls import ENVOY_ONLY, PeerPolicy, TlsFiles, grpc_server_credentials
 from gateway.telemetry import setup_tracing, shutdown_tracing, start_metrics_server
 from gateway.telemetry.metrics import MetricsServer
 
@@ -48,6 +49,8 @@ class GrpcSettings:
     otlp_endpoint: str | None = None  # None: tracing off
     # inner_tls: serve TLS only, requiring the gateway's client certificate (None: plain text).
     tls: TlsFiles | None = None
+    # ... and accepting only these inner identities' certificates (gateway.inner_peers).
+    peers: frozenset[str] = ENVOY_ONLY
 
 
 class GrpcService:
@@ -74,12 +77,16 @@ class GrpcService:
         # Not serving until the service says it is warm.
         await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
         await health_servicer.set(settings.health_name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        peers = (PeerPolicy(settings.tls.cert_file, settings.peers)
+                 if settings.tls is not None else None)
         # so_reuseport off: a second instance on a taken port must fail, not silently share it.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0)],
+            interceptors=[PeerInterceptor(peers, settings.name)] if peers is not None else None)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         listen = settings.listen
         address = f"{listen.host}:{listen.port}"
-        port = (server.add_secure_port(address, grpc_server_credentials(settings.tls))
+        port = (server.add_secure_port(address, grpc_server_credentials(settings.tls, peers))
                 if settings.tls is not None else server.add_insecure_port(address))
         if port == 0:
             raise OSError(f"cannot listen on {listen.host}:{listen.port}")

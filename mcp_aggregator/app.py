@@ -29,6 +29,7 @@ from gateway.aggregate.views import View
 from gateway.assertion import DEFAULT_LEEWAY_SECONDS, InvalidAssertion
 from gateway.caller import SessionOwner
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.inner_peers import guard_app
 from gateway.jsonrpc import Message, best_effort_id, error_response, parse_message, result_response
 from gateway.mcp import (
     LATEST_HANDSHAKE_VERSION,
@@ -523,12 +524,14 @@ async def run(settings: AggregatorSettings, stop: asyncio.Event | None = None) -
     requests get ``drain_seconds``."""
     stop = stop or stop_event()
     app = make_app(settings)
+    # inner_tls: TLS only, reloaded on change; Envoy's certificate only (Prometheus's on GET
+    # /metrics).
+    tls = inner_tls.server_tls_from_env(callers=inner_tls.ENVOY_ONLY, scraper=True)
+    guard_app(app, tls, "aggregator")
     # Handler cancellation: a client that leaves a GET stream ends its upstream streams at once.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
-    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
-    tls = inner_tls.server_tls_from_env()
     site = web.TCPSite(runner, settings.host, settings.port,
                        ssl_context=tls.context if tls is not None else None)
     await site.start()

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from gateway import inner_tls
 from gateway.assertion import DEFAULT_LEEWAY_SECONDS
+from gateway.inner_peers import guard_app
 from gateway.signals import stop_event
 from mcp_bridge.child import become_subreaper, reap_orphans
 from mcp_bridge.settings import BridgeSettings
@@ -63,12 +64,14 @@ async def run(settings: BridgeSettings, stop: asyncio.Event | None = None) -> No
     become_subreaper()
     stop = stop or stop_event()
     app = make_app(settings)
+    # inner_tls: TLS only, reloaded on change; callers: Envoy, and ext_authz's catalog fetch
+    # (Prometheus's certificate on GET /metrics only).
+    tls = inner_tls.server_tls_from_env(callers=inner_tls.SERVER_CALLERS, scraper=True)
+    guard_app(app, tls, settings.name)
     # Handler cancellation: a client closing a 2026-07-28 request's connection cancels it.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, handler_cancellation=True,
                            shutdown_timeout=settings.drain_seconds + 1)
     await runner.setup()
-    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
-    tls = inner_tls.server_tls_from_env()
     site = web.TCPSite(runner, settings.host, settings.port,
                        ssl_context=tls.context if tls is not None else None)
     await site.start()

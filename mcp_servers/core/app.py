@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from aiohttp import web
 
 from gateway import inner_tls
+from gateway.inner_peers import guard_app
 from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.metrics import add_metrics_route
@@ -152,11 +153,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 async def run_server(server: MCPServer, settings: ServerSettings, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain: not ready, finish in-flight calls, close."""
     app = make_app(server, settings)
+    # inner_tls: TLS only, reloaded on change; callers: Envoy, and ext_authz's catalog fetch
+    # (Prometheus's certificate on GET /metrics only).
+    tls = inner_tls.server_tls_from_env(callers=inner_tls.SERVER_CALLERS, scraper=True)
+    guard_app(app, tls, server.name)
     runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_timeout, access_log=None,
                            handle_signals=False)
     await runner.setup()
-    # inner_tls: TLS only, the gateway's client certificate required, reloaded on change.
-    tls = inner_tls.server_tls_from_env()
     site = web.TCPSite(runner, settings.host, settings.port,
                        ssl_context=tls.context if tls is not None else None)
     await site.start()

@@ -2,12 +2,14 @@
 and gRPC mode), ext_proc, a module server, a stdio server's bridge and the aggregator over TLS
 with its client certificate; the aggregator reaches Envoy's inner listener with its own. A
 client that goes straight to a component's port without the gateway's client certificate (or
-with another CA's) fails the TLS handshake. Every certificate rotates under load without a
-failed request, and the new one is served afterwards."""
+with another CA's) fails the TLS handshake; one holding another component's certificate from the
+inner CA is refused unless that component may call this one. Every certificate rotates under
+load without a failed request, and the new one is served afterwards."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
 import ssl
@@ -17,10 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx2
 import pytest
 import trustme
 from cryptography import x509
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig, load_config
@@ -203,6 +208,79 @@ def test_direct_clients_without_the_gateway_certificate_fail_the_handshake(
         assert _refused(port, wrong_use), name
         assert _plain_http_refused(port), name
         assert _served(port, inner_client_context(config)), name
+
+
+def _http_status(port: int, files: inner_tls.TlsFiles, method: str, path: str,
+                 body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One HTTP exchange over TLS with ``files``' certificate: the status and the JSON body."""
+    context = inner_tls.client_context(files, check_hostname=False)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=HANDSHAKE_SECONDS, context=context)
+    try:
+        conn.request(method, path, body=body, headers={"content-type": "application/json",
+                                                         "accept": "application/json, text/event-stream",
+                                                         **(headers or {})})
+        reply = conn.getresponse()
+        data = reply.read()
+        is_json = reply.getheader("content-type", "").startswith("application/json")
+        return reply.status, json.loads(data) if is_json and data else None
+    finally:
+        conn.close()
+
+
+def _grpc_refusal(port: int, files: inner_tls.TlsFiles, tls_name: str, *, check: bool) -> Any:
+    """The status code of an ext_authz Check (``check``) or a health Check with ``files``."""
+    creds = grpc.ssl_channel_credentials(Path(files.ca_file).read_bytes(),
+                                         Path(files.key_file).read_bytes(),
+                                         Path(files.cert_file).read_bytes())
+    with grpc.secure_channel(f"127.0.0.1:{port}", creds,
+                             options=[("grpc.ssl_target_name_override", tls_name)]) as channel:
+        try:
+            if check:
+                stub: Any = external_auth_pb2_grpc.AuthorizationStub(channel)  # untyped stub
+                stub.Check(external_auth_pb2.CheckRequest(), timeout=HANDSHAKE_SECONDS)
+            else:
+                stub = health_pb2_grpc.HealthStub(channel)
+                stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HANDSHAKE_SECONDS)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+def test_inner_certificates_reach_only_the_components_they_may_call(stack: devstack.Stack) -> None:
+    """Who may call whom: with the aggregator's or ext_authz's certificate (from the inner CA)
+    a direct call to ext_authz's /check with a user's token, to ext_proc or to the aggregator is
+    refused (403 / PERMISSION_DENIED, peer_not_allowed); a server or bridge refuses the
+    aggregator's but lets ext_authz's through (its catalog fetch); Envoy's reaches them all."""
+    config = stack.config
+    it = config.inner_tls
+    envoy, aggregator, authz = (it.files(i) for i in (inner_tls.ENVOY, inner_tls.AGGREGATOR,
+                                                       inner_tls.EXT_AUTHZ))
+    token = {"authorization": f"Bearer {bearer(config, 'admin')}"}
+    call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                       "params": {"name": "contact", "arguments": {}}}).encode()
+    ext_authz, ext_proc = _component(stack, "ext_authz"), _component(stack, "ext_proc")
+    for files in (aggregator, authz):
+        if config.ext_authz.transport == "http":
+            status, body = _http_status(ext_authz.port, files, "POST", "/check/mcp/pii", call, token)
+            assert status == 403 and body["error"]["data"]["reason"] == "peer_not_allowed", files
+        else:
+            assert _grpc_refusal(ext_authz.port, files, it.san(inner_tls.EXT_AUTHZ),
+                                 check=True) == grpc.StatusCode.PERMISSION_DENIED, files
+        assert _grpc_refusal(ext_proc.port, files, it.san(inner_tls.EXT_PROC),
+                             check=False) == grpc.StatusCode.PERMISSION_DENIED, files
+        status, body = _http_status(_component(stack, "aggregator").port, files, "POST", "/mcp",
+                                    call, token)
+        assert status == 403 and body["error"]["data"]["reason"] == "peer_not_allowed", files
+    assert _grpc_refusal(ext_proc.port, envoy, it.san(inner_tls.EXT_PROC),
+                         check=False) == grpc.StatusCode.OK
+    for name in ("pii", "toy"):
+        port = _component(stack, name).port
+        status, body = _http_status(port, aggregator, "POST", "/mcp", call)
+        assert status == 403 and body["error"]["data"]["reason"] == "peer_not_allowed", name
+        # Past the peer check, the request still needs the gateway's signed assertion.
+        for files in (authz, envoy):
+            status, body = _http_status(port, files, "POST", "/mcp", call)
+            assert status == 401 and body["error"]["data"]["reason"] == "missing", (name, body)
 
 
 CLUSTERS = ("ext_authz", "ext_proc", "aggregator", "mcp_pii", "mcp_toy")
