@@ -110,7 +110,7 @@ from gateway.telemetry import (
     start_server_span,
     unbind,
 )
-from gateway.telemetry.audit import AUDITED_METHODS
+from gateway.telemetry.audit import AUDITED_METHODS, redact_entry
 from gateway.wire import (
     AGGREGATE_HEADERS,
     AGGREGATOR_ROUTE,
@@ -658,6 +658,8 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
             status="allowed" if rec.allow else "denied", latency_ms=round(rec.latency_ms, 3),
             request_id=rec.request_id, decision_id=rec.decision_id, args_digest=digest,
             trace_id=rec.trace_id, service=SERVICE)
+        if rec.obligations and "audit_redact" in rec.obligations:
+            entry = redact_entry(entry, rec.obligations["audit_redact"])
         try:
             await self._audit.write(entry)
         except AuditUnavailable as err:

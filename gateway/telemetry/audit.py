@@ -34,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -685,6 +685,27 @@ class AuditWriter:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+# Fields of an entry a policy may have left out of the trail (obligation ``audit_redact``).
+REDACTABLE_FIELDS = ("sub", "client_id", "tenant", "target", "args_digest")
+
+
+def redact_entry(entry: AuditEntry, fields: Any) -> AuditEntry:
+    """``entry`` with the fields the policy named (``audit_redact``: a list of
+    REDACTABLE_FIELDS) set to REDACTED (``args_digest``, ``sub``...: null). Anything else than
+    such a list redacts them all: a policy's mistake must not put more in the trail."""
+    if isinstance(fields, list | tuple) and all(f in REDACTABLE_FIELDS for f in fields):
+        names = tuple(fields)
+    else:
+        logger.warning("obligation audit_redact must be a list of %s; redacting all of them",
+                       ", ".join(REDACTABLE_FIELDS))
+        names = REDACTABLE_FIELDS
+    if not names:
+        return entry
+    # sub/client_id/tenant/args_digest become null (nothing to seal or index); target a marker.
+    changes: dict[str, Any] = {name: (REDACTED if name == "target" else None) for name in names}
+    return replace(entry, **changes)
 
 
 def retention_entry(chain: str, names: str, last_seq: int, days: float) -> AuditEntry:

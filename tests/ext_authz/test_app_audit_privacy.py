@@ -82,3 +82,28 @@ async def test_logs_and_audit_never_hold_raw_arguments(
     out, err = capfd.readouterr()
     for text in (caplog.text, out, err, svc.audit.path.read_text()):
         assert marker not in text
+
+
+@pytest.mark.parametrize(("redact", "cleared"), [
+    (["args_digest", "client_id"], {"args_digest", "client_id"}),
+    ("args_digest", {"sub", "client_id", "tenant", "target", "args_digest"}),  # malformed: all
+])
+async def test_policy_obligation_redacts_audit_fields(
+        jwks_server: JwksServer, mcp_server: McpServer, rsa_key: SigningKey,
+        redact: object, cleared: set[str]) -> None:
+    """The policy's audit_redact obligation leaves the named fields out of the entry; anything but
+    a list of known field names leaves out all of them."""
+    engine = StubEngine(obligations={"audit_redact": redact})
+    svc = await start_service(make_settings(jwks_server.url, files_port=mcp_server.port), engine)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}") as channel:
+            stub = pb_grpc.AuthorizationStub(channel)
+            await stub.Check(check_request("post_tools_call_files", token_for(rsa_key)), timeout=5)
+    finally:
+        await svc.stop(grace=None)
+    (entry,) = iter_audit(svc.audit.path)
+    for name in ("sub", "client_id", "tenant", "target", "args_digest"):
+        if name in cleared:
+            assert entry[name] in (None, "[REDACTED]"), name
+        else:
+            assert entry[name] not in (None, "[REDACTED]"), name
