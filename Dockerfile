@@ -1,5 +1,6 @@
-# The gateway's Python services (ext_authz, ext_proc, MCP servers, the mcp-gateway CLI) in one
-# image; docker-compose.yml and deploy/k8s/ choose the process with `command`.
+# The gateway's Python services (ext_authz, ext_proc, MCP servers, the stdio bridge, the aggregator,
+# the mcp-gateway CLI) in one image; docker-compose.yml and deploy/k8s/ choose the process with
+# `command`.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -19,6 +20,8 @@ COPY gatewayctl gatewayctl
 COPY ext_authz ext_authz
 COPY ext_proc ext_proc
 COPY mcp_servers mcp_servers
+COPY mcp_bridge mcp_bridge
+COPY mcp_aggregator mcp_aggregator
 COPY policies policies
 COPY envoy envoy
 # Editable: `mcp-gateway config render` reads the Envoy templates from /app/envoy.
