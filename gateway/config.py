@@ -329,6 +329,10 @@ class AuditConfig:
     # Rotated audit files whose newest entry is older than this many days are removed (by each
     # writer, hourly, and by `mcp-gateway audit prune`) unless under legal hold; None: kept.
     retention_days: int | None = None
+    # The dev stack's service logs (state_dir/logs: every process's stdout, the decision log
+    # included): with a value, `up` starts each log afresh and removes earlier runs' logs last
+    # written longer ago than this many days (so does `mcp-gateway audit prune`); None: kept.
+    log_retention_days: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,7 +511,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "telemetry.metrics_port_offset": (1, 65534), "telemetry.envoy_stats_port": (1, 65535),
     "telemetry.trace_sample_percent": (0, 100),
     "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000), "audit.checkpoint_seconds": (1, 86_400),
-    "audit.retention_days": (1, 36_500),
+    "audit.retention_days": (1, 36_500), "audit.log_retention_days": (1, 36_500),
     "catalog.refresh_seconds": (1, 86400),
     "envoy.max_heap_bytes": (64 << 20, 1 << 40), "envoy.max_downstream_connections": (1, 10_000_000),
     "envoy.per_connection_buffer_bytes": (1024, 64 << 20),

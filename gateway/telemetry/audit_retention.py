@@ -160,3 +160,33 @@ def prune_chain(base: Path, retention_days: float, signer: CheckpointSigner | No
         path.unlink()
         removed.append((path, int(last[1]["seq"])))
     return removed
+
+
+# -- service logs ---------------------------------------------------------------------------------
+
+
+def rotate_logs(folder: Path) -> list[Path]:
+    """Move each ``<name>.log`` aside as ``<name>.log.<UTC time of its last write>`` (at start,
+    before any process writes it), so retention can remove whole earlier runs."""
+    moved = []
+    for log in sorted(folder.glob("*.log")):
+        stamp = datetime.fromtimestamp(log.stat().st_mtime, UTC).strftime("%Y%m%dT%H%M%S")
+        target = log.with_name(f"{log.name}.{stamp}")
+        n = 1
+        while target.exists():
+            n += 1
+            target = log.with_name(f"{log.name}.{stamp}-{n}")
+        log.rename(target)
+        moved.append(target)
+    return moved
+
+
+def prune_logs(folder: Path, retention_days: float, *, now: datetime | None = None) -> list[Path]:
+    """Remove rotated logs (``*.log.*``, never a live ``*.log``) last written before the window."""
+    cutoff = ((now or datetime.now(UTC)) - timedelta(days=retention_days)).timestamp()
+    removed = []
+    for log in sorted(folder.glob("*.log.*")):
+        if log.is_file() and log.stat().st_mtime < cutoff:
+            log.unlink()
+            removed.append(log)
+    return removed

@@ -21,7 +21,7 @@ from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, audit_files, retention_entry
 from gateway.telemetry.audit_chain import CheckpointSigner, load_public_key
 from gateway.telemetry.audit_keys import PERSONAL_FIELDS, KeyStoreError, SubjectKeyStore, parse_master_key
-from gateway.telemetry.audit_retention import load_holds, prune_chain, set_hold
+from gateway.telemetry.audit_retention import load_holds, prune_chain, prune_logs, set_hold
 from gateway.telemetry.audit_verify import chain_bases, verify_dir
 
 # The command line's own chain: erasures, holds and releases are audited like calls.
@@ -237,9 +237,15 @@ def hold(args: argparse.Namespace, config: GatewayConfig) -> int:
 
 def prune(config: GatewayConfig) -> int:
     """Remove expired files of chains no running writer holds (running writers prune their own)."""
+    log_days = config.audit.log_retention_days
+    if log_days is not None:
+        logs = Path(config.state_dir) / "logs"
+        removed_logs = prune_logs(logs, log_days) if logs.is_dir() else []
+        print(f"service logs: removed {len(removed_logs)} rotated log file(s) older than {log_days} days")
     days = config.audit.retention_days
     if days is None:
-        print("mcp-gateway audit prune: audit.retention_days is not set: nothing expires", file=sys.stderr)
+        print("mcp-gateway audit prune: audit.retention_days is not set: no audit file expires",
+              file=sys.stderr)
         return 0
     signer = CheckpointSigner.from_file(config.audit.signing_key) if config.audit.signing_key else None
     directory = Path(config.audit.dir)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import GatewayConfig
+from gateway.telemetry.audit_retention import prune_logs, rotate_logs
 from gatewayctl import assertion_keys, envoy_config, envoy_restarter, runtimes
 from gatewayctl.devstack.credentials import (
     ensure_audit_key,
@@ -163,6 +164,10 @@ class Stack:
                 workdir(self.config, server).mkdir(parents=True, exist_ok=True)
         check_ports(listening_ports(self.config, self.components))
         p.logs.mkdir(parents=True, exist_ok=True)
+        if self.config.audit.log_retention_days is not None:
+            # Each run's logs in their own files, so retention can drop whole earlier runs.
+            rotate_logs(p.logs)
+            prune_logs(p.logs, self.config.audit.log_retention_days)
         self.prepare_commands()
         self.ca_file = ensure_tls(self.config)
         ensure_inner_tls(self.config)

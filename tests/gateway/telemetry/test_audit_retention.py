@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from gateway.telemetry.audit import AuditEntry, AuditWriter, audit_files, iter_audit, iter_audit_all
 from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key, load_public_key
-from gateway.telemetry.audit_retention import file_is_held, set_hold
+from gateway.telemetry.audit_retention import file_is_held, prune_logs, rotate_logs, set_hold
 from gateway.telemetry.audit_verify import verify_chain
 
 OLD = "2020-01-01T00:00:00.000000Z"
@@ -101,3 +103,19 @@ def test_held_subject_found_across_read_chunks(tmp_path: Path) -> None:
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"x" * ((1 << 20) - 7) + needle + b"\n")
     assert file_is_held(path, [needle]) and not file_is_held(path, [b'"sid":"fedcba"'])
+
+
+def test_service_logs_rotate_per_run_and_expire(tmp_path: Path) -> None:
+    """At start each live log moves aside stamped with its last write; rotated logs older than the
+    window go, newer ones and live logs stay."""
+    old, recent = tmp_path / "ext_authz-0.log", tmp_path / "files-0.log"
+    old.write_text("decision log of an old run\n")
+    recent.write_text("yesterday\n")
+    os.utime(old, (0, time.time() - 40 * 86400))
+    os.utime(recent, (0, time.time() - 86400))
+    moved = rotate_logs(tmp_path)
+    assert len(moved) == 2 and not old.exists() and not recent.exists()
+    (tmp_path / "ext_authz-0.log").write_text("this run\n")
+    removed = prune_logs(tmp_path, 30)
+    assert [p.name.split(".log.")[0] for p in removed] == ["ext_authz-0"]
+    assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["ext_authz-0", "files-0"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from pathlib import Path
 
 import orjson
@@ -156,11 +157,16 @@ def test_dev_stack_makes_the_checkpoint_key_under_state_dir_only(tmp_path: Path)
 
 def test_prune_removes_expired_files_of_stopped_writers_only(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`audit prune` removes a stopped chain's expired files (recorded, verify passes) and leaves
-    a chain whose writer is running to that writer."""
-    config = write_config(tmp_path, retention_days=7)
+    """`audit prune` removes a stopped chain's expired files (recorded, verify passes), leaves a
+    chain whose writer is running to that writer, and removes expired rotated service logs."""
+    config = write_config(tmp_path, retention_days=7, log_retention_days=7)
     signer = CheckpointSigner.from_file(tmp_path / "audit.key")
     old = "2020-01-01T00:00:00.000000Z"
+    logs = tmp_path / "state" / "logs"
+    logs.mkdir(parents=True)
+    for name in ("ext_authz-0.log.20200101T000000", "ext_authz-0.log"):
+        (logs / name).write_text("old\n")
+        os.utime(logs / name, (0, 1_577_836_800))
 
     async def scenario() -> None:
         for name in ("stopped.jsonl", "live.jsonl"):
@@ -175,6 +181,8 @@ def test_prune_removes_expired_files_of_stopped_writers_only(
     asyncio.run(scenario())
     out = capsys.readouterr().out
     assert "live.jsonl: in use" in out and "stopped.jsonl: removed" in out
+    assert "service logs: removed 1 rotated log file(s)" in out
+    assert [p.name for p in logs.iterdir()] == ["ext_authz-0.log"]  # the live log stays
     stopped = [e["request_id"] for e in iter_audit_all(tmp_path / "audit" / "stopped.jsonl")]
     assert "r0" not in stopped and "r10" in stopped
     assert "r0" in [e["request_id"] for e in iter_audit_all(tmp_path / "audit" / "live.jsonl")]
