@@ -46,7 +46,7 @@ from gateway.errors import GatewayError
 from gateway.telemetry import metrics
 from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, CheckpointSigner, checkpoint_line
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore
-from gateway.telemetry.audit_retention import prune_chain, write_anchor
+from gateway.telemetry.audit_retention import prune_chain, read_anchor, write_anchor
 
 logger = logging.getLogger(__name__)
 
@@ -564,6 +564,10 @@ class AuditWriter:
                 self._seq = 0
             self._cp_seq = self._seq - 1
             return
+        anchor = read_anchor(self.path)  # every file removed: continue after the last one removed
+        if anchor is not None and isinstance(anchor.get("seq"), int) and isinstance(anchor.get("hash"), str):
+            self._seq, self._prev = anchor["seq"] + 1, anchor["hash"].encode()
+            self._cp_seq = self._seq - 1
 
     def _open_current(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

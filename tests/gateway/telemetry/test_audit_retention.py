@@ -10,7 +10,13 @@ import pytest
 
 from gateway.telemetry.audit import AuditEntry, AuditWriter, audit_files, iter_audit, iter_audit_all
 from gateway.telemetry.audit_chain import CheckpointSigner, generate_signing_key, load_public_key
-from gateway.telemetry.audit_retention import file_is_held, prune_logs, rotate_logs, set_hold
+from gateway.telemetry.audit_retention import (
+    file_is_held,
+    prune_logs,
+    read_anchor,
+    rotate_logs,
+    set_hold,
+)
 from gateway.telemetry.audit_verify import verify_chain
 
 OLD = "2020-01-01T00:00:00.000000Z"
@@ -119,3 +125,22 @@ def test_service_logs_rotate_per_run_and_expire(tmp_path: Path) -> None:
     removed = prune_logs(tmp_path, 30)
     assert [p.name.split(".log.")[0] for p in removed] == ["ext_authz-0"]
     assert sorted(p.name.split(".")[0] for p in tmp_path.iterdir()) == ["ext_authz-0", "files-0"]
+
+
+async def test_writer_continues_after_the_anchor_when_no_file_is_left(
+        tmp_path: Path, signer: CheckpointSigner) -> None:
+    """With every file of a chain gone but its anchor, a new writer continues after the anchor
+    (not from seq 0); verify still reports the checkpointed entries removed by hand."""
+    path = tmp_path / "a.jsonl"
+    async with AuditWriter(path, max_bytes=1500, keep=1, signer=signer) as writer:
+        for n in range(20):
+            await writer.write(entry(n))
+    for p in audit_files(path):
+        p.unlink()
+    anchor = read_anchor(path)
+    assert anchor is not None
+    await write(path, signer, [entry(100)])
+    (first,) = iter_audit(path)
+    assert first["seq"] == anchor["seq"] + 1 and first["prev"] == anchor["hash"]
+    report = verify_chain(path, load_public_key(tmp_path / "k.pem"))
+    assert report.problem is not None and "truncated" in report.problem.message
