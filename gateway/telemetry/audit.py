@@ -618,7 +618,7 @@ class AuditWriter:
         assert self.retention_days is not None
         try:
             removed = prune_chain(self.path, self.retention_days, self._signer, max_files=PRUNE_MAX_FILES)
-        except OSError as exc:  # the trail itself is intact: retry at the next interval
+        except (OSError, ValueError) as exc:  # e.g. an unreadable holds file: keep all, retry later
             logger.error("audit retention: pruning %s failed: %s", self.path, exc)
             return
         if removed:

@@ -115,8 +115,15 @@ def read_anchor(base: Path) -> dict[str, Any] | None:
 
 
 def write_anchor(base: Path, last_line: bytes, signer: CheckpointSigner | None) -> None:
-    """Record that the chain of ``base`` now legitimately starts after ``last_line``."""
-    seq = int(orjson.loads(last_line)["seq"])
+    """Record that the chain of ``base`` now legitimately starts after ``last_line`` (nothing to
+    record for a line from before the chain, schema 1, or one that does not parse)."""
+    try:
+        entry = orjson.loads(last_line)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
+        return
+    seq = entry["seq"]
     digest = hashlib.sha256(last_line).hexdigest()
     _write_atomic(anchor_path(base), checkpoint_line(f"{base.name}:anchor", seq, digest, signer))
 

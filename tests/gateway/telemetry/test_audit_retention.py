@@ -144,3 +144,18 @@ async def test_writer_continues_after_the_anchor_when_no_file_is_left(
     assert first["seq"] == anchor["seq"] + 1 and first["prev"] == anchor["hash"]
     report = verify_chain(path, load_public_key(tmp_path / "k.pem"))
     assert report.problem is not None and "truncated" in report.problem.message
+
+
+async def test_rotating_out_a_pre_chain_file_and_a_bad_holds_file_keep_the_writer_up(
+        tmp_path: Path, signer: CheckpointSigner) -> None:
+    """Dropping a schema-1 file past `keep` needs no anchor, and an unreadable holds file stops
+    pruning (nothing removed) but never the writer."""
+    path = tmp_path / "a.jsonl"
+    legacy = entry(0, OLD).to_line().replace(b'"v":2,"seq":0,"prev":"' + b"0" * 64 + b'",', b'"v":1,')
+    path.write_bytes(legacy * 12)
+    (tmp_path / "legal-holds.json").write_text("{not json")
+    async with AuditWriter(path, max_bytes=1500, keep=1, signer=signer, retention_days=30,
+                           prune_interval=0.0) as writer:
+        for n in range(1, 30):
+            await writer.write(entry(n, OLD))
+    assert [e["request_id"] for e in iter_audit_all(path)][-1] == "r29"
