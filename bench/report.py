@@ -295,10 +295,11 @@ def _trust_table(trust: dict[str, Any] | None, started: str) -> list[str]:
         "`bench/trust_cpu.py`: three dev stacks side by side with the bench config but for",
         "`inner_tls.enabled` and `identity.assertion`; one MCP session (2025-11-25) each, `tools/call`",
         "of `echo` on `/mcp/bench` one call at a time, in rounds of one block per stack (the order",
-        f"rotates), {trust.get('blocks', '?')} blocks of {trust.get('calls_per_block', '?')} calls",
-        f"per variant ({trust['calls_per_variant']} calls each). CPU: utime+stime from `/proc` of",
-        "Envoy, ext_authz, ext_proc and the bench server around each block; each figure is the",
-        "median over the blocks, the overhead the median over rounds of the ratio of the totals."
+        f"rotates), {trust.get('blocks', '?')} blocks of {trust.get('calls_per_block', '?')} calls "
+        f"per variant ({trust['calls_per_variant']} calls each). CPU: utime+stime",
+        "from `/proc` of Envoy, ext_authz, ext_proc and the bench server around each block; each",
+        "figure is the median over the blocks, the overhead the median over rounds of the ratio of",
+        "the totals (single runs on this shared machine vary by several points)."
         + (f" Measured in run {when}." if when and when != started else ""),
         "",
         "| variant | " + " | ".join(f"{n} us/call" for n in names)
@@ -529,26 +530,55 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
             else:
                 lines += [res["stdout"].strip(), ""]
     lines += ["", "## Reproduce", "", "```", "make bench            # < 15 min",
-              "make bench QUICK=1    # < 3 min", "```",
+              "make bench QUICK=1    # < 3 min",
+              ".venv/bin/python -m bench.run --only aggregate,trust --no-micro   # the comparisons only",
+              "```",
               "Needs `wrk` (`sudo apt-get install wrk`); ContextForge is installed on first use into "
               "`.bench/cf-venv` with Python 3.12 (set `CF_PYTHON` to another 3.12/3.13 interpreter).",
               ""]
     return "\n".join(lines)
 
 
+# Sections of benchmarks.md a comparisons-only run replaces (by the start of their heading).
+_MERGED_SECTIONS = ("## Targets", "## Aggregate endpoint", "## Inner TLS and the caller assertion")
+
+
+def _split_sections(text: str) -> list[str]:
+    """``text`` cut before every level-2 heading (the first part: what precedes the first)."""
+    parts: list[str] = []
+    current: list[str] = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("## ") and current:
+            parts.append("".join(current))
+            current = []
+        current.append(line)
+    parts.append("".join(current))
+    return parts
+
+
 def merge_docs(partial: dict[str, Any], docs: Path, keys: tuple[str, ...]) -> Path:
     """A run of side-by-side comparisons only (``--only aggregate,trust``): their results replace
-    those in the last full run's ``benchmarks.json`` and ``benchmarks.md`` is rendered again from
-    it; its charts stay as they are."""
+    those in the last full run's ``benchmarks.json``; in ``benchmarks.md`` only the targets table
+    and the comparisons' sections are replaced (a missing one goes before the charts), so notes
+    added to the file by hand stay."""
     md = docs / "benchmarks.md"
     result: dict[str, Any] = json.loads((docs / "benchmarks.json").read_text(encoding="utf-8"))
     for key in keys:
         if key in partial:
             result[key] = partial[key]
-    charts = re.findall(r"^!\[([^\]]*)\]\(benchmarks/([^)]+)\)$", md.read_text(encoding="utf-8"),
-                        flags=re.MULTILINE)
+    fresh = {part.split("\n", 1)[0]: part for part in _split_sections(render_markdown(result, []))
+             if part.startswith(_MERGED_SECTIONS)}
+    parts = _split_sections(md.read_text(encoding="utf-8"))
+    for heading, part in fresh.items():
+        at = next((i for i, old in enumerate(parts) if old.split("\n", 1)[0] == heading), None)
+        if at is not None:
+            parts[at] = part
+        else:
+            charts = next((i for i, old in enumerate(parts) if old.startswith("## Charts")),
+                          len(parts))
+            parts.insert(charts, part)
     (docs / "benchmarks.json").write_text(json.dumps(result, indent=1))
-    md.write_text(render_markdown(result, charts))
+    md.write_text("".join(parts))
     return md
 
 

@@ -72,9 +72,9 @@ class Plan:
     aggregate_calls: int = 200
     aggregate_timeout: float = 300
     # bench/trust_cpu.py: interleaved blocks of calls per variant (inner TLS / assertion off, on).
-    trust_blocks: int = 10
-    trust_calls: int = 200
-    trust_timeout: float = 360
+    trust_blocks: int = 14
+    trust_calls: int = 250
+    trust_timeout: float = 420
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),

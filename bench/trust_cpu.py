@@ -1,7 +1,7 @@
 """What the inner hops' protection costs: gateway CPU per ``tools/call`` with inner TLS and the
 signed caller assertion off, with the assertion on, and with both on.
 
-    .venv/bin/python -m bench.trust_cpu [--blocks 8] [--calls 200] [--budget 15] [--work DIR]
+    .venv/bin/python -m bench.trust_cpu [--blocks 14] [--calls 250] [--budget 15] [--work DIR]
                                         [--out FILE]
 
 Three dev stacks run side by side, the same bench config but for two keys: (a) ``inner_tls``
@@ -147,8 +147,8 @@ def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--blocks", type=int, default=8, help="blocks per variant (default 8)")
-    parser.add_argument("--calls", type=int, default=200, help="calls per block (default 200)")
+    parser.add_argument("--blocks", type=int, default=14, help="blocks per variant (default 14)")
+    parser.add_argument("--calls", type=int, default=250, help="calls per block (default 250)")
     parser.add_argument("--budget", type=float, default=15.0,
                         help="allowed CPU overhead of inner TLS + assertion in percent (default 15)")
     parser.add_argument("--work", type=Path, default=None, help="state folder (default: a temp dir)")

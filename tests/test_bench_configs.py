@@ -44,3 +44,29 @@ def test_trust_row_verdict_follows_the_budget() -> None:
     assert row["met"] is False and "by process" in row["bound"]
     assert any(line.startswith("| inner TLS on, assertion on |") for line in _trust_table(trust, "x"))
     assert _trust_row(None)["met"] is None
+
+
+def test_comparisons_only_run_keeps_hand_added_notes(tmp_path: Path) -> None:
+    """bench.run --only trust replaces the targets table and adds its section before the charts;
+    every other section of benchmarks.md stays as it was."""
+    import json
+
+    from bench.report import merge_docs
+    by = {n: 100.0 for n in ("envoy", "ext_authz", "ext_proc", "backend")}
+    trust = {"calls_per_variant": 10, "gateway_cpu_us_per_call": {
+                 "plain": 400.0, "assertion": 420.0, "inner_tls+assertion": 440.0},
+             "by_process_us_per_call": {"plain": by, "assertion": by, "inner_tls+assertion": by},
+             "overhead_percent": {"assertion": 5.0, "inner_tls+assertion": 10.0}}
+    last = {"started": "T0", "mode": "full", "configurations": [], "workloads": {},
+            "plan": {"levels": [1], "seconds": 1, "warmup": 1, "cf_levels": [1], "cf_seconds": 1},
+            "machine": {"cpus": 2, "cpu_model": "x", "python": "3", "envoy": "1",
+                        "loadavg_at_start": [0.0, 0.0, 0.0]}}
+    (tmp_path / "benchmarks.json").write_text(json.dumps(last))
+    (tmp_path / "benchmarks.md").write_text(
+        "# Benchmarks\n\n## Targets (issue 9)\n\n| old row |\n\n## Charts\n\nold charts\n\n"
+        "## Micro-benchmarks\n\na note added by hand\n")
+    text = merge_docs({"trust": trust}, tmp_path, ("trust",)).read_text()
+    assert "| old row |" not in text and "inner TLS + caller assertion <= +15 %" in text
+    assert text.index("## Inner TLS and the caller assertion") < text.index("## Charts")
+    assert "old charts" in text and "a note added by hand" in text
+    assert json.loads((tmp_path / "benchmarks.json").read_text())["trust"] == trust
