@@ -62,7 +62,8 @@ def _store_servers(cfg: GatewayConfig) -> dict[str, UserStoreCredentials]:
 
 
 def _open(cfg: GatewayConfig, creds: UserStoreCredentials) -> CredentialStore:
-    secret = os.environ.get(creds.key) or ensure_secrets(cfg).get(creds.key, "")
+    # Only the store's own key (made on first use as `up` would); no other secret is touched.
+    secret = os.environ.get(creds.key) or ensure_secrets(cfg, (creds.key,)).get(creds.key, "")
     return CredentialStore(creds.path, derive_keys(secret))
 
 

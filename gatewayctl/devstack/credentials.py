@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig
+from gateway.credentials.config import StaticCredentials, TokenExchangeCredentials, credential_secrets
 from gateway.telemetry.audit_chain import generate_signing_key
 from gatewayctl import envoy_config, tokens
 from gatewayctl.devstack.state import StackError, paths
@@ -281,12 +282,23 @@ def ensure_audit_key(config: GatewayConfig) -> None:
     generate_signing_key(key)
 
 
-def ensure_secrets(config: GatewayConfig) -> dict[str, str]:
-    """The value of every configured secret: from this process's environment when set there
-    (an operator's real key), else a random dev value generated once into state_dir/secrets."""
+def upstream_secrets(config: GatewayConfig) -> frozenset[str]:
+    """The secrets whose value goes to an upstream's systems (a static credential, a token
+    exchange's client secret): only the operator can know them, so they are never generated."""
+    return frozenset(name for server in config.servers
+                     if isinstance(server.credentials, StaticCredentials | TokenExchangeCredentials)
+                     for name in credential_secrets(server.credentials))
+
+
+def ensure_secrets(config: GatewayConfig, names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The value of every configured secret (or of ``names`` only): from this process's
+    environment when set there (an operator's real key), else state_dir/secrets/<name>, else a
+    random dev value generated once there; an upstream credential (``upstream_secrets``) is
+    never generated: left out, its server answers 503 upstream_credential_unavailable."""
     out: dict[str, str] = {}
     folder = paths(config).secrets_dir
-    for name in config.secrets:
+    upstream = upstream_secrets(config)
+    for name in config.secrets if names is None else names:
         if os.environ.get(name):
             out[name] = os.environ[name]
             continue
@@ -296,6 +308,8 @@ def ensure_secrets(config: GatewayConfig) -> dict[str, str]:
         except FileNotFoundError:
             value = ""
         if not value:
+            if name in upstream:
+                continue
             value = secrets.token_urlsafe(32)
             _write_private(path, value.encode("ascii") + b"\n")
         out[name] = value

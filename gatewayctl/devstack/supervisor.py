@@ -131,7 +131,8 @@ def _stack_env(config: GatewayConfig) -> dict[str, str]:
 def _component_env(base: dict[str, str], comp: Component, secrets: dict[str, str]
                    ) -> dict[str, str]:
     """A component's environment: the stack's, the secrets it lists, and its PATH prefix."""
-    env = {**base, **{n: secrets[n] for n in comp.env}, **dict(comp.tls_env)}
+    # An upstream credential nobody set is absent (never generated): its server answers 503.
+    env = {**base, **{n: secrets[n] for n in comp.env if n in secrets}, **dict(comp.tls_env)}
     if comp.path_prefix:
         env["PATH"] = os.pathsep.join([*comp.path_prefix, base.get("PATH", os.defpath)])
     return env
