@@ -220,6 +220,7 @@ class KeyFile:
         self._stamp = self._stat()
         self.ring = KeyRing.load(self.path)  # start-up: a bad file is an error
         self._checked = clock()
+        self._gone = False  # the file went missing (warned once until it is back)
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -239,7 +240,15 @@ class KeyFile:
 
     def _reload_if_changed(self) -> None:
         stamp = self._stat()
-        if stamp is None or stamp == self._stamp:
+        if stamp is None:
+            if not self._gone:
+                self._gone = True
+                logger.warning("assertion key file %s is gone; still signing with kid %s from "
+                               "memory until it is back (a restart would fail)", self.path,
+                               self.ring.signing.kid)
+            return
+        self._gone = False
+        if stamp == self._stamp:
             return
         try:
             ring = KeyRing.load(self.path)
@@ -349,7 +358,11 @@ class JwksFileKeys:
         self._keys: dict[str, Any] = {}
         self._stamp: tuple[int, int, int] | None = None
         self._checked = -1e18
-        self._read()  # start-up: a missing or bad file is an error
+        try:
+            self._read()  # start-up: a missing or bad file is an error
+        except (OSError, ValueError) as exc:  # orjson's decode error is a ValueError
+            raise KeyFileError(f"--assertion-jwks {self.path}: not a readable JWKS file "
+                               f"({exc})") from None
         self._checked = clock()
 
     def _read(self) -> None:
