@@ -51,6 +51,7 @@ class ChainReport:
     legacy: int = 0  # entries written before the chain existed (schema 1)
     checkpoints: int = 0
     signed_checkpoints: int = 0
+    unsigned_checkpoints: int = 0  # a writer without a signing key (e.g. an MCP server's)
     torn_tail: bool = False
     first_seq: int | None = None
     last_seq: int | None = None
@@ -112,7 +113,9 @@ class _Checkpoints:
                 return Problem(self.path.name, n, f"checkpoint names {record.get('file')!r}, not {self.base}")
             if seq <= self._last_seq:
                 return Problem(self.path.name, n, "checkpoints out of order (altered)")
-            if self.public is not None:
+            if record.get("sig") is None:
+                self.report.unsigned_checkpoints += 1
+            elif self.public is not None:
                 if not checkpoint_signature_ok(record, self.public):
                     return Problem(self.path.name, n, "checkpoint signature is not valid")
                 self.report.signed_checkpoints += 1
@@ -123,11 +126,13 @@ class _Checkpoints:
         return None
 
 
-def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None) -> ChainReport:
+def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None, *,
+                 require_signed: bool = False) -> ChainReport:
     """Check the chain of audit file ``base`` (with its rotated files); see the module docstring.
 
-    With ``public`` every checkpoint must carry a valid signature, and a chain with entries must
-    have at least one.
+    With ``public`` every signed checkpoint (and the anchor) must carry a valid signature, and a
+    chain must not mix signed and unsigned checkpoints; with ``require_signed`` too, a chain with
+    entries must have a signed checkpoint (a writer without the key fails).
     """
     base = Path(base)
     report = ChainReport(base)
@@ -229,11 +234,15 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None) -> Ch
                                  f"trail truncated: it ends at seq {report.last_seq} but checkpoint "
                                  f"{cps.path.name}:{cps.current[0]} covers seq {cps.current[1]['seq']}")
         return report
-    if public is not None and report.entries and not report.signed_checkpoints:
+    if public is not None and report.signed_checkpoints and report.unsigned_checkpoints:
+        # One writer signs all its checkpoints or none: a mix means signatures were stripped.
+        report.problem = Problem(cps.path.name, None, "signed and unsigned checkpoints mixed (altered)")
+    elif public is not None and require_signed and report.entries and not report.signed_checkpoints:
         report.problem = Problem(base.name, None, "no signed checkpoint covers this chain")
     return report
 
 
-def verify_dir(directory: str | Path, public: Ed25519PublicKey | None = None) -> list[ChainReport]:
+def verify_dir(directory: str | Path, public: Ed25519PublicKey | None = None, *,
+               require_signed: bool = False) -> list[ChainReport]:
     """Verify every chain in ``directory``."""
-    return [verify_chain(base, public) for base in chain_bases(directory)]
+    return [verify_chain(base, public, require_signed=require_signed) for base in chain_bases(directory)]

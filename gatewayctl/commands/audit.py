@@ -34,6 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     verify = asub.add_parser("verify", help="check every chain and checkpoint of the trail")
     verify.add_argument("--public-key", type=Path,
                         help="Ed25519 key (PEM) the checkpoints are signed with (default: audit.signing_key)")
+    verify.add_argument("--require-signed", action="store_true",
+                        help="fail chains without signed checkpoints (default: report them as unsigned)")
     erase = asub.add_parser("erase", help="crypto-shred a subject: their entries stay, unreadable")
     erase.add_argument("--sub", required=True, help="the subject (the token's sub)")
     export = asub.add_parser("export", help="everything the trail holds about a subject, as JSON lines")
@@ -142,16 +144,21 @@ def verify(args: argparse.Namespace, config: GatewayConfig) -> int:
         print(f"mcp-gateway audit verify: {directory} is not a directory (audit.dir)", file=sys.stderr)
         return 2
     public = _public_key(args, config)
-    reports = verify_dir(directory, public)
+    reports = verify_dir(directory, public, require_signed=args.require_signed)
     bad = 0
     for r in reports:
         if r.problem is not None:
             bad += 1
             print(f"FAIL {r.problem}")
             continue
-        notes = [f"{r.entries} entries", f"{r.files} files",
-                 f"{r.signed_checkpoints if public else r.checkpoints} "
-                 f"{'signed ' if public else 'unsigned-checked '}checkpoints"]
+        notes = [f"{r.entries} entries", f"{r.files} files"]
+        if public is not None:
+            notes.append(f"{r.signed_checkpoints} signed checkpoints")
+            if r.unsigned_checkpoints:
+                notes.append(f"UNSIGNED: {r.unsigned_checkpoints} checkpoints without a signature "
+                             "(its writer has no signing key)")
+        else:
+            notes.append(f"{r.checkpoints} checkpoints (signatures not checked: no key)")
         if r.legacy:
             notes.append(f"{r.legacy} unchained entries from before schema 2")
         if r.torn_tail:

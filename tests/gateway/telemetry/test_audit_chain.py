@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.telemetry.audit import AuditEntry, AuditWriter, args_digest, audit_files
@@ -132,7 +133,8 @@ async def test_torn_tail_verifies_and_writer_resumes(tmp_path: Path, key: Path) 
 
 
 async def test_forged_checkpoint_and_wrong_key_fail(tmp_path: Path, key: Path) -> None:
-    """Checkpoints must be signed by the gateway's key: another key or an unsigned trail fails."""
+    """Checkpoints must be signed by the gateway's key: another key fails, a stripped signature
+    fails, a writer without the key is reported (and fails with require_signed)."""
     path = tmp_path / "a.jsonl"
     await write_trail(path, key, 10, max_bytes=1 << 20)
     other = tmp_path / "other.key"
@@ -143,7 +145,16 @@ async def test_forged_checkpoint_and_wrong_key_fail(tmp_path: Path, key: Path) -
     await write_trail(unsigned, None, 10, max_bytes=1 << 20)
     assert verify_chain(unsigned).ok
     report = check(unsigned, key)
-    assert report.problem is not None and "signature" in report.problem.message
+    assert report.ok and report.unsigned_checkpoints >= 1  # a writer without the key: reported
+    report = verify_chain(unsigned, load_public_key(key), require_signed=True)
+    assert report.problem is not None and "no signed checkpoint" in report.problem.message
+    # Stripping one signature from a signed chain is caught.
+    cps = path.with_name(path.name + ".checkpoints")
+    records = [orjson.loads(line) for line in cps.read_bytes().splitlines()]
+    records[0]["sig"] = None
+    cps.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    report = check(path, key)
+    assert report.problem is not None and "mixed" in report.problem.message
 
 
 async def test_verify_dir_checks_every_chain(tmp_path: Path, key: Path) -> None:
