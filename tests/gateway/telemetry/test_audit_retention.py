@@ -84,6 +84,12 @@ async def test_size_rotation_past_keep_carries_the_anchor(tmp_path: Path,
             await writer.write(entry(n))
     report = verify_chain(path, load_public_key(tmp_path / "k.pem"))
     assert report.ok and report.first_seq and report.first_seq > 0, report.problem
+    unsigned = tmp_path / "u" / "b.jsonl"  # a writer without the key: its anchor is unsigned
+    async with AuditWriter(unsigned, max_bytes=1500, keep=2) as writer:
+        for n in range(30):
+            await writer.write(entry(n))
+    report = verify_chain(unsigned, load_public_key(tmp_path / "k.pem"))
+    assert report.ok and report.unsigned_checkpoints >= 2, report.problem
 
 
 async def test_holds_exempt_files_from_pruning(tmp_path: Path, signer: CheckpointSigner) -> None:
