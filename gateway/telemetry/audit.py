@@ -44,7 +44,15 @@ import orjson
 
 from gateway.errors import GatewayError
 from gateway.telemetry import metrics
-from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX, CheckpointSigner, checkpoint_line
+from gateway.telemetry.audit_chain import (
+    CHECKPOINT_SUFFIX,
+    CheckpointSigner,
+    checkpoint_line,
+    last_line,
+)
+from gateway.telemetry.audit_chain import (
+    audit_files as audit_files,  # re-exported: the trail's readers import it from here
+)
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore
 from gateway.telemetry.audit_retention import prune_chain, read_anchor, write_anchor
 
@@ -264,20 +272,6 @@ def iter_audit(path: str | os.PathLike[str],
             raise AuditCorrupt(f"{path}: line {i + 1} is not a JSON object")
         report.entries += 1
         yield entry
-
-
-def audit_files(path: str | os.PathLike[str]) -> list[Path]:
-    """The current file and its rotated predecessors, oldest first."""
-    base = Path(path)
-    rotated = []
-    for candidate in base.parent.glob(base.name + ".*"):
-        suffix = candidate.name[len(base.name) + 1:]
-        if suffix.isdigit():
-            rotated.append((int(suffix), candidate))
-    files = [p for _, p in sorted(rotated, reverse=True)]
-    if base.exists():
-        files.append(base)
-    return files
 
 
 def iter_audit_all(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
@@ -554,7 +548,7 @@ class AuditWriter:
     def _resume_chain(self) -> None:
         """Continue the chain from the last line of the current file, else of the newest rotated one."""
         for candidate in (self.path, Path(f"{self.path}.1")):
-            last = _last_line(candidate)
+            last = last_line(candidate)
             if last is None:
                 continue
             self._prev = line_hash(last)
@@ -646,13 +640,13 @@ class AuditWriter:
         self._fd = -1
         base = str(self.path)
         if self.keep == 0:
-            last = _last_line(self.path)
+            last = last_line(self.path)
             if last is not None:
                 write_anchor(self.path, last, self._signer)
             os.unlink(base)
         else:
             oldest = Path(f"{base}.{self.keep}")
-            last = _last_line(oldest)
+            last = last_line(oldest)
             if last is not None:
                 # The chain now starts after the oldest file's last entry: say so, signed, first.
                 write_anchor(self.path, last, self._signer)
@@ -746,29 +740,6 @@ def _drop_torn_tail(path: Path, fd: int, size: int) -> int:
         os.ftruncate(fd, keep)
         os.fsync(fd)
     return keep
-
-
-def _last_line(path: Path) -> bytes | None:
-    """The last newline-terminated line of ``path``, without its newline (None: no such line)."""
-    try:
-        f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return None
-    with f:
-        end = f.seek(0, os.SEEK_END)
-        size = 4096
-        while True:
-            start = max(0, end - size)
-            f.seek(start)
-            data = f.read(end - start)
-            cut = data.rfind(b"\n")
-            if cut >= 0:
-                nl = data.rfind(b"\n", 0, cut)
-                if nl >= 0 or start == 0:
-                    return data[nl + 1:cut] or None
-            elif start == 0:
-                return None
-            size *= 4
 
 
 def entries_by_request_id(entries: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:

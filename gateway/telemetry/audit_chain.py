@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,40 @@ def checkpoint_signature_ok(record: dict[str, Any], public: Ed25519PublicKey) ->
     except (InvalidSignature, KeyError, TypeError, ValueError):
         return False
     return True
+
+
+def last_line(path: Path) -> bytes | None:
+    """The last newline-terminated line of ``path``, without its newline (None: no such line)."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    with f:
+        end = f.seek(0, os.SEEK_END)
+        size = 4096
+        while True:
+            start = max(0, end - size)
+            f.seek(start)
+            data = f.read(end - start)
+            cut = data.rfind(b"\n")
+            if cut >= 0:
+                nl = data.rfind(b"\n", 0, cut)
+                if nl >= 0 or start == 0:
+                    return data[nl + 1:cut] or None
+            elif start == 0:
+                return None
+            size *= 4
+
+
+def audit_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The current file and its rotated predecessors, oldest first."""
+    base = Path(path)
+    rotated = []
+    for candidate in base.parent.glob(base.name + ".*"):
+        suffix = candidate.name[len(base.name) + 1:]
+        if suffix.isdigit():
+            rotated.append((int(suffix), candidate))
+    files = [p for _, p in sorted(rotated, reverse=True)]
+    if base.exists():
+        files.append(base)
+    return files

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from gateway.telemetry.audit_chain import CheckpointSigner, checkpoint_line
+from gateway.telemetry.audit_chain import CheckpointSigner, audit_files, checkpoint_line, last_line
 
 ANCHOR_SUFFIX = ".anchor"
 HOLDS_FILE = "legal-holds.json"
@@ -129,9 +129,7 @@ def write_anchor(base: Path, last_line: bytes, signer: CheckpointSigner | None) 
 
 
 def _last_entry(path: Path) -> tuple[bytes, dict[str, Any]] | None:
-    from gateway.telemetry.audit import _last_line
-
-    line = _last_line(path)
+    line = last_line(path)
     if line is None:
         return None
     try:
@@ -148,8 +146,6 @@ def prune_chain(base: Path, retention_days: float, signer: CheckpointSigner | No
     The caller must be the chain's writer (or hold its lock): files are deleted, never renamed.
     ``max_files`` bounds one pass (a writer's commits wait while it prunes).
     """
-    from gateway.telemetry.audit import audit_files
-
     holds = load_holds(base.parent)
     if holds["case"]:
         return []
