@@ -44,7 +44,7 @@ from mcp_servers.core.http import (
     read_body,
     request_caller,
 )
-from mcp_servers.core.identity import RequestIdentity, refusal_log
+from mcp_servers.core.identity import RequestIdentity, check_tool_claim, refusal_log
 from mcp_servers.core.streams import EventStream
 from mcp_servers.core.transport import MODERN_ERROR_STATUS, SSE_HEADERS, UnsupportedVersion
 
@@ -205,6 +205,8 @@ class Bridge:
                 self.sessions.get(sid, owner).client_response(msg.raw)
             return web.Response(status=202)
         ctx = extract_context(msg, request.headers)
+        if msg.method == "tools/call":
+            check_tool_claim(request, ctx.tool)
         if msg.method == "initialize":
             if msg.kind != "request":
                 raise InvalidRequest("initialize must be a request with an id")

@@ -138,3 +138,14 @@ def decision_id_of(request: web.Request) -> str | None:
     if assertion is not None:
         return assertion.decision_id
     return request.headers.get(DECISION_ID_HEADER)
+
+
+def check_tool_claim(request: web.Request, tool: str | None) -> None:
+    """A tools/call must call the tool its assertion was issued for (the ``tool`` claim, when it
+    has one: ext_authz names the tool it allowed); raises InvalidAssertion ``tool_mismatch``."""
+    assertion = request.get(ASSERTION_KEY)
+    if assertion is None or assertion.tool is None or assertion.tool == tool:
+        return
+    exc = InvalidAssertion("the assertion was issued for another tool", code="tool_mismatch")
+    refusal_log(request, exc)
+    raise exc

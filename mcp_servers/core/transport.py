@@ -73,7 +73,12 @@ from mcp_servers.core.http import (
     read_body,
     request_caller,
 )
-from mcp_servers.core.identity import ASSERTION_KEY, RequestIdentity, decision_id_of, refusal_log
+from mcp_servers.core.identity import (
+    RequestIdentity,
+    check_tool_claim,
+    decision_id_of,
+    refusal_log,
+)
 from mcp_servers.core.observe import IS_ERROR, OK, CallRecorder
 from mcp_servers.core.server import MCPServer
 from mcp_servers.core.session import InFlight, Session, SessionStore
@@ -203,17 +208,6 @@ def track_inflight(session: Session, rid: str | int, task: asyncio.Task[Any],
     task.add_done_callback(forget)
 
 
-def _check_tool_claim(request: web.Request, tool: str | None) -> None:
-    """A tools/call must call the tool its assertion was issued for (the ``tool`` claim, when it
-    has one: ext_authz names the tool it allowed); raises InvalidAssertion ``tool_mismatch``."""
-    assertion = request.get(ASSERTION_KEY)
-    if assertion is None or assertion.tool is None or assertion.tool == tool:
-        return
-    exc = InvalidAssertion("the assertion was issued for another tool", code="tool_mismatch")
-    refusal_log(request, exc)
-    raise exc
-
-
 class Transport:
     """The per-application protocol state: sessions, in-flight requests, pending client requests."""
 
@@ -336,7 +330,7 @@ class Transport:
             return web.Response(status=202)
         mcp_ctx = extract_context(msg, request.headers)  # param types + Mcp-Method/Mcp-Name vs body
         if msg.method == "tools/call":
-            _check_tool_claim(request, mcp_ctx.tool)
+            check_tool_claim(request, mcp_ctx.tool)
         if mcp_ctx.tool is not None:
             span = trace.get_current_span()
             span.update_name(f"{msg.method} {mcp_ctx.tool}")
