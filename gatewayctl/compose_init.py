@@ -15,7 +15,11 @@ Under identity.assertion it also makes the caller assertion's key file (``identi
 public JWKS (``identity.jwks_file``) when the key file is missing (``mcp-gateway keys init``), and
 hands both to the services' user: the key file 0600 in a folder only ext_authz mounts, the JWKS
 0644 for Envoy, the servers and the aggregators. Rotation is ``mcp-gateway keys add|promote|retire``
-run as that user (deploy/compose/README.md)."""
+run as that user (deploy/compose/README.md).
+With ``--edge-src`` / ``--edge-out`` it also copies the edge certificate and key (``server.pem``,
+``server.key``, as ``mcp-gateway up`` makes them or the operator provides them) into the volume
+Envoy mounts, owned by Envoy's user: the host's copy of the key is private to the host user, whom
+Envoy's container user (101) is not."""
 
 from __future__ import annotations
 
@@ -116,6 +120,27 @@ def hand_out(config: GatewayConfig, out: Path, *, uid: int = SERVICE_UID,
     return changed
 
 
+EDGE_FILES = (("server.key", 0o600), ("server.pem", 0o644))  # key first, as in hand_out
+
+
+def hand_out_edge(src: Path, out: Path, *, envoy_uid: int = ENVOY_UID) -> bool:
+    """Copy the edge pair from ``src`` into ``out`` (a mounted volume) for Envoy's user; True
+    when a file changed. A missing file is an error naming it (Envoy cannot start without it)."""
+    if not out.is_dir():
+        raise StackError(f"{out} is not mounted (docker-compose.yml, pki-init: the edge-tls volume)")
+    changed = False
+    for name, mode in EDGE_FILES:
+        source = src / name
+        if not source.is_file():
+            raise StackError(f"{source}: the edge certificate's {name} is missing (MCP_GATEWAY_TLS_DIR: "
+                             f"run `mcp-gateway up` once, or put the organisation's pair there)")
+        changed = _install(source.read_bytes(), out / name, mode, envoy_uid) or changed
+    if os.geteuid() == 0:
+        os.chown(out, envoy_uid, envoy_uid)
+    os.chmod(out, 0o700)
+    return changed
+
+
 def ensure_assertion_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -> bool:
     """identity.keys made when missing (True), then both files and their folders (which must be
     mounted) given to ``uid``: the key file and its folder private, the JWKS readable by all."""
@@ -147,9 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rotate", action="store_true", help="reissue every pair")
     parser.add_argument("--uid", type=int, default=SERVICE_UID, help="owner of the Python services' files")
     parser.add_argument("--envoy-uid", type=int, default=ENVOY_UID, help="owner of Envoy's files")
+    parser.add_argument("--edge-src", type=Path, help="the edge pair (server.pem, server.key)")
+    parser.add_argument("--edge-out", type=Path, help="Envoy's edge TLS volume")
     args = parser.parse_args(argv)
+    if (args.edge_src is None) != (args.edge_out is None):
+        parser.error("--edge-src and --edge-out go together")
     try:
         config = load_config(args.config)
+        if args.edge_src is not None and hand_out_edge(args.edge_src, args.edge_out,
+                                                       envoy_uid=args.envoy_uid):
+            print(f"edge TLS: copied {args.edge_src} for Envoy")
         if config.identity.assertion and ensure_assertion_key(config, uid=args.uid):
             print(f"caller assertion: made {config.identity.keys} and {config.identity.jwks_file}")
         if not config.inner_tls.enabled:
