@@ -108,12 +108,25 @@ def assertion_args(config: GatewayConfig, name: str) -> tuple[str, ...]:
 
 def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tuple[str, ...]:
     """Flags every server built on mcp_servers.core takes: its own audit file (the writer locks
-    it, so one per instance) and the log level. Tracing reaches servers through the
+    it, so one per instance) in audit.dir, signed and sealed like ext_authz's (the subject key
+    store is the one in audit.dir; the master key comes in the secret audit.master_key names,
+    see ``audit_secrets``), and the log level. Tracing reaches servers through the
     OTEL_EXPORTER_OTLP_ENDPOINT environment variable."""
     audit = config.audit
     return ("--audit-file", str(Path(audit.dir) / f"{name}-{inst.port}.jsonl"),
             "--audit-max-bytes", str(audit.max_bytes), "--audit-keep", str(audit.keep),
+            "--audit-checkpoint-seconds", str(audit.checkpoint_seconds),
+            *(("--audit-signing-key", audit.signing_key) if audit.signing_key else ()),
+            *(("--audit-master-key-env", audit.master_key) if audit.master_key else ()),
+            *(("--audit-retention-days", str(audit.retention_days))
+              if audit.retention_days is not None else ()),
             "--log-level", config.telemetry.log_level, *assertion_args(config, name))
+
+
+def audit_secrets(config: GatewayConfig, env: tuple[str, ...]) -> tuple[str, ...]:
+    """``env`` plus the secret holding the audit master key, for a process that seals entries."""
+    key = config.audit.master_key
+    return (*env, key) if key and key not in env else env
 
 
 # Envoy's hot restart (`mcp-gateway reload`): the new Envoy takes the listening sockets over, the
@@ -177,8 +190,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
     key_ring += tuple(dict.fromkeys(n for s in config.servers
                                     for n in credential_secrets(s.credentials)))
     # The audit master key: ext_authz seals the personal fields of its entries under it.
-    if config.audit.master_key and config.audit.master_key not in key_ring:
-        key_ring += (config.audit.master_key,)
+    key_ring = audit_secrets(config, key_ring)
     for i, inst in enumerate(config.ext_authz.instances):
         out.append(Component("ext_authz", i, inst.host, inst.port,
                              (py, "-m", mods["ext_authz"], *config_args, "--port", str(inst.port)),
@@ -219,7 +231,8 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                  (py, "-m", server.module, "--host", inst.host,
                                   "--port", str(inst.port), *_server_common_args(config, server.name, inst),
                                   *server.args),
-                                 Probe("http", inst.host, inst.port, "/ready"), env=server.env,
+                                 Probe("http", inst.host, inst.port, "/ready"),
+                                 env=audit_secrets(config, server.env),
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     out += aggregators(config)
     envoy_argv = envoy_command(config)

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -16,6 +17,8 @@ from gateway import inner_tls
 from gateway.inner_peers import guard_app
 from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
+from gateway.telemetry.audit_chain import CheckpointSigner
+from gateway.telemetry.audit_keys import SubjectKeyStore, parse_master_key
 from gateway.telemetry.metrics import add_metrics_route
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_servers.core.identity import add_assertion_arguments, identity_context
@@ -67,10 +70,10 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
 
     if settings.audit_file is not None:
         async def audit_ctx(_app: web.Application) -> AsyncIterator[None]:
-            writer = audit_writer(server, settings)
-            assert writer is not None
-            async for _ in transport.recorder.run_audit(writer):
-                yield
+            async with audit_trail(server, settings) as writer:
+                assert writer is not None
+                async for _ in transport.recorder.run_audit(writer):
+                    yield
 
         app.cleanup_ctx.append(audit_ctx)
     for lifespan in server.lifespans:
@@ -90,15 +93,33 @@ def make_app(server: MCPServer, settings: ServerSettings | None = None) -> web.A
     return app
 
 
-def audit_writer(server: MCPServer, settings: ServerSettings) -> AuditWriter | None:
-    """The audit trail ``settings`` ask for (None: no server-side audit); opened by its lifespan."""
+@contextlib.asynccontextmanager
+async def audit_trail(server: MCPServer, settings: ServerSettings) -> AsyncIterator[AuditWriter | None]:
+    """The audit trail ``settings`` ask for (None: no server-side audit), not started yet (the
+    recorder's lifespan opens and closes it), signing and sealing like ext_authz's; the subject
+    key store it seals with closes after it."""
     if settings.audit_file is None:
-        return None
-    exporter = None
-    if settings.audit_otlp_export and settings.otlp_endpoint:
-        exporter = OtlpAuditExporter(settings.otlp_endpoint, server.name)
-    return AuditWriter(settings.audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
-                       timeout=settings.audit_timeout, exporter=exporter)
+        yield None
+        return
+    # A configured checkpoint key that cannot be loaded fails start-up (ValueError names the key).
+    signer = CheckpointSigner.from_file(settings.audit_signing_key) if settings.audit_signing_key else None
+    keys = None
+    if settings.audit_master_key is not None:
+        # The store beside the file: in the dev stack that is audit.dir, shared with ext_authz and
+        # the one `mcp-gateway audit erase` destroys keys in. Opening may wait on its write lock.
+        keys = await asyncio.to_thread(SubjectKeyStore, Path(settings.audit_file).parent,
+                                       settings.audit_master_key)
+    try:
+        exporter = None
+        if settings.audit_otlp_export and settings.otlp_endpoint:
+            exporter = OtlpAuditExporter(settings.otlp_endpoint, server.name)
+        yield AuditWriter(settings.audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
+                          timeout=settings.audit_timeout, exporter=exporter, signer=signer,
+                          checkpoint_seconds=settings.audit_checkpoint_seconds, keys=keys,
+                          retention_days=settings.audit_retention_days)
+    finally:
+        if keys is not None:
+            keys.close()
 
 
 def transport_of(app: web.Application) -> Transport:
@@ -132,6 +153,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rotated audit files to keep")
     parser.add_argument("--audit-otlp-export", action="store_true",
                         help="also ship audit entries as OTLP logs to --otlp-endpoint")
+    parser.add_argument("--audit-signing-key", default=None, metavar="FILE",
+                        help="Ed25519 private key (PEM) signing the audit chain's checkpoints "
+                             "(audit.signing_key; default: unsigned)")
+    parser.add_argument("--audit-checkpoint-seconds", type=float, default=defaults.audit_checkpoint_seconds,
+                        help="write a checkpoint of the audit chain at least this often")
+    parser.add_argument("--audit-master-key-env", default=None, metavar="NAME",
+                        help="environment variable holding the audit master key (audit.master_key: "
+                             "base64url, 32 bytes): personal fields are sealed per subject, keys in "
+                             "subject-keys.sqlite beside the audit file (default: in clear)")
+    parser.add_argument("--audit-retention-days", type=float, default=None,
+                        help="remove rotated audit files older than this (audit.retention_days)")
     add_assertion_arguments(parser)
 
 
@@ -139,6 +171,14 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     def split(value: str) -> tuple[str, ...]:
         return tuple(v.strip() for v in value.split(",") if v.strip())
+    master = None
+    if args.audit_master_key_env:
+        # Read here, once: a missing or malformed key fails start-up naming the variable.
+        name = args.audit_master_key_env
+        if not os.environ.get(name):
+            raise ValueError(f"audit.master_key: the secret {name} (--audit-master-key-env) is not set "
+                             "in this process's environment")
+        master = parse_master_key(os.environ[name], f"audit.master_key ({name})")
     return ServerSettings(host=args.host, port=args.port, path=args.path,
                           allowed_origins=split(args.allowed_origins),
                           allowed_hosts=split(args.allowed_hosts), max_body_bytes=args.max_body_bytes,
@@ -146,6 +186,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           otlp_endpoint=args.otlp_endpoint or None, audit_file=args.audit_file,
                           audit_max_bytes=args.audit_max_bytes, audit_keep=args.audit_keep,
                           audit_otlp_export=args.audit_otlp_export,
+                          audit_signing_key=args.audit_signing_key,
+                          audit_checkpoint_seconds=args.audit_checkpoint_seconds,
+                          audit_master_key=master, audit_retention_days=args.audit_retention_days,
                           assertion_jwks=args.assertion_jwks, assertion_issuer=args.assertion_issuer,
                           assertion_audience=args.assertion_audience)
 
@@ -205,7 +248,8 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
 
     async def main() -> None:
         if protocol_out is not None:
-            await serve_stdio(server, settings, stop_event(), protocol_out, audit_writer(server, settings))
+            async with audit_trail(server, settings) as audit:
+                await serve_stdio(server, settings, stop_event(), protocol_out, audit)
         else:
             await run_server(server, settings, stop_event())
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gateway.jsonrpc import DEFAULT_MAX_BYTES, DEFAULT_MAX_DEPTH
 
@@ -47,6 +47,14 @@ class ServerSettings:
     audit_keep: int = 10
     audit_timeout: float = 5.0
     audit_otlp_export: bool = False
+    # Tamper evidence and crypto-shredding, as ext_authz's trail (docs/compliance.md): the Ed25519
+    # key (PEM file) signing the chain's checkpoints (None: unsigned) and how often one is written;
+    # the master key (32 bytes) sealing the personal fields under per-subject keys kept in
+    # subject-keys.sqlite beside the audit file (None: in clear); rotated files' retention in days.
+    audit_signing_key: str | None = None
+    audit_checkpoint_seconds: float = 60.0
+    audit_master_key: bytes | None = field(default=None, repr=False)
+    audit_retention_days: float | None = None
     # The gateway's caller assertion (mcp_servers.core.identity): its published JWKS (a file or
     # an http(s) URL; None: no assertion, the identity headers name the caller), the gateway's
     # issuer (its public URL), this server's resource id (the `aud`), the clock skew allowed.
@@ -64,7 +72,7 @@ class ServerSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("client_request_timeout", "session_idle_timeout", "sse_keepalive",
-                     "shutdown_timeout", "audit_max_bytes", "audit_timeout"):
+                     "shutdown_timeout", "audit_max_bytes", "audit_timeout", "audit_checkpoint_seconds"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if not 0 <= self.port <= 65535:
@@ -73,6 +81,13 @@ class ServerSettings:
             raise ValueError("audit_keep must be >= 0")
         if self.audit_file is not None and not self.audit_file.strip():
             raise ValueError("audit_file is empty")
+        if self.audit_file is None and (self.audit_signing_key or self.audit_master_key is not None
+                                        or self.audit_retention_days is not None):
+            raise ValueError("audit signing, sealing and retention need an audit file")
+        if self.audit_master_key is not None and len(self.audit_master_key) != 32:
+            raise ValueError("audit_master_key must be 32 bytes")
+        if self.audit_retention_days is not None and self.audit_retention_days <= 0:
+            raise ValueError("audit_retention_days must be > 0")
         if self.audit_otlp_export and not (self.audit_file and self.otlp_endpoint):
             raise ValueError("audit OTLP export needs an audit file and an OTLP endpoint")
         if self.assertion_jwks is not None and not (self.assertion_issuer and self.assertion_audience):
