@@ -1,5 +1,6 @@
 """The running stack's audit trail with a checkpoint key and a master key: calls are audited in
-signed, sealed chains; `mcp-gateway audit verify`, `export` and `erase` work on it."""
+signed, sealed chains (ext_authz's and the MCP servers' own); `mcp-gateway audit verify`,
+`export` and `erase` work on it."""
 
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ async def _export(config: Path, sub: str, tmp: Path) -> list[dict[str, Any]]:
 
 async def test_signed_sealed_trail_verifies_exports_and_erases(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two callers' calls land sealed in ext_authz's chain (the dev stack made the signing key and
-    the master key); verify passes, export returns each caller's entries, erasing one makes their
-    ext_authz entries unreadable, leaves the other's readable and the trail verifiable."""
+    """Two callers' calls land sealed in ext_authz's chain and in the MCP server's own (the dev
+    stack made the signing key and the master key and handed both to each); verify
+    --require-signed passes, export returns each caller's entries, erasing one makes all their
+    entries unreadable, leaves the other's readable and the trail verifiable."""
     policies = tmp_path / "policies"
     shutil.copytree(REPO / "policies", policies, ignore=shutil.ignore_patterns("*_test.rego"))
     data: dict[str, Any] = json.loads((policies / "data.json").read_text(encoding="utf-8"))
@@ -66,16 +68,18 @@ async def test_signed_sealed_trail_verifies_exports_and_erases(tmp_path: Path,
         for sub in ("alice", "bob", "alice"):
             reply = await stateless_call(stack, "whoami", bearer(config, "admin", sub=sub), "whoami")
             assert reply.status_code == 200, reply.text
-    trail = b"".join(p.read_bytes() for p in (state / "audit").glob("ext_authz-*.jsonl"))
-    assert b'"pii"' in trail and b"alice" not in trail and b"bob" not in trail
-    assert await cli(path, "verify") == 0
+    # Stopped: each writer closed its chain with a signed checkpoint.
+    for pattern in ("ext_authz-*.jsonl", "whoami-*.jsonl"):
+        trail = b"".join(p.read_bytes() for p in (state / "audit").glob(pattern))
+        assert b'"pii"' in trail and b"alice" not in trail and b"bob" not in trail, pattern
+    assert await cli(path, "verify", "--require-signed") == 0
     alice = await _export(path, "alice", tmp_path)
-    # ext_authz's sealed entries, and the MCP server's own result entries (kept in clear: the
-    # servers do not seal, docs/compliance.md "Limits").
+    # ext_authz's decision entries and the MCP server's own result entries, both opened.
     assert sorted(e["service"] for e in alice) == ["ext_authz", "ext_authz", "whoami", "whoami"]
     assert all(e["sub"] == "alice" for e in alice)
     assert await cli(path, "erase", "--sub", "alice") == 0
-    assert [e["service"] for e in await _export(path, "alice", tmp_path)] == ["whoami", "whoami"]
+    assert await _export(path, "alice", tmp_path) == []
     bob = await _export(path, "bob", tmp_path)
     assert sorted(e["service"] for e in bob) == ["ext_authz", "whoami"]
-    assert await cli(path, "verify") == 0
+    assert all(e["sub"] == "bob" for e in bob)
+    assert await cli(path, "verify", "--require-signed") == 0
