@@ -211,7 +211,8 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
     state = ctx.work / (f"state-{transport}" if transport else "state")
     raw["state_dir"] = str(state)
     # Every path absolute: the services run in the config file's folder, not the checkout.
-    raw["audit"] = {**raw.get("audit", {}), "dir": str(state / "audit")}
+    raw["audit"] = {**raw.get("audit", {}), "dir": str(state / "audit"),
+                    "signing_key": str(state / "keys" / "audit-signing.pem")}
     raw["catalog"] = {**raw.get("catalog", {}), "path": str(state / "catalog.sqlite")}
     raw["tls"] = {**raw["tls"], "cert_file": str(ctx.cert_file), "key_file": str(ctx.key_file)}
     raw["issuers"][0]["jwks_url"] = f"http://127.0.0.1:{free_port()}/jwks.json"

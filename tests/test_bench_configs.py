@@ -9,10 +9,17 @@ from bench.configs import RunContext, load_gateway_config
 
 
 def test_bench_gateway_config_loads(tmp_path: Path) -> None:
+    """Each bench config loads, and the keys the dev stack makes for it lie in its own state
+    folder (a key path left relative to the checkout is refused at start-up)."""
+    from gatewayctl.devstack.credentials import ensure_audit_key
+
     for transport in (None, "grpc", "http"):
         config = load_gateway_config(RunContext(tmp_path / (transport or "default")), transport)
         assert [s.name for s in config.servers] == ["bench"]
         assert not config.aggregate.enabled
+        ensure_audit_key(config)
+        assert config.audit.signing_key is not None
+        assert Path(config.audit.signing_key).is_relative_to(config.state_dir)
 
 
 def test_trust_variants_load_with_their_switches(tmp_path: Path) -> None:
