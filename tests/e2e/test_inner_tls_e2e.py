@@ -85,6 +85,10 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         # As shipped in compose and Kubernetes: the servers take the caller from the gateway's
         # signed assertion only, so both trust mechanisms run together here.
         "identity": {"assertion": True},
+        # The rotation test's unpaced load must never meet the per-user limit (50/s by default):
+        # every failure it counts is then the rotation's.
+        "rate_limits": {"backend": "memory", "per_user": {"rate_per_second": 100000,
+                                                          "burst": 100000}},
     }
     path = stack_config(tmp, servers=servers, ext_authz=1, extra=extra,
                         authz_transport=request.param)
