@@ -92,6 +92,10 @@ class _Checkpoints:
         self._it = _lines(path) if path.exists() else iter(())
         self.current: tuple[int, dict[str, Any]] | None = None
         self._last_seq = -1
+        # The seq of the first signed checkpoint: a writer that gained a signing key (an
+        # upgrade, or signing turned on) signs from there on; an unsigned one after it means a
+        # signature was stripped.
+        self.first_signed_seq: int | None = None
 
     def advance(self) -> Problem | None:
         """Move to the next checkpoint (``current`` None at the end); a bad one is a problem."""
@@ -114,11 +118,17 @@ class _Checkpoints:
             if seq <= self._last_seq:
                 return Problem(self.path.name, n, "checkpoints out of order (altered)")
             if record.get("sig") is None:
+                if self.first_signed_seq is not None and self.public is not None:
+                    return Problem(self.path.name, n, "unsigned checkpoint after a signed one "
+                                                      "(signature stripped: altered)")
                 self.report.unsigned_checkpoints += 1
-            elif self.public is not None:
-                if not checkpoint_signature_ok(record, self.public):
-                    return Problem(self.path.name, n, "checkpoint signature is not valid")
-                self.report.signed_checkpoints += 1
+            else:
+                if self.first_signed_seq is None:
+                    self.first_signed_seq = seq
+                if self.public is not None:
+                    if not checkpoint_signature_ok(record, self.public):
+                        return Problem(self.path.name, n, "checkpoint signature is not valid")
+                    self.report.signed_checkpoints += 1
             self.report.checkpoints += 1
             self._last_seq = seq
             self.current = (n, record)
@@ -130,8 +140,10 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None, *,
                  require_signed: bool = False) -> ChainReport:
     """Check the chain of audit file ``base`` (with its rotated files); see the module docstring.
 
-    With ``public`` every signed checkpoint (and the anchor) must carry a valid signature, and a
-    chain must not mix signed and unsigned checkpoints; with ``require_signed`` too, a chain with
+    With ``public`` every signed checkpoint (and the anchor) must carry a valid signature, and
+    once a writer signs it signs every later checkpoint and anchor (unsigned ones are accepted
+    only before the first signed one: a trail that gained a signing key, whose earlier entries
+    the first signed checkpoint's hash covers); with ``require_signed`` too, a chain with
     entries must have a signed checkpoint (a writer without the key fails).
     """
     base = Path(base)
@@ -145,13 +157,15 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None, *,
     # Where the chain legitimately starts: after the last entry retention or rotation removed.
     anchor = read_anchor(base)
     anchor_seq, anchor_hash = -1, GENESIS
+    unsigned_anchor = False
     if anchor is not None:
         name = anchor_path(base).name
         if anchor.get("file") != f"{base.name}:anchor" or not isinstance(anchor.get("seq"), int):
             report.problem = Problem(name, None, "anchor is not valid (altered)")
             return report
         if anchor.get("sig") is None:
-            report.unsigned_checkpoints += 1  # its writer has no key; a mix with signed ones fails
+            report.unsigned_checkpoints += 1  # written before its writer had a key (checked below)
+            unsigned_anchor = True
         elif public is not None and not checkpoint_signature_ok(anchor, public):
             report.problem = Problem(name, None, "anchor signature is not valid")
             return report
@@ -236,9 +250,11 @@ def verify_chain(base: str | Path, public: Ed25519PublicKey | None = None, *,
                                  f"trail truncated: it ends at seq {report.last_seq} but checkpoint "
                                  f"{cps.path.name}:{cps.current[0]} covers seq {cps.current[1]['seq']}")
         return report
-    if public is not None and report.signed_checkpoints and report.unsigned_checkpoints:
-        # One writer signs all its checkpoints or none: a mix means signatures were stripped.
-        report.problem = Problem(cps.path.name, None, "signed and unsigned checkpoints mixed (altered)")
+    if public is not None and unsigned_anchor and cps.first_signed_seq is not None \
+            and cps.first_signed_seq <= anchor_seq:
+        # The writer signed before it dropped these files: its anchor was signed too.
+        report.problem = Problem(anchor_path(base).name, None,
+                                 "unsigned anchor after signed checkpoints (signature stripped: altered)")
     elif public is not None and require_signed and report.entries and not report.signed_checkpoints:
         report.problem = Problem(base.name, None, "no signed checkpoint covers this chain")
     return report

@@ -148,13 +148,26 @@ async def test_forged_checkpoint_and_wrong_key_fail(tmp_path: Path, key: Path) -
     assert report.ok and report.unsigned_checkpoints >= 1  # a writer without the key: reported
     report = verify_chain(unsigned, load_public_key(key), require_signed=True)
     assert report.problem is not None and "no signed checkpoint" in report.problem.message
-    # Stripping one signature from a signed chain is caught.
+    # Stripping a signature after which none follows is caught (the last checkpoint's).
     cps = path.with_name(path.name + ".checkpoints")
     records = [orjson.loads(line) for line in cps.read_bytes().splitlines()]
-    records[0]["sig"] = None
+    assert len(records) >= 2
+    records[-1]["sig"] = None
     cps.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
     report = check(path, key)
-    assert report.problem is not None and "mixed" in report.problem.message
+    assert report.problem is not None and "signature stripped" in report.problem.message
+
+
+async def test_a_trail_that_gains_a_signing_key_verifies_signed(tmp_path: Path, key: Path) -> None:
+    """A writer without a key, then the same chain continued with one (signing turned on, as the
+    default config now does): unsigned checkpoints before the first signed one are accepted,
+    since its hash covers every earlier entry, and the chain passes require_signed."""
+    path = tmp_path / "a.jsonl"
+    await write_trail(path, None, 5, max_bytes=1 << 20)
+    await write_trail(path, key, 5, max_bytes=1 << 20)
+    report = verify_chain(path, load_public_key(key), require_signed=True)
+    assert report.ok, report.problem
+    assert report.entries == 10 and report.unsigned_checkpoints >= 1 and report.signed_checkpoints >= 1
 
 
 async def test_verify_dir_checks_every_chain(tmp_path: Path, key: Path) -> None:

@@ -165,3 +165,24 @@ async def test_rotating_out_a_pre_chain_file_and_a_bad_holds_file_keep_the_write
         for n in range(1, 30):
             await writer.write(entry(n, OLD))
     assert [e["request_id"] for e in iter_audit_all(path)][-1] == "r29"
+
+
+async def test_a_stripped_anchor_signature_fails(tmp_path: Path, signer: CheckpointSigner) -> None:
+    """The anchor a signing writer wrote after signed checkpoints must stay signed: one whose
+    signature was removed (to move where the chain starts) fails verification."""
+    import orjson
+
+    from gateway.telemetry.audit_retention import anchor_path
+
+    path = tmp_path / "a.jsonl"
+    await write(path, signer, [entry(n, OLD) for n in range(12)])
+    await write(path, signer, [entry(n) for n in range(12, 30)], retention_days=30, prune_interval=0.0)
+    public = load_public_key(tmp_path / "k.pem")
+    assert verify_chain(path, public).ok
+    anchor = anchor_path(path)
+    record = orjson.loads(anchor.read_bytes())
+    assert record.get("sig") is not None
+    record["sig"] = None
+    anchor.write_bytes(orjson.dumps(record) + b"\n")
+    report = verify_chain(path, public)
+    assert report.problem is not None and "signature stripped" in report.problem.message
