@@ -370,6 +370,24 @@ class AggregateConfig:
     inner_listener: Instance | None = None
 
 
+# The console's Rego decision (policies/console.rego) and its session lifetime bounds.
+DEFAULT_CONSOLE_ENTRYPOINT = "mcp/console/decision"
+CONSOLE_PATH = "/console"
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig:
+    """The web console served behind Envoy at ``<public_url>/console`` (docs/console.md): its
+    processes (``instances``; sessions live in memory, so Envoy keeps each browser on one), the
+    Rego decision that admits a signed-in user (``entrypoint``) and how long a session lasts at
+    most (never past the token's ``exp``)."""
+
+    enabled: bool = False
+    instances: tuple[Instance, ...] = ()
+    entrypoint: str = DEFAULT_CONSOLE_ENTRYPOINT
+    session_seconds: int = 3600
+
+
 @dataclass(frozen=True, slots=True)
 class VirtualServerConfig:
     """A curated selection of tools served at ``/mcp/<name>`` with the aggregate machinery.
@@ -451,6 +469,8 @@ class GatewayConfig:
     # The caller assertion ext_authz signs for upstreams (docs/identity.md); off when absent.
     identity: IdentityConfig = IdentityConfig()
     inner_tls: InnerTlsConfig = InnerTlsConfig()
+    # The web console at /console (off when the config has no console: section).
+    console: ConsoleConfig = ConsoleConfig()
     # Names of secrets (environment variables) the dev stack hands to the processes that list
     # them in `env`: taken from its own environment, else generated once into state_dir/secrets.
     secrets: tuple[str, ...] = ()
@@ -472,6 +492,10 @@ class GatewayConfig:
         """The `aud` of the caller assertions for one server: servers.<name>.audience, else its
         resource identifier."""
         return self.server(server).audience or self.resource_url(server)
+
+    def console_url(self) -> str:
+        """The resource identifier (token audience) of the web console."""
+        return f"{self.public_url.rstrip('/')}{CONSOLE_PATH}"
 
     def aggregate_url(self, virtual: str | None = None) -> str:
         """The resource identifier of the aggregate endpoint /mcp, or of a virtual server."""
@@ -858,7 +882,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     top = _only(raw, {"listen", "public_url", "admin", "tls", "issuers", "auth", "policy",
                       "rate_limits", "ext_authz", "ext_proc", "servers", "state_dir", "identity",
                       "max_request_bytes", "telemetry", "audit", "catalog", "backends",
-                      "secrets", "envoy", "aggregate", "virtual_servers", "inner_tls"}, "config")
+                      "secrets", "envoy", "aggregate", "virtual_servers", "inner_tls",
+                      "console"}, "config")
 
     def path(p: str) -> str:
         return str((base_dir / os.path.expandvars(p)).resolve()) if p else p
@@ -923,6 +948,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
+    console = _console(top.get("console"))
     _refuse_shared_audiences(servers, public_url, [v.name for v in virtual_servers])
 
     backends = []
@@ -957,6 +983,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         default_audiences = [f"{base}/{n}" for n in names]
         if aggregate.enabled:
             default_audiences += [base, *(f"{base}/{v.name}" for v in virtual_servers)]
+        if console.enabled:
+            default_audiences.append(f"{public_url.rstrip('/')}{CONSOLE_PATH}")
         audiences = tuple(_take(idata, "audiences", list, where, default_audiences))
         issuers.append(IssuerConfig(_take(idata, "issuer", str, where),
                                     _take(idata, "jwks_url", str, where), audiences, algs))
@@ -1045,7 +1073,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         *((f"backends.{b.name}.instance", b.instance) for b in backends),
         *((f"aggregate.instances[{i}]", inst) for i, inst in enumerate(aggregate.instances)),
         *((("aggregate.inner_listener", aggregate.inner_listener),)
-          if aggregate.inner_listener is not None else ())])
+          if aggregate.inner_listener is not None else ()),
+        *((f"console.instances[{i}]", inst) for i, inst in enumerate(console.instances))])
 
     identity = _identity(top.get("identity"), path, state_dir)
     for server in servers:
@@ -1062,7 +1091,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         ext_authz=ext_authz,
         ext_proc=ext_proc,
         servers=tuple(servers), backends=tuple(backends), secrets=secrets, envoy=envoy,
-        aggregate=aggregate, virtual_servers=virtual_servers,
+        aggregate=aggregate, virtual_servers=virtual_servers, console=console,
         identity=identity,
         inner_tls=_inner_tls(top.get("inner_tls"), path, state_dir),
         state_dir=state_dir,
@@ -1155,6 +1184,24 @@ def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:
         raise ConfigError(f"aggregate.session_keys: {keys!r} is not listed in secrets (it holds the "
                           f"keys that seal aggregate session ids)")
     return AggregateConfig(enabled, instances, keys, inner)
+
+
+def _console(raw: Any) -> ConsoleConfig:
+    """The console: section. Absent: no console."""
+    if raw is None:
+        return ConsoleConfig()
+    data = _only(raw, {f.name for f in fields(ConsoleConfig)}, "console")
+    enabled = _take(data, "enabled", bool, "console", True)
+    instances = _instances(data.get("instances"), "console.instances", 1) \
+        if enabled or "instances" in data else ()
+    entrypoint = _take(data, "entrypoint", str, "console", DEFAULT_CONSOLE_ENTRYPOINT)
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*(/[a-z_][a-z0-9_]*)+", entrypoint):
+        raise ConfigError(f"console.entrypoint must be a Rego rule path like "
+                          f"{DEFAULT_CONSOLE_ENTRYPOINT!r}, got {entrypoint!r}")
+    seconds = _take(data, "session_seconds", int, "console", 3600)
+    if not 60 <= seconds <= 86_400:
+        raise ConfigError(f"console.session_seconds must be an integer from 60 to 86400, got {seconds}")
+    return ConsoleConfig(enabled, instances, entrypoint, seconds)
 
 
 def _inner_tls(raw: Any, path: Callable[[str], str], state_dir: str) -> InnerTlsConfig:

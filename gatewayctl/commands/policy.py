@@ -11,16 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.caller import Caller
 from gateway.config import ConfigError, load_config
 from gateway.errors import GatewayError
-from gateway.jsonrpc import parse_message
-from gateway.mcp import NAME_PARAM, extract_context
 from gateway.policy.decision import ContractViolation, check_decision
 from gateway.policy.errors import PolicyError
-from gateway.policy.input import build_policy_input
 from gateway.policy.reference import ReferenceEngine
 from gateway.policy.rego import CompiledPolicy, PolicySources, load_sources
+from gateway.policy.simulate import simulated_input
 from gateway.policy.static import describe, is_warning, run_check
 from gateway.policy.testing import (
     TestResult,
@@ -220,29 +217,17 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         if not sep or not name.strip():
             raise ValueError(f"--header {item!r}: expected NAME:VALUE")
         headers[lead + name.strip().lower()] = value.strip()
-    ctx = None
-    body = None
-    if args.method == "POST":
+    request = None
+    if args.request is not None:
         req = args.request
-        if req is None:
-            raise ValueError("--request is required for a POST")
-        body_text = Path(req[1:]).read_bytes() if req.startswith("@") else req.encode()
-        msg = parse_message(body_text)
-        # A simulated request: supply the SEP-2243 headers a conforming client would send.
-        if msg.method is not None:
-            headers.setdefault("mcp-method", msg.method)
-            key = NAME_PARAM.get(msg.method)
-            if key and isinstance(msg.params.get(key), str):
-                headers.setdefault("mcp-name", msg.params[key])
-        ctx = extract_context(msg, headers)
-        body = msg.raw
-    elif args.request is not None:
+        request = Path(req[1:]).read_bytes() if req.startswith("@") else req.encode()
+    elif args.method == "POST":
+        raise ValueError("--request is required for a POST")
+    if request is not None and args.method != "POST":
         raise ValueError(f"a {args.method} request carries no JSON-RPC message: drop --request")
-    resource = f"{public_url.rstrip('/')}/mcp/{args.server}"
-    return build_policy_input(
-        ctx, caller=Caller.from_claims(claims), server_name=args.server, server_resource=resource,
-        body=body, headers=headers, method=args.method, path=f"/mcp/{args.server}",
-        host=resource.split("/")[2], session=session, now=args.now)
+    # The console's playground builds its input with the same function.
+    return simulated_input(claims=claims, request=request, public_url=public_url, server=args.server,
+                           method=args.method, headers=headers, session=session, now=args.now)
 
 
 # `policy eval` exit codes, so a script or CI job can assert a decision.

@@ -1,0 +1,34 @@
+package mcp.console_test
+
+import rego.v1
+
+import data.mcp.console
+
+test_admin_views if {
+	console.decision.allow with input.token as {"sub": "a", "roles": ["admin"]} with input.console as {"action": "view"}
+}
+
+test_security_approves if {
+	console.decision.allow with input.token as {"sub": "s", "roles": ["viewer", "security"]} with input.console as {"action": "approve"}
+}
+
+test_viewer_refused if {
+	d := console.decision with input.token as {"sub": "v", "roles": ["viewer"]} with input.console as {"action": "view"}
+	not d.allow
+	d.reason == "console_role_required"
+	d.http_status == 403
+}
+
+test_no_roles_refused if {
+	not console.decision.allow with input.token as {"sub": "n"} with input.console as {"action": "view"}
+}
+
+test_roles_not_a_list_refused if {
+	not console.decision.allow with input.token as {"sub": "n", "roles": "admin"} with input.console as {"action": "view"}
+}
+
+test_unknown_action_refused if {
+	d := console.decision with input.token as {"sub": "a", "roles": ["admin"]} with input.console as {"action": "delete"}
+	not d.allow
+	d.reason == "unknown_console_action"
+}
