@@ -14,8 +14,9 @@ from types import ModuleType
 # wait for the catalog's imports.
 COMMANDS = {"up": "stack", "down": "stack", "reload": "stack", "restart": "stack",
             "status": "stack", "token": "stack", "config": "stack", "policy": "policy",
-            "catalog": "catalog", "credentials": "credentials", "keys": "keys", "audit": "audit"}
-GROUPS = ("stack", "policy", "catalog", "credentials", "keys", "audit")
+            "catalog": "catalog", "credentials": "credentials", "keys": "keys", "audit": "audit",
+            "workflow": "workflow"}
+GROUPS = ("stack", "policy", "catalog", "credentials", "keys", "audit", "workflow")
 
 
 def _named_group(argv: list[str]) -> str | None:

@@ -1,0 +1,77 @@
+"""``mcp-gateway workflow validate FILE...``: check workflow files before deployment.
+
+Each file is parsed and checked like the workflow server does at start (keys, input schema,
+references, dependency cycles), then every step's and compensation's server against the gateway
+config and, where the tool catalog has seen that server, the tool against its known tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config
+from mcp_servers.workflow.spec import SELF_SERVER, SpecError, Workflow, check_targets, load_file
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    wf = sub.add_parser("workflow", help="workflow files of the workflow server (docs/workflows.md)")
+    wsub = wf.add_subparsers(dest="workflow_command", required=True)
+    val = wsub.add_parser("validate", help="check workflow files: keys, schemas, references, cycles, "
+                                           "servers and tools")
+    val.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    val.add_argument("--catalog", type=Path, default=None,
+                     help="tool catalog to check tool names against (default: catalog.path of the "
+                          "config, when that file exists; servers it has not seen are checked by name)")
+    val.add_argument("--no-catalog", action="store_true", help="check servers only, not tools")
+    wf.set_defaults(func=run)
+
+
+def known_tools(path: Path | None, servers: list[str]) -> dict[str, frozenset[str] | None]:
+    """Each server -> the tools the catalog lists for it (None: the catalog has not seen it)."""
+    known: dict[str, frozenset[str] | None] = dict.fromkeys(servers)
+    if path is None or not path.exists():
+        return known
+    from gateway.catalog.store import Catalog  # the catalog's imports only when it is read
+    with Catalog(path) as catalog:
+        for server in servers:
+            names = frozenset(e.name for e in catalog.entries(server, kind="tool") if e.present)
+            known[server] = names or None
+    return known
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mcp-gateway workflow: {exc}", file=sys.stderr)
+        return 2
+    servers = [s.name for s in config.servers if s.name != SELF_SERVER]
+    catalog = None if args.no_catalog else (args.catalog or Path(config.catalog.path))
+    tools = known_tools(catalog, servers)
+    problems: list[str] = []
+    names: dict[str, Path] = {}
+    loaded: list[Workflow] = []
+    for path in args.files:
+        try:
+            wf = load_file(path)
+        except SpecError as exc:
+            problems.append(str(exc))
+            continue
+        if wf.name in names:
+            problems.append(f"{path}: name: {wf.name!r} is also the name in {names[wf.name]}")
+        names[wf.name] = path
+        loaded.append(wf)
+        problems.extend(check_targets(wf, tools))
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    unchecked = sorted({c.server for wf in loaded for _, c in wf.calls()
+                        if c.server in tools and tools[c.server] is None})
+    if not problems:
+        for wf in loaded:
+            print(f"{wf.source}: ok ({wf.name}, {len(wf.steps)} steps)")
+        if unchecked and not args.no_catalog:
+            print(f"note: tool names not checked for {', '.join(unchecked)} (not in the catalog"
+                  f"{' ' + str(catalog) if catalog else ''})")
+    return 1 if problems else 0

@@ -1,0 +1,59 @@
+"""``mcp-gateway workflow validate``: exit codes and errors naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from gateway.catalog.store import Catalog
+from gatewayctl.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config_with_catalog(tmp: Path, tools: dict[str, list[str]]) -> Path:
+    """The embedded default config, its catalog in ``tmp`` holding ``tools``."""
+    raw = yaml.safe_load((REPO / "gateway" / "default_config.yaml").read_text())
+    raw["catalog"]["path"] = str(tmp / "catalog.sqlite")
+    raw["state_dir"] = str(tmp / "state")
+    path = tmp / "gateway.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with Catalog(tmp / "catalog.sqlite") as catalog:
+        for server, names in tools.items():
+            catalog.refresh(server, [{"name": n, "inputSchema": {"type": "object"}} for n in names])
+    return path
+
+
+def test_shipped_example_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The shipped example passes against the default config and a catalog with its tools."""
+    config = config_with_catalog(tmp_path, {"erp": ["createOrder", "cancelOrder"],
+                                            "files": ["write_file"], "database": ["query"]})
+    rc = main(["--config", str(config), "workflow", "validate",
+               str(REPO / "workflows/order_to_invoice.yaml")])
+    assert rc == 0, capsys.readouterr().err
+    assert "ok (order_to_invoice, 4 steps)" in capsys.readouterr().out
+
+
+def test_unknown_tool_and_server_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tool the catalog does not know for its server, and a server not configured, exit 1."""
+    config = config_with_catalog(tmp_path, {"files": ["read_file"]})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "name": "bad", "description": "d",
+        "steps": [{"id": "a", "server": "files", "tool": "write_file"},
+                  {"id": "b", "server": "crm", "tool": "x"}]}))
+    rc = main(["--config", str(config), "workflow", "validate", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{bad}: steps[0].tool: server 'files' has no tool 'write_file'" in err
+    assert f"{bad}: steps[1].server: unknown server 'crm'" in err
+
+
+def test_spec_error_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A schema error in a file exits 1 naming the file and key."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\ndescription: d\nsteps: []\n")
+    assert main(["workflow", "validate", "--no-catalog", str(bad)]) == 1
+    assert f"{bad}: steps: must be a non-empty list" in capsys.readouterr().err
