@@ -23,7 +23,8 @@ def test_every_command_is_registered_by_its_group() -> None:
     parser = build_parser([])
     full = {"config": ["config", "render"], "policy": ["policy", "test"], "catalog": ["catalog", "list"],
             "restart": ["restart", "files"], "credentials": ["credentials", "list"],
-            "keys": ["keys", "list"], "audit": ["audit", "verify"]}
+            "keys": ["keys", "list"], "audit": ["audit", "verify"],
+            "workflow": ["workflow", "validate", "x.yaml"]}
     for command, group in COMMANDS.items():
         argv = full.get(command, [command])
         assert build_parser(argv).parse_args(argv).command == command, group
