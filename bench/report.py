@@ -253,7 +253,9 @@ def _aggregate_table(agg: dict[str, Any] | None) -> list[str]:
 
 
 TRUST_LABELS = {"plain": "inner TLS off, assertion off", "assertion": "assertion on",
-                "inner_tls+assertion": "inner TLS on, assertion on"}
+                "inner_tls+assertion": "inner TLS on, assertion on",
+                "plain@asyncio": "standard asyncio loop: inner TLS off, assertion off",
+                "inner_tls+assertion@asyncio": "standard asyncio loop: inner TLS on, assertion on"}
 
 
 def _trust_row(trust: dict[str, Any] | None) -> dict[str, Any]:
@@ -292,11 +294,12 @@ def _trust_table(trust: dict[str, Any] | None, started: str) -> list[str]:
     over = trust["overhead_percent"]
     when = trust.get("measured_at")
     lines += [
-        "`bench/trust_cpu.py`: three dev stacks side by side with the bench config but for",
-        "`inner_tls.enabled` and `identity.assertion`; one MCP session (2025-11-25) each, `tools/call`",
-        "of `echo` on `/mcp/bench` one call at a time, in rounds of one block per stack (the order",
-        f"rotates), {trust.get('blocks', '?')} blocks of {trust.get('calls_per_block', '?')} calls "
-        f"per variant ({trust['calls_per_variant']} calls each). CPU: utime+stime",
+        "`bench/trust_cpu.py`: five dev stacks side by side with the bench config but for",
+        "`inner_tls.enabled`, `identity.assertion` and the event loop; one MCP session (2025-11-25)",
+        "each, `tools/call` of `echo` on `/mcp/bench` one call at a time, in rounds of one block per",
+        f"stack (the order rotates), {trust.get('blocks', '?')} blocks of "
+        f"{trust.get('calls_per_block', '?')} calls per variant "
+        f"({trust['calls_per_variant']} calls each). CPU: utime+stime",
         "from `/proc` of Envoy, ext_authz, ext_proc and the bench server around each block; each",
         "figure is the median over the blocks, the overhead the median over rounds of the ratio of",
         "the totals (single runs on this shared machine vary by several points)."
@@ -307,9 +310,17 @@ def _trust_table(trust: dict[str, Any] | None, started: str) -> list[str]:
         "|---|" + "---:|" * (len(names) + 2),
     ]
     for label, title in TRUST_LABELS.items():
+        if label not in by:  # a result from before the event-loop rows
+            continue
         extra = f"{over[label]:+.1f} %" if label in over else "-"
         lines.append(f"| {title} | " + " | ".join(f"{by[label][n]:.0f}" for n in names)
                      + f" | {cpu[label]:.0f} | {extra} |")
+    saving = trust.get("uvloop_saving_percent")
+    if saving:
+        lines += ["", "The services run on uvloop (gateway.eventloop); the `standard asyncio loop` rows "
+                  "are the same configs with `MCP_GATEWAY_EVENT_LOOP=asyncio`, in the same rounds: "
+                  f"uvloop saves {saving['plain']:.1f} % of the gateway's CPU per call with inner TLS "
+                  f"and the assertion off, {saving['inner_tls+assertion']:.1f} % with both on."]
     counters = trust.get("envoy_clusters", {}).get("inner_tls+assertion", {})
     if counters:
         lines += ["", "Envoy's upstream connections and requests per cluster at the end (inner TLS on): "

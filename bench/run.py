@@ -74,7 +74,7 @@ class Plan:
     # bench/trust_cpu.py: interleaved blocks of calls per variant (inner TLS / assertion off, on).
     trust_blocks: int = 14
     trust_calls: int = 250
-    trust_timeout: float = 420
+    trust_timeout: float = 700
 
 
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),

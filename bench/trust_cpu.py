@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,15 @@ import yaml
 from bench.aggregate_cpu import Endpoint, _call, _open
 from bench.configs import BENCH_ROLE, BENCH_TENANT, BENCH_USER, ROOT, RunContext, gateway_config_raw
 from bench.procs import cpu_seconds, group_members
+from gateway import eventloop
 
 MEASURED = ("envoy", "ext_authz", "ext_proc", "backend")
-# label -> (inner_tls.enabled, identity.assertion)
-VARIANTS: dict[str, tuple[bool, bool]] = {
-    "plain": (False, False), "assertion": (False, True), "inner_tls+assertion": (True, True)}
+# label -> (inner_tls.enabled, identity.assertion, the services' event loop: gateway.eventloop)
+VARIANTS: dict[str, tuple[bool, bool, str]] = {
+    "plain": (False, False, "uvloop"), "assertion": (False, True, "uvloop"),
+    "inner_tls+assertion": (True, True, "uvloop"),
+    "plain@asyncio": (False, False, "asyncio"),
+    "inner_tls+assertion@asyncio": (True, True, "asyncio")}
 WARMUP_CALLS = 60
 
 
@@ -84,6 +89,19 @@ def cluster_counters(admin: str) -> dict[str, dict[str, int]]:
     return {k: v for k, v in out.items() if v.get("rq_total")}
 
 
+@contextlib.contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -99,12 +117,14 @@ def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
     counters: dict[str, Any] = {}
     with contextlib.ExitStack() as stacks:
         ready = []
-        for label, (inner_tls, assertion) in VARIANTS.items():
-            folder = work / label.replace("+", "-")
+        for label, (inner_tls, assertion, loop) in VARIANTS.items():
+            folder = work / label.replace("+", "-").replace("@", "-")
             folder.mkdir(parents=True, exist_ok=True)
             config = load_config(_config(folder, inner_tls, assertion))
             devstack.ensure_tls(config)
-            stack = stacks.enter_context(devstack.running(config, startup_timeout=90.0))
+            # The stack's processes inherit the loop choice when they start.
+            with _environ(eventloop.ENV, loop):
+                stack = stacks.enter_context(devstack.running(config, startup_timeout=90.0))
             token = devstack.mint(config, sub=BENCH_USER, roles=(BENCH_ROLE,), tenant=BENCH_TENANT,
                                   ttl=3600)
             http = stacks.enter_context(httpx2.Client(
@@ -132,16 +152,26 @@ def run(work: Path, blocks: int, calls: int) -> dict[str, Any]:
               for label, blocks_ in samples.items()}
     base = totals["plain"]
 
-    def overhead(label: str) -> float:
+    def overhead(label: str, base: list[float] = base) -> float:
         return round((_median([t / b for t, b in zip(totals[label], base, strict=True)]) - 1) * 100, 1)
 
     return {"calls_per_variant": blocks * calls,
-            "variants": {label: {"inner_tls": t, "assertion": a}
-                         for label, (t, a) in VARIANTS.items()},
+            "variants": {label: {"inner_tls": t, "assertion": a, "event_loop": loop}
+                         for label, (t, a, loop) in VARIANTS.items()},
             "gateway_cpu_us_per_call": {label: round(_median(v), 1) for label, v in totals.items()},
             "by_process_us_per_call": by_process,
-            "overhead_percent": {"assertion": overhead("assertion"),
-                                 "inner_tls+assertion": overhead("inner_tls+assertion")},
+            "overhead_percent": {
+                "assertion": overhead("assertion"),
+                "inner_tls+assertion": overhead("inner_tls+assertion"),
+                "inner_tls+assertion@asyncio": overhead("inner_tls+assertion@asyncio",
+                                                        totals["plain@asyncio"])},
+            # uvloop over the standard loop, same config: the event loop lever (issue 18).
+            "uvloop_saving_percent": {
+                "plain": round((1 - _median([u / a for u, a in zip(
+                    base, totals["plain@asyncio"], strict=True)])) * 100, 1),
+                "inner_tls+assertion": round((1 - _median([u / a for u, a in zip(
+                    totals["inner_tls+assertion"], totals["inner_tls+assertion@asyncio"],
+                    strict=True)])) * 100, 1)},
             "envoy_clusters": counters}
 
 

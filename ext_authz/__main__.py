@@ -7,11 +7,11 @@ from __future__ import annotations
 import regopy  # noqa: F401, I001  isort: skip
 
 import argparse
-import asyncio
 
 from ext_authz.app import serve
 from ext_authz.decision_log import configure_stdout
 from ext_authz.settings import Settings
+from gateway import eventloop
 from gateway.config import load_config
 from gateway.policy.factory import build_engine
 from gateway.telemetry import configure_logging
@@ -27,7 +27,7 @@ def main() -> None:
     configure_logging("ext_authz", cfg.telemetry.log_level)  # JSON lines on stderr
     configure_stdout()
     settings = Settings.from_config(cfg, port=args.port, host=args.host)
-    asyncio.run(serve(settings, build_engine(cfg.policy)))
+    eventloop.run(serve(settings, build_engine(cfg.policy)))
 
 
 if __name__ == "__main__":

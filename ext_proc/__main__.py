@@ -7,10 +7,10 @@ from __future__ import annotations
 import regopy  # noqa: F401, I001  isort: skip
 
 import argparse
-import asyncio
 
 from ext_proc.app import serve
 from ext_proc.settings import Settings
+from gateway import eventloop
 from gateway.config import load_config
 from gateway.policy.factory import build_engine
 from gateway.telemetry.logs import configure_logging
@@ -26,7 +26,7 @@ def main() -> None:
     configure_logging("ext_proc", cfg.telemetry.log_level)  # JSON lines on stderr
     settings = Settings.from_config(cfg, port=args.port, host=args.host)
     engine = build_engine(cfg.policy, extra_entrypoints=tuple(settings.list_entrypoints.values()))
-    asyncio.run(serve(settings, engine))
+    eventloop.run(serve(settings, engine))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ one warning line naming the peer's certificate."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
@@ -57,18 +57,23 @@ class PeerGate:
     def __init__(self, policy: PeerPolicy, service: str) -> None:
         self.policy = policy
         self.service = service
-        # One verdict per open connection; an entry goes with its transport.
-        self._verdicts: weakref.WeakKeyDictionary[asyncio.BaseTransport, PeerVerdict] = \
+        # One verdict per open connection, keyed by the connection's TLS object (an entry goes
+        # with it): uvloop's transports cannot be weakly referenced, ssl.SSLObject can, and each
+        # connection has its own under both event loops.
+        self._verdicts: weakref.WeakKeyDictionary[ssl.SSLObject, PeerVerdict] = \
             weakref.WeakKeyDictionary()
 
     def verdict(self, request: web.BaseRequest) -> PeerVerdict:
         transport = request.transport
         if transport is None:  # the connection is gone
             return PeerVerdict("", False)
-        verdict = self._verdicts.get(transport)
+        tls = transport.get_extra_info("ssl_object")
+        if not isinstance(tls, ssl.SSLObject):  # not a TLS connection: no certificate, refused
+            return self.policy.verdict_for_peercert(None)
+        verdict = self._verdicts.get(tls)
         if verdict is None:
-            verdict = self.policy.verdict_for_peercert(transport.get_extra_info("peercert"))
-            self._verdicts[transport] = verdict
+            verdict = self.policy.verdict_for_peercert(tls.getpeercert())
+            self._verdicts[tls] = verdict
         return verdict
 
     def refusal(self, request: web.BaseRequest) -> web.Response | None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
+from gateway import eventloop
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_aggregator.app import run
 from mcp_aggregator.settings import AggregatorSettings
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("mcp_aggregator", settings.log_level)
     setup_tracing("mcp_aggregator", settings.otlp_endpoint)
     try:
-        asyncio.run(run(settings))
+        eventloop.run(run(settings))
     finally:
         shutdown_tracing()
 

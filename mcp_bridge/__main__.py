@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
+from gateway import eventloop
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_bridge.app import run
 from mcp_bridge.settings import BridgeSettings
@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(service, settings.log_level)
     setup_tracing(service, settings.otlp_endpoint)
     try:
-        asyncio.run(run(settings))
+        eventloop.run(run(settings))
     finally:
         shutdown_tracing()
 

@@ -23,17 +23,20 @@ def test_bench_gateway_config_loads(tmp_path: Path) -> None:
 
 
 def test_trust_variants_load_with_their_switches(tmp_path: Path) -> None:
-    """bench/trust_cpu.py's three stacks differ only in inner_tls and identity.assertion."""
+    """bench/trust_cpu.py's stacks differ only in inner_tls, identity.assertion and the event
+    loop; every switch is measured on uvloop, and both ends of it on the standard loop too."""
     from bench.trust_cpu import VARIANTS, _config
     from gateway.config import load_config
     seen = {}
-    for label, (inner_tls, assertion) in VARIANTS.items():
-        folder = tmp_path / label.replace("+", "-")
+    for label, (inner_tls, assertion, loop) in VARIANTS.items():
+        folder = tmp_path / label.replace("+", "-").replace("@", "-")
         folder.mkdir()
         config = load_config(_config(folder, inner_tls, assertion))
-        seen[label] = (config.inner_tls.enabled, config.identity.assertion)
+        seen[label] = (config.inner_tls.enabled, config.identity.assertion, loop)
         assert [s.name for s in config.servers] == ["bench"]
     assert seen == VARIANTS
+    assert {loop for *_, loop in VARIANTS.values()} == {"uvloop", "asyncio"}
+    assert VARIANTS["plain@asyncio"][:2] == VARIANTS["plain"][:2]
 
 
 def test_trust_row_verdict_follows_the_budget() -> None:

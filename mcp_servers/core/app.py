@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway import inner_tls
+from gateway import eventloop, inner_tls
 from gateway.inner_peers import guard_app
 from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
@@ -254,7 +254,7 @@ def serve_main(build: Callable[[argparse.Namespace], MCPServer],
             await run_server(server, settings, stop_event())
 
     try:
-        asyncio.run(main())
+        eventloop.run(main())
     except Exception:  # noqa: BLE001 - the process's top-level handler: one JSON line, exit 1.
         logger.exception("server %s failed", server.name)
         raise SystemExit(1) from None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
 from aiohttp import web
 
+from gateway import eventloop
 from gateway.signals import run_until_signal
 from mcp_servers.erp_demo.app import ErpSettings, make_app
 
@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"erp_demo: environment variable {args.api_key_env} must hold the API key")
     settings = ErpSettings(api_key=api_key, db_path=args.db, debug=args.debug,
                            archive_online=args.archive_online)
-    asyncio.run(_run(settings, args.host, args.port))
+    eventloop.run(_run(settings, args.host, args.port))

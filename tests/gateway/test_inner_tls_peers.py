@@ -20,7 +20,7 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ext_authz.http_front import HEALTH_PATH, HttpService
-from gateway import inner_tls
+from gateway import eventloop, inner_tls
 from gateway.config import Instance
 from gateway.errors import FORBIDDEN
 from gateway.inner_tls import InnerTlsError, PeerPolicy, TlsFiles
@@ -277,3 +277,41 @@ async def test_mcp_server_accepts_envoy_and_ext_authz(mcp_server: tuple[int, Pki
         stop.set()
         async with asyncio.timeout(DEADLINE_SECONDS):
             await task
+
+
+# ------------------------------------------------------------------------- on uvloop
+
+
+def test_the_peer_checks_hold_on_uvloop(pki: Pki, monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """The same three checks on uvloop, the loop the service processes run on
+    (gateway.eventloop): its TLS transports cannot be weakly referenced, so the per-connection
+    verdict must not be keyed on them (it was: every request answered 500)."""
+    own = pki.files("server", f"server-files.{DOMAIN}", "127.0.0.1")
+    for name, value in own.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv(eventloop.ENV, "uvloop")
+    assert eventloop.choice() == "uvloop"
+
+    async def main() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        authz = await HttpService.open(GrpcSettings(
+            "ext_authz", "x", Instance("127.0.0.1", 0),
+            tls=pki.files("ext-authz", f"ext-authz.{DOMAIN}", "127.0.0.1")), max_body=4096)
+        try:
+            await authz.set_serving()
+            await test_ext_authz_http_front_accepts_envoy_only(pki, authz, caplog)
+        finally:
+            await authz.close()
+        grpc_service = await GrpcService.open(GrpcSettings(
+            "ext_proc", "x", Instance("127.0.0.1", 0),
+            tls=pki.files("ext-proc", f"ext-proc.{DOMAIN}", "127.0.0.1")))
+        try:
+            await grpc_service.start()
+            await grpc_service.set_serving()
+            await test_grpc_service_accepts_envoy_only(pki, grpc_service)
+        finally:
+            await grpc_service.stop(grace=None)
+        await test_mcp_server_accepts_envoy_and_ext_authz((free_port(offsets=(0,)), pki))
+
+    eventloop.run(main())
