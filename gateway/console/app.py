@@ -1,0 +1,130 @@
+"""Wiring and lifecycle of the console process: ``make_app`` builds the aiohttp application
+(its resources opened and closed by one ``cleanup_ctx``), ``run`` serves it until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from ext_authz.jwt import TokenVerifier
+from gateway.catalog import Catalog
+from gateway.console import views
+from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
+from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
+from gateway.console.settings import (
+    ENVOY_TIMEOUT_SECONDS,
+    MAX_SESSIONS,
+    SAMPLE_SECONDS,
+    SAMPLES_KEPT,
+    ConsoleSettings,
+)
+from gateway.console.state import CONSOLE, ConsoleState
+from gateway.console.web import MAX_FORM_BYTES, origin_of, security_headers
+from gateway.jwks import JwksClient
+from gateway.signals import stop_event
+from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore, parse_master_key
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def open_key_store(settings: ConsoleSettings) -> SubjectKeyStore | None:
+    """The audit key store, to open sealed personal fields; None without a master key (rows
+    then show their subject as sealed)."""
+    name = settings.audit_master_key
+    if name is None:
+        return None
+    value = os.environ.get(name)
+    if not value:
+        try:
+            value = (settings.secrets_dir / name).read_text(encoding="utf-8").strip()
+        except OSError:
+            logger.warning("audit.master_key %s is not available: sealed audit fields stay closed", name)
+            return None
+    try:
+        return SubjectKeyStore(settings.audit_dir, parse_master_key(value, f"audit.master_key ({name})"))
+    except (KeyStoreError, OSError) as exc:
+        logger.warning("audit key store not opened: %s", exc)
+        return None
+
+
+def make_app(settings: ConsoleSettings) -> web.Application:
+    app = web.Application(middlewares=[security_headers, views.require_session],
+                          client_max_size=MAX_FORM_BYTES)
+    aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+                         undefined=jinja2.StrictUndefined)
+    app.add_routes(views.routes())
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        http = aiohttp.ClientSession(headers={"accept": "application/json"})
+        store = None
+        catalog = None
+        sampler_task: asyncio.Task[None] | None = None
+        try:
+            jwks = {i.issuer: JwksClient(i.jwks_url, http, cooldown=settings.auth.jwks_cooldown_seconds,
+                                         timeout=settings.auth.jwks_timeout_seconds,
+                                         max_bytes=1024 * 1024, issuer=i.issuer)
+                    for i in settings.issuers}
+            verifier = TokenVerifier({i.issuer: (i, jwks[i.issuer]) for i in settings.issuers},
+                                     settings.auth)
+            policy = ConsolePolicy(settings.policy_dir, settings.authz_entrypoint,
+                                   settings.console_entrypoint)
+            with contextlib.suppress(PolicyUnavailable):  # logged; every decision refuses meanwhile
+                await policy.refresh(force=True)
+            catalog = await asyncio.to_thread(Catalog, settings.catalog_path)
+            store = await asyncio.to_thread(open_key_store, settings)
+            admin = EnvoyAdmin(settings.admin_url, http, timeout=ENVOY_TIMEOUT_SECONDS)
+            sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT)
+            app[CONSOLE] = ConsoleState(
+                settings=settings, verifier=verifier, policy=policy,
+                sessions=SessionStore(max_sessions=MAX_SESSIONS), catalog=catalog, admin=admin,
+                sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url))
+            sampler_task = asyncio.create_task(sampler.run())
+            yield
+        finally:
+            if sampler_task is not None:
+                sampler_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sampler_task
+            if store is not None:
+                store.close()
+            if catalog is not None:
+                catalog.close()
+            await http.close()
+
+    app.cleanup_ctx.append(resources)
+
+    async def ready(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    # Envoy's health check: not under /console, so the edge never routes it.
+    app.router.add_get("/ready", ready)
+    return app
+
+
+async def run(settings: ConsoleSettings, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``)."""
+    stop = stop or stop_event()
+    app = make_app(settings)
+    # No access log: the console logs its own events (sign-in, approvals, exports) by name.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    logger.info("listening", extra={"host": settings.host, "port": settings.port})
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    logger.info("stopped")

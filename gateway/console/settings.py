@@ -1,0 +1,72 @@
+"""The console's settings: read once from the gateway config and the command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.config import AuthConfig, ConfigError, GatewayConfig, IssuerConfig, load_config
+
+# Bounds of what one page reads (docs/console.md, "Bounded reads").
+MAX_AUDIT_ROWS = 500  # rows one audit page shows
+MAX_AUDIT_SCAN = 200_000  # entries one search reads at most, newest first
+MAX_EXPORT_ROWS = 100_000  # lines one export writes at most
+MAX_SESSIONS = 10_000
+ENVOY_TIMEOUT_SECONDS = 2.0
+SAMPLE_SECONDS = 5.0  # how often the overview samples Envoy's counters
+SAMPLES_KEPT = 120  # ten minutes of samples at SAMPLE_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleSettings:
+    host: str
+    port: int
+    public_url: str
+    resource: str  # the token audience: <public_url>/console
+    issuers: tuple[IssuerConfig, ...]
+    auth: AuthConfig
+    policy_dir: str
+    authz_entrypoint: str
+    console_entrypoint: str
+    session_seconds: int
+    catalog_path: str
+    audit_dir: str
+    audit_master_key: str | None  # the secret's name (environment, else state_dir/secrets)
+    state_dir: str
+    admin_url: str  # Envoy's admin interface
+    servers: tuple[str, ...]
+    log_level: str = "INFO"
+    # Cookies are Secure: the browser talks to Envoy over TLS. Tests on plain loopback HTTP
+    # read the Set-Cookie header themselves.
+    cookie_name: str = "__Host-mcp-console"
+
+    @classmethod
+    def from_config(cls, cfg: GatewayConfig, *, host: str | None = None,
+                    port: int | None = None) -> ConsoleSettings:
+        if not cfg.console.enabled:
+            raise ConfigError("console.enabled is false: the config has no console to run")
+        inst = cfg.console.instances[0]
+        admin_host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "") else cfg.admin.host
+        return cls(
+            host=host or inst.host, port=inst.port if port is None else port,
+            public_url=cfg.public_url.rstrip("/"), resource=cfg.console_url(),
+            issuers=cfg.issuers, auth=cfg.auth, policy_dir=cfg.policy.dir,
+            authz_entrypoint=cfg.policy.entrypoint, console_entrypoint=cfg.console.entrypoint,
+            session_seconds=cfg.console.session_seconds, catalog_path=cfg.catalog.path,
+            audit_dir=cfg.audit.dir, audit_master_key=cfg.audit.master_key, state_dir=cfg.state_dir,
+            admin_url=f"http://{admin_host}:{cfg.admin.port}",
+            servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level)
+
+    @classmethod
+    def from_argv(cls, argv: list[str]) -> ConsoleSettings:
+        parser = argparse.ArgumentParser(prog="python -m gateway.console")
+        parser.add_argument("--config", help="gateway config file (default: the embedded dev config)")
+        parser.add_argument("--host", help="listen address (default: console.instances[0].host)")
+        parser.add_argument("--port", type=int, help="listen port (default: console.instances[0].port)")
+        args = parser.parse_args(argv)
+        return cls.from_config(load_config(args.config), host=args.host, port=args.port)
+
+    @property
+    def secrets_dir(self) -> Path:
+        return Path(self.state_dir) / "secrets"

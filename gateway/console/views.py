@@ -1,0 +1,450 @@
+"""The console's pages and their JSON feeds. Every handler runs after ``require_session``
+(except sign-in and static files), so it has a signed-in user whom the policy admits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp_jinja2
+import orjson
+from aiohttp import web
+
+from gateway.catalog import CatalogError
+from gateway.console import envoy_stats, matrix
+from gateway.console.audit_search import Filters, search
+from gateway.console.auth import PolicyUnavailable, Session
+from gateway.console.settings import MAX_AUDIT_ROWS, MAX_AUDIT_SCAN, MAX_EXPORT_ROWS
+from gateway.console.state import CONSOLE, ConsoleState
+from gateway.console.web import (
+    CSRF_FIELD,
+    CSRF_HEADER,
+    LOGIN_COOKIE,
+    Handler,
+    cookie_header,
+    same_origin,
+    tokens_equal,
+)
+from gateway.errors import GatewayError
+from gateway.policy.decision import ContractViolation, check_decision
+from gateway.policy.errors import PolicyError
+from gateway.policy.rego import CompiledPolicy
+from gateway.policy.simulate import METHODS, simulated_input
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "/console"
+SESSION_KEY = web.RequestKey("console_session", Session)
+LOGIN_COOKIE_SECONDS = 600
+MAX_TOKEN_CHARS = 16 * 1024
+MAX_PLAYGROUND_FIELD = 64 * 1024
+MAX_CATALOG_ROWS = 5000
+PUBLIC_PATHS = (f"{PREFIX}/login",)
+STATIC_PREFIX = f"{PREFIX}/static/"
+PRETTY = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+
+
+def state(request: web.Request) -> ConsoleState:
+    return request.app[CONSOLE]
+
+
+def session_of(request: web.Request) -> Session:
+    return request[SESSION_KEY]
+
+
+def refuse(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    """An error page (or JSON for the feeds) naming a stable code."""
+    if request.path.startswith(f"{PREFIX}/api/"):
+        return web.json_response({"error": code, "message": message}, status=status)
+    response = aiohttp_jinja2.render_template(
+        "error.html", request, {"code": code, "message": message, "user": request.get(SESSION_KEY),
+                                "csrf": "", "prefix": PREFIX, "nav": request.path})
+    response.set_status(status)
+    return response
+
+
+@web.middleware
+async def require_session(request: web.Request, handler: Handler) -> web.StreamResponse:
+    st = state(request)
+    if request.method not in ("GET", "HEAD", "POST"):
+        return refuse(request, 405, "method_not_allowed", "only GET and POST")
+    if request.method == "POST" and not same_origin(request, st.public_origin):
+        logger.warning("console POST refused: not from the console's origin",
+                       extra={"path": request.path, "origin": request.headers.get("Origin")})
+        return refuse(request, 403, "cross_origin", "this request does not come from the console's pages")
+    if request.path in PUBLIC_PATHS or request.path.startswith(STATIC_PREFIX):
+        return await handler(request)
+    sid = request.cookies.get(st.settings.cookie_name)
+    session = st.sessions.get(sid)
+    if session is None:
+        if request.method == "GET" and not request.path.startswith(f"{PREFIX}/api/"):
+            raise web.HTTPSeeOther(f"{PREFIX}/login")
+        return refuse(request, 401, "not_signed_in", "sign in first")
+    # The policy is asked on every request: a role removed from policies/ takes effect at once.
+    decision = await st.policy.console_decision(session.claims, "view")
+    if not decision.allow:
+        st.sessions.drop(sid)
+        return refuse(request, decision.http_status if decision.http_status >= 400 else 403,
+                      decision.reason, "the policy does not admit you to the console")
+    request[SESSION_KEY] = session
+    if request.method == "POST":
+        presented: Any = request.headers.get(CSRF_HEADER)
+        if presented is None:
+            form = await request.post()
+            presented = form.get(CSRF_FIELD)
+        if not session.csrf_ok(presented if isinstance(presented, str) else None):
+            logger.warning("console POST refused: bad CSRF token", extra={"path": request.path,
+                                                                          "sub": session.sub})
+            return refuse(request, 403, "csrf_failed", "the form is stale or forged: reload the page")
+    return await handler(request)
+
+
+def page(request: web.Request, template: str, context: Mapping[str, Any]) -> web.Response:
+    session: Session | None = request.get(SESSION_KEY)
+    return aiohttp_jinja2.render_template(template, request, {
+        "user": session, "csrf": session.csrf if session else "", "prefix": PREFIX,
+        "nav": request.path, **context})
+
+
+# ------------------------------------------------------------------ sign-in
+
+
+async def login_form(request: web.Request, *, error: str | None = None, status: int = 200) -> web.Response:
+    nonce = os.urandom(24).hex()
+    response = aiohttp_jinja2.render_template("login.html", request, {
+        "csrf": nonce, "error": error, "prefix": PREFIX, "user": None, "nav": request.path})
+    response.set_status(status)
+    response.headers.add("Set-Cookie", cookie_header(LOGIN_COOKIE, nonce, max_age=LOGIN_COOKIE_SECONDS))
+    return response
+
+
+async def login_get(request: web.Request) -> web.StreamResponse:
+    return await login_form(request)
+
+
+async def login_post(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    form = await request.post()
+    if not tokens_equal(_text(form.get(CSRF_FIELD)), request.cookies.get(LOGIN_COOKIE)):
+        return refuse(request, 403, "csrf_failed", "the sign-in form is stale or forged: reload it")
+    token = (_text(form.get("token")) or "").strip()
+    if token.lower().startswith("bearer "):
+        token = token[7:].strip()
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return await login_form(request, error="paste an access token", status=400)
+    try:
+        claims = await st.verifier.verify(token, st.settings.resource)
+    except GatewayError as exc:
+        logger.info("console sign-in refused", extra={"code": exc.code})
+        return await login_form(request, error=f"the token was refused: {exc.code}", status=401)
+    decision = await st.policy.console_decision(claims, "view")
+    if not decision.allow:
+        logger.info("console sign-in refused by the policy",
+                    extra={"sub": claims.get("sub"), "reason": decision.reason})
+        return refuse(request, 403, decision.reason, "the policy does not admit your roles to the console")
+    sid, session = st.sessions.create(claims, lifetime=st.settings.session_seconds)
+    logger.info("console sign-in", extra={"sub": session.sub, "roles": list(session.roles)})
+    response = web.HTTPSeeOther(f"{PREFIX}/overview")
+    lifetime = max(int(session.expires - time.time()), 1)
+    response.headers.add("Set-Cookie", cookie_header(st.settings.cookie_name, sid, max_age=lifetime))
+    response.headers.add("Set-Cookie", cookie_header(LOGIN_COOKIE, "", max_age=0))
+    return response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    st.sessions.drop(request.cookies.get(st.settings.cookie_name))
+    logger.info("console sign-out", extra={"sub": session_of(request).sub})
+    response = web.HTTPSeeOther(f"{PREFIX}/login")
+    response.headers.add("Set-Cookie", cookie_header(st.settings.cookie_name, "", max_age=0))
+    return response
+
+
+async def root(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPSeeOther(f"{PREFIX}/overview")
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+# ------------------------------------------------------------------ overview
+
+
+async def overview_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    ov = await envoy_stats.overview(st.admin, st.sampler)
+    components: dict[str, list[envoy_stats.Instance]] = {}
+    for inst in ov.instances:
+        components.setdefault(inst.component, []).append(inst)
+    return page(request, "overview.html", {"ov": ov, "components": components,
+                                           "policy_error": st.policy.error})
+
+
+async def overview_api(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    ov = await envoy_stats.overview(st.admin, st.sampler)
+    return web.json_response({
+        "envoy_ready": ov.envoy_ready, "error": ov.error,
+        "instances": [{"component": i.component, "address": i.address, "health": i.health}
+                      for i in ov.instances],
+        "times": ov.times, "series": ov.series, "current": ov.current})
+
+
+# ------------------------------------------------------------------ catalog
+
+
+async def catalog_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    wanted = request.query.get("state") or None
+    entries = await asyncio.to_thread(st.catalog.entries)
+    shadowed = st.catalog.shadowed_names()
+    rows = [e for e in entries if wanted is None or e.state == wanted]
+    counts: dict[str, int] = {}
+    for e in entries:
+        counts[e.state] = counts.get(e.state, 0) + 1
+    return page(request, "catalog.html", {
+        "rows": rows[:MAX_CATALOG_ROWS], "total": len(rows), "cut": len(rows) > MAX_CATALOG_ROWS,
+        "counts": counts, "wanted": wanted, "shadowed": shadowed, "when": _when,
+        "approved": request.query.get("approved")})
+
+
+async def catalog_item(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    server, kind, name = (request.match_info[k] for k in ("server", "kind", "name"))
+    entry = st.catalog.get(server, name, kind=kind)
+    if entry is None:
+        return refuse(request, 404, "not_found", f"no {kind} {server}/{name} in the catalog")
+    events = await asyncio.to_thread(st.catalog.audit_events, server, name)
+    return page(request, "catalog_item.html", {
+        "e": entry, "events": [ev for ev in events if ev.get("kind") == kind][-50:], "when": _when,
+        "definition": orjson.dumps(entry.definition, option=PRETTY).decode()})
+
+
+async def catalog_approve(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    session = session_of(request)
+    form = await request.post()
+    server, name, kind = (_text(form.get(k)) or "" for k in ("server", "name", "kind"))
+    if not server or not name or kind not in ("tool", "resource", "prompt"):
+        return refuse(request, 400, "bad_request", "server, name and kind are required")
+    decision = await st.policy.console_decision(session.claims, "approve")
+    if not decision.allow:
+        return refuse(request, 403, decision.reason, "the policy does not let you approve definitions")
+    try:
+        # The same catalog call as `mcp-gateway catalog approve`, audited with the console user.
+        entry = await asyncio.to_thread(st.catalog.approve, server, name, kind=kind,
+                                        actor=f"console:{session.sub}")
+    except CatalogError as exc:
+        return refuse(request, exc.http_status, exc.code, exc.message)
+    logger.info("console approved a definition", extra={"sub": session.sub, "server": server,
+                                                        "name": name, "kind": kind, "hash": entry.hash})
+    raise web.HTTPSeeOther(f"{PREFIX}/catalog?approved={server}/{name}")
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ------------------------------------------------------------------ who may call what
+
+
+def _compute_matrix(compiled: CompiledPolicy, entrypoint: str, roles: list[str],
+                    tools: list[tuple[str, str]], public_url: str) -> matrix.Matrix:
+    # Its own interpreter: the loop thread's is never used from a worker thread.
+    own = CompiledPolicy(compiled.sources, [entrypoint])
+    return matrix.compute(own, entrypoint, roles, tools, public_url)
+
+
+async def matrix_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    try:
+        compiled = await st.policy.refresh()
+    except PolicyUnavailable as exc:
+        return refuse(request, 503, "policy_unavailable", str(exc))
+    tools = [(e.server, e.name) for e in st.catalog.entries(kind="tool") if e.present]
+    key = (st.policy.version, tuple(sorted(tools)))
+    async with st.matrix_lock:
+        result = st.matrix_cache.get(key)
+        if result is None:
+            roles = matrix.policy_roles(compiled.sources)
+            result = await asyncio.to_thread(_compute_matrix, compiled, st.policy.authz_entrypoint,
+                                             roles, tools, st.settings.public_url)
+            st.matrix_cache.clear()
+            st.matrix_cache[key] = result
+    return page(request, "matrix.html", {"m": result, "policy_version": st.policy.version})
+
+
+# ------------------------------------------------------------------ policy playground
+
+DEFAULT_CLAIMS = '{"sub": "alice", "roles": ["viewer"], "tenant": "acme", "scope": "tools:call:files/*"}'
+DEFAULT_REQUEST = ('{"jsonrpc": "2.0", "id": 1, "method": "tools/call",\n'
+                   ' "params": {"name": "read_file", "arguments": {"path": "README.md"}}}')
+
+
+async def playground_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    return page(request, "playground.html", {
+        "servers": st.settings.servers, "methods": METHODS, "form": {
+            "claims": DEFAULT_CLAIMS, "request": DEFAULT_REQUEST, "server": st.settings.servers[0]
+            if st.settings.servers else "", "method": "POST", "headers": "", "explain": False},
+        "result": None})
+
+
+def _headers_from(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        lead = ":" if line.startswith(":") else ""
+        name, sep, value = line[len(lead):].partition(":")
+        if not sep or not name.strip():
+            raise ValueError(f"header line {line[:60]!r}: expected NAME: VALUE")
+        out[lead + name.strip().lower()] = value.strip()
+    return out
+
+
+def _explain(sources: Any, entrypoint: str, policy_input: dict[str, Any]) -> list[str]:
+    from gateway.policy.reference import ReferenceEngine
+    from gateway.policy.testing import explain_decision
+    with ReferenceEngine(sources) as ref:
+        _, _, events = ref.evaluate(entrypoint, policy_input, trace=True)
+    return explain_decision(events, sources, entrypoint)
+
+
+async def playground_eval(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    form = await request.post()
+    fields = {k: _text(form.get(k)) or "" for k in ("claims", "request", "server", "method", "headers")}
+    explain = form.get("explain") == "on"
+    context: dict[str, Any] = {"servers": st.settings.servers, "methods": METHODS,
+                               "form": {**fields, "explain": explain}}
+    result: dict[str, Any] = {}
+    try:
+        if any(len(v) > MAX_PLAYGROUND_FIELD for v in fields.values()):
+            raise ValueError(f"a field exceeds {MAX_PLAYGROUND_FIELD} characters")
+        if fields["server"] not in st.settings.servers:
+            raise ValueError(f"unknown server {fields['server']!r}")
+        claims = orjson.loads(fields["claims"] or "null")
+        if not isinstance(claims, dict):
+            raise ValueError("the claims must be a JSON object")
+        method = fields["method"] or "POST"
+        body = fields["request"].encode() if method == "POST" else None
+        # The same function as `mcp-gateway policy eval`: the input ext_authz builds.
+        policy_input = simulated_input(claims=claims, request=body, public_url=st.settings.public_url,
+                                       server=fields["server"], method=method,
+                                       headers=_headers_from(fields["headers"]))
+        defined, value = await st.policy.evaluate(policy_input)
+        result["input"] = orjson.dumps(policy_input, option=PRETTY).decode()
+        result["value"] = orjson.dumps(value if defined else "<undefined>", option=PRETTY).decode()
+        try:
+            decision = check_decision(value, defined=defined)
+            result.update(verdict="ALLOW" if decision.allow else "DENY", reason=decision.reason,
+                          http_status=decision.http_status)
+        except ContractViolation as exc:
+            result.update(verdict="DENY", reason="policy_contract_error", http_status=500,
+                          detail=str(exc))
+        if explain and st.policy.sources is not None:
+            result["explanation"] = await asyncio.to_thread(
+                _explain, st.policy.sources, st.policy.authz_entrypoint, policy_input)
+    except orjson.JSONDecodeError as exc:
+        result = {"error": f"the claims are not JSON: {exc}"}
+    except ValueError as exc:
+        result = {"error": str(exc)}
+    except GatewayError as exc:
+        result = {"verdict": "DENY", "reason": exc.code, "http_status": exc.http_status,
+                  "detail": f"refused by ext_authz before the policy: {exc.message}"}
+    except (PolicyError, PolicyUnavailable) as exc:
+        result = {"error": f"the policy failed: {exc}"}
+    context["result"] = result
+    return page(request, "playground.html", context)
+
+
+# ------------------------------------------------------------------ decision log and audit
+
+
+def _limit(query: Mapping[str, str], default: int) -> int:
+    try:
+        return max(1, min(int(query.get("limit", default)), MAX_AUDIT_ROWS))
+    except ValueError:
+        return default
+
+
+async def audit_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    try:
+        filters = Filters.from_query(request.query)
+    except ValueError as exc:
+        return refuse(request, 400, "bad_filter", str(exc))
+    limit = _limit(request.query, 100)
+    result = await asyncio.to_thread(search, st.settings.audit_dir, filters, limit=limit,
+                                     max_scan=MAX_AUDIT_SCAN, store=st.key_store)
+    return page(request, "audit.html", {"f": filters, "r": result, "limit": limit,
+                                        "query": request.query_string, "max_scan": MAX_AUDIT_SCAN})
+
+
+async def audit_api(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    try:
+        filters = Filters.from_query(request.query)
+    except ValueError as exc:
+        return refuse(request, 400, "bad_filter", str(exc))
+    result = await asyncio.to_thread(search, st.settings.audit_dir, filters,
+                                     limit=_limit(request.query, 50), max_scan=MAX_AUDIT_SCAN,
+                                     store=st.key_store)
+    return web.json_response({"rows": result.rows, "scanned": result.scanned,
+                              "truncated": result.truncated})
+
+
+async def audit_export(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    try:
+        filters = Filters.from_query(request.query)
+    except ValueError as exc:
+        return refuse(request, 400, "bad_filter", str(exc))
+    result = await asyncio.to_thread(search, st.settings.audit_dir, filters, limit=MAX_EXPORT_ROWS,
+                                     max_scan=MAX_AUDIT_SCAN * 5, store=st.key_store)
+    logger.info("console audit export", extra={"sub": session_of(request).sub,
+                                               "rows": len(result.rows), "filters": request.query_string})
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/x-ndjson",
+        "Content-Disposition": 'attachment; filename="audit.jsonl"'})
+    await response.prepare(request)
+    chunk: list[bytes] = []
+    for row in result.rows:
+        chunk.append(orjson.dumps(row) + b"\n")
+        if len(chunk) >= 1000:
+            await response.write(b"".join(chunk))
+            chunk = []
+    if chunk:
+        await response.write(b"".join(chunk))
+    await response.write_eof()
+    return response
+
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def routes() -> list[web.AbstractRouteDef]:
+    return [
+        web.get(PREFIX, root), web.get(f"{PREFIX}/", root),
+        web.get(f"{PREFIX}/login", login_get), web.post(f"{PREFIX}/login", login_post),
+        web.post(f"{PREFIX}/logout", logout),
+        web.get(f"{PREFIX}/overview", overview_page), web.get(f"{PREFIX}/api/overview", overview_api),
+        web.get(f"{PREFIX}/catalog", catalog_page),
+        web.get(f"{PREFIX}/catalog/{{server}}/{{kind}}/{{name}}", catalog_item),
+        web.post(f"{PREFIX}/catalog/approve", catalog_approve),
+        web.get(f"{PREFIX}/matrix", matrix_page),
+        web.get(f"{PREFIX}/playground", playground_page), web.post(f"{PREFIX}/playground", playground_eval),
+        web.get(f"{PREFIX}/audit", audit_page), web.get(f"{PREFIX}/api/audit", audit_api),
+        web.get(f"{PREFIX}/audit/export", audit_export),
+        web.static(f"{PREFIX}/static", STATIC_DIR, follow_symlinks=False),
+    ]
