@@ -1,0 +1,166 @@
+"""One tool call through the gateway (Envoy, https), as the caller: the step's transport.
+
+Protocol 2026-07-28 (stateless: one POST per call, no session), with the delegated token of
+:mod:`mcp_servers.workflow.delegation` as the bearer. Every outcome is a :class:`StepOutcome` or a
+:class:`StepError` with a stable ``reason``; ``retryable`` says whether an idempotent step may try
+again (the call may not have reached the tool: connection failures, 429, 502-504, timeouts).
+"""
+
+from __future__ import annotations
+
+import itertools
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.errors import GatewayError
+from gateway.jsonrpc import validate_message
+from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
+from gateway.sse import SseError, SseParser
+
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+MAX_TEXT = 500
+
+# Stable reasons of a failed step (the client's error and the run record name them).
+REFUSED = "refused"  # the gateway refused the call (policy, scope, catalog, rate limit)
+TOOL_ERROR = "tool_error"  # the tool answered isError
+RPC_ERROR = "rpc_error"  # the server answered a JSON-RPC error
+UNAVAILABLE = "unavailable"  # no answer (connection, 5xx, 429)
+TIMEOUT = "timeout"
+BAD_ANSWER = "bad_answer"
+BAD_ARGUMENTS = "bad_arguments"  # a reference had no value
+DECLINED = "declined"  # an approval was declined or cancelled
+INTERRUPTED = "interrupted"  # the server stopped during the run
+
+
+class StepError(Exception):
+    def __init__(self, reason: str, message: str, *, retryable: bool = False,
+                 detail: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message[:MAX_TEXT]
+        self.retryable = retryable
+        self.detail = detail or {}
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    output: Any  # structuredContent, else the JSON of a single text block, else {"text": ...}
+
+
+def output_of(result: dict[str, Any]) -> Any:
+    structured = result.get("structuredContent")
+    if isinstance(structured, dict):
+        return structured
+    texts = [c.get("text", "") for c in result.get("content", [])
+             if isinstance(c, dict) and c.get("type") == "text"]
+    joined = "\n".join(t for t in texts if isinstance(t, str))
+    if len(texts) == 1:
+        try:
+            return orjson.loads(joined)
+        except orjson.JSONDecodeError:
+            pass
+    return {"text": joined}
+
+
+def _error_text(result: dict[str, Any]) -> str:
+    texts = [c.get("text", "") for c in result.get("content", []) if isinstance(c, dict)]
+    return " ".join(t for t in texts if isinstance(t, str)) or "the tool reported an error"
+
+
+class GatewayClient:
+    """Calls ``<gateway>/mcp/<server>``; one connection pool per process."""
+
+    def __init__(self, gateway_url: str, ssl_context: ssl.SSLContext | None) -> None:
+        self.base = gateway_url.rstrip("/")
+        self._ssl = ssl_context
+        self._http: aiohttp.ClientSession | None = None
+        self._ids = itertools.count(1)
+
+    async def open(self) -> None:
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl or True))
+
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+
+    async def call(self, server: str, tool: str, arguments: dict[str, Any], token: str,
+                   *, timeout_seconds: float) -> StepOutcome:
+        assert self._http is not None, "open() first"
+        rid = next(self._ids)
+        body = {"jsonrpc": "2.0", "id": rid, "method": "tools/call",
+                "params": {"name": tool, "arguments": arguments,
+                           "_meta": {META_PROTOCOL_VERSION: MODERN_VERSION,
+                                     META_CLIENT_CAPABILITIES: {}}}}
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                   "Accept": "application/json, text/event-stream",
+                   "MCP-Protocol-Version": MODERN_VERSION, "Mcp-Method": "tools/call",
+                   "Mcp-Name": tool}
+        try:
+            async with self._http.post(f"{self.base}/mcp/{server}", data=orjson.dumps(body),
+                                       headers=headers,
+                                       timeout=aiohttp.ClientTimeout(total=timeout_seconds)) as resp:
+                message = await self._answer(resp, rid)
+                status = resp.status
+        except TimeoutError:
+            raise StepError(TIMEOUT, f"no answer within {timeout_seconds:g} s", retryable=True) from None
+        except aiohttp.ClientError as exc:
+            raise StepError(UNAVAILABLE, f"the gateway is unreachable ({type(exc).__name__})",
+                            retryable=True) from None
+        error = message.get("error") if message is not None else None
+        if status in (401, 403) or (status == 429 and isinstance(error, dict)):
+            reason = error.get("data", {}).get("reason") if isinstance(error, dict) \
+                and isinstance(error.get("data"), dict) else None
+            text = error.get("message") if isinstance(error, dict) else None
+            raise StepError(REFUSED, f"the gateway refused the call (HTTP {status}"
+                            f"{', ' + str(reason) if reason else ''}): {text or ''}".rstrip(": "),
+                            retryable=status == 429,
+                            detail={"http_status": status, "reason": reason})
+        if message is None:
+            raise StepError(UNAVAILABLE if status >= 500 else BAD_ANSWER,
+                            f"HTTP {status} without a JSON-RPC answer", retryable=status in (502, 503, 504))
+        if isinstance(error, dict):
+            retry = status in (502, 503, 504)
+            raise StepError(UNAVAILABLE if retry else RPC_ERROR,
+                            f"{error.get('code')}: {error.get('message')}", retryable=retry,
+                            detail={"code": error.get("code"), "http_status": status})
+        result = message.get("result")
+        if not isinstance(result, dict):
+            raise StepError(BAD_ANSWER, "the answer has no result")
+        if result.get("isError") is True:
+            raise StepError(TOOL_ERROR, _error_text(result))
+        return StepOutcome(output_of(result))
+
+    @staticmethod
+    async def _answer(resp: aiohttp.ClientResponse, rid: int) -> dict[str, Any] | None:
+        ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        if ctype == "application/json":
+            raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
+            if len(raw) > MAX_ANSWER_BYTES:
+                raise StepError(BAD_ANSWER, "answer over the size limit")
+            try:
+                msg = validate_message(orjson.loads(raw))
+            except (orjson.JSONDecodeError, GatewayError):
+                return None
+            return msg.raw if msg.kind == "response" else None
+        if ctype == "text/event-stream":
+            parser = SseParser(max_buffer=MAX_ANSWER_BYTES)
+            try:
+                async for chunk in resp.content.iter_any():
+                    for event in parser.feed(chunk):
+                        if not event.data:
+                            continue
+                        try:
+                            msg = validate_message(orjson.loads(event.data))
+                        except (orjson.JSONDecodeError, GatewayError):
+                            raise StepError(BAD_ANSWER, "an SSE event is not JSON-RPC") from None
+                        if msg.kind == "response" and msg.raw.get("id") == rid:
+                            return msg.raw
+            except SseError as exc:
+                raise StepError(BAD_ANSWER, exc.message) from None
+            raise StepError(UNAVAILABLE, "the SSE answer ended without a response", retryable=False)
+        await resp.read()
+        return None
