@@ -33,6 +33,7 @@ from string import Template
 
 from gateway import inner_tls
 from gateway.config import JWKS_PATH, GatewayConfig, Instance, ServerConfig, otlp_target
+from gateway.console.settings import SESSION_COOKIE
 from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
     AGGREGATE_HEADERS,
@@ -705,6 +706,29 @@ def _response_headers(config: GatewayConfig) -> str:
         for name, value in config.envoy.response_headers)
 
 
+_CONSOLE_EXT_PROC_OFF = """\
+envoy.filters.http.ext_proc:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute
+  disabled: true
+"""
+
+
+def _console(config: GatewayConfig, options: RenderOptions, health: dict[str, str]) -> dict[str, str]:
+    """The web console's route and cluster (both empty when the config has no console)."""
+    console = config.console
+    if not console.enabled:
+        return {"console_routes": "", "console_cluster": ""}
+    route = _fill(_template("console_route.yaml.tmpl"),
+                  {"ext_proc_off": _CONSOLE_EXT_PROC_OFF if options.ext_proc else ""},
+                  {"cookie_name": SESSION_COOKIE})
+    cluster = _fill(_template("console_cluster.yaml.tmpl"),
+                    {"console_endpoints": _endpoints(console.instances)},
+                    {"console_count": len(console.instances),
+                     "console_discovery": _discovery(console.instances),
+                     "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes, **health})
+    return {"console_routes": route, "console_cluster": cluster}
+
+
 def render(config: GatewayConfig, options: RenderOptions | None = None) -> str:
     """The Envoy bootstrap YAML for ``config`` (commented, deterministic)."""
     overlay = config.envoy.templates_dir
@@ -840,6 +864,7 @@ def _render(config: GatewayConfig, options: RenderOptions) -> str:
                    if any(local_reply_blocks.values()) else "")
     log_blocks, log_scalars = _access_log(config, options)
     blocks = {
+        **_console(config, options, health),
         **log_blocks,
         "response_headers": _response_headers(config),
         "client_validation": client_validation,

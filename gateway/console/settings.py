@@ -9,6 +9,9 @@ from pathlib import Path
 from gateway.config import AuthConfig, ConfigError, GatewayConfig, IssuerConfig, load_config
 
 # Bounds of what one page reads (docs/console.md, "Bounded reads").
+# The session cookie: the __Host- prefix makes browsers insist on Secure, Path=/ and no Domain.
+# Envoy's console route hashes on it (gatewayctl.envoy_config renders the name from here).
+SESSION_COOKIE = "__Host-mcp-console"
 MAX_AUDIT_ROWS = 500  # rows one audit page shows
 MAX_AUDIT_SCAN = 200_000  # entries one search reads at most, newest first
 MAX_EXPORT_ROWS = 100_000  # lines one export writes at most
@@ -39,7 +42,7 @@ class ConsoleSettings:
     log_level: str = "INFO"
     # Cookies are Secure: the browser talks to Envoy over TLS. Tests on plain loopback HTTP
     # read the Set-Cookie header themselves.
-    cookie_name: str = "__Host-mcp-console"
+    cookie_name: str = SESSION_COOKIE
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, host: str | None = None,

@@ -83,6 +83,8 @@ def banner(config: GatewayConfig, token: str, ca_file: Path | None, *, detach: b
     lines += [
         f"  {host}/.well-known/oauth-protected-resource/mcp/<server>  (RFC 9728 metadata)",
         f"  {host}/health",
+        *([f"Web console: {config.console_url()}  (sign in with the token below; docs/console.md)"]
+          if config.console.enabled else []),
         f"Envoy admin (loopback only): http://{config.admin.host}:{config.admin.port}",
         f"CA certificate: {ca}",
         f"Logs: {paths(config).logs}",

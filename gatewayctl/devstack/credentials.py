@@ -264,6 +264,9 @@ def mint(config: GatewayConfig, *, sub: str, roles: tuple[str, ...] = (),
         # Valid for every server: also for /mcp and each virtual server (docs/aggregate.md).
         audience += [config.aggregate_url(), *(config.aggregate_url(v.name)
                                                for v in config.virtual_servers)]
+    if server is None and config.console.enabled:
+        # The web console admits the roles policies/console.rego names (docs/console.md).
+        audience.append(config.console_url())
     return tokens.mint_token(signing_key(config), issuer=config.issuers[0].issuer,
                              audience=audience[0] if len(audience) == 1 else audience,
                              sub=sub, roles=roles, scopes=scopes, tenant=tenant, ttl=ttl)

@@ -130,7 +130,7 @@ _HOST_FLAGS = (
 
 def cluster_of(component: str, config: GatewayConfig) -> str | None:
     """The Envoy cluster that sends traffic to a component's instances (None: not routed)."""
-    if component in ("ext_authz", "ext_proc", "aggregator"):
+    if component in ("ext_authz", "ext_proc", "aggregator", "console"):
         return component
     if any(s.name == component for s in config.servers):
         return f"mcp_{component}"

@@ -235,6 +235,7 @@ def plan(config: GatewayConfig, *, ext_proc: bool | None = None,
                                  env=audit_secrets(config, server.env),
                                  metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     out += aggregators(config)
+    out += consoles(config)
     envoy_argv = envoy_command(config)
     # Envoy reads url servers' static header secrets from its environment (%ENVIRONMENT%).
     out.append(Component("envoy", 0, config.listen.host, config.listen.port, envoy_argv,
@@ -301,6 +302,20 @@ def aggregators(config: GatewayConfig) -> list[Component]:
             Probe("http", inst.host, inst.port, "/ready"), env=(config.aggregate.session_keys,),
             metrics_url=f"http://{inst.host}:{inst.port}/metrics"))
     return out
+
+
+def consoles(config: GatewayConfig) -> list[Component]:
+    """The web console's processes (docs/console.md; none when the config has no console). They
+    read the config by its path, as the aggregator does, and the audit master key's secret to
+    show sealed subjects."""
+    if not config.console.enabled:
+        return []
+    source = Path(config.source).resolve() if config.source else DEFAULT_CONFIG_PATH
+    return [Component("console", i, inst.host, inst.port,
+                      (sys.executable, "-m", "gateway.console", "--config", str(source),
+                       "--host", inst.host, "--port", str(inst.port)),
+                      Probe("http", inst.host, inst.port, "/ready"), env=audit_secrets(config, ()))
+            for i, inst in enumerate(config.console.instances)]
 
 
 def listening_ports(config: GatewayConfig, components: list[Component]) -> list[tuple[str, str, int]]:
