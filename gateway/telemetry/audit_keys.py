@@ -11,13 +11,25 @@ Erasing a subject deletes its key row (``secure_delete`` overwrites the freed pa
 entries stay in the hash chain, which still verifies, but can never be read again. A subject seen
 again after erasure gets a new key (a new ``kid``).
 
-Writers cache keys in memory (bounded, ``cache_ttl`` seconds): after an erasure, entries written
-by a running writer within that time are sealed under the erased key, so they are unreadable too.
+Writers seal a batch of entries at a time (:meth:`SubjectKeyStore.sealing`) and cache the
+unwrapped keys in memory (a bounded LRU, ``cache_size`` subjects), so an entry costs one AES-GCM
+call and no database round trip. An erasure reaches every writer, whatever its process, before its
+next batch: each batch first asks SQLite whether another connection changed the store
+(``PRAGMA data_version``, no table read) and, only then, whether an erasure was recorded since
+(the ``erasures`` table's last row), in which case the whole cache is dropped. So an entry whose
+write starts after ``audit erase`` returned is sealed under the subject's new key, never the
+erased one, and no writer holds the erased key past its next batch (an idle writer holds it until
+then).
+
+Nonces: each batch starts from 96 random bits and counts up (at most ``max_batch`` entries), so
+nonces of one key never repeat within a batch and collide across batches and processes no more
+often than random 96-bit nonces.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
@@ -25,6 +37,8 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +47,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_STORE_NAME = "subject-keys.sqlite"
+_NONCE_MASK = (1 << 96) - 1
+_SELECT_CHUNK = 500  # sids per "IN (...)" (older SQLite allows 999 parameters)
 PERSONAL_FIELDS = ("sub", "client_id", "tenant", "args_digest")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subject_keys (sid TEXT PRIMARY KEY, kid INTEGER NOT NULL,
@@ -64,17 +80,18 @@ def new_master_key() -> str:
 class SubjectKeyStore:
     """Per-subject AES-256-GCM keys in SQLite, wrapped by the master key; safe across processes."""
 
-    def __init__(self, directory: str | Path, master_key: bytes, *, cache_size: int = 4096,
-                 cache_ttl: float = 60.0) -> None:
+    def __init__(self, directory: str | Path, master_key: bytes, *, cache_size: int = 4096) -> None:
         if len(master_key) != 32:
             raise KeyStoreError("audit.master_key must be 32 bytes")
+        if cache_size <= 0:
+            raise ValueError("cache_size must be > 0")
         self.path = Path(directory) / KEY_STORE_NAME
         self._index_key = hmac.new(master_key, b"mcp-gateway audit subject index", hashlib.sha256).digest()
         self._wrap = AESGCM(hmac.new(master_key, b"mcp-gateway audit key wrap", hashlib.sha256).digest())
-        # subject -> (expiry, sid, kid, key): a hit costs neither the HMAC nor the database.
-        self._cache: OrderedDict[str, tuple[float, str, int, AESGCM]] = OrderedDict()
+        # subject -> (sid, "<kid>:", key), least recently used first: a hit costs neither the HMAC
+        # nor the database. Dropped whole when any connection records an erasure (_forget_erased).
+        self._cache: OrderedDict[str, tuple[bytes, bytes, AESGCM]] = OrderedDict()
         self._cache_size = cache_size
-        self._cache_ttl = cache_ttl
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
@@ -89,6 +106,9 @@ class SubjectKeyStore:
         if not hmac.compare_digest(str(stored), check):
             self._db.close()
             raise KeyStoreError(f"{self.path} was made under another audit.master_key")
+        # What this connection last saw of other connections' commits and of the erasures.
+        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._erasure_mark = self._last_erasure()
 
     def close(self) -> None:
         self._db.close()
@@ -105,32 +125,75 @@ class SubjectKeyStore:
                 from None
         return AESGCM(raw)
 
-    def key_for(self, sub: str) -> tuple[str, int, AESGCM]:
-        """(sid, kid, key) for sealing ``sub``'s fields; creates the key on first use."""
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(sub)
-            if hit is not None and hit[0] > now:
-                self._cache.move_to_end(sub)
-                return hit[1], hit[2], hit[3]
-        sid = self.subject_id(sub)
-        with self._lock:
-            row = self._db.execute("SELECT kid, wrapped FROM subject_keys WHERE sid=?", (sid,)).fetchone()
-            if row is None:
-                (last,) = self._db.execute("SELECT MAX(kid) FROM erasures WHERE sid=?", (sid,)).fetchone()
-                kid = (last or 0) + 1
-                raw = AESGCM.generate_key(256)
-                nonce = os.urandom(12)
-                wrapped = nonce + self._wrap.encrypt(nonce, raw, f"{sid}:{kid}".encode())
-                # Another process may have created it meanwhile: theirs wins, read it back.
-                self._db.execute("INSERT OR IGNORE INTO subject_keys VALUES (?, ?, ?, ?)",
-                                 (sid, kid, wrapped, time.time()))
-                row = self._db.execute("SELECT kid, wrapped FROM subject_keys WHERE sid=?", (sid,)).fetchone()
-            kid, aead = int(row[0]), self._unwrap(sid, int(row[0]), bytes(row[1]))
-            self._cache[sub] = (now + self._cache_ttl, sid, kid, aead)
+    def _last_erasure(self) -> int:
+        return int(self._db.execute("SELECT IFNULL(MAX(rowid), 0) FROM erasures").fetchone()[0])
+
+    def _forget_erased(self) -> None:
+        """Drop every cached key if any connection (any process) recorded an erasure since the last call.
+
+        One ``PRAGMA data_version`` (changes only when another connection committed), and only then
+        the erasures table's last row: cheap enough to run before every batch. Under ``_lock``.
+        """
+        (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        if version == self._data_version:
+            return
+        self._data_version = version
+        mark = self._last_erasure()
+        if mark != self._erasure_mark:
+            self._erasure_mark = mark
+            self._cache.clear()
+
+    def _load(self, subs: set[str]) -> None:
+        """Put the keys of ``subs`` (not cached) in the cache, creating the missing ones: one
+        transaction (one journal fsync) for all of them, not one per subject. Under ``_lock``."""
+        by_sid = {self.subject_id(sub): sub for sub in subs}
+        rows = self._select(list(by_sid))
+        missing = [sid for sid in by_sid if sid not in rows]
+        if missing:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sid in missing:
+                    (last,) = self._db.execute("SELECT MAX(kid) FROM erasures WHERE sid=?", (sid,)).fetchone()
+                    kid = (last or 0) + 1
+                    nonce, raw = os.urandom(12), AESGCM.generate_key(256)
+                    wrapped = nonce + self._wrap.encrypt(nonce, raw, f"{sid}:{kid}".encode())
+                    # Another process may have created it since the select: theirs wins, read back below.
+                    self._db.execute("INSERT OR IGNORE INTO subject_keys VALUES (?, ?, ?, ?)",
+                                     (sid, kid, wrapped, time.time()))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            rows.update(self._select(missing))
+        for sid, sub in by_sid.items():
+            kid, wrapped = rows[sid]
+            self._cache[sub] = (sid.encode(), b"%d:" % kid, self._unwrap(sid, kid, wrapped))
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-            return sid, kid, aead
+
+    def _select(self, sids: list[str]) -> dict[str, tuple[int, bytes]]:
+        """sid -> (kid, wrapped key) of those of ``sids`` that have a key."""
+        rows: dict[str, tuple[int, bytes]] = {}
+        for i in range(0, len(sids), _SELECT_CHUNK):
+            chunk = sids[i:i + _SELECT_CHUNK]
+            marks = ",".join("?" * len(chunk))  # placeholders only: the sids are parameters
+            query = f"SELECT sid, kid, wrapped FROM subject_keys WHERE sid IN ({marks})"  # noqa: S608
+            for sid, kid, wrapped in self._db.execute(query, chunk):
+                rows[str(sid)] = (int(kid), bytes(wrapped))
+        return rows
+
+    def key_for(self, sub: str) -> tuple[str, int, AESGCM]:
+        """(sid, kid, key) for sealing ``sub``'s fields; creates the key on first use."""
+        with self._lock:
+            self._forget_erased()
+            if sub not in self._cache:
+                self._load({sub})
+            sid, prefix, aead = self._cache[sub]
+        return sid.decode(), int(prefix[:-1]), aead
+
+    def cached_subjects(self) -> int:
+        """How many subjects' keys are in memory."""
+        return len(self._cache)
 
     def key_for_reading(self, sid: str, kid: int) -> AESGCM | None:
         """The key ``sid``'s entries of generation ``kid`` were sealed under; None once erased."""
@@ -159,12 +222,40 @@ class SubjectKeyStore:
 
     # -- sealing ----------------------------------------------------------------------------------
 
+    @contextmanager
+    def sealing(self, subjects: Iterable[str]) -> Iterator[Callable[[str, bytes], tuple[bytes, bytes]]]:
+        """Seal one batch: ``with store.sealing(subs) as seal: sid, pii = seal(sub, fields_json)``
+        for each ``sub`` of ``subjects``.
+
+        Holds the store's lock for the batch; first drops the keys erased since the last batch
+        (by any process), then loads or creates the keys of the batch's subjects not in memory,
+        all at once. ``seal`` returns ASCII (sid, "pii" value): ``<kid>:`` and base64 of the
+        nonce and the AES-GCM ciphertext of ``fields_json``, with ``sid`` as associated data.
+        """
+        with self._lock:
+            self._forget_erased()
+            cache = self._cache
+            missing = {sub for sub in subjects if sub not in cache}
+            if missing:
+                self._load(missing)
+            counter = int.from_bytes(os.urandom(12), "big")
+
+            def seal(sub: str, fields_json: bytes) -> tuple[bytes, bytes]:
+                nonlocal counter
+                sid, prefix, aead = cache[sub]
+                cache.move_to_end(sub)
+                counter = (counter + 1) & _NONCE_MASK
+                nonce = counter.to_bytes(12, "big")
+                return sid, prefix + binascii.b2a_base64(nonce + aead.encrypt(nonce, fields_json, sid),
+                                                         newline=False)
+
+            yield seal
+
     def seal(self, fields: dict[str, Any], sub: str) -> tuple[bytes, bytes]:
-        """(sid, "pii" value), ASCII, for the personal ``fields`` of ``sub``."""
-        sid, kid, aead = self.key_for(sub)
-        nonce = os.urandom(12)  # random per entry: a nonce must never repeat under one key
-        sealed = aead.encrypt(nonce, orjson.dumps(fields), sid.encode())
-        return sid.encode(), b"%d:%s" % (kid, base64.b64encode(nonce + sealed))
+        """(sid, "pii" value), ASCII, for the personal ``fields`` of ``sub`` (one entry; batches:
+        :meth:`sealing`)."""
+        with self.sealing((sub,)) as seal:
+            return seal(sub, orjson.dumps(fields))
 
     def open(self, entry: dict[str, Any]) -> dict[str, Any] | None:
         """The personal fields of a sealed entry; None when its subject's key was erased."""

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client import REGISTRY
 
@@ -18,6 +21,7 @@ from gateway.telemetry.audit import (
     AuditUnavailable,
     AuditWriter,
     OtlpAuditExporter,
+    _now_rfc3339,
     args_digest,
     audit_files,
     iter_audit,
@@ -158,6 +162,46 @@ async def test_stuck_disk_times_out_without_backpressure(tmp_path: Path) -> None
         _StuckDisk.release.set()
         await writer.close()
     assert [e["request_id"] for e in iter_audit(tmp_path / "a.jsonl")] == ["r1"]
+
+
+async def test_each_entry_times_out_after_its_own_deadline(tmp_path: Path) -> None:
+    """With fsync stuck, an entry written later than another times out later too (the writer's one
+    timer re-arms for the next deadline), each about ``timeout`` after its own write."""
+    _StuckDisk.release.clear()
+    writer = _StuckDisk(tmp_path / "a.jsonl", timeout=0.4)
+    await writer.start()
+    loop = asyncio.get_running_loop()
+    failed_at: dict[int, float] = {}
+
+    async def write(n: int) -> None:
+        with pytest.raises(AuditUnavailable):
+            await writer.write(entry(n))
+        failed_at[n] = loop.time()
+
+    try:
+        start = loop.time()
+        first = asyncio.create_task(write(1))
+        await asyncio.sleep(0.25)  # the delay between the two writes is the behaviour under test
+        second_start = loop.time()
+        await asyncio.wait_for(asyncio.gather(first, write(2)), 10)
+    finally:
+        _StuckDisk.release.set()
+        await writer.close()
+    assert 0.4 <= failed_at[1] - start < failed_at[2] - start
+    assert failed_at[2] - second_start >= 0.4 and failed_at[2] > failed_at[1]
+
+
+def test_entry_body_is_the_dataclass_serialization() -> None:
+    """An entry's JSON is exactly orjson's serialization of every field of the dataclass (none
+    left out by the written-out mapping), and its timestamp has the RFC 3339 form of before."""
+    full = entry(1, reason="r", trace_id="t", service="s", latency_ms=2.5)
+    assert full.body() == orjson.dumps(full)[1:] + b"\n"
+    before = datetime.now(UTC)
+    stamp = _now_rfc3339()
+    after = datetime.now(UTC)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp)
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    assert before - timedelta(microseconds=1) <= parsed <= after + timedelta(microseconds=1)
 
 
 class _FailingDisk(AuditWriter):

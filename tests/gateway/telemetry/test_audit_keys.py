@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import os
+import sys
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, iter_audit
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore, parse_master_key
 from gateway.telemetry.audit_verify import verify_chain
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def entry(n: int, sub: str | None) -> AuditEntry:
@@ -20,7 +26,7 @@ def entry(n: int, sub: str | None) -> AuditEntry:
 
 async def test_sealed_entries_open_until_erased_then_a_new_key(tmp_path: Path) -> None:
     """An erased subject's old entries stay unreadable; their later entries use a new, readable key."""
-    store = SubjectKeyStore(tmp_path, os.urandom(32), cache_ttl=0.0)
+    store = SubjectKeyStore(tmp_path, os.urandom(32))
     path = tmp_path / "a.jsonl"
     async with AuditWriter(path, keys=store) as writer:
         await writer.write(entry(0, "carol"))
@@ -59,3 +65,80 @@ async def test_key_store_failure_fails_closed_and_keeps_the_chain(tmp_path: Path
             await writer.write(entry(1, "frank"))
         await writer.write(entry(2, None))
     assert [e["request_id"] for e in iter_audit(path)] == ["r0", "r2"] and verify_chain(path).ok
+
+
+async def test_erase_in_another_process_reaches_a_writer_that_cached_the_key(tmp_path: Path) -> None:
+    """A subject erased by another process (``audit erase``) while a running writer holds its key in
+    memory: the writer's next entry of that subject is sealed under a new key (readable), not the
+    erased one, and the writer no longer holds the erased key."""
+    master = os.urandom(32)
+    store = SubjectKeyStore(tmp_path, master)
+    path = tmp_path / "a.jsonl"
+    async with AuditWriter(path, keys=store) as writer:
+        await writer.write(entry(0, "carol"))
+        assert store.cached_subjects() == 1
+        script = ("import sys; from pathlib import Path; "
+                  "from gateway.telemetry.audit_keys import SubjectKeyStore; "
+                  "print(SubjectKeyStore(Path(sys.argv[1]), bytes.fromhex(sys.argv[2])).erase('carol')[1])")
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(tmp_path), master.hex(),
+                                                    cwd=ROOT, stdout=asyncio.subprocess.PIPE)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0 and out.strip() == b"1"
+        await writer.write(entry(1, "carol"))
+        assert store.cached_subjects() == 1  # the erased key was dropped, the new one loaded
+    before, after = iter_audit(path)
+    assert before["pii"].startswith("1:") and store.open(before) is None
+    assert after["pii"].startswith("2:") and store.open(after) == {
+        "sub": "carol", "client_id": "cli", "tenant": "t1", "args_digest": "sha256:abc"}
+    assert verify_chain(path).ok
+    store.close()
+
+
+def test_key_cache_is_bounded_and_keeps_the_recently_used(tmp_path: Path) -> None:
+    """The writer's key cache holds at most cache_size subjects, evicting the least recently used;
+    an evicted subject's key is read back from the store (same key: its entries stay readable)."""
+    store = SubjectKeyStore(tmp_path, os.urandom(32), cache_size=3)
+    sealed = {sub: store.seal({"sub": sub}, sub) for sub in ("a", "b", "c")}
+    store.seal({"sub": "a"}, "a")  # a is now the most recently used: b goes first
+    store.seal({"sub": "d"}, "d")
+    assert store.cached_subjects() == 3
+    assert list(store._cache) == ["c", "a", "d"]  # least recently used first
+    for sub in ("e", "f", "g", "h"):
+        store.seal({"sub": sub}, sub)
+    assert store.cached_subjects() == 3
+    sid, pii = sealed["b"]
+    assert store.open({"sid": sid.decode(), "pii": pii.decode()}) == {"sub": "b"}
+    assert store.key_for("b")[1] == 1  # read back, not a new key
+    store.close()
+
+
+def test_nonces_never_repeat_within_or_across_batches_and_stores(tmp_path: Path) -> None:
+    """Nonces of one subject's key are distinct within a batch, across batches and across two
+    stores (two processes) sealing the same subject."""
+    master = os.urandom(32)
+    stores = [SubjectKeyStore(tmp_path, master), SubjectKeyStore(tmp_path, master)]
+    nonces = []
+    for _ in range(20):
+        for store in stores:
+            with store.sealing({"zoe"}) as seal:
+                for _ in range(50):
+                    _, pii = seal("zoe", b"{}")
+                    nonces.append(base64.b64decode(pii.split(b":", 1)[1])[:12])
+    assert len(nonces) == 2000 and len(set(nonces)) == 2000
+    for store in stores:
+        store.close()
+
+
+def test_new_subjects_of_a_batch_get_their_keys_in_one_commit(tmp_path: Path) -> None:
+    """A batch with many new subjects creates their keys in one transaction (one journal fsync),
+    not one per subject; every entry opens with its own subject's key."""
+    store = SubjectKeyStore(tmp_path, os.urandom(32))
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    subjects = [f"user{n}" for n in range(40)]
+    with store.sealing(set(subjects)) as seal:
+        sealed = [seal(sub, orjson.dumps({"sub": sub})) for sub in subjects]
+    assert statements.count("COMMIT") == 1
+    for sub, (sid, pii) in zip(subjects, sealed, strict=True):
+        assert store.open({"sid": sid.decode(), "pii": pii.decode()}) == {"sub": sub}
+    store.close()
