@@ -14,9 +14,10 @@ again after erasure gets a new key (a new ``kid``).
 Writers seal a batch of entries at a time (:meth:`SubjectKeyStore.sealing`) and cache the
 unwrapped keys in memory (a bounded LRU, ``cache_size`` subjects), so an entry costs one AES-GCM
 call and no database round trip. An erasure reaches every writer, whatever its process, before its
-next batch: each batch first asks SQLite whether another connection changed the store
-(``PRAGMA data_version``, no table read) and, only then, whether an erasure was recorded since
-(the ``erasures`` table's last row), in which case the whole cache is dropped. So an entry whose
+next batch: each batch first reads the store file's change counter (one ``pread`` of its header,
+which every commit of any connection bumps in rollback-journal mode; ``PRAGMA data_version`` if
+the file is in WAL mode) and, only when it moved, whether an erasure was recorded since (the
+``erasures`` table's last row), in which case the whole cache is dropped. So an entry whose
 write starts after ``audit erase`` returned is sealed under the subject's new key, never the
 erased one, and no writer holds the erased key past its next batch (an idle writer holds it until
 then).
@@ -97,7 +98,7 @@ class SubjectKeyStore:
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
         os.chmod(self.path, 0o600)
         self._db.execute("PRAGMA secure_delete=ON")
-        self._db.execute("PRAGMA journal_mode=DELETE")
+        mode = self._db.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
         self._db.executescript(_SCHEMA)
         # A store made under another master key must not silently start over with new keys.
         check = hmac.new(master_key, b"mcp-gateway audit master check", hashlib.sha256).hexdigest()
@@ -106,12 +107,26 @@ class SubjectKeyStore:
         if not hmac.compare_digest(str(stored), check):
             self._db.close()
             raise KeyStoreError(f"{self.path} was made under another audit.master_key")
-        # What this connection last saw of other connections' commits and of the erasures.
-        self._data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        # In rollback-journal mode every commit, of any connection, bumps the file change counter
+        # (4 bytes at offset 24 of the file's header): one pread tells whether anything changed. A
+        # store another process put in WAL mode does not bump it: then ask SQLite (data_version).
+        rollback = str(mode).lower() == "delete"
+        self._header_fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC) if rollback else -1
+        # What this store last saw of the file's commits and of the erasures.
+        self._version = self._change_version()
         self._erasure_mark = self._last_erasure()
 
     def close(self) -> None:
         self._db.close()
+        if self._header_fd >= 0:
+            os.close(self._header_fd)
+            self._header_fd = -1
+
+    def _change_version(self) -> object:
+        """A value that differs once any connection (any process) committed a change to the store."""
+        if self._header_fd >= 0:
+            return os.pread(self._header_fd, 4, 24)
+        return self._db.execute("PRAGMA data_version").fetchone()[0]
 
     def subject_id(self, sub: str) -> str:
         """The pseudonymous index of ``sub`` (hex HMAC-SHA256, 32 digits)."""
@@ -131,13 +146,13 @@ class SubjectKeyStore:
     def _forget_erased(self) -> None:
         """Drop every cached key if any connection (any process) recorded an erasure since the last call.
 
-        One ``PRAGMA data_version`` (changes only when another connection committed), and only then
-        the erasures table's last row: cheap enough to run before every batch. Under ``_lock``.
+        One read of the file's change counter, and only when it moved the erasures table's last
+        row: cheap enough to run before every batch. Under ``_lock``.
         """
-        (version,) = self._db.execute("PRAGMA data_version").fetchone()
-        if version == self._data_version:
+        version = self._change_version()
+        if version == self._version:
             return
-        self._data_version = version
+        self._version = version
         mark = self._last_erasure()
         if mark != self._erasure_mark:
             self._erasure_mark = mark

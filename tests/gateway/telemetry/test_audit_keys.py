@@ -142,3 +142,27 @@ def test_new_subjects_of_a_batch_get_their_keys_in_one_commit(tmp_path: Path) ->
     for sub, (sid, pii) in zip(subjects, sealed, strict=True):
         assert store.open({"sid": sid.decode(), "pii": pii.decode()}) == {"sub": sub}
     store.close()
+
+
+@pytest.mark.parametrize("probe", ["header", "data_version"])
+def test_erasure_by_another_connection_is_seen_before_the_next_batch(tmp_path: Path, probe: str) -> None:
+    """An erasure committed by another connection drops the cached key before the next batch, seen
+    by the store file's change counter (rollback journal) or, for a file not in that mode, by
+    SQLite's data_version; a batch with no change in between keeps the key."""
+    master = os.urandom(32)
+    writer, eraser = SubjectKeyStore(tmp_path, master), SubjectKeyStore(tmp_path, master)
+    assert writer._header_fd >= 0
+    if probe == "data_version":  # what a store in WAL mode uses
+        os.close(writer._header_fd)
+        writer._header_fd = -1
+        writer._version = writer._change_version()
+    with writer.sealing({"ivy"}) as seal:
+        sid, first = seal("ivy", b"{}")
+    with writer.sealing({"ivy"}) as seal:  # nothing changed: the cached key seals
+        assert seal("ivy", b"{}")[1].startswith(b"1:")
+    assert eraser.erase("ivy") == (sid.decode(), 1)
+    with writer.sealing({"ivy"}) as seal:
+        _, second = seal("ivy", b"{}")
+    assert first.startswith(b"1:") and second.startswith(b"2:")
+    writer.close()
+    eraser.close()
