@@ -232,6 +232,9 @@ class IssuerConfig:
     jwks_url: str
     audiences: tuple[str, ...]
     algorithms: tuple[str, ...] = ("RS256", "ES256")
+    # Named to clients as an authorization server (RFC 9728 metadata). False for an issuer only
+    # the gateway's own services use, e.g. the workflow server's per-step tokens.
+    advertise: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -973,7 +976,7 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     issuers = []
     for i, idata in enumerate(_take(top, "issuers", list, "config")):
         where = f"issuers[{i}]"
-        idata = _only(idata, {"issuer", "jwks_url", "audiences", "algorithms"}, where)
+        idata = _only(idata, {"issuer", "jwks_url", "audiences", "algorithms", "advertise"}, where)
         algs = tuple(_take(idata, "algorithms", list, where, ["RS256", "ES256"]))
         bad = [a for a in algs if a not in {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
                                             "PS256", "PS384", "PS512", "EdDSA"}]
@@ -987,7 +990,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
             default_audiences.append(f"{public_url.rstrip('/')}{CONSOLE_PATH}")
         audiences = tuple(_take(idata, "audiences", list, where, default_audiences))
         issuers.append(IssuerConfig(_take(idata, "issuer", str, where),
-                                    _take(idata, "jwks_url", str, where), audiences, algs))
+                                    _take(idata, "jwks_url", str, where), audiences, algs,
+                                    _take(idata, "advertise", bool, where, True)))
     if not issuers:
         raise ConfigError("issuers must name at least one token issuer")
 

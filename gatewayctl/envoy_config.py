@@ -383,7 +383,7 @@ def resource_metadata(config: GatewayConfig, server: ServerConfig) -> dict[str, 
     return {
         "resource": config.resource_url(server.name),
         "resource_name": server.description or f"MCP server {server.name}",
-        "authorization_servers": [i.issuer for i in config.issuers],
+        "authorization_servers": [i.issuer for i in config.issuers if i.advertise],
         "bearer_methods_supported": ["header"],
         # The policies in policies/ grant tools by scope `tools:call:<server>/<tool>` or `/*`.
         "scopes_supported": [f"tools:call:{server.name}/*"],
@@ -584,7 +584,7 @@ def aggregate_resource_metadata(config: GatewayConfig, virtual: str | None = Non
     return {
         "resource": config.aggregate_url(virtual),
         "resource_name": name,
-        "authorization_servers": [i.issuer for i in config.issuers],
+        "authorization_servers": [i.issuer for i in config.issuers if i.advertise],
         "bearer_methods_supported": ["header"],
         "scopes_supported": [f"tools:call:{s}/*" for s in servers],
     }

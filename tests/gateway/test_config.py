@@ -20,8 +20,11 @@ def test_default_config_loads() -> None:
     """The embedded default has this project's servers with two instances each, one stdio
     server from PyPI (its own runtime) behind the bridge, and audiences per server."""
     cfg = load_config()
-    assert [s.name for s in cfg.servers] == ["files", "database", "conformance", "erp", "time"]
-    assert all(len(s.instances) == 2 for s in cfg.servers if s.kind == "module")
+    assert [s.name for s in cfg.servers] == ["files", "database", "conformance", "workflow", "erp",
+                                             "time"]
+    # The workflow server owns its run record: one instance (docs/workflows.md).
+    assert all(len(s.instances) == (1 if s.name == "workflow" else 2)
+               for s in cfg.servers if s.kind == "module")
     time_server = cfg.server("time")
     assert time_server.kind == "command" and time_server.runtime is not None
     assert cfg.resource_url("files") == "https://127.0.0.1:8443/mcp/files"
