@@ -288,3 +288,61 @@ def test_signer_refuses_a_ttl_over_a_minute() -> None:
     """The signer cannot be configured to mint assertions living longer than 60 s."""
     with pytest.raises(ValueError, match="ttl"):
         AssertionSigner(ring(), ISS, ttl=61)
+
+
+def _signed(keys: KeyRing, claims: dict[str, Any], **header: Any) -> str:
+    return jwt.encode(claims, keys.signing.private_key, algorithm="ES256",
+                      headers={"kid": keys.signing.kid, **header})
+
+
+def _claims(clock: Clock, **extra: Any) -> dict[str, Any]:
+    return {"iss": ISS, "aud": AUD, "sub": "alice", "iat": int(clock.now),
+            "exp": int(clock.now) + 30, "jti": "abcdefgh12345678", **extra}
+
+
+async def test_a_signed_assertion_for_several_audiences_is_refused() -> None:
+    """The gateway mints one audience per assertion; a validly signed one whose aud is a list
+    (even naming this server) is not one of ours."""
+    keys, clock = ring(), Clock()
+    token = _signed(keys, _claims(clock, aud=[AUD, "https://gw.example/mcp/other"]))
+    assert await reason(verifier(keys, clock), token) == "wrong_audience"
+
+
+async def test_jws_extensions_and_future_nbf_are_refused() -> None:
+    """A critical-extension header and an unencoded-payload header are refused although the
+    signature verifies (the gateway never mints them); so is a not-before in the future."""
+    keys, clock = ring(), Clock()
+    crit = _signed(keys, _claims(clock), crit=["exp"])
+    assert await reason(verifier(keys, clock), crit) == "malformed"
+    later = _signed(keys, _claims(clock, nbf=int(clock.now) + 600))
+    assert await reason(verifier(keys, clock), later) == "invalid_claims"
+
+
+async def test_a_signature_of_the_wrong_length_or_encoding_is_forged() -> None:
+    """A DER-encoded ECDSA signature (not the JWS r || s form), or one cut short, does not
+    verify; neither does a segment with a character outside base64url."""
+    keys, clock = ring(), Clock()
+    header, payload, sig = AssertionSigner(keys, ISS, clock=clock).mint(CALLER, AUD, "d").split(".")
+    raw = base64.urlsafe_b64decode(sig + "==")
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    v = verifier(keys, clock)
+    assert await reason(v, f"{header}.{payload}.{b64(der)}") == "forged"
+    assert await reason(v, f"{header}.{payload}.{b64(raw[:40])}") == "forged"
+    assert await reason(v, f"{header}.{payload}.{sig[:-2]}+/") == "malformed"
+
+
+async def test_a_kid_naming_a_non_p256_key_is_refused() -> None:
+    """A key source that answers a kid with an RSA key (a JWKS shared with other issuers)
+    never verifies an ES256 assertion with it."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    keys, clock = ring(), Clock()
+
+    class RsaKeys:
+        async def get(self, kid: str) -> Any:
+            return rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+
+    v = AssertionVerifier(RsaKeys(), issuer=ISS, audience=AUD, clock=clock)
+    token = AssertionSigner(keys, ISS, clock=clock).mint(CALLER, AUD, "d")
+    assert await reason(v, token) == "forged"
