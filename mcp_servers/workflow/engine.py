@@ -45,6 +45,9 @@ from mcp_servers.workflow.store import (
 logger = logging.getLogger(__name__)
 
 COMPENSATION_ATTEMPTS = 3
+# Runs in progress at once in one server; more are refused (each holds a task and, while it waits
+# for an approval, a client request).
+MAX_RUNS = 100
 RETRY_BACKOFF_SECONDS = 0.2
 # After a restart the gateway may not be up yet: compensations of interrupted runs keep trying
 # (retryable failures only) this long before the run is left for the next start.
@@ -85,8 +88,9 @@ class Answer:
         return cls(bool(data["is_error"]), dict(data["structured"]), str(data["text"]))
 
 
-class IdempotencyConflict(Exception):
-    """The key was used before with other inputs, or its run is still going."""
+class RunRefused(Exception):
+    """A run that is not started: the key was used before with other inputs, its run is still
+    going, or too many runs are."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -109,6 +113,9 @@ class Engine:
 
     async def start(self, wf: Workflow, caller: Caller, inputs: dict[str, Any], key: str | None,
                     reporter: Reporter) -> Answer:
+        if len(self._tasks) >= MAX_RUNS:
+            raise RunRefused("too_many_runs", f"{MAX_RUNS} workflow runs are in progress; "
+                                      "retry later")
         run, created = self.store.create(wf.name, principal(caller), key, caller_record(caller), inputs)
         if not created:
             return self._repeat(run, inputs)
@@ -121,10 +128,10 @@ class Engine:
 
     def _repeat(self, run: RunRecord, inputs: dict[str, Any]) -> Answer:
         if run.inputs_digest != inputs_digest(inputs):
-            raise IdempotencyConflict("idempotency_key_reused",
+            raise RunRefused("idempotency_key_reused",
                                       f"this idempotency key was used for run {run.id} with other inputs")
         if run.status == RUNNING or run.answer is None:
-            raise IdempotencyConflict("run_in_progress",
+            raise RunRefused("run_in_progress",
                                       f"run {run.id} with this idempotency key is still running")
         logger.info("workflow run repeated by idempotency key",
                     extra={"workflow": run.workflow, "run_id": run.id})

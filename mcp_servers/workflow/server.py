@@ -19,7 +19,7 @@ import orjson
 from mcp_servers.core import ClientRequestFailed, MCPServer, ToolContext, ToolError, ToolResult
 from mcp_servers.workflow.client import DECLINED, GatewayClient, StepError
 from mcp_servers.workflow.delegation import Delegator, load_or_create_key, publish_jwks
-from mcp_servers.workflow.engine import Engine, IdempotencyConflict
+from mcp_servers.workflow.engine import Engine, RunRefused
 from mcp_servers.workflow.spec import IDEMPOTENCY_ARGUMENT, SpecError, Workflow, load_dir
 from mcp_servers.workflow.store import RunStore
 
@@ -69,7 +69,7 @@ def register_workflow(server: MCPServer, runtime: Runtime, wf: Workflow) -> None
             raise ToolError("the workflow server is starting [not_ready]")
         try:
             answer = await engine.start(wf, ctx.caller, inputs, key, ContextReporter(ctx))
-        except IdempotencyConflict as exc:
+        except RunRefused as exc:
             return _result({"status": "refused", "reason": exc.code, "error": str(exc)},
                            f"{exc} [{exc.code}]", True)
         return _result(answer.structured, answer.text, answer.is_error)

@@ -305,6 +305,13 @@ async def test_sigkill_mid_run_then_restart_compensates(wstack: devstack.Stack) 
     await asyncio.to_thread(start_again, wstack, "workflow[0]")
     await asyncio.to_thread(wait_until, lambda: erp_order(wstack, order_id)[0] == "cancelled",
                             "the restarted workflow server to cancel the interrupted run's order")
+    run_id = (erp_order(wstack, order_id)[1] or "").rsplit(" ", 1)[-1]
+    await asyncio.to_thread(wait_until, lambda: run_record(wstack, run_id)[0] == "failed",
+                            "the interrupted run to be recorded as failed")
+    answer = run_record(wstack, run_id)[1]
+    assert answer is not None
+    assert (answer["structured"]["failed_step"], answer["structured"]["reason"],
+            answer["structured"]["undone"]) == ("approve", "interrupted", ["create_order"])
 
 
 async def test_same_idempotency_key_runs_once(wstack: devstack.Stack) -> None:

@@ -13,7 +13,7 @@ import pytest
 from gateway.caller import Caller
 from mcp_servers.workflow.client import GatewayClient
 from mcp_servers.workflow.delegation import Delegator, caller_record, load_or_create_key, principal
-from mcp_servers.workflow.engine import Answer, Engine, IdempotencyConflict
+from mcp_servers.workflow.engine import Answer, Engine, RunRefused
 from mcp_servers.workflow.spec import Workflow, parse_workflow
 from mcp_servers.workflow.store import (
     FAILED,
@@ -198,7 +198,7 @@ async def test_idempotency_key_runs_once_per_caller(ok: Harness) -> None:
     first = await ok.run({"customer": 3}, key="k1")
     again = await ok.run({"customer": 3}, key="k1")
     assert again == first and ok.standin.tools().count("erp/createOrder") == 1
-    with pytest.raises(IdempotencyConflict) as info:
+    with pytest.raises(RunRefused) as info:
         await ok.run({"customer": 4}, key="k1")
     assert info.value.code == "idempotency_key_reused"
     bob = Caller(sub="bob", issuer="https://idp", tenant="acme", roles=("engineer",))
@@ -248,6 +248,16 @@ async def test_recovery_completes_a_run_whose_steps_all_finished(ok: Harness) ->
     await ok.engine.recover()
     rec = ok.store.get(run.id)
     assert rec is not None and rec.status == SUCCEEDED and ok.standin.calls == []
+
+
+async def test_runs_at_once_are_bounded(ok: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the limit of runs in progress a new run is refused before anything is recorded."""
+    import mcp_servers.workflow.engine as engine_module
+    monkeypatch.setattr(engine_module, "MAX_RUNS", 0)
+    with pytest.raises(RunRefused) as info:
+        await ok.run({"customer": 1}, key="k")
+    assert info.value.code == "too_many_runs" and ok.store.unfinished() == []
+    assert ok.store.find("order", principal(ALICE), "k") is None
 
 
 def test_one_process_per_run_record(tmp_path: Path) -> None:
