@@ -26,13 +26,13 @@ from ext_authz.sessions import SessionBinder, build_session_binder
 from ext_authz.settings import Settings
 from gateway import inner_tls
 from gateway.catalog import Catalog
-from gateway.config import secret_value
+from gateway.config import ConfigError
 from gateway.credentials.provider import CredentialProvider
 from gateway.service import SHUTDOWN_GRACE_SECONDS, GrpcService, GrpcSettings
 from gateway.signals import run_until_signal
 from gateway.telemetry import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.audit_chain import CheckpointSigner
-from gateway.telemetry.audit_keys import SubjectKeyStore, parse_master_key
+from gateway.telemetry.audit_keys import SubjectKeyStore, master_key_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -144,8 +144,11 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         if settings.audit.master_key:
             # Personal fields sealed per subject (crypto-shredding); the key store is shared by
             # every writer of the trail. A missing or malformed key fails start-up, naming it.
-            master = parse_master_key(secret_value("${" + settings.audit.master_key + "}",
-                                                   "audit.master_key"))
+            master = master_key_from_env(settings.audit.master_key)
+            if master is None:
+                name = settings.audit.master_key
+                raise ConfigError(f"audit.master_key: the secret {name} is not set in this process's "
+                                  f"environment (nor {name}_FILE)")
             keys = await asyncio.to_thread(SubjectKeyStore, settings.audit.dir, master)
             cleanup.append(_async(keys.close))
         audit = AuditWriter(settings.audit_path(port), max_bytes=settings.audit.max_bytes,

@@ -19,7 +19,12 @@ run as that user (deploy/compose/README.md).
 With ``--edge-src`` / ``--edge-out`` it also copies the edge certificate and key (``server.pem``,
 ``server.key``, as ``mcp-gateway up`` makes them or the operator provides them) into the volume
 Envoy mounts, owned by Envoy's user: the host's copy of the key is private to the host user, whom
-Envoy's container user (101) is not."""
+Envoy's container user (101) is not.
+
+With audit.master_key set and ``<name>_FILE`` in its environment, it also makes the audit master
+key (sealing personal fields, docs/compliance.md) in that file when missing, 0600 for the
+services' user, on a volume the audit writers (ext_authz, the MCP servers) mount read-only; it is
+never replaced (entries sealed under the keys it wraps would become unreadable)."""
 
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import inner_tls
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.telemetry.audit_keys import new_master_key
 from gatewayctl import assertion_keys
 from gatewayctl.devstack import credentials
 from gatewayctl.devstack.state import StackError
@@ -161,6 +167,29 @@ def ensure_assertion_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -> bo
     return made
 
 
+def ensure_audit_master_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -> Path | None:
+    """audit.master_key's key file (the file ``<name>_FILE`` names in this environment, on a volume
+    the audit writers mount read-only) made when missing, 0600 in a 0700 folder owned by ``uid``;
+    the path when made. Nothing to do without audit.master_key, without ``<name>_FILE``, or when
+    the variable itself holds the key (the operator's)."""
+    name = config.audit.master_key
+    if name is None or os.environ.get(name) or not os.environ.get(f"{name}_FILE"):
+        return None
+    path = Path(os.environ[f"{name}_FILE"])
+    if not path.parent.is_dir():
+        raise StackError(f"{path.parent} ({name}_FILE, audit.master_key) is not mounted "
+                         f"(docker-compose.yml, pki-init: the audit-master-key volume)")
+    made = not path.exists()
+    if made:  # never replaced: entries sealed under keys it wraps would become unreadable
+        _install(f"{new_master_key()}\n".encode(), path, 0o600, uid)
+    if os.geteuid() == 0:
+        os.chown(path.parent, uid, uid)
+        os.chown(path, uid, uid)
+    os.chmod(path.parent, 0o700)
+    os.chmod(path, 0o600)
+    return path if made else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gatewayctl.compose_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"edge TLS: copied {args.edge_src} for Envoy")
         if config.identity.assertion and ensure_assertion_key(config, uid=args.uid):
             print(f"caller assertion: made {config.identity.keys} and {config.identity.jwks_file}")
+        master = ensure_audit_master_key(config, uid=args.uid)
+        if master is not None:
+            print(f"audit.master_key: made {master} (back it up: sealed audit fields need it)")
         if not config.inner_tls.enabled:
             print("inner_tls is off in the config: nothing to issue", file=sys.stderr)
             return 0

@@ -74,6 +74,25 @@ def parse_master_key(value: str, where: str = "audit.master_key") -> bytes:
     return key
 
 
+def master_key_from_env(name: str, where: str = "audit.master_key") -> bytes | None:
+    """The master key held by the environment variable ``name``, else by the file the variable
+    ``<name>_FILE`` names (how docker compose's pki-init hands it over: deploy/compose); None when
+    neither is set. KeyStoreError naming ``where`` and the variable for a malformed key or an
+    unreadable file."""
+    value = os.environ.get(name, "")
+    if not value and os.environ.get(f"{name}_FILE"):
+        path = os.environ[f"{name}_FILE"]
+        try:
+            value = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise KeyStoreError(f"{where}: cannot read {path} ({name}_FILE): {exc.strerror}") from None
+        if not value:
+            raise KeyStoreError(f"{where}: {path} ({name}_FILE) is empty")
+    if not value:
+        return None
+    return parse_master_key(value, f"{where} ({name})")
+
+
 def new_master_key() -> str:
     return base64.urlsafe_b64encode(os.urandom(32)).decode().rstrip("=")
 

@@ -20,7 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.telemetry.audit import AuditEntry, AuditUnavailable, AuditWriter, audit_files, retention_entry
 from gateway.telemetry.audit_chain import CheckpointSigner, load_public_key
-from gateway.telemetry.audit_keys import PERSONAL_FIELDS, KeyStoreError, SubjectKeyStore, parse_master_key
+from gateway.telemetry.audit_keys import (
+    PERSONAL_FIELDS,
+    KeyStoreError,
+    SubjectKeyStore,
+    master_key_from_env,
+    parse_master_key,
+)
 from gateway.telemetry.audit_retention import load_holds, prune_chain, prune_logs, set_hold
 from gateway.telemetry.audit_verify import chain_bases, verify_dir
 
@@ -65,14 +71,15 @@ def master_key(config: GatewayConfig) -> bytes:
     name = config.audit.master_key
     if name is None:
         raise KeyStoreError("audit.master_key is not set: personal fields are not sealed, nothing to do")
-    value = os.environ.get(name)
-    if not value:
-        path = Path(config.state_dir) / "secrets" / name
-        try:
-            value = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise KeyStoreError(f"audit.master_key: the secret {name} is neither in the environment "
-                                f"nor in {path}") from None
+    key = master_key_from_env(name)  # the variable, or the file <name>_FILE names (docker compose)
+    if key is not None:
+        return key
+    path = Path(config.state_dir) / "secrets" / name
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise KeyStoreError(f"audit.master_key: the secret {name} is neither in the environment "
+                            f"(nor {name}_FILE) nor in {path}") from None
     return parse_master_key(value, f"audit.master_key ({name})")
 
 

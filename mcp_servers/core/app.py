@@ -18,7 +18,7 @@ from gateway.inner_peers import guard_app
 from gateway.signals import stop_event
 from gateway.telemetry.audit import AuditWriter, OtlpAuditExporter
 from gateway.telemetry.audit_chain import CheckpointSigner
-from gateway.telemetry.audit_keys import SubjectKeyStore, parse_master_key
+from gateway.telemetry.audit_keys import SubjectKeyStore, master_key_from_env
 from gateway.telemetry.metrics import add_metrics_route
 from gateway.telemetry.tracing import setup_tracing, shutdown_tracing
 from mcp_servers.core.identity import add_assertion_arguments, identity_context
@@ -175,10 +175,10 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     if args.audit_master_key_env:
         # Read here, once: a missing or malformed key fails start-up naming the variable.
         name = args.audit_master_key_env
-        if not os.environ.get(name):
+        master = master_key_from_env(name)
+        if master is None:
             raise ValueError(f"audit.master_key: the secret {name} (--audit-master-key-env) is not set "
-                             "in this process's environment")
-        master = parse_master_key(os.environ[name], f"audit.master_key ({name})")
+                             f"in this process's environment (nor {name}_FILE)")
     return ServerSettings(host=args.host, port=args.port, path=args.path,
                           allowed_origins=split(args.allowed_origins),
                           allowed_hosts=split(args.allowed_hosts), max_body_bytes=args.max_body_bytes,

@@ -27,7 +27,8 @@ UNCHECKED = {"opa", "otel-collector", "jaeger", "prometheus", "grafana", "state-
 ONE_SHOT = ("state-init", "pki-init")
 # Named volumes pki-init fills and owns (one component's inner TLS pair, the caller assertion's
 # key and JWKS: tests/deploy/test_compose_inner_tls.py).
-PKI_VOLUMES = ("inner-tls-", "assertion-")
+# Volumes pki-init (not state-init) hands to their users.
+PKI_VOLUMES = ("inner-tls-", "assertion-", "audit-master-key")
 
 
 @pytest.fixture(scope="module")
