@@ -74,7 +74,8 @@ def test_dev_stack_sections_parse() -> None:
     cfg = load_config()
     (erp,) = cfg.backends
     assert erp.module == "mcp_servers.erp_demo" and erp.instance.port == 9230 and erp.env == ("ERP_API_KEY",)
-    assert cfg.secrets == ("ERP_API_KEY", "MCP_GATEWAY_AGGREGATE_KEYS")
+    assert cfg.secrets == ("ERP_API_KEY", "MCP_GATEWAY_AGGREGATE_KEYS", "MCP_GATEWAY_AUDIT_MASTER_KEY")
+    assert cfg.audit.master_key == "MCP_GATEWAY_AUDIT_MASTER_KEY"  # the dev stack seals, like deployments
     assert cfg.server("erp").env == ("ERP_API_KEY",)
     assert cfg.rate_limits.edge is not None and cfg.rate_limits.edge.burst == 2000
     assert cfg.telemetry.otlp_endpoint is None
