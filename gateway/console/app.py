@@ -62,8 +62,7 @@ def make_app(settings: ConsoleSettings) -> web.Application:
     app = web.Application(middlewares=[security_headers, views.require_session],
                           client_max_size=MAX_FORM_BYTES)
     aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-                         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
-                         undefined=jinja2.StrictUndefined)
+                         autoescape=jinja2.select_autoescape(default=True, default_for_string=True))
     app.add_routes(views.routes())
 
     async def resources(app: web.Application) -> AsyncIterator[None]:

@@ -1,7 +1,9 @@
-"""Who may call what: every role the policy names against every tool in the catalog, decided by
-the policy itself (ext_authz's decision entrypoint, on the input ext_authz would build for a
-``tools/call`` of that tool without arguments by a caller holding only that role). A cell holds
-the decision's reason, shown on hover for a denial."""
+"""Who may call what: every role the policy names against every tool in the catalog, from the
+policy itself. A role may call a tool when the policy's list filter (``visible_tools``, what
+ext_proc shows that role in ``tools/list``, as ``mcp-gateway catalog list`` reads it) keeps it;
+arguments are still checked per call. A denial's reason is ext_authz's decision for a
+``tools/call`` of that tool without arguments by a caller holding only that role, on the input
+ext_authz would build (shown on hover). Without a list filter, that decision alone decides."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from gateway.policy.simulate import simulated_input
 PROBE_SUB = "console-probe"
 PROBE_TENANT = "console-probe"
 PROBE_SCOPE = "tools:call:{server}/*"
+LIST_ENTRYPOINT = "mcp/authz/visible_tools"
 
 
 def policy_roles(sources: PolicySources) -> list[str]:
@@ -60,15 +63,40 @@ def compute(compiled: CompiledPolicy, entrypoint: str, roles: Iterable[str],
     """Decide every (role, tool) with ``compiled`` (call from one thread at a time)."""
     role_list = list(roles)
     tool_list = sorted(set(tools))
-    cells: dict[tuple[str, str, str], Cell] = {}
+    by_server: dict[str, list[str]] = {}
     for server, tool in tool_list:
-        body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
-                             "params": {"name": tool, "arguments": {}}})
+        by_server.setdefault(server, []).append(tool)
+    listing = LIST_ENTRYPOINT in compiled.entrypoints
+    cells: dict[tuple[str, str, str], Cell] = {}
+    for server, names in by_server.items():
         for role in role_list:
             claims = {"sub": PROBE_SUB, "roles": [role], "tenant": PROBE_TENANT,
                       "scope": PROBE_SCOPE.replace("{server}", server)}
-            cells[(role, server, tool)] = _decide(compiled, entrypoint, claims, body, server, public_url)
+            visible = _visible(compiled, claims, server, names) if listing else None
+            for tool in names:
+                if visible is not None and tool in visible:
+                    cells[(role, server, tool)] = Cell(True, "listed")
+                    continue
+                body = orjson.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                     "params": {"name": tool, "arguments": {}}})
+                cell = _decide(compiled, entrypoint, claims, body, server, public_url)
+                if visible is not None and cell.allow:
+                    cell = Cell(False, "not_listed")  # allowed as called, hidden from the list
+                cells[(role, server, tool)] = cell
     return Matrix(role_list, tool_list, cells)
+
+
+def _visible(compiled: CompiledPolicy, claims: dict[str, Any], server: str,
+             names: list[str]) -> set[str] | None:
+    """The tools the list filter keeps for ``claims`` (None when it fails: decide per call)."""
+    try:
+        defined, value = compiled.evaluate(LIST_ENTRYPOINT, {
+            "token": claims, "server": {"name": server}, "kind": "tools", "items": names})
+    except PolicyError:
+        return None
+    if not defined or not isinstance(value, list):
+        return set()
+    return {v for v in value if isinstance(v, str)}
 
 
 def _decide(compiled: CompiledPolicy, entrypoint: str, claims: dict[str, Any], body: bytes, server: str,

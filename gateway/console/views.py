@@ -78,7 +78,9 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
         logger.warning("console POST refused: not from the console's origin",
                        extra={"path": request.path, "origin": request.headers.get("Origin")})
         return refuse(request, 403, "cross_origin", "this request does not come from the console's pages")
-    if request.path in PUBLIC_PATHS or request.path.startswith(STATIC_PREFIX):
+    # Outside /console only /ready exists (Envoy's health check; the edge never routes it).
+    if request.path in PUBLIC_PATHS or request.path.startswith(STATIC_PREFIX) or \
+            not (request.path == PREFIX or request.path.startswith(PREFIX + "/")):
         return await handler(request)
     sid = request.cookies.get(st.settings.cookie_name)
     session = st.sessions.get(sid)
@@ -244,7 +246,7 @@ async def catalog_approve(request: web.Request) -> web.StreamResponse:
     except CatalogError as exc:
         return refuse(request, exc.http_status, exc.code, exc.message)
     logger.info("console approved a definition", extra={"sub": session.sub, "server": server,
-                                                        "name": name, "kind": kind, "hash": entry.hash})
+                                                        "item": name, "kind": kind, "hash": entry.hash})
     raise web.HTTPSeeOther(f"{PREFIX}/catalog?approved={server}/{name}")
 
 
@@ -259,8 +261,12 @@ def _when(ts: float | None) -> str:
 
 def _compute_matrix(compiled: CompiledPolicy, entrypoint: str, roles: list[str],
                     tools: list[tuple[str, str]], public_url: str) -> matrix.Matrix:
-    # Its own interpreter: the loop thread's is never used from a worker thread.
-    own = CompiledPolicy(compiled.sources, [entrypoint])
+    # Its own interpreter: the loop thread's is never used from a worker thread. With the list
+    # filter when the policy has one.
+    try:
+        own = CompiledPolicy(compiled.sources, [entrypoint, matrix.LIST_ENTRYPOINT])
+    except PolicyError:
+        own = CompiledPolicy(compiled.sources, [entrypoint])
     return matrix.compute(own, entrypoint, roles, tools, public_url)
 
 

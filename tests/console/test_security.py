@@ -156,3 +156,11 @@ async def test_a_policy_change_revokes_open_sessions(console: Console, policy_co
         if status == 200:
             await asyncio.sleep(0.2)
     assert status == 403
+
+
+async def test_ready_answers_without_a_session(console: Console) -> None:
+    """Envoy's health check /ready needs no session; nothing else outside /console exists."""
+    async with console.http.get(console.url("/ready")) as resp:
+        assert resp.status == 200
+    async with console.http.get(console.url("/other"), allow_redirects=False) as resp:
+        assert resp.status == 404
