@@ -45,11 +45,14 @@ $(NODE_STAMP): tests/conformance/package.json
 tools: $(NODE_STAMP)
 
 # Debian packages the tests start for real: Redis (shared rate limits), PostgreSQL (database
-# server backend), wrk (benchmarks only, see bench target).
+# server backend), Chromium and its WebDriver (the console's browser tests), wrk (benchmarks
+# only, see bench target).
 system-deps:
 	@need=""; \
 	command -v redis-server >/dev/null || need="$$need redis-server"; \
 	ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need="$$need postgresql"; \
+	command -v chromium >/dev/null || need="$$need chromium"; \
+	command -v chromedriver >/dev/null || need="$$need chromium-driver"; \
 	if [ -n "$$need" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing Debian packages:$$need"; \
