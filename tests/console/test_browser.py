@@ -195,7 +195,11 @@ def test_sign_in_shows_every_component_healthy(browser: Any, gateway: Gateway) -
 
     wait_for(browser, all_healthy, "every component healthy on the overview")
     assert browser.find_element(_by("ID"), "envoy-ready").text == "ready"
-    gateway.call(MUTABLE, "report", "admin")  # some traffic for the charts
+    for _ in range(5):
+        gateway.call(MUTABLE, "report", "admin")  # traffic for the rate table and the charts
+    # The table fills once the console has two samples of Envoy's counters (5 s apart).
+    wait_for(browser, lambda d: d.find_elements(_by("CSS_SELECTOR"), "#traffic tbody tr"),
+             "the traffic table's first rows")
     browser.save_screenshot(str(gateway.shots / "overview.png"))
 
 
