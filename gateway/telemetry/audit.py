@@ -621,9 +621,11 @@ class AuditWriter:
     def _bodies(self, entries: list[_Pending]) -> list[bytes]:
         """The entries' JSON tails, personal fields sealed under their subjects' keys."""
         # write() queued bytes, or an AuditEntry with a subject when there are keys to seal it with.
-        subjects = {e.sub for e in entries if isinstance(e, AuditEntry) and e.sub is not None}
-        if self._keys is None or not subjects:
+        if self._keys is None:
             return entries  # type: ignore[return-value]  # nothing to seal: all bytes
+        subjects = {e.sub for e in entries if isinstance(e, AuditEntry) and e.sub is not None}
+        if not subjects:
+            return entries  # type: ignore[return-value]
         # One key store round per batch (erasures seen, new subjects' keys, nonces), none per entry.
         with self._keys.sealing(subjects) as seal:
             return [entry if isinstance(entry, bytes)
