@@ -43,7 +43,7 @@ def test_every_service_entry_point_goes_through_gateway_eventloop() -> None:
     """Every process entry point (each package's __main__, the servers' runners) starts its loop
     with gateway.eventloop.run: a new one calling asyncio.run directly would run without uvloop."""
     root = Path(__file__).resolve().parents[2]
-    entries = [*root.glob("*/__main__.py"), *root.glob("mcp_servers/*/__main__.py"),
+    entries = [*root.glob("*/__main__.py"), *root.glob("*/*/__main__.py"),
                root / "mcp_servers/core/app.py", root / "mcp_servers/erp_demo/serve.py"]
     assert len(entries) >= 6
     direct = [str(p.relative_to(root)) for p in entries if "asyncio.run(" in p.read_text("utf-8")]
