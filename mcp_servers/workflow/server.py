@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -110,13 +111,16 @@ def build_server(args: argparse.Namespace) -> MCPServer:
         store = RunStore(args.runs_db)
         await client.open()
         engine = runtime.engine = Engine(workflows, store, client, delegator)
-        recovery = asyncio.create_task(engine.recover())
+        background: list[asyncio.Task[Any]] = [asyncio.create_task(engine.recover())]
+        if args.runs_retention_days:
+            background.append(asyncio.create_task(prune_forever(store, args.runs_retention_days)))
         try:
             yield
         finally:
             await engine.drain()
-            recovery.cancel()
-            await asyncio.gather(recovery, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await client.close()
             store.close()
 
@@ -124,6 +128,18 @@ def build_server(args: argparse.Namespace) -> MCPServer:
         register_workflow(server, runtime, wf)
     logger.info("workflows loaded", extra={"workflows": sorted(workflows), "gateway": gateway_url})
     return server
+
+
+PRUNE_INTERVAL_SECONDS = 3600.0
+
+
+async def prune_forever(store: RunStore, days: float) -> None:
+    """Forget finished runs older than ``days``, at start and every hour."""
+    while True:
+        removed = store.prune(time.time() - days * 86400)
+        if removed:
+            logger.info("workflow runs pruned", extra={"runs": removed, "retention_days": days})
+        await asyncio.sleep(PRUNE_INTERVAL_SECONDS)
 
 
 class Runtime:
@@ -135,6 +151,9 @@ class Runtime:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workflows", default="workflows", help="folder of workflow files (*.yaml)")
     parser.add_argument("--runs-db", required=True, help="SQLite file of the durable run record")
+    parser.add_argument("--runs-retention-days", type=float, default=30.0,
+                        help="forget finished runs (and their idempotency keys) after this many days; "
+                             "0 keeps them (default %(default)s)")
     parser.add_argument("--gateway-url", default=None,
                         help="the gateway's https URL the steps go through (default: --assertion-issuer, "
                              "the gateway's public URL)")

@@ -161,6 +161,17 @@ class RunStore:
         self._db.execute("UPDATE runs SET status=?, answer=?, updated=? WHERE id=?",
                          (status, orjson.dumps(answer).decode(), time.time(), run_id))
 
+    def prune(self, before: float) -> int:
+        """Forget finished runs last changed before ``before`` (epoch seconds): their record, their
+        steps and their idempotency keys. Runs in progress are kept."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM steps WHERE run_id IN (SELECT id FROM runs WHERE "
+                             "status != ? AND updated < ?)", (RUNNING, before))
+            removed = self._db.execute("DELETE FROM runs WHERE status != ? AND updated < ?",
+                                       (RUNNING, before)).rowcount
+        return int(removed)
+
     def steps(self, run_id: str) -> dict[str, StepRecord]:
         rows = self._db.execute("SELECT step_id, status, output, error, attempts FROM steps "
                                 "WHERE run_id=?", (run_id,)).fetchall()

@@ -4,6 +4,7 @@ tokens, compensation, approvals, retries, idempotency keys and recovery after a 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -269,3 +270,19 @@ def test_one_process_per_run_record(tmp_path: Path) -> None:
             RunStore(tmp_path / "r.sqlite3")
     finally:
         first.close()
+
+
+def test_prune_forgets_finished_runs_only(tmp_path: Path) -> None:
+    """Retention removes finished runs and their steps and keys; a run in progress stays."""
+    store = RunStore(tmp_path / "r.sqlite3")
+    try:
+        done, _ = store.create("order", principal(ALICE), "old", caller_record(ALICE), {})
+        store.set_step(done.id, "create", STEP_DONE, output={"id": 1})
+        store.finish(done.id, SUCCEEDED, {"is_error": False, "structured": {}, "text": ""})
+        going, _ = store.create("order", principal(ALICE), "live", caller_record(ALICE), {})
+        assert store.prune(time.time() + 1) == 1
+        assert store.get(done.id) is None and store.steps(done.id) == {}
+        assert store.find("order", principal(ALICE), "old") is None
+        assert store.get(going.id) is not None
+    finally:
+        store.close()
