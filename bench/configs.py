@@ -230,8 +230,12 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
     # The per-server path is what these rows measure: no aggregate endpoint (bench.aggregate_cpu
     # measures /mcp against /mcp/<server> on a dev stack of its own).
     raw.pop("aggregate", None)
+    # The console is not on any measured path, and its fixed port would collide between stacks.
+    raw.pop("console", None)
+    # Only the secret the measured path uses: the audit sealing key (made by the dev stack).
     if "secrets" in raw:
-        raw["secrets"] = []
+        master = raw.get("audit", {}).get("master_key")
+        raw["secrets"] = [name for name in raw["secrets"] if name == master]
     raw["servers"] = {"bench": {"module": "bench.backend", "instances": [{"port": free_port()}],
                                 "args": ["--log-level", "warning"],
                                 "description": "benchmark backend"}}
