@@ -1,7 +1,7 @@
 """Audit writer throughput and added latency per write, with group commit.
 
     .venv/bin/python bench/bench_audit.py [--dir DIR] [--entries N] [--concurrency 1,16,64,256]
-        [--no-fsync] [--seal] [--subjects N] [--against OLD_AUDIT_PY [--against-keys OLD_AUDIT_KEYS_PY]]
+        [--no-fsync] [--seal] [--subjects N] [--against OLD_AUDIT_PY[:OLD_AUDIT_KEYS_PY] ...]
         [--rounds N]
 
 For each concurrency level, that many tasks each await ``writer.write(entry)`` in a loop (the way
@@ -11,11 +11,11 @@ audit-io thread), both with building the entry (its timestamp; the argument dige
 handler does ("cpu us/entry") and without it ("writer us/entry": the same entries built in a timed
 loop of their own, subtracted). ``--no-fsync`` shows what the fsync itself costs; ``--seal`` adds a
 row sealing personal fields under per-subject keys (audit.master_key; ``--subjects`` subjects,
-100 by default, cycling, their keys made during the run). ``--against FILE`` runs another version
-of gateway/telemetry/audit.py (e.g. ``git show HEAD~5:gateway/telemetry/audit.py > /tmp/old.py``)
-in the same run, and with ``--seal --against-keys FILE`` (that version's audit_keys.py) also that
-version sealing; the versions alternate ``--rounds`` times and a summary gives each row's median and
-its ratio to the first.
+100 by default, cycling, their keys made during the run). ``--against FILE`` (repeatable) runs
+another version of gateway/telemetry/audit.py (e.g. ``git show HEAD~5:gateway/telemetry/audit.py >
+/tmp/old.py``) in the same run, and ``--against FILE:KEYS_FILE`` with ``--seal`` also that version
+sealing with its audit_keys.py; the versions alternate ``--rounds`` times and a summary gives each
+row's median and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -127,10 +127,9 @@ def main() -> None:
     parser.add_argument("--no-fsync", action="store_true", help="skip fsync (shows its cost; not durable)")
     parser.add_argument("--seal", action="store_true",
                         help="add a row sealing personal fields (audit.master_key)")
-    parser.add_argument("--against", type=Path, help="another audit.py to run alongside, for comparison")
+    parser.add_argument("--against", action="append", default=[],
+                        help="another audit.py[:its audit_keys.py] to run alongside (repeatable)")
     parser.add_argument("--subjects", type=int, default=SUBJECTS, help="distinct subjects (keys) per run")
-    parser.add_argument("--against-keys", type=Path,
-                        help="the --against version's audit_keys.py: with --seal, also run it sealing")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the versions this many times")
     args = parser.parse_args()
     SUBJECTS = args.subjects
@@ -138,12 +137,15 @@ def main() -> None:
     versions: list[tuple[str, Any, bool, Any]] = [("current", current, False, None)]
     if args.seal:
         versions.append(("current+seal", current, True, None))
-    if args.against:
-        old = _load(args.against)
-        versions.insert(0, (args.against.name, old, False, None))
-        if args.seal and args.against_keys:
-            old_keys = _load(args.against_keys, "keys_under_test")
-            versions.insert(1, (f"{args.against.name}+seal", old, True, old_keys))
+    others: list[tuple[str, Any, bool, Any]] = []
+    for i, spec in enumerate(args.against):
+        audit_py, _, keys_py = spec.partition(":")
+        name = Path(audit_py).name
+        old = _load(Path(audit_py), f"audit_under_test{i}")
+        others.append((name, old, False, None))
+        if args.seal and keys_py:
+            others.append((f"{name}+seal", old, True, _load(Path(keys_py), f"keys_under_test{i}")))
+    versions[:0] = others
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         print(f"dir={tmp} entries={args.entries} fsync={not args.no_fsync} seal={args.seal}")
