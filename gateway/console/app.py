@@ -58,6 +58,13 @@ def open_key_store(settings: ConsoleSettings) -> SubjectKeyStore | None:
         return None
 
 
+async def _keep_matrix_fresh(st: ConsoleState) -> None:
+    """Recompute the who-may-call-what matrix soon after the policy or the catalog changes."""
+    while True:
+        await views.refresh_matrix(st)
+        await asyncio.sleep(SAMPLE_SECONDS)
+
+
 def make_app(settings: ConsoleSettings) -> web.Application:
     app = web.Application(middlewares=[security_headers, views.require_session],
                           client_max_size=MAX_FORM_BYTES)
@@ -70,6 +77,7 @@ def make_app(settings: ConsoleSettings) -> web.Application:
         store = None
         catalog = None
         sampler_task: asyncio.Task[None] | None = None
+        warmer_task: asyncio.Task[None] | None = None
         try:
             jwks = {i.issuer: JwksClient(i.jwks_url, http, cooldown=settings.auth.jwks_cooldown_seconds,
                                          timeout=settings.auth.jwks_timeout_seconds,
@@ -90,12 +98,19 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 sessions=SessionStore(max_sessions=MAX_SESSIONS), catalog=catalog, admin=admin,
                 sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url))
             sampler_task = asyncio.create_task(sampler.run())
+            warmer_task = asyncio.create_task(_keep_matrix_fresh(app[CONSOLE]))
             yield
         finally:
-            if sampler_task is not None:
-                sampler_task.cancel()
+            for task in (sampler_task, warmer_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            st = app.get(CONSOLE)
+            if st is not None and st.matrix_task is not None:
+                st.matrix_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await sampler_task
+                    await st.matrix_task
             if store is not None:
                 store.close()
             if catalog is not None:

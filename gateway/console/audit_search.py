@@ -28,9 +28,9 @@ SHOWN_FIELDS = ("ts", "sub", "tenant", "client_id", "method", "server", "target"
                 "status", "latency_ms", "decision_id", "request_id", "trace_id", "service")
 
 
-def reverse_lines(path: Path, block: int = BLOCK_BYTES) -> Iterator[bytes]:
-    """The complete lines of ``path``, last first (a torn last line, without its newline, is
-    skipped), read in blocks from the end."""
+def reverse_blocks(path: Path, block: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """Blocks of complete lines of ``path`` (each without its final newline), last block first;
+    a torn last line, without its newline, is skipped."""
     with path.open("rb") as f:
         pos = f.seek(0, os.SEEK_END)
         tail = b""
@@ -40,28 +40,85 @@ def reverse_lines(path: Path, block: int = BLOCK_BYTES) -> Iterator[bytes]:
             pos -= step
             f.seek(pos)
             chunk = f.read(step) + tail
-            lines = chunk.split(b"\n")
-            tail = lines[0]
-            rest = lines[1:]
+            cut = chunk.find(b"\n")
+            if cut < 0:  # one line longer than a block: read on
+                tail = chunk
+                continue
+            tail, body = chunk[:cut], chunk[cut + 1:]
             if first:
-                # After a final newline the last element is b""; otherwise a torn line.
-                rest = rest[:-1]
+                # After a final newline the body ends with it; otherwise with a torn line.
+                body = body[:body.rfind(b"\n") + 1] if not body.endswith(b"\n") else body
                 first = False
-            yield from (line for line in reversed(rest) if line)
+            body = body.rstrip(b"\n")
+            if body:
+                yield body
         if tail and not first:
             yield tail
 
 
-def chain_newest_first(base: Path) -> Iterator[dict[str, Any]]:
-    """The entries of one writer's chain, newest first (unparsable lines skipped)."""
+def reverse_lines(path: Path, block: int = BLOCK_BYTES) -> Iterator[bytes]:
+    """The complete lines of ``path``, last first (a torn last line is skipped)."""
+    for body in reverse_blocks(path, block):
+        yield from (line for line in reversed(body.split(b"\n")) if line)
+
+
+@dataclass
+class _Count:
+    """Lines read by every chain of one search, and its bound."""
+
+    limit: int
+    lines: int = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.lines >= self.limit
+
+
+def _lines_with(body: bytes, needles: tuple[tuple[bytes, ...], ...]) -> list[bytes]:
+    """The lines of ``body`` holding one alternative of every group, last first. The first group
+    is searched in the whole block (C speed); only the lines it hits are looked at."""
+    starts: set[int] = set()
+    for needle in needles[0]:
+        at = body.find(needle)
+        while at >= 0:
+            starts.add(body.rfind(b"\n", 0, at) + 1)
+            at = body.find(needle, at + len(needle))
+    out = []
+    for start in sorted(starts, reverse=True):
+        end = body.find(b"\n", start)
+        line = body[start:] if end < 0 else body[start:end]
+        if all(any(n in line for n in group) for group in needles[1:]):
+            out.append(line)
+    return out
+
+
+def chain_newest_first(base: Path, needles: tuple[tuple[bytes, ...], ...] = (),
+                       count: _Count | None = None) -> Iterator[dict[str, Any]]:
+    """The entries of one writer's chain, newest first (unparsable lines skipped). A line that
+    contains none of the alternatives of one of ``needles`` (the JSON text of a value a filter
+    asks for) cannot match and is not parsed: parsing is most of a search's cost, so with
+    needles whole blocks are searched at once. Stops once ``count`` is exhausted."""
     for file in reversed(audit_files(base)):
-        for line in reverse_lines(file):
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(entry, dict) and "method" in entry:
-                yield entry
+        for body in reverse_blocks(file):
+            n = body.count(b"\n") + 1
+            if count is not None:
+                if count.exhausted:
+                    return
+                room = count.limit - count.lines
+                if n > room:  # only the newest `room` lines are within the bound
+                    body = b"\n".join(body.split(b"\n")[-room:])
+                    n = room
+                count.lines += n
+            lines = _lines_with(body, needles) if needles else reversed(body.split(b"\n"))
+            for line in lines:
+                if not line:
+                    continue
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and "method" in entry:
+                    yield entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +198,11 @@ def search(audit_dir: str | Path, filters: Filters, *, limit: int, max_scan: int
     if not directory.is_dir():
         return result
     sid = store.subject_id(filters.sub) if (store is not None and filters.sub) else None
-    chains = [chain_newest_first(base) for base in chain_bases(directory)]
+    needles = _needles(filters, sid)
+    count = _Count(max_scan)
+    chains = [chain_newest_first(base, needles, count) for base in chain_bases(directory)]
     merged = heapq.merge(*chains, key=lambda e: str(e.get("ts", "")), reverse=True)
     for entry in merged:
-        if result.scanned >= max_scan:
-            result.truncated = True
-            break
-        result.scanned += 1
         ts = entry.get("ts")
         if filters.since and isinstance(ts, str) and ts < filters.since:
             break  # newest first: everything after this is older still
@@ -158,4 +213,18 @@ def search(audit_dir: str | Path, filters: Filters, *, limit: int, max_scan: int
         result.rows.append(row)
         if len(result.rows) >= limit:
             break
+    result.scanned = count.lines
+    # Stopped by the bound, not by the trail's start (a search that ended exactly there says so too).
+    result.truncated = count.exhausted and len(result.rows) < limit
     return result
+
+
+def _needles(f: Filters, sid: str | None) -> tuple[tuple[bytes, ...], ...]:
+    """Groups of byte strings: a line matching ``f`` contains one of each group. Each asked value
+    as JSON text (the writers serialise with orjson, which escapes no printable ASCII); a subject
+    stands in clear or, sealed, as its pseudonym."""
+    values = (f.server, f.tool, f.outcome, f.decision_id)
+    out: list[tuple[bytes, ...]] = [(orjson.dumps(v),) for v in values if v]
+    if f.sub:
+        out.append((orjson.dumps(f.sub),) + ((orjson.dumps(sid),) if sid else ()))
+    return tuple(out)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -28,9 +28,12 @@ class ConsoleState:
     sampler: TrafficSampler
     key_store: SubjectKeyStore | None
     public_origin: str
-    # (policy version, catalog signature) -> matrix; one computation at a time.
-    matrix_cache: dict[tuple[int, Any], Matrix] = field(default_factory=dict)
-    matrix_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The newest matrix, the (policy version, catalog tools) it was computed for, and the one
+    # computation that may run in the background (views.refresh_matrix).
+    matrix: Matrix | None = None
+    matrix_key: tuple[int, Any] | None = None
+    matrix_task: asyncio.Task[None] | None = None
+    matrix_error: str | None = None
 
 
 CONSOLE = web.AppKey("console", ConsoleState)

@@ -270,23 +270,43 @@ def _compute_matrix(compiled: CompiledPolicy, entrypoint: str, roles: list[str],
     return matrix.compute(own, entrypoint, roles, tools, public_url)
 
 
-async def matrix_page(request: web.Request) -> web.StreamResponse:
-    st = state(request)
+async def refresh_matrix(st: ConsoleState) -> None:
+    """Start computing the matrix in the background when the policy bundle or the catalog's
+    tools changed since the last one (deciding every role x tool takes seconds for a large
+    catalog, so pages never wait for it). Called by the matrix page and every few seconds by
+    the app."""
     try:
         compiled = await st.policy.refresh()
     except PolicyUnavailable as exc:
-        return refuse(request, 503, "policy_unavailable", str(exc))
-    tools = [(e.server, e.name) for e in st.catalog.entries(kind="tool") if e.present]
-    key = (st.policy.version, tuple(sorted(tools)))
-    async with st.matrix_lock:
-        result = st.matrix_cache.get(key)
-        if result is None:
+        st.matrix_error = str(exc)
+        return
+    tools = tuple(sorted((e.server, e.name) for e in st.catalog.entries(kind="tool") if e.present))
+    key = (st.policy.version, tools)
+    if key == st.matrix_key or (st.matrix_task is not None and not st.matrix_task.done()):
+        return
+
+    async def compute() -> None:
+        try:
             roles = matrix.policy_roles(compiled.sources)
-            result = await asyncio.to_thread(_compute_matrix, compiled, st.policy.authz_entrypoint,
-                                             roles, tools, st.settings.public_url)
-            st.matrix_cache.clear()
-            st.matrix_cache[key] = result
-    return page(request, "matrix.html", {"m": result, "policy_version": st.policy.version})
+            st.matrix = await asyncio.to_thread(_compute_matrix, compiled, st.policy.authz_entrypoint,
+                                                roles, list(tools), st.settings.public_url)
+            st.matrix_key = key
+            st.matrix_error = None
+        except PolicyError as exc:
+            st.matrix_error = str(exc)
+            st.matrix_key = key  # not again until something changes
+            logger.warning("who-may-call-what matrix failed: %s", exc)
+
+    st.matrix_task = asyncio.create_task(compute())
+
+
+async def matrix_page(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    await refresh_matrix(st)
+    computing = st.matrix_task is not None and not st.matrix_task.done()
+    return page(request, "matrix.html", {"m": st.matrix, "computing": computing,
+                                         "error": st.matrix_error,
+                                         "policy_version": st.matrix_key[0] if st.matrix_key else 0})
 
 
 # ------------------------------------------------------------------ policy playground

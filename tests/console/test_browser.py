@@ -234,7 +234,8 @@ def test_matrix_denial_is_the_real_calls_denial(browser: Any, gateway: Gateway) 
     """The matrix shows viewer denied files/search with a reason on hover; a real call by a
     viewer is refused by ext_authz with the same reason."""
     sign_in(browser, gateway, "admin")
-    browser.get(f"{gateway.console}/matrix")
+    wait_for(browser, lambda d: d.get(f"{gateway.console}/matrix") or d.find_elements(_by("ID"), "matrix"),
+             "the matrix (computed in the background)")
     cell = browser.find_element(_by("CSS_SELECTOR"), 'td[data-role="viewer"][data-tool="files/search"]')
     assert cell.text == "deny"
     reason = cell.get_attribute("title")
