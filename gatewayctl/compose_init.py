@@ -21,10 +21,12 @@ With ``--edge-src`` / ``--edge-out`` it also copies the edge certificate and key
 Envoy mounts, owned by Envoy's user: the host's copy of the key is private to the host user, whom
 Envoy's container user (101) is not.
 
-With audit.master_key set and ``<name>_FILE`` in its environment, it also makes the audit master
-key (sealing personal fields, docs/compliance.md) in that file when missing, 0600 for the
-services' user, on a volume the audit writers (ext_authz, the MCP servers) mount read-only; it is
-never replaced (entries sealed under the keys it wraps would become unreadable)."""
+It also makes the audit keys when missing, 0600 for the services' user, on the volume the audit
+writers (ext_authz, the MCP servers) mount read-only: audit.signing_key (Ed25519, signing their
+checkpoints) and, with audit.master_key set and ``<name>_FILE`` in its environment, the master
+key (sealing personal fields, docs/compliance.md) in that file. Neither is ever replaced (a new
+signing key mid-chain, or entries sealed under keys the old master key wraps, would not verify or
+open)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import inner_tls
 from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.telemetry.audit_chain import generate_signing_key
 from gateway.telemetry.audit_keys import new_master_key
 from gatewayctl import assertion_keys
 from gatewayctl.devstack import credentials
@@ -178,7 +181,7 @@ def ensure_audit_master_key(config: GatewayConfig, *, uid: int = SERVICE_UID) ->
     path = Path(os.environ[f"{name}_FILE"])
     if not path.parent.is_dir():
         raise StackError(f"{path.parent} ({name}_FILE, audit.master_key) is not mounted "
-                         f"(docker-compose.yml, pki-init: the audit-master-key volume)")
+                         f"(docker-compose.yml, pki-init: the audit-keys volume)")
     made = not path.exists()
     if made:  # never replaced: entries sealed under keys it wraps would become unreadable
         _install(f"{new_master_key()}\n".encode(), path, 0o600, uid)
@@ -188,6 +191,27 @@ def ensure_audit_master_key(config: GatewayConfig, *, uid: int = SERVICE_UID) ->
     os.chmod(path.parent, 0o700)
     os.chmod(path, 0o600)
     return path if made else None
+
+
+def ensure_audit_signing_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -> bool:
+    """audit.signing_key (Ed25519, signing every audit writer's checkpoints) made when missing
+    (True), 0600 in a 0700 folder owned by ``uid`` (the audit-keys volume the writers mount
+    read-only); never replaced (verify would see a new key mid-chain)."""
+    if config.audit.signing_key is None:
+        return False
+    path = Path(config.audit.signing_key)
+    if not path.parent.is_dir():
+        raise StackError(f"{path.parent} (audit.signing_key) is not mounted "
+                         f"(docker-compose.yml, pki-init: the audit-keys volume)")
+    made = not path.exists()
+    if made:
+        generate_signing_key(path)
+    if os.geteuid() == 0:
+        os.chown(path.parent, uid, uid)
+        os.chown(path, uid, uid)
+    os.chmod(path.parent, 0o700)
+    os.chmod(path, 0o600)
+    return made
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"edge TLS: copied {args.edge_src} for Envoy")
         if config.identity.assertion and ensure_assertion_key(config, uid=args.uid):
             print(f"caller assertion: made {config.identity.keys} and {config.identity.jwks_file}")
+        if ensure_audit_signing_key(config, uid=args.uid):
+            print(f"audit.signing_key: made {config.audit.signing_key}")
         master = ensure_audit_master_key(config, uid=args.uid)
         if master is not None:
             print(f"audit.master_key: made {master} (back it up: sealed audit fields need it)")

@@ -132,8 +132,9 @@ def test_mounted_envoy_config_validates(tmp_path: Path) -> None:
         (out / identity).mkdir(parents=True)
     # The caller assertion's key and JWKS (volumes in compose) under tmp_path.
     relocated = tmp_path / "gateway.yaml"
-    relocated.write_text(GATEWAY.read_text().replace("/etc/mcp-gateway/assertion-", f"{tmp_path}/assertion-"))
-    for folder in ("assertion-keys", "assertion-jwks"):
+    relocated.write_text(GATEWAY.read_text().replace("/etc/mcp-gateway/assertion-", f"{tmp_path}/assertion-")
+                         .replace("/etc/mcp-gateway/audit-keys", f"{tmp_path}/audit-keys"))
+    for folder in ("assertion-keys", "assertion-jwks", "audit-keys"):
         (tmp_path / folder).mkdir()
     assert compose_init.main(["--config", str(relocated), "--pki", str(tmp_path / "pki"),
                               "--out", str(out), "--uid", str(os.geteuid()),

@@ -67,9 +67,11 @@ def identity_of_hosts(config: GatewayConfig) -> dict[str, str]:
 
 
 def relocated(tmp_path: Path) -> Path:
-    """The compose config with the caller assertion's folders (volumes in compose) under tmp_path."""
+    """The compose config with the caller assertion's and the audit keys' folders (volumes in
+    compose) under tmp_path."""
     text = GATEWAY.read_text().replace(f"{ASSERTION}-", f"{tmp_path}/assertion-")
-    for folder in ("assertion-keys", "assertion-jwks"):
+    text = text.replace("/etc/mcp-gateway/audit-keys", f"{tmp_path}/audit-keys")
+    for folder in ("assertion-keys", "assertion-jwks", "audit-keys"):
         (tmp_path / folder).mkdir(exist_ok=True)
     target = tmp_path / "gateway.yaml"
     target.write_text(text)
