@@ -69,7 +69,7 @@ def test_virtual_servers_and_audiences() -> None:
 
 def test_disabled_aggregate_needs_no_instances_or_secret() -> None:
     """enabled: false switches /mcp off without asking for its processes or keys."""
-    cfg = _config(aggregate={"enabled": False}, secrets=["ERP_API_KEY"])
+    cfg = _config(aggregate={"enabled": False}, secrets=["ERP_API_KEY", "MCP_GATEWAY_AUDIT_MASTER_KEY"])
     assert not cfg.aggregate.enabled and cfg.aggregate.instances == ()
 
 
