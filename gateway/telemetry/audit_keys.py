@@ -268,16 +268,21 @@ class SubjectKeyStore:
         """
         with self._lock:
             self._forget_erased()
-            cache = self._cache
+            cache, load = self._cache, self._load
             missing = {sub for sub in subjects if sub not in cache}
             if missing:
-                self._load(missing)
+                load(missing)
             counter = int.from_bytes(os.urandom(12), "big")
 
             def seal(sub: str, fields_json: bytes) -> tuple[bytes, bytes]:
                 nonlocal counter
-                sid, prefix, aead = cache[sub]
-                cache.move_to_end(sub)
+                hit = cache.get(sub)
+                if hit is None:  # evicted while this batch's other subjects were loaded (a full cache)
+                    load({sub})
+                    hit = cache[sub]
+                else:
+                    cache.move_to_end(sub)
+                sid, prefix, aead = hit
                 counter = (counter + 1) & _NONCE_MASK
                 nonce = counter.to_bytes(12, "big")
                 return sid, prefix + binascii.b2a_base64(nonce + aead.encrypt(nonce, fields_json, sid),

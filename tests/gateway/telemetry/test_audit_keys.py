@@ -166,3 +166,23 @@ def test_erasure_by_another_connection_is_seen_before_the_next_batch(tmp_path: P
     assert first.startswith(b"1:") and second.startswith(b"2:")
     writer.close()
     eraser.close()
+
+
+async def test_a_full_key_cache_still_seals_every_subject_of_a_batch(tmp_path: Path) -> None:
+    """With the cache full, loading a batch's new subjects may evict another subject of the same
+    batch: its entry is still sealed (its key read back), the writer keeps running, and every
+    entry opens with its own subject's key."""
+    store = SubjectKeyStore(tmp_path, os.urandom(32), cache_size=2)
+    path = tmp_path / "a.jsonl"
+    async with AuditWriter(path, keys=store) as writer:
+        await writer.write(entry(0, "ann"))
+        await writer.write(entry(1, "cid"))  # ann is now the least recently used
+        # One batch with ann (cached) and two new subjects: loading them evicts ann.
+        await asyncio.gather(*(writer.write(entry(n, sub)) for n, sub in
+                               ((2, "ann"), (3, "ben"), (4, "dee"))))
+        await writer.write(entry(5, "ann"))
+    opened = {e["request_id"]: store.open(e) for e in iter_audit(path)}
+    assert {r: f["sub"] for r, f in opened.items() if f} == {
+        "r0": "ann", "r1": "cid", "r2": "ann", "r3": "ben", "r4": "dee", "r5": "ann"}
+    assert store.cached_subjects() == 2 and verify_chain(path).ok
+    store.close()
