@@ -135,6 +135,10 @@ def _parse_jws(token: str) -> _Jws:
         raise InvalidAssertion("the assertion is not a JWT", code="malformed") from None
     if not isinstance(header, dict):
         raise InvalidAssertion("the assertion is not a JWT", code="malformed")
+    # One spelling per signature: unused low bits set in the last character would decode to the
+    # same bytes (harmless, replay is keyed on the jti, but a JWT has one canonical form).
+    if _b64(raw_signature) != signature:
+        raise InvalidAssertion("the assertion is not a JWT", code="malformed")
     return _Jws(header, payload, f"{head}.{payload}".encode("ascii"), raw_signature)
 
 

@@ -346,3 +346,17 @@ async def test_a_kid_naming_a_non_p256_key_is_refused() -> None:
     v = AssertionVerifier(RsaKeys(), issuer=ISS, audience=AUD, clock=clock)
     token = AssertionSigner(keys, ISS, clock=clock).mint(CALLER, AUD, "d")
     assert await reason(v, token) == "forged"
+
+
+async def test_a_non_canonical_signature_spelling_is_refused() -> None:
+    """A signature segment whose last character carries set unused bits decodes to the same
+    bytes; it is refused, so each assertion has exactly one accepted spelling."""
+    keys, clock = ring(), Clock()
+    header, payload, sig = AssertionSigner(keys, ISS, clock=clock).mint(CALLER, AUD, "d").split(".")
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    # 64 bytes -> 86 characters; the last carries 4 bits of data and 2 unused bits.
+    last = alphabet.index(sig[-1])
+    twin = sig[:-1] + alphabet[last | 0b11]
+    assert twin != sig and base64.urlsafe_b64decode(twin + "==") == base64.urlsafe_b64decode(sig + "==")
+    assert await reason(verifier(keys, clock), f"{header}.{payload}.{twin}") == "malformed"
+    await verifier(keys, clock).verify(f"{header}.{payload}.{sig}")  # the canonical one passes
