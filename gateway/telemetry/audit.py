@@ -4,7 +4,10 @@ One entry per ``tools/call``, ``resources/read`` and ``prompts/get``. Entries ar
 appended to a file and committed by group commit: :meth:`AuditWriter.write` returns only once the
 batch holding the entry has been written and fsync'ed. A service that awaits it before releasing
 its answer therefore never lets a client see a result whose audit entry could still be lost, even
-if the process is killed with SIGKILL the next instant.
+if the process is killed with SIGKILL the next instant. With ``sync="interval"`` a batch counts as
+committed once written to the kernel, which keeps it through a SIGKILL of the process, and the
+writer fsyncs within ``sync_interval`` seconds (before any checkpoint or rotation too): a power
+loss or kernel crash may lose that window's entries, nothing else (docs/compliance.md).
 
 Disk trouble fails closed. The queue is bounded; a full queue first applies backpressure (the
 caller waits), and if the entry is not committed within ``timeout`` seconds, ``write`` raises
@@ -65,6 +68,13 @@ _CHAIN_HEAD = b'{"v":%d,"seq":%d,"prev":"%s",'
 GENESIS = "0" * 64
 # Files one retention pass of a writer removes at most: commits wait while it runs.
 PRUNE_MAX_FILES = 16
+# When a batch counts as committed (AuditWriter(sync=...), audit.sync / audit.result_sync):
+# "batch": written and fsync'ed (survives a power loss); "interval": written to the kernel
+# (survives SIGKILL of the process, the kernel holds the bytes), fsync'ed by the writer within
+# sync_interval seconds (a power loss or kernel crash may lose the entries of that window).
+SYNC_BATCH = "batch"
+SYNC_INTERVAL = "interval"
+SYNC_MODES = (SYNC_BATCH, SYNC_INTERVAL)
 AUDITED_METHODS = frozenset({"tools/call", "resources/read", "prompts/get"})
 REDACTED = "[REDACTED]"
 
@@ -370,9 +380,16 @@ class AuditWriter:
                  exporter: AuditExporter | None = None, signer: CheckpointSigner | None = None,
                  checkpoint_seconds: float = 60.0, checkpoint_entries: int = 10_000,
                  keys: SubjectKeyStore | None = None, retention_days: float | None = None,
-                 prune_interval: float = 3600.0) -> None:
+                 prune_interval: float = 3600.0, sync: str = SYNC_BATCH,
+                 sync_interval: float = 0.1) -> None:
         if max_bytes <= 0 or keep < 0 or max_batch <= 0 or max_queue <= 0 or timeout <= 0:
             raise ValueError("max_bytes, max_batch, max_queue and timeout must be > 0 and keep >= 0")
+        if sync not in SYNC_MODES or not 0 < sync_interval <= 60:
+            raise ValueError(f"sync must be one of {SYNC_MODES} and sync_interval in (0, 60] s")
+        self.sync = sync
+        self.sync_interval = sync_interval
+        self._dirty = False  # interval mode: bytes written since the last fsync (io thread only)
+        self._flush_timer: asyncio.TimerHandle | None = None
         if checkpoint_seconds <= 0 or checkpoint_entries <= 0:
             raise ValueError("checkpoint_seconds and checkpoint_entries must be > 0")
         self.path = Path(path)
@@ -438,6 +455,9 @@ class AuditWriter:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()  # _close_files fsyncs what is left
+            self._flush_timer = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._io, self._close_files)
         self._io.shutdown(wait=True)
@@ -550,8 +570,34 @@ class AuditWriter:
             metrics.AUDIT_ENTRIES.labels("written").inc(len(batch))
             self._settle(batch, None)
             self._forget_settled()
+            if self.sync == SYNC_INTERVAL and self._flush_timer is None:
+                self._flush_timer = loop.call_later(self.sync_interval, self._flush_soon)
             if self._exporter is not None:
                 self._export(lines)
+
+    def _flush_soon(self) -> None:
+        """Interval mode: fsync what the batches since the last one wrote, on the io thread (after
+        any batch already running there). A failed fsync fails the writer closed, as a failed
+        write does: the kernel may have dropped those pages."""
+        self._flush_timer = None
+        if self._failed is not None or self._closing:
+            return
+        future = asyncio.get_running_loop().run_in_executor(self._io, self._flush)
+
+        def done(fut: asyncio.Future[None]) -> None:
+            if fut.cancelled():
+                return
+            exc = fut.exception()
+            if exc is not None and self._failed is None:
+                self._failed = exc
+                logger.error("audit fsync failed, refusing further entries: %s", exc)
+
+        future.add_done_callback(done)
+
+    def _flush(self) -> None:
+        if self._dirty and self._fd >= 0:
+            self._sync(self._fd)
+            self._dirty = False
 
     @staticmethod
     def _settle(batch: list[tuple[_Pending, asyncio.Future[None]]], exc: BaseException | None) -> None:
@@ -650,7 +696,10 @@ class AuditWriter:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-        self._sync(self._fd)
+        if self.sync == SYNC_BATCH:
+            self._sync(self._fd)
+        else:
+            self._dirty = True  # fsync'ed by _flush within sync_interval (or before a checkpoint)
         self._size += len(data)
         # Only a committed batch advances the chain: after a failed write nothing is appended again.
         self._seq, self._prev = seq, prev
@@ -680,6 +729,8 @@ class AuditWriter:
         """Append a (signed) checkpoint naming the last committed entry's place and hash."""
         if self._seq == 0 or self._seq - 1 == self._cp_seq or self._cp_fd < 0:
             return
+        # A checkpoint never names an entry that is not durable yet (interval mode).
+        self._flush()
         line = checkpoint_line(self.path.name, self._seq - 1, self._prev.decode(), self._signer)
         os.write(self._cp_fd, line)
         self._sync(self._cp_fd)
@@ -691,6 +742,7 @@ class AuditWriter:
         os.fsync(fd)
 
     def _rotate(self) -> None:
+        self._flush()  # the file leaving the chain's head is durable before it is renamed
         os.close(self._fd)
         self._fd = -1
         base = str(self.path)

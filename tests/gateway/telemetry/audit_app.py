@@ -1,6 +1,7 @@
 """A tiny aiohttp service that audits each request before answering (for the SIGKILL test).
 
-Run: python -m tests.gateway.telemetry.audit_app AUDIT_PATH. Prints "PORT <n>" once listening.
+Run: python -m tests.gateway.telemetry.audit_app AUDIT_PATH [SYNC]. Prints "PORT <n>" once
+listening. SYNC is the writer's sync mode (batch, the default, or interval).
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ async def handle(request: web.Request) -> web.Response:
     return web.json_response({"request_id": request_id})
 
 
-async def main(path: str) -> None:
+async def main(path: str, sync: str) -> None:
     async def writer_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with AuditWriter(path) as writer:
+        # interval: fsync'ed a long while later, so the kill lands between fsyncs
+        async with AuditWriter(path, sync=sync, sync_interval=30.0) as writer:
             app[WRITER] = writer
             yield
 
@@ -46,4 +48,4 @@ async def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1]))
+    asyncio.run(main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "batch"))

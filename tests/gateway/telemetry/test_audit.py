@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import re
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -27,6 +29,7 @@ from gateway.telemetry.audit import (
     iter_audit,
     iter_audit_all,
 )
+from gateway.telemetry.audit_chain import CHECKPOINT_SUFFIX
 from tests.gateway.telemetry.otlp_receiver import OtlpReceiver
 
 
@@ -294,3 +297,96 @@ async def test_otlp_export_after_commit(tmp_path: Path, otlp_receiver: OtlpRecei
     assert got == {"r0", "r1", "r2"}
     assert all(rec.event_name == "mcp.audit" for rec in otlp_receiver.logs)
 
+
+
+class _CountingDisk(AuditWriter):
+    """Counts fsyncs of the data file and records how many bytes it held at each."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_syncs: list[int] = []
+
+    def _sync(self, fd: int) -> None:
+        if fd == self._fd:
+            self.data_syncs.append(os.fstat(fd).st_size)
+        super()._sync(fd)
+
+
+async def test_interval_mode_answers_before_the_fsync_and_fsyncs_soon_after(tmp_path: Path) -> None:
+    """sync=interval: write() returns once the entry is in the file (readable by another
+    process, kept through a SIGKILL) with no fsync on the way; one fsync within the interval then
+    covers every entry written before it."""
+    path = tmp_path / "a.jsonl"
+    writer = _CountingDisk(path, sync="interval", sync_interval=0.05)
+    await writer.start()
+    try:
+        for n in range(5):
+            await writer.write(entry(n))
+            assert any(f'"request_id":"r{n}"' in line for line in path.read_text().splitlines())
+        assert writer.data_syncs == []  # nothing fsync'ed on the answer's path
+        size = path.stat().st_size
+        async with asyncio.timeout(5):
+            while not writer.data_syncs:
+                await asyncio.sleep(0.01)  # bounded poll for the background fsync
+        assert writer.data_syncs == [size]
+    finally:
+        await writer.close()
+
+
+async def test_batch_mode_fsyncs_before_each_answer(tmp_path: Path) -> None:
+    """sync=batch (the default): each write() returns after the fsync of its batch."""
+    writer = _CountingDisk(tmp_path / "a.jsonl")
+    await writer.start()
+    try:
+        for n in range(3):
+            await writer.write(entry(n))
+            assert len(writer.data_syncs) == n + 1
+    finally:
+        await writer.close()
+
+
+async def test_interval_mode_makes_entries_durable_before_a_checkpoint_names_them(
+        tmp_path: Path) -> None:
+    """A checkpoint names the last entry's hash: in interval mode the data file is fsync'ed first,
+    so no durable checkpoint ever names an entry a power loss could take away."""
+    writer = _CountingDisk(tmp_path / "a.jsonl", sync="interval", sync_interval=60.0,
+                           checkpoint_entries=3)
+    await writer.start()
+    try:
+        for n in range(3):
+            await writer.write(entry(n))
+        assert writer.data_syncs == [(tmp_path / "a.jsonl").stat().st_size]
+        assert (tmp_path / ("a.jsonl" + CHECKPOINT_SUFFIX)).read_text().count("\n") == 1
+    finally:
+        await writer.close()
+
+
+class _FailingLaterDisk(AuditWriter):
+    def _sync(self, fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+
+async def test_interval_mode_fsync_failure_fails_closed(tmp_path: Path) -> None:
+    """A failed background fsync refuses every later entry, as a failed write does."""
+    writer = _FailingLaterDisk(tmp_path / "a.jsonl", sync="interval", sync_interval=0.02)
+    await writer.start()
+    try:
+        await writer.write(entry(1))  # written; its fsync comes later and fails
+        async with asyncio.timeout(5):
+            while True:
+                try:
+                    await writer.write(entry(2))
+                except AuditUnavailable:
+                    break
+                await asyncio.sleep(0.01)  # bounded poll until the failure is seen
+    finally:
+        with contextlib.suppress(OSError):
+            await writer.close()
+
+
+def test_sync_mode_is_validated(tmp_path: Path) -> None:
+    """An unknown sync mode or an interval outside (0, 60] s is refused at construction."""
+    with pytest.raises(ValueError, match="sync must be one of"):
+        AuditWriter(tmp_path / "a.jsonl", sync="never")
+    with pytest.raises(ValueError, match="sync_interval"):
+        AuditWriter(tmp_path / "a.jsonl", sync="interval", sync_interval=0)

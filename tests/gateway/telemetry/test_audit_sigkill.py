@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 
-from gateway.telemetry.audit import AuditFileReport, iter_audit
+from gateway.telemetry.audit import SYNC_MODES, AuditFileReport, iter_audit
 from gateway.telemetry.audit_verify import verify_chain
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -20,9 +21,9 @@ CONCURRENCY = 16
 KILL_AFTER = 100
 
 
-async def _start_app(audit_path: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def _start_app(audit_path: Path, sync: str) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.gateway.telemetry.audit_app", str(audit_path),
+        sys.executable, "-m", "tests.gateway.telemetry.audit_app", str(audit_path), sync,
         cwd=ROOT, stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -31,10 +32,13 @@ async def _start_app(audit_path: Path) -> tuple[asyncio.subprocess.Process, int]
     return proc, int(line.split()[1])
 
 
-async def test_sigkill_under_load_loses_no_acknowledged_entry(tmp_path: Path) -> None:
-    """Every request id the client got an answer for is in the audit file after a SIGKILL mid-load."""
+@pytest.mark.parametrize("sync", SYNC_MODES)
+async def test_sigkill_under_load_loses_no_acknowledged_entry(tmp_path: Path, sync: str) -> None:
+    """Every request id the client got an answer for is in the audit file after a SIGKILL mid-load,
+    whether each batch is fsync'ed before its answer (batch) or only written to the kernel, with
+    the fsync long after (interval: the kernel keeps what a killed process wrote)."""
     audit_path = tmp_path / "audit.jsonl"
-    proc, port = await _start_app(audit_path)
+    proc, port = await _start_app(audit_path, sync)
     acknowledged: list[str] = []
     failed = 0
     ids = iter(range(TOTAL))
