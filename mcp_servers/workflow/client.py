@@ -4,6 +4,12 @@ Protocol 2026-07-28 (stateless: one POST per call, no session), with the delegat
 :mod:`mcp_servers.workflow.delegation` as the bearer. Every outcome is a :class:`StepOutcome` or a
 :class:`StepError` with a stable ``reason``; ``retryable`` says whether an idempotent step may try
 again (the call may not have reached the tool: connection failures, 429, 502-504, timeouts).
+
+``outcome_unknown`` says that the call was sent and nothing tells whether it took effect: no
+answer in time, an answer that is not the call's JSON-RPC response (cut off, over the size limit,
+not JSON), a 5xx without a JSON-RPC error, an SSE stream that ended first, a connection reset
+after sending. Only a failure to connect, a refusal (401/403/429, 4xx) or a JSON-RPC error / tool
+error are known not to have (or to have failed to) run.
 """
 
 from __future__ import annotations
@@ -36,14 +42,21 @@ DECLINED = "declined"  # an approval was declined or cancelled
 INTERRUPTED = "interrupted"  # the server stopped during the run
 
 
+UNKNOWN_NOTE = " (the call was sent: it may have taken effect)"
+
+
 class StepError(Exception):
     def __init__(self, reason: str, message: str, *, retryable: bool = False,
-                 detail: dict[str, Any] | None = None) -> None:
+                 detail: dict[str, Any] | None = None, outcome_unknown: bool = False) -> None:
+        if outcome_unknown:
+            message = message[:MAX_TEXT - len(UNKNOWN_NOTE)] + UNKNOWN_NOTE
         super().__init__(message)
         self.reason = reason
         self.message = message[:MAX_TEXT]
         self.retryable = retryable
         self.detail = detail or {}
+        # The call was sent and may have taken effect (module docstring).
+        self.outcome_unknown = outcome_unknown
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +119,17 @@ class GatewayClient:
                 message = await self._answer(resp, rid)
                 status = resp.status
         except TimeoutError:
-            raise StepError(TIMEOUT, f"no answer within {timeout_seconds:g} s", retryable=True) from None
-        except aiohttp.ClientError as exc:
+            raise StepError(TIMEOUT, f"no answer within {timeout_seconds:g} s", retryable=True,
+                            outcome_unknown=True) from None
+        except aiohttp.ClientConnectorError as exc:
+            # No connection was made: nothing was sent.
             raise StepError(UNAVAILABLE, f"the gateway is unreachable ({type(exc).__name__})",
                             retryable=True) from None
+        except aiohttp.ClientError as exc:
+            # Connected, then reset, closed or cut off: the request may have been delivered.
+            raise StepError(UNAVAILABLE, f"the connection to the gateway failed "
+                            f"({type(exc).__name__})", retryable=True,
+                            outcome_unknown=True) from None
         error = message.get("error") if message is not None else None
         if status in (401, 403) or (status == 429 and isinstance(error, dict)):
             reason = error.get("data", {}).get("reason") if isinstance(error, dict) \
@@ -120,8 +140,11 @@ class GatewayClient:
                             retryable=status == 429,
                             detail={"http_status": status, "reason": reason})
         if message is None:
+            # A 4xx without a JSON-RPC error was refused on the way (Envoy: no route, too large);
+            # a 2xx or a 5xx (502/504: the server did not answer in time or reset) may have run.
             raise StepError(UNAVAILABLE if status >= 500 else BAD_ANSWER,
-                            f"HTTP {status} without a JSON-RPC answer", retryable=status in (502, 503, 504))
+                            f"HTTP {status} without a JSON-RPC answer", retryable=status in (502, 503, 504),
+                            outcome_unknown=not 400 <= status < 500)
         if isinstance(error, dict):
             retry = status in (502, 503, 504)
             raise StepError(UNAVAILABLE if retry else RPC_ERROR,
@@ -129,7 +152,7 @@ class GatewayClient:
                             detail={"code": error.get("code"), "http_status": status})
         result = message.get("result")
         if not isinstance(result, dict):
-            raise StepError(BAD_ANSWER, "the answer has no result")
+            raise StepError(BAD_ANSWER, "the answer has no result", outcome_unknown=True)
         if result.get("isError") is True:
             raise StepError(TOOL_ERROR, _error_text(result))
         return StepOutcome(output_of(result))
@@ -138,9 +161,14 @@ class GatewayClient:
     async def _answer(resp: aiohttp.ClientResponse, rid: int) -> dict[str, Any] | None:
         ctype = resp.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
         if ctype == "application/json":
-            raw = await resp.content.read(MAX_ANSWER_BYTES + 1)
-            if len(raw) > MAX_ANSWER_BYTES:
-                raise StepError(BAD_ANSWER, "answer over the size limit")
+            # The whole body, to the end of the stream (it may come in many chunks), bounded.
+            if resp.content_length is not None and resp.content_length > MAX_ANSWER_BYTES:
+                raise StepError(BAD_ANSWER, "answer over the size limit", outcome_unknown=True)
+            raw = bytearray()
+            async for chunk in resp.content.iter_any():
+                raw += chunk
+                if len(raw) > MAX_ANSWER_BYTES:
+                    raise StepError(BAD_ANSWER, "answer over the size limit", outcome_unknown=True)
             try:
                 msg = validate_message(orjson.loads(raw))
             except (orjson.JSONDecodeError, GatewayError):
@@ -156,11 +184,13 @@ class GatewayClient:
                         try:
                             msg = validate_message(orjson.loads(event.data))
                         except (orjson.JSONDecodeError, GatewayError):
-                            raise StepError(BAD_ANSWER, "an SSE event is not JSON-RPC") from None
+                            raise StepError(BAD_ANSWER, "an SSE event is not JSON-RPC",
+                                            outcome_unknown=True) from None
                         if msg.kind == "response" and msg.raw.get("id") == rid:
                             return msg.raw
             except SseError as exc:
-                raise StepError(BAD_ANSWER, exc.message) from None
-            raise StepError(UNAVAILABLE, "the SSE answer ended without a response", retryable=False)
+                raise StepError(BAD_ANSWER, exc.message, outcome_unknown=True) from None
+            raise StepError(UNAVAILABLE, "the SSE answer ended without a response", retryable=False,
+                            outcome_unknown=True)
         await resp.read()
         return None

@@ -21,7 +21,6 @@ from mcp_servers.workflow.client import (
     BAD_ARGUMENTS,
     DECLINED,
     INTERRUPTED,
-    TIMEOUT,
     GatewayClient,
     StepError,
 )
@@ -156,7 +155,10 @@ class Engine:
                 else:
                     scope["steps"][step.id] = {"output": await self._run_step(run, wf, caller, step, scope)}
             except StepError as err:
-                self.store.set_step(run.id, step.id, STEP_FAILED, error=f"{err.reason}: {err.message}")
+                # A call that was sent and not answered may have taken effect: recorded as such
+                # (not "failed"), and reported in the answer's outcome_unknown.
+                self.store.set_step(run.id, step.id, STEP_UNKNOWN if err.outcome_unknown
+                                    else STEP_FAILED, error=f"{err.reason}: {err.message}")
                 return await self._fail(run, wf, caller, step, err, scope, reporter)
             await reporter.progress(i + 1, total, f"step {step.id}: done")
         return self._succeed(run, wf, scope)
@@ -221,7 +223,7 @@ class Engine:
                     *, deadline: float | None = None, outcome_unknown: bool | None = None) -> Answer:
         undone, not_undone = await self._compensate(run, wf, caller, scope, reporter, deadline)
         if outcome_unknown is None:
-            outcome_unknown = err.reason == TIMEOUT
+            outcome_unknown = err.outcome_unknown
         unknown = [failed.id] if outcome_unknown else []
         structured: dict[str, Any] = {
             "run_id": run.id, "workflow": wf.name, "status": FAILED, "failed_step": failed.id,
@@ -229,8 +231,9 @@ class Engine:
         if err.detail:
             structured["detail"] = err.detail
         if unknown:
-            # A step that timed out or was interrupted may have taken effect: it has no output to
-            # undo it with, so the caller must check it.
+            # A step whose call was sent but not answered (timeout, cut-off or bad answer, 502/504,
+            # reset) or that was interrupted may have taken effect: it has no output to undo it
+            # with, so the caller must check it.
             structured["outcome_unknown"] = unknown
         text = (f"workflow {wf.name} failed at step {failed.label}: {err.reason}: {err.message}; "
                 f"undone: {', '.join(undone) or 'nothing'}")

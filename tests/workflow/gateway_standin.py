@@ -10,12 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
+import orjson
 from aiohttp import web
 
 from gateway.assertion import KeyRing
 
 # A script entry answers (server, tool) with a function of the arguments giving one of:
 # ("ok", structured) | ("tool_error", text) | ("http", status, reason) | ("hang",)
+# | ("chunked", structured, chunk_bytes): the JSON answer written in chunks of that size
+# | ("plain", status): a text/plain body, no JSON-RPC answer (as Envoy's 502/504)
 Answer = tuple[Any, ...]
 Script = dict[tuple[str, str], Callable[[dict[str, Any]], Answer]]
 
@@ -34,7 +37,7 @@ async def standin_gateway(ring: KeyRing, issuer: str, script: Script) -> AsyncIt
     key = ring.signing.private_key.public_key()
     holder: list[Standin] = []
 
-    async def handle(request: web.Request) -> web.Response:
+    async def handle(request: web.Request) -> web.StreamResponse:
         server = request.match_info["server"]
         token = request.headers.get("Authorization", "").removeprefix("Bearer ")
         try:
@@ -55,6 +58,19 @@ async def standin_gateway(ring: KeyRing, issuer: str, script: Script) -> AsyncIt
         if answer[0] == "http":
             return web.json_response({"jsonrpc": "2.0", "id": rid, "error": {
                 "code": -32003, "message": "denied", "data": {"reason": answer[2]}}}, status=answer[1])
+        if answer[0] == "plain":
+            return web.Response(status=answer[1], text="upstream connect error", content_type="text/plain")
+        if answer[0] == "chunked":
+            body = orjson.dumps({"jsonrpc": "2.0", "id": rid, "result": {
+                "content": [{"type": "text", "text": "ok"}], "structuredContent": answer[1]}})
+            resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for i in range(0, len(body), answer[2]):
+                await resp.write(body[i:i + answer[2]])
+                await asyncio.sleep(0)  # each chunk reaches the client on its own
+            await resp.write_eof()
+            return resp
         if answer[0] == "tool_error":
             result: dict[str, Any] = {"content": [{"type": "text", "text": answer[1]}], "isError": True}
         else:

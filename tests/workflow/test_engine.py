@@ -21,6 +21,7 @@ from mcp_servers.workflow.store import (
     STEP_COMPENSATED,
     STEP_DONE,
     STEP_RUNNING,
+    STEP_UNKNOWN,
     SUCCEEDED,
     RunStore,
 )
@@ -178,6 +179,28 @@ async def test_timeout_leaves_the_outcome_unknown(tmp_path: Path) -> None:
     async for h in harness(tmp_path, {("erp", "createOrder"): lambda a: ("hang",)}, wf):
         s = (await h.run({"customer": 1})).structured
         assert s["reason"] == "timeout" and s["outcome_unknown"] == ["create"]
+
+
+async def test_large_answer_in_chunks_is_a_success(tmp_path: Path) -> None:
+    """A step whose JSON answer arrives in many 16 KB chunks succeeds and its output is used."""
+    script: Script = {("erp", "createOrder"): lambda a: ("chunked", {"id": 7, "pad": "x" * 300_000},
+                                                         16 * 1024)}
+    async for h in harness(tmp_path, script):
+        s = (await h.run({"customer": 1})).structured
+        assert s["status"] == SUCCEEDED and s["output"]["create"]["id"] == 7
+        assert h.standin.calls[1][2]["path"] == "inv-7.json"
+
+
+async def test_answer_lost_after_sending_is_an_unknown_outcome(tmp_path: Path) -> None:
+    """A 502 without an answer for a non-idempotent step: the run says the step may have taken
+    effect (answer, text and run record), not that it failed cleanly."""
+    async for h in harness(tmp_path, {("erp", "createOrder"): lambda a: ("plain", 502)}):
+        answer = await h.run({"customer": 1})
+        s = answer.structured
+        assert (s["failed_step"], s["reason"], s["outcome_unknown"]) == \
+            ("create", "unavailable", ["create"])
+        assert "outcome unknown: create" in answer.text and "may have taken effect" in s["error"]
+        assert h.store.steps(s["run_id"])["create"].status == STEP_UNKNOWN
 
 
 async def test_declined_approval_stops_and_compensates(tmp_path: Path) -> None:
