@@ -336,6 +336,14 @@ class AuditConfig:
     # included): with a value, `up` starts each log afresh and removes earlier runs' logs last
     # written longer ago than this many days (so does `mcp-gateway audit prune`); None: kept.
     log_retention_days: int | None = None
+    # When an entry counts as written (gateway.telemetry.audit SYNC_MODES; docs/compliance.md):
+    # "batch": fsync'ed before the answer (survives a power loss); "interval": written to the
+    # kernel before the answer (survives a SIGKILL) and fsync'ed within sync_interval_ms. ext_authz
+    # writes its decision entry with ``sync`` before the request goes on; the MCP servers write
+    # their result entries with ``result_sync``: by default one fsync on each call's path.
+    sync: str = "batch"
+    result_sync: str = "interval"
+    sync_interval_ms: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +387,22 @@ CONSOLE_PATH = "/console"
 
 
 @dataclass(frozen=True, slots=True)
+class ConsoleOidcConfig:
+    """OpenID Connect sign-in to the console (authorization code + PKCE S256; docs/console.md):
+    ``issuer`` is one of ``issuers`` (its access tokens are verified like a pasted one, audience
+    ``<public_url>/console``, asked for with the RFC 8707 ``resource`` parameter);
+    ``client_secret_env`` names the environment variable holding a confidential client's secret
+    (none: a public client)."""
+
+    issuer: str
+    authorization_endpoint: str
+    token_endpoint: str
+    client_id: str
+    client_secret_env: str | None = None
+    scope: str = "openid"
+
+
+@dataclass(frozen=True, slots=True)
 class ConsoleConfig:
     """The web console served behind Envoy at ``<public_url>/console`` (docs/console.md): its
     processes (``instances``; sessions live in memory, so Envoy keeps each browser on one), the
@@ -389,6 +413,7 @@ class ConsoleConfig:
     instances: tuple[Instance, ...] = ()
     entrypoint: str = DEFAULT_CONSOLE_ENTRYPOINT
     session_seconds: int = 3600
+    oidc: ConsoleOidcConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,6 +564,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "telemetry.trace_sample_percent": (0, 100),
     "audit.max_bytes": (4096, 1 << 40), "audit.keep": (1, 10_000), "audit.checkpoint_seconds": (1, 86_400),
     "audit.retention_days": (1, 36_500), "audit.log_retention_days": (1, 36_500),
+    "audit.sync_interval_ms": (1, 60_000),
     "catalog.refresh_seconds": (1, 86400),
     "envoy.max_heap_bytes": (64 << 20, 1 << 40), "envoy.max_downstream_connections": (1, 10_000_000),
     "envoy.per_connection_buffer_bytes": (1024, 64 << 20),
@@ -951,7 +977,10 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     names = [s.name for s in servers]
     aggregate = _aggregate(top.get("aggregate"), secrets)
     virtual_servers = _virtual_servers(top.get("virtual_servers"), names, aggregate)
-    console = _console(top.get("console"))
+    # Parsed before the issuers (a console adds its audience to their defaults); its oidc.issuer
+    # must name one of them.
+    issuer_names = [i.get("issuer") for i in top.get("issuers") or [] if isinstance(i, dict)]
+    console = _console(top.get("console"), [n for n in issuer_names if isinstance(n, str)])
     _refuse_shared_audiences(servers, public_url, [v.name for v in virtual_servers])
 
     backends = []
@@ -1043,6 +1072,9 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     audit = _section(AuditConfig, audit_raw, "audit", dir=audit_dir, signing_key=audit_key)
     if audit.master_key is not None and audit.master_key not in secrets:
         raise ConfigError(f"audit.master_key: {audit.master_key!r} is not listed in secrets")
+    for key in ("sync", "result_sync"):  # gateway.telemetry.audit.SYNC_MODES
+        if getattr(audit, key) not in ("batch", "interval"):
+            raise ConfigError(f"audit.{key} must be 'batch' or 'interval', got {getattr(audit, key)!r}")
     cat_raw = _only(top.get("catalog", {}), set(CatalogConfig.__slots__), "catalog")
     cat_path = (path(_take(cat_raw, "path", str, "catalog")) if "path" in cat_raw
                 else str(Path(state_dir) / "catalog.sqlite"))
@@ -1190,7 +1222,7 @@ def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:
     return AggregateConfig(enabled, instances, keys, inner)
 
 
-def _console(raw: Any) -> ConsoleConfig:
+def _console(raw: Any, issuers: list[str]) -> ConsoleConfig:
     """The console: section. Absent: no console."""
     if raw is None:
         return ConsoleConfig()
@@ -1205,7 +1237,34 @@ def _console(raw: Any) -> ConsoleConfig:
     seconds = _take(data, "session_seconds", int, "console", 3600)
     if not 60 <= seconds <= 86_400:
         raise ConfigError(f"console.session_seconds must be an integer from 60 to 86400, got {seconds}")
-    return ConsoleConfig(enabled, instances, entrypoint, seconds)
+    oidc = _console_oidc(data.get("oidc"), issuers)
+    return ConsoleConfig(enabled, instances, entrypoint, seconds, oidc)
+
+
+def _console_oidc(raw: Any, issuers: list[str]) -> ConsoleOidcConfig | None:
+    if raw is None:
+        return None
+    where = "console.oidc"
+    data = _only(raw, {f.name for f in fields(ConsoleOidcConfig)}, where)
+    issuer = _take(data, "issuer", str, where)
+    if issuer not in issuers:
+        raise ConfigError(f"{where}.issuer: {issuer!r} is not one of issuers[].issuer (its tokens "
+                          f"are verified with that issuer's keys)")
+    endpoints = {}
+    for key in ("authorization_endpoint", "token_endpoint"):
+        url = _take(data, key, str, where)
+        parts = urlsplit(url)
+        loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+        if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+            raise ConfigError(f"{where}.{key} must be an https URL (http only on loopback), got {url!r}")
+        endpoints[key] = url
+    client_id = _take(data, "client_id", str, where)
+    secret_env = _take(data, "client_secret_env", (str, type(None)), where, None)
+    scope = _take(data, "scope", str, where, "openid")
+    if not client_id or not re.fullmatch(r"[\x21-\x7e]+( [\x21-\x7e]+)*", scope):
+        raise ConfigError(f"{where}: client_id must not be empty and scope must be space-separated tokens")
+    return ConsoleOidcConfig(issuer, endpoints["authorization_endpoint"], endpoints["token_endpoint"],
+                             client_id, secret_env, scope)
 
 
 def _inner_tls(raw: Any, path: Callable[[str], str], state_dir: str) -> InnerTlsConfig:

@@ -20,6 +20,7 @@ from gateway.catalog import Catalog
 from gateway.console import views
 from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
+from gateway.console.oidc import OidcClient
 from gateway.console.settings import (
     ENVOY_TIMEOUT_SECONDS,
     MAX_SESSIONS,
@@ -93,10 +94,16 @@ def make_app(settings: ConsoleSettings) -> web.Application:
             store = await asyncio.to_thread(open_key_store, settings)
             admin = EnvoyAdmin(settings.admin_url, http, timeout=ENVOY_TIMEOUT_SECONDS)
             sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT)
+            oidc = None
+            if settings.oidc is not None:
+                oidc = OidcClient(settings.oidc, redirect_uri=f"{settings.resource}/oidc/callback",
+                                  resource=settings.resource, http=http,
+                                  client_secret=settings.oidc_client_secret)
             app[CONSOLE] = ConsoleState(
                 settings=settings, verifier=verifier, policy=policy,
                 sessions=SessionStore(max_sessions=MAX_SESSIONS), catalog=catalog, admin=admin,
-                sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url))
+                sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url),
+                oidc=oidc)
             sampler_task = asyncio.create_task(sampler.run())
             warmer_task = asyncio.create_task(_keep_matrix_fresh(app[CONSOLE]))
             yield

@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.config import AuthConfig, ConfigError, GatewayConfig, IssuerConfig, load_config
+from gateway.config import (
+    AuthConfig,
+    ConfigError,
+    ConsoleOidcConfig,
+    GatewayConfig,
+    IssuerConfig,
+    load_config,
+)
 
 # Bounds of what one page reads (docs/console.md, "Bounded reads").
 # The session cookie: the __Host- prefix makes browsers insist on Secure, Path=/ and no Domain.
@@ -40,6 +48,8 @@ class ConsoleSettings:
     admin_url: str  # Envoy's admin interface
     servers: tuple[str, ...]
     log_level: str = "INFO"
+    oidc: ConsoleOidcConfig | None = None
+    oidc_client_secret: str | None = None
     # Cookies are Secure: the browser talks to Envoy over TLS. Tests on plain loopback HTTP
     # read the Set-Cookie header themselves.
     cookie_name: str = SESSION_COOKIE
@@ -50,6 +60,13 @@ class ConsoleSettings:
         if not cfg.console.enabled:
             raise ConfigError("console.enabled is false: the config has no console to run")
         inst = cfg.console.instances[0]
+        oidc = cfg.console.oidc
+        secret = None
+        if oidc is not None and oidc.client_secret_env:
+            secret = os.environ.get(oidc.client_secret_env)
+            if not secret:
+                raise ConfigError(f"console.oidc.client_secret_env: {oidc.client_secret_env} is not set "
+                                  f"in the environment")
         admin_host = "127.0.0.1" if cfg.admin.host in ("0.0.0.0", "") else cfg.admin.host
         return cls(
             host=host or inst.host, port=inst.port if port is None else port,
@@ -59,7 +76,8 @@ class ConsoleSettings:
             session_seconds=cfg.console.session_seconds, catalog_path=cfg.catalog.path,
             audit_dir=cfg.audit.dir, audit_master_key=cfg.audit.master_key, state_dir=cfg.state_dir,
             admin_url=f"http://{admin_host}:{cfg.admin.port}",
-            servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level)
+            servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level,
+            oidc=oidc, oidc_client_secret=secret)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> ConsoleSettings:

@@ -13,6 +13,7 @@ from gateway.catalog import Catalog
 from gateway.console.auth import ConsolePolicy, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
 from gateway.console.matrix import Matrix
+from gateway.console.oidc import OidcClient
 from gateway.console.settings import ConsoleSettings
 from gateway.telemetry.audit_keys import SubjectKeyStore
 
@@ -28,6 +29,7 @@ class ConsoleState:
     sampler: TrafficSampler
     key_store: SubjectKeyStore | None
     public_origin: str
+    oidc: OidcClient | None = None
     # The newest matrix, the (policy version, catalog tools) it was computed for, and the one
     # computation that may run in the background (views.refresh_matrix).
     matrix: Matrix | None = None

@@ -20,6 +20,8 @@ from gateway.catalog import CatalogError
 from gateway.console import envoy_stats, matrix
 from gateway.console.audit_search import Filters, search
 from gateway.console.auth import PolicyUnavailable, Session
+from gateway.console.oidc import PENDING_SECONDS, OidcError
+from gateway.console.oidc import STATE_COOKIE as OIDC_COOKIE
 from gateway.console.settings import MAX_AUDIT_ROWS, MAX_AUDIT_SCAN, MAX_EXPORT_ROWS
 from gateway.console.state import CONSOLE, ConsoleState
 from gateway.console.web import (
@@ -45,7 +47,7 @@ LOGIN_COOKIE_SECONDS = 600
 MAX_TOKEN_CHARS = 16 * 1024
 MAX_PLAYGROUND_FIELD = 64 * 1024
 MAX_CATALOG_ROWS = 5000
-PUBLIC_PATHS = (f"{PREFIX}/login",)
+PUBLIC_PATHS = (f"{PREFIX}/login", f"{PREFIX}/oidc/start", f"{PREFIX}/oidc/callback")
 STATIC_PREFIX = f"{PREFIX}/static/"
 PRETTY = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
 
@@ -120,7 +122,8 @@ def page(request: web.Request, template: str, context: Mapping[str, Any]) -> web
 async def login_form(request: web.Request, *, error: str | None = None, status: int = 200) -> web.Response:
     nonce = os.urandom(24).hex()
     response = aiohttp_jinja2.render_template("login.html", request, {
-        "csrf": nonce, "error": error, "prefix": PREFIX, "user": None, "nav": request.path})
+        "csrf": nonce, "error": error, "prefix": PREFIX, "user": None, "nav": request.path,
+        "oidc": state(request).settings.oidc})
     response.set_status(status)
     response.headers.add("Set-Cookie", cookie_header(LOGIN_COOKIE, nonce, max_age=LOGIN_COOKIE_SECONDS))
     return response
@@ -145,6 +148,20 @@ async def login_post(request: web.Request) -> web.StreamResponse:
     except GatewayError as exc:
         logger.info("console sign-in refused", extra={"code": exc.code})
         return await login_form(request, error=f"the token was refused: {exc.code}", status=401)
+    admitted = await _admit(request, claims)
+    if isinstance(admitted, web.Response):
+        return admitted
+    sid, session = admitted
+    response = web.HTTPSeeOther(f"{PREFIX}/overview")
+    lifetime = max(int(session.expires - time.time()), 1)
+    response.headers.add("Set-Cookie", cookie_header(st.settings.cookie_name, sid, max_age=lifetime))
+    response.headers.add("Set-Cookie", cookie_header(LOGIN_COOKIE, "", max_age=0))
+    return response
+
+
+async def _admit(request: web.Request, claims: dict[str, Any]) -> tuple[str, Session] | web.Response:
+    """A session for verified ``claims`` the console policy admits, or the refusal page."""
+    st = state(request)
     decision = await st.policy.console_decision(claims, "view")
     if not decision.allow:
         logger.info("console sign-in refused by the policy",
@@ -152,10 +169,50 @@ async def login_post(request: web.Request) -> web.StreamResponse:
         return refuse(request, 403, decision.reason, "the policy does not admit your roles to the console")
     sid, session = st.sessions.create(claims, lifetime=st.settings.session_seconds)
     logger.info("console sign-in", extra={"sub": session.sub, "roles": list(session.roles)})
-    response = web.HTTPSeeOther(f"{PREFIX}/overview")
+    return sid, session
+
+
+async def oidc_start(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    if st.oidc is None:
+        return refuse(request, 404, "not_found", "this console has no OpenID Connect sign-in")
+    key, url = st.oidc.start()
+    response = web.HTTPSeeOther(url)
+    # Lax: the identity provider's redirect back is a cross-site navigation.
+    response.headers.add("Set-Cookie", cookie_header(OIDC_COOKIE, key, max_age=PENDING_SECONDS,
+                                                     same_site="Lax"))
+    return response
+
+
+async def oidc_callback(request: web.Request) -> web.StreamResponse:
+    st = state(request)
+    if st.oidc is None:
+        return refuse(request, 404, "not_found", "this console has no OpenID Connect sign-in")
+    try:
+        pending = st.oidc.take(request.query.get("state"), request.cookies.get(OIDC_COOKIE))
+        error = request.query.get("error")
+        if error:
+            raise OidcError("authorization_refused",
+                            f"the identity provider refused: {error[:100]}")
+        token = await st.oidc.exchange(request.query.get("code", ""), pending)
+        claims = await st.verifier.verify(token, st.settings.resource)
+    except OidcError as exc:
+        logger.info("console OpenID Connect sign-in failed", extra={"code": exc.code})
+        return await login_form(request, error=f"sign-in failed: {exc.code}: {exc.message}", status=400)
+    except GatewayError as exc:
+        logger.info("console OpenID Connect token refused", extra={"code": exc.code})
+        return await login_form(request, error=f"the token was refused: {exc.code}", status=401)
+    admitted = await _admit(request, claims)
+    if isinstance(admitted, web.Response):
+        return admitted
+    sid, session = admitted
+    # A page of ours moves on to the overview: the redirect chain from the identity provider is
+    # cross-site, and the SameSite=Strict session cookie is sent only on a same-site navigation.
+    response = aiohttp_jinja2.render_template("signed_in.html", request, {
+        "prefix": PREFIX, "user": None, "csrf": "", "nav": request.path})
     lifetime = max(int(session.expires - time.time()), 1)
     response.headers.add("Set-Cookie", cookie_header(st.settings.cookie_name, sid, max_age=lifetime))
-    response.headers.add("Set-Cookie", cookie_header(LOGIN_COOKIE, "", max_age=0))
+    response.headers.add("Set-Cookie", cookie_header(OIDC_COOKIE, "", max_age=0, same_site="Lax"))
     return response
 
 
@@ -464,6 +521,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.get(PREFIX, root), web.get(f"{PREFIX}/", root),
         web.get(f"{PREFIX}/login", login_get), web.post(f"{PREFIX}/login", login_post),
         web.post(f"{PREFIX}/logout", logout),
+        web.get(f"{PREFIX}/oidc/start", oidc_start), web.get(f"{PREFIX}/oidc/callback", oidc_callback),
         web.get(f"{PREFIX}/overview", overview_page), web.get(f"{PREFIX}/api/overview", overview_api),
         web.get(f"{PREFIX}/catalog", catalog_page),
         web.get(f"{PREFIX}/catalog/{{server}}/{{kind}}/{{name}}", catalog_item),

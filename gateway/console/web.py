@@ -62,9 +62,9 @@ def tokens_equal(a: str | None, b: str | None) -> bool:
     return bool(a) and bool(b) and hmac.compare_digest(str(a).encode(), str(b).encode())
 
 
-def cookie_header(name: str, value: str, *, max_age: int) -> str:
+def cookie_header(name: str, value: str, *, max_age: int, same_site: str = "Strict") -> str:
     """A Set-Cookie value with the console's flags (built by hand: every flag is explicit)."""
-    return f"{name}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite=Strict"
+    return f"{name}={value}; Path=/; Max-Age={max_age}; Secure; HttpOnly; SameSite={same_site}"
 
 
 @web.middleware

@@ -62,7 +62,7 @@ def seed_catalog(path: Path) -> None:
 
 
 def console_settings(tmp_path: Path, jwks_url: str, *, policy_dir: Path | None = None,
-                     admin_port: int = 1) -> ConsoleSettings:
+                     admin_port: int = 1, oidc: dict[str, Any] | None = None) -> ConsoleSettings:
     raw: dict[str, Any] = {
         "public_url": PUBLIC_URL,
         "tls": {"cert_file": str(tmp_path / "tls.pem"), "key_file": str(tmp_path / "tls.key")},
@@ -76,7 +76,7 @@ def console_settings(tmp_path: Path, jwks_url: str, *, policy_dir: Path | None =
         "catalog": {"path": str(tmp_path / "catalog.sqlite")},
         "audit": {"dir": str(tmp_path / "audit")},
         "state_dir": str(tmp_path),
-        "console": {"instances": [{"port": 1401}]},
+        "console": {"instances": [{"port": 1401}], **({"oidc": oidc} if oidc else {})},
     }
     cfg = parse_config(raw, base_dir=tmp_path)
     return ConsoleSettings.from_config(cfg)
