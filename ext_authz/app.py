@@ -154,7 +154,8 @@ async def start_service(settings: Settings, engine: ManagedEngine, *,
         audit = AuditWriter(settings.audit_path(port), max_bytes=settings.audit.max_bytes,
                             keep=settings.audit.keep, exporter=exporter, signer=signer,
                             checkpoint_seconds=settings.audit.checkpoint_seconds, keys=keys,
-                            retention_days=settings.audit.retention_days)
+                            retention_days=settings.audit.retention_days, sync=settings.audit.sync,
+                            sync_interval=settings.audit.sync_interval_ms / 1000)
         await audit.start()  # a file held by another writer fails start-up: no silent gaps
         cleanup.append(audit.close)
         # The upstream credentials' secrets come from ext_authz's environment, read once here.

@@ -120,6 +120,8 @@ def _server_common_args(config: GatewayConfig, name: str, inst: Instance) -> tup
             *(("--audit-master-key-env", audit.master_key) if audit.master_key else ()),
             *(("--audit-retention-days", str(audit.retention_days))
               if audit.retention_days is not None else ()),
+            "--audit-sync", audit.result_sync,
+            "--audit-sync-interval-ms", str(audit.sync_interval_ms),
             "--log-level", config.telemetry.log_level, *assertion_args(config, name))
 
 

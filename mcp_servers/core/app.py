@@ -116,7 +116,8 @@ async def audit_trail(server: MCPServer, settings: ServerSettings) -> AsyncItera
         yield AuditWriter(settings.audit_file, max_bytes=settings.audit_max_bytes, keep=settings.audit_keep,
                           timeout=settings.audit_timeout, exporter=exporter, signer=signer,
                           checkpoint_seconds=settings.audit_checkpoint_seconds, keys=keys,
-                          retention_days=settings.audit_retention_days)
+                          retention_days=settings.audit_retention_days, sync=settings.audit_sync,
+                          sync_interval=settings.audit_sync_interval)
     finally:
         if keys is not None:
             keys.close()
@@ -164,6 +165,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                              "subject-keys.sqlite beside the audit file (default: in clear)")
     parser.add_argument("--audit-retention-days", type=float, default=None,
                         help="remove rotated audit files older than this (audit.retention_days)")
+    parser.add_argument("--audit-sync", choices=("batch", "interval"), default=defaults.audit_sync,
+                        help="batch: fsync each result entry before the answer; interval: write it "
+                             "before the answer (kept through a SIGKILL), fsync within "
+                             "--audit-sync-interval-ms (audit.result_sync; default: batch)")
+    parser.add_argument("--audit-sync-interval-ms", type=int,
+                        default=round(defaults.audit_sync_interval * 1000),
+                        help="interval mode: fsync at most this long after a write (default 100)")
     add_assertion_arguments(parser)
 
 
@@ -189,6 +197,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           audit_signing_key=args.audit_signing_key,
                           audit_checkpoint_seconds=args.audit_checkpoint_seconds,
                           audit_master_key=master, audit_retention_days=args.audit_retention_days,
+                          audit_sync=args.audit_sync,
+                          audit_sync_interval=args.audit_sync_interval_ms / 1000,
                           assertion_jwks=args.assertion_jwks, assertion_issuer=args.assertion_issuer,
                           assertion_audience=args.assertion_audience)
 

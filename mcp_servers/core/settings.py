@@ -55,6 +55,12 @@ class ServerSettings:
     audit_checkpoint_seconds: float = 60.0
     audit_master_key: bytes | None = field(default=None, repr=False)
     audit_retention_days: float | None = None
+    # When a result entry counts as written (gateway.telemetry.audit SYNC_MODES): "batch" fsyncs
+    # before the answer; "interval" writes before it (a SIGKILL keeps it) and fsyncs within
+    # audit_sync_interval seconds. Standalone the default is batch; the gateway passes
+    # audit.result_sync (interval: ext_authz's decision entry is the call's fsync).
+    audit_sync: str = "batch"
+    audit_sync_interval: float = 0.1
     # The gateway's caller assertion (mcp_servers.core.identity): its published JWKS (a file or
     # an http(s) URL; None: no assertion, the identity headers name the caller), the gateway's
     # issuer (its public URL), this server's resource id (the `aud`), the clock skew allowed.
@@ -88,6 +94,10 @@ class ServerSettings:
             raise ValueError("audit_master_key must be 32 bytes")
         if self.audit_retention_days is not None and self.audit_retention_days <= 0:
             raise ValueError("audit_retention_days must be > 0")
+        if self.audit_sync not in ("batch", "interval"):
+            raise ValueError(f"audit_sync must be 'batch' or 'interval', got {self.audit_sync!r}")
+        if not 0 < self.audit_sync_interval <= 60:
+            raise ValueError("audit_sync_interval must be in (0, 60] seconds")
         if self.audit_otlp_export and not (self.audit_file and self.otlp_endpoint):
             raise ValueError("audit OTLP export needs an audit file and an OTLP endpoint")
         if self.assertion_jwks is not None and not (self.assertion_issuer and self.assertion_audience):
