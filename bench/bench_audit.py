@@ -161,19 +161,24 @@ def main() -> None:
                           f" {r['p99']:>8.3f} {r['max']:>8.3f} {r['cpu_us']:>12.1f} {r['writer_us']:>15.1f}",
                           flush=True)
     if len(versions) > 1 or args.rounds > 1:
-        print(f"\nmedian of {args.rounds} round(s), ratio to {versions[0][0]}")
-        print(f"{'version':>16} {'concurrency':>11} {'cpu us/entry':>12} {'ratio':>7}"
-              f" {'writer us/entry':>15} {'ratio':>7}")
+        print(f"\nmedian of {args.rounds} round(s); ratio to {versions[0][0]}: of the medians, and the"
+              f" median of each round's ratio (paired: both ran back to back)")
+        print(f"{'version':>16} {'concurrency':>11} {'cpu us/entry':>12} {'ratio':>7} {'paired':>7}"
+              f" {'writer us/entry':>15} {'ratio':>7} {'paired':>7}")
         for c in levels:
             base = results[(versions[0][0], c)]
             base_cpu = statistics.median(r["cpu_us"] for r in base)
             base_writer = statistics.median(r["writer_us"] for r in base)
             for name, *_ in versions:
-                cpu = statistics.median(r["cpu_us"] for r in results[(name, c)])
-                writer = statistics.median(r["writer_us"] for r in results[(name, c)])
-                print(f"{name:>16} {c:>11} {cpu:>12.1f} {cpu / base_cpu - 1:>+7.1%}"
-                      f" {writer:>15.1f} {writer / base_writer - 1:>+7.1%}")
-
+                rows = results[(name, c)]
+                cpu = statistics.median(r["cpu_us"] for r in rows)
+                writer = statistics.median(r["writer_us"] for r in rows)
+                paired_cpu = statistics.median(r["cpu_us"] / b["cpu_us"]
+                                               for r, b in zip(rows, base, strict=True))
+                paired_writer = statistics.median(r["writer_us"] / b["writer_us"]
+                                                  for r, b in zip(rows, base, strict=True))
+                print(f"{name:>16} {c:>11} {cpu:>12.1f} {cpu / base_cpu - 1:>+7.1%} {paired_cpu - 1:>+7.1%}"
+                      f" {writer:>15.1f} {writer / base_writer - 1:>+7.1%} {paired_writer - 1:>+7.1%}")
 
 if __name__ == "__main__":
     main()
