@@ -32,6 +32,9 @@ class DecisionRecord:
     # remote OPA) and what the decision obliges (mask_pii...): never the token or arguments.
     policy_revision: str | None = None
     obligations: dict[str, Any] | None = None
+    # Who acted for ``sub`` (the ``act`` claim of a delegation issuer's token: its sub, its iss
+    # and what it says of itself, e.g. the workflow and run), None for the caller's own token.
+    act: dict[str, Any] | None = None
 
 
 def log_decision(record: DecisionRecord) -> None:
@@ -44,6 +47,7 @@ def log_decision(record: DecisionRecord) -> None:
         "latency_ms": round(record.latency_ms, 3), "dry_run": record.dry_run,
         "policy_allow": record.policy_allow, "trace_id": record.trace_id,
         "policy_revision": record.policy_revision, "obligations": record.obligations,
+        "act": record.act,
     }).decode()
     # logger.info() would walk the stack for the caller's file and line (findCaller) on every
     # request; the record's origin is always this function.

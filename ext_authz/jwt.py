@@ -5,6 +5,11 @@ signature, ``iss``, ``aud`` (the RFC 8707 resource URL of the server being calle
 ``nbf`` and ``iat`` are then all verified by PyJWT with algorithms taken from the config, never
 from the token. Verified claims are cached under the SHA-256 of the exact token bytes until the
 token expires, so a client's repeated requests cost one hash and one dict lookup.
+
+A token of a delegation issuer (``issuers[].delegation``) must name the caller it acts for
+(``caller_iss``, an issuer of this list that is not a delegation one) and the actor (``act``);
+its claims are returned as that caller's (``gateway.caller.delegated_claims``), else 401
+``invalid_delegation``.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jwt
 import orjson
 
 from ext_authz.errors import InvalidToken
+from gateway.caller import delegated_claims
 from gateway.config import AuthConfig, IssuerConfig
 from gateway.jwks import JwksClient, VerificationKey
 
@@ -47,6 +53,10 @@ class TokenVerifier:
     def __init__(self, issuers: Mapping[str, tuple[IssuerConfig, JwksClient]], auth: AuthConfig,
                  *, clock: Callable[[], float] = time.time) -> None:
         self._issuers = dict(issuers)
+        # The issuers a delegated token's caller_iss may name: never a delegation issuer (no
+        # chains of actors).
+        self._caller_issuers = frozenset(name for name, (cfg, _) in self._issuers.items()
+                                         if not cfg.delegation)
         self._leeway = float(auth.leeway_seconds)
         self._max_bytes = auth.max_token_bytes
         self._cache_size = auth.token_cache_size
@@ -128,6 +138,12 @@ class TokenVerifier:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub:
             raise InvalidToken("the token's sub must be a non-empty string", code="missing_claim")
+        if issuer.delegation:
+            try:
+                claims = delegated_claims(claims, trusted_issuers=self._caller_issuers)
+            except ValueError as exc:
+                raise InvalidToken(f"the delegated token is not acceptable: {exc}",
+                                   code="invalid_delegation") from None
         exp = claims["exp"]
         aud = claims["aud"]
         auds = {aud} if isinstance(aud, str) else {a for a in aud if isinstance(a, str)}

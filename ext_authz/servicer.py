@@ -283,7 +283,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         except KeysUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
         caller = Caller.from_claims(claims)
-        rec.sub = caller.sub
+        rec.sub, rec.act = caller.sub, caller.act
         facts.caller = caller
 
         ctx: McpContext | None = None
@@ -406,7 +406,7 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         except KeysUnavailable as err:
             return self._deny(rec, err, req, {"retry-after": "1"})
         caller = Caller.from_claims(claims)
-        rec.sub = caller.sub
+        rec.sub, rec.act = caller.sub, caller.act
         facts.caller = caller
 
         msg: Message | None = None

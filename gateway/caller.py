@@ -10,6 +10,11 @@ boundaries, each with an encoder and its decoder side by side here:
 - the policy input's ``token`` (:meth:`Caller.token`), the verified claims as the policy reads them.
 
 A session is bound to its :class:`SessionOwner` (issuer, subject, tenant), derived from the caller.
+
+A token of a *delegation* issuer (``issuers[].delegation``: a service of the gateway acting for a
+caller, RFC 8693's delegation shape) speaks for the caller named by its ``sub`` and
+``caller_iss``; :func:`delegated_claims` turns its claims into the caller's, the actor kept in
+``act``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,33 @@ _ROLE_SEPARATOR = ","
 _ROLE_RESERVED = ", "
 # More roles than this is a broken token or hand-over, not a real caller.
 MAX_ROLES = 64
+
+
+# A delegation issuer's token: the issuer of the caller it acts for, and who acts (RFC 8693 4.1).
+CLAIM_CALLER_ISSUER = "caller_iss"
+CLAIM_ACTOR = "act"
+
+
+def delegated_claims(claims: Mapping[str, Any], *, trusted_issuers: frozenset[str]
+                     ) -> dict[str, Any]:
+    """The verified claims of a delegation issuer's token as the caller's own: ``iss`` becomes the
+    caller's issuer (``caller_iss``, which must be one of ``trusted_issuers``: a configured issuer
+    that is not a delegation one), and ``act`` (an object with a ``sub``) gains ``iss``, the
+    token's issuer, so the policy, the decision log and the upstream see both who the caller is
+    and who acted. Raises ValueError naming the claim that is missing or wrong."""
+    caller_iss = claims.get(CLAIM_CALLER_ISSUER)
+    if not isinstance(caller_iss, str) or not caller_iss:
+        raise ValueError(f"a delegated token needs the caller's issuer ({CLAIM_CALLER_ISSUER!r})")
+    if caller_iss not in trusted_issuers:
+        raise ValueError(f"{CLAIM_CALLER_ISSUER!r} is not an issuer the gateway trusts for callers")
+    act = claims.get(CLAIM_ACTOR)
+    if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+        raise ValueError(f"a delegated token needs the actor ({CLAIM_ACTOR!r} with a 'sub')")
+    out = dict(claims)
+    out[CLAIM_ACTOR] = {**act, "iss": claims.get("iss")}
+    out["iss"] = caller_iss
+    del out[CLAIM_CALLER_ISSUER]
+    return out
 
 
 def _text(value: Any) -> str | None:
@@ -120,6 +152,14 @@ class Caller:
     @property
     def owner(self) -> SessionOwner:
         return SessionOwner(self.issuer, self.sub, self.tenant)
+
+    @property
+    def act(self) -> dict[str, Any] | None:
+        """Who acts for the caller: the ``act`` claim of a delegated token (its ``sub`` and
+        ``iss``, plus what the actor says of itself; :func:`delegated_claims`), None for the
+        caller's own token."""
+        act = self.claims.get(CLAIM_ACTOR)
+        return dict(act) if isinstance(act, Mapping) else None
 
     def token(self) -> dict[str, Any]:
         """The policy input's ``token``: the verified claims, or, for a caller decoded from a

@@ -235,6 +235,10 @@ class IssuerConfig:
     # Named to clients as an authorization server (RFC 9728 metadata). False for an issuer only
     # the gateway's own services use, e.g. the workflow server's per-step tokens.
     advertise: bool = True
+    # A service of the gateway acting for a caller (RFC 8693 delegation): its tokens must carry
+    # ``caller_iss`` (a non-delegation issuer of this list) and ``act``, and the caller is the
+    # one they name (gateway.caller.delegated_claims), not the issuer itself.
+    delegation: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -1005,7 +1009,8 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
     issuers = []
     for i, idata in enumerate(_take(top, "issuers", list, "config")):
         where = f"issuers[{i}]"
-        idata = _only(idata, {"issuer", "jwks_url", "audiences", "algorithms", "advertise"}, where)
+        idata = _only(idata, {"issuer", "jwks_url", "audiences", "algorithms", "advertise",
+                              "delegation"}, where)
         algs = tuple(_take(idata, "algorithms", list, where, ["RS256", "ES256"]))
         bad = [a for a in algs if a not in {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512",
                                             "PS256", "PS384", "PS512", "EdDSA"}]
@@ -1018,11 +1023,20 @@ def parse_config(raw: Any, *, base_dir: Path, source: str = "") -> GatewayConfig
         if console.enabled:
             default_audiences.append(f"{public_url.rstrip('/')}{CONSOLE_PATH}")
         audiences = tuple(_take(idata, "audiences", list, where, default_audiences))
+        delegation = _take(idata, "delegation", bool, where, False)
+        advertise = _take(idata, "advertise", bool, where, not delegation)
+        if delegation:
+            _check_delegation_issuer(idata, where, advertise, audiences, base,
+                                     {f"{base}/{v.name}" for v in virtual_servers},
+                                     f"{public_url.rstrip('/')}{CONSOLE_PATH}")
         issuers.append(IssuerConfig(_take(idata, "issuer", str, where),
                                     _take(idata, "jwks_url", str, where), audiences, algs,
-                                    _take(idata, "advertise", bool, where, True)))
+                                    advertise, delegation))
     if not issuers:
         raise ConfigError("issuers must name at least one token issuer")
+    if all(i.delegation for i in issuers):
+        raise ConfigError("issuers: every issuer is a delegation issuer; the callers they act for "
+                          "need an issuer of their own (delegation: false)")
 
     auth = _section(AuthConfig, top.get("auth"), "auth")
     pol_raw = top.get("policy") or {}
@@ -1220,6 +1234,24 @@ def _aggregate(raw: Any, secrets: tuple[str, ...]) -> AggregateConfig:
         raise ConfigError(f"aggregate.session_keys: {keys!r} is not listed in secrets (it holds the "
                           f"keys that seal aggregate session ids)")
     return AggregateConfig(enabled, instances, keys, inner)
+
+
+def _check_delegation_issuer(idata: dict[str, Any], where: str, advertise: bool,
+                             audiences: tuple[str, ...], aggregate: str, virtual: set[str],
+                             console: str) -> None:
+    """A delegation issuer (``issuers[].delegation``) acts for callers at the servers it names:
+    never advertised to clients, its audiences listed explicitly, and never an endpoint that
+    fans out to every server (``/mcp``, a virtual server) or the console."""
+    if advertise:
+        raise ConfigError(f"{where}.advertise: a delegation issuer is not an authorization server "
+                          "for clients; leave advertise unset or false")
+    if "audiences" not in idata:
+        raise ConfigError(f"{where}.audiences: a delegation issuer lists the servers it may act "
+                          "at (the default, every server, is too wide)")
+    wide = sorted(a for a in audiences if a == aggregate or a in virtual or a == console)
+    if wide:
+        raise ConfigError(f"{where}.audiences: {wide[0]} is an aggregate endpoint or the console; "
+                          "a delegation issuer's tokens are for single servers only")
 
 
 def _console(raw: Any, issuers: list[str]) -> ConsoleConfig:

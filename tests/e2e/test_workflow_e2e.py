@@ -118,7 +118,7 @@ def wstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]
     base = raw["public_url"]
     raw["issuers"].append({
         "issuer": ISSUER, "jwks_url": dev["jwks_url"].rsplit("/", 1)[0] + "/workflow-jwks.json",
-        "algorithms": ["ES256"], "advertise": False,
+        "algorithms": ["ES256"], "advertise": False, "delegation": True,
         "audiences": [f"{base}/mcp/{s}" for s in ("erp", "files", "database")]})
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     with pytest.MonkeyPatch.context() as mp:

@@ -15,7 +15,7 @@ def test_workflow_issuer_reaches_only_step_servers() -> None:
     cfg = load_config()
     args = cfg.server("workflow").args
     issuer = next(i for i in cfg.issuers if i.issuer == args[args.index("--delegation-issuer") + 1])
-    assert issuer.algorithms == ("ES256",) and not issuer.advertise
+    assert issuer.algorithms == ("ES256",) and not issuer.advertise and issuer.delegation
     base = cfg.public_url.rstrip("/")
     assert set(issuer.audiences) <= {cfg.resource_url(s.name) for s in cfg.servers if s.name != "workflow"}
     assert f"{base}/mcp" not in issuer.audiences
