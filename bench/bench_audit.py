@@ -15,7 +15,8 @@ row sealing personal fields under per-subject keys (audit.master_key; ``--subjec
 another version of gateway/telemetry/audit.py (e.g. ``git show HEAD~5:gateway/telemetry/audit.py >
 /tmp/old.py``) in the same run, and ``--against FILE:KEYS_FILE`` with ``--seal`` also that version
 sealing with its audit_keys.py; the versions alternate ``--rounds`` times and a summary gives each
-row's median and its ratio to the first.
+row's median and its ratio to the first. It runs on the event loop the services run (uvloop;
+``MCP_GATEWAY_EVENT_LOOP=asyncio`` for the standard library's: gateway/eventloop.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway import eventloop  # noqa: E402
 from gateway.telemetry import audit as current  # noqa: E402
 from gateway.telemetry.audit_keys import SubjectKeyStore  # noqa: E402
 
@@ -148,14 +150,15 @@ def main() -> None:
     versions[:0] = others
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        print(f"dir={tmp} entries={args.entries} fsync={not args.no_fsync} seal={args.seal}")
+        print(f"dir={tmp} entries={args.entries} fsync={not args.no_fsync} seal={args.seal}"
+              f" loop={eventloop.choice()}")
         print(f"{'version':>16} {'concurrency':>11} {'entries/s':>10} {'batch':>7} {'p50 ms':>8}"
               f" {'p99 ms':>8} {'max ms':>8} {'cpu us/entry':>12} {'writer us/entry':>15}")
         for c in levels:
             n = min(args.entries, 2000) if c == 1 else args.entries
             for _ in range(args.rounds):
                 for name, module, seal, keys_module in versions:
-                    r = asyncio.run(run(Path(tmp), n, c, not args.no_fsync, module, seal, keys_module))
+                    r = eventloop.run(run(Path(tmp), n, c, not args.no_fsync, module, seal, keys_module))
                     results.setdefault((name, c), []).append(r)
                     print(f"{name:>16} {c:>11} {r['rate']:>10.0f} {r['batch']:>7.1f} {r['p50']:>8.3f}"
                           f" {r['p99']:>8.3f} {r['max']:>8.3f} {r['cpu_us']:>12.1f} {r['writer_us']:>15.1f}",
