@@ -2,7 +2,8 @@
 upstream verifies instead of trusting bare identity headers (docs/identity.md).
 
 ext_authz mints one per allowed request (:class:`AssertionSigner`, ES256 with the first key of
-the gateway's key file; header ``kid``); Envoy forwards it in ``x-mcp-assertion``
+the gateway's key file; header ``kid``; the caller's scope and token expiry ride along as
+``scope`` and ``caller_exp``, the assertion's own ``exp`` unchanged); Envoy forwards it in ``x-mcp-assertion``
 (``gateway.wire.ASSERTION_HEADER``). An MCP server verifies it (:class:`AssertionVerifier`):
 signature by a key of the gateway's published JWKS, ``iss`` = the gateway, ``aud`` = the
 server's own resource id, ``exp`` with a small leeway, a lifetime of at most
@@ -72,6 +73,13 @@ CLAIM_TOOL = "tool"
 # The issuer of the client's token: a subject is unique only within its identity provider, so a
 # server binding state to a user needs both (gateway.caller.SessionOwner).
 CLAIM_CALLER_ISSUER = "caller_iss"
+# The client token's OAuth scopes and expiry, for a server that acts for the caller (the workflow
+# server, docs/workflows.md): it may grant only what the caller holds, and not for longer.
+CLAIM_SCOPE = "scope"
+CLAIM_CALLER_EXP = "caller_exp"
+# A longer scope string is left out (the assertion must stay under MAX_ASSERTION_BYTES); a server
+# that needs it then refuses to act for the caller.
+MAX_SCOPE_CHARS = 4096
 _REQUIRED = ["iss", "aud", "sub", "exp", "iat", "jti"]
 # Who the gateway's own catalog fetch acts for (the bare-header form is
 # gateway.catalog.client.CATALOG_IDENTITY).
@@ -327,6 +335,10 @@ class AssertionSigner:
             claims[CLAIM_TENANT] = caller.tenant
         if caller.client_id is not None:
             claims[CLAIM_CLIENT_ID] = caller.client_id
+        if caller.scope is not None and len(caller.scope) <= MAX_SCOPE_CHARS:
+            claims[CLAIM_SCOPE] = caller.scope
+        if caller.expires is not None:
+            claims[CLAIM_CALLER_EXP] = caller.expires
         if tool is not None:
             claims[CLAIM_TOOL] = tool
         signing_input = f"{entry.header_segment}.{_b64(orjson.dumps(claims))}"
@@ -585,8 +597,17 @@ def _caller(claims: Mapping[str, Any]) -> Caller:
             raise InvalidAssertion(f"the assertion's {name} is not a string",
                                   code="invalid_claims")
         out[name] = value
+    scope = claims.get(CLAIM_SCOPE)
+    if scope is not None and (not isinstance(scope, str) or len(scope) > MAX_SCOPE_CHARS):
+        raise InvalidAssertion(f"the assertion's {CLAIM_SCOPE} is not a string",
+                               code="invalid_claims")
+    caller_exp = claims.get(CLAIM_CALLER_EXP)
+    if caller_exp is not None and (not isinstance(caller_exp, int) or isinstance(caller_exp, bool)):
+        raise InvalidAssertion(f"the assertion's {CLAIM_CALLER_EXP} is not an integer",
+                               code="invalid_claims")
     return Caller(sub=sub, issuer=out[CLAIM_CALLER_ISSUER], tenant=out[CLAIM_TENANT],
-                  client_id=out[CLAIM_CLIENT_ID], roles=tuple(roles))
+                  client_id=out[CLAIM_CLIENT_ID], roles=tuple(roles), scope=scope,
+                  expires=caller_exp)
 
 
 def signer_for(identity: IdentityConfig, issuer: str) -> AssertionSigner:

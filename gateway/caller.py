@@ -128,6 +128,9 @@ class Caller:
     client_id: str | None = None
     roles: tuple[str, ...] = ()
     scope: str | None = None
+    # When the caller's own token expires (its exp, Unix seconds): a service acting for the
+    # caller (docs/workflows.md) grants nothing that outlives it. Not part of who the caller is.
+    expires: int | None = field(default=None, compare=False)
     # The verified claims as the policy reads them (``input.token``); empty where the caller was
     # decoded from a boundary that carries only the typed fields.
     claims: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -140,12 +143,14 @@ class Caller:
             raise ValueError("the claims have no 'sub' string")
         roles = claims.get("roles")
         scope = claims.get("scope")
+        exp = claims.get("exp")
         return cls(
             sub=sub, issuer=_text(claims.get("iss")), tenant=_text(claims.get("tenant")),
             client_id=_text(claims.get("client_id")) or _text(claims.get("azp")),
             roles=tuple(r for r in roles if isinstance(r, str) and r)[:MAX_ROLES]
             if isinstance(roles, list) else (),
             scope=scope if isinstance(scope, str) else None,
+            expires=exp if isinstance(exp, int) and not isinstance(exp, bool) else None,
             claims=dict(claims),
         )
 

@@ -282,7 +282,10 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
-            token = self.delegator.token(caller, comp.server, comp.tool, workflow=wf.name, run_id=run.id)
+            # Not capped at the caller's token expiry: undoing is in the caller's interest
+            # (docs/workflows.md); the scope check still applies.
+            token = self.delegator.token(caller, comp.server, comp.tool, workflow=wf.name,
+                                         run_id=run.id, compensation=True)
             try:
                 await self.client.call(comp.server, comp.tool, arguments, token,
                                        timeout_seconds=comp.timeout_seconds)

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway.assertion import (
     MAX_ASSERTION_BYTES,
+    MAX_SCOPE_CHARS,
     AssertionSigner,
     AssertionVerifier,
     InvalidAssertion,
@@ -360,3 +361,27 @@ async def test_a_non_canonical_signature_spelling_is_refused() -> None:
     assert twin != sig and base64.urlsafe_b64decode(twin + "==") == base64.urlsafe_b64decode(sig + "==")
     assert await reason(verifier(keys, clock), f"{header}.{payload}.{twin}") == "malformed"
     await verifier(keys, clock).verify(f"{header}.{payload}.{sig}")  # the canonical one passes
+
+
+async def test_the_callers_scope_and_token_expiry_ride_along() -> None:
+    """The client token's scope and exp reach the server (``scope``, ``caller_exp``), the
+    assertion's own lifetime unchanged; a scope too long for an assertion is left out."""
+    keys, clock = ring(), Clock()
+    caller = Caller(sub="alice", issuer="https://idp.example", scope="tools:call:erp/* openid",
+                    expires=int(clock.now) + 3600)
+    token = AssertionSigner(keys, ISS, clock=clock).mint(caller, AUD, "d-1")
+    got = await verifier(keys, clock).verify(token)
+    assert got.caller.scope == "tools:call:erp/* openid"
+    assert got.caller.expires == int(clock.now) + 3600
+    assert got.expires - got.claims["iat"] == 60
+    wide = Caller(sub="alice", scope="s" * (MAX_SCOPE_CHARS + 1))
+    got = await verifier(keys, clock).verify(AssertionSigner(keys, ISS, clock=clock).mint(wide, AUD, "d"))
+    assert got.caller.scope is None and got.caller.expires is None
+
+
+@pytest.mark.parametrize("extra", [{"scope": 5}, {"scope": "s" * (MAX_SCOPE_CHARS + 1)},
+                                   {"caller_exp": "1"}, {"caller_exp": True}])
+async def test_bad_scope_or_caller_exp_is_refused(extra: dict[str, Any]) -> None:
+    """A scope that is not a bounded string or a caller_exp that is not an integer: invalid_claims."""
+    keys, clock = ring(), Clock()
+    assert await reason(verifier(keys, clock), _signed(keys, _claims(clock, **extra))) == "invalid_claims"

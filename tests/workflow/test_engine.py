@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from gateway.caller import Caller
@@ -28,7 +29,9 @@ from mcp_servers.workflow.store import (
 from tests.workflow.gateway_standin import Script, Standin, standin_gateway
 
 ISSUER = "urn:test:workflow"
-ALICE = Caller(sub="alice", issuer="https://idp", tenant="acme", client_id="cli", roles=("engineer",))
+SCOPE = "tools:call:erp/* tools:call:files/write_file tools:call:database/query openid"
+ALICE = Caller(sub="alice", issuer="https://idp", tenant="acme", client_id="cli", roles=("engineer",),
+               scope=SCOPE, expires=int(time.time()) + 3600)
 
 WORKFLOW: dict[str, Any] = {
     "name": "order", "description": "d",
@@ -110,10 +113,68 @@ async def test_success_threads_outputs_and_acts_as_the_caller(ok: Harness) -> No
     claims = ok.standin.calls[1][3]
     assert (claims["sub"], claims["tenant"], claims["roles"], claims["client_id"]) == \
         ("alice", "acme", ["engineer"], "cli")
-    assert claims["scope"] == "tools:call:files/write_file" and claims["act"]["sub"] == "mcp-gateway-workflow"
+    assert claims["scope"] == "tools:call:files/write_file openid"
+    assert claims["act"]["sub"] == "mcp-gateway-workflow"
     assert claims["exp"] - claims["iat"] <= 60
     assert [e[0] for e in rec.events] == [0, 1, 1, 2, 2, 3]
     assert answer.structured["output"]["create"] == {"id": 7, "customer_id": 3}
+
+
+async def test_a_step_needs_the_callers_own_scope(tmp_path: Path) -> None:
+    """A caller whose token lacks the step's tool scope is refused at that step before any call
+    (the workflow does not grant it); the error names the missing scope."""
+    narrow = Caller(sub="alice", issuer="https://idp", roles=("engineer",),
+                    scope="tools:call:workflow/order", expires=ALICE.expires)
+    async for h in harness(tmp_path, {("erp", "createOrder"): created}):
+        answer = await h.run({"customer": 1}, caller=narrow)
+        s = answer.structured
+        assert (s["failed_step"], s["reason"]) == ("create", "refused")
+        assert s["detail"] == {"reason": "insufficient_scope",
+                               "missing_scope": "tools:call:erp/createOrder"}
+        assert "tools:call:erp/createOrder" in answer.text and h.standin.calls == []
+        assert "outcome_unknown" not in s
+
+
+async def test_a_compensation_needs_the_callers_scope_too(tmp_path: Path) -> None:
+    """A compensation whose tool the caller may not call is not undone, naming the scope."""
+    caller = Caller(sub="alice", issuer="https://idp", roles=("engineer",),
+                    scope="tools:call:erp/createOrder tools:call:files/write_file",
+                    expires=ALICE.expires)
+    async for h in harness(tmp_path, {("erp", "createOrder"): created}):
+        s = (await h.run({"customer": 1}, caller=caller)).structured
+        assert s["failed_step"] == "record" and s["undone"] == ["export"]
+        assert s["not_undone"][0]["step"] == "create"
+        assert "tools:call:erp/cancelOrder" in s["not_undone"][0]["error"]
+        assert "erp/cancelOrder" not in h.standin.tools()
+
+
+async def test_step_tokens_expire_with_the_callers_token(tmp_path: Path) -> None:
+    """A step's token lives no longer than the caller's own token; an expired caller's step is
+    refused before the call."""
+    soon = Caller(sub="alice", issuer="https://idp", roles=("engineer",), scope=SCOPE,
+                  expires=int(time.time()) + 20)
+    async for h in harness(tmp_path, {("erp", "createOrder"): created}):
+        assert not (await h.run({"customer": 1}, caller=soon)).is_error
+        assert all(c[3]["exp"] <= soon.expires for c in h.standin.calls)
+    gone = Caller(sub="alice", issuer="https://idp", roles=("engineer",), scope=SCOPE,
+                  expires=int(time.time()) - 1)
+    async for h in harness(tmp_path / "b", {("erp", "createOrder"): created}):
+        s = (await h.run({"customer": 1}, caller=gone)).structured
+        assert (s["failed_step"], s["detail"]["reason"]) == ("create", "caller_token_expired")
+        assert h.standin.calls == []
+
+
+def test_compensation_tokens_are_not_capped_and_say_so(tmp_path: Path) -> None:
+    """A compensation's token lives its own 60 s even past the caller's expiry (undoing is the
+    caller's interest) and is marked act.compensation for the policy."""
+    ring = load_or_create_key(tmp_path / "key.json")
+    gone = Caller(sub="alice", issuer="https://idp", roles=("engineer",), scope=SCOPE,
+                  expires=int(time.time()) - 100)
+    token = Delegator(ring, ISSUER, "https://gw").token(gone, "erp", "cancelOrder", workflow="w",
+                                                       run_id="r", compensation=True)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert claims["exp"] - claims["iat"] == 60 and claims["act"]["compensation"] is True
+    assert claims["caller_iss"] == "https://idp"
 
 
 async def test_last_step_failure_compensates_in_reverse(tmp_path: Path) -> None:
@@ -225,7 +286,8 @@ async def test_idempotency_key_runs_once_per_caller(ok: Harness) -> None:
     with pytest.raises(RunRefused) as info:
         await ok.run({"customer": 4}, key="k1")
     assert info.value.code == "idempotency_key_reused"
-    bob = Caller(sub="bob", issuer="https://idp", tenant="acme", roles=("engineer",))
+    bob = Caller(sub="bob", issuer="https://idp", tenant="acme", roles=("engineer",), scope=SCOPE,
+                 expires=ALICE.expires)
     other = await ok.run({"customer": 3}, key="k1", caller=bob)
     assert other.structured["run_id"] != first.structured["run_id"]
     assert ok.standin.tools().count("erp/createOrder") == 2
