@@ -409,7 +409,7 @@ class ConsoleOidcConfig:
 @dataclass(frozen=True, slots=True)
 class ConsoleConfig:
     """The web console served behind Envoy at ``<public_url>/console`` (docs/console.md): its
-    processes (``instances``; sessions live in memory, so Envoy keeps each browser on one), the
+    process (``instances``, one: sessions live in its memory), the
     Rego decision that admits a signed-in user (``entrypoint``) and how long a session lasts at
     most (never past the token's ``exp``)."""
 
@@ -1262,6 +1262,10 @@ def _console(raw: Any, issuers: list[str]) -> ConsoleConfig:
     enabled = _take(data, "enabled", bool, "console", True)
     instances = _instances(data.get("instances"), "console.instances", 1) \
         if enabled or "instances" in data else ()
+    if len(instances) > 1:
+        # A session lives in the memory of the process that signed it in, and a browser's first
+        # request has no cookie to hash on: a second process would not know its session.
+        raise ConfigError("console.instances: one console process only (sessions live in its memory)")
     entrypoint = _take(data, "entrypoint", str, "console", DEFAULT_CONSOLE_ENTRYPOINT)
     if not re.fullmatch(r"[a-z_][a-z0-9_]*(/[a-z_][a-z0-9_]*)+", entrypoint):
         raise ConfigError(f"console.entrypoint must be a Rego rule path like "

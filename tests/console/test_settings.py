@@ -36,13 +36,14 @@ def test_a_console_adds_its_audience_to_the_issuers_defaults(tmp_path: Path) -> 
     ({"instances": [{"port": 1401}], "entrypoint": "x"}, "console.entrypoint"),
     ({"instances": [{"port": 1401}], "colour": "blue"}, "console"),
     ({"instances": [{"port": 1101}]}, "console.instances[0]"),
+    ({"instances": [{"port": 1401}, {"port": 1402}]}, "console.instances"),
     ({"instances": [{"port": 1401}], "oidc": {
         "issuer": "https://other.example", "client_id": "c", "authorization_endpoint": "https://a/x",
         "token_endpoint": "https://a/t"}}, "console.oidc.issuer"),
     ({"instances": [{"port": 1401}], "oidc": {
         "issuer": ISSUER, "client_id": "c", "authorization_endpoint": "http://idp.example/authorize",
         "token_endpoint": "https://idp.example/token"}}, "console.oidc.authorization_endpoint"),
-], ids=["session-too-short", "no-instances", "bad-entrypoint", "unknown-key", "port-clash",
+], ids=["session-too-short", "no-instances", "bad-entrypoint", "unknown-key", "port-clash", "two-processes",
         "oidc-unknown-issuer", "oidc-plain-http"])
 def test_bad_console_settings_are_refused_naming_the_key(tmp_path: Path, console: Any, key: str) -> None:
     """Each mistake is a ConfigError whose message names the offending key."""
