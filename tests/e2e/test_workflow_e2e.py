@@ -168,8 +168,10 @@ async def approve(_ctx: Any, params: types.ElicitRequestParams) -> types.ElicitR
 
 
 async def session(stack: devstack.Stack, role: str, work: Callable[[ClientSession], Awaitable[T]],
-                  *, elicitation: Any = approve, sub: str = "alice") -> T:
-    token = bearer(stack.config, role, sub=sub)
+                  *, elicitation: Any = approve, sub: str = "alice",
+                  scopes: tuple[str, ...] | None = None) -> T:
+    token = bearer(stack.config, role, sub=sub) if scopes is None else \
+        devstack.mint(stack.config, sub=sub, roles=(role,), tenant="acme", ttl=600, scopes=scopes)
     async with httpx2.AsyncClient(verify=tls_context(stack), timeout=60,
                                   headers={"authorization": f"Bearer {token}"}) as http, \
             streamable_http_client(stack.config.resource_url("workflow"), http_client=http) as (r, w), \
@@ -256,6 +258,47 @@ async def test_caller_without_the_right_is_refused_at_that_step(wstack: devstack
     assert (out["failed_step"], out["reason"]) == ("create_order", "refused")
     assert out["detail"] == {"http_status": 403, "reason": "tool_not_allowed"}
     assert erp_order_count(wstack) == before
+
+
+async def test_step_the_callers_token_does_not_grant_is_refused(wstack: devstack.Stack) -> None:
+    """A caller whose own token may start the workflow and read the database but lacks the ERP
+    scope is refused at create_order by the workflow server (it grants no scope the caller lacks):
+    the error names the scope and no order exists."""
+    before = erp_order_count(wstack)
+
+    async def work(client: ClientSession) -> types.CallToolResult:
+        return await client.call_tool("order_to_invoice", {"customer_id": 1, "sku": "WID-001",
+                                                           "quantity": 1})
+
+    result = await session(wstack, "engineer", work,
+                           scopes=("tools:call:workflow/*", "tools:call:database/*"))
+    out = structured(result)
+    assert (out["failed_step"], out["reason"]) == ("create_order", "refused")
+    assert out["detail"] == {"reason": "insufficient_scope",
+                             "missing_scope": "tools:call:erp/createOrder"}
+    assert erp_order_count(wstack) == before
+
+
+async def test_decision_log_names_who_acted(wstack: devstack.Stack) -> None:
+    """The gateway's decision for a step names the caller as sub and the workflow server (its
+    issuer, the workflow and run) as act."""
+    async def work(client: ClientSession) -> types.CallToolResult:
+        return await client.call_tool("order_export", {"customer_id": 3})
+
+    out = structured(await session(wstack, "engineer", work))
+    assert out["status"] == "succeeded", out
+    log = Path(wstack.config.state_dir) / "logs" / "ext_authz-0.log"
+
+    def steps() -> list[dict[str, Any]]:
+        lines = [json.loads(line) for line in log.read_text().splitlines()
+                 if line.startswith("{") and out["run_id"] in line]
+        return [d for d in lines if isinstance(d.get("act"), dict)
+                and d["act"].get("run") == out["run_id"]]
+    # The decision lines may reach the file a moment after the answer.
+    await asyncio.to_thread(wait_until, lambda: len(steps()) >= 2, "the steps' decision lines", 10)
+    assert {d["tool"] for d in steps()} == {"createOrder", "write_file"}
+    assert all(d["sub"] == "alice" and d["act"]["iss"] == ISSUER
+               and d["act"]["sub"] == "mcp-gateway-workflow" for d in steps())
 
 
 async def test_declined_approval_stops_the_run(wstack: devstack.Stack) -> None:
