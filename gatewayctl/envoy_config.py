@@ -33,6 +33,7 @@ from string import Template
 
 from gateway import inner_tls
 from gateway.config import JWKS_PATH, GatewayConfig, Instance, ServerConfig, otlp_target
+from gateway.console.settings import INNER_TLS_IDENTITY as CONSOLE_IDENTITY
 from gateway.console.settings import SESSION_COOKIE
 from gateway.mcp import META_CLIENT_CAPABILITIES, META_PROTOCOL_VERSION, MODERN_VERSION
 from gateway.wire import (
@@ -722,7 +723,8 @@ def _console(config: GatewayConfig, options: RenderOptions, health: dict[str, st
                   {"ext_proc_off": _CONSOLE_EXT_PROC_OFF if options.ext_proc else ""},
                   {"cookie_name": SESSION_COOKIE})
     cluster = _fill(_template("console_cluster.yaml.tmpl"),
-                    {"console_endpoints": _endpoints(console.instances)},
+                    {"console_endpoints": _endpoints(console.instances),
+                     "transport_socket": _inner_upstream_tls(config, CONSOLE_IDENTITY, options)},
                     {"console_count": len(console.instances),
                      "console_discovery": _discovery(console.instances),
                      "buffer_limit_bytes": config.envoy.per_connection_buffer_bytes, **health})

@@ -16,6 +16,7 @@ import jinja2
 from aiohttp import web
 
 from ext_authz.jwt import TokenVerifier
+from gateway import inner_tls
 from gateway.catalog import Catalog
 from gateway.console import views
 from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
@@ -30,6 +31,7 @@ from gateway.console.settings import (
 )
 from gateway.console.state import CONSOLE, ConsoleState
 from gateway.console.web import MAX_FORM_BYTES, origin_of, security_headers
+from gateway.inner_peers import guard_app
 from gateway.jwks import JwksClient
 from gateway.signals import stop_event
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore, parse_master_key
@@ -138,14 +140,19 @@ async def run(settings: ConsoleSettings, stop: asyncio.Event | None = None) -> N
     """Serve until SIGTERM/SIGINT (or ``stop``)."""
     stop = stop or stop_event()
     app = make_app(settings)
+    # inner_tls (MCP_INNER_TLS_* set): TLS only, Envoy's client certificate only, reloaded on change.
+    tls = inner_tls.server_tls_from_env(callers=inner_tls.ENVOY_ONLY)
+    guard_app(app, tls, "console")
     # No access log: the console logs its own events (sign-in, approvals, exports) by name.
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
+    site = web.TCPSite(runner, settings.host, settings.port,
+                       ssl_context=tls.context if tls is not None else None)
     await site.start()
-    logger.info("listening", extra={"host": settings.host, "port": settings.port})
+    logger.info("listening", extra={"host": settings.host, "port": settings.port, "tls": tls is not None})
     try:
-        await stop.wait()
+        async with inner_tls.watching(tls):
+            await stop.wait()
     finally:
         await runner.cleanup()
     logger.info("stopped")

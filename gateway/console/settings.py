@@ -20,6 +20,8 @@ from gateway.config import (
 # The session cookie: the __Host- prefix makes browsers insist on Secure, Path=/ and no Domain.
 # Envoy's console route hashes on it (gatewayctl.envoy_config renders the name from here).
 SESSION_COOKIE = "__Host-mcp-console"
+# Its inner TLS identity (gateway.inner_tls): the certificate names console.<inner_tls.domain>.
+INNER_TLS_IDENTITY = "console"
 MAX_AUDIT_ROWS = 500  # rows one audit page shows
 MAX_AUDIT_SCAN = 200_000  # entries one search reads at most, newest first
 MAX_EXPORT_ROWS = 100_000  # lines one export writes at most

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import inner_tls
 from gateway.config import GatewayConfig
+from gateway.console.settings import INNER_TLS_IDENTITY as CONSOLE_IDENTITY
 from gateway.credentials.config import StaticCredentials, TokenExchangeCredentials, credential_secrets
 from gateway.telemetry.audit_chain import generate_signing_key
 from gatewayctl import envoy_config, tokens
@@ -122,6 +123,8 @@ def inner_identities(config: GatewayConfig) -> dict[str, tuple[list[str], bool]]
     out[inner_tls.EXT_PROC] = ([i.host for i in config.ext_proc.instances], False)
     if config.aggregate.enabled:
         out[inner_tls.AGGREGATOR] = ([i.host for i in config.aggregate.instances], True)
+    if config.console.enabled:
+        out[CONSOLE_IDENTITY] = ([i.host for i in config.console.instances], False)
     for server in config.servers:
         if server.kind != "url":  # a url server has its own TLS settings (servers.<name>.tls)
             out[inner_tls.server_identity(server.name)] = ([i.host for i in server.instances], False)

@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from gateway import inner_tls
 from gateway.config import DEFAULT_CONFIG_PATH, GatewayConfig, Instance, ServerConfig
+from gateway.console.settings import INNER_TLS_IDENTITY as CONSOLE_IDENTITY
 from gateway.credentials.config import credential_secrets
 from gatewayctl import envoy_config, runtimes
 from gatewayctl.devstack.credentials import local_jwks_issuer
@@ -254,6 +255,8 @@ def inner_identity(config: GatewayConfig, component: str) -> str | None:
         return inner_tls.EXT_AUTHZ if component == "ext_authz" else inner_tls.EXT_PROC
     if component == "aggregator" and config.aggregate.enabled:
         return inner_tls.AGGREGATOR
+    if component == "console" and config.console.enabled:
+        return CONSOLE_IDENTITY
     if any(s.name == component and s.kind != "url" for s in config.servers):
         return inner_tls.server_identity(component)
     return None
