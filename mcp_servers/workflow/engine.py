@@ -47,6 +47,9 @@ COMPENSATION_ATTEMPTS = 3
 # Runs in progress at once in one server; more are refused (each holds a task and, while it waits
 # for an approval, a client request).
 MAX_RUNS = 100
+# Runs in progress at once for one caller (issuer, subject, tenant): one caller cannot take every
+# slot (a run waiting for an approval holds one for up to a minute). --max-runs-per-caller.
+DEFAULT_MAX_RUNS_PER_CALLER = 10
 RETRY_BACKOFF_SECONDS = 0.2
 # After a restart the gateway may not be up yet: compensations of interrupted runs keep trying
 # (retryable failures only) this long before the run is left for the next start.
@@ -99,14 +102,17 @@ class RunRefused(Exception):
 class Engine:
     def __init__(self, workflows: Mapping[str, Workflow], store: RunStore, client: GatewayClient,
                  delegator: Delegator, *, retry_backoff: float = RETRY_BACKOFF_SECONDS,
-                 recovery_seconds: float = RECOVERY_SECONDS) -> None:
+                 recovery_seconds: float = RECOVERY_SECONDS,
+                 max_runs_per_caller: int = DEFAULT_MAX_RUNS_PER_CALLER) -> None:
         self.workflows = workflows
         self.store = store
         self.client = client
         self.delegator = delegator
         self.retry_backoff = retry_backoff
         self.recovery_seconds = recovery_seconds
+        self.max_runs_per_caller = max_runs_per_caller
         self._tasks: set[asyncio.Task[Answer]] = set()
+        self._per_caller: dict[str, int] = {}  # runs in progress by principal
 
     # ---------------------------------------------------------------- starting a run
 
@@ -115,13 +121,25 @@ class Engine:
         if len(self._tasks) >= MAX_RUNS:
             raise RunRefused("too_many_runs", f"{MAX_RUNS} workflow runs are in progress; "
                                       "retry later")
-        run, created = self.store.create(wf.name, principal(caller), key, caller_record(caller), inputs)
+        who = principal(caller)
+        if self._per_caller.get(who, 0) >= self.max_runs_per_caller:
+            raise RunRefused("too_many_runs_for_caller",
+                             f"{self.max_runs_per_caller} of your workflow runs are in progress "
+                             "(the limit per caller); retry when one has finished")
+        run, created = self.store.create(wf.name, who, key, caller_record(caller), inputs)
         if not created:
             return self._repeat(run, inputs)
         logger.info("workflow run started", extra={"workflow": wf.name, "run_id": run.id})
         task = asyncio.create_task(self._execute(run, wf, caller, reporter))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._per_caller[who] = self._per_caller.get(who, 0) + 1
+
+        def done(t: asyncio.Task[Answer]) -> None:
+            self._tasks.discard(t)
+            left = self._per_caller.pop(who, 1) - 1
+            if left > 0:
+                self._per_caller[who] = left
+        task.add_done_callback(done)
         # The request may be cancelled (the client left); the run is not.
         return await asyncio.shield(task)
 

@@ -17,14 +17,25 @@ from typing import Any
 
 import orjson
 
-from mcp_servers.core import ClientRequestFailed, MCPServer, ToolContext, ToolError, ToolResult
+from gateway.errors import RATE_LIMITED
+from mcp_servers.core import (
+    ClientRequestFailed,
+    McpError,
+    MCPServer,
+    ToolContext,
+    ToolError,
+    ToolResult,
+)
 from mcp_servers.workflow.client import DECLINED, GatewayClient, StepError
 from mcp_servers.workflow.delegation import Delegator, load_or_create_key, publish_jwks
-from mcp_servers.workflow.engine import Engine, RunRefused
+from mcp_servers.workflow.engine import DEFAULT_MAX_RUNS_PER_CALLER, MAX_RUNS, Engine, RunRefused
 from mcp_servers.workflow.spec import IDEMPOTENCY_ARGUMENT, SpecError, Workflow, load_dir
 from mcp_servers.workflow.store import RunStore
 
 logger = logging.getLogger(__name__)
+
+# Refusals for lack of room (server-wide, per caller): JSON-RPC errors (RATE_LIMITED).
+CAPACITY_REFUSALS = frozenset({"too_many_runs", "too_many_runs_for_caller"})
 
 APPROVAL_SCHEMA = {"type": "object", "properties": {
     "approve": {"type": "boolean", "title": "Approve", "description": "Continue the workflow"}},
@@ -71,6 +82,10 @@ def register_workflow(server: MCPServer, runtime: Runtime, wf: Workflow) -> None
         try:
             answer = await engine.start(wf, ctx.caller, inputs, key, ContextReporter(ctx))
         except RunRefused as exc:
+            if exc.code in CAPACITY_REFUSALS:
+                # Nothing was started or recorded: a JSON-RPC error the client can retry on.
+                raise McpError(str(exc), code=exc.code, rpc_code=RATE_LIMITED,
+                               data={"retry": True}) from None
             return _result({"status": "refused", "reason": exc.code, "error": str(exc)},
                            f"{exc} [{exc.code}]", True)
         return _result(answer.structured, answer.text, answer.is_error)
@@ -110,7 +125,8 @@ def build_server(args: argparse.Namespace) -> MCPServer:
         # server are settled in the background (the gateway may come up after this server).
         store = RunStore(args.runs_db)
         await client.open()
-        engine = runtime.engine = Engine(workflows, store, client, delegator)
+        engine = runtime.engine = Engine(workflows, store, client, delegator,
+                                         max_runs_per_caller=args.max_runs_per_caller)
         background: list[asyncio.Task[Any]] = [asyncio.create_task(engine.recover())]
         if args.runs_retention_days:
             background.append(asyncio.create_task(prune_forever(store, args.runs_retention_days)))
@@ -148,6 +164,16 @@ class Runtime:
     engine: Engine | None = None
 
 
+def _runs_per_caller(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_RUNS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_RUNS}, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workflows", default="workflows", help="folder of workflow files (*.yaml)")
     parser.add_argument("--runs-db", required=True, help="SQLite file of the durable run record")
@@ -162,5 +188,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="private JWK set signing the per-step tokens (made on first start, 0600)")
     parser.add_argument("--delegation-jwks", default=None,
                         help="write the public JWKS here (where the gateway's issuer entry fetches it)")
+    parser.add_argument("--max-runs-per-caller", type=_runs_per_caller,
+                        default=DEFAULT_MAX_RUNS_PER_CALLER,
+                        help=f"runs in progress at once for one caller (1..{MAX_RUNS}; "
+                             "default %(default)s); more are refused with JSON-RPC error "
+                             "too_many_runs_for_caller")
     parser.add_argument("--delegation-issuer", required=True,
                         help="the iss of the per-step tokens: an issuer in the gateway's config")

@@ -346,6 +346,48 @@ async def test_runs_at_once_are_bounded(ok: Harness, monkeypatch: pytest.MonkeyP
     assert ok.store.find("order", principal(ALICE), "k") is None
 
 
+class Gate(Recorder):
+    """Approvals that wait until the test opens the gate."""
+
+    def __init__(self, gate: asyncio.Event) -> None:
+        super().__init__()
+        self.gate = gate
+
+    async def approve(self, message: str) -> bool:
+        self.asked.append(message)
+        await self.gate.wait()
+        return True
+
+
+async def test_one_caller_cannot_take_every_run_slot(tmp_path: Path) -> None:
+    """Past --max-runs-per-caller runs in progress, that caller's next run is refused before
+    anything is recorded; another caller still runs, and the slot frees when a run ends."""
+    wf = {**WORKFLOW, "steps": [{"id": "ok", "approval": {"message": "go?"}}]}
+    gate = asyncio.Event()
+    async for h in harness(tmp_path, {}, wf):
+        h.engine.max_runs_per_caller = 2
+        reporters = [Gate(gate) for _ in range(3)]
+        running = [asyncio.create_task(h.run({}, reporter=r)) for r in reporters[:2]]
+        first_two = reporters[:2]
+        await asyncio.wait_for(_until(lambda rs=first_two: all(r.asked for r in rs)), 10)
+        with pytest.raises(RunRefused) as info:
+            await h.run({}, key="third", reporter=reporters[2])
+        assert info.value.code == "too_many_runs_for_caller"
+        assert h.store.find("order", principal(ALICE), "third") is None
+        bob = Caller(sub="bob", issuer="https://idp", roles=("engineer",), scope=SCOPE,
+                     expires=ALICE.expires)
+        other = asyncio.create_task(h.run({}, caller=bob, reporter=Gate(gate)))
+        gate.set()
+        answers = await asyncio.wait_for(asyncio.gather(*running, other), 10)
+        assert all(a.structured["status"] == SUCCEEDED for a in answers)
+        assert (await h.run({}, key="third", reporter=Gate(gate))).structured["status"] == SUCCEEDED
+
+
+async def _until(predicate: Any) -> None:
+    while not predicate():
+        await asyncio.sleep(0.01)
+
+
 def test_one_process_per_run_record(tmp_path: Path) -> None:
     """A second store on the same file is refused (two servers would undo runs twice)."""
     from mcp_servers.workflow.store import StoreLocked

@@ -9,9 +9,19 @@ from typing import Any, cast
 
 import pytest
 
-from mcp_servers.core import ClientRequestFailed, ToolContext
+from gateway.caller import Caller
+from gateway.errors import RATE_LIMITED
+from mcp_servers.core import ClientRequestFailed, McpError, MCPServer, ToolContext
 from mcp_servers.workflow.client import StepError
-from mcp_servers.workflow.server import ContextReporter, add_arguments, build_server
+from mcp_servers.workflow.engine import Engine, RunRefused
+from mcp_servers.workflow.server import (
+    ContextReporter,
+    Runtime,
+    add_arguments,
+    build_server,
+    register_workflow,
+)
+from mcp_servers.workflow.spec import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,3 +87,37 @@ async def test_a_client_without_elicitation_cannot_approve() -> None:
     with pytest.raises(StepError) as info:
         await ContextReporter(cast(ToolContext, _Ctx(None))).approve("go?")
     assert info.value.reason == "declined"
+
+
+def test_runs_per_caller_flag_is_bounded(tmp_path: Path) -> None:
+    """--max-runs-per-caller takes 1..100 (default 10)."""
+    assert parse(tmp_path).max_runs_per_caller == 10
+    assert parse(tmp_path, "--max-runs-per-caller", "3").max_runs_per_caller == 3
+    for bad in ("0", "101", "x"):
+        with pytest.raises(SystemExit):
+            parse(tmp_path, "--max-runs-per-caller", bad)
+
+
+class _Refusing:
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    async def start(self, *args: Any) -> Any:
+        raise RunRefused(self.code, "no room")
+
+
+class _CallerCtx:
+    caller = Caller(sub="alice", issuer="https://idp")
+
+
+@pytest.mark.parametrize("code", ["too_many_runs_for_caller", "too_many_runs"])
+async def test_no_room_is_a_json_rpc_error(code: str) -> None:
+    """A run refused for lack of room is a JSON-RPC error (RATE_LIMITED, data.reason the code),
+    not a tool result."""
+    server, runtime = MCPServer("workflow"), Runtime()
+    runtime.engine = cast(Engine, _Refusing(code))
+    register_workflow(server, runtime, load_file(REPO / "workflows" / "order_to_invoice.yaml"))
+    with pytest.raises(McpError) as info:
+        await server.tools["order_to_invoice"].handler(cast(ToolContext, _CallerCtx()), {})
+    err = info.value.to_rpc_error()
+    assert err["code"] == RATE_LIMITED and err["data"]["reason"] == code
