@@ -371,7 +371,7 @@ async def test_one_caller_cannot_take_every_run_slot(tmp_path: Path) -> None:
         first_two = reporters[:2]
         await asyncio.wait_for(_until(lambda rs=first_two: all(r.asked for r in rs)), 10)
         with pytest.raises(RunRefused) as info:
-            await h.run({}, key="third", reporter=reporters[2])
+            await asyncio.wait_for(h.run({}, key="third", reporter=reporters[2]), 10)
         assert info.value.code == "too_many_runs_for_caller"
         assert h.store.find("order", principal(ALICE), "third") is None
         bob = Caller(sub="bob", issuer="https://idp", roles=("engineer",), scope=SCOPE,
