@@ -80,3 +80,35 @@ def test_comparisons_only_run_keeps_hand_added_notes(tmp_path: Path) -> None:
     assert text.index("## Inner TLS and the caller assertion") < text.index("## Charts")
     assert "old charts" in text and "a note added by hand" in text
     assert json.loads((tmp_path / "benchmarks.json").read_text())["trust"] == trust
+
+
+def test_envoy_cost_variants_change_one_thing_each() -> None:
+    """bench/envoy_cost.py's variants: each drops exactly what its name says from the rendered
+    HTTP chain, on its own listen and admin ports; the floor keeps the check and the router."""
+    from bench.envoy_cost import VARIANTS, variant_config
+    hcm = {"http_filters": [{"name": f"envoy.filters.http.{n}"} for n in (
+        "header_mutation", "local_ratelimit", "ext_authz", "ext_proc", "stateful_session", "router")],
+        "access_log": [{"name": "envoy.access_loggers.stdout"}]}
+    rendered = {"admin": {"address": {"socket_address": {"port_value": 1}}},
+                "static_resources": {"listeners": [{
+                    "name": "mcp_gateway_https", "address": {"socket_address": {"port_value": 2}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": hcm}]}]}]}}
+    names = [h["name"].rsplit(".", 1)[1] for h in hcm["http_filters"]]
+    for label, change in VARIANTS.items():
+        if change is None:
+            continue
+        doc = variant_config(rendered, change, 3, 4)
+        assert doc["admin"]["address"]["socket_address"]["port_value"] == 4
+        listener = doc["static_resources"]["listeners"][0]
+        assert listener["address"]["socket_address"]["port_value"] == 3
+        out = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        kept = [h["name"].rsplit(".", 1)[1] for h in out["http_filters"]]
+        if label == "ext_authz_and_router_only":
+            assert kept == ["ext_authz", "router"] and "access_log" not in out
+        elif label == "no_access_log":
+            assert kept == names and "access_log" not in out
+        else:
+            assert kept == [n for n in names if f"no_{n}" != label] and len(kept) == len(names) - 1
+    assert hcm["http_filters"][0]["name"].endswith("header_mutation")  # the rendered one untouched
