@@ -3,6 +3,8 @@
 Each file is parsed and checked like the workflow server does at start (keys, input schema,
 references, dependency cycles), then every step's and compensation's server against the gateway
 config and, where the tool catalog has seen that server, the tool against its known tools.
+A step output used in later arguments or a compensation without the step's ``output_schema`` is
+a warning (a problem with ``--strict``): the server would use whatever value the server chose.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import sys
 from pathlib import Path
 
 from gateway.config import ConfigError, load_config
-from mcp_servers.workflow.spec import SELF_SERVER, SpecError, Workflow, check_targets, load_file
+from mcp_servers.workflow.spec import (
+    SELF_SERVER,
+    SpecError,
+    Workflow,
+    check_targets,
+    load_file,
+    unchecked_output_refs,
+)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,6 +34,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                      help="tool catalog to check tool names against (default: catalog.path of the "
                           "config, when that file exists; servers it has not seen are checked by name)")
     val.add_argument("--no-catalog", action="store_true", help="check servers only, not tools")
+    val.add_argument("--strict", action="store_true",
+                     help="a step output used without an output_schema is a problem, not a warning")
     wf.set_defaults(func=run)
 
 
@@ -64,6 +75,12 @@ def run(args: argparse.Namespace) -> int:
         names[wf.name] = path
         loaded.append(wf)
         problems.extend(check_targets(wf, tools))
+        unchecked = unchecked_output_refs(wf)
+        if args.strict:
+            problems.extend(unchecked)
+        else:
+            for line in unchecked:
+                print(f"warning: {line}", file=sys.stderr)
     for problem in problems:
         print(problem, file=sys.stderr)
     unchecked = sorted({c.server for wf in loaded for _, c in wf.calls()

@@ -38,6 +38,7 @@ UNAVAILABLE = "unavailable"  # no answer (connection, 5xx, 429)
 TIMEOUT = "timeout"
 BAD_ANSWER = "bad_answer"
 BAD_ARGUMENTS = "bad_arguments"  # a reference had no value
+BAD_OUTPUT = "bad_output"  # the step's output does not match its output_schema
 DECLINED = "declined"  # an approval was declined or cancelled
 INTERRUPTED = "interrupted"  # the server stopped during the run
 

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from gateway.caller import Caller
 from mcp_servers.workflow.client import (
     BAD_ARGUMENTS,
+    BAD_OUTPUT,
     DECLINED,
     INTERRUPTED,
     GatewayClient,
@@ -230,6 +231,14 @@ class Engine:
                     "workflow": wf.name, "run_id": run.id, "step": step.id, "reason": err.reason})
                 await asyncio.sleep(self.retry_backoff * (attempt + 1))
                 continue
+            if step.output_schema is not None:
+                problem = step.output_schema.problem(outcome.output, root="output")
+                if problem is not None:
+                    # The call ran, but its output is not what the workflow may use: not used
+                    # by later steps nor to undo the step itself (its compensation would act on
+                    # values the server chose), so the step is left for someone to check.
+                    raise StepError(BAD_OUTPUT, f"the output does not match output_schema: {problem}",
+                                    outcome_unknown=True)
             self.store.set_step(run.id, step.id, STEP_DONE, output=outcome.output)
             return outcome.output
         raise AssertionError("unreachable")  # the loop returns or raises

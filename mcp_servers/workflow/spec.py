@@ -8,6 +8,11 @@ References (``docs/workflows.md``): ``${inputs.<name>...}``, ``${steps.<id>.outp
 ``${run.id}``. A string that is exactly one reference takes the referenced value with its JSON
 type; a reference inside a longer string is replaced by the value's text (a string as is, anything
 else as compact JSON). ``$${`` writes a literal ``${``.
+
+A step's ``output_schema`` (JSON Schema) is checked against its output before anything uses it: a
+server answering something else (a compromised ERP aiming an id at another file path) fails the
+step instead of steering later steps or its own compensation. References into such an output are
+checked at load against the properties the schema declares.
 """
 
 from __future__ import annotations
@@ -176,6 +181,8 @@ class Step:
     idempotent: bool = False
     retries: int = 0
     compensate: Call | None = None
+    # What the step's output must be before it is used (None: not checked).
+    output_schema: SchemaValidator | None = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -194,6 +201,8 @@ class Workflow:
     source: str = ""
     title: str | None = None
     validator: SchemaValidator | None = field(default=None, compare=False, repr=False)
+    # "<key>: <what>" for each use of an unchecked step output in arguments (unchecked_output_refs).
+    unchecked_refs: tuple[str, ...] = ()
 
     def tool_schema(self) -> dict[str, Any]:
         """The tool's inputSchema: the workflow's inputs plus the idempotency key."""
@@ -219,7 +228,7 @@ class Workflow:
 
 _TOP_KEYS = {"name", "title", "description", "input_schema", "steps", "output"}
 _STEP_KEYS = {"id", "server", "tool", "arguments", "timeout_seconds", "depends_on", "idempotent",
-              "retries", "compensate", "approval"}
+              "retries", "compensate", "approval", "output_schema"}
 _CALL_KEYS = {"server", "tool", "arguments", "timeout_seconds"}
 
 
@@ -302,8 +311,17 @@ def _step(raw: Any, where: str) -> Step:
     if "compensate" in data:
         cwhere = _key(where, "compensate")
         compensate = _call(_only(data["compensate"], _CALL_KEYS, cwhere), cwhere)
+    output_schema = None
+    if "output_schema" in data:
+        raw_schema = data["output_schema"]
+        if not isinstance(raw_schema, dict):
+            raise SpecError(_key(where, "output_schema"), "must be a JSON Schema (a mapping)")
+        try:
+            output_schema = SchemaValidator(raw_schema, what="output_schema")
+        except ValueError as exc:
+            raise SpecError(_key(where, "output_schema"), str(exc)) from None
     return Step(sid, call, depends_on=tuple(depends), idempotent=idempotent, retries=retries,
-                compensate=compensate)
+                compensate=compensate, output_schema=output_schema)
 
 
 def _order(steps: list[Step], deps: dict[str, set[str]], where: str) -> tuple[Step, ...]:
@@ -338,7 +356,7 @@ def parse_workflow(raw: Any, source: str) -> Workflow:
     except SpecError as exc:
         raise SpecError(f"{source}: {exc.where}", exc.message) from None
     return Workflow(wf.name, wf.description, wf.input_schema, wf.steps, wf.output, source,
-                    wf.title, wf.validator)
+                    wf.title, wf.validator, wf.unchecked_refs)
 
 
 def _parse(raw: Any) -> Workflow:
@@ -407,13 +425,52 @@ def _parse(raw: Any) -> Workflow:
                                      "step depends on")
             if by_id[ref.step].call is None:
                 raise SpecError(key, f"reference ${{{ref.text}}}: an approval step has no output")
+            _check_output_ref(ref, by_id[ref.step], key)
     output = data.get("output")
     if output is not None:
         for key, ref in refs_in(output, "output"):
             _check_input(ref, props, key)
             if ref.step is not None and (ref.step not in index or by_id[ref.step].call is None):
                 raise SpecError(key, f"reference ${{{ref.text}}}: no step {ref.step!r} with an output")
-    return Workflow(name, description, schema, ordered, output, title=title, validator=validator)
+            if ref.step is not None:
+                _check_output_ref(ref, by_id[ref.step], key)
+    unchecked = tuple(
+        f"{key}: ${{{ref.text}}} uses the output of step {ref.step!r}, which has no output_schema "
+        "(not checked before use)"
+        for s in steps for key, ref in step_refs[s.id]
+        if ref.step is not None and ".arguments" in key and by_id[ref.step].output_schema is None)
+    return Workflow(name, description, schema, ordered, output, title=title, validator=validator,
+                    unchecked_refs=unchecked)
+
+
+def _check_output_ref(ref: Ref, step: Step, key: str) -> None:
+    """A reference into a step with an ``output_schema`` follows what the schema declares: an
+    object with ``additionalProperties: false`` has only its ``properties``."""
+    if step.output_schema is None:
+        return
+    schema: Any = step.output_schema.schema
+    for seg in ref.path[2:]:  # after <id>.output
+        if not isinstance(schema, dict):
+            return
+        props = schema.get("properties")
+        if isinstance(props, dict) and seg in props:
+            schema = props[seg]
+        elif isinstance(schema.get("prefixItems"), list) and seg.isdigit() \
+                and int(seg) < len(schema["prefixItems"]):
+            schema = schema["prefixItems"][int(seg)]
+        elif isinstance(schema.get("items"), dict) and seg.isdigit():
+            schema = schema["items"]
+        elif schema.get("additionalProperties") is False and isinstance(props, dict):
+            raise SpecError(key, f"reference ${{{ref.text}}}: the output_schema of step "
+                                 f"{step.id!r} has no property {seg!r}")
+        else:
+            return
+
+
+def unchecked_output_refs(wf: Workflow) -> list[str]:
+    """Where ``wf`` uses the output of a step without an ``output_schema`` in a step's or a
+    compensation's arguments (``<file>: <key>: ...``): values a server chose, used unchecked."""
+    return [f"{wf.source}: {where}" for where in wf.unchecked_refs]
 
 
 def _check_input(ref: Ref, props: Mapping[str, Any], key: str) -> None:

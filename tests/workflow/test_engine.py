@@ -264,6 +264,23 @@ async def test_answer_lost_after_sending_is_an_unknown_outcome(tmp_path: Path) -
         assert h.store.steps(s["run_id"])["create"].status == STEP_UNKNOWN
 
 
+async def test_output_not_matching_its_schema_is_never_used(tmp_path: Path) -> None:
+    """An output that breaks the step's output_schema (an id aimed at another path) fails the step:
+    no later step and not its own compensation uses it; the step is of unknown outcome."""
+    wf = {**WORKFLOW, "steps": [{**WORKFLOW["steps"][0], "output_schema": {
+        "type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}},
+        *WORKFLOW["steps"][1:]]}
+    script: Script = {("erp", "createOrder"): lambda a: ("ok", {"id": "../../etc/x"})}
+    async for h in harness(tmp_path, script, wf):
+        answer = await h.run({"customer": 1})
+        s = answer.structured
+        assert (s["failed_step"], s["reason"], s["outcome_unknown"]) == \
+            ("create", "bad_output", ["create"])
+        assert "output.id" in s["error"] and s["undone"] == []
+        assert h.standin.tools() == ["erp/createOrder"]
+        assert h.store.steps(s["run_id"])["create"].status == STEP_UNKNOWN
+
+
 async def test_declined_approval_stops_and_compensates(tmp_path: Path) -> None:
     """An approval answered no stops the run before the next step and undoes the earlier ones."""
     wf = {**WORKFLOW, "steps": [WORKFLOW["steps"][0],

@@ -16,6 +16,7 @@ from mcp_servers.workflow.spec import (
     load_file,
     parse_workflow,
     resolve,
+    unchecked_output_refs,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,3 +146,34 @@ def test_load_file_reports_yaml_errors(tmp_path: Path) -> None:
         load_file(path)
     path.write_text(yaml.safe_dump(doc()))
     assert load_file(path).source == str(path)
+
+
+ORDER_SCHEMA = {"type": "object", "required": ["id"], "additionalProperties": False,
+                "properties": {"id": {"type": "integer", "minimum": 1}}}
+
+
+def test_output_schema_is_checked_at_load() -> None:
+    """A step's output_schema must be a JSON Schema; a reference into a closed output names a
+    property it declares."""
+    raw = doc()
+    raw["steps"][0]["output_schema"] = {"type": "nonsense"}
+    assert error_of(raw).where == "f.yaml: steps[0].output_schema"
+    raw["steps"][0]["output_schema"] = ORDER_SCHEMA
+    parse_workflow(raw, "f.yaml")
+    raw["steps"][1]["arguments"]["path"] = "p-${steps.a.output.idx}"
+    err = error_of(raw)
+    assert err.where == "f.yaml: steps[1].arguments.path" and "no property 'idx'" in err.message
+
+
+def test_unchecked_output_uses_are_listed() -> None:
+    """Every use of an output without output_schema in arguments is named by file and key; the
+    shipped example checks every output it uses."""
+    wf = parse_workflow(doc(), "f.yaml")
+    found = unchecked_output_refs(wf)
+    assert any(f.startswith("f.yaml: steps[0].compensate.arguments.order_id: ${steps.a.output.id}")
+               for f in found)
+    assert any(f.startswith("f.yaml: steps[1].arguments.path:") for f in found)
+    raw = doc()
+    raw["steps"][0]["output_schema"] = ORDER_SCHEMA
+    assert unchecked_output_refs(parse_workflow(raw, "f.yaml")) == []
+    assert unchecked_output_refs(load_file(REPO / "workflows" / "order_to_invoice.yaml")) == []

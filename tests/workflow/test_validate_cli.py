@@ -57,3 +57,22 @@ def test_spec_error_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     bad.write_text("name: bad\ndescription: d\nsteps: []\n")
     assert main(["workflow", "validate", "--no-catalog", str(bad)]) == 1
     assert f"{bad}: steps: must be a non-empty list" in capsys.readouterr().err
+
+
+def test_unchecked_output_is_a_warning_or_with_strict_a_problem(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A step output used in a file path without output_schema is a warning naming file and key;
+    with --strict it fails."""
+    wf = tmp_path / "wf.yaml"
+    wf.write_text(yaml.safe_dump({
+        "name": "wf", "description": "d",
+        "steps": [{"id": "a", "server": "erp", "tool": "createOrder"},
+                  {"id": "b", "server": "files", "tool": "write_file",
+                   "arguments": {"path": "o-${steps.a.output.id}"}}]}))
+    assert main(["workflow", "validate", "--no-catalog", str(wf)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {wf}: steps[1].arguments.path: ${{steps.a.output.id}}" in err
+    assert main(["workflow", "validate", "--no-catalog", "--strict", str(wf)]) == 1
+    assert f"{wf}: steps[1].arguments.path:" in capsys.readouterr().err
+    assert main(["workflow", "validate", "--no-catalog", "--strict",
+                 str(REPO / "workflows/order_to_invoice.yaml")]) == 0
