@@ -343,6 +343,23 @@ async def test_recovery_compensates_an_interrupted_run(tmp_path: Path) -> None:
         assert h.store.unfinished() == []
 
 
+async def test_recovery_compensates_after_the_callers_token_expired(tmp_path: Path) -> None:
+    """Recovery undoes an interrupted run with the stored caller even when the caller's token has
+    expired since (undoing is the caller's interest, docs/workflows.md); the token is marked as a
+    compensation's and still scoped to the one tool."""
+    expired = Caller(sub="alice", issuer="https://idp", roles=("engineer",), scope=SCOPE,
+                     expires=int(time.time()) - 3600)
+    async for h in harness(tmp_path, {}):
+        run, _ = h.store.create("order", principal(expired), None, caller_record(expired), {"customer": 3})
+        h.store.set_step(run.id, "create", STEP_DONE, output={"id": 9})
+        h.store.set_step(run.id, "export", STEP_RUNNING, attempt=True)
+        assert await h.engine.recover() == 1
+        assert h.standin.tools() == ["erp/cancelOrder"]
+        claims = h.standin.calls[0][3]
+        assert claims["act"]["compensation"] is True and claims["exp"] > time.time()
+        assert claims["scope"] == "tools:call:erp/cancelOrder openid"
+
+
 async def test_recovery_completes_a_run_whose_steps_all_finished(ok: Harness) -> None:
     """A run interrupted after its last step is completed, not undone."""
     run, _ = ok.store.create("order", principal(ALICE), None, caller_record(ALICE), {"customer": 3})
