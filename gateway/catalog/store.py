@@ -417,8 +417,12 @@ class Catalog:
                         report.removed.append(name)
         return report
 
-    def approve(self, server: str, name: str, *, kind: str = "tool", actor: str = "cli") -> Entry:
-        """Approve the current definition of one item (audited)."""
+    def approve(self, server: str, name: str, *, kind: str = "tool", actor: str = "cli",
+                expected_hash: str | None = None) -> Entry:
+        """Approve the current definition of one item (audited). With ``expected_hash`` (the
+        hash of the definition the approver reviewed), a definition that changed since is
+        refused with ``definition_changed`` (409) and nothing is approved: the check and the
+        approval are one write transaction, so a server cannot swap its definition in between."""
         now = time.time()
         with self._write() as db:
             row = db.execute("SELECT hash, approved_hash, state FROM items WHERE server = ? AND kind = ?"
@@ -426,6 +430,12 @@ class Catalog:
             if row is None:
                 raise CatalogError(f"no {kind} {server}/{name} in the catalog", code="not_found",
                                    http_status=404)
+            if expected_hash is not None and row[0] != expected_hash.strip().lower():
+                raise CatalogError(
+                    f"the definition of {kind} {server}/{name} changed since it was reviewed "
+                    f"(reviewed {expected_hash[:64]}, now {row[0]}): review it again",
+                    code="definition_changed", http_status=409,
+                    data={"expected_hash": expected_hash[:64], "hash": row[0]})
             db.execute("UPDATE items SET state = ?, approved_hash = hash, last_changed = ?"
                        " WHERE server = ? AND kind = ? AND name = ?", (APPROVED, now, server, kind, name))
             self._audit(db, server, kind, name, "approved", old=row[1], new=row[0], actor=actor, now=now,

@@ -275,32 +275,53 @@ async def catalog_page(request: web.Request) -> web.StreamResponse:
 
 
 async def catalog_item(request: web.Request) -> web.StreamResponse:
-    st = state(request)
     server, kind, name = (request.match_info[k] for k in ("server", "kind", "name"))
+    return await _item_page(request, server, kind, name)
+
+
+async def _item_page(request: web.Request, server: str, kind: str, name: str, *, status: int = 200,
+                     changed: str | None = None) -> web.Response:
+    """The item's page; ``changed``: the hash a refused approval reviewed (409, shown above the
+    definition now current)."""
+    st = state(request)
     entry = st.catalog.get(server, name, kind=kind)
     if entry is None:
         return refuse(request, 404, "not_found", f"no {kind} {server}/{name} in the catalog")
     events = await asyncio.to_thread(st.catalog.audit_events, server, name)
-    return page(request, "catalog_item.html", {
+    response = page(request, "catalog_item.html", {
         "e": entry, "events": [ev for ev in events if ev.get("kind") == kind][-50:], "when": _when,
-        "definition": orjson.dumps(entry.definition, option=PRETTY).decode()})
+        "definition": orjson.dumps(entry.definition, option=PRETTY).decode(), "changed": changed})
+    response.set_status(status)
+    return response
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 async def catalog_approve(request: web.Request) -> web.StreamResponse:
     st = state(request)
     session = session_of(request)
     form = await request.post()
-    server, name, kind = (_text(form.get(k)) or "" for k in ("server", "name", "kind"))
+    server, name, kind, reviewed = (_text(form.get(k)) or "" for k in ("server", "name", "kind", "hash"))
     if not server or not name or kind not in ("tool", "resource", "prompt"):
         return refuse(request, 400, "bad_request", "server, name and kind are required")
+    # The hash of the definition the page showed: approval applies to it and to nothing else.
+    if not _is_sha256(reviewed):
+        return refuse(request, 400, "bad_request", "the hash of the reviewed definition is required")
     decision = await st.policy.console_decision(session.claims, "approve")
     if not decision.allow:
         return refuse(request, 403, decision.reason, "the policy does not let you approve definitions")
     try:
-        # The same catalog call as `mcp-gateway catalog approve`, audited with the console user.
+        # The same catalog call as `mcp-gateway catalog approve --hash`, audited with the console user.
         entry = await asyncio.to_thread(st.catalog.approve, server, name, kind=kind,
-                                        actor=f"console:{session.sub}")
+                                        actor=f"console:{session.sub}", expected_hash=reviewed)
     except CatalogError as exc:
+        if exc.code == "definition_changed":
+            logger.warning("console approval refused: the definition changed since it was shown",
+                           extra={"sub": session.sub, "server": server, "item": name, "kind": kind,
+                                  "reviewed": reviewed})
+            return await _item_page(request, server, kind, name, status=409, changed=reviewed)
         return refuse(request, exc.http_status, exc.code, exc.message)
     logger.info("console approved a definition", extra={"sub": session.sub, "server": server,
                                                         "item": name, "kind": kind, "hash": entry.hash})

@@ -105,6 +105,11 @@ def register(subparsers: Any) -> None:
     db_arg(p_approve)
     p_approve.add_argument("target", help="<server>/<tool>")
     p_approve.add_argument("--kind", choices=("tool", "resource", "prompt"), default="tool")
+    p_approve.add_argument("--hash", dest="expected_hash", metavar="SHA256",
+                           help="approve only if the current definition has this hash (the full "
+                                "64 hex digits of the definition you reviewed, as `catalog list "
+                                "--json` or the console show it); a definition changed since is "
+                                "refused (definition_changed)")
     p_approve.set_defaults(func=cmd_approve)
 
     p_refresh = sub.add_parser("refresh", help="fetch tools/resources/prompts from every server")
@@ -185,14 +190,22 @@ def cmd_approve(args: argparse.Namespace) -> int:
     server, sep, name = args.target.partition("/")
     if not sep or not server or not name:
         return _fail("approve takes <server>/<tool>")
+    expected = args.expected_hash
+    if expected is not None and not _is_sha256(expected):
+        return _fail("--hash takes the full SHA-256 of the reviewed definition (64 hex digits)")
     try:
         catalog = _open(args, _config(args, required=False))
         with catalog:
-            entry = catalog.approve(server, name, kind=args.kind, actor=f"cli:{getpass.getuser()}")
+            entry = catalog.approve(server, name, kind=args.kind, actor=f"cli:{getpass.getuser()}",
+                                    expected_hash=expected)
     except CatalogError as exc:
-        return _fail(exc.message)
+        return _fail(f"{exc.code}: {exc.message}" if exc.code == "definition_changed" else exc.message)
     print(f"approved {entry.server}/{entry.name} ({entry.kind}) at {entry.hash[:12]}")
     return 0
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text.lower())
 
 
 def _assertion(cfg: GatewayConfig, server: str) -> Callable[[], dict[str, str]] | None:

@@ -126,9 +126,12 @@ async def test_post_without_the_csrf_token_is_refused(console: Console) -> None:
 async def test_approval_is_audited_with_the_console_user(console: Console) -> None:
     """Approving a quarantined tool goes through Catalog.approve with actor console:<sub>."""
     sid, csrf = await console.sign_in(["security"], sub="sec-officer")
+    with Catalog(console.settings.catalog_path) as catalog:
+        shown = catalog.get("files", "write_file")
+        assert shown is not None
     async with console.http.post(console.url("/console/catalog/approve"), allow_redirects=False,
                                  data={"csrf": csrf, "server": "files", "name": "write_file",
-                                       "kind": "tool"},
+                                       "kind": "tool", "hash": shown.hash},
                                  headers={"Origin": ORIGIN, "Cookie": f"{COOKIE}={sid}"}) as resp:
         assert resp.status == 303, await resp.text()
     with Catalog(console.settings.catalog_path) as catalog:

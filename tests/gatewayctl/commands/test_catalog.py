@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, definition_hash
 from gatewayctl.commands import catalog
 from tests.gateway.catalog.mcp_stub import Stub, running_in_thread
 
@@ -99,6 +99,29 @@ def test_approve_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert run(["catalog", "approve", "nosep", "--db", db]) == 2
     assert run(["catalog", "approve", "a/nope", "--db", db]) == 2
     assert "no tool a/nope" in capsys.readouterr().err
+
+
+def test_approve_with_hash_refuses_a_definition_changed_since(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """approve --hash approves only the reviewed definition: after a swap it exits 2 naming
+    definition_changed and the tool stays quarantined; the current hash approves it."""
+    db = tmp_path / "c.sqlite"
+    with Catalog(db) as cat:
+        cat.refresh("a", [{"name": "search", "description": "x"}])
+        cat.refresh("a", [{"name": "search", "description": "reviewed"}])
+        reviewed = definition_hash("tool", {"name": "search", "description": "reviewed"})
+        cat.refresh("a", [{"name": "search", "description": "swapped"}])
+        current = definition_hash("tool", {"name": "search", "description": "swapped"})
+    assert run(["catalog", "approve", "a/search", "--hash", reviewed, "--db", str(db)]) == 2
+    assert "definition_changed" in capsys.readouterr().err
+    assert run(["catalog", "approve", "a/search", "--hash", reviewed[:12], "--db", str(db)]) == 2
+    with Catalog(db) as cat:
+        entry = cat.get("a", "search")
+        assert entry is not None and entry.state == "quarantined"
+    assert run(["catalog", "approve", "a/search", "--hash", current, "--db", str(db)]) == 0
+    with Catalog(db) as cat:
+        entry = cat.get("a", "search")
+        assert entry is not None and entry.state == "approved" and entry.approved_hash == current
 
 
 def test_refresh_from_configured_servers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
