@@ -92,7 +92,7 @@ from gateway.aggregate.session_token import (
     SessionSealer,
 )
 from gateway.aggregate.views import View, view_of_path
-from gateway.assertion import CATALOG_CALLER, AssertionSigner, signer_for
+from gateway.assertion import CATALOG_CALLER, MAX_REDACT_FIELDS, AssertionSigner, signer_for
 from gateway.caller import Caller, SessionOwner
 from gateway.credentials.provider import CredentialProvider
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, UnsupportedEncoding
@@ -591,8 +591,9 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         mask = mask_types(decision.obligations)
         # Identity headers win over policy-provided headers of the same name, and only the
         # gateway decides about inspection and routing.
-        upstream = {**decision.headers, **self._identity(caller, rec.tool, rec.decision_id,
-                                                         self._settings.audience(server))}
+        upstream = {**decision.headers, **self._identity(
+            caller, rec.tool, rec.decision_id, self._settings.audience(server),
+            _redaction(decision.obligations.get("audit_redact")))}
         if self._signer is not None:
             for name in IDENTITY_HEADERS:  # a policy header never stands in for the assertion
                 upstream.pop(name, None)
@@ -618,13 +619,16 @@ class AuthorizationServicer(pb_grpc.AuthorizationServicer, DecisionCore):  # typ
         return lambda server: {ASSERTION_HEADER: signer.mint(
             CATALOG_CALLER, self._settings.audience(server), new_decision_id())}
 
-    def _identity(self, caller: Caller, tool: str | None, decision_id: str, audience: str
-                  ) -> dict[str, str]:
+    def _identity(self, caller: Caller, tool: str | None, decision_id: str, audience: str,
+                  audit_redact: list[str] | None = None) -> dict[str, str]:
         """Who the upstream request acts for: a signed assertion for ``audience`` when
-        identity.assertion is on (ES256, ~30 us), else the identity headers."""
+        identity.assertion is on (ES256, ~30 us), else the identity headers. The assertion also
+        carries the decision's audit_redact obligation, so the server's own audit entry of the
+        call leaves out what ext_authz's leaves out (bare headers cannot: they are not signed)."""
         if self._signer is None:
             return identity_headers(caller, tool, decision_id)
-        return {ASSERTION_HEADER: self._signer.mint(caller, audience, decision_id, tool)}
+        return {ASSERTION_HEADER: self._signer.mint(caller, audience, decision_id, tool,
+                                                    audit_redact)}
 
     async def _parse_sql(self, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Build an input whose facts parse SQL (pure Python, up to tens of ms within its bounds,
@@ -821,3 +825,15 @@ def _count(rec: DecisionRecord, seconds: float) -> None:
 def _has_sql(ctx: McpContext | None) -> bool:
     return ctx is not None and isinstance(ctx.arguments, dict) \
         and isinstance(ctx.arguments.get("sql"), str)
+
+
+def _redaction(value: Any) -> list[str] | None:
+    """The audit_redact obligation as the assertion carries it: a short list of short names as
+    is; anything else (a policy's mistake) as one unknown name, which makes the server redact
+    every field, as redact_entry does for ext_authz's own entry."""
+    if value is None:
+        return None
+    if isinstance(value, list) and len(value) <= MAX_REDACT_FIELDS \
+            and all(isinstance(v, str) and len(v) <= 64 for v in value):
+        return value
+    return ["invalid"]

@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -77,6 +77,10 @@ CLAIM_CALLER_ISSUER = "caller_iss"
 # server, docs/workflows.md): it may grant only what the caller holds, and not for longer.
 CLAIM_SCOPE = "scope"
 CLAIM_CALLER_EXP = "caller_exp"
+# The audit_redact obligation of the decision (gateway.telemetry.audit.REDACTABLE_FIELDS): the
+# fields the server leaves out of its own audit entry of the call, as ext_authz does of its own.
+CLAIM_AUDIT_REDACT = "audit_redact"
+MAX_REDACT_FIELDS = 16
 # A longer scope string is left out (the assertion must stay under MAX_ASSERTION_BYTES); a server
 # that needs it then refuses to act for the caller.
 MAX_SCOPE_CHARS = 4096
@@ -321,7 +325,7 @@ class AssertionSigner:
         return self._ring().public_jwks()
 
     def mint(self, caller: Caller, audience: str, decision_id: str,
-             tool: str | None = None) -> str:
+             tool: str | None = None, audit_redact: Sequence[str] | None = None) -> str:
         """One assertion for ``caller`` towards ``audience`` (a fresh jti each time)."""
         entry = self._ring().signing
         now = int(self._clock())
@@ -341,6 +345,8 @@ class AssertionSigner:
             claims[CLAIM_CALLER_EXP] = caller.expires
         if tool is not None:
             claims[CLAIM_TOOL] = tool
+        if audit_redact is not None:
+            claims[CLAIM_AUDIT_REDACT] = list(audit_redact)
         signing_input = f"{entry.header_segment}.{_b64(orjson.dumps(claims))}"
         der = entry.private_key.sign(signing_input.encode("ascii"), _SIGN_ALG)
         return f"{signing_input}.{_b64(_der_to_raw(der))}"
@@ -356,6 +362,15 @@ class Assertion:
     jti: str
     expires: int
     claims: Mapping[str, Any]
+
+    @property
+    def audit_redact(self) -> Any:
+        """The fields the decision redacts from the audit (None: none); anything but a short
+        list of names is handed on as is, and the audit writer then redacts every field."""
+        value = self.claims.get(CLAIM_AUDIT_REDACT)
+        if isinstance(value, list) and len(value) <= MAX_REDACT_FIELDS:
+            return value
+        return None if value is None else "invalid"
 
 
 class KeySource(Protocol):

@@ -77,8 +77,12 @@ class ToolContext:
                  session: Session | None, client_capabilities: dict[str, Any],
                  channel: Channel, hooks: ServerHooks, meta: dict[str, Any],
                  log_level: str | None, cancelled: asyncio.Event | None = None,
-                 http_request_id: str | None = None, decision_id: str | None = None) -> None:
+                 http_request_id: str | None = None, decision_id: str | None = None,
+                 audit_redact: Any = None) -> None:
         self.request_id = request_id
+        # The decision's audit_redact obligation from the verified assertion (None: none): the
+        # fields this server's audit entry of the call leaves out.
+        self.audit_redact = audit_redact
         # x-request-id (Envoy's) and the gateway's x-mcp-decision-id: what logs and audit join on.
         self.http_request_id = http_request_id
         self.decision_id = decision_id

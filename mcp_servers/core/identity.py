@@ -140,6 +140,13 @@ def decision_id_of(request: web.Request) -> str | None:
     return request.headers.get(DECISION_ID_HEADER)
 
 
+def audit_redact_of(request: web.Request) -> Any:
+    """The decision's audit_redact obligation from the verified assertion (None without one:
+    bare identity headers are not signed, so they never carry it)."""
+    assertion: Assertion | None = request.get(ASSERTION_KEY)
+    return assertion.audit_redact if assertion is not None else None
+
+
 def check_tool_claim(request: web.Request, tool: str | None) -> None:
     """A tools/call must call the tool its assertion was issued for (the ``tool`` claim, when it
     has one: ext_authz names the tool it allowed); raises InvalidAssertion ``tool_mismatch``."""

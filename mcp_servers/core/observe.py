@@ -14,7 +14,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.telemetry.audit import AUDITED_METHODS, AuditEntry, AuditUnavailable, AuditWriter, args_digest
+from gateway.telemetry.audit import (
+    AUDITED_METHODS,
+    AuditEntry,
+    AuditUnavailable,
+    AuditWriter,
+    args_digest,
+    redact_entry,
+)
 from gateway.telemetry.logs import current_trace_ids
 from gateway.telemetry.metrics import record_tool_call
 from mcp_servers.core.context import ToolContext
@@ -58,6 +65,12 @@ class CallRecorder:
 
     def entry(self, method: str, params: dict[str, Any], ctx: ToolContext, status: str,
               latency_s: float) -> AuditEntry:
+        entry = self._entry(method, params, ctx, status, latency_s)
+        # The policy's audit_redact obligation, signed into the caller assertion by ext_authz.
+        return entry if ctx.audit_redact is None else redact_entry(entry, ctx.audit_redact)
+
+    def _entry(self, method: str, params: dict[str, Any], ctx: ToolContext, status: str,
+               latency_s: float) -> AuditEntry:
         return AuditEntry(
             method=method, server=self.server, target=_target(method, params), sub=ctx.user,
             client_id=ctx.client_id, tenant=ctx.tenant,

@@ -75,6 +75,7 @@ from mcp_servers.core.http import (
 )
 from mcp_servers.core.identity import (
     RequestIdentity,
+    audit_redact_of,
     check_tool_claim,
     decision_id_of,
     refusal_log,
@@ -426,7 +427,8 @@ class Transport:
                           client_capabilities=capabilities, channel=channel, hooks=self, meta=meta,
                           log_level=log_level, cancelled=cancelled,
                           http_request_id=request.get(REQUEST_ID_KEY),
-                          decision_id=decision_id_of(request))
+                          decision_id=decision_id_of(request),
+                          audit_redact=audit_redact_of(request))
         task = asyncio.create_task(self.answer(msg, ctx, modern))
         if session is not None:
             track_inflight(session, rid, task, cancelled)

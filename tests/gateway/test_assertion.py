@@ -385,3 +385,22 @@ async def test_bad_scope_or_caller_exp_is_refused(extra: dict[str, Any]) -> None
     """A scope that is not a bounded string or a caller_exp that is not an integer: invalid_claims."""
     keys, clock = ring(), Clock()
     assert await reason(verifier(keys, clock), _signed(keys, _claims(clock, **extra))) == "invalid_claims"
+
+
+async def test_the_audit_redact_obligation_rides_along_signed() -> None:
+    """ext_authz signs the decision's audit_redact obligation into the assertion (a short list
+    of short names as is, anything else as one unknown name, which redacts every field); the
+    verified assertion hands it to the server; a list longer than any policy needs is invalid."""
+    from ext_authz.servicer import _redaction
+
+    keys, clock = ring(), Clock()
+    signer, v = AssertionSigner(keys, ISS, clock=clock), verifier(keys, clock)
+    assert _redaction(None) is None
+    assert _redaction(["sub", "args_digest"]) == ["sub", "args_digest"]
+    assert _redaction("sub") == ["invalid"] and _redaction([1]) == ["invalid"]
+    assert _redaction(["x" * 65]) == ["invalid"] and _redaction(["sub"] * 17) == ["invalid"]
+    got = await v.verify(signer.mint(CALLER, AUD, "d", "echo", _redaction(["sub"])))
+    assert got.audit_redact == ["sub"]
+    assert (await v.verify(signer.mint(CALLER, AUD, "d", "echo"))).audit_redact is None
+    too_many = await v.verify(signer.mint(CALLER, AUD, "d", "echo", ["sub"] * 17))
+    assert too_many.audit_redact == "invalid"
