@@ -32,7 +32,7 @@ IMAGE_DEFAULT_PORTS = {"redis": 6379}
 class Component:
     """A process the gateway config expects at host:port; ``module`` when it is ours."""
 
-    role: str  # ext_authz, ext_proc, server:<name>, backend:<name>, opa, redis
+    role: str  # ext_authz, ext_proc, server:<name>, backend:<name>, console, opa, redis
     host: str
     port: int
     module: str | None
@@ -47,6 +47,8 @@ def components(config: GatewayConfig) -> list[Component]:
         found += [Component(f"server:{server.name}", i.host, i.port, module) for i in server.instances]
     found += [Component(f"backend:{b.name}", b.instance.host, b.instance.port, b.module)
               for b in config.backends]
+    if config.console.enabled:
+        found += [Component("console", i.host, i.port, "gateway.console") for i in config.console.instances]
     if config.policy.engine == "opa" and config.policy.opa_url:
         found.append(_url_component("opa", config.policy.opa_url, 8181))
     if config.rate_limits.backend == "redis" and config.rate_limits.redis_url:
@@ -234,7 +236,7 @@ def test_every_component_of_the_compose_gateway_config_has_a_service() -> None:
         assert comp.port in compose_ports(service), comp.role
         if comp.module is not None:
             assert argument([str(a) for a in service["command"]], "-m") == comp.module, comp.role
-    assert {c.role for c in components(config)} >= {"ext_authz", "ext_proc", "opa", "redis"}
+    assert {c.role for c in components(config)} >= {"ext_authz", "ext_proc", "console", "opa", "redis"}
 
 
 def test_every_compose_envoy_endpoint_is_a_service() -> None:

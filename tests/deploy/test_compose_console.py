@@ -1,0 +1,149 @@
+"""The web console in docker compose: one process behind Envoy only (mTLS with the certificate
+pki-init issues it), the catalog read-write, every audit writer's volume and the policies
+read-only, no signing key, and Envoy's admin interface never on the network."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from gateway import inner_tls
+from gateway.config import GatewayConfig, load_config
+from gateway.console.settings import INNER_TLS_IDENTITY, ConsoleSettings
+from tests.deploy.test_compose_inner_tls import ENV, INNER, issue, mounts
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+GATEWAY = REPO / "deploy" / "compose" / "gateway.yaml"
+ENVOY = REPO / "deploy" / "compose" / "envoy.yaml"
+# Volumes holding a key the console must not have.
+KEY_VOLUMES = {"inner-pki", "assertion-keys", "audit-keys"}
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    loaded: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    result: dict[str, dict[str, Any]] = loaded["services"]
+    return result
+
+
+@pytest.fixture(scope="module")
+def config() -> GatewayConfig:
+    return load_config(GATEWAY)
+
+
+def console_service(services: dict[str, dict[str, Any]], config: GatewayConfig) -> dict[str, Any]:
+    (inst,) = config.console.instances
+    return services[inst.host]
+
+
+def test_console_runs_one_process_reachable_through_envoy_only(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """console.instances is one compose service running gateway.console on the mounted config at
+    the configured port, on every interface of its container but published on none, with its
+    inner TLS pair (so it serves mTLS only) and a TCP health check on that port."""
+    assert config.console.enabled and len(config.console.instances) == 1
+    (inst,) = config.console.instances
+    service = console_service(services, config)
+    command = [str(a) for a in service["command"]]
+    assert command[:3] == ["python", "-m", "gateway.console"]
+    assert command[command.index("--config") + 1] == "/etc/mcp-gateway/gateway.yaml"
+    assert mounts(service)["/etc/mcp-gateway/gateway.yaml"] == ("./deploy/compose/gateway.yaml", "ro")
+    assert command[command.index("--port") + 1] == str(inst.port)
+    assert "ports" not in service
+    for name, value in ENV.items():
+        assert service["environment"][name] == value, name
+    assert mounts(service)[INNER] == (f"inner-tls-{INNER_TLS_IDENTITY}", "ro")
+    assert service["healthcheck"]["test"][-1] == str(inst.port)
+    assert service["depends_on"]["pki-init"] == {"condition": "service_completed_successfully"}
+    assert service["depends_on"]["state-init"] == {"condition": "service_completed_successfully"}
+    # The settings the process builds from this config (one instance, the console's audience).
+    settings = ConsoleSettings.from_config(config)
+    assert settings.resource == f"{config.public_url.rstrip('/')}/console"
+
+
+def test_console_state_catalog_read_write_audit_and_policies_read_only(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """The catalog volume (the one ext_authz pins in) read-write at catalog.path's folder, since
+    Approve writes there; every audit writer's volume read-only at audit.dir/<writer>; the repo's
+    policies read-only at policy.dir; no volume holding a key."""
+    service = console_service(services, config)
+    mine = mounts(service)
+    catalog_dir = str(PurePosixPath(config.catalog.path).parent)
+    ext_authz = services[config.ext_authz.instances[0].host]
+    assert mine[catalog_dir] == (mounts(ext_authz)[catalog_dir][0], "")
+    writers = {name: src for name, svc in services.items()
+               for target, (src, _) in mounts(svc).items() if target == config.audit.dir}
+    assert writers, "no audit writer found"
+    for writer, volume in writers.items():
+        assert mine[f"{config.audit.dir}/{writer}"] == (volume, "ro"), writer
+    audit_mounts = {t: m for t, m in mine.items() if t.startswith(config.audit.dir)}
+    assert len(audit_mounts) == len(writers)
+    assert all(options == "ro" for _, options in audit_mounts.values())
+    assert mine[config.policy.dir] == ("./policies", "ro")
+    assert not {src for src, _ in mine.values()} & KEY_VOLUMES
+    assert not [src for src, _ in mine.values()
+                if src.startswith("inner-tls-") and src != f"inner-tls-{INNER_TLS_IDENTITY}"]
+
+
+def test_pki_init_issues_the_console_a_server_only_certificate(
+        tmp_path: Path, services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """pki-init fills the console's own volume: a certificate from the inner CA naming
+    console.<domain> first and the compose host Envoy dials, server auth only (it calls nobody)."""
+    assert mounts(services["pki-init"])[f"/out/{INNER_TLS_IDENTITY}"] == (
+        f"inner-tls-{INNER_TLS_IDENTITY}", "")
+    out = issue(tmp_path, config)
+    folder = out / INNER_TLS_IDENTITY
+    ca = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((folder / "tls.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    dns = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName)
+    assert dns[0] == config.inner_tls.san(INNER_TLS_IDENTITY)
+    assert config.console.instances[0].host in dns
+    usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert (folder / "tls.key").stat().st_mode & 0o077 == 0
+
+
+def test_envoy_routes_console_to_it_over_mtls(config: GatewayConfig) -> None:
+    """The mounted Envoy config sends /console to the console cluster, which dials the console
+    service with Envoy's client certificate and accepts only console.<domain> from the inner CA."""
+    envoy: dict[str, Any] = yaml.safe_load(ENVOY.read_text())
+    (cluster,) = [c for c in envoy["static_resources"]["clusters"] if c["name"] == "console"]
+    (inst,) = config.console.instances
+    [[endpoint]] = [[lb["endpoint"]["address"]["socket_address"] for lb in g["lb_endpoints"]]
+                    for g in cluster["load_assignment"]["endpoints"]]
+    assert endpoint == {"address": inst.host, "port_value": inst.port}
+    assert cluster["health_checks"][0]["http_health_check"] == {"path": "/ready"}
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["@type"].endswith("UpstreamTlsContext")
+    common = tls["common_tls_context"]
+    assert [s["name"] for s in common["tls_certificate_sds_secret_configs"]] == ["inner_tls_certificate"]
+    san = config.inner_tls.san(INNER_TLS_IDENTITY)
+    assert common["combined_validation_context"]["default_validation_context"][
+        "match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": san}}]
+    matches = {li["name"]: [r["match"] for chain in li["filter_chains"] for f in chain["filters"]
+                            if "route_config" in f["typed_config"]
+                            for vh in f["typed_config"]["route_config"]["virtual_hosts"]
+                            for r in vh["routes"] if r.get("route", {}).get("cluster") == "console"]
+               for li in envoy["static_resources"]["listeners"]}
+    assert matches["mcp_gateway_https"] == [{"path_separated_prefix": "/console"}]
+    assert all(m in ([], [{"path_separated_prefix": "/console"}]) for m in matches.values())
+
+
+def test_envoys_admin_interface_stays_off_the_network(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """The console is not given Envoy's admin interface: admin listens on Envoy's loopback, is
+    published nowhere, and the console's admin address is its own container's loopback (its
+    overview says Envoy's admin does not answer, deploy/compose/README.md)."""
+    assert config.admin.host == "127.0.0.1"
+    published = [p for svc in services.values() for p in svc.get("ports", [])]
+    assert not [p for p in published if str(p).endswith(f":{config.admin.port}")]
+    assert ConsoleSettings.from_config(config).admin_url == f"http://127.0.0.1:{config.admin.port}"
+    assert inner_tls.ENVOY_ONLY == frozenset({inner_tls.ENVOY})
