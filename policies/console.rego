@@ -1,8 +1,9 @@
 # Who may use the web console (docs/console.md). Entrypoint: data.mcp.console.decision, with the
 # same decision contract as data.mcp.authz.decision (README.md). The console asks it on sign-in
 # and again for every page and action, with the verified token's claims as input.token and the
-# action as input.console.action: "view" (read a page, run the playground) or "approve" (approve
-# a tool definition in the catalog).
+# action as input.console.action: "view" (read a page, run the playground), "approve" (approve
+# a tool definition in the catalog) or "quarantine" (withdraw one: hidden, calls refused until
+# approved again).
 #
 # input: {"token": {"sub", "iss", "roles", "tenant", ...}, "console": {"action": "view"}}
 package mcp.console
@@ -16,7 +17,11 @@ console_roles := {"admin", "security"}
 # The roles that may change the catalog (approve a quarantined or new definition).
 approve_roles := {"admin", "security"}
 
-actions := {"view", "approve"}
+# The roles that may quarantine a tool. Kept apart from approve_roles: a policy may let more
+# people pull a tool (an incident responder) than approve one.
+quarantine_roles := {"admin", "security"}
+
+actions := {"view", "approve", "quarantine"}
 
 granted_roles := {r | some r in input.token.roles; r in console_roles}
 
@@ -29,6 +34,12 @@ allowed if {
 	input.console.action == "approve"
 	some r in input.token.roles
 	r in approve_roles
+}
+
+allowed if {
+	input.console.action == "quarantine"
+	some r in input.token.roles
+	r in quarantine_roles
 }
 
 default decision := {"allow": false, "reason": "console_role_required", "http_status": 403}

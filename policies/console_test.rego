@@ -32,3 +32,11 @@ test_unknown_action_refused if {
 	not d.allow
 	d.reason == "unknown_console_action"
 }
+
+test_security_quarantines if {
+	console.decision.allow with input.token as {"sub": "s", "roles": ["security"]} with input.console as {"action": "quarantine"}
+}
+
+test_viewer_may_not_quarantine if {
+	not console.decision.allow with input.token as {"sub": "v", "roles": ["viewer"]} with input.console as {"action": "quarantine"}
+}

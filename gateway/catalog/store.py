@@ -8,6 +8,8 @@ arguments}``, resources ``{uri, name, description, mimeType}``. On :meth:`Catalo
   ``require_approval``; a definition with hidden characters is ``quarantined`` even under tofu;
 * a changed pin: ``quarantined`` (hidden from lists, calls refused) until :meth:`Catalog.approve`;
   going back to the approved definition restores ``approved``;
+* :meth:`Catalog.quarantine`: an operator withdraws an item (``quarantine_reason`` set); it stays
+  quarantined whatever the server lists until approved again;
 * every change is a row in the append-only ``audit_events`` table (triggers refuse UPDATE/DELETE).
 
 Storage is SQLite in WAL mode, shared by several processes: writes run in ``BEGIN IMMEDIATE``
@@ -74,6 +76,7 @@ CREATE TABLE IF NOT EXISTS items (
     findings TEXT NOT NULL DEFAULT '[]',
     first_seen REAL NOT NULL,
     last_changed REAL NOT NULL,
+    quarantine_reason TEXT,
     PRIMARY KEY (server, kind, name)
 );
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -93,6 +96,15 @@ BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_events_no_delete BEFORE DELETE ON audit_events
 BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 """
+
+
+# The schema's version (PRAGMA user_version). A database an older version created gains the
+# columns added since (ALTER TABLE ... ADD COLUMN, its rows kept) when this version opens it.
+SCHEMA_VERSION = 2
+_ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("quarantine_reason", "TEXT"),  # 2: set by Catalog.quarantine, cleared by approve
+)
+MAX_REASON_CHARS = 500
 
 
 class CatalogError(GatewayError):
@@ -184,12 +196,14 @@ class Entry:
     first_seen: float
     last_changed: float
     definition: dict[str, Any] = field(compare=False, repr=False)
+    # Set while an operator's quarantine (Catalog.quarantine) holds the item.
+    quarantine_reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"server": self.server, "kind": self.kind, "name": self.name, "hash": self.hash,
                 "approved_hash": self.approved_hash, "state": self.state, "present": self.present,
                 "findings": list(self.findings), "first_seen": self.first_seen,
-                "last_changed": self.last_changed}
+                "last_changed": self.last_changed, "quarantine_reason": self.quarantine_reason}
 
 
 @dataclass(slots=True)
@@ -277,10 +291,23 @@ class Catalog:
         with self._write():
             for statement in _split_sql(_SCHEMA):
                 self._db.execute(statement)
+            self._migrate(self._db)
         self._snapshot: dict[tuple[str, str, str], Entry] = {}
         self._version: int | None = None
         self._validators: dict[str, Any] = {}  # inputSchema hash -> compiled validator
         self._validators_by_hash: dict[str, Any] = {}  # definition hash -> the same validators
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        """Bring a database an older version created to SCHEMA_VERSION (in the caller's write
+        transaction, so concurrent openers migrate once)."""
+        if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        columns = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+        for name, decl in _ADDED_COLUMNS:
+            if name not in columns:
+                db.execute(f"ALTER TABLE items ADD COLUMN {name} {decl}")
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _enable_wal(self) -> None:
         # Switching a new database to WAL takes a lock that the busy handler does not wait for,
@@ -332,10 +359,10 @@ class Catalog:
     def _load(self) -> Iterator[Entry]:
         rows = self._db.execute(
             "SELECT server, kind, name, hash, approved_hash, state, present, findings, first_seen,"
-            " last_changed, definition FROM items ORDER BY server, kind, name").fetchall()
+            " last_changed, definition, quarantine_reason FROM items ORDER BY server, kind, name").fetchall()
         for r in rows:
             yield Entry(r[0], r[1], r[2], r[3], r[4], r[5], bool(r[6]), tuple(orjson.loads(r[7])),
-                        r[8], r[9], orjson.loads(r[10]))
+                        r[8], r[9], orjson.loads(r[10]), r[11])
 
     def _audit(self, db: sqlite3.Connection, server: str, kind: str, name: str, event: str, *,
                old: str | None, new: str | None, actor: str, detail: Mapping[str, Any] | None = None,
@@ -367,7 +394,8 @@ class Catalog:
                        " ON CONFLICT(name) DO UPDATE SET last_refreshed = excluded.last_refreshed",
                        (server, now, now))
             rows = {r[0]: r for r in db.execute(
-                "SELECT name, hash, approved_hash, state, present FROM items WHERE server = ? AND kind = ?",
+                "SELECT name, hash, approved_hash, state, present, quarantine_reason FROM items"
+                " WHERE server = ? AND kind = ?",
                 (server, kind))}
             for name, item in seen.items():
                 digest = definition_hash(kind, item)
@@ -389,10 +417,15 @@ class Catalog:
                                 now=now, detail={"state": state, "mode": self.mode, "findings": findings})
                     report.added.append(name)
                     continue
-                _, old_hash, approved_hash, old_state, present = row
+                _, old_hash, approved_hash, old_state, present, held = row
                 if old_hash == digest and present:
                     continue
-                if digest == approved_hash:
+                if held is not None:  # an operator's quarantine: only an approval lifts it
+                    state = QUARANTINED
+                    event = "reappeared" if old_hash == digest else "changed"
+                    if old_hash != digest:
+                        report.changed.append(name)
+                elif digest == approved_hash:
                     state = APPROVED
                     event = "restored" if old_hash != digest else "reappeared"
                     report.restored.append(name)
@@ -436,10 +469,32 @@ class Catalog:
                     f"(reviewed {expected_hash[:64]}, now {row[0]}): review it again",
                     code="definition_changed", http_status=409,
                     data={"expected_hash": expected_hash[:64], "hash": row[0]})
-            db.execute("UPDATE items SET state = ?, approved_hash = hash, last_changed = ?"
-                       " WHERE server = ? AND kind = ? AND name = ?", (APPROVED, now, server, kind, name))
+            db.execute("UPDATE items SET state = ?, approved_hash = hash, quarantine_reason = NULL,"
+                       " last_changed = ? WHERE server = ? AND kind = ? AND name = ?",
+                       (APPROVED, now, server, kind, name))
             self._audit(db, server, kind, name, "approved", old=row[1], new=row[0], actor=actor, now=now,
                         detail={"previous_state": row[2]})
+        entry = self.get(server, name, kind=kind)
+        assert entry is not None
+        return entry
+
+    def quarantine(self, server: str, name: str, *, kind: str = "tool", actor: str = "cli",
+                   reason: str | None = None) -> Entry:
+        """Withdraw one item (audited): hidden from lists and its calls refused, as for a changed
+        pin, and held so until :meth:`approve`, whatever the server lists meanwhile."""
+        reason = (reason or "").strip()[:MAX_REASON_CHARS] or "quarantined by an operator"
+        now = time.time()
+        with self._write() as db:
+            row = db.execute("SELECT hash, approved_hash, state FROM items WHERE server = ? AND kind = ?"
+                             " AND name = ?", (server, kind, name)).fetchone()
+            if row is None:
+                raise CatalogError(f"no {kind} {server}/{name} in the catalog", code="not_found",
+                                   http_status=404)
+            db.execute("UPDATE items SET state = ?, quarantine_reason = ?, last_changed = ?"
+                       " WHERE server = ? AND kind = ? AND name = ?",
+                       (QUARANTINED, reason, now, server, kind, name))
+            self._audit(db, server, kind, name, "quarantined", old=row[1], new=row[0], actor=actor,
+                        now=now, detail={"previous_state": row[2], "reason": reason})
         entry = self.get(server, name, kind=kind)
         assert entry is not None
         return entry

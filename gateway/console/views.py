@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 
 from gateway.catalog import CatalogError
+from gateway.catalog.store import MAX_REASON_CHARS
 from gateway.console import envoy_stats, matrix
 from gateway.console.audit_search import Filters, search
 from gateway.console.auth import PolicyUnavailable, Session
@@ -271,7 +272,7 @@ async def catalog_page(request: web.Request) -> web.StreamResponse:
     return page(request, "catalog.html", {
         "rows": rows[:MAX_CATALOG_ROWS], "total": len(rows), "cut": len(rows) > MAX_CATALOG_ROWS,
         "counts": counts, "wanted": wanted, "shadowed": shadowed, "when": _when,
-        "approved": request.query.get("approved")})
+        "approved": request.query.get("approved"), "quarantined": request.query.get("quarantined")})
 
 
 async def catalog_item(request: web.Request) -> web.StreamResponse:
@@ -326,6 +327,30 @@ async def catalog_approve(request: web.Request) -> web.StreamResponse:
     logger.info("console approved a definition", extra={"sub": session.sub, "server": server,
                                                         "item": name, "kind": kind, "hash": entry.hash})
     raise web.HTTPSeeOther(f"{PREFIX}/catalog?approved={server}/{name}")
+
+
+async def catalog_quarantine(request: web.Request) -> web.StreamResponse:
+    """Withdraw one item (console action ``quarantine``): hidden and its calls refused until
+    approved again; Catalog.quarantine, audited with actor ``console:<sub>``."""
+    st = state(request)
+    session = session_of(request)
+    form = await request.post()
+    server, name, kind, reason = (_text(form.get(k)) or "" for k in ("server", "name", "kind", "reason"))
+    if not server or not name or kind not in ("tool", "resource", "prompt"):
+        return refuse(request, 400, "bad_request", "server, name and kind are required")
+    if len(reason) > MAX_REASON_CHARS:
+        return refuse(request, 400, "bad_request", f"the reason exceeds {MAX_REASON_CHARS} characters")
+    decision = await st.policy.console_decision(session.claims, "quarantine")
+    if not decision.allow:
+        return refuse(request, 403, decision.reason, "the policy does not let you quarantine definitions")
+    try:
+        entry = await asyncio.to_thread(st.catalog.quarantine, server, name, kind=kind,
+                                        actor=f"console:{session.sub}", reason=reason or None)
+    except CatalogError as exc:
+        return refuse(request, exc.http_status, exc.code, exc.message)
+    logger.info("console quarantined a definition", extra={"sub": session.sub, "server": server,
+                                                           "item": name, "kind": kind, "hash": entry.hash})
+    raise web.HTTPSeeOther(f"{PREFIX}/catalog?quarantined={server}/{name}")
 
 
 def _when(ts: float | None) -> str:
@@ -547,6 +572,7 @@ def routes() -> list[web.AbstractRouteDef]:
         web.get(f"{PREFIX}/catalog", catalog_page),
         web.get(f"{PREFIX}/catalog/{{server}}/{{kind}}/{{name}}", catalog_item),
         web.post(f"{PREFIX}/catalog/approve", catalog_approve),
+        web.post(f"{PREFIX}/catalog/quarantine", catalog_quarantine),
         web.get(f"{PREFIX}/matrix", matrix_page),
         web.get(f"{PREFIX}/playground", playground_page), web.post(f"{PREFIX}/playground", playground_eval),
         web.get(f"{PREFIX}/audit", audit_page), web.get(f"{PREFIX}/api/audit", audit_api),

@@ -1,4 +1,4 @@
-"""``mcp-gateway catalog list|approve|refresh``: inspect and manage the pinned tool catalog."""
+"""``mcp-gateway catalog list|approve|quarantine|refresh``: inspect and manage the pinned tool catalog."""
 
 from __future__ import annotations
 
@@ -112,6 +112,14 @@ def register(subparsers: Any) -> None:
                                 "refused (definition_changed)")
     p_approve.set_defaults(func=cmd_approve)
 
+    p_quarantine = sub.add_parser("quarantine", help="withdraw <server>/<tool>: hidden from lists and "
+                                  "its calls refused until approved again")
+    db_arg(p_quarantine)
+    p_quarantine.add_argument("target", help="<server>/<tool>")
+    p_quarantine.add_argument("--kind", choices=("tool", "resource", "prompt"), default="tool")
+    p_quarantine.add_argument("--reason", help="why (kept in the catalog's audit events)")
+    p_quarantine.set_defaults(func=cmd_quarantine)
+
     p_refresh = sub.add_parser("refresh", help="fetch tools/resources/prompts from every server")
     db_arg(p_refresh)
     p_refresh.add_argument("--server", action="append", help="only this server (repeatable)")
@@ -201,6 +209,22 @@ def cmd_approve(args: argparse.Namespace) -> int:
     except CatalogError as exc:
         return _fail(f"{exc.code}: {exc.message}" if exc.code == "definition_changed" else exc.message)
     print(f"approved {entry.server}/{entry.name} ({entry.kind}) at {entry.hash[:12]}")
+    return 0
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    server, sep, name = args.target.partition("/")
+    if not sep or not server or not name:
+        return _fail("quarantine takes <server>/<tool>")
+    try:
+        catalog = _open(args, _config(args, required=False))
+        with catalog:
+            entry = catalog.quarantine(server, name, kind=args.kind, actor=f"cli:{getpass.getuser()}",
+                                       reason=args.reason)
+    except CatalogError as exc:
+        return _fail(exc.message)
+    print(f"quarantined {entry.server}/{entry.name} ({entry.kind}): {entry.quarantine_reason} "
+          f"(approve it again with `mcp-gateway catalog approve {entry.server}/{entry.name}`)")
     return 0
 
 

@@ -20,6 +20,7 @@ from gateway.catalog import (
     ToolNotCallable,
     definition_hash,
 )
+from gateway.catalog.store import canonical_json
 from gateway.errors import FORBIDDEN, INVALID_PARAMS
 
 WEATHER: dict[str, Any] = {
@@ -334,3 +335,78 @@ def test_several_processes_share_one_database(tmp_path: Path) -> None:
         ids = [e["id"] for e in cat.audit_events()]
         assert ids == sorted(ids) and len(ids) == len(set(ids))
         assert sum(1 for e in cat.audit_events() if e["server"].startswith("own")) == 100
+
+
+def test_quarantine_hides_refuses_and_holds_until_approved(catalog: Catalog) -> None:
+    """An operator's quarantine hides an approved tool and refuses its calls (audited with the
+    actor and reason); the server listing the same or the approved definition again does not
+    lift it; an approval does."""
+    catalog.refresh("weather", [WEATHER])
+    entry = catalog.quarantine("weather", "get_weather", actor="console:sec", reason="exfiltration report")
+    assert entry.state == QUARANTINED and entry.quarantine_reason == "exfiltration report"
+    assert catalog.visible("weather", [WEATHER]) == []
+    with pytest.raises(ToolNotCallable):
+        catalog.check_callable("weather", "get_weather")
+    event = catalog.audit_events(name="get_weather")[-1]
+    assert (event["event"], event["actor"], event["detail"]["reason"]) == \
+        ("quarantined", "console:sec", "exfiltration report")
+    catalog.refresh("weather", [WEATHER])
+    catalog.refresh("weather", [changed(WEATHER, description="other")])
+    report = catalog.refresh("weather", [WEATHER])  # back to the approved hash: still held
+    assert report.restored == [] and not catalog.is_callable("weather", "get_weather")
+    catalog.refresh("weather", [], complete=True)
+    catalog.refresh("weather", [WEATHER])  # gone and back: still held
+    assert not catalog.is_callable("weather", "get_weather")
+    entry = catalog.approve("weather", "get_weather", actor="alice")
+    assert entry.state == APPROVED and entry.quarantine_reason is None
+    assert catalog.is_callable("weather", "get_weather")
+
+
+def test_quarantine_unknown_item(catalog: Catalog) -> None:
+    """Quarantining an item the catalog never saw is not_found."""
+    with pytest.raises(CatalogError) as info:
+        catalog.quarantine("s", "nope")
+    assert info.value.code == "not_found"
+
+
+OLD_ITEMS = """CREATE TABLE servers (name TEXT PRIMARY KEY, first_seen REAL NOT NULL,
+    last_refreshed REAL NOT NULL);
+CREATE TABLE items (server TEXT NOT NULL REFERENCES servers(name),
+    kind TEXT NOT NULL CHECK (kind IN ('tool', 'resource', 'prompt')), name TEXT NOT NULL,
+    hash TEXT NOT NULL, approved_hash TEXT, definition TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('approved', 'quarantined', 'new')),
+    present INTEGER NOT NULL DEFAULT 1, findings TEXT NOT NULL DEFAULT '[]',
+    first_seen REAL NOT NULL, last_changed REAL NOT NULL, PRIMARY KEY (server, kind, name));"""
+
+
+def _old_database(path: Path) -> tuple[str, str]:
+    """A catalog as the first schema left it: get_weather approved, then changed (quarantined)."""
+    approved = definition_hash("tool", WEATHER)
+    evil = changed(WEATHER, description="evil")
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_ITEMS)
+        db.execute("INSERT INTO servers VALUES ('weather', 1, 1)")
+        db.execute("INSERT INTO items VALUES ('weather', 'tool', 'get_weather', ?, ?, ?, 'quarantined',"
+                   " 1, '[]', 1, 2)", (definition_hash("tool", evil), approved,
+                                       canonical_json("tool", evil).decode()))
+        db.execute("INSERT INTO items VALUES ('weather', 'tool', 'stable', ?, ?, ?, 'approved',"
+                   " 1, '[]', 1, 1)", (definition_hash("tool", {"name": "stable"}),
+                                       definition_hash("tool", {"name": "stable"}),
+                                       canonical_json("tool", {"name": "stable"}).decode()))
+    return approved, definition_hash("tool", evil)
+
+
+def test_a_database_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    """Opening a catalog the first schema created adds the new columns and keeps every row and
+    state; quarantine then works on it."""
+    path = tmp_path / "old.sqlite"
+    approved, current = _old_database(path)
+    with Catalog(path) as cat:
+        entry = cat.get("weather", "get_weather")
+        assert entry is not None and (entry.state, entry.hash, entry.approved_hash) == \
+            (QUARANTINED, current, approved)
+        assert cat.is_callable("weather", "stable")
+        cat.quarantine("weather", "stable", reason="r")
+        assert not cat.is_callable("weather", "stable")
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 2

@@ -124,6 +124,26 @@ def test_approve_with_hash_refuses_a_definition_changed_since(tmp_path: Path,
         assert entry is not None and entry.state == "approved" and entry.approved_hash == current
 
 
+def test_quarantine_withdraws_a_tool_until_approved(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """quarantine makes an approved tool not callable, audited with the user and reason; an
+    unknown tool exits 2; approve lifts it."""
+    db = tmp_path / "c.sqlite"
+    with Catalog(db) as cat:
+        cat.refresh("a", [{"name": "search", "description": "x"}])
+    assert run(["catalog", "quarantine", "a/search", "--reason", "leaks", "--db", str(db)]) == 0
+    assert "quarantined a/search" in capsys.readouterr().out
+    with Catalog(db) as cat:
+        assert not cat.is_callable("a", "search")
+        event = cat.audit_events("a", "search")[-1]
+        assert event["event"] == "quarantined" and event["detail"]["reason"] == "leaks"
+        assert event["actor"].startswith("cli:")
+    assert run(["catalog", "quarantine", "a/nope", "--db", str(db)]) == 2
+    assert run(["catalog", "approve", "a/search", "--db", str(db)]) == 0
+    with Catalog(db) as cat:
+        assert cat.is_callable("a", "search")
+
+
 def test_refresh_from_configured_servers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """refresh lists every configured server (skipping a dead instance) and pins what it finds."""
     stub = Stub()
