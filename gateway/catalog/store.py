@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS items (
     first_seen REAL NOT NULL,
     last_changed REAL NOT NULL,
     quarantine_reason TEXT,
+    approved_definition TEXT,
     PRIMARY KEY (server, kind, name)
 );
 CREATE TABLE IF NOT EXISTS audit_events (
@@ -100,9 +101,10 @@ BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
 
 # The schema's version (PRAGMA user_version). A database an older version created gains the
 # columns added since (ALTER TABLE ... ADD COLUMN, its rows kept) when this version opens it.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _ADDED_COLUMNS: tuple[tuple[str, str], ...] = (
     ("quarantine_reason", "TEXT"),  # 2: set by Catalog.quarantine, cleared by approve
+    ("approved_definition", "TEXT"),  # 3: the canonical JSON approved_hash pins
 )
 MAX_REASON_CHARS = 500
 
@@ -307,6 +309,10 @@ class Catalog:
         for name, decl in _ADDED_COLUMNS:
             if name not in columns:
                 db.execute(f"ALTER TABLE items ADD COLUMN {name} {decl}")
+        # Where the approved definition is the current one it is known; an item whose definition
+        # changed before this version keeps only the approved hash.
+        db.execute("UPDATE items SET approved_definition = definition"
+                   " WHERE approved_definition IS NULL AND approved_hash = hash")
         db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def _enable_wal(self) -> None:
@@ -409,10 +415,11 @@ class Catalog:
                     state = APPROVED if self.mode == "tofu" and not findings else (
                         QUARANTINED if findings else NEW)
                     db.execute("INSERT INTO items (server, kind, name, hash, approved_hash, definition,"
-                               " state, present, findings, first_seen, last_changed)"
-                               " VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?)",
+                               " state, present, findings, first_seen, last_changed, approved_definition)"
+                               " VALUES (?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
                                (server, kind, name, digest, digest if state == APPROVED else None,
-                                definition, state, findings_json, now, now))
+                                definition, state, findings_json, now, now,
+                                definition if state == APPROVED else None))
                     self._audit(db, server, kind, name, "added", old=None, new=digest, actor=actor,
                                 now=now, detail={"state": state, "mode": self.mode, "findings": findings})
                     report.added.append(name)
@@ -435,8 +442,11 @@ class Catalog:
                     state, event = QUARANTINED, "changed"
                     report.changed.append(name)
                 db.execute("UPDATE items SET hash = ?, definition = ?, state = ?, present = 1,"
-                           " findings = ?, last_changed = ? WHERE server = ? AND kind = ? AND name = ?",
-                           (digest, definition, state, findings_json, now, server, kind, name))
+                           " findings = ?, last_changed = ?, approved_definition = CASE WHEN"
+                           " approved_hash = ? THEN ? ELSE approved_definition END"
+                           " WHERE server = ? AND kind = ? AND name = ?",
+                           (digest, definition, state, findings_json, now, digest, definition,
+                            server, kind, name))
                 self._audit(db, server, kind, name, event, old=old_hash, new=digest, actor=actor,
                             now=now, detail={"state": state, "previous_state": old_state,
                                              "findings": findings})
@@ -469,8 +479,9 @@ class Catalog:
                     f"(reviewed {expected_hash[:64]}, now {row[0]}): review it again",
                     code="definition_changed", http_status=409,
                     data={"expected_hash": expected_hash[:64], "hash": row[0]})
-            db.execute("UPDATE items SET state = ?, approved_hash = hash, quarantine_reason = NULL,"
-                       " last_changed = ? WHERE server = ? AND kind = ? AND name = ?",
+            db.execute("UPDATE items SET state = ?, approved_hash = hash, approved_definition = definition,"
+                       " quarantine_reason = NULL, last_changed = ?"
+                       " WHERE server = ? AND kind = ? AND name = ?",
                        (APPROVED, now, server, kind, name))
             self._audit(db, server, kind, name, "approved", old=row[1], new=row[0], actor=actor, now=now,
                         detail={"previous_state": row[2]})
@@ -567,6 +578,18 @@ class Catalog:
             return InvalidArguments(f"invalid arguments for tool {tool!r}: {message}",
                                     data={"field": where, "rule": exc.rule, "tool": tool})
         return None
+
+    def approved_definition(self, server: str, name: str, *, kind: str = "tool") -> dict[str, Any] | None:
+        """The pinned fields of the definition last approved (read from the database: the
+        request path's snapshot does not hold it); None when never approved, or when what is
+        stored is not what ``approved_hash`` pins (approved by a version that did not store it)."""
+        with self._lock:
+            row = self._db.execute("SELECT approved_definition, approved_hash FROM items WHERE server = ?"
+                                   " AND kind = ? AND name = ?", (server, kind, name)).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return None
+        value: dict[str, Any] = orjson.loads(row[0])
+        return value if definition_hash(kind, value) == row[1] else None
 
     def shadowed_names(self) -> dict[str, list[str]]:
         """Tool names offered by more than one server (a confused-deputy / shadowing risk)."""

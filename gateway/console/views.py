@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import os
 import time
@@ -289,11 +290,35 @@ async def _item_page(request: web.Request, server: str, kind: str, name: str, *,
     if entry is None:
         return refuse(request, 404, "not_found", f"no {kind} {server}/{name} in the catalog")
     events = await asyncio.to_thread(st.catalog.audit_events, server, name)
+    diff = None
+    if entry.approved_hash is not None and entry.approved_hash != entry.hash:
+        approved = await asyncio.to_thread(st.catalog.approved_definition, server, name, kind=kind)
+        diff = _diff(approved, entry.definition) if approved is not None else None
     response = page(request, "catalog_item.html", {
         "e": entry, "events": [ev for ev in events if ev.get("kind") == kind][-50:], "when": _when,
-        "definition": orjson.dumps(entry.definition, option=PRETTY).decode(), "changed": changed})
+        "definition": orjson.dumps(entry.definition, option=PRETTY).decode(), "changed": changed,
+        "diff": diff})
     response.set_status(status)
     return response
+
+
+MAX_DIFF_LINES = 2000
+
+
+def _diff(approved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A unified line diff of the canonical JSON (sorted keys, indented) of the approved and the
+    current definition, as (css class, line) pairs; the template escapes the lines."""
+    old = orjson.dumps(approved, option=PRETTY).decode().splitlines()
+    new = orjson.dumps(current, option=PRETTY).decode().splitlines()
+    out: list[tuple[str, str]] = []
+    for line in difflib.unified_diff(old, new, "approved", "current", n=3, lineterm=""):
+        css = "hunk" if line.startswith(("@@", "---", "+++")) else \
+            "add" if line.startswith("+") else "del" if line.startswith("-") else "same"
+        out.append((css, line))
+        if len(out) >= MAX_DIFF_LINES:
+            out.append(("hunk", f"... cut at {MAX_DIFF_LINES} lines"))
+            break
+    return out
 
 
 def _is_sha256(text: str) -> bool:

@@ -111,3 +111,19 @@ async def test_quarantine_needs_the_policys_quarantine_action(console: Console, 
         assert resp.status == 403 and "console_role_required" in await resp.text()
     with Catalog(console.settings.catalog_path) as catalog:
         assert catalog.is_callable("files", "read_file")
+
+
+async def test_item_page_shows_the_diff_between_approved_and_current(console: Console) -> None:
+    """A quarantined tool's page shows a line diff of the approved and the current canonical
+    JSON, escaped."""
+    with Catalog(console.settings.catalog_path) as catalog:
+        catalog.refresh("files", [QUIET_TOOL, {**CHANGED_TOOL, "description": "<b>Write</b> ANY file"}])
+    sid, _ = await console.sign_in(["admin"])
+    async with console.http.get(console.url("/console/catalog/files/tool/write_file"),
+                                headers={"Cookie": f"{COOKIE}={sid}"}) as resp:
+        html = await resp.text()
+    diff = html.split('id="diff">', 1)[1].split("</pre>", 1)[0]
+    assert '<span class="del">-  &#34;description&#34;: &#34;Write a file&#34;,</span>' in diff
+    assert '<span class="add">+  &#34;description&#34;: &#34;&lt;b&gt;Write&lt;/b&gt; ANY file&#34;,</span>' \
+        in diff
+    assert "inputSchema" in diff  # context lines around the change

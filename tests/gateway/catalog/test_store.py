@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway.catalog import (
@@ -410,3 +411,32 @@ def test_a_database_of_the_first_schema_is_migrated_with_its_rows(tmp_path: Path
         assert not cat.is_callable("weather", "stable")
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] >= 2
+
+
+def test_the_approved_definition_is_kept_beside_a_changed_one(catalog: Catalog) -> None:
+    """The catalog keeps the approved definition while a changed one is quarantined, and the
+    new one once approved."""
+    catalog.refresh("weather", [WEATHER])
+    evil = changed(WEATHER, description="evil")
+    catalog.refresh("weather", [evil])
+    assert catalog.approved_definition("weather", "get_weather") == orjson.loads(
+        canonical_json("tool", WEATHER))
+    catalog.approve("weather", "get_weather")
+    assert catalog.approved_definition("weather", "get_weather") == orjson.loads(
+        canonical_json("tool", evil))
+    assert catalog.approved_definition("weather", "nope") is None
+
+
+def test_migration_keeps_the_approved_definition_where_it_is_known(tmp_path: Path) -> None:
+    """A first-schema database: an unchanged approved item gets its approved definition from
+    its current one; a changed item has none (only its hash was stored) until the approved
+    definition is listed again or it is approved."""
+    path = tmp_path / "old.sqlite"
+    _old_database(path)
+    with Catalog(path) as cat:
+        assert cat.approved_definition("weather", "stable") == {
+            "name": "stable", "description": None, "inputSchema": None, "annotations": None}
+        assert cat.approved_definition("weather", "get_weather") is None
+        cat.refresh("weather", [WEATHER, {"name": "stable"}])  # back to the approved definition
+        assert cat.approved_definition("weather", "get_weather") == orjson.loads(
+            canonical_json("tool", WEATHER))
