@@ -12,6 +12,7 @@ import yaml
 
 from gateway import inner_tls
 from gateway.config import load_config
+from gateway.console.settings import INNER_TLS_IDENTITY as CONSOLE_IDENTITY
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"
@@ -84,7 +85,7 @@ def test_envoy_reads_the_edge_certificate_through_sds_from_its_configmap() -> No
 
 
 def test_one_inner_certificate_per_identity() -> None:
-    """Envoy, ext-authz, ext-proc, the aggregator and each module/command server have a
+    """Envoy, ext-authz, ext-proc, the aggregator, the console and each module/command server have a
     certificate naming <identity>.<domain> first and the Service host its clients dial; client
     auth only for the clients; all from the inner CA Issuer, itself backed by a CA Certificate."""
     config = load_config(K8S / "gateway.yaml")
@@ -96,6 +97,8 @@ def test_one_inner_certificate_per_identity() -> None:
     for server in config.servers:
         if server.kind in ("module", "command"):
             hosts[inner_tls.server_identity(server.name)] = server.instances[0].host
+    if config.console.enabled:
+        hosts[CONSOLE_IDENTITY] = config.console.instances[0].host
     certificates = by("Certificate")
     named = [c["spec"] for c in certificates.values() if c["spec"].get("dnsNames")]
     inner = {spec["dnsNames"][0].removesuffix(f".{domain}"): spec for spec in named
