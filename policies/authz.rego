@@ -399,12 +399,19 @@ sql_functions_ok if {
 # is absent (README.md, "Engine differences": a negated call with an undefined argument).
 describe_table_ok if table_allowed(input.mcp.arguments.table)
 
+# insert_row / delete_row (the database server's single-row writes, on the tables it was started
+# with as writable) take a table name and never SQL: the role must list that table too.
+row_write_tools := {"insert_row", "delete_row"}
+
 database_arguments_ok if {
 	tool == "query"
 	sql_tables_ok
 	sql_functions_ok
 } else := true if {
 	tool == "describe_table"
+	describe_table_ok
+} else := true if {
+	tool in row_write_tools
 	describe_table_ok
 } else := true if {
 	tool == "list_tables"
@@ -642,6 +649,13 @@ denials contains [72, "table_not_allowed", ""] if {
 	is_tool_call
 	server_name == "database"
 	tool == "describe_table"
+	not describe_table_ok
+}
+
+denials contains [72, "table_not_allowed", ""] if {
+	is_tool_call
+	server_name == "database"
+	tool in row_write_tools
 	not describe_table_ok
 }
 

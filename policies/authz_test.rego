@@ -287,6 +287,21 @@ test_describe_table_by_role if {
 	denied_with(db("describe_table", {"table": "orders"}, ["viewer"]), "table_not_allowed")
 }
 
+# insert_row / delete_row: granted by role like any tool, and only on a table the role lists
+# (the server itself writes only its --writable-table tables).
+test_row_writes_by_role_and_table if {
+	allowed(db("insert_row", {"table": "invoice_records", "values": {"order_id": 1}}, ["engineer"]))
+	allowed(db("delete_row", {"table": "invoice_records", "id": 3}, ["engineer"]))
+	allowed(db("delete_row", {"table": "invoice_records", "id": 3}, ["admin"]))
+	denied_with(db("insert_row", {"table": "customers", "values": {}}, ["engineer"]), "table_not_allowed")
+	denied_with(db("delete_row", {"table": "employees", "id": 1}, ["engineer"]), "table_not_allowed")
+	denied_with(db("delete_row", {"id": 1}, ["engineer"]), "table_not_allowed")
+	denied_with(db("insert_row", {"table": ["invoice_records"], "values": {}}, ["engineer"]), "table_not_allowed")
+	denied_with(db("insert_row", {"table": "main.invoice_records", "values": {}}, ["admin"]), "table_not_allowed")
+	denied_with(db("insert_row", {"table": "invoice_records", "values": {}}, ["analyst"]), "tool_not_allowed")
+	denied_with(db("delete_row", {"table": "orders", "id": 1}, ["analyst"]), "tool_not_allowed")
+}
+
 schema_read(uri, roles) := {
 	"mcp": {"kind": "request", "method": "resources/read", "resource_uri": uri},
 	"token": token(roles, ""),

@@ -28,7 +28,18 @@ between the parser and the engine refuses the query instead of widening it:
   not in the plan: they are held to the allowlist by the parse, and a role without EXECUTE on
   anything dangerous is the production layer under it.
 
-Use a database role with only SELECT grants in production as well; these layers protect the data
+Writes exist only as the ``insert_row`` and ``delete_row`` tools, only for the tables the server
+is started with as writable (``--writable-table``), and never through ``query``: each runs one
+statement the server builds itself (identifiers read from the schema and quoted, every value a
+bound parameter) on a connection of its own, never one of the read path's:
+
+* SQLite: a ``mode=rw`` connection per call whose authorizer admits only that INSERT or DELETE on
+  that one table and reads of its columns; the read path's connections stay ``mode=ro``.
+* PostgreSQL: a second pool, used only by these two calls, each one statement in a read-write
+  transaction; the read path's transactions stay READ ONLY.
+
+Use a database role with only SELECT grants in production as well (and INSERT/DELETE on the
+writable tables for the writes' role); these layers protect the data
 but a read-only transaction can still call functions with side effects outside the database.
 """
 
@@ -44,7 +55,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,6 +132,13 @@ class Backend(Protocol):
         """Run one query; ``scope`` (a caller's SQL) limits what the engine may read and call,
         None is for the server's own catalogue queries."""
 
+    async def insert_row(self, target: WritableTable, values: dict[str, Any]) -> Any:
+        """Insert one row of checked ``values`` into ``target`` on the write connection; the new
+        row's key. Refused unless the backend was built with ``target`` writable."""
+
+    async def delete_row(self, target: WritableTable, row_id: int | str) -> bool:
+        """Delete the row of ``target`` whose key is ``row_id``; False if there was none."""
+
     async def start(self) -> None:
         """Acquire what needs the event loop (pools); called once when the server starts."""
 
@@ -175,6 +193,95 @@ async def _require_table(backend: Backend, table: str) -> None:
     if table not in known:
         raise DatabaseError("unknown_table",
                             f"no table named {table!r}; available tables: {', '.join(sorted(known))}")
+
+
+# -- Writes: insert_row / delete_row only -----------------------------------------------------------
+
+# Bounds of one written row (the tools' input schemas say the same; the backend checks again).
+MAX_WRITE_COLUMNS = 64
+MAX_IDENTIFIER_CHARS = 128
+MAX_VALUE_CHARS = 4096
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_WRITE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class WritableTable:
+    """A table the server may write, as its schema was read at start-up: the single-column
+    primary key that names a row, and the other columns a caller may set."""
+
+    name: str
+    key: str
+    columns: frozenset[str]
+
+
+def writable_table(described: dict[str, Any]) -> WritableTable:
+    """The write target of a ``describe_table`` answer; refuses a table without a single-column
+    primary key (no row id to return and delete by)."""
+    name = str(described["table"])
+    keys = [str(c["name"]) for c in described["columns"] if c["primaryKey"]]
+    if len(keys) != 1:
+        raise DatabaseError("not_writable",
+                            f"table {name!r} has no single-column primary key to name rows by")
+    return WritableTable(name=name, key=keys[0],
+                         columns=frozenset(str(c["name"]) for c in described["columns"]) - {keys[0]})
+
+
+def check_row(target: WritableTable, values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``values`` as (column, value) pairs in a stable order, or DatabaseError naming what is wrong:
+    a column the table does not have (or its key, which the database assigns), a value that is
+    not a JSON scalar, or one over the bounds."""
+    if not isinstance(values, dict):
+        raise DatabaseError("bad_values", "values must be an object of column -> value")
+    if len(values) > MAX_WRITE_COLUMNS:
+        raise DatabaseError("too_large", f"at most {MAX_WRITE_COLUMNS} columns per row")
+    pairs: list[tuple[str, Any]] = []
+    for column in sorted(values):
+        value = values[column]
+        if column == target.key:
+            raise DatabaseError("bad_values", f"column {column!r} is the key; the database assigns it")
+        if column not in target.columns:
+            raise DatabaseError("unknown_column", f"table {target.name!r} has no column {column[:128]!r}; "
+                                                  f"columns: {', '.join(sorted(target.columns))}")
+        if isinstance(value, str):
+            if len(value) > MAX_VALUE_CHARS:
+                raise DatabaseError("too_large",
+                                    f"value of {column!r} has more than {MAX_VALUE_CHARS} characters")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise DatabaseError("too_large", f"value of {column!r} is outside the 64-bit integer range")
+        elif isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise DatabaseError("bad_values", f"value of {column!r} is not a finite number")
+        elif value is not None and not isinstance(value, bool):
+            raise DatabaseError("bad_values", f"value of {column!r} is not a JSON scalar "
+                                              "(string, number, boolean or null)")
+        pairs.append((column, value))
+    return pairs
+
+
+def check_row_id(row_id: Any) -> int | str:
+    if isinstance(row_id, bool) or not isinstance(row_id, int | str):
+        raise DatabaseError("bad_values", "id must be an integer or a string")
+    if isinstance(row_id, int) and not _INT64[0] <= row_id <= _INT64[1]:
+        raise DatabaseError("too_large", "id is outside the 64-bit integer range")
+    if isinstance(row_id, str) and len(row_id) > MAX_IDENTIFIER_CHARS * 2:
+        raise DatabaseError("too_large", f"id has more than {MAX_IDENTIFIER_CHARS * 2} characters")
+    return row_id
+
+
+def _insert_sql(target: WritableTable, columns: Sequence[str], marks: Sequence[str]) -> str:
+    if not columns:
+        return f"INSERT INTO {quote_identifier(target.name)} DEFAULT VALUES " \
+               f"RETURNING {quote_identifier(target.key)}"  # noqa: S608 - identifiers from the schema
+    return (f"INSERT INTO {quote_identifier(target.name)} "  # noqa: S608 - identifiers from the schema
+            f"({', '.join(quote_identifier(c) for c in columns)}) VALUES ({', '.join(marks)}) "
+            f"RETURNING {quote_identifier(target.key)}")
+
+
+def _delete_sql(target: WritableTable, mark: str) -> str:
+    return (f"DELETE FROM {quote_identifier(target.name)} "  # noqa: S608 - identifiers from the schema
+            f"WHERE {quote_identifier(target.key)} = {mark} RETURNING {quote_identifier(target.key)}")
 
 
 # -- SQLite ---------------------------------------------------------------------------------------
@@ -259,11 +366,15 @@ class SQLiteBackend:
 
     kind = "sqlite"
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, writable: Iterable[str] = ()) -> None:
         self.path = str(Path(path).resolve())
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"SQLite database {self.path} does not exist")
         self._uri = f"file:{quote(self.path)}?mode=ro"
+        # Only insert_row / delete_row open the file read-write, each call on its own connection
+        # whose authorizer admits that one statement on that one table.
+        self._write_uri = f"file:{quote(self.path)}?mode=rw"
+        self.writable = frozenset(writable)
         # Stop flags of queries running in worker threads, so close() can end them.
         self._running: set[threading.Event] = set()
         self._closed = False
@@ -330,6 +441,49 @@ class SQLiteBackend:
         finally:
             self._running.discard(stop)
 
+    def _write(self, target: WritableTable, action: int, sql: str, params: Sequence[Any]) -> list[Any]:
+        if target.name not in self.writable:
+            raise DatabaseError("not_writable", f"table {target.name!r} is not writable")
+        denied: list[str] = []
+
+        def authorize(code: int, arg1: str | None, arg2: str | None, db: str | None, _src: str | None) -> int:
+            # The one write on the one table, and reads of its own columns (WHERE, RETURNING).
+            if code in (action, sqlite3.SQLITE_READ) and arg1 == target.name and db in (None, "main"):
+                return sqlite3.SQLITE_OK
+            denied.append(f"needs action {code} ({arg1!r})")
+            return sqlite3.SQLITE_DENY
+
+        conn = sqlite3.connect(self._write_uri, uri=True, timeout=_WRITE_SECONDS, check_same_thread=False,
+                               isolation_level=None, cached_statements=0)
+        try:
+            conn.set_authorizer(authorize)
+            try:
+                return [r[0] for r in conn.execute(sql, params).fetchall()]
+            except sqlite3.IntegrityError as err:
+                raise DatabaseError("constraint", f"the row breaks a constraint: {err}") from None
+            except sqlite3.Error as err:
+                if denied:
+                    raise DatabaseError("not_authorized", f"the write {denied[0]}") from None
+                raise _sqlite_error(err, None) from None
+        finally:
+            conn.close()
+
+    async def insert_row(self, target: WritableTable, values: dict[str, Any]) -> Any:
+        pairs = check_row(target, values)
+        if self._closed:
+            raise DatabaseError("unavailable", "the database is closed (the server is shutting down)")
+        sql = _insert_sql(target, [c for c, _ in pairs], ["?"] * len(pairs))
+        keys = await asyncio.to_thread(self._write, target, sqlite3.SQLITE_INSERT, sql, [v for _, v in pairs])
+        return jsonable(keys[0])
+
+    async def delete_row(self, target: WritableTable, row_id: int | str) -> bool:
+        key = check_row_id(row_id)
+        if self._closed:
+            raise DatabaseError("unavailable", "the database is closed (the server is shutting down)")
+        deleted = await asyncio.to_thread(self._write, target, sqlite3.SQLITE_DELETE,
+                                          _delete_sql(target, "?"), [key])
+        return bool(deleted)
+
     async def list_tables(self) -> list[dict[str, Any]]:
         return await _tables_with_counts(
             self, "SELECT name, type FROM sqlite_schema WHERE type IN ('table', 'view') "
@@ -364,11 +518,16 @@ class PostgresBackend:
 
     kind = "postgresql"
 
-    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4) -> None:
+    def __init__(self, dsn: str, *, min_size: int = 1, max_size: int = 4,
+                 writable: Iterable[str] = ()) -> None:
         self.dsn = dsn
         self._min_size = min_size
         self._max_size = max_size
         self._pool: Any = None
+        self.writable = frozenset(writable)
+        # insert_row / delete_row only, on connections of their own (never the read pool's):
+        # a read-write transaction holding the one parameterised statement, then COMMIT.
+        self._write_pool: Any = None
 
     @property
     def started(self) -> bool:
@@ -380,11 +539,48 @@ class PostgresBackend:
         if self._pool is None:
             self._pool = await asyncpg.create_pool(self.dsn, min_size=self._min_size,
                                                    max_size=self._max_size)
+        if self.writable and self._write_pool is None:
+            self._write_pool = await asyncpg.create_pool(self.dsn, min_size=0, max_size=2)
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
             await pool.close()
+        if self._write_pool is not None:
+            pool, self._write_pool = self._write_pool, None
+            await pool.close()
+
+    async def _write(self, target: WritableTable, sql: str, args: Sequence[Any]) -> list[Any]:
+        import asyncpg
+
+        if target.name not in self.writable:
+            raise DatabaseError("not_writable", f"table {target.name!r} is not writable")
+        if self._write_pool is None:
+            raise DatabaseError("unavailable", "the database connection pool is not started")
+        async with self._write_pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    await conn.fetchval("SELECT set_config('statement_timeout', $1, true)",
+                                        str(int(_WRITE_SECONDS * 1000)))
+                    return [r[0] for r in await conn.fetch(sql, *args)]
+            except asyncpg.exceptions.IntegrityConstraintViolationError as err:
+                raise DatabaseError("constraint", f"the row breaks a constraint: {err}") from None
+            except asyncpg.exceptions.QueryCanceledError:
+                raise DatabaseError("timeout",
+                                    "the write was stopped: it ran longer than the time limit") from None
+            except (asyncpg.exceptions.InterfaceError, asyncpg.exceptions.DataError) as err:
+                raise DatabaseError("bad_values", f"a value does not fit its column: {err}") from None
+            except asyncpg.exceptions.PostgresError as err:
+                raise DatabaseError("sql_error", f"SQL error: {err}") from None
+
+    async def insert_row(self, target: WritableTable, values: dict[str, Any]) -> Any:
+        pairs = check_row(target, values)
+        sql = _insert_sql(target, [c for c, _ in pairs], [f"${n}" for n in range(1, len(pairs) + 1)])
+        keys = await self._write(target, sql, [v for _, v in pairs])
+        return jsonable(keys[0])
+
+    async def delete_row(self, target: WritableTable, row_id: int | str) -> bool:
+        return bool(await self._write(target, _delete_sql(target, "$1"), [check_row_id(row_id)]))
 
     async def query(self, sql: str, params: Params, max_rows: int, time_limit: float,
                     scope: ReadScope | None = None) -> QueryResult:

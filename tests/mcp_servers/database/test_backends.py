@@ -169,7 +169,7 @@ async def pg_snapshot(db: PostgresBackend) -> list[list[object]]:
 async def test_postgres_tables_and_query(pg: PostgresBackend) -> None:
     """PostgreSQL lists, describes and queries the demo data with $n parameters and a row limit."""
     tables = await pg.list_tables()
-    assert [t["name"] for t in tables] == ["customers", "employees", "orders", "products"]
+    assert [t["name"] for t in tables] == ["customers", "employees", "invoice_records", "orders", "products"]
     cols = {c["name"]: c for c in (await pg.describe_table("orders"))["columns"]}
     assert cols["id"]["primaryKey"] is True and cols["customer_id"]["references"] == "customers(id)"
     res = await pg.query("SELECT id FROM customers WHERE tenant = $1 ORDER BY id", ["acme"], 2, 5.0)
