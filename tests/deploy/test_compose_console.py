@@ -4,6 +4,12 @@ read-only, no signing key, and Envoy's admin interface never on the network."""
 
 from __future__ import annotations
 
+import http.client
+import os
+import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -16,11 +22,14 @@ from gateway import inner_tls
 from gateway.config import GatewayConfig, load_config
 from gateway.console.settings import INNER_TLS_IDENTITY, ConsoleSettings
 from tests.deploy.test_compose_inner_tls import ENV, INNER, issue, mounts
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 GATEWAY = REPO / "deploy" / "compose" / "gateway.yaml"
 ENVOY = REPO / "deploy" / "compose" / "envoy.yaml"
+TIMEOUT = 10.0
+START_DEADLINE = 60.0  # the console compiles and checks the policies before it listens
 # Volumes holding a key the console must not have.
 KEY_VOLUMES = {"inner-pki", "assertion-keys", "audit-keys"}
 
@@ -147,3 +156,69 @@ def test_envoys_admin_interface_stays_off_the_network(
     assert not [p for p in published if str(p).endswith(f":{config.admin.port}")]
     assert ConsoleSettings.from_config(config).admin_url == f"http://127.0.0.1:{config.admin.port}"
     assert inner_tls.ENVOY_ONLY == frozenset({inner_tls.ENVOY})
+
+
+def _answer(port: int, files: inner_tls.TlsFiles) -> int | None:
+    """The HTTP status of GET /ready with ``files``' client certificate; None when the
+    connection is refused or closed without an answer (TLS 1.3 alerts arrive with the read)."""
+    context = inner_tls.client_context(files, check_hostname=False)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=TIMEOUT, context=context)
+    try:
+        conn.request("GET", "/ready")
+        return conn.getresponse().status
+    except (TimeoutError, ConnectionError, ssl.SSLError, http.client.RemoteDisconnected):
+        return None
+    finally:
+        conn.close()
+
+
+def test_the_console_starts_on_the_compose_layout_and_admits_envoy_only(
+        tmp_path: Path, config: GatewayConfig) -> None:
+    """The real console process, on the compose config with its paths moved under tmp_path (the
+    policies at policy.dir, the catalog, read-only per-writer audit folders, no master key) and
+    the pair pki-init issued it, serves mTLS: Envoy's pki-init certificate gets /ready, another
+    component's (ext_authz, also a client) is refused."""
+    out = issue(tmp_path, config)
+    state = tmp_path / "state"
+    text = (tmp_path / "gateway.yaml").read_text()  # issue() wrote the relocated config there
+    text = text.replace("dir: /policies", f"dir: {REPO / 'policies'}")
+    text = text.replace("/var/lib/mcp-gateway", str(state))
+    (state / "catalog").mkdir(parents=True)
+    for writer in ("ext-authz-1", "files-1"):
+        folder = state / "audit" / writer
+        folder.mkdir(parents=True)
+        folder.chmod(0o500)
+    path = tmp_path / "console.yaml"
+    path.write_text(text)
+    (port,) = free_ports(1, offsets=(0,))
+    mine = out / INNER_TLS_IDENTITY
+    env = {**os.environ, inner_tls.CERT_ENV: str(mine / "tls.crt"), inner_tls.KEY_ENV: str(mine / "tls.key"),
+           inner_tls.CA_ENV: str(mine / "ca.crt"), "PYTHONPATH": str(REPO)}
+    env.pop("MCP_GATEWAY_AUDIT_MASTER_KEY", None)
+
+    def files(identity: str) -> inner_tls.TlsFiles:
+        folder = out / identity
+        return inner_tls.TlsFiles(str(folder / "tls.crt"), str(folder / "tls.key"), str(folder / "ca.crt"))
+
+    log = tmp_path / "console.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "gateway.console", "--config", str(path),
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_DEADLINE
+        status = None
+        while status != 200:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the console did not answer /ready in time"
+            status = _answer(port, files(inner_tls.ENVOY))
+            if status is None:
+                time.sleep(0.2)  # polling for the listener, bounded by the deadline
+        assert _answer(port, files(inner_tls.EXT_AUTHZ)) in (None, 403)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
