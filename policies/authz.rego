@@ -183,11 +183,12 @@ tenant_ok if {
 
 # ---------------------------------------------------------------- files: path constraints
 
-file_tools := {"list_directory", "stat", "read_file", "search", "write_file"}
+file_tools := {"list_directory", "stat", "read_file", "search", "write_file", "delete_file"}
 
 is_file_tool if tool in file_tools
 
-write_tools := {"write_file"}
+# Deleting a file needs a write prefix, like writing it.
+write_tools := {"write_file", "delete_file"}
 
 # (gateway/policy/facts.py PATH_ARGUMENT_NAMES; a Python test keeps the two in step.)
 path_argument_names := {"path", "root", "directory", "source", "destination", "target"}

@@ -139,6 +139,17 @@ test_write_needs_write_prefix if {
 	denied_with(files("write_file", {"path": "shared/a.txt", "content": "x"}, ["engineer"]), "path_not_allowed")
 }
 
+# delete_file is judged as a write: a write prefix, the caller's own tenant, a well-formed path.
+test_delete_needs_write_prefix if {
+	allowed(files("delete_file", {"path": "projects/invoices/order-1.json"}, ["engineer"]))
+	allowed(files("delete_file", {"path": "tenants/acme/scratch/a.txt"}, ["engineer"]))
+	denied_with(files("delete_file", {"path": "shared/a.txt"}, ["engineer"]), "path_not_allowed")
+	denied_with(files("delete_file", {"path": "tenants/globex/scratch/a.txt"}, ["engineer"]), "path_other_tenant")
+	denied_with(files("delete_file", {"path": "projects/../shared/a.txt"}, ["engineer"]), "path_invalid")
+	denied_with(files("delete_file", {}, ["engineer"]), "path_not_allowed")
+	denied_with(files("delete_file", {"path": "shared/a.txt"}, ["analyst"]), "tool_not_allowed")
+}
+
 test_every_path_argument_checked if {
 	denied_with(files("search", {"path": "shared", "root": "secret"}, ["analyst"]), "path_not_allowed")
 }

@@ -344,6 +344,46 @@ class Sandbox:
             os.close(pfd)
         return {"path": shown, "size": len(data), "created": existing is None}
 
+    def delete_file(self, path: str) -> dict[str, Any]:
+        """Remove one regular file; only when writing is enabled. A path that does not exist
+        answers ``deleted: false`` (a repeated delete is harmless); a directory, a symlink or
+        anything else that is not a regular file is refused, and so is every path outside."""
+        if not self.allow_write:
+            raise SandboxError("write_disabled",
+                               "writing is disabled on this server (start it with --allow-write)")
+        parts = split_path(path)
+        if not parts:
+            raise SandboxError("is_a_directory", "cannot delete the sandbox root")
+        shown = display_path(parts)
+        name = parts[-1]
+        try:
+            pfd = self._open_dir(parts[:-1])
+        except SandboxError as err:
+            if err.code == "not_found":
+                return {"path": shown, "deleted": False}
+            raise
+        try:
+            try:
+                existing = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                return {"path": shown, "deleted": False}
+            if not stat_mod.S_ISREG(existing.st_mode):
+                kind = _kind(existing.st_mode)
+                raise SandboxError(
+                    {"symlink": "symlink_refused", "directory": "is_a_directory"}.get(kind, "not_a_file"),
+                    f"{shown!r} is a {kind}; only regular files can be deleted")
+            # unlink() removes the directory entry itself: were it swapped for a link or a
+            # directory since the check, the link (never its target) goes, or the call fails.
+            try:
+                os.unlink(name, dir_fd=pfd)
+            except FileNotFoundError:
+                return {"path": shown, "deleted": False}
+            except OSError as err:
+                raise SandboxError("io_error", f"cannot delete {shown!r}: {err.strerror}") from None
+        finally:
+            os.close(pfd)
+        return {"path": shown, "deleted": True}
+
     def _walk_files(self, parts: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str, int]]:
         """Yield (directory parts, file name, directory fd) for regular files under ``parts``."""
         top = self._open_dir(parts)

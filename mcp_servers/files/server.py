@@ -23,6 +23,8 @@ MAX_LISTED_RESOURCES = 1000
 READ_ONLY = {"readOnlyHint": True, "destructiveHint": False, "idempotentHint": True, "openWorldHint": False}
 # Overwrites existing files (destructive); writing the same content twice leaves the same state.
 WRITE = {"readOnlyHint": False, "destructiveHint": True, "idempotentHint": True, "openWorldHint": False}
+# Deleting a file that is already gone answers deleted: false.
+DELETE = WRITE
 
 _PATH = {"type": "string", "maxLength": 4096,
          "description": "Path relative to the sandbox root ('.' is the root); '/'-separated."}
@@ -64,6 +66,12 @@ SEARCH_OUTPUT: dict[str, Any] = {
         "scannedFiles": {"type": "integer"},
     },
     "required": ["matches", "truncated", "scannedFiles"],
+}
+DELETE_OUTPUT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"path": {"type": "string"},
+                   "deleted": {"type": "boolean", "description": "False when no such file existed"}},
+    "required": ["path", "deleted"],
 }
 
 
@@ -183,6 +191,19 @@ def create_server(sandbox: Sandbox) -> MCPServer:
             await ctx.notify_resource_updated(file_uri(result["path"]))
             return result
 
+        @server.tool(name="delete_file", title="Delete file",
+                     description="Delete one regular file (never a directory or a symbolic link). "
+                                 "deleted is false when the file does not exist, so a repeated call is "
+                                 "harmless.",
+                     input_schema={"type": "object", "properties": {"path": _PATH}, "required": ["path"],
+                                   "additionalProperties": False},
+                     output_schema=DELETE_OUTPUT, annotations=DELETE)
+        async def delete_file(ctx: ToolContext, args: dict[str, Any]) -> dict[str, Any]:
+            result: dict[str, Any] = await run(sandbox.delete_file, args["path"])
+            if result["deleted"]:
+                await ctx.notify_resource_updated(file_uri(result["path"]))
+            return result
+
     @server.resource_template(uri_template="file:///{+path}", name="file",
                               description="A file in the sandbox, by its relative path.")
     async def read_resource(ctx: ToolContext, uri: str, params: dict[str, str]) -> tuple[str | bytes, str]:
@@ -225,7 +246,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-demo", action="store_true",
                         help="create the root if missing and add demo files (existing files are kept)")
     parser.add_argument("--allow-write", action="store_true",
-                        help="expose the write_file tool (off by default)")
+                        help="expose the write_file and delete_file tools (off by default)")
     parser.add_argument("--max-read-bytes", type=int, default=DEFAULT_MAX_READ_BYTES)
     parser.add_argument("--max-write-bytes", type=int, default=DEFAULT_MAX_WRITE_BYTES)
     parser.add_argument("--max-search-results", type=int, default=100)
