@@ -2,8 +2,10 @@
 # same decision contract as data.mcp.authz.decision (README.md). The console asks it on sign-in
 # and again for every page and action, with the verified token's claims as input.token and the
 # action as input.console.action: "view" (read a page, run the playground), "approve" (approve
-# a tool definition in the catalog) or "quarantine" (withdraw one: hidden, calls refused until
-# approved again).
+# a tool definition in the catalog), "quarantine" (withdraw one: hidden, calls refused until
+# approved again) or "export" (download audit entries as JSON lines, subjects opened: personal
+# data leaves the gateway). Searching the audit trail on its page is "view"; every search and
+# export is recorded in the audit trail with who ran it.
 #
 # input: {"token": {"sub", "iss", "roles", "tenant", ...}, "console": {"action": "view"}}
 package mcp.console
@@ -21,7 +23,10 @@ approve_roles := {"admin", "security"}
 # people pull a tool (an incident responder) than approve one.
 quarantine_roles := {"admin", "security"}
 
-actions := {"view", "approve", "quarantine"}
+# The roles that may export the audit trail (personal data, opened with audit.master_key).
+export_roles := {"admin", "security"}
+
+actions := {"view", "approve", "quarantine", "export"}
 
 granted_roles := {r | some r in input.token.roles; r in console_roles}
 
@@ -40,6 +45,12 @@ allowed if {
 	input.console.action == "quarantine"
 	some r in input.token.roles
 	r in quarantine_roles
+}
+
+allowed if {
+	input.console.action == "export"
+	some r in input.token.roles
+	r in export_roles
 }
 
 default decision := {"allow": false, "reason": "console_role_required", "http_status": 403}

@@ -40,3 +40,11 @@ test_security_quarantines if {
 test_viewer_may_not_quarantine if {
 	not console.decision.allow with input.token as {"sub": "v", "roles": ["viewer"]} with input.console as {"action": "quarantine"}
 }
+
+test_security_exports if {
+	console.decision.allow with input.token as {"sub": "s", "roles": ["security"]} with input.console as {"action": "export"}
+}
+
+test_viewer_may_not_export if {
+	not console.decision.allow with input.token as {"sub": "v", "roles": ["viewer"]} with input.console as {"action": "export"}
+}

@@ -18,7 +18,9 @@ from aiohttp import web
 from ext_authz.jwt import TokenVerifier
 from gateway import inner_tls
 from gateway.catalog import Catalog
+from gateway.console import activity as activity_mod
 from gateway.console import views
+from gateway.console.activity import ConsoleActivity
 from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
 from gateway.console.oidc import OidcClient
@@ -34,6 +36,7 @@ from gateway.console.web import MAX_FORM_BYTES, origin_of, security_headers
 from gateway.inner_peers import guard_app
 from gateway.jwks import JwksClient
 from gateway.signals import stop_event
+from gateway.telemetry.audit import AuditUnavailable, AuditWriter
 from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyStore, parse_master_key
 
 logger = logging.getLogger(__name__)
@@ -79,6 +82,7 @@ def make_app(settings: ConsoleSettings) -> web.Application:
         http = aiohttp.ClientSession(headers={"accept": "application/json"})
         store = None
         catalog = None
+        writer: AuditWriter | None = None
         sampler_task: asyncio.Task[None] | None = None
         warmer_task: asyncio.Task[None] | None = None
         try:
@@ -94,6 +98,19 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 await policy.refresh(force=True)
             catalog = await asyncio.to_thread(Catalog, settings.catalog_path)
             store = await asyncio.to_thread(open_key_store, settings)
+            activity = None
+            try:
+                writer = activity_mod.open_writer(settings.audit_dir, signing_key=settings.audit_signing_key,
+                                                  keys=store)
+                await writer.start()
+                activity = ConsoleActivity(writer, store)
+            except (OSError, ValueError, AuditUnavailable) as exc:
+                if writer is not None:
+                    with contextlib.suppress(OSError, AuditUnavailable):
+                        await writer.close()
+                writer = None
+                logger.error("the console's audit chain cannot be opened: audit searches and exports "
+                             "are refused: %s", exc)
             admin = EnvoyAdmin(settings.admin_url, http, timeout=ENVOY_TIMEOUT_SECONDS)
             sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT)
             oidc = None
@@ -105,7 +122,7 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 settings=settings, verifier=verifier, policy=policy,
                 sessions=SessionStore(max_sessions=MAX_SESSIONS), catalog=catalog, admin=admin,
                 sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url),
-                oidc=oidc)
+                oidc=oidc, activity=activity)
             sampler_task = asyncio.create_task(sampler.run())
             warmer_task = asyncio.create_task(_keep_matrix_fresh(app[CONSOLE]))
             yield
@@ -120,6 +137,8 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 st.matrix_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await st.matrix_task
+            if writer is not None:
+                await writer.close()
             if store is not None:
                 store.close()
             if catalog is not None:

@@ -9,14 +9,18 @@ show no subject."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import heapq
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.telemetry.audit_chain import audit_files
 from gateway.telemetry.audit_keys import SubjectKeyStore
@@ -93,7 +97,7 @@ def _lines_with(body: bytes, needles: tuple[tuple[bytes, ...], ...]) -> list[byt
 
 
 def chain_newest_first(base: Path, needles: tuple[tuple[bytes, ...], ...] = (),
-                       count: _Count | None = None) -> Iterator[dict[str, Any]]:
+                       count: _Count | None = None) -> Generator[dict[str, Any]]:
     """The entries of one writer's chain, newest first (unparsable lines skipped). A line that
     contains none of the alternatives of one of ``needles`` (the JSON text of a value a filter
     asks for) cannot match and is not parsed: parsing is most of a search's cost, so with
@@ -178,11 +182,51 @@ def _matches(entry: dict[str, Any], f: Filters, sid: str | None) -> bool:
     return True
 
 
-def _shown(entry: dict[str, Any], store: SubjectKeyStore | None) -> tuple[dict[str, Any], bool]:
+MAX_CACHED_KEYS = 10_000
+
+
+class Opener:
+    """Opens sealed personal fields for one search or export, unwrapping each subject key
+    (sid, kid) once: an export of one subject's 100,000 entries asks the key store, and
+    decrypts the wrapped key, once instead of 100,000 times."""
+
+    def __init__(self, store: SubjectKeyStore) -> None:
+        self.store = store
+        self._keys: dict[tuple[str, int], AESGCM | None] = {}
+
+    def open(self, entry: dict[str, Any]) -> dict[str, Any] | None:
+        """As SubjectKeyStore.open: the personal fields, or None (erased key, damaged entry)."""
+        sid, pii = entry.get("sid"), entry.get("pii")
+        if not isinstance(sid, str) or not isinstance(pii, str) or ":" not in pii:
+            return None
+        kid_text, blob = pii.split(":", 1)
+        try:
+            kid = int(kid_text)
+            raw = base64.b64decode(blob, validate=True)
+        except (ValueError, binascii.Error):
+            return None
+        key = (sid, kid)
+        if key in self._keys:
+            aead = self._keys[key]
+        else:
+            aead = self.store.key_for_reading(sid, kid)
+            if len(self._keys) >= MAX_CACHED_KEYS:
+                self._keys.clear()
+            self._keys[key] = aead
+        if aead is None or len(raw) <= 12:
+            return None
+        try:
+            fields = orjson.loads(aead.decrypt(raw[:12], raw[12:], sid.encode()))
+        except (InvalidTag, orjson.JSONDecodeError):
+            return None
+        return fields if isinstance(fields, dict) else None
+
+
+def _shown(entry: dict[str, Any], opener: Opener | None) -> tuple[dict[str, Any], bool]:
     """(the row as displayed, whether its sealed personal fields stayed closed)."""
     closed = False
     if entry.get("sid") is not None and entry.get("sub") is None:
-        opened = store.open(entry) if store is not None else None
+        opened = opener.open(entry) if opener is not None else None
         if opened is None:
             closed = True
         else:
@@ -190,32 +234,68 @@ def _shown(entry: dict[str, Any], store: SubjectKeyStore | None) -> tuple[dict[s
     return {k: entry.get(k) for k in SHOWN_FIELDS}, closed
 
 
-def search(audit_dir: str | Path, filters: Filters, *, limit: int, max_scan: int,
-           store: SubjectKeyStore | None = None) -> SearchResult:
-    """The newest ``limit`` entries matching ``filters``, reading at most ``max_scan`` entries."""
-    result = SearchResult()
+@dataclass(slots=True)
+class Progress:
+    """What a streamed search has read so far (:func:`iter_rows`)."""
+
+    scanned: int = 0
+    rows: int = 0
+    sealed: int = 0
+    exhausted: bool = False  # stopped by max_scan
+
+
+def iter_rows(audit_dir: str | Path, filters: Filters, *, max_scan: int,
+              store: SubjectKeyStore | None = None,
+              progress: Progress | None = None) -> Generator[dict[str, Any]]:
+    """The entries matching ``filters``, newest first, one displayed row at a time (nothing is
+    collected: an export streams them), reading at most ``max_scan`` entries; ``progress``
+    follows the count."""
+    progress = progress if progress is not None else Progress()
     directory = Path(audit_dir)
     if not directory.is_dir():
-        return result
+        return
     sid = store.subject_id(filters.sub) if (store is not None and filters.sub) else None
+    opener = Opener(store) if store is not None else None
     needles = _needles(filters, sid)
     count = _Count(max_scan)
     chains = [chain_newest_first(base, needles, count) for base in chain_bases(directory)]
     merged = heapq.merge(*chains, key=lambda e: str(e.get("ts", "")), reverse=True)
-    for entry in merged:
-        ts = entry.get("ts")
-        if filters.since and isinstance(ts, str) and ts < filters.since:
-            break  # newest first: everything after this is older still
-        if not _matches(entry, filters, sid):
-            continue
-        row, closed = _shown(entry, store)
-        result.sealed += closed
-        result.rows.append(row)
-        if len(result.rows) >= limit:
-            break
-    result.scanned = count.lines
+    try:
+        for entry in merged:
+            progress.scanned = count.lines
+            ts = entry.get("ts")
+            if filters.since and isinstance(ts, str) and ts < filters.since:
+                break  # newest first: everything after this is older still
+            if not _matches(entry, filters, sid):
+                continue
+            row, closed = _shown(entry, opener)
+            progress.sealed += closed
+            progress.rows += 1
+            yield row
+    finally:
+        progress.scanned = count.lines
+        progress.exhausted = count.exhausted
+        for chain in chains:
+            chain.close()
+
+
+def search(audit_dir: str | Path, filters: Filters, *, limit: int, max_scan: int,
+           store: SubjectKeyStore | None = None) -> SearchResult:
+    """The newest ``limit`` entries matching ``filters``, reading at most ``max_scan`` entries."""
+    result = SearchResult()
+    progress = Progress()
+    rows = iter_rows(audit_dir, filters, max_scan=max_scan, store=store, progress=progress)
+    try:
+        for row in rows:
+            result.rows.append(row)
+            if len(result.rows) >= limit:
+                break
+    finally:
+        rows.close()
+    result.scanned = progress.scanned
+    result.sealed = progress.sealed
     # Stopped by the bound, not by the trail's start (a search that ended exactly there says so too).
-    result.truncated = count.exhausted and len(result.rows) < limit
+    result.truncated = progress.exhausted and len(result.rows) < limit
     return result
 
 

@@ -23,7 +23,7 @@ from gateway.policy.static import is_warning, run_check
 logger = logging.getLogger(__name__)
 
 POLICY_CHECK_INTERVAL_SECONDS = 1.0
-ACTIONS = ("view", "approve", "quarantine")
+ACTIONS = ("view", "approve", "quarantine", "export")
 
 
 class PolicyUnavailable(Exception):

@@ -52,6 +52,7 @@ class ConsoleSettings:
     log_level: str = "INFO"
     oidc: ConsoleOidcConfig | None = None
     oidc_client_secret: str | None = None
+    audit_signing_key: str | None = None  # signs the checkpoints of the console's own chain
     # Cookies are Secure: the browser talks to Envoy over TLS. Tests on plain loopback HTTP
     # read the Set-Cookie header themselves.
     cookie_name: str = SESSION_COOKIE
@@ -79,7 +80,7 @@ class ConsoleSettings:
             audit_dir=cfg.audit.dir, audit_master_key=cfg.audit.master_key, state_dir=cfg.state_dir,
             admin_url=f"http://{admin_host}:{cfg.admin.port}",
             servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level,
-            oidc=oidc, oidc_client_secret=secret)
+            oidc=oidc, oidc_client_secret=secret, audit_signing_key=cfg.audit.signing_key)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> ConsoleSettings:

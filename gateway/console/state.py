@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
 from ext_authz.jwt import TokenVerifier
 from gateway.catalog import Catalog
+from gateway.console.activity import ConsoleActivity
 from gateway.console.auth import ConsolePolicy, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
 from gateway.console.matrix import Matrix
@@ -30,6 +31,11 @@ class ConsoleState:
     key_store: SubjectKeyStore | None
     public_origin: str
     oidc: OidcClient | None = None
+    # Records audit searches and exports in the trail; None when the console's chain could not
+    # be opened (searches and exports are then refused).
+    activity: ConsoleActivity | None = None
+    # Held by the one export that may run at a time.
+    export_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The newest matrix, the (policy version, catalog tools) it was computed for, and the one
     # computation that may run in the background (views.refresh_matrix).
     matrix: Matrix | None = None

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import itertools
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from aiohttp import web
 
 from gateway.catalog import CatalogError
 from gateway.catalog.store import MAX_REASON_CHARS
-from gateway.console import envoy_stats, matrix
-from gateway.console.audit_search import Filters, search
+from gateway.console import activity, envoy_stats, matrix
+from gateway.console.audit_search import Filters, Progress, SearchResult, iter_rows, search
 from gateway.console.auth import PolicyUnavailable, Session
 from gateway.console.oidc import PENDING_SECONDS, OidcError
 from gateway.console.oidc import STATE_COOKIE as OIDC_COOKIE
@@ -40,6 +41,7 @@ from gateway.policy.decision import ContractViolation, check_decision
 from gateway.policy.errors import PolicyError
 from gateway.policy.rego import CompiledPolicy
 from gateway.policy.simulate import METHODS, simulated_input
+from gateway.telemetry.audit import AuditUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -532,56 +534,122 @@ def _limit(query: Mapping[str, str], default: int) -> int:
         return default
 
 
-async def audit_page(request: web.Request) -> web.StreamResponse:
+async def _searched(request: web.Request, filters: Filters, limit: int, *,
+                    tail: bool = False) -> SearchResult | web.Response:
+    """The search, recorded in the audit trail (who, filters, rows) before anything is shown:
+    a search that cannot be recorded is refused (503 audit_unavailable). The live tail's polls
+    of a search recorded within activity.REPEAT_SECONDS are not recorded again."""
     st = state(request)
+    session = session_of(request)
+    if st.activity is None:
+        return refuse(request, 503, "audit_unavailable",
+                      "the console cannot record searches in the audit trail, so it makes none")
+    result = await asyncio.to_thread(search, st.settings.audit_dir, filters, limit=limit,
+                                     max_scan=MAX_AUDIT_SCAN, store=st.key_store)
+    if not (tail and st.activity.recently_recorded(session.sub, filters)):
+        try:
+            await st.activity.record(session.claims, activity.SEARCH, filters,
+                                     rows=len(result.rows), status="ok")
+        except AuditUnavailable as exc:
+            logger.error("console audit search refused: not recorded: %s", exc.message)
+            return refuse(request, 503, "audit_unavailable", "the search could not be recorded in "
+                          "the audit trail, so it is not shown")
+    return result
+
+
+async def audit_page(request: web.Request) -> web.StreamResponse:
     try:
         filters = Filters.from_query(request.query)
     except ValueError as exc:
         return refuse(request, 400, "bad_filter", str(exc))
     limit = _limit(request.query, 100)
-    result = await asyncio.to_thread(search, st.settings.audit_dir, filters, limit=limit,
-                                     max_scan=MAX_AUDIT_SCAN, store=st.key_store)
+    result = await _searched(request, filters, limit)
+    if isinstance(result, web.Response):
+        return result
     return page(request, "audit.html", {"f": filters, "r": result, "limit": limit,
                                         "query": request.query_string, "max_scan": MAX_AUDIT_SCAN})
 
 
 async def audit_api(request: web.Request) -> web.StreamResponse:
-    st = state(request)
     try:
         filters = Filters.from_query(request.query)
     except ValueError as exc:
         return refuse(request, 400, "bad_filter", str(exc))
-    result = await asyncio.to_thread(search, st.settings.audit_dir, filters,
-                                     limit=_limit(request.query, 50), max_scan=MAX_AUDIT_SCAN,
-                                     store=st.key_store)
+    result = await _searched(request, filters, _limit(request.query, 50), tail=True)
+    if isinstance(result, web.Response):
+        return result
     return web.json_response({"rows": result.rows, "scanned": result.scanned,
                               "truncated": result.truncated})
 
 
+EXPORT_BATCH = 1000
+
+
+def _next_batch(rows: Iterator[dict[str, Any]], room: int) -> bytes:
+    """Up to ``room`` (at most EXPORT_BATCH) rows as JSON lines (on a worker thread)."""
+    out = []
+    for row in itertools.islice(rows, min(room, EXPORT_BATCH)):
+        out.append(orjson.dumps(row))
+    return b"".join(line + b"\n" for line in out)
+
+
 async def audit_export(request: web.Request) -> web.StreamResponse:
+    """The matching entries as JSON lines, streamed in batches (never all in memory), at most
+    MAX_EXPORT_ROWS; console action ``export``; one export at a time; recorded in the trail
+    before the first row (refused when it cannot be) and again with the row count at the end."""
     st = state(request)
+    session = session_of(request)
     try:
         filters = Filters.from_query(request.query)
     except ValueError as exc:
         return refuse(request, 400, "bad_filter", str(exc))
-    result = await asyncio.to_thread(search, st.settings.audit_dir, filters, limit=MAX_EXPORT_ROWS,
-                                     max_scan=MAX_AUDIT_SCAN * 5, store=st.key_store)
-    logger.info("console audit export", extra={"sub": session_of(request).sub,
-                                               "rows": len(result.rows), "filters": request.query_string})
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/x-ndjson",
-        "Content-Disposition": 'attachment; filename="audit.jsonl"'})
-    await response.prepare(request)
-    chunk: list[bytes] = []
-    for row in result.rows:
-        chunk.append(orjson.dumps(row) + b"\n")
-        if len(chunk) >= 1000:
-            await response.write(b"".join(chunk))
-            chunk = []
-    if chunk:
-        await response.write(b"".join(chunk))
-    await response.write_eof()
-    return response
+    decision = await st.policy.console_decision(session.claims, "export")
+    if not decision.allow:
+        return refuse(request, 403, decision.reason, "the policy does not let you export the audit trail")
+    if st.activity is None:
+        return refuse(request, 503, "audit_unavailable",
+                      "the console cannot record exports in the audit trail, so it makes none")
+    if st.export_lock.locked():
+        return refuse(request, 429, "export_busy",
+                      "another audit export is running: try again when it has finished")
+    async with st.export_lock:
+        try:
+            await st.activity.record(session.claims, activity.EXPORT, filters, rows=None, status="started")
+        except AuditUnavailable as exc:
+            logger.error("console audit export refused: not recorded: %s", exc.message)
+            return refuse(request, 503, "audit_unavailable",
+                          "the export could not be recorded in the audit trail, so it is not made")
+        progress = Progress()
+        rows = iter_rows(st.settings.audit_dir, filters, max_scan=MAX_AUDIT_SCAN * 5,
+                         store=st.key_store, progress=progress)
+        status = "aborted"  # the client went away, or the trail could not be read
+        written = 0
+        response = web.StreamResponse(headers={
+            "Content-Type": "application/x-ndjson",
+            "Content-Disposition": 'attachment; filename="audit.jsonl"'})
+        try:
+            await response.prepare(request)
+            while written < MAX_EXPORT_ROWS:
+                before = progress.rows
+                chunk = await asyncio.to_thread(_next_batch, rows, MAX_EXPORT_ROWS - written)
+                written += progress.rows - before
+                if not chunk:
+                    break
+                await response.write(chunk)
+            status = "ok"
+        finally:
+            await asyncio.to_thread(rows.close)
+            logger.info("console audit export", extra={"sub": session.sub, "rows": written,
+                                                       "status": status,
+                                                       "filters": request.query_string})
+            try:
+                await st.activity.record(session.claims, activity.EXPORT, filters, rows=written,
+                                         status=status)
+            except AuditUnavailable as exc:
+                logger.error("console audit export: its end was not recorded: %s", exc.message)
+        # The end is on disk before the client sees the export complete.
+        await response.write_eof()
+        return response
 
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from gateway.console.audit_search import reverse_lines
+from gateway.console.audit_search import Filters, reverse_lines, search
+from gateway.telemetry.audit import AuditEntry, AuditWriter
+from gateway.telemetry.audit_keys import SubjectKeyStore
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 4096])
@@ -26,3 +30,28 @@ def test_reverse_lines_of_a_file_with_only_a_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "a.jsonl"
     path.write_bytes(b'{"torn')
     assert list(reverse_lines(path, 4)) == []
+
+
+async def test_opening_sealed_rows_unwraps_each_subject_key_once(tmp_path: Path) -> None:
+    """A search over many sealed entries of one subject unwraps that subject's key once, and
+    opens every row."""
+    store = SubjectKeyStore(tmp_path, os.urandom(32))
+    async with AuditWriter(tmp_path / "ext_authz-1.jsonl", keys=store) as writer:
+        for n in range(300):
+            await writer.write(AuditEntry(
+                method="tools/call", server="files", target="read_file", sub="carol" if n % 2 else "dan",
+                client_id=None, tenant="t1", decision="allow", reason=None, status="ok",
+                latency_ms=1.0, request_id=f"r{n}", decision_id=f"d{n}"))
+    asked: list[tuple[str, int]] = []
+    original = store.key_for_reading
+
+    def counting(sid: str, kid: int) -> Any:
+        asked.append((sid, kid))
+        return original(sid, kid)
+
+    store.key_for_reading = counting  # type: ignore[method-assign]  # a spy on the real store
+    result = search(tmp_path, Filters(), limit=500, max_scan=1000, store=store)
+    assert len(result.rows) == 300 and result.sealed == 0
+    assert {r["sub"] for r in result.rows} == {"carol", "dan"}
+    assert sorted(asked) == sorted({(store.subject_id(s), 1) for s in ("carol", "dan")})
+    store.close()
