@@ -7,6 +7,10 @@
 # data leaves the gateway). Searching the audit trail on its page is "view"; every search and
 # export is recorded in the audit trail with who ran it.
 #
+# Tenants: the console does not read input.token.tenant. The roles admitted here are global
+# operator roles: they see and act on every tenant's catalog items and audit entries. Admit only
+# operators of the whole gateway; a tenant's own administrators do not belong here.
+#
 # input: {"token": {"sub", "iss", "roles", "tenant", ...}, "console": {"action": "view"}}
 package mcp.console
 

@@ -48,3 +48,9 @@ test_security_exports if {
 test_viewer_may_not_export if {
 	not console.decision.allow with input.token as {"sub": "v", "roles": ["viewer"]} with input.console as {"action": "export"}
 }
+
+# Console roles are global: the tenant of the token changes nothing (console.rego, "Tenants").
+test_console_roles_ignore_the_tenant if {
+	console.decision.allow with input.token as {"sub": "a", "roles": ["security"], "tenant": "acme"} with input.console as {"action": "export"}
+	console.decision.allow with input.token as {"sub": "a", "roles": ["security"]} with input.console as {"action": "export"}
+}
