@@ -1,7 +1,7 @@
 """Workflows through the real Envoy with the official SDK client: the workflow server's steps are
-tool calls through the gateway as the caller (ERP order, invoice file, database), with progress,
-approvals by elicitation, compensation, refusal at the step the caller may not run, recovery after
-SIGKILL, and idempotency keys."""
+tool calls through the gateway as the caller (ERP order, invoice file, database record), with
+progress, approvals by elicitation, compensation (order cancelled, file deleted, row deleted),
+refusal at the step the caller may not run, recovery after SIGKILL, and idempotency keys."""
 
 from __future__ import annotations
 
@@ -44,15 +44,23 @@ EXPORT_STEP: dict[str, Any] = {
     "id": "export_invoice", "server": "files", "tool": "write_file",
     "arguments": {"path": "projects/invoices/order-${steps.create_order.output.id}.json",
                   "content": "${steps.create_order.output}\n", "create_parents": True},
-    "compensate": {"server": "files", "tool": "write_file",
-                   "arguments": {"path": "projects/invoices/order-${steps.create_order.output.id}.json",
-                                 "content": "void"}}}
+    "compensate": {"server": "files", "tool": "delete_file",
+                   "arguments": {"path": "projects/invoices/order-${steps.create_order.output.id}.json"}}}
+RECORD_STEP: dict[str, Any] = {
+    "id": "record", "server": "database", "tool": "insert_row", "depends_on": ["export_invoice"],
+    "arguments": {"table": "invoice_records",
+                  "values": {"order_id": "${steps.create_order.output.id}", "total_cents": 1999,
+                             "invoice_file": "projects/invoices/order-${steps.create_order.output.id}.json",
+                             "run_id": "${run.id}"}},
+    "output_schema": {"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}},
+    "compensate": {"server": "database", "tool": "delete_row",
+                   "arguments": {"table": "invoice_records", "id": "${steps.record.output.id}"}}}
 INPUTS = {"type": "object", "properties": {"customer_id": {"type": "integer"}},
           "required": ["customer_id"], "additionalProperties": False}
 TEST_WORKFLOWS = {
     # The last step fails for real: the database has no such column.
-    "order_record": [ORDER_STEP, EXPORT_STEP,
-                     {"id": "record", "server": "database", "tool": "query",
+    "order_record": [ORDER_STEP, EXPORT_STEP, RECORD_STEP,
+                     {"id": "confirm", "server": "database", "tool": "query", "depends_on": ["record"],
                       "arguments": {"sql": "SELECT no_such_column FROM products WHERE id = ?",
                                     "params": ["${steps.create_order.output.id}"]}}],
     "order_export": [ORDER_STEP, EXPORT_STEP],
@@ -94,7 +102,9 @@ def wstack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[devstack.Stack]
     servers: dict[str, dict[str, Any]] = {
         "files": {"module": "mcp_servers.files", "count": 1,
                   "args": ["--root", str(tmp / "files-root"), "--seed-demo", "--allow-write"]},
-        "database": {"module": "mcp_servers.database", "args": ["--seed-demo"], "count": 1},
+        "database": {"module": "mcp_servers.database", "count": 1,
+                     "args": ["--sqlite-path", str(tmp / "demo.sqlite3"), "--seed-demo",
+                              "--writable-table", "invoice_records"]},
         "erp": {"module": "mcp_servers.integration", "count": 1, "env": ["ERP_API_KEY"],
                 "args": ["--name", "erp", "--openapi", f"{erp_url}/openapi.json",
                          "--base-url", erp_url, "--api-key-env", "ERP_API_KEY", *allow]},
@@ -143,6 +153,13 @@ def erp_order_count(stack: devstack.Stack) -> int:
         return int(db.execute("SELECT count(*) FROM orders").fetchone()[0])
 
 
+def invoice_records(stack: devstack.Stack, order_id: int) -> list[tuple[Any, ...]]:
+    """The database's invoice_records rows of one ERP order (id, total, file, run)."""
+    with contextlib.closing(sqlite3.connect(tmp_of(stack) / "demo.sqlite3")) as db:
+        return db.execute("SELECT id, total_cents, invoice_file, run_id FROM invoice_records "
+                          "WHERE order_id = ?", (order_id,)).fetchall()
+
+
 def invoice_file(stack: devstack.Stack, order_id: int) -> Path:
     return tmp_of(stack) / "files-root" / "projects" / "invoices" / f"order-{order_id}.json"
 
@@ -187,7 +204,8 @@ def structured(result: types.CallToolResult) -> dict[str, Any]:
 
 async def test_example_workflow_succeeds_with_progress(wstack: devstack.Stack) -> None:
     """The shipped example runs end to end for an engineer: price from the database, an ERP order
-    at that price, approval by elicitation, the invoice file; progress arrives per step."""
+    at that price, approval by elicitation, the invoice file, its record in the database; progress
+    arrives per step."""
     seen: list[tuple[float, str | None]] = []
     asked: list[str] = []
 
@@ -211,15 +229,18 @@ async def test_example_workflow_succeeds_with_progress(wstack: devstack.Stack) -
     assert order["total_cents"] == 2 * 4999 and order["items"][0]["sku"] == "WID-002"
     assert erp_order(wstack, order["id"]) == ("open", f"workflow order_to_invoice, run {out['run_id']}")
     assert json.loads(invoice_file(wstack, order["id"]).read_text())["id"] == order["id"]
+    assert invoice_records(wstack, order["id"]) == [
+        (out["output"]["invoice_record"], 9998, f"projects/invoices/order-{order['id']}.json", out["run_id"])]
     assert asked == [f"Export the invoice of ERP order {order['id']} (9998 cents) to projects/invoices?"]
     messages = [m for _, m in seen]
     assert messages[:2] == ["step price: started", "step price: done"]
-    assert messages[-1] == "step export_invoice: done" and len(seen) == 8
+    assert messages[-1] == "step record: done" and len(seen) == 10
 
 
 async def test_failure_in_last_step_undoes_the_others(wstack: devstack.Stack) -> None:
-    """The last step fails at the database; the invoice file is voided and the ERP order cancelled,
-    last first, and the client's error names the failed step and what was undone."""
+    """The last step fails at the database; every earlier step is undone, last first: the invoice
+    record deleted, the invoice file deleted, the ERP order cancelled; the client's error names the
+    failed step and what was undone."""
     async def work(client: ClientSession) -> types.CallToolResult:
         return await client.call_tool("order_record", {"customer_id": 2})
 
@@ -227,20 +248,28 @@ async def test_failure_in_last_step_undoes_the_others(wstack: devstack.Stack) ->
     out = structured(result)
     assert result.is_error
     assert (out["failed_step"], out["reason"], out["undone"], out["not_undone"]) == \
-        ("record", "tool_error", ["export_invoice", "create_order"], [])
+        ("confirm", "tool_error", ["record", "export_invoice", "create_order"], [])
     text = "".join(getattr(c, "text", "") for c in result.content)
-    assert "failed at step record" in text and "undone: export_invoice, create_order" in text
+    assert "failed at step confirm" in text and "undone: record, export_invoice, create_order" in text
     order_id = int(invoice_file_id(wstack, out["run_id"]))
     assert erp_order(wstack, order_id)[0] == "cancelled"
-    assert invoice_file(wstack, order_id).read_text() == "void"
+    assert not invoice_file(wstack, order_id).exists()
+    assert invoice_file(wstack, order_id).parent.is_dir()  # the file was written, then deleted
+    assert invoice_records(wstack, order_id) == []
+    assert step_output(wstack, out["run_id"], "record")["id"] >= 1  # the row was recorded, then deleted
+
+
+def step_output(stack: devstack.Stack, run_id: str, step_id: str) -> dict[str, Any]:
+    path = Path(stack.config.state_dir) / "workflow" / "runs.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute("SELECT output FROM steps WHERE run_id = ? AND step_id = ?",
+                         (run_id, step_id)).fetchone()
+    output: dict[str, Any] = json.loads(row[0])
+    return output
 
 
 def invoice_file_id(stack: devstack.Stack, run_id: str) -> int:
-    path = Path(stack.config.state_dir) / "workflow" / "runs.sqlite3"
-    with contextlib.closing(sqlite3.connect(path)) as db:
-        row = db.execute("SELECT output FROM steps WHERE run_id = ? AND step_id = 'create_order'",
-                         (run_id,)).fetchone()
-    return int(json.loads(row[0])["id"])
+    return int(step_output(stack, run_id, "create_order")["id"])
 
 
 async def test_caller_without_the_right_is_refused_at_that_step(wstack: devstack.Stack) -> None:

@@ -44,10 +44,14 @@ def error_of(raw: Any) -> SpecError:
 
 
 def test_shipped_example_loads() -> None:
-    """The example in workflows/ parses, and its approval runs after the order it names."""
+    """The example in workflows/ parses, its approval runs after the order it names, and every
+    step that changes something has a compensation that removes what it made."""
     wf = load_dir(REPO / "workflows")["order_to_invoice"]
-    assert [s.id for s in wf.steps] == ["price", "create_order", "approve", "export_invoice"]
+    assert [s.id for s in wf.steps] == ["price", "create_order", "approve", "export_invoice", "record"]
     assert wf.steps[1].compensate is not None and wf.steps[0].idempotent
+    undo = {s.id: (s.compensate.server, s.compensate.tool) for s in wf.steps if s.compensate is not None}
+    assert undo == {"create_order": ("erp", "cancelOrder"), "export_invoice": ("files", "delete_file"),
+                    "record": ("database", "delete_row")}
 
 
 def test_references_order_the_steps() -> None:

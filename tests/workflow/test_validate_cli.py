@@ -29,11 +29,12 @@ def config_with_catalog(tmp: Path, tools: dict[str, list[str]]) -> Path:
 def test_shipped_example_validates(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The shipped example passes against the default config and a catalog with its tools."""
     config = config_with_catalog(tmp_path, {"erp": ["createOrder", "cancelOrder"],
-                                            "files": ["write_file"], "database": ["query"]})
+                                            "files": ["write_file", "delete_file"],
+                                            "database": ["query", "insert_row", "delete_row"]})
     rc = main(["--config", str(config), "workflow", "validate",
                str(REPO / "workflows/order_to_invoice.yaml")])
     assert rc == 0, capsys.readouterr().err
-    assert "ok (order_to_invoice, 4 steps)" in capsys.readouterr().out
+    assert "ok (order_to_invoice, 5 steps)" in capsys.readouterr().out
 
 
 def test_unknown_tool_and_server_fail(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
