@@ -1,5 +1,5 @@
-"""Regenerate the ConfigMaps in deploy/k8s/ from deploy/k8s/gateway.yaml, policies/ and
-deploy/opa/system-authz.rego.
+"""Regenerate the ConfigMaps in deploy/k8s/ from deploy/k8s/gateway.yaml, policies/,
+deploy/opa/system-authz.rego and workflows/.
 
     .venv/bin/python deploy/k8s/render_configmaps.py
 
@@ -84,17 +84,21 @@ def expected() -> dict[str, str]:
                 for p in sorted((REPO / "policies").iterdir())
                 if p.suffix in (".rego", ".json") and not p.name.endswith("_test.rego")}
     system_authz = (REPO / "deploy" / "opa" / "system-authz.rego").read_text(encoding="utf-8")
+    # The workflow server's files (workflow.yaml mounts them at --workflows).
+    workflows = {p.name: p.read_text(encoding="utf-8") for p in sorted((REPO / "workflows").glob("*.yaml"))}
     configmaps = {
         "mcp-gateway-config": configmap("mcp-gateway-config", {"gateway.yaml": gateway_yaml}),
         "envoy-config": configmap("envoy-config", envoy_files),
         "opa-policies": configmap("opa-policies", policies),
         "opa-system-authz": configmap("opa-system-authz", {"system-authz.rego": system_authz}),
+        "mcp-gateway-workflows": configmap("mcp-gateway-workflows", workflows),
     }
     files = {
         "configmap-gateway.yaml": configmaps["mcp-gateway-config"],
         "configmap-envoy.yaml": configmaps["envoy-config"],
         "configmap-policies.yaml": configmaps["opa-policies"],
         "configmap-opa-system-authz.yaml": configmaps["opa-system-authz"],
+        "configmap-workflows.yaml": configmaps["mcp-gateway-workflows"],
     }
     for path in sorted(HERE.glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
