@@ -183,6 +183,24 @@ def _matches(entry: dict[str, Any], f: Filters, sid: str | None) -> bool:
 
 
 MAX_CACHED_KEYS = 10_000
+MAX_WRITER_FOLDERS = 256
+
+
+def trail_bases(directory: Path) -> list[Path]:
+    """The chains in ``directory`` and in its folders one level down: the dev stack's writers
+    share audit.dir, docker compose and Kubernetes mount each writer's volume at
+    audit.dir/<writer> (at most MAX_WRITER_FOLDERS folders; an unreadable one is skipped)."""
+    bases = chain_bases(directory)
+    try:
+        folders = sorted(p for p in directory.iterdir() if p.is_dir())[:MAX_WRITER_FOLDERS]
+    except OSError:
+        return bases
+    for folder in folders:
+        try:
+            bases.extend(chain_bases(folder))
+        except OSError:
+            continue
+    return bases
 
 
 class Opener:
@@ -258,7 +276,7 @@ def iter_rows(audit_dir: str | Path, filters: Filters, *, max_scan: int,
     opener = Opener(store) if store is not None else None
     needles = _needles(filters, sid)
     count = _Count(max_scan)
-    chains = [chain_newest_first(base, needles, count) for base in chain_bases(directory)]
+    chains = [chain_newest_first(base, needles, count) for base in trail_bases(directory)]
     merged = heapq.merge(*chains, key=lambda e: str(e.get("ts", "")), reverse=True)
     try:
         for entry in merged:

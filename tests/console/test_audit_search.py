@@ -55,3 +55,16 @@ async def test_opening_sealed_rows_unwraps_each_subject_key_once(tmp_path: Path)
     assert {r["sub"] for r in result.rows} == {"carol", "dan"}
     assert sorted(asked) == sorted({(store.subject_id(s), 1) for s in ("carol", "dan")})
     store.close()
+
+
+def test_search_reads_each_writers_folder_below_the_audit_dir(tmp_path: Path) -> None:
+    """Chains in audit.dir and in its per-writer folders (compose and Kubernetes mount one volume
+    per writer there) are searched together, newest first."""
+    from tests.console.test_pages import _write_trail
+    (tmp_path / "ext-authz-1").mkdir()
+    (tmp_path / "files-1").mkdir()
+    (tmp_path / "empty").mkdir()
+    _write_trail(str(tmp_path / "ext-authz-1" / "ext_authz.jsonl"), 3, special=1)
+    _write_trail(str(tmp_path / "files-1" / "files.jsonl"), 2, special=0)
+    result = search(tmp_path, Filters(sub="bob"), limit=10, max_scan=100)
+    assert [r["decision_id"] for r in result.rows] == ["d1", "d0"]
