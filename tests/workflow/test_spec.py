@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from gateway.config import load_config
 from mcp_servers.workflow.spec import (
     MissingValue,
     SpecError,
@@ -181,3 +183,20 @@ def test_unchecked_output_uses_are_listed() -> None:
     raw["steps"][0]["output_schema"] = ORDER_SCHEMA
     assert unchecked_output_refs(parse_workflow(raw, "f.yaml")) == []
     assert unchecked_output_refs(load_file(REPO / "workflows" / "order_to_invoice.yaml")) == []
+
+
+def test_default_stack_and_example_policy_serve_the_example() -> None:
+    """make run's database server makes the table the example records into writable, its files
+    server allows writes, and the example policy lets engineers call every tool the example's
+    steps and compensations name, on that table."""
+    wf = load_dir(REPO / "workflows")["order_to_invoice"]
+    servers = {s.name: s.args for s in load_config().servers}
+    record = next(s for s in wf.steps if s.id == "record")
+    assert record.call is not None and record.call.arguments["table"] == "invoice_records"
+    db_args = list(servers["database"])
+    assert db_args[db_args.index("--writable-table") + 1] == "invoice_records"
+    assert "--allow-write" in servers["files"]
+    engineer = json.loads((REPO / "policies" / "data.json").read_text())["gateway"]["roles"]["engineer"]
+    calls = [c for s in wf.steps for c in (s.call, s.compensate) if c is not None]
+    assert calls and all(c.tool in engineer["tools"][c.server] for c in calls)
+    assert "invoice_records" in engineer["tables"]
