@@ -47,9 +47,10 @@ def mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 def writers(config: GatewayConfig) -> set[str]:
-    """The compose services / Kubernetes Deployments that write an audit trail."""
+    """The compose services / Kubernetes Deployments that write an audit trail (the console: who
+    searched or exported it)."""
     return {i.host for i in config.ext_authz.instances} | {
-        i.host for s in config.servers for i in s.instances}
+        i.host for s in config.servers for i in s.instances} | {i.host for i in config.console.instances}
 
 
 def test_compose_writers_seal_with_the_key_pki_init_makes() -> None:
@@ -149,8 +150,8 @@ def k8s_containers() -> dict[str, dict[str, Any]]:
 
 
 def test_k8s_writers_get_the_master_key_from_the_secret_and_nobody_else() -> None:
-    """audit.master_key is on in the Kubernetes config (and its rendered ConfigMap); ext-authz and
-    each server get the variable from the Secret mcp-gateway-audit-master-key, the servers name it
+    """audit.master_key is on in the Kubernetes config (and its rendered ConfigMap); ext-authz, the
+    console and each server get the variable from the Secret mcp-gateway-audit-master-key, the servers name it
     with --audit-master-key-env; no other Deployment gets it. The signing key's Secret is mounted
     (whole, group-readable) at audit.signing_key's folder by the same pods only, and the servers
     sign with that file."""
@@ -166,7 +167,7 @@ def test_k8s_writers_get_the_master_key_from_the_secret_and_nobody_else() -> Non
                 assert env["valueFrom"] == {"secretKeyRef": {"name": SECRET, "key": "key"}}, name
                 holders.add(name)
     servers = {s.name for s in config.servers if s.kind == "module"}
-    assert holders == {"ext-authz", *servers}
+    assert holders == {"ext-authz", "console", *servers}
     for server in servers:
         command = containers[server]["command"]
         assert command[command.index("--audit-master-key-env") + 1] == NAME, server

@@ -1,6 +1,7 @@
 """The web console in docker compose: one process behind Envoy only (mTLS with the certificate
-pki-init issues it), the catalog read-write, every audit writer's volume and the policies
-read-only, no signing key, and Envoy's admin interface never on the network."""
+pki-init issues it), the catalog and its own audit chain read-write, every audit writer's volume,
+the audit keys and the policies read-only, no assertion key, and Envoy's admin interface never on
+the network."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from gateway import inner_tls
 from gateway.config import GatewayConfig, load_config
 from gateway.console.settings import INNER_TLS_IDENTITY, ConsoleSettings
+from gateway.telemetry.audit_keys import new_master_key
 from tests.deploy.test_compose_inner_tls import ENV, INNER, issue, mounts
 from tests.ports import free_ports
 
@@ -31,7 +33,8 @@ ENVOY = REPO / "deploy" / "compose" / "envoy.yaml"
 TIMEOUT = 10.0
 START_DEADLINE = 60.0  # the console compiles and checks the policies before it listens
 # Volumes holding a key the console must not have.
-KEY_VOLUMES = {"inner-pki", "assertion-keys", "audit-keys"}
+KEY_VOLUMES = {"inner-pki", "assertion-keys"}
+MASTER_KEY = "MCP_GATEWAY_AUDIT_MASTER_KEY"
 
 
 @pytest.fixture(scope="module")
@@ -79,21 +82,35 @@ def test_console_runs_one_process_reachable_through_envoy_only(
 def test_console_state_catalog_read_write_audit_and_policies_read_only(
         services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
     """The catalog volume (the one ext_authz pins in) read-write at catalog.path's folder, since
-    Approve writes there; every audit writer's volume read-only at audit.dir/<writer>; the repo's
-    policies read-only at policy.dir; no volume holding a key."""
+    Approve writes there; a volume of its own read-write at audit.dir (its chain, console.jsonl)
+    and every audit writer's volume read-only at audit.dir/<writer>; the audit keys read-only
+    where audit.signing_key and the master key file are, the master key handed to the variable
+    the console reads; the repo's policies read-only at policy.dir; no assertion or CA key."""
     service = console_service(services, config)
     mine = mounts(service)
     catalog_dir = str(PurePosixPath(config.catalog.path).parent)
     ext_authz = services[config.ext_authz.instances[0].host]
     assert mine[catalog_dir] == (mounts(ext_authz)[catalog_dir][0], "")
-    writers = {name: src for name, svc in services.items()
+    writers = {name: src for name, svc in services.items() if svc is not service
                for target, (src, _) in mounts(svc).items() if target == config.audit.dir}
     assert writers, "no audit writer found"
     for writer, volume in writers.items():
         assert mine[f"{config.audit.dir}/{writer}"] == (volume, "ro"), writer
-    audit_mounts = {t: m for t, m in mine.items() if t.startswith(config.audit.dir)}
+    own, options = mine[config.audit.dir]
+    assert options == "" and own not in writers.values()
+    init = services["state-init"]  # hands the fresh volume to the image's user
+    assert [target for target, (src, _) in mounts(init).items() if src == own][0] in init["command"]
+    audit_mounts = {t: m for t, m in mine.items() if t.startswith(f"{config.audit.dir}/")}
     assert len(audit_mounts) == len(writers)
     assert all(options == "ro" for _, options in audit_mounts.values())
+    assert config.audit.signing_key is not None
+    keys_dir = str(PurePosixPath(config.audit.signing_key).parent)
+    assert mine[keys_dir] == ("audit-keys", "ro")
+    key_file = PurePosixPath(service["environment"][f"{MASTER_KEY}_FILE"])
+    assert str(key_file.parent) == keys_dir
+    script = service["entrypoint"][2]
+    assert service["entrypoint"][:2] == ["sh", "-c"] and 'exec "$$@"' in script
+    assert f'{MASTER_KEY}="$$(cat "$${MASTER_KEY}_FILE")" && export {MASTER_KEY}' in script
     assert mine[config.policy.dir] == ("./policies", "ro")
     assert not {src for src, _ in mine.values()} & KEY_VOLUMES
     assert not [src for src, _ in mine.values()
@@ -175,15 +192,17 @@ def _answer(port: int, files: inner_tls.TlsFiles) -> int | None:
 def test_the_console_starts_on_the_compose_layout_and_admits_envoy_only(
         tmp_path: Path, config: GatewayConfig) -> None:
     """The real console process, on the compose config with its paths moved under tmp_path (the
-    policies at policy.dir, the catalog, read-only per-writer audit folders, no master key) and
-    the pair pki-init issued it, serves mTLS: Envoy's pki-init certificate gets /ready, another
-    component's (ext_authz, also a client) is refused."""
+    policies at policy.dir, the catalog, its audit folder with read-only per-writer folders in it,
+    pki-init's audit signing key, a master key in the variable) and the pair pki-init issued it,
+    serves mTLS: Envoy's pki-init certificate gets /ready, another component's (ext_authz, also a
+    client) is refused; it opened its own audit chain (no "cannot be opened" in its log)."""
     out = issue(tmp_path, config)
     state = tmp_path / "state"
     text = (tmp_path / "gateway.yaml").read_text()  # issue() wrote the relocated config there
     text = text.replace("dir: /policies", f"dir: {REPO / 'policies'}")
     text = text.replace("/var/lib/mcp-gateway", str(state))
     (state / "catalog").mkdir(parents=True)
+    (state / "audit").mkdir()
     for writer in ("ext-authz-1", "files-1"):
         folder = state / "audit" / writer
         folder.mkdir(parents=True)
@@ -194,7 +213,8 @@ def test_the_console_starts_on_the_compose_layout_and_admits_envoy_only(
     mine = out / INNER_TLS_IDENTITY
     env = {**os.environ, inner_tls.CERT_ENV: str(mine / "tls.crt"), inner_tls.KEY_ENV: str(mine / "tls.key"),
            inner_tls.CA_ENV: str(mine / "ca.crt"), "PYTHONPATH": str(REPO)}
-    env.pop("MCP_GATEWAY_AUDIT_MASTER_KEY", None)
+    # What the compose entrypoint hands over from pki-init's key file.
+    env[MASTER_KEY] = new_master_key()
 
     def files(identity: str) -> inner_tls.TlsFiles:
         folder = out / identity
@@ -215,6 +235,8 @@ def test_the_console_starts_on_the_compose_layout_and_admits_envoy_only(
             if status is None:
                 time.sleep(0.2)  # polling for the listener, bounded by the deadline
         assert _answer(port, files(inner_tls.EXT_AUTHZ)) in (None, 403)
+        assert "audit chain cannot be opened" not in log.read_text()
+        assert "key store not opened" not in log.read_text()
     finally:
         proc.terminate()
         try:

@@ -1,6 +1,6 @@
 """The web console in Kubernetes: one pod (sessions live in its memory), reached by Envoy's pods
-only (NetworkPolicy) over mTLS with its cert-manager certificate, the catalog read-write and the
-audit folders and policies read-only, no key mounted."""
+only (NetworkPolicy) over mTLS with its cert-manager certificate, the catalog and the audit
+folder (its own chain) read-write, the policies read-only, the audit keys but no assertion key."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.deploy.test_k8s_network import CLIENT, PROMETHEUS, admits, component
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 # Secrets holding a key the console must not have.
-KEY_SECRETS = {"mcp-gateway-assertion-keys", "mcp-gateway-audit-signing-key", "mcp-gateway-audit-master-key"}
+KEY_SECRETS = {"mcp-gateway-assertion-keys", "mcp-gateway-workflow-delegation"}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,9 @@ def test_one_console_process_on_the_configured_port(config: GatewayConfig) -> No
 
 def test_console_volumes(config: GatewayConfig) -> None:
     """The catalog at the same sub-path of the shared claim as ext-authz, read-write (Approve);
-    the claim's whole audit/ folder (every pod's audit/<pod>/) read-only at audit.dir; the
-    policies ConfigMap OPA serves read-only at policy.dir; the config; no key Secret."""
+    the claim's whole audit/ folder (every pod's audit/<pod>/ below, the console's own chain at its
+    top) read-write at audit.dir; the policies ConfigMap OPA serves read-only at policy.dir; the
+    config; the audit keys (its chain is signed and sealed) but no assertion or delegation key."""
     mine = mounts("console")
     catalog_dir = str(Path(config.catalog.path).parent)
     mount, volume = mine[catalog_dir]
@@ -87,7 +88,7 @@ def test_console_volumes(config: GatewayConfig) -> None:
     assert not mount.get("readOnly")
     mount, volume = mine[config.audit.dir]
     assert volume["persistentVolumeClaim"] == authz_volume["persistentVolumeClaim"]
-    assert mount["readOnly"] is True and mount["subPath"] == "audit"
+    assert not mount.get("readOnly") and mount["subPath"] == "audit"
     assert mounts("ext-authz")[config.audit.dir][0]["subPathExpr"].startswith("audit/")
     mount, volume = mine[config.policy.dir]
     assert mount["readOnly"] is True and volume["configMap"]["name"] == "opa-policies"
@@ -99,7 +100,8 @@ def test_console_volumes(config: GatewayConfig) -> None:
     secrets |= {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"]
                 if "secretKeyRef" in e.get("valueFrom", {})}
     assert not secrets & KEY_SECRETS
-    assert secrets == {f"mcp-gateway-inner-{INNER_TLS_IDENTITY}", "mcp-gateway-console-oidc"}
+    assert secrets == {f"mcp-gateway-inner-{INNER_TLS_IDENTITY}", "mcp-gateway-console-oidc",
+                       "mcp-gateway-audit-signing-key", "mcp-gateway-audit-master-key"}
 
 
 @pytest.mark.parametrize("source", ["client", "prometheus", "ext-authz", "ext-proc", "aggregator", "files"])
