@@ -6,6 +6,12 @@ namespace to the token verifiers only, and only Envoy and ext_authz reaching the
 from __future__ import annotations
 
 import functools
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -14,12 +20,17 @@ import pytest
 import yaml
 
 from gateway.config import GatewayConfig, load_config
+from gateway.telemetry.audit_chain import generate_signing_key
+from gateway.telemetry.audit_keys import new_master_key
+from mcp_servers.workflow.delegation import load_or_create_key, publish_jwks
 from tests.deploy.test_k8s_network import CLIENT, PROMETHEUS, admits, component
+from tests.ports import free_ports
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
 ISSUER = "urn:mcp-gateway:workflow"
 DELEGATION_SECRET = "mcp-gateway-workflow-delegation"
+START_DEADLINE = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +142,83 @@ def test_who_reaches_the_workflow_server_and_its_keys(source: str, config: Gatew
     sender = {"client": CLIENT, "prometheus": PROMETHEUS}.get(source) or component(source)
     assert not admits(*sender, "workflow", port)
     assert admits(*sender, "workflow-jwks", jwks_port) == (source == "console")
+
+
+def _ready(port: int) -> int | None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5.0)
+    try:
+        conn.request("GET", "/ready")
+        return conn.getresponse().status
+    except (ConnectionError, TimeoutError):
+        return None
+    finally:
+        conn.close()
+
+
+def test_the_pods_command_starts_with_the_operators_key(tmp_path: Path) -> None:
+    """The workflow container's command and environment, with its mounts moved under tmp_path,
+    start the real server: the key made by README's command and mounted read-only (0440, as the
+    Secret is) is used as it is, the workflows of the ConfigMap load, the run record opens on
+    its claim; the JWKS README's command publishes has the key's public half only."""
+    keys = tmp_path / "keys"
+    ring = load_or_create_key(keys / "workflow-delegation.json")
+    publish_jwks(ring, keys / "workflow-jwks.json")
+    published = json.loads((keys / "workflow-jwks.json").read_text())["keys"]
+    assert len(published) == 1 and "d" not in published[0]
+    container, _ = container_of("workflow")
+    mounts = {"/etc/mcp-gateway/delegation": tmp_path / "delegation",
+              "/etc/mcp-gateway/audit-keys": tmp_path / "audit-keys",
+              "/etc/mcp-gateway/assertion-jwks": tmp_path / "assertion-jwks",
+              "/var/lib/mcp-gateway": tmp_path / "state",
+              "/srv/workflows": tmp_path / "workflows"}
+    for folder in mounts.values():
+        folder.mkdir()
+    for name, text in named("ConfigMap", "mcp-gateway-workflows")["data"].items():
+        (mounts["/srv/workflows"] / name).write_text(text)
+    (mounts["/var/lib/mcp-gateway"] / "workflow").mkdir()
+    (mounts["/var/lib/mcp-gateway"] / "audit").mkdir()
+    key = mounts["/etc/mcp-gateway/delegation"] / "workflow-delegation.json"
+    key.write_bytes((keys / "workflow-delegation.json").read_bytes())
+    key.chmod(0o440)
+    mounts["/etc/mcp-gateway/delegation"].chmod(0o500)
+    generate_signing_key(mounts["/etc/mcp-gateway/audit-keys"] / "audit-signing.pem")
+    # Any ES256 public JWKS stands for the gateway's caller assertion keys.
+    publish_jwks(load_or_create_key(keys / "assertion.json"),
+                 mounts["/etc/mcp-gateway/assertion-jwks"] / "assertion-jwks.json")
+
+    def moved(value: str) -> str:
+        for inside, outside in mounts.items():
+            if value.startswith(inside):
+                return str(outside) + value[len(inside):]
+        return value
+
+    (port,) = free_ports(1, offsets=(0,))
+    argv = [moved(a) for a in container["command"]]
+    argv[argv.index("--port") + 1] = str(port)
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv.remove("--audit-otlp-export")
+    assert argv[0] == "python"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MCP_", "OTEL_"))}
+    env.update({e["name"]: moved(e["value"]) for e in container["env"]
+                if "value" in e and not e["name"].startswith(("MCP_INNER_TLS", "OTEL_"))})
+    env.update({"MCP_GATEWAY_AUDIT_MASTER_KEY": new_master_key(), "POD_NAME": "workflow-0",
+                "PYTHONPATH": str(REPO)})
+    log = tmp_path / "workflow.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen([sys.executable, *argv[1:]], env=env, cwd=tmp_path,
+                                stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + START_DEADLINE
+        while _ready(port) != 200:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the workflow server did not get ready in time"
+            time.sleep(0.2)  # polling for the listener, bounded by the deadline
+        assert key.read_bytes() == (keys / "workflow-delegation.json").read_bytes()
+        assert (mounts["/var/lib/mcp-gateway"] / "workflow" / "runs.sqlite3").exists()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
