@@ -1,7 +1,8 @@
 """``python -m gatewayctl.compose_init``: docker compose's one-shot ``pki-init`` service.
 
-It issues the inner TLS certificates of the compose gateway config (inner_tls) from a CA kept in a
-folder only this service mounts (``--pki``), with the dev stack's issuance
+It issues the inner TLS certificates of the compose gateway config (inner_tls: Envoy, ext_authz,
+ext_proc, the aggregator, each module server and, with a ``console:`` section, the console) from
+a CA kept in a folder only this service mounts (``--pki``), with the dev stack's issuance
 (``gatewayctl.devstack.credentials.issue_inner_tls``: a certificate names ``<identity>.<domain>``
 and the component's hosts), and copies each component's pair and the CA certificate into that
 component's own folder under ``--out`` (``<out>/<identity>/tls.crt``, ``tls.key``, ``ca.crt``: the
