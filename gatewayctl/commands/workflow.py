@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     wsub = wf.add_subparsers(dest="workflow_command", required=True)
     val = wsub.add_parser("validate", help="check workflow files: keys, schemas, references, cycles, "
                                            "servers and tools")
-    val.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    val.add_argument("files", nargs="+", type=Path, metavar="FILE|DIR",
+                     help="workflow files, or folders whose *.yaml / *.yml files are checked (as the "
+                          "workflow server loads a folder)")
     val.add_argument("--catalog", type=Path, default=None,
                      help="tool catalog to check tool names against (default: catalog.path of the "
                           "config, when that file exists; servers it has not seen are checked by name)")
@@ -52,6 +54,21 @@ def known_tools(path: Path | None, servers: list[str]) -> dict[str, frozenset[st
     return known
 
 
+def _expand(paths: list[Path], problems: list[str]) -> list[Path]:
+    """Files as given; a folder stands for its *.yaml and *.yml files (not its sub-folders), in
+    name order; an empty folder is a problem, not a silent success."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+            if not found:
+                problems.append(f"{path}: no workflow files (*.yaml, *.yml) in this folder")
+            out.extend(found)
+        else:
+            out.append(path)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
@@ -64,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     problems: list[str] = []
     names: dict[str, Path] = {}
     loaded: list[Workflow] = []
-    for path in args.files:
+    for path in _expand(args.files, problems):
         try:
             wf = load_file(path)
         except SpecError as exc:

@@ -77,3 +77,20 @@ def test_unchecked_output_is_a_warning_or_with_strict_a_problem(
     assert f"{wf}: steps[1].arguments.path:" in capsys.readouterr().err
     assert main(["workflow", "validate", "--no-catalog", "--strict",
                  str(REPO / "workflows/order_to_invoice.yaml")]) == 0
+
+
+def test_a_folder_stands_for_its_workflow_files(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`workflow validate --strict workflows/` checks every *.yaml of the folder, as the server
+    loads it; a folder without workflow files is a problem, not a silent success."""
+    config = config_with_catalog(tmp_path, {"erp": ["createOrder", "cancelOrder"],
+                                            "files": ["write_file", "delete_file"],
+                                            "database": ["query", "insert_row", "delete_row"]})
+    rc = main(["--config", str(config), "workflow", "validate", "--strict", str(REPO / "workflows")])
+    assert rc == 0, capsys.readouterr().err
+    assert "ok (order_to_invoice" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not a workflow")
+    assert main(["--config", str(config), "workflow", "validate", str(empty)]) == 1
+    assert "no workflow files" in capsys.readouterr().err
