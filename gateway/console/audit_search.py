@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
+import logging
 import os
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.telemetry.audit_chain import audit_files
-from gateway.telemetry.audit_keys import SubjectKeyStore
+from gateway.telemetry.audit_keys import KeyStoreError, SubjectKeyReader, SubjectKeyStore
 from gateway.telemetry.audit_verify import chain_bases
+
+logger = logging.getLogger(__name__)
 
 BLOCK_BYTES = 64 * 1024
 MAX_FIELD_CHARS = 200  # a filter value longer than this is refused
@@ -205,15 +208,38 @@ def trail_bases(directory: Path) -> list[Path]:
 
 class Opener:
     """Opens sealed personal fields for one search or export, unwrapping each subject key
-    (sid, kid) once: an export of one subject's 100,000 entries asks the key store, and
-    decrypts the wrapped key, once instead of 100,000 times."""
+    (folder, sid, kid) once: an export of one subject's 100,000 entries asks the key store, and
+    decrypts the wrapped key, once instead of 100,000 times. An entry is opened with the key
+    store of the folder its file is in (each writer of docker compose and Kubernetes keeps its
+    own beside its file), read-only, under the console's master key."""
 
     def __init__(self, store: SubjectKeyStore) -> None:
         self.store = store
-        self._keys: dict[tuple[str, int], AESGCM | None] = {}
+        self._home = store.path.parent.resolve()
+        self._keys: dict[tuple[Path, str, int], AESGCM | None] = {}
+        self._readers: dict[Path, SubjectKeyReader | None] = {}
 
-    def open(self, entry: dict[str, Any]) -> dict[str, Any] | None:
-        """As SubjectKeyStore.open: the personal fields, or None (erased key, damaged entry)."""
+    def _source(self, folder: Path) -> SubjectKeyStore | SubjectKeyReader | None:
+        if folder == self._home:
+            return self.store
+        if folder not in self._readers:
+            try:
+                self._readers[folder] = self.store.reader(folder)
+            except KeyStoreError as exc:
+                logger.warning("audit key store of %s not opened: %s", folder, exc)
+                self._readers[folder] = None
+        return self._readers[folder]
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
+        self._readers.clear()
+
+    def open(self, entry: dict[str, Any], folder: Path | None = None) -> dict[str, Any] | None:
+        """As SubjectKeyStore.open: the personal fields, or None (erased key, damaged entry, a
+        folder without a store the console can read). ``folder``: where the entry's file is
+        (default: the console's own audit folder)."""
         sid, pii = entry.get("sid"), entry.get("pii")
         if not isinstance(sid, str) or not isinstance(pii, str) or ":" not in pii:
             return None
@@ -223,11 +249,16 @@ class Opener:
             raw = base64.b64decode(blob, validate=True)
         except (ValueError, binascii.Error):
             return None
-        key = (sid, kid)
+        where = self._home if folder is None else folder
+        key = (where, sid, kid)
         if key in self._keys:
             aead = self._keys[key]
         else:
-            aead = self.store.key_for_reading(sid, kid)
+            source = self._source(where)
+            try:
+                aead = source.key_for_reading(sid, kid) if source is not None else None
+            except KeyStoreError:
+                aead = None
             if len(self._keys) >= MAX_CACHED_KEYS:
                 self._keys.clear()
             self._keys[key] = aead
@@ -240,11 +271,19 @@ class Opener:
         return fields if isinstance(fields, dict) else None
 
 
-def _shown(entry: dict[str, Any], opener: Opener | None) -> tuple[dict[str, Any], bool]:
+def _with_folder(chain: Iterator[dict[str, Any]], folder: Path
+                 ) -> Generator[tuple[dict[str, Any], Path]]:
+    """A chain's entries, each with the folder of its files (whose key store opens it)."""
+    for entry in chain:
+        yield entry, folder
+
+
+def _shown(entry: dict[str, Any], opener: Opener | None,
+           folder: Path | None = None) -> tuple[dict[str, Any], bool]:
     """(the row as displayed, whether its sealed personal fields stayed closed)."""
     closed = False
     if entry.get("sid") is not None and entry.get("sub") is None:
-        opened = opener.open(entry) if opener is not None else None
+        opened = opener.open(entry, folder) if opener is not None else None
         if opened is None:
             closed = True
         else:
@@ -276,25 +315,31 @@ def iter_rows(audit_dir: str | Path, filters: Filters, *, max_scan: int,
     opener = Opener(store) if store is not None else None
     needles = _needles(filters, sid)
     count = _Count(max_scan)
-    chains = [chain_newest_first(base, needles, count) for base in trail_bases(directory)]
-    merged = heapq.merge(*chains, key=lambda e: str(e.get("ts", "")), reverse=True)
+    bases = trail_bases(directory)
+    chains = [chain_newest_first(base, needles, count) for base in bases]
+    tagged = [_with_folder(chain, base.parent.resolve()) for chain, base in zip(chains, bases, strict=True)]
+    merged = heapq.merge(*tagged, key=lambda pair: str(pair[0].get("ts", "")), reverse=True)
     try:
-        for entry in merged:
+        for entry, folder in merged:
             progress.scanned = count.lines
             ts = entry.get("ts")
             if filters.since and isinstance(ts, str) and ts < filters.since:
                 break  # newest first: everything after this is older still
             if not _matches(entry, filters, sid):
                 continue
-            row, closed = _shown(entry, opener)
+            row, closed = _shown(entry, opener, folder)
             progress.sealed += closed
             progress.rows += 1
             yield row
     finally:
         progress.scanned = count.lines
         progress.exhausted = count.exhausted
+        for pairs in tagged:
+            pairs.close()
         for chain in chains:
             chain.close()
+        if opener is not None:
+            opener.close()
 
 
 def search(audit_dir: str | Path, filters: Filters, *, limit: int, max_scan: int,

@@ -121,6 +121,7 @@ class SubjectKeyStore:
         self._db.executescript(_SCHEMA)
         # A store made under another master key must not silently start over with new keys.
         check = hmac.new(master_key, b"mcp-gateway audit master check", hashlib.sha256).hexdigest()
+        self._check = check
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('master_check', ?)", (check,))
         (stored,) = self._db.execute("SELECT value FROM meta WHERE name='master_check'").fetchone()
         if not hmac.compare_digest(str(stored), check):
@@ -146,6 +147,15 @@ class SubjectKeyStore:
         if self._header_fd >= 0:
             return os.pread(self._header_fd, 4, 24)
         return self._db.execute("PRAGMA data_version").fetchone()[0]
+
+    def reader(self, directory: str | Path) -> SubjectKeyReader | None:
+        """A read-only view of the key store in ``directory`` (another writer's folder) under
+        this store's master key; None when that folder has no store. Raises KeyStoreError for a
+        store that does not open or was made under another master key."""
+        path = Path(directory) / KEY_STORE_NAME
+        if not path.is_file():
+            return None
+        return SubjectKeyReader(path, wrap=self._wrap, check=self._check)
 
     def subject_id(self, sub: str) -> str:
         """The pseudonymous index of ``sub`` (hex HMAC-SHA256, 32 digits)."""
@@ -311,3 +321,40 @@ class SubjectKeyStore:
         except InvalidTag:
             return None
         return fields
+
+
+class SubjectKeyReader:
+    """A read-only view of a key store another writer owns: the keys to open its sealed entries
+    with, never a write (no schema, no meta row, no chmod; the file is opened ``mode=ro``, so a
+    read-only mount works). The web console uses one per writer folder of the trail."""
+
+    def __init__(self, path: str | Path, *, wrap: AESGCM, check: str) -> None:
+        """Prefer :meth:`SubjectKeyStore.reader` (the same master key, derived once)."""
+        self.path = Path(path)
+        self._wrap = wrap
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0,
+                                       check_same_thread=False)
+            row = self._db.execute("SELECT value FROM meta WHERE name='master_check'").fetchone()
+        except sqlite3.Error as exc:
+            raise KeyStoreError(f"{self.path}: not a readable audit key store ({exc})") from None
+        if row is None or not hmac.compare_digest(str(row[0]), check):
+            self._db.close()
+            raise KeyStoreError(f"{self.path} was made under another audit.master_key")
+
+    def key_for_reading(self, sid: str, kid: int) -> AESGCM | None:
+        """As :meth:`SubjectKeyStore.key_for_reading`: None once erased (or never made here)."""
+        with self._lock:
+            row = self._db.execute("SELECT kid, wrapped FROM subject_keys WHERE sid=?", (sid,)).fetchone()
+        if row is None or int(row[0]) != kid:
+            return None
+        wrapped = bytes(row[1])
+        try:
+            return AESGCM(self._wrap.decrypt(wrapped[:12], wrapped[12:], f"{sid}:{kid}".encode()))
+        except InvalidTag:
+            raise KeyStoreError(f"{self.path}: the key of {sid} does not unwrap: wrong audit.master_key?") \
+                from None
+
+    def close(self) -> None:
+        self._db.close()

@@ -68,3 +68,47 @@ def test_search_reads_each_writers_folder_below_the_audit_dir(tmp_path: Path) ->
     _write_trail(str(tmp_path / "files-1" / "files.jsonl"), 2, special=0)
     result = search(tmp_path, Filters(sub="bob"), limit=10, max_scan=100)
     assert [r["decision_id"] for r in result.rows] == ["d1", "d0"]
+
+
+async def test_sealed_entries_open_with_the_key_store_of_their_own_folder(tmp_path: Path) -> None:
+    """compose and Kubernetes writers each keep a key store beside their file: the console opens
+    every writer's sealed entries with that folder's store (read-only, under its master key),
+    not only with its own; a folder whose store was made under another master key stays sealed,
+    and reading never writes to another writer's store."""
+    import hashlib
+
+    from gateway.telemetry.audit import AuditEntry, AuditWriter
+    from gateway.telemetry.audit_keys import KEY_STORE_NAME, SubjectKeyStore
+
+    master, other = bytes(range(32)), bytes(range(1, 33))
+
+    async def write(folder: Path, key: bytes, sub: str, decision: str) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        store = SubjectKeyStore(folder, key)
+        try:
+            async with AuditWriter(folder / "w.jsonl", keys=store) as writer:
+                await writer.write(AuditEntry(
+                    method="tools/call", server="files", target="read_file", sub=sub, client_id="c",
+                    tenant="acme", decision="allow", reason=None, status="ok", latency_ms=1.0,
+                    request_id=f"r-{decision}", decision_id=decision, args_digest=None))
+        finally:
+            store.close()
+
+    await write(tmp_path, master, "carol", "d-top")
+    await write(tmp_path / "files-1", master, "alice", "d-files")
+    await write(tmp_path / "erp-1", other, "bob", "d-erp")
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest()
+              for p in (tmp_path / "files-1" / KEY_STORE_NAME, tmp_path / "erp-1" / KEY_STORE_NAME)}
+    (tmp_path / "files-1").chmod(0o555)  # a read-only mount
+    store = SubjectKeyStore(tmp_path, master)
+    try:
+        rows = {r["decision_id"]: r for r in search(tmp_path, Filters(), limit=10, max_scan=100,
+                                                    store=store).rows}
+        assert rows["d-top"]["sub"] == "carol" and rows["d-files"]["sub"] == "alice"
+        assert rows["d-erp"]["sub"] is None  # another master key: stays sealed
+        found = search(tmp_path, Filters(sub="alice"), limit=10, max_scan=100, store=store)
+        assert [r["decision_id"] for r in found.rows] == ["d-files"]
+    finally:
+        store.close()
+        (tmp_path / "files-1").chmod(0o755)
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before}
