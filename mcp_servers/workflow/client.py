@@ -14,13 +14,18 @@ error are known not to have (or to have failed to) run.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import validate_message
@@ -85,21 +90,96 @@ def _error_text(result: dict[str, Any]) -> str:
     return " ".join(t for t in texts if isinstance(t, str)) or "the tool reported an error"
 
 
-class GatewayClient:
-    """Calls ``<gateway>/mcp/<server>``; one connection pool per process."""
+MAX_CONNECT_TEXT = 300
 
-    def __init__(self, gateway_url: str, ssl_context: ssl.SSLContext | None) -> None:
+
+def parse_connect(text: str) -> tuple[str, int]:
+    """``host:port`` or ``https://host[:port]`` (443 by default): where the gateway is reached
+    when its public URL's host does not lead there (docker compose: Envoy's service name).
+    Anything else (another scheme, a path, credentials, no port) is a ValueError."""
+    if not text or len(text) > MAX_CONNECT_TEXT or any(c.isspace() for c in text):
+        raise ValueError(f"expected host:port or https://host[:port], got {text[:80]!r}")
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.scheme != "https":
+            raise ValueError(f"only https:// (the gateway's TLS listener), got {text!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username \
+                or parts.password:
+            raise ValueError(f"only a host and a port, got {text!r}")
+        host, default_port = parts.hostname, 443
+        try:
+            port = parts.port or default_port
+        except ValueError:
+            raise ValueError(f"bad port in {text!r}") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit():
+            raise ValueError(f"expected host:port or https://host[:port], got {text!r}")
+        host, port = host.removeprefix("[").removesuffix("]"), int(port_text)
+    if not host or not 1 <= port <= 65535:
+        raise ValueError(f"expected host:port or https://host[:port], got {text!r}")
+    return host, port
+
+
+class ConnectResolver(AbstractResolver):
+    """Resolves the public host (and only it: any other name is refused) to ``connect``'s
+    addresses. The URL keeps the public host, so the Host header, the TLS server name and the
+    certificate check are the public name's; only the TCP connection goes elsewhere."""
+
+    def __init__(self, public_host: str, connect: tuple[str, int]) -> None:
+        self.public_host = public_host
+        self.connect = connect
+        self._inner = DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
+        if host.rstrip(".").lower() != self.public_host:
+            raise OSError(f"{host} is not the gateway's public host ({self.public_host})")
+        target, target_port = self.connect
+        try:
+            ip = ipaddress.ip_address(target)
+        except ValueError:
+            found = await self._inner.resolve(target, target_port, family)
+            return [{**r, "hostname": host, "port": target_port} for r in found]
+        return [{"hostname": host, "host": str(ip), "port": target_port,
+                 "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST}]
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class GatewayClient:
+    """Calls ``<gateway>/mcp/<server>``; one connection pool per process. With ``connect``
+    (host, port) the TCP connections go there, the requests still naming the gateway's URL."""
+
+    def __init__(self, gateway_url: str, ssl_context: ssl.SSLContext | None,
+                 connect: tuple[str, int] | None = None) -> None:
         self.base = gateway_url.rstrip("/")
         self._ssl = ssl_context
+        self._connect = connect
         self._http: aiohttp.ClientSession | None = None
+        self._resolver: ConnectResolver | None = None
         self._ids = itertools.count(1)
+        if connect is not None:
+            host = urlsplit(self.base).hostname
+            if host is None or _is_ip(host):
+                raise ValueError(f"{gateway_url}: a separate connect address needs a host name "
+                                 "in the gateway's URL")
 
     async def open(self) -> None:
-        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl or True))
+        if self._connect is not None:
+            host = urlsplit(self.base).hostname
+            assert host is not None
+            self._resolver = ConnectResolver(host.lower(), self._connect)
+        self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            ssl=self._ssl or True, resolver=self._resolver))
 
     async def close(self) -> None:
         if self._http is not None:
             await self._http.close()
+        if self._resolver is not None:
+            await self._resolver.close()
 
     async def call(self, server: str, tool: str, arguments: dict[str, Any], token: str,
                    *, timeout_seconds: float) -> StepOutcome:
@@ -195,3 +275,11 @@ class GatewayClient:
                             outcome_unknown=True)
         await resp.read()
         return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -26,7 +26,7 @@ from mcp_servers.core import (
     ToolError,
     ToolResult,
 )
-from mcp_servers.workflow.client import DECLINED, GatewayClient, StepError
+from mcp_servers.workflow.client import DECLINED, GatewayClient, StepError, parse_connect
 from mcp_servers.workflow.delegation import Delegator, load_or_create_key, publish_jwks
 from mcp_servers.workflow.engine import DEFAULT_MAX_RUNS_PER_CALLER, MAX_RUNS, Engine, RunRefused
 from mcp_servers.workflow.spec import IDEMPOTENCY_ARGUMENT, SpecError, Workflow, load_dir
@@ -115,7 +115,10 @@ def build_server(args: argparse.Namespace) -> MCPServer:
     server = MCPServer("workflow", version="0.1.0",
                        instructions="Each tool runs a workflow: several tool calls on other servers, "
                                     "made as you, undone in reverse order when one fails.")
-    client = GatewayClient(gateway_url, _ssl_context(args.gateway_ca))
+    try:
+        client = GatewayClient(gateway_url, _ssl_context(args.gateway_ca), args.gateway_connect)
+    except ValueError as exc:
+        raise SystemExit(f"--gateway-connect: {exc}") from None
     delegator = Delegator(ring, args.delegation_issuer, gateway_url)
     runtime = Runtime()
 
@@ -142,7 +145,9 @@ def build_server(args: argparse.Namespace) -> MCPServer:
 
     for wf in workflows.values():
         register_workflow(server, runtime, wf)
-    logger.info("workflows loaded", extra={"workflows": sorted(workflows), "gateway": gateway_url})
+    logger.info("workflows loaded", extra={
+        "workflows": sorted(workflows), "gateway": gateway_url,
+        "gateway_connect": ":".join(map(str, args.gateway_connect)) if args.gateway_connect else None})
     return server
 
 
@@ -174,6 +179,13 @@ def _runs_per_caller(text: str) -> int:
     return value
 
 
+def _connect(text: str) -> tuple[str, int]:
+    try:
+        return parse_connect(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workflows", default="workflows", help="folder of workflow files (*.yaml)")
     parser.add_argument("--runs-db", required=True, help="SQLite file of the durable run record")
@@ -183,6 +195,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gateway-url", default=None,
                         help="the gateway's https URL the steps go through (default: --assertion-issuer, "
                              "the gateway's public URL)")
+    parser.add_argument("--gateway-connect", type=_connect, default=None,
+                        help="connect to the gateway here (host:port or https://host[:port]) instead "
+                             "of --gateway-url's host; the requests, the TLS server name and the "
+                             "certificate check keep --gateway-url's host (docker compose: "
+                             "envoy:8443, where public_url's host is the container itself)")
     parser.add_argument("--gateway-ca", default=None, help="CA bundle for the gateway's certificate")
     parser.add_argument("--delegation-key", required=True,
                         help="private JWK set signing the per-step tokens (made on first start, 0600)")
