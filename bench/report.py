@@ -272,9 +272,12 @@ def _trust_row(trust: dict[str, Any] | None) -> dict[str, Any]:
     both = float(trust["overhead_percent"]["inner_tls+assertion"])
     alone = float(trust["overhead_percent"]["assertion"])
     by = trust["by_process_us_per_call"]
+    errors = {k: v for k, v in (trust.get("errors") or {}).items() if v}
     row.update(value=f"{both:+.1f} % ({cpu['inner_tls+assertion']:.0f} vs {cpu['plain']:.0f} us "
                      f"median; assertion alone {alone:+.1f} %; {trust['calls_per_variant']} calls "
-                     "per variant)",
+                     "per variant"
+                     + (f"; calls not answered: {', '.join(f'{k} {v}' for k, v in errors.items())}"
+                        if errors else "") + ")",
                met=both <= budget,
                bound="" if both <= budget else (
                    "by process (us/call, both on vs off): " + ", ".join(
