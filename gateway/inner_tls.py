@@ -50,6 +50,9 @@ AGGREGATOR = "aggregator"
 # GET /metrics on a service that serves it on its TLS port, and nothing else.
 METRICS_SCRAPER = "prometheus"
 METRICS_PATH = "/metrics"
+# The web console (gateway.console): its overview reads the same /metrics, with the same rights.
+CONSOLE = "console"
+METRICS_READERS = (METRICS_SCRAPER, CONSOLE)
 
 # Who may call whom (docs/inner-tls.md): ext_authz, ext_proc and the aggregator are called by
 # Envoy only; the MCP servers and bridges also by ext_authz, whose catalog fetch lists their tools.
@@ -153,8 +156,9 @@ class PeerPolicy:
         verdicts = {f"{identity}.{domain}": PeerVerdict(f"{identity}.{domain}", True)
                     for identity in self.callers}
         if self.scraper:
-            name = f"{METRICS_SCRAPER}.{domain}"
-            verdicts.setdefault(name, PeerVerdict(name, False, metrics_only=True))
+            for reader in METRICS_READERS:
+                name = f"{reader}.{domain}"
+                verdicts.setdefault(name, PeerVerdict(name, False, metrics_only=True))
         self.domain, self._verdicts = domain, verdicts
 
     def verdict(self, dns_name: str | None) -> PeerVerdict:
@@ -301,7 +305,8 @@ class ReloadingTls:
 def server_tls_from_env(environ: Mapping[str, str] | None = None, *, callers: frozenset[str],
                         scraper: bool = False) -> ReloadingTls | None:
     """The service's TLS when its variables are set, accepting the ``callers`` identities (and
-    with ``scraper`` Prometheus's certificate on GET /metrics); None: plain text."""
+    with ``scraper`` Prometheus's and the console's certificates on GET /metrics); None: plain
+    text."""
     files = files_from_env(environ)
     if files is None:
         return None

@@ -24,6 +24,7 @@ from gateway.console.activity import ConsoleActivity
 from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
 from gateway.console.oidc import OidcClient
+from gateway.console.service_metrics import ClientTls, ServiceMetrics
 from gateway.console.settings import (
     ENVOY_TIMEOUT_SECONDS,
     MAX_SESSIONS,
@@ -85,6 +86,7 @@ def make_app(settings: ConsoleSettings) -> web.Application:
         writer: AuditWriter | None = None
         sampler_task: asyncio.Task[None] | None = None
         warmer_task: asyncio.Task[None] | None = None
+        scraper_task: asyncio.Task[None] | None = None
         try:
             jwks = {i.issuer: JwksClient(i.jwks_url, http, cooldown=settings.auth.jwks_cooldown_seconds,
                                          timeout=settings.auth.jwks_timeout_seconds,
@@ -113,6 +115,9 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                              "are refused: %s", exc)
             admin = EnvoyAdmin(settings.admin_url, http, timeout=ENVOY_TIMEOUT_SECONDS)
             sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT)
+            # inner_tls: the console's own certificate, which the services admit on GET /metrics.
+            services = ServiceMetrics(settings.metrics_targets, http, interval=SAMPLE_SECONDS,
+                                      keep=SAMPLES_KEPT, client_tls=ClientTls(inner_tls.files_from_env()))
             oidc = None
             if settings.oidc is not None:
                 oidc = OidcClient(settings.oidc, redirect_uri=f"{settings.resource}/oidc/callback",
@@ -122,12 +127,13 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 settings=settings, verifier=verifier, policy=policy,
                 sessions=SessionStore(max_sessions=MAX_SESSIONS), catalog=catalog, admin=admin,
                 sampler=sampler, key_store=store, public_origin=origin_of(settings.public_url),
-                oidc=oidc, activity=activity)
+                oidc=oidc, activity=activity, services=services)
             sampler_task = asyncio.create_task(sampler.run())
+            scraper_task = asyncio.create_task(services.run())
             warmer_task = asyncio.create_task(_keep_matrix_fresh(app[CONSOLE]))
             yield
         finally:
-            for task in (sampler_task, warmer_task):
+            for task in (sampler_task, warmer_task, scraper_task):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):

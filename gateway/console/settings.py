@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import inner_tls
 from gateway.config import (
     AuthConfig,
     ConfigError,
@@ -15,13 +16,14 @@ from gateway.config import (
     IssuerConfig,
     load_config,
 )
+from gateway.console.service_metrics import MetricsTarget, metrics_targets
 
 # Bounds of what one page reads (docs/console.md, "Bounded reads").
 # The session cookie: the __Host- prefix makes browsers insist on Secure, Path=/ and no Domain.
 # Envoy's console route hashes on it (gatewayctl.envoy_config renders the name from here).
 SESSION_COOKIE = "__Host-mcp-console"
 # Its inner TLS identity (gateway.inner_tls): the certificate names console.<inner_tls.domain>.
-INNER_TLS_IDENTITY = "console"
+INNER_TLS_IDENTITY = inner_tls.CONSOLE
 MAX_AUDIT_ROWS = 500  # rows one audit page shows
 MAX_AUDIT_SCAN = 200_000  # entries one search reads at most, newest first
 MAX_EXPORT_ROWS = 100_000  # lines one export writes at most
@@ -56,6 +58,8 @@ class ConsoleSettings:
     # Cookies are Secure: the browser talks to Envoy over TLS. Tests on plain loopback HTTP
     # read the Set-Cookie header themselves.
     cookie_name: str = SESSION_COOKIE
+    # Where the services serve /metrics (the overview scrapes them).
+    metrics_targets: tuple[MetricsTarget, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, host: str | None = None,
@@ -80,7 +84,8 @@ class ConsoleSettings:
             audit_dir=cfg.audit.dir, audit_master_key=cfg.audit.master_key, state_dir=cfg.state_dir,
             admin_url=f"http://{admin_host}:{cfg.admin.port}",
             servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level,
-            oidc=oidc, oidc_client_secret=secret, audit_signing_key=cfg.audit.signing_key)
+            oidc=oidc, oidc_client_secret=secret, audit_signing_key=cfg.audit.signing_key,
+            metrics_targets=metrics_targets(cfg))
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> ConsoleSettings:

@@ -15,6 +15,7 @@ from gateway.console.auth import ConsolePolicy, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
 from gateway.console.matrix import Matrix
 from gateway.console.oidc import OidcClient
+from gateway.console.service_metrics import ServiceMetrics
 from gateway.console.settings import ConsoleSettings
 from gateway.telemetry.audit_keys import SubjectKeyStore
 
@@ -31,6 +32,9 @@ class ConsoleState:
     key_store: SubjectKeyStore | None
     public_origin: str
     oidc: OidcClient | None = None
+    # The services' own /metrics, scraped in the background (None: not scraped, as in tests of
+    # other pages).
+    services: ServiceMetrics | None = None
     # Records audit searches and exports in the trail; None when the console's chain could not
     # be opened (searches and exports are then refused).
     activity: ConsoleActivity | None = None

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from gateway.catalog import CatalogError
 from gateway.catalog.store import MAX_REASON_CHARS
-from gateway.console import activity, envoy_stats, matrix
+from gateway.console import activity, envoy_stats, matrix, service_metrics
 from gateway.console.audit_search import Filters, Progress, SearchResult, iter_rows, search
 from gateway.console.auth import PolicyUnavailable, Session
 from gateway.console.oidc import PENDING_SECONDS, OidcError
@@ -246,8 +246,10 @@ async def overview_page(request: web.Request) -> web.StreamResponse:
     components: dict[str, list[envoy_stats.Instance]] = {}
     for inst in ov.instances:
         components.setdefault(inst.component, []).append(inst)
+    services = st.services.views() if st.services is not None else []
     return page(request, "overview.html", {"ov": ov, "components": components,
-                                           "policy_error": st.policy.error})
+                                           "policy_error": st.policy.error, "services": services,
+                                           "services_dropped": st.services.dropped if st.services else 0})
 
 
 async def overview_api(request: web.Request) -> web.StreamResponse:
@@ -257,7 +259,8 @@ async def overview_api(request: web.Request) -> web.StreamResponse:
         "envoy_ready": ov.envoy_ready, "error": ov.error,
         "instances": [{"component": i.component, "address": i.address, "health": i.health}
                       for i in ov.instances],
-        "times": ov.times, "series": ov.series, "current": ov.current})
+        "times": ov.times, "series": ov.series, "current": ov.current,
+        "services": service_metrics.as_json(st.services.views()) if st.services is not None else []})
 
 
 # ------------------------------------------------------------------ catalog

@@ -9,12 +9,17 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway import inner_tls
-from gateway.config import load_config
+from gateway.config import GatewayConfig, load_config
+from gateway.console.service_metrics import ClientTls, ServiceMetrics, metrics_targets
 from gateway.console.settings import INNER_TLS_IDENTITY
 from gatewayctl import devstack
+from gatewayctl.devstack import credentials
 from tests.e2e.conftest import installed
 from tests.e2e.helpers import REPO, authz_transport, stack_config
 from tests.ports import free_ports
@@ -89,3 +94,40 @@ def test_the_console_refuses_plain_text_and_other_certificates(stack: devstack.S
     envoy = inner_tls.client_context(it.files(inner_tls.ENVOY), check_hostname=False)
     assert _status(port, envoy, "/ready") == 200
     assert it.san(INNER_TLS_IDENTITY) == f"console.{it.domain}"
+
+
+def _console_client_files(config: GatewayConfig, folder: Path) -> inner_tls.TlsFiles:
+    """The console's identity with the client usage (the dev stack issues the console's
+    certificate for serving only: see docs/console.md, "Not done yet")."""
+    ca_key, ca_cert = credentials._dev_ca(config)
+    key, cert = credentials._issue(ca_key, ca_cert, config.inner_tls.san(INNER_TLS_IDENTITY),
+                                   [config.inner_tls.san(INNER_TLS_IDENTITY)],
+                                   [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    files = inner_tls.TlsFiles(str(folder / "console.pem"), str(folder / "console.key"),
+                               config.inner_tls.ca_file)
+    Path(files.key_file).write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    Path(files.cert_file).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return files
+
+
+async def test_the_console_reads_the_servers_metrics_with_its_own_certificate(
+        stack: devstack.Stack, tmp_path: Path) -> None:
+    """Under inner_tls the console's identity is admitted on a server's GET /metrics (the
+    overview's scrape finds it up, over mTLS with the server's name checked) and on nothing else
+    of it."""
+    config = stack.config
+    targets = [t for t in metrics_targets(config) if t.component == "files"]
+    assert targets and all(t.url.startswith("https://") for t in targets)
+    files = _console_client_files(config, tmp_path)
+    tls = ClientTls(files)
+    async with aiohttp.ClientSession() as http:
+        sm = ServiceMetrics(targets, http, interval=5, keep=2, timeout=TIMEOUT, client_tls=tls)
+        await sm.scrape_once()
+        (view,) = sm.views()
+        assert view.up, view.error
+        assert set(view.rates) == {"calls_ok", "calls_failed"}
+    port = next(s for s in config.servers if s.name == "files").instances[0].port
+    console = inner_tls.client_context(files, check_hostname=False)
+    assert _status(port, console, "/metrics") == 200
+    assert _status(port, console, "/ready") == 403

@@ -75,6 +75,25 @@
           traffic.append(tr);
         });
       }
+      const services = document.querySelector("#services tbody");
+      if (services && data.services) {
+        services.replaceChildren();
+        data.services.forEach(function (s) {
+          const tr = document.createElement("tr");
+          tr.dataset.component = s.component;
+          tr.append(text("td", s.component), text("td", s.url));
+          const up = text("td", s.up ? "up" : "down: " + s.error);
+          up.className = (s.up ? "ok" : "bad") + " scrape";
+          const figures = Object.keys(s.rates).sort().map(function (k) {
+            return k + " " + (s.rates[k] === null ? "-" : s.rates[k]);
+          }).join(", ");
+          const f = text("td", figures);
+          f.className = "figures";
+          tr.append(up, f, text("td", s.p50_ms === null ? "-" : s.p50_ms),
+            text("td", s.p99_ms === null ? "-" : s.p99_ms));
+          services.append(tr);
+        });
+      }
       drawCharts(data);
     }).catch(function () { /* the next poll tries again */ });
   }
