@@ -27,7 +27,15 @@ writers (ext_authz, the MCP servers) mount read-only: audit.signing_key (Ed25519
 checkpoints) and, with audit.master_key set and ``<name>_FILE`` in its environment, the master
 key (sealing personal fields, docs/compliance.md) in that file. Neither is ever replaced (a new
 signing key mid-chain, or entries sealed under keys the old master key wraps, would not verify or
-open)."""
+open).
+
+With ``--delegation-key`` / ``--delegation-jwks`` it makes the workflow server's delegation key
+(the private JWK set signing its per-step tokens) when missing, never replacing it, 0600 for the
+services' user in a folder only the workflow server mounts, and writes its public JWKS (0644) on
+the volume the ``workflow-jwks`` file server publishes to ext_authz (the issuer's jwks_url).
+With ``--edge-ca-out`` it copies the edge certificate's CA (``ca.pem`` next to the edge pair, as
+``mcp-gateway up`` makes it) into that folder, readable by all: the workflow server checks Envoy's
+edge certificate against it."""
 
 from __future__ import annotations
 
@@ -48,6 +56,7 @@ from gateway.telemetry.audit_keys import new_master_key
 from gatewayctl import assertion_keys
 from gatewayctl.devstack import credentials
 from gatewayctl.devstack.state import StackError
+from mcp_servers.workflow.delegation import load_or_create_key, publish_jwks
 
 SERVICE_UID = 10001  # the gateway image's user (Dockerfile)
 ENVOY_UID = 101  # the envoy image's `envoy` user (docker-compose.yml sets ENVOY_UID to it)
@@ -215,6 +224,49 @@ def ensure_audit_signing_key(config: GatewayConfig, *, uid: int = SERVICE_UID) -
     return made
 
 
+def ensure_delegation_key(key: Path, jwks: Path, *, uid: int = SERVICE_UID) -> bool:
+    """The workflow server's delegation key made when missing (True; never replaced: the tokens
+    of runs in progress are signed with it), 0600 in a 0700 folder owned by ``uid``, and its
+    public JWKS written (0644 in a 0755 folder) from whatever key the file holds. Both folders
+    must be mounted volumes."""
+    for path, flag in ((key, "--delegation-key"), (jwks, "--delegation-jwks")):
+        if not path.parent.is_dir():
+            raise StackError(f"{path.parent} ({flag}) is not mounted (docker-compose.yml, pki-init)")
+    made = not key.exists()
+    try:
+        ring = load_or_create_key(key)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StackError(f"{key} (--delegation-key) is not a delegation key file: {exc}") from None
+    publish_jwks(ring, jwks)
+    for path, mode, folder_mode in ((key, 0o600, 0o700), (jwks, 0o644, 0o755)):
+        if os.geteuid() == 0:
+            os.chown(path.parent, uid, uid)
+            os.chown(path, uid, uid)
+        os.chmod(path.parent, folder_mode)
+        os.chmod(path, mode)
+    return made
+
+
+EDGE_CA = "ca.pem"
+
+
+def hand_out_edge_ca(src: Path, out: Path, *, uid: int = SERVICE_UID) -> bool:
+    """Copy the edge CA certificate (``src/ca.pem``) into ``out`` (a mounted volume), 0644; True
+    when it changed. Missing, it is an error naming it: the workflow server would trust nothing."""
+    if not out.is_dir():
+        raise StackError(f"{out} is not mounted (docker-compose.yml, pki-init: the edge-ca volume)")
+    source = src / EDGE_CA
+    if not source.is_file():
+        raise StackError(f"{source}: the edge certificate's CA is missing (MCP_GATEWAY_TLS_DIR: "
+                         f"`mcp-gateway up` makes it; with the organisation's pair, put the "
+                         f"certificate of the CA that issued server.pem there)")
+    changed = _install(source.read_bytes(), out / EDGE_CA, 0o644, uid)
+    if os.geteuid() == 0:
+        os.chown(out, uid, uid)
+    os.chmod(out, 0o755)  # noqa: S103  (a public certificate, read by another user)
+    return changed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gatewayctl.compose_init", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,14 +280,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--envoy-uid", type=int, default=ENVOY_UID, help="owner of Envoy's files")
     parser.add_argument("--edge-src", type=Path, help="the edge pair (server.pem, server.key)")
     parser.add_argument("--edge-out", type=Path, help="Envoy's edge TLS volume")
+    parser.add_argument("--edge-ca-out", type=Path,
+                        help="where the edge CA (--edge-src's ca.pem) is copied for the workflow server")
+    parser.add_argument("--delegation-key", type=Path,
+                        help="the workflow server's delegation key file (made once, never replaced)")
+    parser.add_argument("--delegation-jwks", type=Path,
+                        help="where that key's public JWKS is written (served to ext_authz)")
     args = parser.parse_args(argv)
     if (args.edge_src is None) != (args.edge_out is None):
         parser.error("--edge-src and --edge-out go together")
+    if args.edge_ca_out is not None and args.edge_src is None:
+        parser.error("--edge-ca-out needs --edge-src")
+    if (args.delegation_key is None) != (args.delegation_jwks is None):
+        parser.error("--delegation-key and --delegation-jwks go together")
     try:
         config = load_config(args.config)
         if args.edge_src is not None and hand_out_edge(args.edge_src, args.edge_out,
                                                        envoy_uid=args.envoy_uid):
             print(f"edge TLS: copied {args.edge_src} for Envoy")
+        if args.edge_ca_out is not None and hand_out_edge_ca(args.edge_src, args.edge_ca_out,
+                                                             uid=args.uid):
+            print(f"edge CA: copied {args.edge_src / EDGE_CA} for the workflow server")
+        if args.delegation_key is not None and ensure_delegation_key(
+                args.delegation_key, args.delegation_jwks, uid=args.uid):
+            print(f"workflow delegation key: made {args.delegation_key} and {args.delegation_jwks}")
         if config.identity.assertion and ensure_assertion_key(config, uid=args.uid):
             print(f"caller assertion: made {config.identity.keys} and {config.identity.jwks_file}")
         if ensure_audit_signing_key(config, uid=args.uid):

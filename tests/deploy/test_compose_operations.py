@@ -28,7 +28,7 @@ ONE_SHOT = ("state-init", "pki-init")
 # Named volumes pki-init fills and owns (one component's inner TLS pair, the caller assertion's
 # key and JWKS: tests/deploy/test_compose_inner_tls.py).
 # Volumes pki-init (not state-init) hands to their users.
-PKI_VOLUMES = ("inner-tls-", "assertion-", "audit-keys")
+PKI_VOLUMES = ("inner-tls-", "assertion-", "audit-keys", "workflow-delegation", "workflow-jwks", "edge-ca")
 
 
 @pytest.fixture(scope="module")
