@@ -387,6 +387,7 @@ class AggregateConfig:
 
 # The console's Rego decision (policies/console.rego) and its session lifetime bounds.
 DEFAULT_CONSOLE_ENTRYPOINT = "mcp/console/decision"
+MAX_CONSOLE_MATRIX_TENANTS = 100
 CONSOLE_PATH = "/console"
 
 
@@ -418,6 +419,9 @@ class ConsoleConfig:
     entrypoint: str = DEFAULT_CONSOLE_ENTRYPOINT
     session_seconds: int = 3600
     oidc: ConsoleOidcConfig | None = None
+    # The tenants the who-may-call-what matrix is computed for when the policy reads
+    # input.token.tenant (empty: the tenants the policy data names).
+    matrix_tenants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1274,7 +1278,13 @@ def _console(raw: Any, issuers: list[str]) -> ConsoleConfig:
     if not 60 <= seconds <= 86_400:
         raise ConfigError(f"console.session_seconds must be an integer from 60 to 86400, got {seconds}")
     oidc = _console_oidc(data.get("oidc"), issuers)
-    return ConsoleConfig(enabled, instances, entrypoint, seconds, oidc)
+    tenants = _take(data, "matrix_tenants", list, "console", [])
+    if len(tenants) > MAX_CONSOLE_MATRIX_TENANTS or not all(
+            isinstance(t, str) and re.fullmatch(r"[\x21-\x7e]{1,128}", t) for t in tenants) \
+            or len(set(tenants)) != len(tenants):
+        raise ConfigError(f"console.matrix_tenants must be at most {MAX_CONSOLE_MATRIX_TENANTS} distinct "
+                          f"tenant names (printable, no spaces, 1 to 128 characters)")
+    return ConsoleConfig(enabled, instances, entrypoint, seconds, oidc, tuple(tenants))
 
 
 def _console_oidc(raw: Any, issuers: list[str]) -> ConsoleOidcConfig | None:

@@ -60,6 +60,8 @@ class ConsoleSettings:
     cookie_name: str = SESSION_COOKIE
     # Where the services serve /metrics (the overview scrapes them).
     metrics_targets: tuple[MetricsTarget, ...] = ()
+    # console.matrix_tenants (empty: the tenants the policy data names).
+    matrix_tenants: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, host: str | None = None,
@@ -85,7 +87,7 @@ class ConsoleSettings:
             admin_url=f"http://{admin_host}:{cfg.admin.port}",
             servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level,
             oidc=oidc, oidc_client_secret=secret, audit_signing_key=cfg.audit.signing_key,
-            metrics_targets=metrics_targets(cfg))
+            metrics_targets=metrics_targets(cfg), matrix_tenants=cfg.console.matrix_tenants)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> ConsoleSettings:

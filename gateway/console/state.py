@@ -13,7 +13,7 @@ from gateway.catalog import Catalog
 from gateway.console.activity import ConsoleActivity
 from gateway.console.auth import ConsolePolicy, SessionStore
 from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
-from gateway.console.matrix import Matrix
+from gateway.console.matrix import TenantMatrices
 from gateway.console.oidc import OidcClient
 from gateway.console.service_metrics import ServiceMetrics
 from gateway.console.settings import ConsoleSettings
@@ -42,7 +42,7 @@ class ConsoleState:
     export_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The newest matrix, the (policy version, catalog tools) it was computed for, and the one
     # computation that may run in the background (views.refresh_matrix).
-    matrix: Matrix | None = None
+    matrix: TenantMatrices | None = None
     matrix_key: tuple[int, Any] | None = None
     matrix_task: asyncio.Task[None] | None = None
     matrix_error: str | None = None

@@ -393,14 +393,15 @@ def _when(ts: float | None) -> str:
 
 
 def _compute_matrix(compiled: CompiledPolicy, entrypoint: str, roles: list[str],
-                    tools: list[tuple[str, str]], public_url: str) -> matrix.Matrix:
+                    tools: list[tuple[str, str]], public_url: str,
+                    tenants: tuple[str, ...]) -> matrix.TenantMatrices:
     # Its own interpreter: the loop thread's is never used from a worker thread. With the list
     # filter when the policy has one.
     try:
         own = CompiledPolicy(compiled.sources, [entrypoint, matrix.LIST_ENTRYPOINT])
     except PolicyError:
         own = CompiledPolicy(compiled.sources, [entrypoint])
-    return matrix.compute(own, entrypoint, roles, tools, public_url)
+    return matrix.compute_all(own, entrypoint, roles, tools, public_url, tenants)
 
 
 async def refresh_matrix(st: ConsoleState) -> None:
@@ -422,7 +423,8 @@ async def refresh_matrix(st: ConsoleState) -> None:
         try:
             roles = matrix.policy_roles(compiled.sources)
             st.matrix = await asyncio.to_thread(_compute_matrix, compiled, st.policy.authz_entrypoint,
-                                                roles, list(tools), st.settings.public_url)
+                                                roles, list(tools), st.settings.public_url,
+                                                st.settings.matrix_tenants)
             st.matrix_key = key
             st.matrix_error = None
         except PolicyError as exc:
@@ -437,7 +439,13 @@ async def matrix_page(request: web.Request) -> web.StreamResponse:
     st = state(request)
     await refresh_matrix(st)
     computing = st.matrix_task is not None and not st.matrix_task.done()
-    return page(request, "matrix.html", {"m": st.matrix, "computing": computing,
+    all_m = st.matrix
+    m = None
+    if all_m is not None and all_m.by_tenant:
+        wanted = request.query.get("tenant", "")
+        m = all_m.by_tenant.get(wanted) or next(iter(all_m.by_tenant.values()))
+    return page(request, "matrix.html", {"m": m, "all": all_m, "computing": computing,
+                                         "max_evaluations": matrix.MAX_EVALUATIONS,
                                          "error": st.matrix_error,
                                          "policy_version": st.matrix_key[0] if st.matrix_key else 0})
 
