@@ -115,7 +115,7 @@ def inner_identities(config: GatewayConfig) -> dict[str, tuple[list[str], bool]]
 
     Envoy is the client of every inner hop and the server of the inner listener; the aggregator
     serves Envoy and is the inner listener's client; ext_authz fetches the servers' tool lists
-    itself (the catalog); the others only serve."""
+    itself (the catalog); the console reads the services' metrics; the others only serve."""
     out: dict[str, tuple[list[str], bool]] = {}
     inner = config.aggregate.inner_listener
     out[inner_tls.ENVOY] = ([inner.host] if inner is not None else [], True)
@@ -124,7 +124,8 @@ def inner_identities(config: GatewayConfig) -> dict[str, tuple[list[str], bool]]
     if config.aggregate.enabled:
         out[inner_tls.AGGREGATOR] = ([i.host for i in config.aggregate.instances], True)
     if config.console.enabled:
-        out[CONSOLE_IDENTITY] = ([i.host for i in config.console.instances], False)
+        # A client too: it reads the services' GET /metrics (the only thing they admit it to).
+        out[CONSOLE_IDENTITY] = ([i.host for i in config.console.instances], True)
     for server in config.servers:
         if server.kind != "url":  # a url server has its own TLS settings (servers.<name>.tls)
             out[inner_tls.server_identity(server.name)] = ([i.host for i in server.instances], False)

@@ -17,7 +17,9 @@ from gateway.console.settings import INNER_TLS_IDENTITY as CONSOLE_IDENTITY
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"
 CERT_MANAGER = K8S / "cert-manager"
-CLIENTS = {inner_tls.ENVOY, inner_tls.EXT_AUTHZ, inner_tls.AGGREGATOR}
+# Who calls an inner component: Envoy, ext_authz (catalog fetches), the aggregator, and the console
+# (the services' GET /metrics only).
+CLIENTS = {inner_tls.ENVOY, inner_tls.EXT_AUTHZ, inner_tls.AGGREGATOR, CONSOLE_IDENTITY}
 
 
 def docs(folder: Path) -> list[dict[str, Any]]:

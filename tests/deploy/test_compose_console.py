@@ -117,10 +117,11 @@ def test_console_state_catalog_read_write_audit_and_policies_read_only(
                 if src.startswith("inner-tls-") and src != f"inner-tls-{INNER_TLS_IDENTITY}"]
 
 
-def test_pki_init_issues_the_console_a_server_only_certificate(
+def test_pki_init_issues_the_console_its_server_and_client_certificate(
         tmp_path: Path, services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
     """pki-init fills the console's own volume: a certificate from the inner CA naming
-    console.<domain> first and the compose host Envoy dials, server auth only (it calls nobody)."""
+    console.<domain> first and the compose host Envoy dials, server auth and client auth (it reads
+    the services' GET /metrics, the only thing they admit it to)."""
     assert mounts(services["pki-init"])[f"/out/{INNER_TLS_IDENTITY}"] == (
         f"inner-tls-{INNER_TLS_IDENTITY}", "")
     out = issue(tmp_path, config)
@@ -133,7 +134,7 @@ def test_pki_init_issues_the_console_a_server_only_certificate(
     assert dns[0] == config.inner_tls.san(INNER_TLS_IDENTITY)
     assert config.console.instances[0].host in dns
     usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-    assert usages == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert set(usages) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert (folder / "tls.key").stat().st_mode & 0o077 == 0
 
 

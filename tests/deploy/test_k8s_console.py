@@ -134,4 +134,4 @@ def test_envoy_calls_the_console_over_mtls(config: GatewayConfig) -> None:
                         K8S / "cert-manager" / "inner-certificates.yaml")["spec"]
     assert certificate["dnsNames"] == [san, inst.host]
     assert certificate["secretName"] == f"mcp-gateway-inner-{INNER_TLS_IDENTITY}"
-    assert "client auth" not in certificate["usages"] and "server auth" in certificate["usages"]
+    assert "client auth" in certificate["usages"] and "server auth" in certificate["usages"]
