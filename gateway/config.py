@@ -422,6 +422,10 @@ class ConsoleConfig:
     # The tenants the who-may-call-what matrix is computed for when the policy reads
     # input.token.tenant (empty: the tenants the policy data names).
     matrix_tenants: tuple[str, ...] = ()
+    # Envoy's stats-only listener (telemetry.envoy_stats_port) as the console reaches it, e.g.
+    # http://envoy:9902/stats/prometheus: the overview reads it when the admin interface does not
+    # answer (docker compose, Kubernetes). None: the admin interface only.
+    envoy_stats_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1284,7 +1288,16 @@ def _console(raw: Any, issuers: list[str]) -> ConsoleConfig:
             or len(set(tenants)) != len(tenants):
         raise ConfigError(f"console.matrix_tenants must be at most {MAX_CONSOLE_MATRIX_TENANTS} distinct "
                           f"tenant names (printable, no spaces, 1 to 128 characters)")
-    return ConsoleConfig(enabled, instances, entrypoint, seconds, oidc, tuple(tenants))
+    stats_url = _take(data, "envoy_stats_url", str, "console", None)
+    if stats_url is not None:
+        parsed = urlsplit(stats_url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query \
+                or parsed.fragment or parsed.username or len(stats_url) > 2048 \
+                or not parsed.path.endswith("/stats/prometheus"):
+            raise ConfigError(f"console.envoy_stats_url must be an http(s) URL of Envoy's stats "
+                              f"listener ending in /stats/prometheus (no query, no credentials), "
+                              f"got {stats_url!r}")
+    return ConsoleConfig(enabled, instances, entrypoint, seconds, oidc, tuple(tenants), stats_url)
 
 
 def _console_oidc(raw: Any, issuers: list[str]) -> ConsoleOidcConfig | None:

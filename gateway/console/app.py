@@ -22,7 +22,7 @@ from gateway.console import activity as activity_mod
 from gateway.console import views
 from gateway.console.activity import ConsoleActivity
 from gateway.console.auth import ConsolePolicy, PolicyUnavailable, SessionStore
-from gateway.console.envoy_stats import EnvoyAdmin, TrafficSampler
+from gateway.console.envoy_stats import EnvoyAdmin, EnvoyStatsListener, TrafficSampler
 from gateway.console.oidc import OidcClient
 from gateway.console.service_metrics import ClientTls, ServiceMetrics
 from gateway.console.settings import (
@@ -114,7 +114,9 @@ def make_app(settings: ConsoleSettings) -> web.Application:
                 logger.error("the console's audit chain cannot be opened: audit searches and exports "
                              "are refused: %s", exc)
             admin = EnvoyAdmin(settings.admin_url, http, timeout=ENVOY_TIMEOUT_SECONDS)
-            sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT)
+            stats = EnvoyStatsListener(settings.envoy_stats_url, http, timeout=ENVOY_TIMEOUT_SECONDS) \
+                if settings.envoy_stats_url else None
+            sampler = TrafficSampler(admin, interval=SAMPLE_SECONDS, keep=SAMPLES_KEPT, stats=stats)
             # inner_tls: the console's own certificate, which the services admit on GET /metrics.
             services = ServiceMetrics(settings.metrics_targets, http, interval=SAMPLE_SECONDS,
                                       keep=SAMPLES_KEPT, client_tls=ClientTls(inner_tls.files_from_env()))

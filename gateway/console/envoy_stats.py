@@ -3,7 +3,12 @@
 Envoy health-checks every instance of every cluster it routes to (ext_authz, ext_proc, the
 aggregator, each MCP server), so ``/clusters`` is one view of every component's health, and
 its per-cluster counters and latency histograms (``/stats``) give each server's traffic. A
-sampler keeps the last minutes of counters in memory for the overview's charts."""
+sampler keeps the last minutes of counters in memory for the overview's charts.
+
+Where the admin interface stays on Envoy's loopback (docker compose, Kubernetes), the overview
+falls back to Envoy's stats-only listener (``console.envoy_stats_url``, serving
+``/stats/prometheus``): health there is per cluster (healthy / total members, no per-host
+reasons), traffic the same counters and the latency histogram's buckets."""
 
 from __future__ import annotations
 
@@ -17,6 +22,9 @@ from typing import Any
 
 import aiohttp
 import orjson
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.console.service_metrics import quantile
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,10 @@ _FLAGS = (
 )
 STAT_FILTER = r"^cluster\.mcp_[^.]+\.(upstream_rq_total|upstream_rq_5xx|upstream_rq_time)$"
 MAX_ADMIN_BYTES = 8 * 1024 * 1024
+# What the overview asks the stats listener for (Envoy's admin filter on the stats' own names).
+PROMETHEUS_FILTER = (r"^cluster\.[^.]+\.(membership_healthy|membership_total|upstream_rq_total"
+                     r"|upstream_rq_5xx|upstream_rq_time)$")
+MAX_PROMETHEUS_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +89,61 @@ class ServerTraffic:
     errors: float = 0.0
     p50_ms: float | None = None
     p99_ms: float | None = None
+    # From /stats/prometheus: the latency histogram's cumulative buckets ((upper bound ms, count));
+    # the sampler takes p50 / p99 from their increase between two samples.
+    buckets: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterHealth:
+    """One cluster's members as the stats listener reports them (no per-host health there)."""
+
+    component: str
+    cluster: str
+    healthy: int
+    total: int
+
+    @property
+    def all_healthy(self) -> bool:
+        return self.total > 0 and self.healthy == self.total
+
+
+def parse_prometheus(text: str) -> tuple[list[ClusterHealth], dict[str, ServerTraffic]]:
+    """Every cluster's healthy / total members and each server's (``mcp_*``) requests, 5xx
+    answers and latency buckets from Envoy's ``/stats/prometheus`` text."""
+    healthy: dict[str, float] = {}
+    total: dict[str, float] = {}
+    traffic: dict[str, ServerTraffic] = {}
+    buckets: dict[str, dict[float, float]] = {}
+    try:
+        families = list(text_string_to_metric_families(text))
+    except Exception as exc:  # the parser raises several kinds on malformed text
+        raise ValueError(f"Envoy's /stats/prometheus is not Prometheus text: {exc}") from exc
+    for family in families:
+        for s in family.samples:
+            cluster = s.labels.get("envoy_cluster_name")
+            if not cluster:
+                continue
+            if s.name == "envoy_cluster_membership_healthy":
+                healthy[cluster] = s.value
+            elif s.name == "envoy_cluster_membership_total":
+                total[cluster] = s.value
+            elif not cluster.startswith(SERVER_CLUSTER_PREFIX):
+                continue
+            elif s.name == "envoy_cluster_upstream_rq_total":
+                traffic.setdefault(component_of(cluster), ServerTraffic()).total = s.value
+            # The parser names a counter's sample <family>_total (Envoy writes rq_xx bare).
+            elif s.name in ("envoy_cluster_upstream_rq_xx", "envoy_cluster_upstream_rq_xx_total") \
+                    and s.labels.get("envoy_response_code_class") == "5":
+                traffic.setdefault(component_of(cluster), ServerTraffic()).errors = s.value
+            elif s.name == "envoy_cluster_upstream_rq_time_bucket" and "le" in s.labels:
+                traffic.setdefault(component_of(cluster), ServerTraffic())
+                buckets.setdefault(component_of(cluster), {})[float(s.labels["le"])] = s.value
+    for server, rows in buckets.items():
+        traffic[server].buckets = tuple(sorted(rows.items()))
+    clusters = [ClusterHealth(component_of(name), name, int(healthy.get(name, 0)), int(count))
+                for name, count in sorted(total.items())]
+    return clusters, traffic
 
 
 def parse_stats(doc: Any) -> dict[str, ServerTraffic]:
@@ -143,6 +210,19 @@ class Overview:
     series: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     times: list[float] = field(default_factory=list)
     current: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # "admin" (per-host health in instances) or "stats" (the stats listener: per-cluster
+    # health in clusters).
+    source: str = "admin"
+    clusters: list[ClusterHealth] = field(default_factory=list)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int, what: str) -> bytes:
+    body = bytearray()
+    async for chunk in resp.content.iter_any():
+        body += chunk
+        if len(body) > cap:
+            raise ValueError(f"{what} exceeds {cap} bytes")
+    return bytes(body)
 
 
 class EnvoyAdmin:
@@ -155,10 +235,7 @@ class EnvoyAdmin:
 
     async def _get(self, path: str, params: Mapping[str, str] | None = None) -> tuple[int, bytes]:
         async with self._http.get(self.base_url + path, params=params, timeout=self._timeout) as resp:
-            body = await resp.content.read(MAX_ADMIN_BYTES + 1)
-            if len(body) > MAX_ADMIN_BYTES:
-                raise ValueError(f"Envoy's {path} answer exceeds {MAX_ADMIN_BYTES} bytes")
-            return resp.status, body
+            return resp.status, await _read_capped(resp, MAX_ADMIN_BYTES, f"Envoy's {path}")
 
     async def ready(self) -> bool:
         status, _ = await self._get("/ready")
@@ -177,13 +254,36 @@ class EnvoyAdmin:
         return parse_stats(orjson.loads(body))
 
 
+class EnvoyStatsListener:
+    """Reads Envoy's stats-only listener (``GET /stats/prometheus``) with a bounded timeout and
+    answer size, asking only for the cluster stats the overview shows."""
+
+    def __init__(self, url: str, http: aiohttp.ClientSession, *, timeout: float) -> None:
+        self.url = url
+        self._http = http
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def read(self) -> tuple[list[ClusterHealth], dict[str, ServerTraffic]]:
+        async with self._http.get(self.url, params={"filter": PROMETHEUS_FILTER},
+                                  timeout=self._timeout) as resp:
+            if resp.status != 200:
+                raise ValueError(f"answered {resp.status}")
+            body = await _read_capped(resp, MAX_PROMETHEUS_BYTES, "the answer")
+        return parse_prometheus(body.decode("utf-8", "replace"))
+
+
+_READ_ERRORS = (aiohttp.ClientError, TimeoutError, ValueError)
+
+
 class TrafficSampler:
     """The last ``keep`` samples of every server's counters, taken every ``interval`` seconds,
     turned into request rate, error rate and latency series for the charts."""
 
     def __init__(self, admin: EnvoyAdmin, *, interval: float, keep: int,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 stats: EnvoyStatsListener | None = None) -> None:
         self.admin = admin
+        self.stats = stats
         self.interval = interval
         self.samples: deque[Sample] = deque(maxlen=keep)
         self._clock = clock
@@ -191,9 +291,15 @@ class TrafficSampler:
     async def sample_once(self) -> None:
         try:
             traffic = await self.admin.traffic()
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            logger.debug("Envoy stats unavailable: %s", exc)
-            return
+        except _READ_ERRORS as exc:
+            if self.stats is None:
+                logger.debug("Envoy stats unavailable: %s", exc)
+                return
+            try:
+                _, traffic = await self.stats.read()
+            except _READ_ERRORS as exc2:
+                logger.debug("Envoy stats unavailable: %s; %s", exc, exc2)
+                return
         self.samples.append(Sample(self._clock(), traffic))
 
     async def run(self) -> None:
@@ -221,23 +327,58 @@ class TrafficSampler:
                 errors = max(now.errors - before.errors, 0.0)
                 rows["rps"].append(round(requests / dt, 3))
                 rows["error_pct"].append(round(100 * errors / requests, 2) if requests else 0.0)
-                rows["p50_ms"].append(now.p50_ms)
-                rows["p99_ms"].append(now.p99_ms)
+                p50, p99 = now.p50_ms, now.p99_ms
+                if now.buckets:
+                    window = _increase(now.buckets, before.buckets)
+                    p50, p99 = _round(quantile(0.5, window)), _round(quantile(0.99, window))
+                rows["p50_ms"].append(p50)
+                rows["p99_ms"].append(p99)
         for rows in out.values():
             for column in rows.values():
                 column.extend([None] * (len(times) - len(column)))
         return times, out
 
 
+def _increase(cur: tuple[tuple[float, float], ...],
+              prev: tuple[tuple[float, float], ...]) -> tuple[tuple[float, float], ...]:
+    """The buckets' counts over the interval (the cumulative ones on a first sample, other
+    bounds or a counter reset)."""
+    if [b for b, _ in cur] != [b for b, _ in prev]:
+        return cur
+    rows = tuple((b, c - p) for (b, c), (_, p) in zip(cur, prev, strict=True))
+    return cur if any(c < 0 for _, c in rows) else rows
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__  # a timeout has no message
+
+
+def _round(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 3)
+
+
 async def overview(admin: EnvoyAdmin, sampler: TrafficSampler) -> Overview:
-    """Every component's instances with Envoy's view of their health, and the traffic series."""
+    """Every component's instances with Envoy's view of their health, and the traffic series;
+    per-cluster health from the stats listener when the admin interface does not answer."""
+    clusters: list[ClusterHealth] = []
     try:
         ready = await admin.ready()
         instances = await admin.clusters()
-    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-        return Overview(False, [], error=f"Envoy's admin interface does not answer: {exc}")
+        source = "admin"
+    except _READ_ERRORS as exc:
+        if sampler.stats is None:
+            return Overview(False, [], error=f"Envoy's admin interface does not answer: {exc}")
+        try:
+            clusters, _ = await sampler.stats.read()
+        except _READ_ERRORS as exc2:
+            return Overview(False, [], source="stats",
+                            error=f"Envoy stats unavailable: admin interface: {_why(exc)}; "
+                                  f"stats listener {sampler.stats.url}: {_why(exc2)}")
+        # The stats listener answers only while Envoy serves; its /ready is on the admin port.
+        ready, instances, source = True, [], "stats"
     times, series = sampler.series()
     current: dict[str, dict[str, float | None]] = {}
     for server, rows in series.items():
         current[server] = {k: v[-1] if v else None for k, v in rows.items()}
-    return Overview(ready, instances, series=series, times=times, current=current)
+    return Overview(ready, instances, series=series, times=times, current=current, source=source,
+                    clusters=clusters)

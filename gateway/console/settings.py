@@ -62,6 +62,8 @@ class ConsoleSettings:
     metrics_targets: tuple[MetricsTarget, ...] = ()
     # console.matrix_tenants (empty: the tenants the policy data names).
     matrix_tenants: tuple[str, ...] = ()
+    # console.envoy_stats_url: Envoy's stats-only listener, read when the admin interface is not.
+    envoy_stats_url: str | None = None
 
     @classmethod
     def from_config(cls, cfg: GatewayConfig, *, host: str | None = None,
@@ -87,7 +89,8 @@ class ConsoleSettings:
             admin_url=f"http://{admin_host}:{cfg.admin.port}",
             servers=tuple(s.name for s in cfg.servers), log_level=cfg.telemetry.log_level,
             oidc=oidc, oidc_client_secret=secret, audit_signing_key=cfg.audit.signing_key,
-            metrics_targets=metrics_targets(cfg), matrix_tenants=cfg.console.matrix_tenants)
+            metrics_targets=metrics_targets(cfg), matrix_tenants=cfg.console.matrix_tenants,
+            envoy_stats_url=cfg.console.envoy_stats_url)
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> ConsoleSettings:

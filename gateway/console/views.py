@@ -256,7 +256,9 @@ async def overview_api(request: web.Request) -> web.StreamResponse:
     st = state(request)
     ov = await envoy_stats.overview(st.admin, st.sampler)
     return web.json_response({
-        "envoy_ready": ov.envoy_ready, "error": ov.error,
+        "envoy_ready": ov.envoy_ready, "error": ov.error, "source": ov.source,
+        "clusters": [{"component": c.component, "cluster": c.cluster, "healthy": c.healthy,
+                      "total": c.total} for c in ov.clusters],
         "instances": [{"component": i.component, "address": i.address, "health": i.health}
                       for i in ov.instances],
         "times": ov.times, "series": ov.series, "current": ov.current,
