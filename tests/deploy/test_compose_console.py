@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -174,6 +175,23 @@ def test_envoys_admin_interface_stays_off_the_network(
     assert not [p for p in published if str(p).endswith(f":{config.admin.port}")]
     assert ConsoleSettings.from_config(config).admin_url == f"http://127.0.0.1:{config.admin.port}"
     assert inner_tls.ENVOY_ONLY == frozenset({inner_tls.ENVOY})
+
+
+def test_console_reads_envoys_stats_listener(
+        services: dict[str, dict[str, Any]], config: GatewayConfig) -> None:
+    """The console's overview falls back to Envoy's stats-only listener: console.envoy_stats_url
+    names the compose service running Envoy on telemetry.envoy_stats_port, a network they share,
+    and the rendered listener on that port, which serves GET /stats/prometheus only."""
+    url = urlsplit(ConsoleSettings.from_config(config).envoy_stats_url or "")
+    mount = "./deploy/compose/envoy.yaml:/etc/envoy/envoy.yaml:ro"
+    envoy = next(name for name, svc in services.items() if mount in svc.get("volumes", []))
+    assert (url.scheme, url.hostname, url.port, url.path) == (
+        "http", envoy, config.telemetry.envoy_stats_port, "/stats/prometheus")
+    console = console_service(services, config)
+    assert set(services[envoy].get("networks", ["default"])) & set(console.get("networks", ["default"]))
+    rendered = yaml.safe_load(ENVOY.read_text())
+    stats = next(li for li in rendered["static_resources"]["listeners"] if li["name"] == "prometheus_stats")
+    assert stats["address"]["socket_address"]["port_value"] == url.port
 
 
 def _answer(port: int, files: inner_tls.TlsFiles) -> int | None:
