@@ -8,7 +8,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 import jwt
@@ -282,7 +282,8 @@ async def test_outcomes_are_counted(sts: TokenServer) -> None:
 
 
 class _BrokenSigner(AssertionSigner):
-    def mint(self, caller: Caller, audience: str, decision_id: str, tool: str | None = None) -> str:
+    def mint(self, caller: Caller, audience: str, decision_id: str, tool: str | None = None,
+             audit_redact: Sequence[str] | None = None) -> str:
         raise ValueError("the key file is gone")
 
 
