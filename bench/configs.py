@@ -36,6 +36,8 @@ BENCH_USER = "bench-user"
 # A role the example policy masks PII for; the bench grants it the bench server's tools.
 BENCH_ROLE = "engineer"
 BENCH_TENANT = "acme"  # the example policy wants a tenant on tool calls
+PLAIN_ROLE = "admin"  # a role the example policy masks nothing for (bench.loadgen's echo_plain)
+AGGREGATE_KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
 
 
 @dataclass
@@ -196,6 +198,9 @@ def bench_policies(dest: Path) -> Path:
     gw = data["gateway"]
     gw["servers"]["bench"] = {"tenants": ["*"]}
     gw["roles"][BENCH_ROLE]["tools"]["bench"] = ["echo", "report"]
+    # A role with no masking obligation (the example policy's admin): its calls take the route
+    # with ext_proc off, the uninspected path.
+    gw["roles"][PLAIN_ROLE]["tools"]["bench"] = ["echo", "report"]
     (dest / "data.json").write_text(json.dumps(data, indent=2))
     return dest
 
@@ -227,15 +232,19 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
         raw["ext_authz"]["transport"] = transport
     # Only the bench backend: no demo services next to it (they would share the cores).
     raw.pop("backends", None)
-    # The per-server path is what these rows measure: no aggregate endpoint (bench.aggregate_cpu
-    # measures /mcp against /mcp/<server> on a dev stack of its own).
-    raw.pop("aggregate", None)
+    # The aggregate endpoint /mcp as the default config has it (on fresh ports): the echo_aggregate
+    # workload calls through it; bench.aggregate_cpu compares its CPU per call on a stack of its own.
+    if "aggregate" in raw:
+        raw["aggregate"] = {"instances": [{"port": free_port()}],
+                            "inner_listener": {"port": free_port()},
+                            "session_keys": raw["aggregate"].get("session_keys", AGGREGATE_KEYS)}
     # The console is not on any measured path, and its fixed port would collide between stacks.
     raw.pop("console", None)
-    # Only the secret the measured path uses: the audit sealing key (made by the dev stack).
+    # Only the secrets the measured paths use: the audit sealing key and the aggregate endpoint's
+    # session keys (made by the dev stack).
     if "secrets" in raw:
-        master = raw.get("audit", {}).get("master_key")
-        raw["secrets"] = [name for name in raw["secrets"] if name == master]
+        used = {raw.get("audit", {}).get("master_key"), raw.get("aggregate", {}).get("session_keys")}
+        raw["secrets"] = [name for name in raw["secrets"] if name in used]
     raw["servers"] = {"bench": {"module": "bench.backend", "instances": [{"port": free_port()}],
                                 "args": ["--log-level", "warning"],
                                 "description": "benchmark backend"}}
@@ -267,7 +276,7 @@ class FullGateway(Configuration):
     key = "gateway"
     title = "3. Full gateway (TLS + JWT + Rego + inspection)"
     tls = True
-    python_roles = ("backend", "ext_authz", "ext_proc", "jwks")
+    python_roles = ("backend", "ext_authz", "ext_proc", "jwks", "aggregator")
     transport: str | None = None  # ext_authz.transport; None: the default
 
     def start(self) -> None:
@@ -287,10 +296,14 @@ class FullGateway(Configuration):
                 self.procs.adopt(role, proc.pid)
         self.token = devstack.mint(self.config, sub=BENCH_USER, roles=(BENCH_ROLE,),
                                    tenant=BENCH_TENANT, ttl=3600)
+        self.plain_token = devstack.mint(self.config, sub=BENCH_USER, roles=(PLAIN_ROLE,),
+                                         tenant=BENCH_TENANT, ttl=3600)
 
     def target(self) -> Target:
-        return Target(f"https://127.0.0.1:{self.config.listen.port}/mcp/bench", token=self.token,
-                      meta=META_2026)
+        base = f"https://127.0.0.1:{self.config.listen.port}"
+        urls = {"aggregate": f"{base}/mcp"} if self.config.aggregate.enabled else {}
+        return Target(f"{base}/mcp/bench", token=self.token, meta=META_2026,
+                      tokens={BENCH_ROLE: self.token, PLAIN_ROLE: self.plain_token}, urls=urls)
 
     def stop(self) -> None:
         stack = getattr(self, "stack", None)

@@ -37,11 +37,27 @@ class Workload:
     tool: str | None
     arguments: str = "{}"
     description: str = ""
+    # Who calls (a role of the gateway's policy: its token is the target's for that role) and
+    # where (a key of ``Target.urls``); None: the target's default. A workload with either set
+    # exercises a path of the gateway only (``gateway_only``): other configurations skip it.
+    role: str | None = None
+    path: str | None = None
+
+    @property
+    def gateway_only(self) -> bool:
+        return self.role is not None or self.path is not None
 
 
 WORKLOADS: dict[str, Workload] = {
     "echo": Workload("echo", "tools/call", "echo", echo_arguments_json(),
                      "tools/call echo, ~1 KB arguments"),
+    # The same call by a role the example policy masks nothing for (admin): no masking
+    # obligation, so the gateway's route leaves ext_proc off (the uninspected path).
+    "echo_plain": Workload("echo_plain", "tools/call", "echo", echo_arguments_json(),
+                           "tools/call echo, no masking obligation (ext_proc off)", role="admin"),
+    # The same call through the aggregate endpoint /mcp (the tool named <server>__<tool>).
+    "echo_aggregate": Workload("echo_aggregate", "tools/call", "bench__echo", echo_arguments_json(),
+                               "tools/call bench__echo through /mcp", path="aggregate"),
     "list": Workload("list", "tools/list", None, description="tools/list"),
     "report": Workload("report", "tools/call", "report", "{}",
                        "tools/call report, 10 KB result with PII"),
@@ -59,6 +75,13 @@ class Target:
     protocol: str | None = PROTOCOL
     meta: dict[str, Any] | None = None  # params._meta on every request (2026-07-28 needs it)
     tool_names: dict[str, str] = field(default_factory=dict)  # workload tool -> name here
+    tokens: dict[str, str] = field(default_factory=dict)  # Workload.role -> bearer token
+    urls: dict[str, str] = field(default_factory=dict)  # Workload.path -> URL
+
+    def serves(self, workload: Workload) -> bool:
+        """Whether this target has the role and the path ``workload`` asks for."""
+        return ((workload.role is None or workload.role in self.tokens)
+                and (workload.path is None or workload.path in self.urls))
 
 
 def run_wrk(target: Target, workload: Workload, *, connections: int, seconds: float,
@@ -67,16 +90,20 @@ def run_wrk(target: Target, workload: Workload, *, connections: int, seconds: fl
 
     ``rate``: offer that many requests per second in all (open-loop schedule) instead of as many
     as the connections can carry."""
+    if not target.serves(workload):
+        raise LoadError(f"{target.url} has no role {workload.role!r} / path {workload.path!r}")
     threads = max(1, min(MAX_THREADS, connections))
     tool = target.tool_names.get(workload.tool, workload.tool) if workload.tool else ""
+    token = target.tokens[workload.role] if workload.role else target.token
+    url = target.urls[workload.path] if workload.path else target.url
     env = {**os.environ, "MCP_METHOD": workload.method, "MCP_TOOL": tool,
            "MCP_META": json.dumps(target.meta, separators=(",", ":")) if target.meta else "",
-           "MCP_ARGS": workload.arguments, "MCP_TOKEN": target.token or "",
+           "MCP_ARGS": workload.arguments, "MCP_TOKEN": token or "",
            "MCP_SESSION": target.session or "", "MCP_PROTOCOL": target.protocol or "",
            "MCP_EXTRA_HEADERS": "|".join(f"{k}: {v}" for k, v in target.headers.items()),
            "MCP_THREAD_RATE": f"{rate / threads:g}" if rate else ""}
     argv = [find_wrk(), "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
-            "--timeout", f"{timeout_s:g}s", "-s", str(LUA), target.url]
+            "--timeout", f"{timeout_s:g}s", "-s", str(LUA), url]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                             start_new_session=True)

@@ -77,11 +77,14 @@ class Plan:
     trust_timeout: float = 700
 
 
-FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2, workloads=("echo", "list", "report"),
+# echo_plain and echo_aggregate run on the gateway configurations only (bench.loadgen.Workload).
+FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2,
+            workloads=("echo", "echo_plain", "list", "report", "echo_aggregate"),
             cf_levels=(1, 4), cf_seconds=6, cf_workloads=("echo", "list", "report"),
             paced_connections=16, profile_seconds=10, profile_workloads=("echo", "report"),
-            micro_args={}, micro_timeout=120)
-QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "report"),
+            micro_args={}, micro_timeout=120, variant_workloads=("echo", "echo_plain"))
+QUICK = Plan(levels=(1, 16), seconds=3, warmup=1,
+             workloads=("echo", "echo_plain", "list", "report", "echo_aggregate"),
              cf_levels=(4,), cf_seconds=3, cf_workloads=("echo",), paced_connections=16,
              profile_seconds=4, profile_workloads=("echo",),
              micro_args={"bench_ext_authz.py": ["--requests", "1000"],
@@ -89,7 +92,7 @@ QUICK = Plan(levels=(1, 16), seconds=3, warmup=1, workloads=("echo", "list", "re
                          "bench_pii.py": ["--repeat", "3"],
                          "bench_ext_proc.py": ["--requests", "150"],
                          "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
-             micro_timeout=40, variant_levels=(16,), variant_workloads=("echo",),
+             micro_timeout=40, variant_levels=(16,), variant_workloads=("echo", "echo_plain"),
              variant_paced=False, aggregate_blocks=4, aggregate_calls=100, aggregate_timeout=150,
              trust_blocks=4, trust_calls=100, trust_timeout=200)
 
@@ -144,6 +147,8 @@ def run_configuration(conf: Configuration, plan: Plan, half: dict[str, Any]) -> 
         out["startup_s"] = round(time.monotonic() - started, 1)
         out["facts"] = conf.facts()
         for name in workloads:
+            if not conf.target().serves(WORKLOADS[name]):
+                continue  # a path of the gateway only (another role or endpoint)
             # Warm-up: connections, caches, JIT-free Python's lazy imports; not recorded.
             run_wrk(conf.target(), WORKLOADS[name], connections=min(4, max(levels)),
                     seconds=plan.warmup)

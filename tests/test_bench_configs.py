@@ -16,7 +16,7 @@ def test_bench_gateway_config_loads(tmp_path: Path) -> None:
     for transport in (None, "grpc", "http"):
         config = load_gateway_config(RunContext(tmp_path / (transport or "default")), transport)
         assert [s.name for s in config.servers] == ["bench"]
-        assert not config.aggregate.enabled
+        assert config.aggregate.enabled  # as the default config has it (echo_aggregate)
         ensure_audit_key(config)
         assert config.audit.signing_key is not None
         assert Path(config.audit.signing_key).is_relative_to(config.state_dir)
@@ -112,3 +112,60 @@ def test_envoy_cost_variants_change_one_thing_each() -> None:
         else:
             assert kept == [n for n in names if f"no_{n}" != label] and len(kept) == len(names) - 1
     assert hcm["http_filters"][0]["name"].endswith("header_mutation")  # the rendered one untouched
+
+
+def _run(workload: str, connections: int, rps: float, p50: float,
+         cpu: dict[str, float]) -> dict[str, object]:
+    return {"workload": workload, "connections": connections, "rps": rps, "p50_ms": p50,
+            "p99_ms": p50 * 3, "errors": 0, "ok": int(rps * 8), "wrk_cpu_s": 0.1,
+            "processes": {role: {"cpu_us_per_req": us, "peak_rss_mb": 50.0}
+                          for role, us in cpu.items()}}
+
+
+def _result(plain_rps: float, plain_p50: float) -> dict[str, object]:
+    """A run with the backend directly, Envoy-TLS-only and the gateway (both its paths)."""
+    direct = {"key": "direct", "python_roles": ["backend"], "runs": [
+        _run("echo", 1, 900.0, 1.0, {"backend": 400.0}), _run("echo", 16, 1000.0, 9.0, {"backend": 400.0})]}
+    envoy = {"key": "envoy_tls", "python_roles": ["backend"], "runs": [
+        _run("echo", 1, 700.0, 1.2, {"backend": 400.0, "envoy": 150.0}),
+        _run("echo", 16, 800.0, 10.0, {"backend": 400.0, "envoy": 150.0})]}
+    cpu = {"ext_authz": 400.0, "ext_proc": 500.0, "envoy": 400.0, "backend": 400.0}
+    gateway = {"key": "gateway", "python_roles": ["backend", "ext_authz", "ext_proc"], "runs": [
+        _run("echo", 1, 300.0, 3.5, cpu), _run("echo", 16, 400.0, 20.0, cpu),
+        _run("echo_plain", 1, 500.0, 2.0, {**cpu, "ext_proc": 0.0}),
+        _run("echo_plain", 16, plain_rps, plain_p50, {**cpu, "ext_proc": 0.0})]}
+    return {"started": "T", "configurations": [direct, envoy, gateway],
+            "machine": {"cpus": 2}}
+
+
+def test_issue_18_targets_compare_each_path_with_its_baseline() -> None:
+    """The uninspected path is held against the backend called directly (echo_plain, ext_proc
+    off), the inspected one against Envoy-TLS-only; each verdict moves with its own numbers."""
+    from bench.report import evaluate
+    rows = {row["target"].split(" ")[0]: row for row in evaluate(_result(650.0, 2.0))}
+    assert rows["uninspected"]["met"] is True  # 650 / 1000 >= 0.6, +1.0 ms at c=1
+    assert "0.65x" in rows["uninspected"]["value"]
+    assert rows["inspected"]["met"] is True  # 400 / 800 >= 0.45, +2.3 ms at c=1
+    cpu_row = next(row for row in evaluate(_result(650.0, 2.0)) if row["target"].startswith("CPU"))
+    assert cpu_row["met"] is True
+    low = {row["target"].split(" ")[0]: row for row in evaluate(_result(550.0, 2.0))}
+    assert low["uninspected"]["met"] is False and "CPU per request" in low["uninspected"]["bound"]
+
+
+def test_per_path_tables_put_each_path_beside_the_baselines() -> None:
+    from bench.report import _path_tables
+    text = "\n".join(_path_tables(_result(650.0, 2.0)))
+    uninspected = text.split("### Uninspected", 1)[1].split("###", 1)[0]
+    assert "| gateway `echo_plain` | 650 (16) | 0.65 | 0.81 | 2.00 |" in uninspected
+    assert "| direct | 1000 (16) | 1.00 |" in uninspected
+    assert "ext_proc only on routes whose answer needs it" in text
+
+
+def test_gateway_only_workloads_run_where_their_role_and_path_exist() -> None:
+    from bench.loadgen import WORKLOADS, Target
+    plain = Target("http://127.0.0.1:1/mcp")
+    gateway = Target("https://127.0.0.1:2/mcp/bench", token="t", tokens={"admin": "a"},
+                     urls={"aggregate": "https://127.0.0.1:2/mcp"})
+    assert [w for w in WORKLOADS.values() if not plain.serves(w)] == [
+        WORKLOADS["echo_plain"], WORKLOADS["echo_aggregate"]]
+    assert all(gateway.serves(w) for w in WORKLOADS.values())
