@@ -17,7 +17,6 @@ from gateway.policy.decision import ContractViolation, check_decision
 from gateway.policy.errors import PolicyError
 from gateway.policy.reference import ReferenceEngine
 from gateway.policy.rego import CompiledPolicy, PolicySources, load_sources
-from gateway.policy.simulate import simulated_input
 from gateway.policy.static import describe, is_warning, run_check
 from gateway.policy.testing import (
     TestResult,
@@ -225,7 +224,11 @@ def eval_input(args: argparse.Namespace, public_url: str) -> dict[str, Any]:
         raise ValueError("--request is required for a POST")
     if request is not None and args.method != "POST":
         raise ValueError(f"a {args.method} request carries no JSON-RPC message: drop --request")
-    # The console's playground builds its input with the same function.
+    # The console's playground builds its input with the same function. Imported here: it pulls
+    # in the request parsers and the input builder's SQL facts (sqlglot), which `policy test`
+    # does not use.
+    from gateway.policy.simulate import simulated_input
+
     return simulated_input(claims=claims, request=request, public_url=public_url, server=args.server,
                            method=args.method, headers=headers, session=session, now=args.now)
 
