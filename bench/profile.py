@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.profile [--seconds 15] [--connections 8] [--workloads echo,report]
 
 Starts configuration 3 (``bench.configs.FullGateway``), and for each workload runs wrk while
-py-spy samples one ext_authz and one ext_proc instance (``--nonblocking``: the target is never
+py-spy samples one ext_authz and one ext_proc instance and the backend (``--nonblocking``: the target is never
 paused). The CPU per request of each role comes from /proc (as in ``bench.run``); the profile
 splits it into buckets (gRPC, JWT, policy, audit, ...) by the share of on-CPU samples whose stack
 passes through each bucket's code. Writes flame graphs and collapsed stacks to
@@ -39,6 +39,7 @@ IDLE_LEAVES = ("selectors.py", "concurrent/futures/thread.py", "threading.py")
 # inside the policy counts as policy. Each entry: bucket -> substrings of "function (file)".
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("policy (Rego eval + input)", ("gateway/policy/", "regopy", "rego")),
+    ("caller assertion (mint / verify)", ("gateway/assertion.py", "gateway/caller.py")),
     ("JWT verify", ("ext_authz/jwt.py", "jwt/", "cryptography")),
     ("audit / decision log", ("decision_log.py", "audit")),
     ("catalog / argument checks", ("ext_authz/catalog.py", "fastjsonschema", "jsonschema")),
@@ -52,6 +53,7 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("servicer (incl. awaiting gRPC stream reads)", ("ext_authz/servicer.py",
                                                    "ext_proc/servicer.py")),
     ("protobuf (de)serialise", ("google/protobuf", "_pb2")),
+    ("MCP server (request flow, tool)", ("mcp_servers/", "bench/backend.py")),
     ("aiohttp (HTTP transport)", ("aiohttp/", "aiohttp\\", "multidict", "yarl")),
     ("grpc.aio + asyncio", ("grpc/", "grpc\\", "asyncio/", "cygrpc", "_cython")),
 )
@@ -83,9 +85,12 @@ def summarise(stacks: Counter[tuple[str, ...]], top: int = 12) -> dict[str, Any]
     leaves: Counter[str] = Counter()
     idle = 0
     for stack, n in stacks.items():
-        if not any("run_forever" in f for f in stack):
+        # asyncio's loop runs in ``run_forever``; uvloop's is C, so its thread's stacks start at
+        # ``Runner.run`` and go straight to the callback.
+        if not any("run_forever" in f or "Runner.run" in f for f in stack):
             continue  # other threads: their CPU is read from /proc per thread
-        if any(x in stack[-1] for x in IDLE_LEAVES):
+        # Waiting: in the selector (asyncio), or inside uvloop's C loop (no Python frame below).
+        if any(x in stack[-1] for x in IDLE_LEAVES) or "Runner.run" in stack[-1]:
             idle += n
             continue
         buckets[bucket_of(stack)] += n
@@ -170,7 +175,8 @@ LOOP = "event loop (main thread)"
 
 def profile_gateway(ctx: RunContext, *, seconds: int, connections: int,
                     workloads: Sequence[str]) -> dict[str, Any]:
-    """Configuration 3 under wrk load with py-spy on one ext_authz and one ext_proc instance."""
+    """Configuration 3 under wrk load with py-spy on one ext_authz, one ext_proc instance and the
+    backend (the MCP server behind the gateway)."""
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not Path(pyspy).exists():
         return {"failed": "py-spy is not installed (pip install -r requirements/bench.txt)"}
@@ -182,7 +188,8 @@ def profile_gateway(ctx: RunContext, *, seconds: int, connections: int,
     try:
         conf.start()
         roles = conf.roles()
-        targets = {role: roles[role][0] for role in ("ext_authz", "ext_proc") if roles.get(role)}
+        targets = {role: roles[role][0] for role in ("ext_authz", "ext_proc", "backend")
+                   if roles.get(role)}
         for name in workloads:
             workload = WORKLOADS[name]
             run_wrk(conf.target(), workload, connections=4, seconds=2)  # warm-up
@@ -231,7 +238,7 @@ def profile_gateway(ctx: RunContext, *, seconds: int, connections: int,
 def markdown(prof: dict[str, Any]) -> list[str]:
     if prof.get("failed"):
         return [f"profile not taken: {prof['failed']}"]
-    lines = [f"py-spy at {prof['rate_hz']} Hz (non-blocking) on one ext_authz and one ext_proc "
+    lines = [f"py-spy at {prof['rate_hz']} Hz (non-blocking) on one ext_authz, one ext_proc and the backend "
              f"instance of configuration 3, wrk with {prof['connections']} connections for "
              f"{prof['seconds']} s per workload. CPU per request of each role from /proc; split per "
              "thread from /proc/<pid>/task, and the event-loop thread further by the share of its "

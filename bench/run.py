@@ -81,7 +81,8 @@ class Plan:
 FULL = Plan(levels=(1, 4, 16, 64), seconds=8, warmup=2,
             workloads=("echo", "echo_plain", "list", "report", "echo_aggregate"),
             cf_levels=(1, 4), cf_seconds=6, cf_workloads=("echo", "list", "report"),
-            paced_connections=16, profile_seconds=10, profile_workloads=("echo", "report"),
+            paced_connections=16, profile_seconds=10,
+            profile_workloads=("echo", "echo_plain", "report"),
             micro_args={}, micro_timeout=120, variant_workloads=("echo", "echo_plain"))
 QUICK = Plan(levels=(1, 16), seconds=3, warmup=1,
              workloads=("echo", "echo_plain", "list", "report", "echo_aggregate"),
