@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import logging
@@ -171,10 +172,51 @@ def args_digest(arguments: Any, *, key: bytes | None = None,
     plain hash of a short password or PIN is reversible by brute force. With ``key`` the digest is
     an HMAC, which also stops dictionary attacks on low-entropy non-secret arguments.
     """
+    prefix = "hmac-sha256:" if key is not None else "sha256:"
+    text = _plain_canonical(arguments, secret_key_parts)
+    if text is not None:  # one-shot digests: hmac.new costs ~10 us more in Python
+        return prefix + (hmac.digest(key, text, "sha256") if key is not None
+                         else hashlib.sha256(text).digest()).hex()
     h = hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
     for chunk in _canonical_chunks(arguments, secret_key_parts):
         h.update(chunk)
-    return ("hmac-sha256:" if key is not None else "sha256:") + h.hexdigest()
+    return prefix + h.hexdigest()
+
+
+# How every value _SECRET_VALUE matches begins in canonical JSON text, lower-cased: a string's
+# opening quote, then the pattern's first characters (none of which JSON escapes).
+_SECRET_VALUE_STARTS = (b'"bearer', b'"eyj', b'"gh', b'"xox', b'"sk-', b'"akia', b'"asia',
+                        b'"-----begin')
+
+
+@functools.lru_cache(maxsize=8)
+def _encoded(parts: tuple[str, ...]) -> tuple[bytes, ...]:
+    return tuple(part.encode() for part in parts)
+
+
+def _plain_canonical(arguments: Any, secret_key_parts: tuple[str, ...]) -> bytes | None:
+    """The canonical text of ``arguments`` in one orjson call when nothing in it can need
+    redaction, else None (the caller walks the value with :func:`_canonical_chunks`).
+
+    The same bytes as the walk: sorted keys, no whitespace, orjson's strings and floats. Taken
+    only for ASCII text (Unicode case folding lets e.g. U+017F match ``s`` under IGNORECASE) in
+    which no secret key part appears anywhere (keys normalised as :func:`_is_secret_key` does)
+    and no string opens like a secret value. Anything else, an integer beyond 64 bits
+    included, takes the walk; a false alarm costs only the walk.
+    """
+    try:
+        text = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+    if not text.isascii():
+        return None
+    lowered = text.lower()
+    folded = lowered.replace(b"-", b"").replace(b"_", b"")
+    if any(part in folded for part in _encoded(secret_key_parts)):
+        return None
+    if any(start in lowered for start in _SECRET_VALUE_STARTS):
+        return None
+    return text
 
 
 # --------------------------------------------------------------------------------------------
