@@ -82,12 +82,18 @@ class Configuration:
 
     def _start_backend(self) -> int:
         port = free_port()
-        # The same backend as the dev stack runs for configuration 3: with its fsync'ed result
-        # audit, so every configuration pays for it and the comparison is of the fronts only.
+        # The same backend as the dev stack runs for configuration 3: with its result audit,
+        # synced as the default config's audit.result_sync says (the server's own default is an
+        # fsync before each answer), so every configuration pays the same and the comparison is
+        # of the fronts only.
+        from gateway.config import AuditConfig
         audit = self.ctx.work / "audit" / f"{self.key}-bench-{port}.jsonl"
+        sync = AuditConfig()
         child = self.procs.start("backend", [sys.executable, "-m", "bench.backend", "--host",
                                              "127.0.0.1", "--port", str(port),
                                              "--audit-file", str(audit),
+                                             "--audit-sync", sync.result_sync,
+                                             "--audit-sync-interval-ms", str(sync.sync_interval_ms),
                                              "--log-level", "warning"], cwd=ROOT)
         wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), timeout=START_TIMEOUT,
                    what="bench backend", alive=lambda: child.proc.poll() is None,
