@@ -41,8 +41,9 @@ def register(subparsers: Any) -> None:
                       help="only the tests whose name data.<package>.<rule> matches REGEX")
     test.add_argument("--engine", choices=ENGINES, default="opa",
                       help="run the tests on OPA in-process (default: fast, a trace of each "
-                           "failure), on rego-cpp as the gateway serves them (embedded: ~5 s and "
-                           "~2.5 GB for the shipped suite), or on both, reporting every test whose "
+                           "failure), on rego-cpp as the gateway serves them (embedded: tens of "
+                           "seconds and several GB for the shipped suite), or on both, reporting "
+                           "every test whose "
                            "outcome differs")
     test.set_defaults(func=cmd_test)
 
