@@ -211,15 +211,23 @@ def bench_policies(dest: Path) -> Path:
     return dest
 
 
-def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[str, Any]:
+def _variant(transport: str | None, audit_sync: str | None) -> str:
+    """The name a config variant's files carry ("" for the default config)."""
+    return "-".join(x for x in (transport, f"audit-{audit_sync}" if audit_sync else None) if x)
+
+
+def gateway_config_raw(ctx: RunContext, transport: str | None = None,
+                       audit_sync: str | None = None) -> dict[str, Any]:
     """The default gateway config with fresh ports, a private state dir and the bench server;
-    ``transport`` sets ``ext_authz.transport`` (None: the default)."""
+    ``transport`` sets ``ext_authz.transport``, ``audit_sync`` ``audit.sync`` (None: the
+    default)."""
     raw: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "default_config.yaml").read_text())
     port = free_port()
     raw["listen"] = {"host": "127.0.0.1", "port": port}
     raw["public_url"] = f"https://127.0.0.1:{port}"
     raw["admin"] = {"host": "127.0.0.1", "port": free_port()}
-    state = ctx.work / (f"state-{transport}" if transport else "state")
+    variant = _variant(transport, audit_sync)
+    state = ctx.work / (f"state-{variant}" if variant else "state")
     raw["state_dir"] = str(state)
     # Every path absolute: the services run in the config file's folder, not the checkout.
     raw["audit"] = {**raw.get("audit", {}), "dir": str(state / "audit"),
@@ -236,6 +244,8 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
         raw[service]["instances"] = [{"port": free_port()} for _ in range(count)]
     if transport is not None:
         raw["ext_authz"]["transport"] = transport
+    if audit_sync is not None:
+        raw["audit"]["sync"] = audit_sync
     # Only the bench backend: no demo services next to it (they would share the cores).
     raw.pop("backends", None)
     # The aggregate endpoint /mcp as the default config has it (on fresh ports): the echo_aggregate
@@ -257,16 +267,19 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None) -> dict[st
     return raw
 
 
-def load_gateway_config(ctx: RunContext, transport: str | None = None) -> Any:
+def load_gateway_config(ctx: RunContext, transport: str | None = None,
+                        audit_sync: str | None = None) -> Any:
     """The bench config, written to a file and loaded from it.
 
     The services read their config from ``--config FILE``; a config parsed from memory has no
     file, so the dev stack would start them on the default config (no ``bench`` server: every
     request denied ``unknown_server``)."""
     from gateway.config import load_config
-    path = ctx.work / (f"gateway-{transport}.yaml" if transport else "gateway.yaml")
+    variant = _variant(transport, audit_sync)
+    path = ctx.work / (f"gateway-{variant}.yaml" if variant else "gateway.yaml")
     if not path.exists():
-        path.write_text(yaml.safe_dump(gateway_config_raw(ctx, transport), sort_keys=False))
+        path.write_text(yaml.safe_dump(gateway_config_raw(ctx, transport, audit_sync),
+                                       sort_keys=False))
     config = load_config(path)
     if not config.source:
         raise RuntimeError(f"{path} loaded without its source: the services would not see it")
@@ -284,10 +297,11 @@ class FullGateway(Configuration):
     tls = True
     python_roles = ("backend", "ext_authz", "ext_proc", "jwks", "aggregator")
     transport: str | None = None  # ext_authz.transport; None: the default
+    audit_sync: str | None = None  # audit.sync (ext_authz's decision entry); None: the default
 
     def start(self) -> None:
         from gatewayctl import devstack
-        self.config = load_gateway_config(self.ctx, self.transport)
+        self.config = load_gateway_config(self.ctx, self.transport, self.audit_sync)
         # Children run in the config file's folder: the checkout on their path lets
         # `python -m bench.backend` (and the services) resolve.
         path = os.environ.get("PYTHONPATH")
@@ -322,7 +336,8 @@ class FullGateway(Configuration):
         stack = getattr(self, "stack", None)
         names = sorted({c.name for c in stack.components}) if stack is not None else []
         return {"components": names, "ext_proc": "ext_proc" in names,
-                "ext_authz_transport": self.config.ext_authz.transport}
+                "ext_authz_transport": self.config.ext_authz.transport,
+                "audit_sync": self.config.audit.sync}
 
 
 class FullGatewayGrpc(FullGateway):
@@ -331,6 +346,16 @@ class FullGatewayGrpc(FullGateway):
     key = "gateway_grpc"
     title = "3b. Full gateway, ext_authz over gRPC"
     transport = "grpc"
+
+
+class FullGatewayAuditInterval(FullGateway):
+    """The full gateway with ext_authz's decision entry written to the kernel before the request
+    goes on and fsync'ed within audit.sync_interval_ms (audit.sync: interval) instead of fsync'ed
+    first: what the fsync on each call's path costs, side by side."""
+
+    key = "gateway_audit_interval"
+    title = "3c. Full gateway, audit.sync: interval (no fsync on the call's path)"
+    audit_sync = "interval"
 
 
 # ------------------------------------------------------------------------------- ContextForge
@@ -455,5 +480,5 @@ class ContextForgeStateful(ContextForge):
 
 
 CONFIGURATIONS: dict[str, type[Configuration]] = {
-    c.key: c for c in (Direct, EnvoyTls, FullGateway, FullGatewayGrpc, ContextForge,
-                       ContextForgeStateful)}
+    c.key: c for c in (Direct, EnvoyTls, FullGateway, FullGatewayGrpc, FullGatewayAuditInterval,
+                       ContextForge, ContextForgeStateful)}

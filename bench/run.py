@@ -38,11 +38,12 @@ logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
 # The gateway runs before Envoy-only so the paced run of both can use the gateway's saturation.
-ORDER = ("direct", "gateway", "gateway_grpc", "envoy_tls", "contextforge", "contextforge_stateful")
+ORDER = ("direct", "gateway", "gateway_grpc", "gateway_audit_interval", "envoy_tls", "contextforge",
+         "contextforge_stateful")
 PACED = ("gateway", "gateway_grpc", "envoy_tls")
-# Variants of the full gateway measured beside it (3b: ext_authz over gRPC); a quick run gives
-# them a shorter plan (Plan.variant_*).
-VARIANTS = ("gateway_grpc",)
+# Variants of the full gateway measured beside it (3b: ext_authz over gRPC, 3c: audit.sync
+# interval); a quick run gives them a shorter plan (Plan.variant_*).
+VARIANTS = ("gateway_grpc", "gateway_audit_interval")
 # Issue 3 and 5 figures: ext_authz decision CPU, Rego per query, PII masking, ext_proc exchange
 # (masking and filtered tools/list), audit group commit.
 MICRO = ("bench_ext_authz.py", "bench_policy.py", "bench_pii.py", "bench_ext_proc.py",

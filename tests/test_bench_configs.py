@@ -20,6 +20,9 @@ def test_bench_gateway_config_loads(tmp_path: Path) -> None:
         ensure_audit_key(config)
         assert config.audit.signing_key is not None
         assert Path(config.audit.signing_key).is_relative_to(config.state_dir)
+        assert config.audit.sync == "batch"
+    interval = load_gateway_config(RunContext(tmp_path / "interval"), None, "interval")
+    assert interval.audit.sync == "interval" and Path(interval.state_dir).name == "state-audit-interval"
 
 
 def test_trust_variants_load_with_their_switches(tmp_path: Path) -> None:
