@@ -333,6 +333,12 @@ def _lever_table(result: dict[str, Any]) -> list[str]:
                     f"{tcpu['inner_tls+assertion@asyncio']:.0f} us/call | "
                     f"{tcpu['inner_tls+assertion']:.0f} us/call | this run: `bench/trust_cpu.py` |")
     micro = result.get("micro") or {}
+    for line in (micro.get("bench_levers.py") or {}).get("stdout", "").splitlines():
+        if line.startswith("JSON "):
+            for lever in json.loads(line[len("JSON "):]):
+                rows.append(f"| {lever['lever']}: {lever['after']} | kept | {lever['before']}: "
+                            f"{lever['before_us']:.1f} us | {lever['after_us']:.1f} us | this run: "
+                            "micro-benchmark `bench/bench_levers.py` (CPU per call) |")
     for script, lever in (("bench_ext_proc.py", "ext_proc server: grpc.aio against sync grpcio"),
                           ("bench_audit.py", "audit: one batched fsync per call")):
         if script in micro and not micro[script].get("failed"):

@@ -45,9 +45,9 @@ PACED = ("gateway", "gateway_grpc", "envoy_tls")
 # interval); a quick run gives them a shorter plan (Plan.variant_*).
 VARIANTS = ("gateway_grpc", "gateway_audit_interval")
 # Issue 3 and 5 figures: ext_authz decision CPU, Rego per query, PII masking, ext_proc exchange
-# (masking and filtered tools/list), audit group commit.
+# (masking and filtered tools/list), audit group commit; issue 18's in-function levers.
 MICRO = ("bench_ext_authz.py", "bench_policy.py", "bench_pii.py", "bench_ext_proc.py",
-         "bench_audit.py")
+         "bench_audit.py", "bench_levers.py")
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +93,8 @@ QUICK = Plan(levels=(1, 16), seconds=3, warmup=1,
                          "bench_policy.py": ["--requests", "300"],
                          "bench_pii.py": ["--repeat", "3"],
                          "bench_ext_proc.py": ["--requests", "150"],
-                         "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"]},
+                         "bench_audit.py": ["--entries", "2000", "--concurrency", "1,64"],
+                         "bench_levers.py": ["--calls", "200", "--rounds", "4"]},
              micro_timeout=40, variant_levels=(16,), variant_workloads=("echo", "echo_plain"),
              variant_paced=False, aggregate_blocks=4, aggregate_calls=100, aggregate_timeout=150,
              trust_blocks=4, trust_calls=100, trust_timeout=200)

@@ -172,3 +172,17 @@ def test_gateway_only_workloads_run_where_their_role_and_path_exist() -> None:
     assert [w for w in WORKLOADS.values() if not plain.serves(w)] == [
         WORKLOADS["echo_plain"], WORKLOADS["echo_aggregate"]]
     assert all(gateway.serves(w) for w in WORKLOADS.values())
+
+
+def test_in_function_levers_reach_the_lever_table() -> None:
+    """bench/bench_levers.py's before/after figures become rows of the levers table."""
+    import json
+
+    from bench.report import _lever_table
+    result = _result(650.0, 2.0)
+    levers = [{"lever": "policy bundle revision", "before": "hashed per read", "after": "set once",
+               "before_us": 46.8, "after_us": 0.1}]
+    stdout = "| table |\nJSON " + json.dumps(levers)
+    result["micro"] = {"bench_levers.py": {"returncode": 0, "stdout": stdout}}
+    text = "\n".join(_lever_table(result))
+    assert "| policy bundle revision: set once | kept | hashed per read: 46.8 us | 0.1 us |" in text
