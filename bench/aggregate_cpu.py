@@ -28,7 +28,7 @@ import httpx2
 import yaml
 
 from bench.configs import BENCH_ROLE, BENCH_TENANT, BENCH_USER, ROOT, RunContext, gateway_config_raw
-from bench.procs import cpu_seconds, free_port, group_members
+from bench.procs import cpu_seconds, group_members
 
 VERSION = "2025-11-25"
 KEYS = "MCP_GATEWAY_AGGREGATE_KEYS"
@@ -89,10 +89,9 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def _config(work: Path) -> Path:
     ctx = RunContext(work)
-    raw = gateway_config_raw(ctx)
-    raw["secrets"] = [KEYS]
-    raw["aggregate"] = {"instances": [{"port": free_port()}],
-                        "inner_listener": {"port": free_port()}, "session_keys": KEYS}
+    raw = gateway_config_raw(ctx)  # the aggregate endpoint on, as the default config has it
+    if raw.get("aggregate", {}).get("session_keys") != KEYS or KEYS not in raw.get("secrets", []):
+        raise SystemExit(f"the bench config has no aggregate endpoint sealing with {KEYS}")
     path = work / "gateway-aggregate.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return path

@@ -222,10 +222,22 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None,
     ``transport`` sets ``ext_authz.transport``, ``audit_sync`` ``audit.sync`` (None: the
     default)."""
     raw: dict[str, Any] = yaml.safe_load((ROOT / "gateway" / "default_config.yaml").read_text())
-    port = free_port()
+    # Every port fresh, and none equal to another's /metrics port (gRPC services serve it at
+    # their port + telemetry.metrics_port_offset): the dev stack refuses a config that reuses one.
+    offset = int(raw.get("telemetry", {}).get("metrics_port_offset", 1000))
+    taken: set[int] = set()
+
+    def fresh_port() -> int:
+        for _ in range(100):
+            candidate = free_port()
+            if not {candidate, candidate + offset, candidate - offset} & taken:
+                taken.update((candidate, candidate + offset))
+                return candidate
+        raise RuntimeError("no free port apart from the others' metrics ports")
+    port = fresh_port()
     raw["listen"] = {"host": "127.0.0.1", "port": port}
     raw["public_url"] = f"https://127.0.0.1:{port}"
-    raw["admin"] = {"host": "127.0.0.1", "port": free_port()}
+    raw["admin"] = {"host": "127.0.0.1", "port": fresh_port()}
     variant = _variant(transport, audit_sync)
     state = ctx.work / (f"state-{variant}" if variant else "state")
     raw["state_dir"] = str(state)
@@ -234,14 +246,14 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None,
                     "signing_key": str(state / "keys" / "audit-signing.pem")}
     raw["catalog"] = {**raw.get("catalog", {}), "path": str(state / "catalog.sqlite")}
     raw["tls"] = {**raw["tls"], "cert_file": str(ctx.cert_file), "key_file": str(ctx.key_file)}
-    raw["issuers"][0]["jwks_url"] = f"http://127.0.0.1:{free_port()}/jwks.json"
+    raw["issuers"][0]["jwks_url"] = f"http://127.0.0.1:{fresh_port()}/jwks.json"
     raw["policy"] = {**raw.get("policy", {}), "dir": str(bench_policies(ctx.work / "policies"))}
     # One token drives all the load: the per-user limit stays on (its code path is measured) but
     # high enough never to refuse the benchmark.
     raw.setdefault("rate_limits", {})["per_user"] = {"rate_per_second": 1_000_000, "burst": 1_000_000}
     for service in ("ext_authz", "ext_proc"):
         count = len(raw[service]["instances"])
-        raw[service]["instances"] = [{"port": free_port()} for _ in range(count)]
+        raw[service]["instances"] = [{"port": fresh_port()} for _ in range(count)]
     if transport is not None:
         raw["ext_authz"]["transport"] = transport
     if audit_sync is not None:
@@ -251,8 +263,8 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None,
     # The aggregate endpoint /mcp as the default config has it (on fresh ports): the echo_aggregate
     # workload calls through it; bench.aggregate_cpu compares its CPU per call on a stack of its own.
     if "aggregate" in raw:
-        raw["aggregate"] = {"instances": [{"port": free_port()}],
-                            "inner_listener": {"port": free_port()},
+        raw["aggregate"] = {"instances": [{"port": fresh_port()}],
+                            "inner_listener": {"port": fresh_port()},
                             "session_keys": raw["aggregate"].get("session_keys", AGGREGATE_KEYS)}
     # The console is not on any measured path, and its fixed port would collide between stacks.
     raw.pop("console", None)
@@ -261,7 +273,7 @@ def gateway_config_raw(ctx: RunContext, transport: str | None = None,
     if "secrets" in raw:
         used = {raw.get("audit", {}).get("master_key"), raw.get("aggregate", {}).get("session_keys")}
         raw["secrets"] = [name for name in raw["secrets"] if name in used]
-    raw["servers"] = {"bench": {"module": "bench.backend", "instances": [{"port": free_port()}],
+    raw["servers"] = {"bench": {"module": "bench.backend", "instances": [{"port": fresh_port()}],
                                 "args": ["--log-level", "warning"],
                                 "description": "benchmark backend"}}
     return raw

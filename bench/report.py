@@ -712,7 +712,8 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
 
 
 # Sections of benchmarks.md a comparisons-only run replaces (by the start of their heading).
-_MERGED_SECTIONS = ("## Targets", "## Aggregate endpoint", "## Inner TLS and the caller assertion")
+_MERGED_SECTIONS = ("## Targets", "## Per path", "## Aggregate endpoint",
+                    "## Inner TLS and the caller assertion", "## Micro-benchmarks")
 
 
 def _split_sections(text: str) -> list[str]:
@@ -730,13 +731,16 @@ def _split_sections(text: str) -> list[str]:
 
 def merge_docs(partial: dict[str, Any], docs: Path, keys: tuple[str, ...]) -> Path:
     """A run of side-by-side comparisons only (``--only aggregate,trust``): their results replace
-    those in the last full run's ``benchmarks.json``; in ``benchmarks.md`` only the targets table
-    and the comparisons' sections are replaced (a missing one goes before the charts), so notes
-    added to the file by hand stay."""
+    those in the last full run's ``benchmarks.json`` (micro-benchmarks script by script); in
+    ``benchmarks.md`` only the targets table, the per-path tables (their levers table reads the
+    micro-benchmarks), the comparisons' sections and the micro-benchmarks are replaced (a missing
+    one goes before the charts), so notes added to the file by hand stay."""
     md = docs / "benchmarks.md"
     result: dict[str, Any] = json.loads((docs / "benchmarks.json").read_text(encoding="utf-8"))
     for key in keys:
-        if key in partial:
+        if key == "micro" and key in partial:  # the scripts this run ran, the others kept
+            result[key] = {**result.get(key, {}), **partial[key]}
+        elif key in partial:
             result[key] = partial[key]
     # Keyed by the section's name (its heading's start), so a heading whose wording changed
     # (``## Targets (issue 9)`` -> ``(issue 18)``) is replaced, not kept beside the new one.

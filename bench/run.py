@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw results: {raw}")
     if not args.no_docs and not keys and (ROOT / "docs" / "benchmarks.json").exists():
         # Comparisons only (--only aggregate,trust): into the last full run's report.
-        md = report.merge_docs(result, ROOT / "docs", ("aggregate", "trust"))
+        md = report.merge_docs(result, ROOT / "docs", ("aggregate", "trust", "micro"))
         print(f"report: {md} (the comparisons of this run, the rest from the last full run)")
     elif not args.no_docs:
         md = report.write_docs(result, ROOT / "docs")

@@ -53,6 +53,9 @@ WARMUP_CALLS = 60
 
 def _config(work: Path, inner_tls: bool, assertion: bool) -> Path:
     raw = gateway_config_raw(RunContext(work))
+    # The per-server path is what these stacks compare: no aggregator process beside them.
+    raw.pop("aggregate", None)
+    raw["secrets"] = [name for name in raw.get("secrets", []) if name != "MCP_GATEWAY_AGGREGATE_KEYS"]
     raw["inner_tls"] = {"enabled": inner_tls}
     raw["identity"] = {"assertion": assertion}
     path = work / "gateway-trust.yaml"

@@ -186,3 +186,34 @@ def test_in_function_levers_reach_the_lever_table() -> None:
     result["micro"] = {"bench_levers.py": {"returncode": 0, "stdout": stdout}}
     text = "\n".join(_lever_table(result))
     assert "| policy bundle revision: set once | kept | hashed per read: 46.8 us | 0.1 us |" in text
+
+
+def _ports(node: object) -> list[int]:
+    if isinstance(node, dict):
+        return [v for k, v in node.items() if k == "port" and isinstance(v, int)] + [
+            p for k, v in node.items() if k != "port" for p in _ports(v)]
+    if isinstance(node, list):
+        return [p for v in node for p in _ports(v)]
+    return []
+
+
+def test_bench_config_ports_never_meet_a_metrics_port(tmp_path: Path) -> None:
+    """Every port of a bench config is distinct from every other and from every port + the
+    metrics offset (the dev stack refuses a config where a listener meets a /metrics port)."""
+    from bench.configs import gateway_config_raw
+    for n in range(30):
+        raw = gateway_config_raw(RunContext(tmp_path / str(n)))
+        ports = _ports(raw)
+        offset = raw["telemetry"]["metrics_port_offset"]
+        assert len(ports) >= 8
+        assert len(set(ports) | {p + offset for p in ports}) == 2 * len(ports)
+
+
+def test_aggregate_bench_config_loads(tmp_path: Path) -> None:
+    """bench/aggregate_cpu.py's stack: the aggregate endpoint on, its session keys and the
+    audit master key both listed as secrets."""
+    from bench.aggregate_cpu import KEYS, _config
+    from gateway.config import load_config
+    config = load_config(_config(tmp_path))
+    assert config.aggregate.enabled and config.aggregate.session_keys == KEYS
+    assert config.audit.master_key in config.secrets and KEYS in config.secrets
