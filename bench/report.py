@@ -708,7 +708,7 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
                 lines += [f"failed: {res.get('failed') or res.get('stderr', '')[-500:]}", ""]
             else:
                 lines += [res["stdout"].strip(), ""]
-    lines += ["", "## Reproduce", "", "```", "make bench            # < 15 min",
+    lines += ["", "## Reproduce", "", "```", "make bench            # ~20 min (the ContextForge venv: ~1 min more the first time)",
               "make bench QUICK=1    # < 3 min",
               ".venv/bin/python -m bench.run --only aggregate,trust --no-micro   # the comparisons only",
               "```",
