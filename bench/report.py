@@ -656,7 +656,8 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
         "  example policy masks PII for it: `echo`, `report` and `list` are inspected) and the `admin`",
         "  role (nothing masked: `echo_plain` takes the route without ext_proc, the uninspected path);",
         "  `echo_aggregate` is the engineer's echo through `/mcp` as `bench__echo`; (3b) the same with",
-        "  ext_authz over gRPC;",
+        "  ext_authz over gRPC; (3c) the same with `audit.sync: interval` (ext_authz's decision entry",
+        "  written before the request goes on and fsync'ed within 100 ms: no fsync on the call's path);",
         "  (4) IBM ContextForge 1.1.0 with JWT auth in front of the same backend, default mode and",
         "  `USE_STATEFUL_SESSIONS=true` (one MCP session shared by the connections).",
         f"- Load: wrk (HTTP/1.1, TLS where the configuration has it), {tuple(plan['levels'])} connections "
@@ -708,7 +709,8 @@ def render_markdown(result: dict[str, Any], charts: list[tuple[str, str]]) -> st
                 lines += [f"failed: {res.get('failed') or res.get('stderr', '')[-500:]}", ""]
             else:
                 lines += [res["stdout"].strip(), ""]
-    lines += ["", "## Reproduce", "", "```", "make bench            # ~20 min (the ContextForge venv: ~1 min more the first time)",
+    lines += ["", "## Reproduce", "", "```",
+              "make bench            # ~20 min (the ContextForge venv: ~1 min more the first time)",
               "make bench QUICK=1    # < 3 min",
               ".venv/bin/python -m bench.run --only aggregate,trust --no-micro   # the comparisons only",
               "```",
