@@ -183,10 +183,9 @@ def args_digest(arguments: Any, *, key: bytes | None = None,
     return prefix + h.hexdigest()
 
 
-# How every value _SECRET_VALUE matches begins in canonical JSON text, lower-cased: a string's
-# opening quote, then the pattern's first characters (none of which JSON escapes).
-_SECRET_VALUE_STARTS = (b'"bearer', b'"eyj', b'"gh', b'"xox', b'"sk-', b'"akia', b'"asia',
-                        b'"-----begin')
+# A string literal of JSON text without escapes (the only kind _plain_canonical reads): its
+# content is the string itself.
+_PLAIN_JSON_STRING = re.compile(rb'"([^"]*)"')
 
 
 @functools.lru_cache(maxsize=8)
@@ -199,22 +198,23 @@ def _plain_canonical(arguments: Any, secret_key_parts: tuple[str, ...]) -> bytes
     redaction, else None (the caller walks the value with :func:`_canonical_chunks`).
 
     The same bytes as the walk: sorted keys, no whitespace, orjson's strings and floats. Taken
-    only for ASCII text (Unicode case folding lets e.g. U+017F match ``s`` under IGNORECASE) in
-    which no secret key part appears anywhere (keys normalised as :func:`_is_secret_key` does)
-    and no string opens like a secret value. Anything else, an integer beyond 64 bits
-    included, takes the walk; a false alarm costs only the walk.
+    only for ASCII text (Unicode case folding lets e.g. U+017F match ``s`` under IGNORECASE)
+    without escapes (so each string literal's content is the string), in which no secret key
+    part appears anywhere (keys normalised as :func:`_is_secret_key` does) and no string, key
+    or value, is one ``_SECRET_VALUE`` matches (the same pattern the walk applies). Anything else,
+    an integer beyond 64 bits included, takes the walk; a false alarm costs only the walk.
     """
     try:
         text = orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS)
     except (TypeError, orjson.JSONEncodeError):
         return None
-    if not text.isascii():
+    if not text.isascii() or b"\\" in text:
         return None
-    lowered = text.lower()
-    folded = lowered.replace(b"-", b"").replace(b"_", b"")
+    folded = text.lower().replace(b"-", b"").replace(b"_", b"")
     if any(part in folded for part in _encoded(secret_key_parts)):
         return None
-    if any(start in lowered for start in _SECRET_VALUE_STARTS):
+    if any(_SECRET_VALUE.match(m.group(1).decode("ascii"))
+           for m in _PLAIN_JSON_STRING.finditer(text)):
         return None
     return text
 

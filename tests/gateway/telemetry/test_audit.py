@@ -397,7 +397,8 @@ def test_sync_mode_is_validated(tmp_path: Path) -> None:
 _KEYS = ("a", "name", "Password", "api-Key", "x_TOKEN", "ſecret", "K", "otp", "note", "ß")
 _STRINGS = ("", "hello", "Bearer abc", "eyJhbGciOi.eyJzdWIiOi.sig", "sk-" + "a" * 24,
             "ghp_" + "b" * 24, "AKIA" + "C" * 16, "ſk-" + "d" * 24, "-----BEGIN PRIVATE KEY-----x",
-            "line\nbreak", "quote\"s", "ünïcode", "\u2028", "xoxb-1234567890ab")
+            "line\nbreak", "quote\"s", "ünïcode", "\u2028", "xoxb-1234567890ab", "Bearer\nabc",
+            "bearer\tsecret-value", "api_key", "eyJhbGciOi.eyJzdWIiOi.sig\n", "sk-" + "e" * 24 + "\n")
 
 
 def _walk_digest(arguments: Any, key: bytes | None) -> str:
@@ -439,6 +440,7 @@ def test_the_one_call_digest_is_taken_for_plain_arguments() -> None:
     from gateway.telemetry.audit import DEFAULT_SECRET_KEY_PARTS, _plain_canonical
     assert _plain_canonical({"b": [1, 2.5, None], "a": "x"}, DEFAULT_SECRET_KEY_PARTS) == \
         b'{"a":"x","b":[1,2.5,null]}'
-    for value in ({"api_key": "x"}, {"q": "Bearer abc"}, {"q": "ſk-" + "d" * 24}, {"n": 2**65}):
+    for value in ({"api_key": "x"}, {"q": "Bearer abc"}, {"q": "ſk-" + "d" * 24}, {"n": 2**65},
+                  {"q": "Bearer\nabc"}, {"q": "xoxb-1234567890ab"}, {"q": "eyJhbGciOi.eyJzdWIiOi.sig\n"}):
         assert _plain_canonical(value, DEFAULT_SECRET_KEY_PARTS) is None
     assert args_digest({"q": "ſk-" + "d" * 24}) == args_digest({"q": "sk-" + "e" * 24})  # both redacted
